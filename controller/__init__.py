@@ -1,0 +1,1 @@
+"""The cloud side: the gRPC controller that registers models, signs artifacts, directs devices."""

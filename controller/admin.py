@@ -1,0 +1,266 @@
+"""Operator actions, free of gRPC: add models, build and sign artifacts, assign them, list things.
+
+Every method checks its input first and changes nothing when it refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import ParamSpec, TypeVar
+
+from artifact.manifest import Manifest, RecipeStep, artifact_id, utc_now
+from artifact.signing import SigningKey
+from controller import validate
+from controller.blobstore import BlobRef, BlobSizeError, BlobStore
+from controller.config import ControllerConfig
+from controller.errors import ErrorCode, FleetError, invalid, not_found
+from controller.notify import AssignmentNotifier
+from controller.onnx_inspect import inspect_onnx
+from controller.records import (
+    ArtifactRecord,
+    ArtifactRequest,
+    AssignResult,
+    AssignTarget,
+    DeviceView,
+    EventRecord,
+    ModelRecord,
+    ModelUpload,
+    NewModel,
+    TargetKind,
+)
+from controller.store import Store, VersionConflictError
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+DEFAULT_EXPIRY_DAYS = 365
+MAX_EXPIRY_DAYS = 3650
+MAX_DESCRIPTION = 1024
+MAX_ARTIFACT_ID = 200
+DEFAULT_EVENT_LIMIT = 100
+MAX_EVENT_LIMIT = 1000
+MAX_KIND_PREFIX = 64
+ARTIFACT_RETRIES = 5
+
+
+async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run blocking store or file work off the event loop."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+class AdminHandlers:
+    def __init__(
+        self,
+        store: Store,
+        blobs: BlobStore,
+        key: SigningKey,
+        config: ControllerConfig,
+        notifier: AssignmentNotifier,
+    ) -> None:
+        self._store = store
+        self._blobs = blobs
+        self._key = key
+        self._config = config
+        self._notifier = notifier
+
+    # ---------------------------------------------------------------- models
+    def check_upload(self, upload: ModelUpload) -> ModelUpload:
+        validate.name(upload.name, "name")
+        validate.text(upload.description, "description", MAX_DESCRIPTION)
+        validate.optional_digest(upload.sha256, "sha256")
+        if upload.size_bytes <= 0:
+            raise invalid("size_bytes must be the ONNX file's size in bytes (> 0), got 0")
+        if upload.size_bytes > self._config.max_model_bytes:
+            raise FleetError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"model is {upload.size_bytes} bytes; this controller accepts at most "
+                f"{self._config.max_model_bytes} bytes (max_model_bytes)",
+            )
+        return upload
+
+    async def add_model(self, upload: ModelUpload, chunks: AsyncIterator[bytes]) -> ModelRecord:
+        """Stage the bytes, check size, digest and ONNX validity, then store blob and row."""
+        self.check_upload(upload)
+        with self._blobs.staging(limit=upload.size_bytes) as staged:
+            async for data in chunks:
+                try:
+                    await in_thread(staged.write, data)
+                except BlobSizeError as exc:
+                    raise invalid(
+                        f"received more than the {upload.size_bytes} bytes the header announced "
+                        "(size_bytes); send exactly the file's size"
+                    ) from exc
+            if staged.size != upload.size_bytes:
+                raise invalid(
+                    f"received {staged.size} bytes but the header announced {upload.size_bytes} "
+                    "(size_bytes); the upload was cut short or the size is wrong"
+                )
+            if upload.sha256 and staged.sha256 != upload.sha256:
+                raise invalid(
+                    f"the received bytes have sha256 {staged.sha256}, the header said "
+                    f"{upload.sha256}; the file changed or was corrupted in transit"
+                )
+            await in_thread(staged.flush)
+            info = await in_thread(inspect_onnx, staged.path)
+            blob: BlobRef = await in_thread(staged.commit)
+        new = NewModel(
+            name=upload.name,
+            sha256=blob.sha256,
+            size_bytes=blob.size,
+            inputs=info.inputs,
+            outputs=info.outputs,
+            description=upload.description,
+        )
+        try:
+            record, created = await in_thread(self._store.add_model, new)
+        except BaseException:
+            if blob.created:
+                self._blobs.delete(blob.sha256)
+            raise
+        log.info(
+            "model %s v%d %s (%s)",
+            record.name,
+            record.version,
+            "added" if created else "unchanged",
+            record.sha256[:12],
+        )
+        return record
+
+    async def list_models(self) -> list[ModelRecord]:
+        return await in_thread(self._store.list_models)
+
+    # ---------------------------------------------------------------- artifacts
+    async def create_artifact(self, request: ArtifactRequest) -> ArtifactRecord:
+        """Build the artifact (for now: the model's bytes as they are) and sign its manifest."""
+        validate.name(request.model_name, "model_name")
+        validate.name(request.device_class, "device_class")
+        days = request.expires_in_days or DEFAULT_EXPIRY_DAYS
+        validate.int_range(days, "expires_in_days", 1, MAX_EXPIRY_DAYS)
+        if request.model_version is not None:
+            validate.int_range(request.model_version, "model_version", 1, 2**31 - 1)
+        model = await in_thread(self._store.get_model, request.model_name, request.model_version)
+        if model is None:
+            which = f" version {request.model_version}" if request.model_version else ""
+            raise not_found(
+                f"model {request.model_name!r}{which} is not registered; add it first "
+                "(AddModel / `homefleet model add`)"
+            )
+        if not await in_thread(self._blobs.exists, model.sha256):
+            raise FleetError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"the bytes of model {model.name} v{model.version} ({model.sha256}) are missing "
+                "from the blob store; add the model again",
+            )
+        for _ in range(ARTIFACT_RETRIES):
+            version = await in_thread(
+                self._store.next_artifact_version, model.name, request.device_class
+            )
+            record = self._build(model, request.device_class, version, days)
+            try:
+                return await in_thread(self._store.insert_artifact, record)
+            except VersionConflictError:
+                continue
+        raise FleetError(
+            ErrorCode.UNAVAILABLE,
+            f"could not allocate an artifact version for {model.name}/{request.device_class} "
+            "after several concurrent attempts; retry",
+        )
+
+    def _build(
+        self, model: ModelRecord, device_class: str, version: int, days: int
+    ) -> ArtifactRecord:
+        created = utc_now()
+        manifest = Manifest(
+            model_name=model.name,
+            model_version=model.version,
+            device_class=device_class,
+            version=version,
+            sha256=model.sha256,
+            size_bytes=model.size_bytes,
+            inputs=model.inputs,
+            outputs=model.outputs,
+            recipe=(RecipeStep(kind="identity"),),
+            metrics={"size_bytes": float(model.size_bytes)},
+            created_at=created,
+            expires_at=created + timedelta(days=days),
+        )
+        raw = manifest.to_json_bytes()
+        return ArtifactRecord(
+            id=artifact_id(model.name, device_class, version),
+            model_name=model.name,
+            model_version=model.version,
+            device_class=device_class,
+            version=version,
+            sha256=model.sha256,
+            size_bytes=model.size_bytes,
+            manifest_json=raw,
+            signature=self._key.sign(raw),
+            key_id=self._key.key_id,
+            created_unix_ms=int(created.timestamp() * 1000),
+        )
+
+    async def list_artifacts(self, model_name: str, device_class: str) -> list[ArtifactRecord]:
+        return await in_thread(
+            self._store.list_artifacts,
+            validate.optional_name(model_name, "model_name"),
+            validate.optional_name(device_class, "device_class"),
+        )
+
+    # ---------------------------------------------------------------- assignments
+    async def assign(self, artifact_id_: str, target: AssignTarget | None) -> AssignResult:
+        if not artifact_id_:
+            raise invalid("artifact_id is required, e.g. 'motions/home-hub/v1'")
+        validate.text(artifact_id_, "artifact_id", MAX_ARTIFACT_ID)
+        if target is None:
+            raise invalid("set a target: device_class or device_id")
+        validate.name(
+            target.name, "device_class" if target.kind is TargetKind.CLASS else "device_id"
+        )
+        artifact = await in_thread(self._store.get_artifact, artifact_id_)
+        if artifact is None:
+            raise not_found(
+                f"artifact {artifact_id_!r} does not exist; create it first (CreateArtifact / "
+                "`homefleet artifact create`) or list them (`homefleet artifact list`)"
+            )
+        if target.kind is TargetKind.CLASS:
+            if artifact.device_class != target.name:
+                raise FleetError(
+                    ErrorCode.FAILED_PRECONDITION,
+                    f"artifact {artifact.id} was built for device class "
+                    f"{artifact.device_class!r}, not {target.name!r}; create an artifact for "
+                    f"{target.name!r} first",
+                )
+        else:
+            device = await in_thread(self._store.get_device, target.name)
+            if device is None:
+                raise not_found(f"device {target.name!r} is not registered")
+            if device.device_class != artifact.device_class:
+                raise FleetError(
+                    ErrorCode.FAILED_PRECONDITION,
+                    f"device {device.device_id} is of class {device.device_class!r} but artifact "
+                    f"{artifact.id} was built for {artifact.device_class!r}; assign an artifact "
+                    f"built for {device.device_class!r}",
+                )
+        result = await in_thread(self._store.assign, artifact, target)
+        if result.changed:
+            self._notifier.notify(target)
+        return result
+
+    # ---------------------------------------------------------------- fleet
+    async def list_devices(self, device_class: str) -> list[DeviceView]:
+        return await in_thread(
+            self._store.list_devices, validate.optional_name(device_class, "device_class")
+        )
+
+    async def list_events(self, after_id: int, limit: int, kind_prefix: str) -> list[EventRecord]:
+        validate.int_range(after_id, "after_id", 0, validate.MAX_INT64)
+        validate.int_range(limit, "limit", 0, MAX_EVENT_LIMIT)
+        validate.text(kind_prefix, "kind_prefix", MAX_KIND_PREFIX)
+        return await in_thread(
+            self._store.list_events, after_id, limit or DEFAULT_EVENT_LIMIT, kind_prefix
+        )

@@ -1,0 +1,262 @@
+"""What edge agents ask of the controller, free of gRPC: register, watch, fetch, report.
+
+Streams are pushed through a ``send`` callback, so the try/finally that records a
+download (or ends a device's online lease) wraps the very awaits a cancel interrupts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from controller import validate
+from controller.admin import in_thread
+from controller.blobstore import BlobStore
+from controller.clock import unix_ms
+from controller.config import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, ControllerConfig
+from controller.errors import ErrorCode, FleetError, invalid, not_found
+from controller.notify import AssignmentNotifier
+from controller.records import (
+    Chunk,
+    DesiredSet,
+    DeviceRecord,
+    DeviceRegistration,
+    Encoding,
+    FetchRequest,
+    NewEvent,
+    Outcome,
+    RegisterResult,
+    StatusUpdate,
+    TelemetryWindow,
+)
+from controller.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_HELD = 256
+MAX_SHORT_TEXT = 64
+MAX_OS_TEXT = 256
+MAX_REASON = 4096
+MAX_WINDOWS_PER_BATCH = 1000
+MAX_LATENCY_BUCKETS = 128
+MAX_ENERGY_SOURCE = 32
+LEASE_HEARTBEATS = 3  # a device stays ONLINE this many heartbeats past its last refresh
+
+SendSet = Callable[[DesiredSet], Awaitable[None]]
+SendChunk = Callable[[Chunk], Awaitable[None]]
+
+
+class AgentHandlers:
+    def __init__(
+        self,
+        store: Store,
+        blobs: BlobStore,
+        config: ControllerConfig,
+        notifier: AssignmentNotifier,
+    ) -> None:
+        self._store = store
+        self._blobs = blobs
+        self._config = config
+        self._notifier = notifier
+        self._open_watches: dict[str, int] = {}
+
+    @property
+    def heartbeat_seconds(self) -> int:
+        return self._config.heartbeat_seconds
+
+    async def _device(self, device_id: str) -> DeviceRecord:
+        device = await in_thread(self._store.get_device, device_id)
+        if device is None:
+            raise not_found(
+                f"device {device_id!r} is not registered; register first (AgentService.Register)"
+            )
+        return device
+
+    # ---------------------------------------------------------------- register
+    async def register(self, registration: DeviceRegistration) -> RegisterResult:
+        reg = registration
+        validate.name(reg.device_id, "device_id")
+        validate.name(reg.device_class, "device_class")
+        hw = reg.hardware
+        if not hw.arch:
+            raise invalid("hardware.arch is required (platform.machine(), e.g. 'x86_64')")
+        validate.text(hw.arch, "hardware.arch", MAX_SHORT_TEXT)
+        validate.text(hw.onnxruntime_version, "hardware.onnxruntime_version", MAX_SHORT_TEXT)
+        validate.text(hw.os, "hardware.os", MAX_OS_TEXT)
+        validate.int_range(hw.memory_bytes, "hardware.memory_bytes", 0, validate.MAX_INT64)
+        validate.text(reg.agent_version, "agent_version", MAX_SHORT_TEXT)
+        if len(reg.held) > MAX_HELD:
+            raise invalid(f"held lists {len(reg.held)} artifacts; at most {MAX_HELD} are accepted")
+        active: set[str] = set()
+        for i, held in enumerate(reg.held):
+            validate.name(held.model_name, f"held[{i}].model_name")
+            validate.digest(held.sha256, f"held[{i}].sha256")
+            if held.active:
+                if held.model_name in active:
+                    raise invalid(
+                        f"held marks two artifacts of model {held.model_name!r} active; "
+                        "a device serves one artifact per model"
+                    )
+                active.add(held.model_name)
+        return await in_thread(self._store.register_device, reg)
+
+    # ---------------------------------------------------------------- watch
+    async def watch(self, device_id: str, send: SendSet) -> None:
+        """Send the desired set now, on every change, and every heartbeat as a keepalive."""
+        validate.name(device_id, "device_id")
+        device = await self._device(device_id)
+        beat = float(self._config.heartbeat_seconds)
+        lease_ms = int(LEASE_HEARTBEATS * beat * 1000)
+        loop = asyncio.get_running_loop()
+        with self._notifier.subscribe(device.device_id, device.device_class) as sub:
+            self._open_watches[device_id] = self._open_watches.get(device_id, 0) + 1
+            try:
+                last_revision = -1
+                next_beat = loop.time()
+                while not sub.closed:
+                    heartbeat = loop.time() >= next_beat
+                    if heartbeat:
+                        next_beat = loop.time() + beat
+                        await in_thread(self._store.touch_watch, device_id, unix_ms() + lease_ms)
+                    desired = await in_thread(self._store.desired_set, device_id)
+                    if heartbeat or desired.revision != last_revision:
+                        await send(desired)
+                        last_revision = desired.revision
+                    await sub.wait(max(0.0, next_beat - loop.time()))
+            finally:
+                left = self._open_watches[device_id] - 1
+                if left:
+                    self._open_watches[device_id] = left
+                else:
+                    del self._open_watches[device_id]
+                    await self._quietly(self._store.release_watch, device_id)
+
+    # ---------------------------------------------------------------- fetch
+    def _check_fetch(self, request: FetchRequest) -> int:
+        validate.name(request.device_id, "device_id")
+        validate.digest(request.target_sha256, "target_sha256")
+        validate.optional_digest(request.base_sha256, "base_sha256")
+        validate.int_range(request.offset, "offset", 0, validate.MAX_INT64)
+        if request.chunk_bytes and not MIN_CHUNK_BYTES <= request.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise invalid(
+                f"chunk_bytes must be 0 (server default) or {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}, "
+                f"got {request.chunk_bytes}"
+            )
+        if request.encoding is Encoding.DELTA:
+            raise FleetError(
+                ErrorCode.FAILED_PRECONDITION,
+                "this controller serves only FULL payloads so far, so there is no delta payload "
+                "to resume; fetch with encoding FULL (or UNSPECIFIED) from offset 0",
+            )
+        return request.chunk_bytes or self._config.chunk_bytes
+
+    async def fetch(self, request: FetchRequest, send: SendChunk) -> None:
+        """Stream the artifact's bytes from ``offset``; record the attempt however it ends."""
+        chunk_bytes = self._check_fetch(request)
+        target = request.target_sha256
+        await self._device(request.device_id)
+        artifact = await in_thread(self._store.find_artifact_by_sha256, target)
+        if artifact is None:
+            raise not_found(f"no artifact has sha256 {target}; fetch what WatchAssignments names")
+        try:
+            total = await in_thread(self._blobs.size, target)
+        except FileNotFoundError as exc:
+            raise not_found(
+                f"the bytes of artifact {artifact.id} ({target}) are missing from the blob store"
+            ) from exc
+        if request.offset > total:
+            raise FleetError(
+                ErrorCode.OUT_OF_RANGE,
+                f"offset {request.offset} is past the end of the payload: it has {total} bytes, "
+                f"so resume from an offset in 0..{total}",
+            )
+        sent = 0
+        completed = False
+        try:
+            with await in_thread(self._blobs.open, target) as f:
+                await in_thread(f.seek, request.offset)
+                position = request.offset
+                while position < total:
+                    data = await in_thread(f.read, min(chunk_bytes, total - position))
+                    if not data:
+                        break
+                    await send(Chunk(Encoding.FULL, total, target, position, data))
+                    position += len(data)
+                    sent += len(data)
+                if sent == 0:
+                    # Nothing left to send: one empty chunk still tells size and digest.
+                    await send(Chunk(Encoding.FULL, total, target, position, b""))
+            completed = position == total
+        finally:
+            await self._quietly(
+                self._store.add_event,
+                NewEvent(
+                    "artifact.fetch",
+                    request.device_id,
+                    f"device {request.device_id} fetched {artifact.id} from offset "
+                    f"{request.offset}: {sent} of {total} bytes sent"
+                    + ("" if completed else " (interrupted)"),
+                    {
+                        "device_id": request.device_id,
+                        "target_sha256": target,
+                        "artifact_id": artifact.id,
+                        "encoding": Encoding.FULL.value,
+                        "offset": request.offset,
+                        "bytes_sent": sent,
+                        "total_bytes": total,
+                        "completed": completed,
+                    },
+                ),
+            )
+
+    # ---------------------------------------------------------------- reports
+    async def report_status(self, status: StatusUpdate) -> None:
+        validate.name(status.device_id, "device_id")
+        validate.name(status.model_name, "model_name")
+        validate.digest(status.artifact_sha256, "artifact_sha256")
+        validate.optional_digest(status.serving_sha256, "serving_sha256")
+        validate.text(status.reason, "reason", MAX_REASON)
+        validate.int_range(status.bytes_received, "bytes_received", 0, validate.MAX_INT64)
+        if status.outcome is Outcome.FAILED and not status.reason.strip():
+            raise invalid("reason is required when outcome is FAILED: say why it failed")
+        await in_thread(self._store.report_status, status)
+
+    async def report_telemetry(self, device_id: str, windows: Sequence[TelemetryWindow]) -> int:
+        validate.name(device_id, "device_id")
+        if len(windows) > MAX_WINDOWS_PER_BATCH:
+            raise invalid(
+                f"the batch has {len(windows)} windows; at most {MAX_WINDOWS_PER_BATCH} are "
+                "accepted per call: send smaller batches"
+            )
+        for i, w in enumerate(windows):
+            _check_window(w, f"windows[{i}]")
+        return await in_thread(self._store.store_telemetry, device_id, windows)
+
+    async def _quietly(self, fn: Callable[..., object], *args: object) -> None:
+        """Bookkeeping after a stream ends must not hide the stream's own outcome."""
+        try:
+            await in_thread(fn, *args)
+        except Exception:
+            log.exception("bookkeeping %s failed", getattr(fn, "__name__", fn))
+
+
+def _check_window(w: TelemetryWindow, at: str) -> None:
+    validate.int_range(w.seq, f"{at}.seq", 0, validate.MAX_INT64)
+    validate.name(w.model_name, f"{at}.model_name")
+    validate.optional_digest(w.artifact_sha256, f"{at}.artifact_sha256")
+    validate.int_range(w.start_unix_ms, f"{at}.start_unix_ms", 0, validate.MAX_INT64)
+    validate.int_range(w.end_unix_ms, f"{at}.end_unix_ms", w.start_unix_ms, validate.MAX_INT64)
+    validate.int_range(w.count, f"{at}.count", 0, validate.MAX_INT64)
+    validate.int_range(w.errors, f"{at}.errors", 0, validate.MAX_INT64)
+    validate.int_range(w.peak_memory_bytes, f"{at}.peak_memory_bytes", 0, validate.MAX_INT64)
+    if len(w.latency_bucket_counts) > MAX_LATENCY_BUCKETS:
+        raise invalid(
+            f"{at}.latency_bucket_counts has {len(w.latency_bucket_counts)} buckets; "
+            f"at most {MAX_LATENCY_BUCKETS} are accepted"
+        )
+    for b in w.latency_bucket_counts:
+        validate.int_range(b, f"{at}.latency_bucket_counts[]", 0, validate.MAX_INT64)
+    validate.non_negative_float(w.cpu_seconds, f"{at}.cpu_seconds")
+    validate.non_negative_float(w.joules, f"{at}.joules")
+    validate.text(w.energy_source, f"{at}.energy_source", MAX_ENERGY_SOURCE)

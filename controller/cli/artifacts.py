@@ -1,0 +1,100 @@
+"""`homefleet artifact create|list`: build a device class's artifact from a model, and list them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from controller.cli import output, views
+from controller.cli.client import (
+    DEFAULT_ADDRESS,
+    DEFAULT_TIMEOUT_S,
+    ControllerOption,
+    TimeoutOption,
+    session,
+)
+from controller.cli.output import JsonOption
+from protos import fleet_pb2
+
+app = typer.Typer(
+    name="artifact",
+    help="Create signed artifacts of a model for a device class, and list them.",
+    no_args_is_help=True,
+)
+
+
+def _expires(artifact: views.ArtifactView) -> str:
+    return output.local_datetime(artifact.manifest.expires_at if artifact.manifest else None)
+
+
+@app.command("create")
+def create(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Name of a registered model.")],
+    device_class: Annotated[
+        str, typer.Option("--class", metavar="CLASS", help="Device class the artifact is for.")
+    ],
+    model_version: Annotated[
+        int,
+        typer.Option("--model-version", min=0, metavar="N", help="Model version; 0 = latest."),
+    ] = 0,
+    expires_in_days: Annotated[
+        int,
+        typer.Option(
+            "--expires-in-days", min=0, metavar="DAYS", help="Manifest lifetime; 0 = default (365)."
+        ),
+    ] = 0,
+    as_json: JsonOption = False,
+    controller: ControllerOption = DEFAULT_ADDRESS,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Create the next artifact version of MODEL for a device class, signed by the controller."""
+    request = fleet_pb2.CreateArtifactRequest(
+        model_name=model,
+        model_version=model_version,
+        device_class=device_class,
+        expires_in_days=expires_in_days,
+    )
+    with session(controller, timeout) as client:
+        reply = client.create_artifact(request)
+    artifact = views.artifact_from_proto(reply)
+    if as_json:
+        output.print_json(artifact)
+        return
+    output.say(
+        f"created artifact {artifact.id} (sha256 {output.short_sha(artifact.sha256)}, "
+        f"{output.human_size(artifact.size_bytes)}, expires {_expires(artifact)})"
+    )
+
+
+@app.command("list")
+def list_artifacts(
+    model: Annotated[str, typer.Option("--model", metavar="MODEL", help="Only this model.")] = "",
+    device_class: Annotated[
+        str, typer.Option("--class", metavar="CLASS", help="Only this device class.")
+    ] = "",
+    as_json: JsonOption = False,
+    controller: ControllerOption = DEFAULT_ADDRESS,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
+) -> None:
+    """List artifacts, optionally of one model or device class."""
+    request = fleet_pb2.ListArtifactsRequest(model_name=model, device_class=device_class)
+    with session(controller, timeout) as client:
+        reply = client.list_artifacts(request)
+    artifacts = views.ArtifactList(
+        artifacts=[views.artifact_from_proto(a) for a in reply.artifacts]
+    )
+    if as_json:
+        output.print_json(artifacts)
+        return
+    table = output.table("artifact", "sha256", "size", "created", "expires")
+    for a in artifacts.artifacts:
+        output.add_row(
+            table,
+            a.id,
+            output.short_sha(a.sha256),
+            output.human_size(a.size_bytes),
+            output.local_time(a.created_unix_ms),
+            _expires(a),
+        )
+    output.print_table(table)

@@ -1,0 +1,83 @@
+"""`homefleet devices`: every device, its status, and what it serves versus what it should."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from controller.cli import output, views
+from controller.cli.client import (
+    DEFAULT_ADDRESS,
+    DEFAULT_TIMEOUT_S,
+    ControllerOption,
+    TimeoutOption,
+    session,
+)
+from controller.cli.output import JsonOption
+from protos import fleet_pb2
+
+COLUMNS = ("device", "class", "status", "last seen", "model", "serving", "desired", "last outcome")
+
+
+def _artifact(artifact_id: str, sha256: str) -> str:
+    """An artifact as a person knows it: its id, or its short digest when it has none."""
+    return artifact_id or output.short_sha(sha256) or "-"
+
+
+def _desired(state: views.DeviceModelView) -> str:
+    """Shown only while it differs from what the device serves: that is the news."""
+    if state.desired_sha256 == state.serving_sha256:
+        return ""
+    return _artifact(state.desired_artifact_id, state.desired_sha256)
+
+
+def _outcome(state: views.DeviceModelView) -> str:
+    if state.last_outcome == "unspecified":
+        return "-"
+    return f"{state.last_outcome}: {state.last_reason}" if state.last_reason else state.last_outcome
+
+
+def _rows(device: views.DeviceView, now_ms: int) -> list[tuple[str, ...]]:
+    head = (
+        device.device_id,
+        device.device_class,
+        device.status,
+        output.relative_time(device.last_seen_unix_ms, now=now_ms),
+    )
+    blank = ("",) * len(head)
+    if not device.models:
+        return [(*head, "-", "", "", "")]
+    return [
+        (
+            *(head if i == 0 else blank),
+            m.model_name,
+            _artifact(m.serving_artifact_id, m.serving_sha256),
+            _desired(m),
+            _outcome(m),
+        )
+        for i, m in enumerate(device.models)
+    ]
+
+
+def devices(
+    device_class: Annotated[
+        str, typer.Option("--class", metavar="CLASS", help="Only devices of this class.")
+    ] = "",
+    as_json: JsonOption = False,
+    controller: ControllerOption = DEFAULT_ADDRESS,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
+) -> None:
+    """List devices: status, last contact, and per model what is served and what is desired."""
+    with session(controller, timeout) as client:
+        reply = client.list_devices(fleet_pb2.ListDevicesRequest(device_class=device_class))
+    fleet = views.DeviceList(devices=[views.device_from_proto(d) for d in reply.devices])
+    if as_json:
+        output.print_json(fleet)
+        return
+    table = output.table(*COLUMNS)
+    now_ms = output.now_ms()
+    for device in fleet.devices:
+        for row in _rows(device, now_ms):
+            output.add_row(table, *row)
+    output.print_table(table)

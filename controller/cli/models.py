@@ -1,0 +1,124 @@
+"""`homefleet model add|list`: register source models (ONNX) and see what is registered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+
+from controller.cli import output, views
+from controller.cli.client import (
+    DEFAULT_ADDRESS,
+    DEFAULT_TIMEOUT_S,
+    ControllerOption,
+    TimeoutOption,
+    session,
+)
+from controller.cli.output import JsonOption
+from controller.cli.upload import FILE_PARAM, UploadStream, progress_bar, read_model_file
+
+app = typer.Typer(
+    name="model",
+    help="Register source models (ONNX files) with the controller and list them.",
+    no_args_is_help=True,
+)
+
+
+def _spec(tensor: views.TensorView) -> str:
+    """``x float32[?,6,100]``: a dynamic dimension (-1) shows as ``?``."""
+    dims = ",".join("?" if d < 0 else str(d) for d in tensor.shape)
+    return f"{tensor.name} {tensor.dtype}[{dims}]"
+
+
+def _specs(tensors: list[views.TensorView]) -> str:
+    return ", ".join(_spec(t) for t in tensors) or "-"
+
+
+def _describe(model: views.ModelView) -> str:
+    return (
+        f"{model.name} v{model.version} (sha256 {output.short_sha(model.sha256)}, "
+        f"{output.human_size(model.size_bytes)}; inputs: {_specs(model.inputs)}; "
+        f"outputs: {_specs(model.outputs)})"
+    )
+
+
+@app.command("add")
+def add(
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="Model name: lowercase letters, digits, . _ -")
+    ],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            metavar=FILE_PARAM,
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="The ONNX model file to upload.",
+        ),
+    ],
+    description: Annotated[
+        str, typer.Option("--description", help="A note shown in `model list`.")
+    ] = "",
+    as_json: JsonOption = False,
+    controller: ControllerOption = DEFAULT_ADDRESS,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Upload an ONNX model; adding a name again registers its next version."""
+    model_file = read_model_file(file)
+    with session(controller, timeout) as client, progress_bar(model_file) as progress:
+        task = progress.add_task(file.name, total=model_file.size_bytes)
+        stream = UploadStream(
+            model_file,
+            name=name,
+            description=description,
+            on_chunk=lambda n: progress.advance(task, n),
+        )
+        try:
+            reply = client.add_model(iter(stream), size_bytes=model_file.size_bytes)
+        except grpc.RpcError:
+            if stream.read_error is not None:
+                raise typer.BadParameter(
+                    f"reading {file} failed during the upload: "
+                    f"{stream.read_error.strerror or stream.read_error}",
+                    param_hint=FILE_PARAM,
+                ) from None
+            raise
+    model = views.model_from_proto(reply)
+    if as_json:
+        output.print_json(model)
+    else:
+        output.say(f"added model {_describe(model)}")
+
+
+@app.command("list")
+def list_models(
+    as_json: JsonOption = False,
+    controller: ControllerOption = DEFAULT_ADDRESS,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
+) -> None:
+    """List registered models, every version."""
+    with session(controller, timeout) as client:
+        reply = client.list_models()
+    models = views.ModelList(models=[views.model_from_proto(m) for m in reply.models])
+    if as_json:
+        output.print_json(models)
+        return
+    table = output.table(
+        "model", "version", "sha256", "size", "inputs", "outputs", "created", "description"
+    )
+    for m in models.models:
+        output.add_row(
+            table,
+            m.name,
+            f"v{m.version}",
+            output.short_sha(m.sha256),
+            output.human_size(m.size_bytes),
+            _specs(m.inputs),
+            _specs(m.outputs),
+            output.local_time(m.created_unix_ms),
+            m.description,
+        )
+    output.print_table(table)

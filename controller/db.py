@@ -1,0 +1,201 @@
+"""Metadata tables (SQLAlchemy 2.0 typed ORM) and engine setup.
+
+Portable SQL only: the same models run on SQLite (the embedded default) and on
+PostgreSQL (several replicas). SQLite-specific settings live in ``make_engine`` alone.
+Times are integer unix milliseconds, so no backend's time-zone handling gets in the way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Engine,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAME = 64
+DIGEST = 64
+# SQLite only auto-increments an INTEGER PRIMARY KEY; elsewhere use 64-bit ids.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelRow(Base):
+    """A registered source model: one row per (name, version)."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_models_name_version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(NAME))
+    version: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(DIGEST))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    inputs: Mapped[list[Any]] = mapped_column(JSON)
+    outputs: Mapped[list[Any]] = mapped_column(JSON)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_unix_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class ArtifactRow(Base):
+    """An artifact built for one device class: the signed manifest is kept byte for byte."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (
+        UniqueConstraint("model_name", "device_class", "version", name="uq_artifacts_version"),
+        ForeignKeyConstraint(["model_name", "model_version"], ["models.name", "models.version"]),
+        Index("ix_artifacts_sha256", "sha256"),
+    )
+
+    id: Mapped[str] = mapped_column(String(3 * NAME), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(NAME))
+    model_version: Mapped[int] = mapped_column(Integer)
+    device_class: Mapped[str] = mapped_column(String(NAME))
+    version: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(DIGEST))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    manifest_json: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    key_id: Mapped[str] = mapped_column(String(64))
+    created_unix_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class AssignmentRow(Base):
+    """Desired state: for a target (a class or one device) and a model, which artifact.
+
+    ``revision`` is the id of the event that recorded the change: event ids only grow,
+    so the largest revision a device sees grows whenever its desired set changes,
+    whichever replica made the change.
+    """
+
+    __tablename__ = "assignments"
+    __table_args__ = (
+        UniqueConstraint("target_kind", "target", "model_name", name="uq_assignment_target"),
+        CheckConstraint("target_kind IN ('class', 'device')", name="ck_assignment_kind"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    target_kind: Mapped[str] = mapped_column(String(8))
+    target: Mapped[str] = mapped_column(String(NAME))
+    model_name: Mapped[str] = mapped_column(String(NAME))
+    artifact_id: Mapped[str] = mapped_column(ForeignKey("artifacts.id"))
+    revision: Mapped[int] = mapped_column(BigInteger)
+    updated_unix_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class DeviceRow(Base):
+    """A registered device. ``watch_lease_until_ms`` is set while a watch stream is open.
+
+    The lease lives in the database, not in one replica's memory, so any replica can
+    tell whether a device is online; a crashed replica's leases simply run out.
+    """
+
+    __tablename__ = "devices"
+    __table_args__ = (Index("ix_devices_class", "device_class"),)
+
+    device_id: Mapped[str] = mapped_column(String(NAME), primary_key=True)
+    device_class: Mapped[str] = mapped_column(String(NAME))
+    hardware: Mapped[dict[str, Any]] = mapped_column(JSON)
+    agent_version: Mapped[str] = mapped_column(String(NAME), default="")
+    registered_unix_ms: Mapped[int] = mapped_column(BigInteger)
+    last_seen_unix_ms: Mapped[int] = mapped_column(BigInteger)
+    watch_lease_until_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class DeviceModelRow(Base):
+    """What a device last reported for one model: what it serves, and the last outcome."""
+
+    __tablename__ = "device_models"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(NAME), primary_key=True)
+    serving_sha256: Mapped[str] = mapped_column(String(DIGEST), default="")
+    reported_sha256: Mapped[str] = mapped_column(String(DIGEST), default="")
+    last_outcome: Mapped[str] = mapped_column(String(16), default="")
+    last_reason: Mapped[str] = mapped_column(Text, default="")
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    encoding: Mapped[str] = mapped_column(String(8), default="")
+    updated_unix_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_kind", "kind"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    unix_ms: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(NAME))
+    subject: Mapped[str] = mapped_column(String(4 * NAME))
+    message: Mapped[str] = mapped_column(Text)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class TelemetryWindowRow(Base):
+    """One reported telemetry window; (device_id, seq) is stored at most once."""
+
+    __tablename__ = "telemetry_windows"
+    __table_args__ = (UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    model_name: Mapped[str] = mapped_column(String(NAME))
+    artifact_sha256: Mapped[str] = mapped_column(String(DIGEST))
+    start_unix_ms: Mapped[int] = mapped_column(BigInteger)
+    end_unix_ms: Mapped[int] = mapped_column(BigInteger)
+    count: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    latency_bucket_counts: Mapped[list[Any]] = mapped_column(JSON)
+    cpu_seconds: Mapped[float] = mapped_column(Float)
+    joules: Mapped[float] = mapped_column(Float)
+    energy_source: Mapped[str] = mapped_column(String(32))
+    peak_memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    received_unix_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA foreign_keys=ON")
+                cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+            finally:
+                cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def create_schema(engine: Engine) -> None:
+    """Create missing tables (no migrations yet: the schema is new)."""
+    Base.metadata.create_all(engine)

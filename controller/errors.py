@@ -1,0 +1,127 @@
+"""The controller's one error type, its one mapping to gRPC status, and the wrapper every RPC uses.
+
+Handlers raise FleetError with a code and a message that says what was wrong and what is
+accepted; the wrapper turns it into that status. Anything else is a bug: it is logged in
+full and the client sees INTERNAL without the detail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import grpc
+
+if TYPE_CHECKING:
+    from controller.limits import RpcLimits
+
+log = logging.getLogger(__name__)
+
+
+class ErrorCode(enum.Enum):
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"
+    FAILED_PRECONDITION = "failed_precondition"
+    OUT_OF_RANGE = "out_of_range"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    PERMISSION_DENIED = "permission_denied"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+GRPC_STATUS: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
+    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+INTERNAL_MESSAGE = "internal controller error; the controller log has the detail"
+
+
+class FleetError(Exception):
+    """An expected failure: bad input, a missing object, a conflict. Carries its code."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> FleetError:
+    return FleetError(ErrorCode.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> FleetError:
+    return FleetError(ErrorCode.NOT_FOUND, message)
+
+
+def grpc_status(error: FleetError) -> grpc.StatusCode:
+    return GRPC_STATUS[error.code]
+
+
+class GuardedServicer(Protocol):
+    """A servicer whose RPCs share one set of concurrency limits."""
+
+    @property
+    def limits(self) -> RpcLimits: ...
+
+
+S = TypeVar("S", bound=GuardedServicer)
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Method = Callable[[S, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+
+@contextlib.asynccontextmanager
+async def _status_on_error(
+    name: str, context: grpc.aio.ServicerContext[Req, Resp]
+) -> AsyncIterator[None]:
+    try:
+        yield
+    except FleetError as exc:
+        log.info("%s refused: %s %s", name, exc.code.name, exc.message)
+        await context.abort(grpc_status(exc), exc.message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        log.exception("%s failed unexpectedly", name)
+        await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+
+def _guard(method: Method[S, Req, Resp], *, long_lived: bool) -> Method[S, Req, Resp]:
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        async with _status_on_error(name, context):
+            slot = self.limits.watch_slot() if long_lived else self.limits.slot()
+            async with slot:
+                return await method(self, request, context)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+    return wrapper
+
+
+def rpc(method: Method[S, Req, Resp]) -> Method[S, Req, Resp]:
+    """For every unary, client-streaming and short server-streaming RPC (writes via context)."""
+    return _guard(method, long_lived=False)
+
+
+def long_lived_rpc(method: Method[S, Req, Resp]) -> Method[S, Req, Resp]:
+    """For a server stream that lives as long as its client (WatchAssignments).
+
+    It writes through ``context.write`` and returns None; it takes a watch slot, not a
+    short-call slot, so open streams never starve short calls.
+    """
+    return _guard(method, long_lived=True)

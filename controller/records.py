@@ -1,0 +1,267 @@
+"""Domain records: what handlers and the store exchange, free of SQL and protobuf."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from artifact.manifest import TensorSpec
+
+
+class Outcome(enum.Enum):
+    """A deployment outcome a device reports (DeploymentOutcome on the wire)."""
+
+    DOWNLOADING = "downloading"
+    ACTIVE = "active"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+
+
+class Encoding(enum.Enum):
+    """How an artifact's bytes travel (PayloadEncoding on the wire)."""
+
+    FULL = "full"
+    DELTA = "delta"
+
+
+class TargetKind(enum.Enum):
+    CLASS = "class"
+    DEVICE = "device"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    arch: str
+    cpu_cores: int
+    memory_bytes: int
+    onnxruntime_version: str = ""
+    os: str = ""
+
+    # What identifies a device's hardware: a change in these means a different machine.
+    IDENTITY = ("arch", "cpu_cores", "memory_bytes")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch,
+            "cpu_cores": self.cpu_cores,
+            "memory_bytes": self.memory_bytes,
+            "onnxruntime_version": self.onnxruntime_version,
+            "os": self.os,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Hardware:
+        return cls(
+            arch=str(data.get("arch", "")),
+            cpu_cores=int(data.get("cpu_cores", 0)),
+            memory_bytes=int(data.get("memory_bytes", 0)),
+            onnxruntime_version=str(data.get("onnxruntime_version", "")),
+            os=str(data.get("os", "")),
+        )
+
+
+@dataclass(frozen=True)
+class NewModel:
+    name: str
+    sha256: str
+    size_bytes: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    version: int
+    sha256: str
+    size_bytes: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    description: str
+    created_unix_ms: int
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    id: str
+    model_name: str
+    model_version: int
+    device_class: str
+    version: int
+    sha256: str
+    size_bytes: int
+    manifest_json: bytes
+    signature: bytes
+    key_id: str
+    created_unix_ms: int
+
+
+@dataclass(frozen=True)
+class AssignTarget:
+    kind: TargetKind
+    name: str
+
+
+@dataclass(frozen=True)
+class AssignResult:
+    devices_affected: int
+    changed: bool
+    revision: int
+
+
+@dataclass(frozen=True)
+class HeldArtifact:
+    model_name: str
+    sha256: str
+    active: bool
+
+
+@dataclass(frozen=True)
+class DeviceRegistration:
+    device_id: str
+    device_class: str
+    hardware: Hardware
+    held: tuple[HeldArtifact, ...] = ()
+    agent_version: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    device_class: str
+    hardware: Hardware
+    agent_version: str
+    registered_unix_ms: int
+    last_seen_unix_ms: int
+    watch_lease_until_ms: int | None
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    device: DeviceRecord
+    re_registered: bool
+
+
+@dataclass(frozen=True)
+class DesiredAssignment:
+    """The artifact a device should run for one model, with its signed manifest."""
+
+    model_name: str
+    artifact_id: str
+    sha256: str
+    size_bytes: int
+    manifest_json: bytes
+    signature: bytes
+    key_id: str
+
+
+@dataclass(frozen=True)
+class DesiredSet:
+    assignments: tuple[DesiredAssignment, ...]
+    revision: int
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    device_id: str
+    model_name: str
+    artifact_sha256: str
+    outcome: Outcome
+    reason: str
+    bytes_received: int
+    encoding: Encoding | None
+    serving_sha256: str
+
+
+@dataclass(frozen=True)
+class DeviceModelState:
+    model_name: str
+    desired_sha256: str = ""
+    desired_artifact_id: str = ""
+    serving_sha256: str = ""
+    serving_artifact_id: str = ""
+    last_outcome: Outcome | None = None
+    last_reason: str = ""
+    bytes_received: int = 0
+    encoding: Encoding | None = None
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    device: DeviceRecord
+    online: bool
+    models: tuple[DeviceModelState, ...]
+
+
+@dataclass(frozen=True)
+class TelemetryWindow:
+    seq: int
+    model_name: str
+    artifact_sha256: str
+    start_unix_ms: int
+    end_unix_ms: int
+    count: int
+    errors: int
+    latency_bucket_counts: tuple[int, ...]
+    cpu_seconds: float
+    joules: float
+    energy_source: str
+    peak_memory_bytes: int
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    kind: str
+    subject: str
+    message: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    id: int
+    unix_ms: int
+    kind: str
+    subject: str
+    message: str
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelUpload:
+    """The header of an AddModel stream: what is about to arrive."""
+
+    name: str
+    description: str
+    size_bytes: int
+    sha256: str  # empty: not checked
+
+
+@dataclass(frozen=True)
+class ArtifactRequest:
+    model_name: str
+    model_version: int | None  # None: the latest
+    device_class: str
+    expires_in_days: int | None  # None: the default
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    device_id: str
+    target_sha256: str
+    base_sha256: str
+    offset: int
+    chunk_bytes: int  # 0: the server's default
+    encoding: Encoding | None  # None: let the server choose
+
+
+@dataclass(frozen=True)
+class Chunk:
+    encoding: Encoding
+    total_bytes: int
+    payload_sha256: str
+    offset: int
+    data: bytes
+    base_sha256: str = ""

@@ -1,0 +1,80 @@
+"""`homefleet controller serve`: a typer app the `homefleet` CLI mounts as `controller`.
+
+Importing this module costs only typer: the server, SQLAlchemy and onnx are imported
+inside the command, so the operator CLI loads on machines with only gRPC installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MISSING_EXTRA_EXIT_CODE = 3  # as the `homefleet` CLI documents
+
+app = typer.Typer(help="The HomeFleet controller (cloud side).", no_args_is_help=True)
+
+
+@app.callback()
+def controller() -> None:
+    """The HomeFleet controller (cloud side)."""
+
+
+@app.command("serve")
+def serve(
+    data_dir: Path = typer.Option(
+        ..., "--data-dir", help="Directory for homefleet.db, blobs/, keys/ and controller.json."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(50051, "--port", help="TCP port; 0 picks a free one."),
+    db_url: str | None = typer.Option(
+        None, "--db-url", help="SQLAlchemy URL (default: sqlite:///DATA_DIR/homefleet.db)."
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    heartbeat_seconds: int = typer.Option(
+        5, "--heartbeat-seconds", help="How often watch streams refresh (1..300)."
+    ),
+    max_model_bytes: int = typer.Option(
+        1 << 30, "--max-model-bytes", help="Largest ONNX file AddModel accepts."
+    ),
+) -> None:
+    """Run the controller until SIGTERM or SIGINT (then stop gracefully, exit 0)."""
+    from controller.config import ConfigError, ControllerConfig
+
+    level = log_level.lower()
+    if level not in LOG_LEVELS:
+        raise typer.BadParameter(
+            f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
+        )
+    try:
+        config = ControllerConfig(
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            db_url=db_url,
+            heartbeat_seconds=heartbeat_seconds,
+            max_model_bytes=max_model_bytes,
+        )
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        from controller.server import ControllerStartError, serve_forever
+    except ImportError as exc:  # the `controller` extra is not installed here
+        typer.echo(
+            f"error: `homefleet controller serve` is not available in this installation ({exc}); "
+            "install it with: pip install 'homefleet[controller]'",
+            err=True,
+        )
+        raise typer.Exit(MISSING_EXTRA_EXIT_CODE) from exc
+
+    try:
+        serve_forever(config)
+    except ControllerStartError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc

@@ -1,0 +1,211 @@
+"""The controller process: one grpc.aio server with AgentService, AdminService, health and
+reflection, over a SQL store, a blob directory and a signing key.
+
+``ControllerServer`` starts and stops it in-process (tests use it on port 0);
+``serve_forever`` runs it until SIGTERM or SIGINT and stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# The aio health servicer (grpc_health.v1.health.aio) is missing from the type stubs.
+from grpc_health.v1._async import HealthServicer as AioHealthServicer
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy import Engine
+
+from artifact.files import atomic_write_bytes
+from controller.admin import AdminHandlers
+from controller.agents import AgentHandlers
+from controller.blobstore import BlobStore
+from controller.config import MAX_MESSAGE_BYTES, ControllerConfig
+from controller.db import create_schema, make_engine
+from controller.keys import load_signing_key, public_key_path
+from controller.limits import RpcLimits
+from controller.notify import AssignmentNotifier
+from controller.servicers import AdminServicer, AgentServicer
+from controller.sql_store import SqlStore
+from protos import fleet_pb2, fleet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+AGENT_SERVICE = fleet_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+ADMIN_SERVICE = fleet_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Ping idle clients so dead connections (and their watch streams) are noticed.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # Clients may ping as often as every 5 s (agents keep watch streams alive).
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    # A fixed port already in use must fail, not be silently shared with another process.
+    ("grpc.so_reuseport", 0),
+]
+
+
+class ControllerStartError(RuntimeError):
+    """The controller could not start (port in use, unreadable data directory, ...)."""
+
+
+@dataclass(frozen=True)
+class ControllerInfo:
+    """What controller.json tells agents, the CLI and tests about a running controller."""
+
+    address: str
+    pid: int
+    public_key_path: str
+    key_id: str
+
+    def to_json_bytes(self) -> bytes:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def client_address(host: str, port: int) -> str:
+    """The address a local client dials: a wildcard host becomes loopback."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host in ("::", "[::]"):
+        host = "::1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def bind_address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+class ControllerServer:
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self._server: grpc.aio.Server | None = None
+        self._engine: Engine | None = None
+        self._health: AioHealthServicer | None = None
+        self._notifier = AssignmentNotifier()
+        self.port = 0
+        self.info: ControllerInfo | None = None
+
+    @property
+    def address(self) -> str:
+        return client_address(self.config.host, self.port)
+
+    async def start(self) -> ControllerInfo:
+        """Open the store, bind, start serving, then write controller.json atomically."""
+        config = self.config
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            self._engine = make_engine(config.database_url)
+            await asyncio.to_thread(create_schema, self._engine)
+            blobs = BlobStore(config.blob_dir)
+            blobs.remove_stale_temp_files()
+            key = load_signing_key(config.key_dir)
+        except OSError as exc:
+            raise ControllerStartError(
+                f"cannot use data directory {config.data_dir}: {exc}"
+            ) from exc
+        store = SqlStore(self._engine)
+        limits = RpcLimits(config.max_concurrent_rpcs, config.max_watch_streams)
+
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        fleet_pb2_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            AgentServicer(AgentHandlers(store, blobs, config, self._notifier), limits), server
+        )
+        fleet_pb2_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            AdminServicer(AdminHandlers(store, blobs, key, config, self._notifier), limits),
+            server,
+        )
+        self._health = AioHealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (AGENT_SERVICE, ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        )
+        where = bind_address(config.host, config.port)
+        try:
+            self.port = server.add_insecure_port(where)
+        except RuntimeError as exc:
+            raise ControllerStartError(f"cannot listen on {where}: {exc}") from exc
+        if self.port == 0:
+            raise ControllerStartError(
+                f"cannot listen on {where}: the address is in use or invalid"
+            )
+        await server.start()
+        self._server = server
+        for service in ("", AGENT_SERVICE, ADMIN_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+        self.info = ControllerInfo(
+            address=self.address,
+            pid=os.getpid(),
+            public_key_path=str(public_key_path(config.key_dir)),
+            key_id=key.key_id,
+        )
+        atomic_write_bytes(config.info_path, self.info.to_json_bytes())
+        log.info(
+            "controller listening on %s (data %s, key %s)",
+            self.address,
+            config.data_dir,
+            key.key_id,
+        )
+        return self.info
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, end watch streams, let calls finish for ``grace`` seconds."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        self._notifier.close()
+        if self._server is not None:
+            await self._server.stop(self.config.grace_seconds if grace is None else grace)
+            self._server = None
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+        _remove_info(self.config.info_path, os.getpid())
+        log.info("controller stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def _remove_info(path: Path, pid: int) -> None:
+    """Remove controller.json if it is still ours: its presence means 'listening'."""
+    try:
+        if json.loads(path.read_bytes()).get("pid") == pid:
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+async def run_until_signalled(config: ControllerConfig) -> None:
+    server = ControllerServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("signal received: stopping")
+    finally:
+        await server.stop()
+
+
+def serve_forever(config: ControllerConfig) -> None:
+    """Run the controller until SIGTERM/SIGINT; return after a graceful stop."""
+    asyncio.run(run_until_signalled(config))

@@ -1,0 +1,139 @@
+"""gRPC servicers: turn messages into records, call a handler, turn the result back.
+
+No logic lives here; every method is wrapped by ``rpc``/``long_lived_rpc``, which maps
+FleetError to its status and bounds concurrency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from controller import convert
+from controller.admin import AdminHandlers
+from controller.agents import AgentHandlers
+from controller.config import MAX_CHUNK_BYTES
+from controller.errors import invalid, long_lived_rpc, rpc
+from controller.limits import RpcLimits
+from controller.records import Chunk, DesiredSet
+from protos import fleet_pb2 as pb
+from protos import fleet_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class AgentServicer(fleet_pb2_grpc.AgentServiceServicer):
+    def __init__(self, handlers: AgentHandlers, limits: RpcLimits) -> None:
+        self._h = handlers
+        self._limits = limits
+
+    @property
+    def limits(self) -> RpcLimits:
+        return self._limits
+
+    @rpc
+    async def Register(self, request: pb.RegisterRequest, context: Context) -> pb.RegisterResponse:
+        result = await self._h.register(convert.registration_from_proto(request))
+        return convert.register_to_proto(result, self._h.heartbeat_seconds, MAX_CHUNK_BYTES)
+
+    @long_lived_rpc
+    async def WatchAssignments(self, request: pb.WatchAssignmentsRequest, context: Context) -> None:
+        async def send(desired: DesiredSet) -> None:
+            await context.write(convert.desired_to_proto(desired))
+
+        await self._h.watch(request.device_id, send)
+
+    @rpc
+    async def FetchArtifact(self, request: pb.FetchArtifactRequest, context: Context) -> None:
+        async def send(chunk: Chunk) -> None:
+            await context.write(convert.chunk_to_proto(chunk))
+
+        await self._h.fetch(convert.fetch_from_proto(request), send)
+
+    @rpc
+    async def ReportStatus(self, request: pb.StatusReport, context: Context) -> pb.StatusAck:
+        await self._h.report_status(convert.status_from_proto(request))
+        return pb.StatusAck()
+
+    @rpc
+    async def ReportTelemetry(
+        self, request: pb.TelemetryBatch, context: Context
+    ) -> pb.TelemetryAck:
+        windows = [convert.window_from_proto(w) for w in request.windows]
+        highest = await self._h.report_telemetry(request.device_id, windows)
+        return pb.TelemetryAck(highest_seq=highest)
+
+
+class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
+    def __init__(self, handlers: AdminHandlers, limits: RpcLimits) -> None:
+        self._h = handlers
+        self._limits = limits
+
+    @property
+    def limits(self) -> RpcLimits:
+        return self._limits
+
+    @rpc
+    async def AddModel(
+        self, request_iterator: AsyncIterator[pb.AddModelChunk], context: Context
+    ) -> pb.Model:
+        first = await anext(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise invalid(
+                "the first AddModel message must carry the header (name, size_bytes, optional "
+                "sha256 and description); the ONNX bytes follow in data messages"
+            )
+        upload = convert.upload_from_proto(first.header)
+        record = await self._h.add_model(upload, _data_parts(request_iterator))
+        return convert.model_to_proto(record)
+
+    @rpc
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        models = await self._h.list_models()
+        return pb.ListModelsResponse(models=[convert.model_to_proto(m) for m in models])
+
+    @rpc
+    async def CreateArtifact(
+        self, request: pb.CreateArtifactRequest, context: Context
+    ) -> pb.Artifact:
+        record = await self._h.create_artifact(convert.artifact_request_from_proto(request))
+        return convert.artifact_to_proto(record)
+
+    @rpc
+    async def ListArtifacts(
+        self, request: pb.ListArtifactsRequest, context: Context
+    ) -> pb.ListArtifactsResponse:
+        records = await self._h.list_artifacts(request.model_name, request.device_class)
+        return pb.ListArtifactsResponse(artifacts=[convert.artifact_to_proto(a) for a in records])
+
+    @rpc
+    async def Assign(self, request: pb.AssignRequest, context: Context) -> pb.AssignResponse:
+        result = await self._h.assign(
+            request.artifact_id, convert.assign_target_from_proto(request)
+        )
+        return pb.AssignResponse(devices_affected=result.devices_affected)
+
+    @rpc
+    async def ListDevices(
+        self, request: pb.ListDevicesRequest, context: Context
+    ) -> pb.ListDevicesResponse:
+        views = await self._h.list_devices(request.device_class)
+        return pb.ListDevicesResponse(devices=[convert.device_to_proto(v) for v in views])
+
+    @rpc
+    async def ListEvents(
+        self, request: pb.ListEventsRequest, context: Context
+    ) -> pb.ListEventsResponse:
+        events = await self._h.list_events(request.after_id, request.limit, request.kind_prefix)
+        return pb.ListEventsResponse(events=[convert.event_to_proto(e) for e in events])
+
+
+async def _data_parts(messages: AsyncIterator[pb.AddModelChunk]) -> AsyncIterator[bytes]:
+    async for message in messages:
+        if message.WhichOneof("part") != "data":
+            raise invalid("only the first AddModel message may carry a header; send data after it")
+        yield message.data

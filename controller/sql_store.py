@@ -1,0 +1,733 @@
+"""The Store over SQLAlchemy: SQLite by default, PostgreSQL with the same code.
+
+Version numbers are allocated as max+1 and protected by unique constraints; a writer
+that loses a race sees IntegrityError and retries, so several replicas stay consistent
+without locks held in any one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from artifact.manifest import TensorSpec
+from controller.clock import unix_ms
+from controller.db import (
+    ArtifactRow,
+    AssignmentRow,
+    DeviceModelRow,
+    DeviceRow,
+    EventRow,
+    ModelRow,
+    TelemetryWindowRow,
+)
+from controller.errors import ErrorCode, FleetError, not_found
+from controller.records import (
+    ArtifactRecord,
+    AssignResult,
+    AssignTarget,
+    DesiredAssignment,
+    DesiredSet,
+    DeviceModelState,
+    DeviceRecord,
+    DeviceRegistration,
+    DeviceView,
+    Encoding,
+    EventRecord,
+    Hardware,
+    ModelRecord,
+    NewEvent,
+    NewModel,
+    Outcome,
+    RegisterResult,
+    StatusUpdate,
+    TargetKind,
+    TelemetryWindow,
+)
+from controller.store import Store, VersionConflictError
+
+T = TypeVar("T")
+RETRIES = 5
+MAX_LIST = 10_000  # every list the store returns is bounded
+
+
+class SqlStore(Store):
+    def __init__(self, engine: Engine, clock: Callable[[], int] = unix_ms) -> None:
+        self._engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._now = clock
+
+    def _retry(self, work: Callable[[Session], T]) -> T:
+        """Run ``work`` in one transaction, again when a concurrent writer won a unique key."""
+        for attempt in range(RETRIES):
+            try:
+                with self._sessions.begin() as session:
+                    return work(session)
+            except IntegrityError:
+                if attempt == RETRIES - 1:
+                    raise
+        raise RuntimeError("unreachable")  # pragma: no cover
+
+    def _read(self, work: Callable[[Session], T]) -> T:
+        with self._sessions() as session:
+            return work(session)
+
+    def _event(self, session: Session, new: NewEvent) -> EventRow:
+        row = EventRow(
+            unix_ms=self._now(),
+            kind=new.kind,
+            subject=new.subject,
+            message=new.message,
+            detail=new.detail,
+        )
+        session.add(row)
+        session.flush()
+        return row
+
+    # ---------------------------------------------------------------- models
+    def add_model(self, new: NewModel) -> tuple[ModelRecord, bool]:
+        def work(session: Session) -> tuple[ModelRecord, bool]:
+            latest = _latest_model(session, new.name)
+            if latest is not None and latest.sha256 == new.sha256:
+                return _model(latest), False
+            row = ModelRow(
+                name=new.name,
+                version=latest.version + 1 if latest else 1,
+                sha256=new.sha256,
+                size_bytes=new.size_bytes,
+                inputs=[s.model_dump(mode="json") for s in new.inputs],
+                outputs=[s.model_dump(mode="json") for s in new.outputs],
+                description=new.description,
+                created_unix_ms=self._now(),
+            )
+            session.add(row)
+            session.flush()
+            self._event(
+                session,
+                NewEvent(
+                    "model.added",
+                    new.name,
+                    f"model {new.name} v{row.version} added ({new.size_bytes} bytes, "
+                    f"sha256 {new.sha256[:12]})",
+                    {
+                        "name": new.name,
+                        "version": row.version,
+                        "sha256": new.sha256,
+                        "size_bytes": new.size_bytes,
+                    },
+                ),
+            )
+            return _model(row), True
+
+        return self._retry(work)
+
+    def get_model(self, name: str, version: int | None = None) -> ModelRecord | None:
+        def work(session: Session) -> ModelRecord | None:
+            if version is None:
+                row = _latest_model(session, name)
+            else:
+                row = session.scalars(
+                    select(ModelRow).where(ModelRow.name == name, ModelRow.version == version)
+                ).one_or_none()
+            return _model(row) if row else None
+
+        return self._read(work)
+
+    def list_models(self) -> list[ModelRecord]:
+        query = select(ModelRow).order_by(ModelRow.name, ModelRow.version).limit(MAX_LIST)
+        return self._read(lambda s: [_model(r) for r in s.scalars(query)])
+
+    # ---------------------------------------------------------------- artifacts
+    def next_artifact_version(self, model_name: str, device_class: str) -> int:
+        query = select(func.max(ArtifactRow.version)).where(
+            ArtifactRow.model_name == model_name, ArtifactRow.device_class == device_class
+        )
+        return self._read(lambda s: (s.scalar(query) or 0) + 1)
+
+    def insert_artifact(self, artifact: ArtifactRecord) -> ArtifactRecord:
+        try:
+            with self._sessions.begin() as session:
+                row = ArtifactRow(**dataclasses.asdict(artifact))
+                session.add(row)
+                session.flush()
+                self._event(
+                    session,
+                    NewEvent(
+                        "artifact.created",
+                        artifact.id,
+                        f"artifact {artifact.id} created from model {artifact.model_name} "
+                        f"v{artifact.model_version} (sha256 {artifact.sha256[:12]})",
+                        {
+                            "artifact_id": artifact.id,
+                            "model_name": artifact.model_name,
+                            "model_version": artifact.model_version,
+                            "device_class": artifact.device_class,
+                            "version": artifact.version,
+                            "sha256": artifact.sha256,
+                            "size_bytes": artifact.size_bytes,
+                        },
+                    ),
+                )
+        except IntegrityError as exc:
+            raise VersionConflictError(artifact.id) from exc
+        return artifact
+
+    def get_artifact(self, artifact_id: str) -> ArtifactRecord | None:
+        return self._read(lambda s: _artifact_or_none(s.get(ArtifactRow, artifact_id)))
+
+    def find_artifact_by_sha256(self, sha256: str) -> ArtifactRecord | None:
+        query = (
+            select(ArtifactRow)
+            .where(ArtifactRow.sha256 == sha256)
+            .order_by(ArtifactRow.created_unix_ms.desc())
+            .limit(1)
+        )
+        return self._read(lambda s: _artifact_or_none(s.scalars(query).first()))
+
+    def list_artifacts(
+        self, model_name: str | None = None, device_class: str | None = None
+    ) -> list[ArtifactRecord]:
+        query = select(ArtifactRow)
+        if model_name:
+            query = query.where(ArtifactRow.model_name == model_name)
+        if device_class:
+            query = query.where(ArtifactRow.device_class == device_class)
+        query = query.order_by(
+            ArtifactRow.model_name, ArtifactRow.device_class, ArtifactRow.version
+        ).limit(MAX_LIST)
+        return self._read(lambda s: [_artifact(r) for r in s.scalars(query)])
+
+    def assign(self, artifact: ArtifactRecord, target: AssignTarget) -> AssignResult:
+        def work(session: Session) -> AssignResult:
+            row = session.scalars(
+                select(AssignmentRow).where(
+                    AssignmentRow.target_kind == target.kind.value,
+                    AssignmentRow.target == target.name,
+                    AssignmentRow.model_name == artifact.model_name,
+                )
+            ).one_or_none()
+            if row is not None and row.artifact_id == artifact.id:
+                return AssignResult(devices_affected=0, changed=False, revision=row.revision)
+            affected = _devices_governed(session, artifact.model_name, target)
+            previous = row.artifact_id if row else ""
+            event = self._event(
+                session,
+                NewEvent(
+                    "assignment.changed",
+                    target.name,
+                    f"{target.kind.value} {target.name}: model {artifact.model_name} -> "
+                    f"{artifact.id} ({affected} device(s) affected)",
+                    {
+                        "artifact_id": artifact.id,
+                        "model_name": artifact.model_name,
+                        "target_kind": target.kind.value,
+                        "target": target.name,
+                        "previous_artifact_id": previous,
+                        "devices_affected": affected,
+                    },
+                ),
+            )
+            if row is None:
+                row = AssignmentRow(
+                    target_kind=target.kind.value,
+                    target=target.name,
+                    model_name=artifact.model_name,
+                )
+                session.add(row)
+            row.artifact_id = artifact.id
+            row.revision = event.id
+            row.updated_unix_ms = self._now()
+            return AssignResult(devices_affected=affected, changed=True, revision=event.id)
+
+        return self._retry(work)
+
+    # ---------------------------------------------------------------- devices
+    def register_device(self, registration: DeviceRegistration) -> RegisterResult:
+        def work(session: Session) -> RegisterResult:
+            now = self._now()
+            reg = registration
+            row = session.get(DeviceRow, reg.device_id)
+            re_registered = row is not None
+            if row is None:
+                row = DeviceRow(
+                    device_id=reg.device_id,
+                    device_class=reg.device_class,
+                    hardware=reg.hardware.to_json(),
+                    agent_version=reg.agent_version,
+                    registered_unix_ms=now,
+                    last_seen_unix_ms=now,
+                    watch_lease_until_ms=None,
+                )
+                session.add(row)
+                session.flush()
+            else:
+                differences = _differences(row, reg)
+                if differences:
+                    raise FleetError(
+                        ErrorCode.ALREADY_EXISTS,
+                        f"device id {reg.device_id!r} is already registered with different "
+                        f"{'; '.join(differences)}; a device id names one machine: choose "
+                        "another id for this one",
+                    )
+                row.hardware = reg.hardware.to_json()
+                row.agent_version = reg.agent_version
+                row.last_seen_unix_ms = now
+            _record_held(session, reg, now)
+            self._event(
+                session,
+                NewEvent(
+                    "device.registered",
+                    reg.device_id,
+                    f"device {reg.device_id} ({reg.device_class}) "
+                    f"{'re-registered' if re_registered else 'registered'}",
+                    {
+                        "device_id": reg.device_id,
+                        "device_class": reg.device_class,
+                        "hardware": reg.hardware.to_json(),
+                        "agent_version": reg.agent_version,
+                        "re_registered": re_registered,
+                        "held": [
+                            {"model_name": h.model_name, "sha256": h.sha256, "active": h.active}
+                            for h in reg.held
+                        ],
+                    },
+                ),
+            )
+            return RegisterResult(_device(row), re_registered)
+
+        return self._retry(work)
+
+    def get_device(self, device_id: str) -> DeviceRecord | None:
+        return self._read(lambda s: _device_or_none(s.get(DeviceRow, device_id)))
+
+    def desired_set(self, device_id: str) -> DesiredSet:
+        def work(session: Session) -> DesiredSet:
+            device = _require_device(session, device_id)
+            rows = session.execute(
+                select(AssignmentRow, ArtifactRow)
+                .join(ArtifactRow, AssignmentRow.artifact_id == ArtifactRow.id)
+                .where(
+                    or_(
+                        and_(
+                            AssignmentRow.target_kind == TargetKind.CLASS.value,
+                            AssignmentRow.target == device.device_class,
+                        ),
+                        and_(
+                            AssignmentRow.target_kind == TargetKind.DEVICE.value,
+                            AssignmentRow.target == device.device_id,
+                        ),
+                    )
+                )
+            )
+            chosen = _choose(rows)
+            return DesiredSet(
+                assignments=tuple(_desired(a) for _, (_, a) in sorted(chosen.items())),
+                revision=max((r.revision for r, _ in chosen.values()), default=0),
+            )
+
+        return self._read(work)
+
+    def touch_watch(self, device_id: str, lease_until_ms: int) -> None:
+        with self._sessions.begin() as session:
+            session.execute(
+                update(DeviceRow)
+                .where(DeviceRow.device_id == device_id)
+                .values(last_seen_unix_ms=self._now(), watch_lease_until_ms=lease_until_ms)
+            )
+
+    def release_watch(self, device_id: str) -> None:
+        with self._sessions.begin() as session:
+            session.execute(
+                update(DeviceRow)
+                .where(DeviceRow.device_id == device_id)
+                .values(last_seen_unix_ms=self._now(), watch_lease_until_ms=None)
+            )
+
+    def report_status(self, status: StatusUpdate) -> None:
+        def work(session: Session) -> None:
+            now = self._now()
+            device = _require_device(session, status.device_id)
+            device.last_seen_unix_ms = now
+            row = session.get(DeviceModelRow, (status.device_id, status.model_name))
+            if row is None:
+                row = DeviceModelRow(device_id=status.device_id, model_name=status.model_name)
+                session.add(row)
+            row.serving_sha256 = status.serving_sha256
+            row.reported_sha256 = status.artifact_sha256
+            row.last_outcome = status.outcome.value
+            row.last_reason = status.reason
+            row.bytes_received = status.bytes_received
+            row.encoding = status.encoding.value if status.encoding else ""
+            row.updated_unix_ms = now
+            message = (
+                f"device {status.device_id} model {status.model_name}: {status.outcome.value} "
+                f"{status.artifact_sha256[:12]}"
+            )
+            if status.reason:
+                message += f": {status.reason}"
+            self._event(
+                session,
+                NewEvent(
+                    "device.status",
+                    status.device_id,
+                    message,
+                    {
+                        "device_id": status.device_id,
+                        "model_name": status.model_name,
+                        "artifact_sha256": status.artifact_sha256,
+                        "outcome": status.outcome.value,
+                        "reason": status.reason,
+                        "bytes_received": status.bytes_received,
+                        "encoding": status.encoding.value if status.encoding else "",
+                        "serving_sha256": status.serving_sha256,
+                    },
+                ),
+            )
+
+        self._retry(work)
+
+    def store_telemetry(self, device_id: str, windows: Sequence[TelemetryWindow]) -> int:
+        def work(session: Session) -> int:
+            now = self._now()
+            device = _require_device(session, device_id)
+            device.last_seen_unix_ms = now
+            seqs = {w.seq for w in windows}
+            stored = (
+                set(
+                    session.scalars(
+                        select(TelemetryWindowRow.seq).where(
+                            TelemetryWindowRow.device_id == device_id,
+                            TelemetryWindowRow.seq.in_(seqs),
+                        )
+                    )
+                )
+                if seqs
+                else set()
+            )
+            fresh = {w.seq: w for w in windows if w.seq not in stored}
+            for w in fresh.values():
+                session.add(
+                    TelemetryWindowRow(
+                        device_id=device_id,
+                        seq=w.seq,
+                        model_name=w.model_name,
+                        artifact_sha256=w.artifact_sha256,
+                        start_unix_ms=w.start_unix_ms,
+                        end_unix_ms=w.end_unix_ms,
+                        count=w.count,
+                        errors=w.errors,
+                        latency_bucket_counts=list(w.latency_bucket_counts),
+                        cpu_seconds=w.cpu_seconds,
+                        joules=w.joules,
+                        energy_source=w.energy_source,
+                        peak_memory_bytes=w.peak_memory_bytes,
+                        received_unix_ms=now,
+                    )
+                )
+            session.flush()
+            highest = session.scalar(
+                select(func.max(TelemetryWindowRow.seq)).where(
+                    TelemetryWindowRow.device_id == device_id
+                )
+            )
+            return int(highest or 0)
+
+        return self._retry(work)
+
+    def list_devices(self, device_class: str | None = None) -> list[DeviceView]:
+        def work(session: Session) -> list[DeviceView]:
+            now = self._now()
+            query = select(DeviceRow).order_by(DeviceRow.device_id).limit(MAX_LIST)
+            if device_class:
+                query = query.where(DeviceRow.device_class == device_class)
+            devices = list(session.scalars(query))
+            if not devices:
+                return []
+            ids = [d.device_id for d in devices]
+            classes = {d.device_class for d in devices}
+            assignments = session.execute(
+                select(AssignmentRow, ArtifactRow)
+                .join(ArtifactRow, AssignmentRow.artifact_id == ArtifactRow.id)
+                .where(
+                    or_(
+                        and_(
+                            AssignmentRow.target_kind == TargetKind.CLASS.value,
+                            AssignmentRow.target.in_(classes),
+                        ),
+                        and_(
+                            AssignmentRow.target_kind == TargetKind.DEVICE.value,
+                            AssignmentRow.target.in_(ids),
+                        ),
+                    )
+                )
+            ).all()
+            reported: dict[str, list[DeviceModelRow]] = {}
+            for dm in session.scalars(
+                select(DeviceModelRow).where(DeviceModelRow.device_id.in_(ids))
+            ):
+                reported.setdefault(dm.device_id, []).append(dm)
+            serving = {dm.serving_sha256 for dms in reported.values() for dm in dms}
+            serving.discard("")
+            by_sha: dict[str, list[ArtifactRow]] = {}
+            if serving:
+                for art in session.scalars(
+                    select(ArtifactRow)
+                    .where(ArtifactRow.sha256.in_(serving))
+                    .order_by(ArtifactRow.created_unix_ms.desc())
+                ):
+                    by_sha.setdefault(art.sha256, []).append(art)
+            views = []
+            for device in devices:
+                mine = [
+                    (a, art)
+                    for a, art in assignments
+                    if (a.target_kind == TargetKind.CLASS.value and a.target == device.device_class)
+                    or (a.target_kind == TargetKind.DEVICE.value and a.target == device.device_id)
+                ]
+                views.append(
+                    DeviceView(
+                        device=_device(device),
+                        online=(device.watch_lease_until_ms or 0) > now,
+                        models=_model_states(
+                            device, _choose(mine), reported.get(device.device_id, []), by_sha
+                        ),
+                    )
+                )
+            return views
+
+        return self._read(work)
+
+    # ---------------------------------------------------------------- events
+    def add_event(self, new: NewEvent) -> EventRecord:
+        with self._sessions.begin() as session:
+            return _event_record(self._event(session, new))
+
+    def list_events(self, after_id: int, limit: int, kind_prefix: str = "") -> list[EventRecord]:
+        query = select(EventRow).where(EventRow.id > after_id)
+        if kind_prefix:
+            query = query.where(EventRow.kind.startswith(kind_prefix, autoescape=True))
+        query = query.order_by(EventRow.id).limit(min(limit, MAX_LIST))
+        return self._read(lambda s: [_event_record(r) for r in s.scalars(query)])
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _latest_model(session: Session, name: str) -> ModelRow | None:
+    return session.scalars(
+        select(ModelRow).where(ModelRow.name == name).order_by(ModelRow.version.desc()).limit(1)
+    ).first()
+
+
+def _require_device(session: Session, device_id: str) -> DeviceRow:
+    row = session.get(DeviceRow, device_id)
+    if row is None:
+        raise not_found(
+            f"device {device_id!r} is not registered; register first (AgentService.Register)"
+        )
+    return row
+
+
+def _differences(row: DeviceRow, reg: DeviceRegistration) -> list[str]:
+    differences = []
+    if row.device_class != reg.device_class:
+        differences.append(
+            f"device_class (registered {row.device_class!r}, this request {reg.device_class!r})"
+        )
+    known = Hardware.from_json(row.hardware).to_json()
+    asked = reg.hardware.to_json()
+    for key in Hardware.IDENTITY:
+        if known[key] != asked[key]:
+            differences.append(
+                f"hardware.{key} (registered {known[key]!r}, this request {asked[key]!r})"
+            )
+    return differences
+
+
+def _record_held(session: Session, reg: DeviceRegistration, now: int) -> None:
+    """What the device says it serves becomes device_models.serving_sha256."""
+    active = {h.model_name: h.sha256 for h in reg.held if h.active}
+    existing = {
+        r.model_name: r
+        for r in session.scalars(
+            select(DeviceModelRow).where(DeviceModelRow.device_id == reg.device_id)
+        )
+    }
+    for name, row in existing.items():
+        serving = active.get(name, "")
+        if row.serving_sha256 != serving:
+            row.serving_sha256 = serving
+            row.updated_unix_ms = now
+    for name, sha in active.items():
+        if name not in existing:
+            session.add(
+                DeviceModelRow(
+                    device_id=reg.device_id,
+                    model_name=name,
+                    serving_sha256=sha,
+                    reported_sha256="",
+                    last_outcome="",
+                    last_reason="",
+                    bytes_received=0,
+                    encoding="",
+                    updated_unix_ms=now,
+                )
+            )
+
+
+def _devices_governed(session: Session, model_name: str, target: AssignTarget) -> int:
+    """How many devices take their artifact for ``model_name`` from ``target``."""
+    if target.kind is TargetKind.DEVICE:
+        return 1
+    overridden = select(AssignmentRow.target).where(
+        AssignmentRow.target_kind == TargetKind.DEVICE.value,
+        AssignmentRow.model_name == model_name,
+    )
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(DeviceRow)
+            .where(DeviceRow.device_class == target.name, DeviceRow.device_id.not_in(overridden))
+        )
+        or 0
+    )
+
+
+def _choose(
+    rows: Iterable[tuple[AssignmentRow, ArtifactRow]],
+) -> dict[str, tuple[AssignmentRow, ArtifactRow]]:
+    """Per model name: the device assignment when there is one, else the class assignment."""
+    chosen: dict[str, tuple[AssignmentRow, ArtifactRow]] = {}
+    for assignment, artifact in rows:
+        current = chosen.get(assignment.model_name)
+        if current is None or assignment.target_kind == TargetKind.DEVICE.value:
+            chosen[assignment.model_name] = (assignment, artifact)
+    return chosen
+
+
+def _model_states(
+    device: DeviceRow,
+    desired: dict[str, tuple[AssignmentRow, ArtifactRow]],
+    reported: list[DeviceModelRow],
+    by_sha: dict[str, list[ArtifactRow]],
+) -> tuple[DeviceModelState, ...]:
+    rows = {r.model_name: r for r in reported}
+    states = []
+    for name in sorted(set(desired) | set(rows)):
+        want = desired[name][1] if name in desired else None
+        have = rows.get(name)
+        serving_sha = have.serving_sha256 if have else ""
+        states.append(
+            DeviceModelState(
+                model_name=name,
+                desired_sha256=want.sha256 if want else "",
+                desired_artifact_id=want.id if want else "",
+                serving_sha256=serving_sha,
+                serving_artifact_id=_serving_id(device, name, serving_sha, want, by_sha),
+                last_outcome=Outcome(have.last_outcome) if have and have.last_outcome else None,
+                last_reason=have.last_reason if have else "",
+                bytes_received=have.bytes_received if have else 0,
+                encoding=Encoding(have.encoding) if have and have.encoding else None,
+            )
+        )
+    return tuple(states)
+
+
+def _serving_id(
+    device: DeviceRow,
+    model_name: str,
+    sha: str,
+    desired: ArtifactRow | None,
+    by_sha: dict[str, list[ArtifactRow]],
+) -> str:
+    """Several artifacts can share bytes; prefer the desired one, then the device's class."""
+    if not sha:
+        return ""
+    if desired is not None and desired.sha256 == sha:
+        return desired.id
+    candidates = [a for a in by_sha.get(sha, []) if a.model_name == model_name]
+    for art in candidates:
+        if art.device_class == device.device_class:
+            return art.id
+    return candidates[0].id if candidates else ""
+
+
+def _specs(raw: list[Any]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec.model_validate(item) for item in raw)
+
+
+def _model(row: ModelRow) -> ModelRecord:
+    return ModelRecord(
+        name=row.name,
+        version=row.version,
+        sha256=row.sha256,
+        size_bytes=row.size_bytes,
+        inputs=_specs(row.inputs),
+        outputs=_specs(row.outputs),
+        description=row.description,
+        created_unix_ms=row.created_unix_ms,
+    )
+
+
+def _artifact(row: ArtifactRow) -> ArtifactRecord:
+    return ArtifactRecord(
+        id=row.id,
+        model_name=row.model_name,
+        model_version=row.model_version,
+        device_class=row.device_class,
+        version=row.version,
+        sha256=row.sha256,
+        size_bytes=row.size_bytes,
+        manifest_json=bytes(row.manifest_json),
+        signature=bytes(row.signature),
+        key_id=row.key_id,
+        created_unix_ms=row.created_unix_ms,
+    )
+
+
+def _artifact_or_none(row: ArtifactRow | None) -> ArtifactRecord | None:
+    return _artifact(row) if row is not None else None
+
+
+def _desired(row: ArtifactRow) -> DesiredAssignment:
+    return DesiredAssignment(
+        model_name=row.model_name,
+        artifact_id=row.id,
+        sha256=row.sha256,
+        size_bytes=row.size_bytes,
+        manifest_json=bytes(row.manifest_json),
+        signature=bytes(row.signature),
+        key_id=row.key_id,
+    )
+
+
+def _device(row: DeviceRow) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=row.device_id,
+        device_class=row.device_class,
+        hardware=Hardware.from_json(row.hardware),
+        agent_version=row.agent_version,
+        registered_unix_ms=row.registered_unix_ms,
+        last_seen_unix_ms=row.last_seen_unix_ms,
+        watch_lease_until_ms=row.watch_lease_until_ms,
+    )
+
+
+def _device_or_none(row: DeviceRow | None) -> DeviceRecord | None:
+    return _device(row) if row is not None else None
+
+
+def _event_record(row: EventRow) -> EventRecord:
+    return EventRecord(
+        id=row.id,
+        unix_ms=row.unix_ms,
+        kind=row.kind,
+        subject=row.subject,
+        message=row.message,
+        detail=dict(row.detail),
+    )

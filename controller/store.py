@@ -1,0 +1,111 @@
+"""The metadata store as handlers see it: domain methods, dataclass results, no SQL.
+
+Every method is one transaction: a change and the event that records it are written
+together or not at all. Methods are synchronous and short; async callers run them in
+a worker thread (``asyncio.to_thread``). Expected failures raise FleetError.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from controller.records import (
+    ArtifactRecord,
+    AssignResult,
+    AssignTarget,
+    DesiredSet,
+    DeviceRecord,
+    DeviceRegistration,
+    DeviceView,
+    EventRecord,
+    ModelRecord,
+    NewEvent,
+    NewModel,
+    RegisterResult,
+    StatusUpdate,
+    TelemetryWindow,
+)
+
+
+class VersionConflictError(Exception):
+    """Another writer took the version number first; the caller rebuilds and retries."""
+
+
+class Store(abc.ABC):
+    # ---------------------------------------------------------------- models
+    @abc.abstractmethod
+    def add_model(self, new: NewModel) -> tuple[ModelRecord, bool]:
+        """Add the next version of ``new.name``; (record, created).
+
+        When the latest version already has the same sha256, return it with created=False.
+        """
+
+    @abc.abstractmethod
+    def get_model(self, name: str, version: int | None = None) -> ModelRecord | None:
+        """One version, or the latest when ``version`` is None."""
+
+    @abc.abstractmethod
+    def list_models(self) -> list[ModelRecord]: ...
+
+    # ---------------------------------------------------------------- artifacts
+    @abc.abstractmethod
+    def next_artifact_version(self, model_name: str, device_class: str) -> int: ...
+
+    @abc.abstractmethod
+    def insert_artifact(self, artifact: ArtifactRecord) -> ArtifactRecord:
+        """Insert; VersionConflictError when (model, class, version) is taken."""
+
+    @abc.abstractmethod
+    def get_artifact(self, artifact_id: str) -> ArtifactRecord | None: ...
+
+    @abc.abstractmethod
+    def find_artifact_by_sha256(self, sha256: str) -> ArtifactRecord | None: ...
+
+    @abc.abstractmethod
+    def list_artifacts(
+        self, model_name: str | None = None, device_class: str | None = None
+    ) -> list[ArtifactRecord]: ...
+
+    @abc.abstractmethod
+    def assign(self, artifact: ArtifactRecord, target: AssignTarget) -> AssignResult:
+        """Point ``target``'s copy of the artifact's model at the artifact."""
+
+    # ---------------------------------------------------------------- devices
+    @abc.abstractmethod
+    def register_device(self, registration: DeviceRegistration) -> RegisterResult:
+        """Insert or re-register; ALREADY_EXISTS when the id is taken by other hardware."""
+
+    @abc.abstractmethod
+    def get_device(self, device_id: str) -> DeviceRecord | None: ...
+
+    @abc.abstractmethod
+    def desired_set(self, device_id: str) -> DesiredSet:
+        """Per model: the device's own assignment if any, else its class's."""
+
+    @abc.abstractmethod
+    def touch_watch(self, device_id: str, lease_until_ms: int) -> None:
+        """A watch stream is open: refresh last_seen and extend the online lease."""
+
+    @abc.abstractmethod
+    def release_watch(self, device_id: str) -> None:
+        """The last watch stream of the device on this replica closed: end the lease."""
+
+    @abc.abstractmethod
+    def report_status(self, status: StatusUpdate) -> None: ...
+
+    @abc.abstractmethod
+    def store_telemetry(self, device_id: str, windows: Sequence[TelemetryWindow]) -> int:
+        """Store windows not stored yet (by seq); return the highest seq stored for the device."""
+
+    @abc.abstractmethod
+    def list_devices(self, device_class: str | None = None) -> list[DeviceView]: ...
+
+    # ---------------------------------------------------------------- events
+    @abc.abstractmethod
+    def add_event(self, new: NewEvent) -> EventRecord: ...
+
+    @abc.abstractmethod
+    def list_events(
+        self, after_id: int, limit: int, kind_prefix: str = ""
+    ) -> list[EventRecord]: ...

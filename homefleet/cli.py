@@ -1,0 +1,74 @@
+"""The `homefleet` command: wiring only; every command lives in its own module.
+
+  homefleet agent ...        the edge agent (edge_agent.cli; needs the `edge` extra)
+  homefleet controller ...   the controller server (controller.serve; `controller` extra)
+  homefleet model|artifact|assign|devices|events   operator commands (controller.cli),
+                             which talk to a controller's AdminService over gRPC
+
+`agent` and `controller` are imported only when used, so each runs where only its
+own extra is installed, and the operator commands start without loading either.
+
+Exit codes:
+  0  ok
+  1  the controller refused or failed the request (its message is printed)
+  2  usage error: bad arguments, or a local file that cannot be read
+  3  the command group needs an extra that is not installed here
+  4  the controller cannot be reached, or did not answer before the deadline
+"""
+
+from __future__ import annotations
+
+import typer
+
+from controller.cli import artifacts, assign, devices, events, models
+from controller.cli.errors import ExitCode
+from homefleet.lazy import LazyGroup, root_group_class
+
+PROCESSES = "Processes"
+OPERATE = "Operate the fleet"
+
+EPILOG = (
+    "Exit codes: 0 ok; 1 the controller refused the request; 2 usage error; "
+    "3 command group not installed here; 4 controller unreachable."
+)
+
+_root = root_group_class(
+    LazyGroup(
+        name="agent",
+        module="edge_agent.cli",
+        attribute="app",
+        summary="Run the edge agent on a device.",
+        extra="edge",
+        missing_exit_code=ExitCode.MISSING_EXTRA,
+        panel=PROCESSES,
+    ),
+    LazyGroup(
+        name="controller",
+        module="controller.serve",
+        attribute="app",
+        summary="Run the controller (gRPC API, registry, artifact store).",
+        extra="controller",
+        missing_exit_code=ExitCode.MISSING_EXTRA,
+        panel=PROCESSES,
+    ),
+)
+
+app = typer.Typer(
+    name="homefleet",
+    cls=_root,
+    help="HomeFleet: compress models per smart-home device class and ship them to devices.",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(models.app, name="model", rich_help_panel=OPERATE)
+app.add_typer(artifacts.app, name="artifact", rich_help_panel=OPERATE)
+app.command("assign", rich_help_panel=OPERATE)(assign.assign)
+app.command("devices", rich_help_panel=OPERATE)(devices.devices)
+app.command("events", rich_help_panel=OPERATE)(events.events)
+
+
+def main() -> None:
+    """Console-script entry point (`homefleet`)."""
+    app(prog_name="homefleet")

@@ -1,0 +1,135 @@
+"""What the command does with no controller to talk to: help, usage errors, unreachable."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from homefleet.cli import app
+
+OPERATOR_COMMANDS = [
+    ["model", "add", "m", "{file}"],
+    ["model", "list"],
+    ["artifact", "create", "m", "--class", "home-hub"],
+    ["artifact", "list"],
+    ["assign", "m/home-hub/v1", "--class", "home-hub"],
+    ["devices"],
+    ["events"],
+]
+
+
+@pytest.fixture
+def closed_address() -> str:
+    """A loopback port nobody listens on (bound, then released: never a fixed port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def onnx_file(tmp_path: Path) -> Path:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"bytes the CLI never gets to send")
+    return path
+
+
+@pytest.mark.parametrize(
+    "group",
+    [
+        [],
+        ["model"],
+        ["model", "add"],
+        ["model", "list"],
+        ["artifact"],
+        ["artifact", "create"],
+        ["artifact", "list"],
+        ["assign"],
+        ["devices"],
+        ["events"],
+    ],
+)
+def test_help_of_every_group_and_command(runner: CliRunner, group: list[str]) -> None:
+    result = runner.invoke(app, [*group, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: homefleet" in result.stdout
+
+
+def test_root_help_lists_lazy_groups_and_exit_codes(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("agent", "controller", "model", "artifact", "assign", "devices", "events"):
+        assert name in result.stdout
+    assert "4 controller unreachable" in result.stdout
+
+
+@pytest.mark.parametrize("group", ["agent", "controller"])
+def test_process_groups_run_or_say_which_extra_is_missing(runner: CliRunner, group: str) -> None:
+    result = runner.invoke(app, [group, "--help"])
+    if result.exit_code == 3:  # that side's package or its extra is not installed here
+        assert f"pip install 'homefleet[{'edge' if group == 'agent' else 'controller'}]'" in (
+            result.stderr
+        )
+    else:
+        assert result.exit_code == 0, result.output
+        assert f"homefleet {group}" in result.stdout
+
+
+@pytest.mark.parametrize("command", OPERATOR_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_unreachable_controller_exits_4_with_what_to_do(
+    runner: CliRunner, closed_address: str, onnx_file: Path, command: list[str]
+) -> None:
+    args = [a.format(file=onnx_file) for a in command]
+    result = runner.invoke(app, [*args, "--controller", closed_address])
+    assert result.exit_code == 4, result.output
+    assert f"cannot reach the controller at {closed_address}" in result.stderr
+    assert "homefleet controller serve" in result.stderr
+    assert "HOMEFLEET_CONTROLLER" in result.stderr
+    assert result.stdout == ""
+
+
+def test_controller_address_comes_from_the_environment(
+    runner: CliRunner, closed_address: str
+) -> None:
+    result = runner.invoke(app, ["devices", "--json"], env={"HOMEFLEET_CONTROLLER": closed_address})
+    assert result.exit_code == 4
+    assert closed_address in result.stderr
+    assert result.stdout == ""
+
+
+def test_missing_model_file_is_a_usage_error(runner: CliRunner, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.onnx"
+    result = runner.invoke(app, ["model", "add", "m", str(missing)])
+    assert result.exit_code == 2
+    assert "nope.onnx" in result.stderr
+    assert "does not exist" in result.stderr
+
+
+def test_directory_instead_of_model_file_is_a_usage_error(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    result = runner.invoke(app, ["model", "add", "m", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "directory" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["assign", "m/c/v1"],
+        ["assign", "m/c/v1", "--class", "c", "--device", "d"],
+        ["events", "--limit", "0"],
+        ["events", "--limit", "1001"],
+        ["artifact", "create", "m"],
+        ["devices", "--controller", ""],
+        ["devices", "--timeout", "0"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_bad_arguments_exit_2_before_any_call(runner: CliRunner, args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "cannot reach" not in result.stderr

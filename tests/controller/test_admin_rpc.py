@@ -1,0 +1,320 @@
+"""AdminService over real gRPC on loopback: each RPC, and each bad input changing nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+
+from artifact.manifest import Manifest
+from artifact.signing import TrustedKey
+from protos import fleet_pb2 as pb
+from tests.controller.helpers import (
+    Harness,
+    expect_status,
+    onnx_model,
+    run,
+    running_controller,
+    sha256,
+)
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+
+
+def test_add_model_stores_blob_row_and_event(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_controller(tmp_path) as c:
+            data = onnx_model(width=6)
+            model = await c.add_model("motions", data, description="BasicMotions CNN")
+            assert (model.name, model.version, model.sha256) == ("motions", 1, sha256(data))
+            assert model.size_bytes == len(data) and model.description == "BasicMotions CNN"
+            assert [(s.name, s.dtype, list(s.shape)) for s in model.inputs] == [
+                ("x", "float32", [-1, 6])
+            ]
+            assert model.created_unix_ms > 0
+            digest = sha256(data)
+            assert c.blob_files() == [f"sha256/{digest[:2]}/{digest}"]
+            (event,) = await c.events("model.")
+            assert event.kind == "model.added" and event.subject == "motions"
+            assert json.loads(event.detail_json)["version"] == 1
+
+            # the same bytes again: the same version; new bytes: the next one
+            again = await c.add_model("motions", data)
+            assert again.version == 1 and again.created_unix_ms == model.created_unix_ms
+            second = await c.add_model("motions", onnx_model(width=6, seed=1))
+            assert second.version == 2
+            listed = await c.admin.ListModels(pb.ListModelsRequest(), timeout=10)
+            assert [(m.name, m.version) for m in listed.models] == [("motions", 1), ("motions", 2)]
+            assert c.counts()["models"] == 2
+
+    run(body())
+
+
+def test_add_model_bad_input_changes_nothing(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_controller(tmp_path, max_model_bytes=200_000) as c:
+            good = onnx_model()
+            before = c.snapshot()
+            header = pb.AddModelHeader(name="motions", size_bytes=len(good))
+
+            async def refused(call: object, code: grpc.StatusCode, *fragments: str) -> None:
+                await expect_status(call, code, *fragments)  # type: ignore[arg-type]
+                assert c.snapshot() == before
+
+            # data before the header
+            await refused(
+                c.admin.AddModel(iter([pb.AddModelChunk(data=good)]), timeout=10),
+                INVALID,
+                "first AddModel message must carry the header",
+            )
+            # no message at all
+            await refused(c.admin.AddModel(iter([]), timeout=10), INVALID, "header")
+            # a second header
+            await refused(
+                c.admin.AddModel(
+                    iter([pb.AddModelChunk(header=header), pb.AddModelChunk(header=header)]),
+                    timeout=10,
+                ),
+                INVALID,
+                "only the first AddModel message may carry a header",
+            )
+            await refused(c.add_model("Bad Name!", good), INVALID, "name", "lowercase")
+            await refused(c.add_model("m", good, size_bytes=0), INVALID, "size_bytes")
+            await refused(
+                c.add_model("big", onnx_model(weights=60_000)),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "at most 200000 bytes",
+            )
+            await refused(
+                c.add_model("short", good, size_bytes=len(good) + 10),
+                INVALID,
+                f"received {len(good)} bytes but the header announced {len(good) + 10}",
+            )
+            await refused(
+                c.add_model("long", good, size_bytes=len(good) - 10),
+                INVALID,
+                "received more than",
+            )
+            await refused(
+                c.add_model("tampered", good, digest=sha256(b"something else")),
+                INVALID,
+                "sha256",
+                "corrupted in transit",
+            )
+            await refused(c.add_model("m", good, digest="not-a-digest"), INVALID, "sha256")
+            await refused(
+                c.add_model("garbage", b"definitely not onnx" * 100),
+                INVALID,
+                "model is not a valid ONNX file",
+            )
+            await refused(c.add_model("m", good, description="x" * 5000), INVALID, "description")
+            assert await c.events() == []
+
+    run(body())
+
+
+def published_key(c: Harness) -> TrustedKey:
+    info = json.loads(c.config.info_path.read_text())
+    return TrustedKey.from_pem(Path(info["public_key_path"]).read_bytes())
+
+
+def test_create_artifact_signs_a_complete_manifest(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_controller(tmp_path) as c:
+            data = onnx_model()
+            await c.add_model("motions", data)
+            art = await c.artifact("motions", "home-hub")
+            assert (art.id, art.version, art.sha256) == ("motions/home-hub/v1", 1, sha256(data))
+            key = published_key(c)
+            key.verify(art.manifest.manifest_json, art.manifest.signature)
+            assert art.manifest.key_id == key.key_id
+            manifest = Manifest.from_json_bytes(art.manifest.manifest_json)
+            assert manifest.artifact_id == art.id
+            assert (manifest.model_name, manifest.model_version) == ("motions", 1)
+            assert manifest.sha256 == sha256(data) and manifest.size_bytes == len(data)
+            assert [s.kind for s in manifest.recipe] == ["identity"]
+            assert manifest.metrics == {"size_bytes": float(len(data))}
+            assert (manifest.expires_at - manifest.created_at).days == 365
+            assert [s.name for s in manifest.inputs] == ["x"]
+
+            second = await c.artifact("motions", "home-hub", expires_in_days=7)
+            assert second.id == "motions/home-hub/v2"
+            other = await c.artifact("motions", "speaker")
+            assert other.id == "motions/speaker/v1"
+            await c.add_model("motions", onnx_model(seed=3))
+            pinned = await c.artifact("motions", "speaker", model_version=1)
+            assert Manifest.from_json_bytes(pinned.manifest.manifest_json).model_version == 1
+
+            listed = await c.admin.ListArtifacts(
+                pb.ListArtifactsRequest(device_class="home-hub"), timeout=10
+            )
+            assert [a.id for a in listed.artifacts] == [
+                "motions/home-hub/v1",
+                "motions/home-hub/v2",
+            ]
+            everything = await c.admin.ListArtifacts(pb.ListArtifactsRequest(), timeout=10)
+            assert len(everything.artifacts) == 4
+            assert len(await c.events("artifact.created")) == 4
+
+    run(body())
+
+
+def test_create_artifact_bad_input_changes_nothing(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_controller(tmp_path) as c:
+            await c.add_model("motions", onnx_model())
+            before = c.snapshot()
+            await expect_status(c.artifact("ghost"), NOT_FOUND, "model 'ghost'", "not registered")
+            await expect_status(c.artifact("motions", model_version=9), NOT_FOUND, "version 9")
+            await expect_status(c.artifact("motions", "Home Hub"), INVALID, "device_class")
+            await expect_status(c.artifact("motions", ""), INVALID, "device_class")
+            await expect_status(
+                c.artifact("motions", expires_in_days=5000), INVALID, "expires_in_days"
+            )
+            await expect_status(
+                c.admin.ListArtifacts(pb.ListArtifactsRequest(model_name="NO!"), timeout=10),
+                INVALID,
+                "model_name",
+            )
+            assert c.snapshot() == before
+
+    run(body())
+
+
+def test_assign_rules_and_bad_input(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_controller(tmp_path) as c:
+            await c.add_model("motions", onnx_model())
+            hub_art = await c.artifact("motions", "home-hub")
+            await c.artifact("motions", "speaker")
+            await c.register("hub-1")
+            await c.register("hub-2")
+            await c.register("spk-1", "speaker")
+            before = c.snapshot()
+
+            async def assign(**fields: str) -> pb.AssignResponse:
+                response: pb.AssignResponse = await c.admin.Assign(
+                    pb.AssignRequest(**fields), timeout=10
+                )
+                return response
+
+            await expect_status(
+                assign(artifact_id="motions/home-hub/v9", device_class="home-hub"),
+                NOT_FOUND,
+                "motions/home-hub/v9",
+            )
+            await expect_status(
+                assign(artifact_id=hub_art.id), INVALID, "device_class or device_id"
+            )
+            await expect_status(assign(device_class="home-hub"), INVALID, "artifact_id")
+            await expect_status(
+                assign(artifact_id=hub_art.id, device_class="speaker"),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "built for device class 'home-hub'",
+            )
+            await expect_status(
+                assign(artifact_id=hub_art.id, device_id="ghost"), NOT_FOUND, "'ghost'"
+            )
+            await expect_status(
+                assign(artifact_id=hub_art.id, device_id="spk-1"),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "class 'speaker'",
+            )
+            await expect_status(
+                assign(artifact_id=hub_art.id, device_id="Bad Id"), INVALID, "device_id"
+            )
+            assert c.snapshot() == before
+
+            assert (
+                await assign(artifact_id=hub_art.id, device_class="home-hub")
+            ).devices_affected == 2
+            assert (await assign(artifact_id=hub_art.id, device_id="hub-1")).devices_affected == 1
+            assert c.counts()["assignments"] == 2
+            (changed, _) = await c.events("assignment.changed")
+            assert json.loads(changed.detail_json)["devices_affected"] == 2
+
+    run(body())
+
+
+def test_list_devices_and_events(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_controller(tmp_path) as c:
+            data = onnx_model()
+            await c.add_model("motions", data)
+            art = await c.artifact("motions", "home-hub")
+            await c.register("hub-1", hardware=pb.HardwareInfo(arch="aarch64", cpu_cores=2))
+            await c.register("spk-1", "speaker")
+            await c.admin.Assign(
+                pb.AssignRequest(artifact_id=art.id, device_class="home-hub"), timeout=10
+            )
+            await c.agent.ReportStatus(
+                pb.StatusReport(
+                    device_id="hub-1",
+                    model_name="motions",
+                    artifact_sha256=art.sha256,
+                    outcome=pb.DEPLOYMENT_OUTCOME_ACTIVE,
+                    reason="self-test passed",
+                    bytes_received=len(data),
+                    encoding=pb.PAYLOAD_ENCODING_FULL,
+                    serving_sha256=art.sha256,
+                ),
+                timeout=10,
+            )
+            hubs = await c.admin.ListDevices(
+                pb.ListDevicesRequest(device_class="home-hub"), timeout=10
+            )
+            (hub,) = hubs.devices
+            assert (hub.device_id, hub.device_class, hub.hardware.arch) == (
+                "hub-1",
+                "home-hub",
+                "aarch64",
+            )
+            assert hub.status == pb.DEVICE_STATUS_OFFLINE and hub.last_seen_unix_ms > 0
+            (state,) = hub.models
+            assert (state.model_name, state.desired_artifact_id, state.serving_artifact_id) == (
+                "motions",
+                art.id,
+                art.id,
+            )
+            assert (state.desired_sha256, state.serving_sha256) == (art.sha256, art.sha256)
+            assert state.last_outcome == pb.DEPLOYMENT_OUTCOME_ACTIVE
+            assert (state.last_reason, state.bytes_received) == ("self-test passed", len(data))
+            assert state.encoding == pb.PAYLOAD_ENCODING_FULL
+            everyone = await c.admin.ListDevices(pb.ListDevicesRequest(), timeout=10)
+            assert [d.device_id for d in everyone.devices] == ["hub-1", "spk-1"]
+            await expect_status(
+                c.admin.ListDevices(pb.ListDevicesRequest(device_class="Bad Class"), timeout=10),
+                INVALID,
+                "device_class",
+            )
+
+            kinds = [e.kind for e in await c.events()]
+            assert kinds == [
+                "model.added",
+                "artifact.created",
+                "device.registered",
+                "device.registered",
+                "assignment.changed",
+                "device.status",
+            ]
+            status_event = (await c.events("device.status"))[0]
+            assert "self-test passed" in status_event.message
+            page = await c.admin.ListEvents(pb.ListEventsRequest(limit=2), timeout=10)
+            assert [e.kind for e in page.events] == kinds[:2]
+            rest = await c.admin.ListEvents(
+                pb.ListEventsRequest(after_id=page.events[-1].id), timeout=10
+            )
+            assert [e.kind for e in rest.events] == kinds[2:]
+            devices = await c.admin.ListEvents(
+                pb.ListEventsRequest(kind_prefix="device."), timeout=10
+            )
+            assert len(devices.events) == 3
+            await expect_status(
+                c.admin.ListEvents(pb.ListEventsRequest(limit=1001), timeout=10),
+                INVALID,
+                "limit must be in 0..1000",
+            )
+
+    run(body())

@@ -1,0 +1,42 @@
+"""ControllerConfig refuses bad settings up front, naming the field and the accepted range."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.config import ConfigError, ControllerConfig
+
+
+def test_defaults_and_derived_paths(tmp_path: Path) -> None:
+    config = ControllerConfig(data_dir=tmp_path)
+    assert (config.host, config.port) == ("127.0.0.1", 50051)
+    assert config.max_model_bytes == 1 << 30
+    assert config.chunk_bytes == 256 * 1024
+    assert config.heartbeat_seconds == 5
+    assert config.database_url == f"sqlite:///{tmp_path.resolve() / 'homefleet.db'}"
+    assert config.blob_dir == tmp_path.resolve() / "blobs"
+    assert config.info_path == tmp_path.resolve() / "controller.json"
+    assert ControllerConfig(data_dir=tmp_path, db_url="postgresql://db/x").database_url == (
+        "postgresql://db/x"
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("port", -1),
+        ("port", 70000),
+        ("chunk_bytes", 1024),
+        ("chunk_bytes", 2 << 20),
+        ("heartbeat_seconds", 0),
+        ("max_model_bytes", 0),
+        ("max_model_bytes", 3 << 30),
+        ("host", ""),
+        ("db_url", "homefleet.db"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path: Path, field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=field):
+        ControllerConfig(data_dir=tmp_path, **{field: value})  # type: ignore[arg-type]

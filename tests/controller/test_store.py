@@ -1,0 +1,240 @@
+"""The Store contract, run against every backend (today: SQL on a real SQLite file)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from artifact.manifest import TensorSpec
+from controller.db import create_schema, make_engine
+from controller.errors import ErrorCode, FleetError
+from controller.records import (
+    ArtifactRecord,
+    AssignTarget,
+    DeviceRegistration,
+    Encoding,
+    Hardware,
+    HeldArtifact,
+    NewEvent,
+    NewModel,
+    Outcome,
+    StatusUpdate,
+    TargetKind,
+    TelemetryWindow,
+)
+from controller.sql_store import SqlStore
+from controller.store import Store, VersionConflictError
+from tests.controller.helpers import sha256
+
+SPEC = (TensorSpec(name="x", dtype="float32", shape=(-1, 4)),)
+HW = Hardware(arch="x86_64", cpu_cores=4, memory_bytes=1 << 32, onnxruntime_version="1.32.0")
+
+
+def new_model(name: str = "motions", data: bytes = b"v1") -> NewModel:
+    return NewModel(name, sha256(data), len(data), SPEC, SPEC, "a test model")
+
+
+def make_artifact(
+    model: str, device_class: str, version: int, data: bytes = b"v1"
+) -> ArtifactRecord:
+    return ArtifactRecord(
+        id=f"{model}/{device_class}/v{version}",
+        model_name=model,
+        model_version=1,
+        device_class=device_class,
+        version=version,
+        sha256=sha256(data),
+        size_bytes=len(data),
+        manifest_json=b'{"m":1}',
+        signature=b"sig",
+        key_id="k",
+        created_unix_ms=version,
+    )
+
+
+def registration(
+    device_id: str = "hub-1", device_class: str = "home-hub", **kw: object
+) -> DeviceRegistration:
+    return DeviceRegistration(device_id, device_class, HW, **kw)  # type: ignore[arg-type]
+
+
+def window(seq: int) -> TelemetryWindow:
+    return TelemetryWindow(
+        seq, "motions", sha256(b"v1"), 1000, 2000, 10, 0, (1, 2, 3), 0.5, 1.5, "estimate", 1 << 20
+    )
+
+
+class StoreContract:
+    """Behaviour every Store backend must have; subclasses provide ``store``."""
+
+    @pytest.fixture
+    def store(self) -> Iterator[Store]:  # pragma: no cover - overridden
+        raise NotImplementedError
+        yield
+
+    def test_models_get_versions_and_identical_bytes_do_not(self, store: Store) -> None:
+        first, created = store.add_model(new_model())
+        assert (first.version, created) == (1, True)
+        same, created = store.add_model(new_model())
+        assert (same.version, created) == (1, False)
+        second, created = store.add_model(new_model(data=b"v2"))
+        assert (second.version, created) == (2, True)
+        assert store.get_model("motions") == second
+        assert store.get_model("motions", 1) == first
+        assert store.get_model("motions", 3) is None
+        assert [m.version for m in store.list_models()] == [1, 2]
+        assert second.inputs == SPEC
+
+    def test_artifact_versions_are_per_model_and_class(self, store: Store) -> None:
+        store.add_model(new_model())
+        assert store.next_artifact_version("motions", "home-hub") == 1
+        store.insert_artifact(make_artifact("motions", "home-hub", 1))
+        assert store.next_artifact_version("motions", "home-hub") == 2
+        assert store.next_artifact_version("motions", "speaker") == 1
+        with pytest.raises(VersionConflictError):
+            store.insert_artifact(
+                dataclasses.replace(make_artifact("motions", "home-hub", 1), id="other-id")
+            )
+        got = store.get_artifact("motions/home-hub/v1")
+        assert got is not None and got.manifest_json == b'{"m":1}' and got.signature == b"sig"
+        assert store.find_artifact_by_sha256(sha256(b"v1")) == got
+        assert store.find_artifact_by_sha256(sha256(b"nothing")) is None
+        assert store.list_artifacts(device_class="speaker") == []
+
+    def test_register_then_reregister_or_conflict(self, store: Store) -> None:
+        first = store.register_device(registration())
+        assert not first.re_registered
+        again = store.register_device(registration(agent_version="0.2"))
+        assert again.re_registered and again.device.agent_version == "0.2"
+
+        bigger = dataclasses.replace(
+            registration(), hardware=dataclasses.replace(HW, memory_bytes=1)
+        )
+        with pytest.raises(FleetError) as caught:
+            store.register_device(bigger)
+        assert caught.value.code is ErrorCode.ALREADY_EXISTS
+        assert "memory_bytes" in caught.value.message
+        with pytest.raises(FleetError, match="device_class"):
+            store.register_device(registration(device_class="speaker"))
+        device = store.get_device("hub-1")
+        assert device is not None and device.hardware == HW and device.device_class == "home-hub"
+        assert len(store.list_events(0, 100, "device.registered")) == 2
+
+    def test_held_artifacts_become_serving(self, store: Store) -> None:
+        held = (
+            HeldArtifact("motions", sha256(b"v1"), True),
+            HeldArtifact("motions", sha256(b"v0"), False),
+        )
+        store.register_device(registration(held=held))
+        (view,) = store.list_devices()
+        assert [(m.model_name, m.serving_sha256) for m in view.models] == [
+            ("motions", sha256(b"v1"))
+        ]
+        store.register_device(registration())
+        (view,) = store.list_devices()
+        assert view.models[0].serving_sha256 == ""
+
+    def test_device_assignment_wins_over_class_and_revision_grows(self, store: Store) -> None:
+        store.add_model(new_model())
+        store.add_model(new_model(data=b"v2"))
+        v1 = store.insert_artifact(make_artifact("motions", "home-hub", 1))
+        v2 = store.insert_artifact(
+            dataclasses.replace(make_artifact("motions", "home-hub", 2, b"v2"), model_version=2)
+        )
+        store.register_device(registration("hub-1"))
+        store.register_device(registration("hub-2"))
+        assert store.desired_set("hub-1").assignments == ()
+        assert store.desired_set("hub-1").revision == 0
+
+        result = store.assign(v1, AssignTarget(TargetKind.CLASS, "home-hub"))
+        assert result.changed and result.devices_affected == 2
+        rev1 = store.desired_set("hub-1").revision
+        assert [a.artifact_id for a in store.desired_set("hub-1").assignments] == [v1.id]
+
+        unchanged = store.assign(v1, AssignTarget(TargetKind.CLASS, "home-hub"))
+        assert not unchanged.changed and unchanged.devices_affected == 0
+
+        store.assign(v2, AssignTarget(TargetKind.DEVICE, "hub-2"))
+        assert [a.artifact_id for a in store.desired_set("hub-2").assignments] == [v2.id]
+        assert store.desired_set("hub-2").revision > rev1
+        assert store.desired_set("hub-1").revision == rev1
+        # hub-2 follows its own assignment now, so a class change reaches one device
+        again = store.assign(v2, AssignTarget(TargetKind.CLASS, "home-hub"))
+        assert again.devices_affected == 1
+
+    def test_status_reports_show_in_device_views(self, store: Store) -> None:
+        store.add_model(new_model())
+        art = store.insert_artifact(make_artifact("motions", "home-hub", 1))
+        store.register_device(registration())
+        store.assign(art, AssignTarget(TargetKind.CLASS, "home-hub"))
+        store.report_status(
+            StatusUpdate(
+                "hub-1",
+                "motions",
+                art.sha256,
+                Outcome.ACTIVE,
+                "switched",
+                2,
+                Encoding.FULL,
+                art.sha256,
+            )
+        )
+        (view,) = store.list_devices("home-hub")
+        (state,) = view.models
+        assert (state.desired_artifact_id, state.serving_artifact_id) == (art.id, art.id)
+        assert (state.last_outcome, state.last_reason, state.bytes_received, state.encoding) == (
+            Outcome.ACTIVE,
+            "switched",
+            2,
+            Encoding.FULL,
+        )
+        assert not view.online
+        store.touch_watch("hub-1", lease_until_ms=2**62)
+        assert store.list_devices()[0].online
+        store.release_watch("hub-1")
+        assert not store.list_devices()[0].online
+        assert store.list_devices("speaker") == []
+        with pytest.raises(FleetError, match="not registered"):
+            store.report_status(
+                StatusUpdate("ghost", "motions", art.sha256, Outcome.FAILED, "x", 0, None, "")
+            )
+
+    def test_telemetry_is_stored_once_per_seq(self, store: Store) -> None:
+        store.register_device(registration())
+        assert store.store_telemetry("hub-1", [window(1), window(2)]) == 2
+        assert store.store_telemetry("hub-1", [window(2), window(3)]) == 3
+        assert store.store_telemetry("hub-1", []) == 3
+
+    def test_events_page_and_filter_by_literal_prefix(self, store: Store) -> None:
+        for kind in ("a.one", "a.two", "b.one", "a%x", "a_y"):
+            store.add_event(NewEvent(kind, "s", f"{kind} happened", {"k": kind}))
+        assert [e.kind for e in store.list_events(0, 100, "a.")] == ["a.one", "a.two"]
+        assert [e.kind for e in store.list_events(0, 100, "a%")] == ["a%x"]
+        assert [e.kind for e in store.list_events(0, 100, "a_")] == ["a_y"]
+        page = store.list_events(0, 2)
+        assert [e.kind for e in page] == ["a.one", "a.two"]
+        assert store.list_events(page[-1].id, 100)[0].kind == "b.one"
+        assert page[0].detail == {"k": "a.one"}
+
+
+class TestSqliteStore(StoreContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[Store]:
+        engine = make_engine(f"sqlite:///{tmp_path / 'homefleet.db'}")
+        create_schema(engine)
+        yield SqlStore(engine)
+        engine.dispose()
+
+    def test_sqlite_runs_in_wal_mode_with_foreign_keys(self, tmp_path: Path) -> None:
+        engine = make_engine(f"sqlite:///{tmp_path / 'wal.db'}")
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+                assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+                assert int(conn.execute(text("PRAGMA busy_timeout")).scalar() or 0) > 0
+        finally:
+            engine.dispose()
