@@ -1,0 +1,99 @@
+"""`homefleet agent ...`: the device-side commands. Needs only the `edge` extra.
+
+Exit codes: 0 stopped cleanly (SIGTERM/SIGINT), 1 could not start (state directory in
+use, cannot listen, bad trust key), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edge_agent.errors import AgentError, ErrorCode
+
+app = typer.Typer(
+    help="The HomeFleet edge agent: keeps this device's models in sync and serves them locally.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@app.callback()
+def agent() -> None:
+    """The HomeFleet edge agent."""
+
+
+@app.command()
+def run(
+    device_id: Annotated[str, typer.Option("--device-id", help="This device's id (a name).")],
+    device_class: Annotated[
+        str, typer.Option("--device-class", help="The device class it belongs to, e.g. home-hub.")
+    ],
+    state_dir: Annotated[
+        Path, typer.Option("--state-dir", help="Where artifacts, slots.json and agent.json live.")
+    ],
+    controller: Annotated[
+        str,
+        typer.Option("--controller", envvar="HOMEFLEET_CONTROLLER", help="Controller HOST:PORT."),
+    ] = "127.0.0.1:50051",
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen", help="Local inference API: HOST:PORT (port 0 = any) or unix:/path."
+        ),
+    ] = "127.0.0.1:0",
+    trust_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--trust-key", help="Pinned ed25519 public key (PEM): refuse unsigned manifests."
+        ),
+    ] = None,
+    threads: Annotated[
+        int, typer.Option("--threads", help="onnxruntime intra-op threads per model.")
+    ] = 1,
+    log_level: Annotated[
+        str, typer.Option("--log-level", help=f"One of {', '.join(LOG_LEVELS)}.")
+    ] = "INFO",
+) -> None:
+    """Register with the controller, deploy the assigned models, and serve them locally."""
+    level = log_level.upper()
+    if level not in LOG_LEVELS:
+        typer.echo(
+            f"error: --log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}",
+            err=True,
+        )
+        raise typer.Exit(2)
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("grpc", "asyncio"):  # their DEBUG output drowns the agent's own
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLevelName(level)))
+    # imported here so `--help` stays fast and light
+    from edge_agent.agent import serve
+    from edge_agent.config import AgentConfig, ListenAddress
+
+    try:
+        config = AgentConfig(
+            controller=controller,
+            device_id=device_id,
+            device_class=device_class,
+            state_dir=state_dir,
+            listen=ListenAddress(listen),
+            trust_key=trust_key,
+            threads=threads,
+        )
+    except AgentError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        asyncio.run(serve(config))
+    except AgentError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2 if exc.code is ErrorCode.INVALID_CONFIG else 1) from None

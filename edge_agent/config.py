@@ -1,0 +1,118 @@
+"""The agent's settings: one frozen dataclass, checked when it is built.
+
+Every refusal names the setting and what it accepts, so a wrong flag is fixed at once
+instead of surfacing later as a confusing runtime failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from artifact.names import InvalidNameError, check_name
+from edge_agent.errors import AgentError, ErrorCode
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MIN_CHUNK_BYTES = 64 * 1024
+MAX_CHUNK_BYTES = 1024 * 1024
+DEFAULT_CHUNK_BYTES = 256 * 1024
+UNIX_PREFIX = "unix:"
+# Unix socket paths longer than this do not fit in sockaddr_un on Linux.
+MAX_UNIX_PATH = 107
+
+
+def _invalid(field: str, message: str) -> AgentError:
+    return AgentError(ErrorCode.INVALID_CONFIG, f"{field}: {message}")
+
+
+def check_host_port(value: str, *, field: str, allow_port_zero: bool) -> str:
+    """Accept ``HOST:PORT`` (IPv6 hosts in brackets); the error says what is accepted."""
+    host, sep, port_text = value.rpartition(":")
+    lowest = 0 if allow_port_zero else 1
+    if not sep or not host or not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
+        raise _invalid(field, f"expected HOST:PORT with a port in {lowest}..65535, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where the local inference API listens: a TCP ``HOST:PORT`` or ``unix:/path``."""
+
+    text: str
+
+    def __post_init__(self) -> None:
+        if self.is_unix:
+            path = self.text[len(UNIX_PREFIX) :]
+            if not path.startswith("/") or len(path) > MAX_UNIX_PATH:
+                raise _invalid(
+                    "--listen",
+                    f"a unix socket needs an absolute path of at most {MAX_UNIX_PATH} "
+                    f"characters (unix:/path/agent.sock), got {self.text!r}",
+                )
+        else:
+            check_host_port(self.text, field="--listen", allow_port_zero=True)
+
+    @property
+    def is_unix(self) -> bool:
+        return self.text.startswith(UNIX_PREFIX)
+
+    @property
+    def unix_path(self) -> Path:
+        return Path(self.text[len(UNIX_PREFIX) :])
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    controller: str
+    device_id: str
+    device_class: str
+    state_dir: Path
+    listen: ListenAddress = ListenAddress("127.0.0.1:0")
+    trust_key: Path | None = None
+    threads: int = 1
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    rpc_timeout_s: float = 10.0
+    fetch_timeout_s: float = 300.0
+    fetch_attempts: int = 5
+    watch_renew_s: float = 3600.0
+    max_concurrent_predicts: int = 8
+
+    def __post_init__(self) -> None:
+        check_host_port(self.controller, field="--controller", allow_port_zero=False)
+        for field, value in (
+            ("--device-id", self.device_id),
+            ("--device-class", self.device_class),
+        ):
+            try:
+                check_name(value, field=field)
+            except InvalidNameError as exc:
+                raise AgentError(ErrorCode.INVALID_CONFIG, str(exc)) from exc
+        if self.state_dir.exists() and not self.state_dir.is_dir():
+            raise _invalid("--state-dir", f"{self.state_dir} exists and is not a directory")
+        if self.trust_key is not None and not self.trust_key.is_file():
+            raise _invalid("--trust-key", f"{self.trust_key} is not a readable PEM file")
+        if not 1 <= self.threads <= 256:
+            raise _invalid("--threads", f"expected 1..256, got {self.threads}")
+        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise _invalid(
+                "chunk_bytes",
+                f"expected {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}, got {self.chunk_bytes}",
+            )
+        if not 0 < self.backoff_initial_s <= self.backoff_max_s:
+            raise _invalid("backoff", "expected 0 < backoff_initial_s <= backoff_max_s")
+        for field, seconds in (
+            ("rpc_timeout_s", self.rpc_timeout_s),
+            ("fetch_timeout_s", self.fetch_timeout_s),
+            ("watch_renew_s", self.watch_renew_s),
+        ):
+            if not seconds > 0:
+                raise _invalid(field, f"expected a positive number of seconds, got {seconds}")
+        if self.fetch_attempts < 1:
+            raise _invalid("fetch_attempts", f"expected at least 1, got {self.fetch_attempts}")
+        if self.max_concurrent_predicts < 1:
+            raise _invalid(
+                "max_concurrent_predicts",
+                f"expected at least 1, got {self.max_concurrent_predicts}",
+            )

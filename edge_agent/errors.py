@@ -1,0 +1,89 @@
+"""The agent's one error type, its codes, and how each code maps to a gRPC status.
+
+Deployment failures carry their reason to the controller (StatusReport.reason); local
+API failures carry it to the home application (the status details). Either way the
+message says what was wrong and what is accepted.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Awaitable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import grpc.aio
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ErrorCode(enum.Enum):
+    # local inference API
+    INVALID_INPUT = "invalid_input"
+    MODEL_NOT_FOUND = "model_not_found"
+    UNSUPPORTED = "unsupported"
+    # configuration and local state
+    INVALID_CONFIG = "invalid_config"
+    STATE_CORRUPT = "state_corrupt"
+    STATE_LOCKED = "state_locked"
+    # deployment of an assigned artifact
+    INVALID_ASSIGNMENT = "invalid_assignment"
+    UNTRUSTED_MANIFEST = "untrusted_manifest"
+    MANIFEST_MISMATCH = "manifest_mismatch"
+    FETCH_FAILED = "fetch_failed"
+    HASH_MISMATCH = "hash_mismatch"
+    LOAD_FAILED = "load_failed"
+    SELF_TEST_FAILED = "self_test_failed"
+
+
+STATUS_OF: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.MODEL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.UNSUPPORTED: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.INVALID_CONFIG: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.STATE_CORRUPT: grpc.StatusCode.DATA_LOSS,
+    ErrorCode.STATE_LOCKED: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.INVALID_ASSIGNMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.UNTRUSTED_MANIFEST: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorCode.MANIFEST_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.FETCH_FAILED: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.HASH_MISMATCH: grpc.StatusCode.DATA_LOSS,
+    ErrorCode.LOAD_FAILED: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.SELF_TEST_FAILED: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+class AgentError(Exception):
+    """An expected failure: its message is safe to show and says what to change."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def status(self) -> grpc.StatusCode:
+        return STATUS_OF[self.code]
+
+
+async def guarded(context: grpc.aio.ServicerContext[Any, Any], rpc: str, call: Awaitable[T]) -> T:
+    """Run one RPC handler; expected errors become their status, anything else INTERNAL."""
+    try:
+        return await call
+    except AgentError as exc:
+        log.info("%s refused: %s (%s)", rpc, exc.message, exc.status.name)
+        await _abort(context, exc.status, exc.message)
+    except Exception:
+        log.exception("%s failed unexpectedly", rpc)
+        await _abort(
+            context, grpc.StatusCode.INTERNAL, f"{rpc} failed inside the agent; see its log"
+        )
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str
+) -> NoReturn:
+    await context.abort(code, message)

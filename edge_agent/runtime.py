@@ -1,0 +1,215 @@
+"""Models in onnxruntime: load into a spare slot, self-test, switch atomically, switch back.
+
+A model is only served after it loaded and answered one synthetic inference with
+finite outputs; until then the previous model keeps serving. The slot it replaced stays
+loaded, so switching back costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
+
+from artifact.manifest import TensorSpec
+from edge_agent.convert import SUPPORTED_DTYPES, Array, spec_from_ort
+from edge_agent.errors import AgentError, ErrorCode
+from edge_agent.store import ModelSlots, SlotRecord, SlotsFile
+
+log = logging.getLogger(__name__)
+
+_MAX_ERROR_TEXT = 600
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= _MAX_ERROR_TEXT else text[: _MAX_ERROR_TEXT - 3] + "..."
+
+
+@dataclass(frozen=True, eq=False)
+class ModelSlot:
+    """One loaded artifact of one model: the session plus the specs Predict checks against."""
+
+    model_name: str
+    record: SlotRecord
+    session: Any  # onnxruntime.InferenceSession (untyped)
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def sha256(self) -> str:
+        return self.record.sha256
+
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        """One inference; onnxruntime's own refusals become INVALID_INPUT errors."""
+        try:
+            results = self.session.run(None, dict(feeds))
+        except OrtInvalidArgument as exc:
+            raise AgentError(
+                ErrorCode.INVALID_INPUT,
+                f"model {self.model_name!r} refused the inputs: {_short(exc)}",
+            ) from exc
+        return {
+            spec.name: np.asarray(value) for spec, value in zip(self.outputs, results, strict=True)
+        }
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3  # errors only: warnings about unused initialisers are noise here
+    return opts
+
+
+def load_slot(model_name: str, path: Path, record: SlotRecord, threads: int) -> ModelSlot:
+    """Load ``path`` into a new session; a file onnxruntime refuses raises LOAD_FAILED."""
+    try:
+        session = ort.InferenceSession(
+            str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
+        raise AgentError(
+            ErrorCode.LOAD_FAILED,
+            f"onnxruntime could not load artifact {record.sha256}: {_short(exc)}",
+        ) from exc
+    inputs = tuple(spec_from_ort(a.name, a.type, a.shape) for a in session.get_inputs())
+    outputs = tuple(spec_from_ort(a.name, a.type, a.shape) for a in session.get_outputs())
+    return ModelSlot(model_name, record, session, inputs, outputs)
+
+
+def synthetic_inputs(specs: tuple[TensorSpec, ...]) -> dict[str, Array]:
+    """Ones of each input's dtype and shape, dynamic dims set to 1.
+
+    Ones rather than zeros: they are valid for log, sqrt and division, and as token ids.
+    """
+    feeds: dict[str, Array] = {}
+    for spec in specs:
+        if spec.dtype not in SUPPORTED_DTYPES:
+            raise AgentError(
+                ErrorCode.SELF_TEST_FAILED,
+                f"self-test cannot build input {spec.name!r} of type {spec.dtype}",
+            )
+        shape = tuple(1 if d < 0 else d for d in spec.shape)
+        feeds[spec.name] = np.ones(shape, dtype=np.dtype(spec.dtype))
+    return feeds
+
+
+def self_test(slot: ModelSlot) -> None:
+    """One inference on synthetic inputs: every output must exist and floats be finite."""
+    feeds = synthetic_inputs(slot.inputs)
+    try:
+        results = slot.session.run(None, feeds)
+    except Exception as exc:
+        raise AgentError(
+            ErrorCode.SELF_TEST_FAILED, f"self-test inference failed: {_short(exc)}"
+        ) from exc
+    if not slot.outputs or len(results) != len(slot.outputs):
+        raise AgentError(
+            ErrorCode.SELF_TEST_FAILED,
+            f"self-test expected {len(slot.outputs)} outputs, got {len(results)}",
+        )
+    for spec, value in zip(slot.outputs, results, strict=True):
+        if value is None:
+            raise AgentError(
+                ErrorCode.SELF_TEST_FAILED, f"self-test output {spec.name!r} is missing"
+            )
+        array = np.asarray(value)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise AgentError(
+                ErrorCode.SELF_TEST_FAILED,
+                f"self-test output {spec.name!r} has non-finite values (NaN or inf)",
+            )
+
+
+class ModelRuntime:
+    """The served slot and the previous slot of every model; switches happen under a lock.
+
+    Predict takes a slot reference once, so a switch never disturbs a call in flight.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._lock = threading.Lock()
+        self._active: dict[str, ModelSlot] = {}
+        self._previous: dict[str, ModelSlot] = {}
+
+    def prepare(self, model_name: str, path: Path, record: SlotRecord) -> ModelSlot:
+        """Load and self-test in a spare slot; blocking, so call it from a worker thread."""
+        slot = load_slot(model_name, path, record, self.threads)
+        self_test(slot)
+        return slot
+
+    def activate(self, slot: ModelSlot) -> ModelSlot | None:
+        """Serve ``slot``; the slot it replaces becomes the previous one. Returns that slot."""
+        with self._lock:
+            old = self._active.get(slot.model_name)
+            self._active[slot.model_name] = slot
+            if old is not None and old.sha256 != slot.sha256:
+                self._previous[slot.model_name] = old
+            return old
+
+    def switch_back(self, model_name: str) -> ModelSlot:
+        """Serve the previous slot again (the current one becomes the previous)."""
+        with self._lock:
+            previous = self._previous.get(model_name)
+            if previous is None:
+                raise AgentError(
+                    ErrorCode.MODEL_NOT_FOUND,
+                    f"model {model_name!r} has no previous slot to switch back to",
+                )
+            current = self._active.get(model_name)
+            self._active[model_name] = previous
+            if current is not None:
+                self._previous[model_name] = current
+            else:
+                del self._previous[model_name]
+            return previous
+
+    def restore(self, active: ModelSlot, previous: ModelSlot | None) -> None:
+        """Put slots back as they were before a restart (no switch, nothing reported)."""
+        with self._lock:
+            self._active[active.model_name] = active
+            if previous is not None:
+                self._previous[active.model_name] = previous
+
+    def get(self, model_name: str) -> ModelSlot:
+        slot = self._active.get(model_name)
+        if slot is None:
+            served = ", ".join(sorted(self._active)) or "none yet"
+            raise AgentError(
+                ErrorCode.MODEL_NOT_FOUND,
+                f"model {model_name!r} is not served by this agent; served models: {served}",
+            )
+        return slot
+
+    def active(self, model_name: str) -> ModelSlot | None:
+        return self._active.get(model_name)
+
+    def previous(self, model_name: str) -> ModelSlot | None:
+        return self._previous.get(model_name)
+
+    def model_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._active)
+
+    def snapshot(self) -> SlotsFile:
+        """The slot table as it must be persisted now."""
+        with self._lock:
+            return SlotsFile(
+                models={
+                    name: ModelSlots(
+                        active=slot.record,
+                        previous=p.record if (p := self._previous.get(name)) else None,
+                    )
+                    for name, slot in sorted(self._active.items())
+                }
+            )

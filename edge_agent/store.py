@@ -1,0 +1,240 @@
+"""The agent's state on disk: verified artifacts, resumable downloads, and the slot table.
+
+Layout under the state directory:
+    artifacts/<sha256>.onnx   artifacts whose bytes matched their digest
+    partial/<sha256>.part     downloads in progress; they survive restarts and resume
+    slots.json                per model: the active artifact (with its signed manifest)
+                              and the previous one; replaced atomically
+    agent.json                where the local API listens (written once it listens)
+    agent.lock                held while an agent runs, so two never share a directory
+
+Only digests that passed check_sha256 ever become file names.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from artifact.digest import check_sha256, sha256_file
+from artifact.files import atomic_write_bytes, fsync_dir
+from artifact.names import check_name
+from edge_agent.errors import AgentError, ErrorCode
+from protos import fleet_pb2
+
+log = logging.getLogger(__name__)
+
+SLOTS_SCHEMA_VERSION = 1
+
+
+class SlotRecord(BaseModel):
+    """One artifact held for a model: its digest and the signed manifest it came with."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sha256: str
+    manifest_json: str = ""
+    signature_b64: str = ""
+    key_id: str = ""
+    activated_unix_ms: int = 0
+
+    @field_validator("sha256")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        return check_sha256(value)
+
+    @classmethod
+    def from_signed(cls, sha256: str, signed: fleet_pb2.SignedManifest) -> SlotRecord:
+        return cls(
+            sha256=sha256,
+            manifest_json=signed.manifest_json.decode("utf-8", errors="replace"),
+            signature_b64=base64.b64encode(signed.signature).decode("ascii"),
+            key_id=signed.key_id,
+        )
+
+    def to_signed(self) -> fleet_pb2.SignedManifest:
+        return fleet_pb2.SignedManifest(
+            manifest_json=self.manifest_json.encode("utf-8"),
+            signature=base64.b64decode(self.signature_b64),
+            key_id=self.key_id,
+        )
+
+    def activated_now(self) -> SlotRecord:
+        return self.model_copy(update={"activated_unix_ms": int(time.time() * 1000)})
+
+
+class ModelSlots(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    active: SlotRecord | None = None
+    previous: SlotRecord | None = None
+
+
+class SlotsFile(BaseModel):
+    """The whole slot table, as persisted in slots.json."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int = SLOTS_SCHEMA_VERSION
+    models: dict[str, ModelSlots] = Field(default_factory=dict)
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, value: dict[str, ModelSlots]) -> dict[str, ModelSlots]:
+        for name in value:
+            check_name(name, field="model name")
+        return value
+
+    def referenced(self) -> set[str]:
+        """Every digest a slot points at: the artifacts that must stay on disk."""
+        out: set[str] = set()
+        for slots in self.models.values():
+            out.update(r.sha256 for r in (slots.active, slots.previous) if r is not None)
+        return out
+
+
+class StateStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.artifacts_dir = root / "artifacts"
+        self.partial_dir = root / "partial"
+        self.slots_path = root / "slots.json"
+        self.agent_info_path = root / "agent.json"
+        self.lock_path = root / "agent.lock"
+        for directory in (self.root, self.artifacts_dir, self.partial_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    # -- exclusive use ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold agent.lock for the life of the agent; a second agent is refused at once."""
+        handle: IO[bytes] = self.lock_path.open("a+b")
+        try:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise AgentError(
+                    ErrorCode.STATE_LOCKED,
+                    f"another agent is running with state directory {self.root}; "
+                    "stop it or give this one its own --state-dir",
+                ) from None
+            yield
+        finally:
+            handle.close()
+
+    # -- artifacts --------------------------------------------------------------------
+
+    def artifact_path(self, sha256: str) -> Path:
+        return self.artifacts_dir / f"{check_sha256(sha256)}.onnx"
+
+    def partial_path(self, sha256: str) -> Path:
+        return self.partial_dir / f"{check_sha256(sha256)}.part"
+
+    def has_artifact(self, sha256: str) -> bool:
+        return self.artifact_path(sha256).is_file()
+
+    def verify_artifact(self, sha256: str) -> bool:
+        """True when the artifact file exists and its bytes still hash to ``sha256``."""
+        path = self.artifact_path(sha256)
+        if not path.is_file():
+            return False
+        actual = sha256_file(path)
+        if actual != sha256:
+            log.error("artifact %s is corrupt on disk (its bytes hash to %s)", sha256, actual)
+            return False
+        return True
+
+    def partial_size(self, sha256: str) -> int:
+        try:
+            return self.partial_path(sha256).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def discard_partial(self, sha256: str) -> None:
+        self.partial_path(sha256).unlink(missing_ok=True)
+
+    def promote_partial(self, sha256: str) -> Path:
+        """Move a finished download into artifacts/ only if its bytes hash to ``sha256``.
+
+        A mismatch deletes the part file (resuming it would only repeat the mismatch).
+        """
+        part = self.partial_path(sha256)
+        actual = sha256_file(part)
+        if actual != sha256:
+            part.unlink(missing_ok=True)
+            raise AgentError(
+                ErrorCode.HASH_MISMATCH, f"sha256 mismatch: expected {sha256} got {actual}"
+            )
+        target = self.artifact_path(sha256)
+        os.replace(part, target)
+        fsync_dir(self.artifacts_dir)
+        fsync_dir(self.partial_dir)
+        return target
+
+    def discard_partials_except(self, keep: set[str]) -> list[str]:
+        """Delete part files of downloads nobody wants any more; return their digests."""
+        removed: list[str] = []
+        for path in self.partial_dir.glob("*.part"):
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)
+                removed.append(path.stem)
+        return removed
+
+    def collect_garbage(self, keep: set[str]) -> list[str]:
+        """Delete artifacts no slot references; return their digests."""
+        removed: list[str] = []
+        for path in self.artifacts_dir.glob("*.onnx"):
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)
+                removed.append(path.stem)
+        return removed
+
+    # -- slot table -------------------------------------------------------------------
+
+    def load_slots(self) -> SlotsFile:
+        if not self.slots_path.exists():
+            return SlotsFile()
+        raw = self.slots_path.read_bytes()
+        try:
+            slots = SlotsFile.model_validate_json(raw)
+        except ValidationError as exc:
+            raise AgentError(
+                ErrorCode.STATE_CORRUPT, f"{self.slots_path} is not valid: {exc}"
+            ) from exc
+        if slots.schema_version != SLOTS_SCHEMA_VERSION:
+            raise AgentError(
+                ErrorCode.STATE_CORRUPT,
+                f"{self.slots_path} has schema_version {slots.schema_version}; "
+                f"this agent reads {SLOTS_SCHEMA_VERSION}",
+            )
+        return slots
+
+    def quarantine_slots(self) -> Path:
+        """Move an unreadable slots.json aside (kept for a person to look at)."""
+        aside = self.slots_path.with_name(f"slots.json.corrupt-{int(time.time())}")
+        os.replace(self.slots_path, aside)
+        return aside
+
+    def save_slots(self, slots: SlotsFile) -> None:
+        data = json.dumps(slots.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+        atomic_write_bytes(self.slots_path, data + b"\n")
+
+    # -- agent.json -------------------------------------------------------------------
+
+    def write_agent_info(self, local_api: str, device_id: str) -> None:
+        info = {"local_api": local_api, "pid": os.getpid(), "device_id": device_id}
+        atomic_write_bytes(self.agent_info_path, json.dumps(info, sort_keys=True).encode() + b"\n")
+
+    def remove_agent_info(self) -> None:
+        self.agent_info_path.unlink(missing_ok=True)

@@ -1,0 +1,434 @@
+"""The controller loop: register, watch the desired artifacts, and converge on them.
+
+Per assignment whose digest differs from what is served: check the manifest (signature
+when a key is pinned, digest, device class, model, expiry), fetch, load into a spare
+slot, self-test, switch, persist, report. Any failure is reported FAILED with its reason
+and the old model keeps serving. When the controller is away the loop reconnects with
+exponential backoff and full jitter, and the local API keeps serving meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from artifact.digest import InvalidDigestError, check_sha256
+from artifact.manifest import InvalidManifestError, Manifest
+from artifact.names import InvalidNameError, check_name
+from artifact.signing import SignatureError, TrustedKey
+from edge_agent import __version__
+from edge_agent.backoff import Backoff
+from edge_agent.config import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, MIN_CHUNK_BYTES, AgentConfig
+from edge_agent.errors import AgentError, ErrorCode
+from edge_agent.fetch import CONNECTION_LOST, FetchPlan, fetch_artifact
+from edge_agent.hardware import HardwareFacts
+from edge_agent.runtime import ModelRuntime
+from edge_agent.store import SlotRecord, StateStore
+from protos import fleet_pb2, fleet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+FULL = fleet_pb2.PAYLOAD_ENCODING_FULL
+MAX_REASON = 2000  # a reason is for people; the controller bounds it too
+Outcome = int  # fleet_pb2.DeploymentOutcome
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class WatchEnded(Exception):
+    """The controller closed the assignment stream (it is probably shutting down)."""
+
+
+class _Latest:
+    """The newest AssignmentSet: a newer one supersedes one not yet applied."""
+
+    def __init__(self) -> None:
+        self._value: fleet_pb2.AssignmentSet | None = None
+        self._ready = asyncio.Event()
+
+    def publish(self, value: fleet_pb2.AssignmentSet) -> None:
+        self._value = value
+        self._ready.set()
+
+    async def take(self) -> fleet_pb2.AssignmentSet:
+        while self._value is None:
+            self._ready.clear()
+            await self._ready.wait()
+        value, self._value = self._value, None
+        return value
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups: what actually went wrong."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the log: the first leaf of a group, gRPC errors as CODE: details."""
+    exc = first_leaf(exc)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class SyncLoop:
+    def __init__(
+        self,
+        config: AgentConfig,
+        store: StateStore,
+        runtime: ModelRuntime,
+        hardware: HardwareFacts,
+        trusted: TrustedKey | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.runtime = runtime
+        self.hardware = hardware
+        self.trusted = trusted
+        self._rng = rng or random.Random()
+        self._chunk_bytes = config.chunk_bytes
+        self._heartbeat_s = 0
+        self._revision: int | None = None
+        self._pending: dict[str, fleet_pb2.StatusReport] = {}
+        self._failed: dict[tuple[str, str], str] = {}
+        self.connected = asyncio.Event()
+
+    # -- connection -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stay connected until cancelled; every lost session is retried after a backoff."""
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s, rng=self._rng)
+        while True:
+            try:
+                await self._session(backoff)
+                reason = "session ended"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reason = describe_error(exc)
+                if not isinstance(first_leaf(exc), grpc.aio.AioRpcError | WatchEnded):
+                    log.error("sync session failed unexpectedly", exc_info=exc)
+            finally:
+                self.connected.clear()
+            delay = backoff.next_delay()
+            log.warning(
+                "controller %s unreachable or stream broken (%s); reconnect attempt %d in %.2f s",
+                self.config.controller,
+                reason,
+                backoff.attempt,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    async def _session(self, backoff: Backoff) -> None:
+        async with grpc.aio.insecure_channel(
+            self.config.controller, options=channel_options()
+        ) as channel:
+            stub: Any = fleet_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
+            register = self.register_request()
+            response: fleet_pb2.RegisterResponse = await stub.Register(
+                register, timeout=self.config.rpc_timeout_s
+            )
+            self._chunk_bytes = self._pick_chunk_bytes(response.max_chunk_bytes)
+            self._heartbeat_s = response.heartbeat_seconds
+            log.info(
+                "registered with controller %s as %s (class %s, holding %d artifacts)",
+                self.config.controller,
+                self.config.device_id,
+                self.config.device_class,
+                len(register.held),
+            )
+            self._failed.clear()  # a new session may succeed where the last one failed
+            await self._flush_reports(stub)
+            self.connected.set()
+            desired = _Latest()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._watch(stub, desired, backoff))
+                tasks.create_task(self._apply_forever(stub, desired))
+
+    def _pick_chunk_bytes(self, controller_max: int) -> int:
+        chunk = self.config.chunk_bytes
+        if controller_max:
+            chunk = min(chunk, controller_max)
+        return max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, chunk))
+
+    def register_request(self) -> fleet_pb2.RegisterRequest:
+        held: list[fleet_pb2.HeldArtifact] = []
+        for name in self.runtime.model_names():
+            for slot, active in (
+                (self.runtime.active(name), True),
+                (self.runtime.previous(name), False),
+            ):
+                if slot is not None:
+                    held.append(
+                        fleet_pb2.HeldArtifact(model_name=name, sha256=slot.sha256, active=active)
+                    )
+        return fleet_pb2.RegisterRequest(
+            device_id=self.config.device_id,
+            device_class=self.config.device_class,
+            hardware=self.hardware.to_proto(),
+            held=held,
+            agent_version=__version__,
+        )
+
+    async def _watch(self, stub: Any, desired: _Latest, backoff: Backoff) -> None:
+        """Feed every AssignmentSet to ``desired``; a silent stream counts as a lost one.
+
+        The controller re-sends the set every heartbeat, so nothing for three heartbeats
+        means the link is dead even if TCP has not noticed (a partition, a stuck proxy).
+        """
+        request = fleet_pb2.WatchAssignmentsRequest(device_id=self.config.device_id)
+        idle = 3.0 * self._heartbeat_s + self.config.rpc_timeout_s if self._heartbeat_s else None
+        while True:
+            call = stub.WatchAssignments(request, timeout=self.config.watch_renew_s)
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout(idle):
+                            message = await call.read()
+                    except TimeoutError:
+                        call.cancel()
+                        raise WatchEnded(
+                            f"no assignment message for {idle:.0f} s although the controller "
+                            f"promised one every {self._heartbeat_s} s"
+                        ) from None
+                    if not isinstance(message, fleet_pb2.AssignmentSet):  # grpc.aio.EOF
+                        raise WatchEnded("controller closed the assignment stream")
+                    backoff.reset()
+                    desired.publish(message)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue  # the watch is renewed on purpose; nothing is wrong
+                raise
+
+    async def _apply_forever(self, stub: Any, desired: _Latest) -> None:
+        while True:
+            await self.apply(stub, await desired.take())
+
+    # -- converging -------------------------------------------------------------------
+
+    async def apply(self, stub: Any, assignment_set: fleet_pb2.AssignmentSet) -> None:
+        changed = assignment_set.revision != self._revision
+        self._revision = assignment_set.revision
+        log.log(
+            logging.INFO if changed else logging.DEBUG,
+            "desired state revision %d: %s",
+            assignment_set.revision,
+            ", ".join(
+                f"{a.model_name}={a.artifact_sha256[:12]}" for a in assignment_set.assignments
+            )
+            or "no models",
+        )
+        wanted = {a.artifact_sha256 for a in assignment_set.assignments}
+        for removed in self.store.discard_partials_except(wanted):
+            log.info("dropped the partial download of %s: it is no longer assigned", removed)
+        for assignment in assignment_set.assignments:
+            await self._converge(stub, assignment)
+
+    def _serving(self, model_name: str) -> str:
+        slot = self.runtime.active(model_name)
+        return slot.sha256 if slot else ""
+
+    async def _converge(self, stub: Any, assignment: fleet_pb2.Assignment) -> None:
+        model, sha = assignment.model_name, assignment.artifact_sha256
+        if self._serving(model) == sha:
+            return
+        if (model, sha) in self._failed:
+            log.debug(
+                "not retrying %s=%s in this session: %s", model, sha, self._failed[(model, sha)]
+            )
+            return
+        try:
+            report = await self._deploy(stub, assignment)
+        except AgentError as exc:
+            report = self._failure(model, sha, exc.message)
+        except grpc.aio.AioRpcError:
+            raise  # the controller went away: reconnect, then resume
+        except Exception as exc:
+            log.exception("deploying %s=%s failed unexpectedly", model, sha)
+            report = self._failure(
+                model, sha, f"internal error in the agent: {type(exc).__name__}: {exc}"
+            )
+        await self.report(stub, report)
+
+    def _failure(self, model: str, sha: str, reason: str) -> fleet_pb2.StatusReport:
+        self._failed[(model, sha)] = reason
+        serving = self._serving(model)
+        log.error(
+            "deployment of %s=%s FAILED: %s; %s",
+            model,
+            sha,
+            reason,
+            f"still serving {serving}" if serving else "nothing served for this model",
+        )
+        return self._status(model, sha, fleet_pb2.DEPLOYMENT_OUTCOME_FAILED, reason=reason)
+
+    def _status(
+        self, model: str, sha: str, outcome: Outcome, *, reason: str = "", bytes_received: int = 0
+    ) -> fleet_pb2.StatusReport:
+        return fleet_pb2.StatusReport(
+            device_id=self.config.device_id,
+            model_name=model,
+            artifact_sha256=sha,
+            outcome=outcome,  # type: ignore[arg-type]
+            reason=reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "...",
+            bytes_received=bytes_received,
+            encoding=FULL,
+            serving_sha256=self._serving(model),
+        )
+
+    def check_manifest(self, assignment: fleet_pb2.Assignment) -> Manifest:
+        """Refuse an assignment whose manifest is unsigned, tampered, stale or not for us."""
+        model, sha = assignment.model_name, assignment.artifact_sha256
+        try:
+            check_name(model, field="model_name")
+            check_sha256(sha, field="artifact_sha256")
+        except (InvalidNameError, InvalidDigestError) as exc:
+            raise AgentError(ErrorCode.INVALID_ASSIGNMENT, f"assignment refused: {exc}") from exc
+        signed = assignment.manifest
+        if not signed.manifest_json:
+            raise AgentError(
+                ErrorCode.INVALID_ASSIGNMENT, f"assignment of {sha} carries no manifest"
+            )
+        if self.trusted is not None:
+            if signed.key_id and signed.key_id != self.trusted.key_id:
+                raise AgentError(
+                    ErrorCode.UNTRUSTED_MANIFEST,
+                    f"manifest signed by key {signed.key_id}; this agent trusts only key "
+                    f"{self.trusted.key_id}",
+                )
+            try:
+                self.trusted.verify(signed.manifest_json, signed.signature)
+            except SignatureError as exc:
+                raise AgentError(ErrorCode.UNTRUSTED_MANIFEST, f"manifest refused: {exc}") from exc
+        try:
+            manifest = Manifest.from_json_bytes(signed.manifest_json)
+        except InvalidManifestError as exc:
+            raise AgentError(ErrorCode.INVALID_ASSIGNMENT, str(exc)) from exc
+        if manifest.sha256 != sha:
+            raise AgentError(
+                ErrorCode.MANIFEST_MISMATCH,
+                f"manifest names artifact {manifest.sha256}, the assignment {sha}",
+            )
+        if manifest.device_class != self.config.device_class:
+            raise AgentError(
+                ErrorCode.MANIFEST_MISMATCH,
+                f"artifact is built for device class {manifest.device_class!r}; "
+                f"this device is {self.config.device_class!r}",
+            )
+        if manifest.model_name != model:
+            raise AgentError(
+                ErrorCode.MANIFEST_MISMATCH,
+                f"manifest is for model {manifest.model_name!r}, the assignment for {model!r}",
+            )
+        if assignment.size_bytes and assignment.size_bytes != manifest.size_bytes:
+            raise AgentError(
+                ErrorCode.MANIFEST_MISMATCH,
+                f"assignment says {assignment.size_bytes} bytes, "
+                f"the manifest {manifest.size_bytes}",
+            )
+        if manifest.is_expired():
+            raise AgentError(
+                ErrorCode.UNTRUSTED_MANIFEST,
+                f"manifest of {manifest.artifact_id} expired at {manifest.expires_at.isoformat()}",
+            )
+        return manifest
+
+    async def _deploy(self, stub: Any, assignment: fleet_pb2.Assignment) -> fleet_pb2.StatusReport:
+        manifest = self.check_manifest(assignment)
+        model, sha = assignment.model_name, assignment.artifact_sha256
+        active = fleet_pb2.DEPLOYMENT_OUTCOME_ACTIVE
+        previous = self.runtime.previous(model)
+        if previous is not None and previous.sha256 == sha:
+            self.runtime.switch_back(model)
+            self._persist()
+            log.info("model %s: switched back to the previous slot %s", model, sha)
+            return self._status(model, sha, active)
+        received = 0
+        if await asyncio.to_thread(self.store.verify_artifact, sha):
+            path = self.store.artifact_path(sha)
+            log.info("model %s: artifact %s is already on disk; not downloading", model, sha)
+        else:
+            resume_at = self.store.partial_size(sha)
+            await self.report(
+                stub,
+                self._status(
+                    model, sha, fleet_pb2.DEPLOYMENT_OUTCOME_DOWNLOADING, bytes_received=resume_at
+                ),
+            )
+            log.info(
+                "model %s: fetching %s (%d bytes%s)",
+                model,
+                manifest.artifact_id,
+                manifest.size_bytes,
+                f", resuming at byte {resume_at}" if resume_at else "",
+            )
+            plan = FetchPlan(
+                device_id=self.config.device_id,
+                sha256=sha,
+                size_bytes=manifest.size_bytes,
+                chunk_bytes=self._chunk_bytes,
+                timeout_s=self.config.fetch_timeout_s,
+                attempts=self.config.fetch_attempts,
+            )
+            backoff = Backoff(
+                self.config.backoff_initial_s, self.config.backoff_max_s, rng=self._rng
+            )
+            result = await fetch_artifact(stub, self.store, plan, backoff)
+            path, received = result.path, result.total_bytes
+        record = SlotRecord.from_signed(sha, assignment.manifest).activated_now()
+        slot = await asyncio.to_thread(self.runtime.prepare, model, path, record)
+        # switch and persist with no await in between: a cancellation cannot split them
+        replaced = self.runtime.activate(slot)
+        self._persist()
+        log.info(
+            "model %s: now serving %s (%s)%s",
+            model,
+            manifest.artifact_id,
+            sha,
+            f"; previous slot keeps {replaced.sha256}" if replaced else "",
+        )
+        return self._status(model, sha, active, bytes_received=received)
+
+    def _persist(self) -> None:
+        slots = self.runtime.snapshot()
+        self.store.save_slots(slots)
+        for removed in self.store.collect_garbage(slots.referenced()):
+            log.info("removed artifact %s: no slot holds it any more", removed)
+
+    # -- reporting --------------------------------------------------------------------
+
+    async def report(self, stub: Any, report: fleet_pb2.StatusReport) -> None:
+        """Send a status report; if the controller is away it is resent after reconnecting."""
+        self._pending[report.model_name] = report
+        await self._send(stub, report)
+
+    async def _flush_reports(self, stub: Any) -> None:
+        for report in list(self._pending.values()):
+            await self._send(stub, report)
+
+    async def _send(self, stub: Any, report: fleet_pb2.StatusReport) -> None:
+        try:
+            await stub.ReportStatus(report, timeout=self.config.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in CONNECTION_LOST:
+                raise
+            log.error("controller refused a status report (%s); dropping it", describe_error(exc))
+        if self._pending.get(report.model_name) is report:
+            del self._pending[report.model_name]

@@ -1,0 +1,57 @@
+"""Small ONNX models for the agent's tests, built with onnx.helper (tests may import onnx)."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+OPSET = 17
+
+
+def _model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+) -> bytes:
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _const(name: str, value: float) -> onnx.NodeProto:
+    return helper.make_node(
+        "Constant",
+        [],
+        [name],
+        value=helper.make_tensor(name + "_v", TensorProto.FLOAT, [], [value]),
+    )
+
+
+def two_input_model(scale: float = 2.0) -> bytes:
+    """x: float32 [batch, 3] -> y = x * scale; ids: int64 [2] -> ids_out (identity)."""
+    return _model(
+        [
+            _const("k", scale),
+            helper.make_node("Mul", ["x", "k"], ["y"]),
+            helper.make_node("Identity", ["ids"], ["ids_out"]),
+        ],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [2]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("ids_out", TensorProto.INT64, [2]),
+        ],
+    )
+
+
+def add_model(offset: float) -> bytes:
+    """x: float32 [batch, 4] -> y = x + offset (offset NaN makes a model that fails self-test)."""
+    return _model(
+        [_const("k", offset), helper.make_node("Add", ["x", "k"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
