@@ -1,0 +1,1 @@
+"""Compression techniques, one module each, composable into recipes the planner searches."""

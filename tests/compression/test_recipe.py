@@ -1,0 +1,38 @@
+"""Recipes are typed: bad parameters are refused by field, and manifests get every step."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from controller.compression.recipe import (
+    STEP_ADAPTER,
+    Quantize,
+    Recipe,
+    StructuredPrune,
+)
+
+
+def test_a_recipe_round_trips_through_json_and_into_the_manifest() -> None:
+    recipe = Recipe(steps=(StructuredPrune(ratio=0.5), Quantize(mode="static")))
+    again = Recipe.model_validate_json(recipe.model_dump_json())
+    assert again == recipe
+    assert recipe.needs_torch
+    steps = recipe.to_manifest()
+    assert [s.kind for s in steps] == ["prune.structured", "quantize"]
+    assert steps[0].params["ratio"] == 0.5
+    assert "prune.structured(ratio=0.5" in recipe.describe()
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"kind": "prune.structured", "ratio": 1.5}, "ratio"),
+        ({"kind": "quantize", "mode": "int3"}, "mode"),
+        ({"kind": "quantize", "calibraton": "minmax"}, "calibraton"),
+        ({"kind": "sharpen"}, "kind"),
+    ],
+)
+def test_bad_steps_are_refused_naming_the_field(raw: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        STEP_ADAPTER.validate_python(raw)
