@@ -3,6 +3,7 @@
   homefleet agent ...        the edge agent (edge_agent.cli; needs the `edge` extra)
   homefleet controller ...   the controller server (controller.serve; `controller` extra)
   homefleet model|artifact|assign|devices|events   operator commands (controller.cli),
+  homefleet compress|evaluate   compression on this machine (controller extra)
                              which talk to a controller's AdminService over gRPC
 
 `agent` and `controller` are imported only when used, so each runs where only its
@@ -20,12 +21,13 @@ from __future__ import annotations
 
 import typer
 
-from controller.cli import artifacts, assign, devices, events, models
+from controller.cli import artifacts, assign, compress, devices, events, models
 from controller.cli.errors import ExitCode
 from homefleet.lazy import LazyGroup, root_group_class
 
 PROCESSES = "Processes"
 OPERATE = "Operate the fleet"
+COMPRESS = "Compress models (needs the controller extra)"
 
 EPILOG = (
     "Exit codes: 0 ok; 1 the controller refused the request; 2 usage error; "
@@ -67,6 +69,8 @@ app.add_typer(artifacts.app, name="artifact", rich_help_panel=OPERATE)
 app.command("assign", rich_help_panel=OPERATE)(assign.assign)
 app.command("devices", rich_help_panel=OPERATE)(devices.devices)
 app.command("events", rich_help_panel=OPERATE)(events.events)
+app.command("compress", rich_help_panel=COMPRESS)(compress.compress)
+app.command("evaluate", rich_help_panel=COMPRESS)(compress.evaluate)
 
 
 def main() -> None:

@@ -61,6 +61,12 @@ class LowRank(_Step):
     linear: Literal["svd", "none"] = "svd"
     conv: Literal["tucker", "cp", "none"] = "tucker"
     energy: float = Field(default=0.9, gt=0, le=1, description="singular-value energy kept")
+    param_budget: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="per-layer cap: keep at most this fraction of each layer's parameters",
+    )
     finetune_epochs: int = Field(default=10, ge=0, le=500)
 
 
@@ -112,12 +118,16 @@ class Recipe(BaseModel):
         return any(isinstance(step, TORCH_STEPS) for step in self.steps)
 
     def describe(self) -> str:
+        """Short human form: each step with the parameters that differ from defaults."""
         if not self.steps:
             return "fp32"
-        return " → ".join(
-            f"{s.kind}({', '.join(f'{k}={v}' for k, v in s.to_manifest().params.items())})"
-            for s in self.steps
-        )
+        parts = []
+        for step in self.steps:
+            params = step.model_dump(mode="json", exclude_defaults=True, exclude={"kind"})
+            if isinstance(step, Quantize):
+                params = {"mode": step.mode, **params}
+            parts.append(f"{step.kind}({', '.join(f'{k}={v}' for k, v in params.items())})")
+        return " → ".join(parts)
 
 
 STEP_ADAPTER: TypeAdapter[Step] = TypeAdapter(Step)

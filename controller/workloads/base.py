@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,21 @@ class Split:
             None if self.labels is None else self.labels[:n],
         )
 
+    def spread(self, n: int) -> Split:
+        """``n`` samples evenly spaced over the split (all of them when it is smaller).
+
+        Not the first ``n``: several datasets come sorted by class, and the first 64 of
+        PLAID's train split are two classes of eleven.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        count = min(n, len(self))
+        idx = np.unique(np.linspace(0, len(self) - 1, count).round().astype(np.int64))
+        return Split(
+            {k: v[idx] for k, v in self.inputs.items()},
+            None if self.labels is None else self.labels[idx],
+        )
+
 
 @dataclass(frozen=True)
 class WorkloadData:
@@ -52,9 +67,16 @@ class WorkloadData:
 class Score:
     """Quality of a model on a workload: ``value`` is accuracy or fidelity, in [0, 1]."""
 
-    metric: str  # "accuracy" | "cosine" | "top1_agreement"
+    metric: str  # "accuracy" | "cosine" | "top1_agreement" | "threshold_agreement"
     value: float
     samples: int
+    # Secondary measurements beside the headline one, e.g. MiniLM's "intent_accuracy".
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+# Trained source models and exported FP32 files live here unless a caller names a directory
+# (repo-relative and git-ignored, so a second run reuses the first run's training).
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "homefleet" / "workloads"
 
 
 class Workload(abc.ABC):
@@ -70,8 +92,11 @@ class Workload(abc.ABC):
         """Load (and cache) the splits, preprocessed as the exported model expects them."""
 
     @abc.abstractmethod
-    def source_model(self, cache_dir: Path, *, seed: int = 0) -> nn.Module:
-        """The FP32 source model, trained (or loaded pretrained) and cached under cache_dir."""
+    def source_model(self, cache_dir: Path | None = None, *, seed: int = 0) -> nn.Module:
+        """The FP32 source model, trained (or loaded pretrained) and cached under cache_dir.
+
+        ``None`` means ``DEFAULT_CACHE_DIR``.
+        """
 
     @abc.abstractmethod
     def export_onnx(self, model: nn.Module, path: Path) -> Path:
@@ -82,5 +107,18 @@ class Workload(abc.ABC):
         """Score an ONNX model with this workload's own preprocessing."""
 
     def calibration_inputs(self, n: int = 64) -> dict[str, NDArray[np.generic]]:
-        """Representative inputs for static quantization and fidelity checks."""
-        return self.data().train.take(n).inputs
+        """Representative inputs for static quantization and fidelity checks.
+
+        ``n`` train samples spread over the whole split, so every class is represented.
+        """
+        return self.data().train.spread(n).inputs
+
+    def input_preprocessor(self, model: nn.Module) -> nn.Module | None:
+        """The part of ``model`` that turns raw inputs into what its layers expect.
+
+        A distilled student gets a copy in front of it, so it sees what the teacher sees
+        and its exported model still takes raw inputs. By convention a source model
+        keeps that part as its ``norm`` attribute; None when there is none.
+        """
+        norm = getattr(model, "norm", None)
+        return norm if isinstance(norm, nn.Module) else None

@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,26 @@ from numpy.typing import NDArray
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.nn import functional as F
+
+from controller.workloads import training
+from controller.workloads.base import (
+    DEFAULT_CACHE_DIR,
+    Score,
+    Split,
+    TaskKind,
+    Workload,
+    WorkloadData,
+)
+from controller.workloads.training import (
+    export_single_input,
+    load_cached,
+    save_cached,
+    score_classifier,
+    select_split,
+    single_thread,
+    stratified_split,
+    subset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +64,7 @@ ONNX_OPSET = 18
 LOGITS_ATOL = 1e-3
 
 
-class WorkloadError(RuntimeError):
+class WorkloadError(training.WorkloadError):
     """The dataset is not what this workload expects, or the export does not match torch."""
 
 
@@ -375,3 +396,109 @@ def train_and_export(
         result.test_accuracy_torch,
     )
     return result
+
+
+# ------------------------------------------------------------------ Workload interface
+
+
+_ARCHITECTURE = "motion-cnn-v1"  # bump when MotionCNN changes: cached weights are then retrained
+
+
+class BasicMotionsWorkload(Workload):
+    """BasicMotions behind the common Workload interface, for the compression code.
+
+    The functions above stay as the demo uses them (trained on all 40 TRAIN samples).
+    Here a stratified fifth of TRAIN (two per activity) is held out as the val split
+    that compression fine-tuning selects on, so the source model trains on the other 32.
+    """
+
+    name = MODEL_NAME
+    kind = TaskKind.CLASSIFICATION
+    input_names = (INPUT_NAME,)
+    output_names = (OUTPUT_NAME,)
+    val_fraction = 0.2
+    split_seed = 0
+
+    def __init__(self, *, epochs: int = DEFAULT_EPOCHS, show_progress: bool = False) -> None:
+        self.epochs = epochs
+        self.show_progress = show_progress
+
+    def data(self) -> WorkloadData:
+        return self._data
+
+    @cached_property
+    def _data(self) -> WorkloadData:
+        raw = load_basic_motions()
+        full = Split({INPUT_NAME: raw.x_train}, raw.y_train)
+        keep, val = stratified_split(raw.y_train, self.val_fraction, self.split_seed)
+        return WorkloadData(
+            train=subset(full, keep),
+            val=subset(full, val),
+            test=Split({INPUT_NAME: raw.x_test}, raw.y_test),
+            class_names=raw.labels,
+        )
+
+    def cache_path(self, cache_dir: Path | None = None, *, seed: int = 0) -> Path:
+        suffix = "" if self.epochs == DEFAULT_EPOCHS else f"-e{self.epochs}"
+        return (cache_dir or DEFAULT_CACHE_DIR) / f"{MODEL_NAME}-seed{seed}{suffix}.pt"
+
+    def source_model(self, cache_dir: Path | None = None, *, seed: int = 0) -> nn.Module:
+        """The cached MotionCNN for this seed, or one trained on the train split (then cached)."""
+        path = self.cache_path(cache_dir, seed=seed)
+        cached = load_cached(path)
+        if cached is not None and cached.meta.get("architecture") == _ARCHITECTURE:
+            zeros = np.zeros(CHANNELS, dtype=np.float32)
+            model = MotionCNN(zeros, zeros + 1)  # the norm buffers come from the state_dict
+            model.load_state_dict(cached.state_dict)
+            return model.eval()
+        train = self.data().train
+        if train.labels is None:
+            raise WorkloadError("BasicMotions train split has no labels")
+        subset_data = BasicMotionsData(
+            x_train=np.asarray(train.inputs[INPUT_NAME], dtype=np.float32),
+            y_train=train.labels,
+            x_test=np.asarray(self.data().test.inputs[INPUT_NAME], dtype=np.float32),
+            y_test=np.zeros(0, dtype=np.int64),
+            labels=LABELS,
+        )
+        started = time.perf_counter()
+        with single_thread():
+            model = train_model(
+                subset_data,
+                TrainConfig(seed=seed, epochs=self.epochs),
+                show_progress=self.show_progress,
+            )
+        meta: dict[str, float | int | str] = {
+            "architecture": _ARCHITECTURE,
+            "seed": seed,
+            "epochs": self.epochs,
+            "train_seconds": time.perf_counter() - started,
+        }
+        save_cached(path, model, meta)
+        return model
+
+    def export_onnx(self, model: nn.Module, path: Path) -> Path:
+        """Input "x" [batch, 6, 100] float32 raw sensor values, output "logits" [batch, 4].
+
+        Any module with MotionCNN's signature (a pruned or distilled one too); same
+        names and label metadata as the module-level ``export_onnx``, plus "task".
+        """
+        return export_single_input(
+            model,
+            path,
+            torch.zeros(1, CHANNELS, STEPS),
+            input_name=INPUT_NAME,
+            output_name=OUTPUT_NAME,
+            metadata={
+                "labels": json.dumps(list(LABELS)),
+                "workload": MODEL_NAME,
+                "task": TaskKind.CLASSIFICATION.value,
+            },
+            doc=(
+                "BasicMotions activity recognition: raw accelerometer+gyroscope "
+                f"[batch, {CHANNELS}, {STEPS}] -> logits over labels (metadata 'labels')"
+            ),
+        )
+
+    def score_onnx(self, path: Path, *, split: str = "test") -> Score:
+        return score_classifier(path, select_split(self.data(), split), OUTPUT_NAME)

@@ -1,0 +1,151 @@
+"""`homefleet compress` and `homefleet evaluate`: compression on this machine.
+
+Exit codes: 0 every budget holds; 3 no recipe meets the budget (the best trial is
+written, with the gap per budget); 2 bad input (file, device class, calibration,
+flags), with nothing written to --out. The heavy stack (torch, onnx, onnxruntime) is
+imported inside the commands, so the rest of the CLI starts without it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from controller.compression.planner import Trial
+
+EXIT_MET, EXIT_BAD_INPUT, EXIT_NOT_MET = 0, 2, 3
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}")
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _show_trial(trial: Trial) -> None:
+    if trial.error:
+        out.print(
+            f"  trial {trial.index:2d} [yellow]skipped[/] {trial.recipe.describe()}: {trial.error}"
+        )
+        return
+    quality = f"{trial.quality.metric} {trial.quality.value:.4f}" if trial.quality else "-"
+    timing = (
+        f"p95 {trial.timing.p95_ms:.2f} ms, {trial.timing.energy_mj:.2f} mJ" if trial.timing else ""
+    )
+    state = "[green]meets budget[/]" if trial.met else "[dim]misses[/]"
+    out.print(
+        f"  trial {trial.index:2d} {state} {trial.recipe.describe()}: "
+        f"{trial.artifact_bytes:,} B, {quality}, {timing} [dim]({trial.seconds:.1f} s)[/]"
+    )
+
+
+def compress(
+    device_class: Path = typer.Option(..., "--device-class", help="device-class YAML file"),
+    out_dir: Path = typer.Option(..., "--out", help="new directory for the results"),
+    onnx_model: Path | None = typer.Option(None, "--onnx", help="ONNX model (post-training only)"),
+    calib: Path | None = typer.Option(None, "--calib", help=".npz of inputs, named after them"),
+    workload: str | None = typer.Option(None, "--workload", help="reference workload name"),
+    min_fidelity: float | None = typer.Option(None, "--min-fidelity", min=0.0, max=1.0),
+    max_accuracy_drop: float | None = typer.Option(None, "--max-accuracy-drop", min=0.0, max=1.0),
+    max_bytes: int | None = typer.Option(None, "--max-bytes", min=1),
+    max_size_ratio: float | None = typer.Option(None, "--max-size-ratio", min=0.0, max=1.0),
+    p95_ms: float | None = typer.Option(None, "--p95-ms", min=0.0),
+) -> None:
+    """Search recipes for one device class until every budget holds."""
+    if (onnx_model is None) == (workload is None):
+        raise _fail("give exactly one of --onnx MODEL.onnx (with --calib) or --workload NAME")
+    if max_bytes is not None and max_size_ratio is not None:
+        raise _fail("give --max-bytes or --max-size-ratio, not both")
+    if onnx_model is not None and calib is None:
+        raise _fail("--onnx needs --calib INPUTS.npz (arrays named after the model's inputs)")
+
+    from controller.compression.errors import CompressionError
+    from controller.compression.job import compress_onnx, compress_workload
+    from controller.device_classes import DeviceClassError, load_device_class
+    from controller.workloads.registry import UnknownWorkloadError, get_workload
+
+    try:
+        dc = load_device_class(device_class).with_budgets(
+            max_artifact_bytes=max_bytes,
+            p95_latency_ms=p95_ms,
+            min_fidelity=min_fidelity,
+            max_accuracy_drop=max_accuracy_drop,
+        )
+    except (DeviceClassError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    out.print(f"compressing for [bold]{dc.name}[/] into {out_dir}")
+    try:
+        if onnx_model is None or calib is None:
+            outcome = compress_workload(
+                get_workload(workload or ""), dc, out_dir,
+                max_size_ratio=max_size_ratio, on_trial=_show_trial,
+            )  # fmt: skip
+        else:
+            from controller.workloads.fidelity import load_calibration
+
+            if not onnx_model.is_file():
+                raise _fail(f"--onnx {onnx_model} does not exist")
+            name = re.sub(r"[^a-z0-9._-]", "-", onnx_model.stem.lower()).strip("-._") or "model"
+            outcome = compress_onnx(
+                onnx_model, load_calibration(calib), dc, out_dir,
+                name=name, max_size_ratio=max_size_ratio, on_trial=_show_trial,
+            )  # fmt: skip
+    except (CompressionError, UnknownWorkloadError) as exc:
+        raise _fail(str(exc)) from exc
+
+    table = Table(title=f"budgets for {dc.name}: {outcome.chosen.recipe.describe()}")
+    for column in ("budget", "limit", "observed", "verdict"):
+        table.add_column(column)
+    for v in outcome.chosen.verdicts:
+        verdict = "[green]ok[/]" if v.met else f"[red]missed by {v.gap:.4g}[/]"
+        table.add_row(v.budget, f"{v.limit:.4g}", f"{v.observed:.4g}", verdict)
+    out.print(table)
+    if not outcome.met:
+        err.print("[red]no recipe meets every budget[/]; the best trial is in " + str(out_dir))
+        raise typer.Exit(EXIT_NOT_MET)
+    out.print(f"[green]budget holds[/]: {out_dir / 'model.onnx'}")
+
+
+def evaluate(
+    model: Path = typer.Argument(..., help="ONNX model to score"),
+    workload: str = typer.Option(..., "--workload", help="reference workload name"),
+    split: str = typer.Option("test", "--split", help="test (default) or val"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON for scripts"),
+) -> None:
+    """Score any ONNX file on a workload's held-out split, with its own preprocessing."""
+    from controller.compression.errors import CompressionError
+    from controller.workloads.registry import UnknownWorkloadError, get_workload
+
+    if not model.is_file():
+        raise _fail(f"{model} does not exist")
+    if split not in ("test", "val"):
+        raise _fail(f"--split must be test or val, got {split!r}")
+    try:
+        score = get_workload(workload).score_onnx(model, split=split)
+    except (CompressionError, UnknownWorkloadError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    document = {
+        "workload": workload,
+        "model": str(model),
+        "split": split,
+        "metric": score.metric,
+        "value": score.value,
+        "samples": score.samples,
+        "extra": score.extra,
+    }
+    if as_json:
+        print(json.dumps(document))
+    else:
+        out.print(
+            f"{workload} {split}: {score.metric} = {score.value:.4f} on {score.samples} samples"
+        )
+        for key, value in score.extra.items():
+            out.print(f"  {key} = {value:.4f}")

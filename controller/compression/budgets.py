@@ -1,0 +1,82 @@
+"""Budget verdicts: does a candidate artifact fit its device class, and by how much not.
+
+Every budget gets a verdict with the observed value, the limit and the gap, so a plan
+that cannot be met says exactly which budget failed and how far off it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controller.device_classes import Budgets
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a candidate measured, in the units the budgets use."""
+
+    artifact_bytes: int
+    p95_latency_ms: float
+    energy_per_inference_mj: float
+    accuracy_drop: float | None  # source accuracy minus candidate accuracy (labels known)
+    fidelity: float | None  # agreement with the source (ONNX-only, or embeddings)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    budget: str
+    limit: float
+    observed: float
+    met: bool
+    gap: float  # how far over the limit (0 when met), in the budget's units
+
+    def describe(self) -> str:
+        state = "ok" if self.met else f"MISSED by {self.gap:.4g}"
+        return f"{self.budget}: {self.observed:.4g} vs limit {self.limit:.4g} ({state})"
+
+
+def _upper(budget: str, limit: float | None, observed: float) -> Verdict | None:
+    if limit is None:
+        return None
+    gap = max(0.0, observed - limit)
+    return Verdict(budget, float(limit), float(observed), observed <= limit, gap)
+
+
+def _lower(budget: str, limit: float | None, observed: float) -> Verdict | None:
+    if limit is None:
+        return None
+    gap = max(0.0, limit - observed)
+    return Verdict(budget, float(limit), float(observed), observed >= limit, gap)
+
+
+def judge(budgets: Budgets, observed: Observed) -> tuple[Verdict, ...]:
+    """One verdict per budget that applies to what was observed."""
+    verdicts = [
+        _upper("max_artifact_bytes", budgets.max_artifact_bytes, observed.artifact_bytes),
+        _upper("p95_latency_ms", budgets.p95_latency_ms, observed.p95_latency_ms),
+        _upper(
+            "energy_per_inference_mj",
+            budgets.energy_per_inference_mj,
+            observed.energy_per_inference_mj,
+        ),
+    ]
+    if observed.accuracy_drop is not None:
+        verdicts.append(
+            _upper("max_accuracy_drop", budgets.max_accuracy_drop, observed.accuracy_drop)
+        )
+    if observed.fidelity is not None:
+        verdicts.append(_lower("min_fidelity", budgets.min_fidelity, observed.fidelity))
+    return tuple(v for v in verdicts if v is not None)
+
+
+def all_met(verdicts: tuple[Verdict, ...]) -> bool:
+    return all(v.met for v in verdicts)
+
+
+def shortfall(verdicts: tuple[Verdict, ...]) -> float:
+    """A scale-free measure of how far a candidate is from its budgets (0 = meets all).
+
+    Used to pick the best trial when none meets every budget: each gap relative to its
+    limit, summed.
+    """
+    return sum(v.gap / v.limit if v.limit else v.gap for v in verdicts if not v.met)

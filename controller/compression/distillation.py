@@ -1,0 +1,133 @@
+"""Knowledge distillation: a compact student learns from the teacher's softened outputs.
+
+The teacher's full distribution over classes ("this walk looks a bit like running")
+carries more information per sample than the label alone, which matters most when
+the training set is small, as on a home device's data. ``train_alone`` trains the same
+student with the same seed, data and schedule on the labels only: the comparison
+that shows what the teacher adds.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from controller.compression.errors import CompressionError
+from controller.compression.recipe import Distill
+from controller.compression.students import build_student
+from controller.compression.training import (
+    FitResult,
+    TrainOptions,
+    count_parameters,
+    example_inputs,
+    fine_tune,
+)
+from controller.workloads.base import Split
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    student: nn.Module
+    student_name: str  # zoo name, or "given" for a student passed in (e.g. a pruned teacher)
+    teacher_params: int | None  # None for train_alone
+    student_params: int
+    fit: FitResult
+
+
+def _student(
+    step: Distill,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    student: nn.Module | None,
+    preprocess: nn.Module | None,
+    seed: int,
+) -> tuple[nn.Module, str]:
+    """The zoo student (seeded, so distilled and alone runs start from the same weights)."""
+    if student is not None:
+        model, name = copy.deepcopy(student), "given"
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, name = (
+                build_student(step.student, in_shape, num_classes, step.width),
+                step.student,
+            )
+    if preprocess is not None:
+        model = nn.Sequential(copy.deepcopy(preprocess), model)
+    return model, name
+
+
+def _check_outputs(model: nn.Module, train: Split, num_classes: int, who: str) -> None:
+    model.eval()
+    with torch.no_grad():
+        out = model(*example_inputs(train, 2))
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != num_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CompressionError(
+            f"the {who} returns {shape} for 2 samples; expected [2, {num_classes}] logits"
+        )
+
+
+def distill(
+    teacher: nn.Module,
+    step: Distill,
+    train: Split,
+    val: Split | None = None,
+    *,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    student: nn.Module | None = None,
+    preprocess: nn.Module | None = None,
+    options: TrainOptions | None = None,
+) -> DistillResult:
+    """Train a student on alpha·T²·KL(teacher || student) + (1 - alpha)·CE for ``step.epochs``.
+
+    The student is ``step.student`` from the zoo at ``step.width`` for per-sample input
+    shape ``in_shape``, or ``student`` when given (a copy is trained). ``preprocess``
+    (e.g. a copy of the teacher's own input normalisation) is prepended to the student,
+    so it sees what the teacher sees and the exported model still takes raw inputs.
+    Neither the teacher nor a given student is modified.
+    """
+    options = options or TrainOptions()
+    teacher = copy.deepcopy(teacher).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    _check_outputs(teacher, train, num_classes, "teacher")
+    model, name = _student(step, in_shape, num_classes, student, preprocess, options.seed)
+    _check_outputs(model, train, num_classes, f"student {name!r}")
+    fit = fine_tune(
+        model,
+        train,
+        epochs=step.epochs,
+        options=options,
+        teacher=teacher,
+        temperature=step.temperature,
+        alpha=step.alpha,
+        val=val,
+        label=f"distilling into {name}",
+    )
+    return DistillResult(model, name, count_parameters(teacher), count_parameters(model), fit)
+
+
+def train_alone(
+    step: Distill,
+    train: Split,
+    val: Split | None = None,
+    *,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    student: nn.Module | None = None,
+    preprocess: nn.Module | None = None,
+    options: TrainOptions | None = None,
+) -> DistillResult:
+    """The same student, seed, data and epochs as ``distill``, trained on the labels only."""
+    options = options or TrainOptions()
+    model, name = _student(step, in_shape, num_classes, student, preprocess, options.seed)
+    _check_outputs(model, train, num_classes, f"student {name!r}")
+    fit = fine_tune(
+        model, train, epochs=step.epochs, options=options, val=val, label=f"training {name} alone"
+    )
+    return DistillResult(model, name, None, count_parameters(model), fit)

@@ -1,0 +1,19 @@
+"""Errors the compression code raises: a bad request, never a bug.
+
+``ValueError`` subclasses, so callers that validate input can catch one type; the
+message names the layer, operator, input or parameter that was wrong.
+"""
+
+from __future__ import annotations
+
+
+class CompressionError(ValueError):
+    """A compression step cannot run on this input as asked."""
+
+
+class UnsupportedModelError(CompressionError):
+    """The model has nothing this technique can work on (names the layer or operator)."""
+
+
+class CalibrationMismatchError(CompressionError):
+    """Calibration arrays do not match the model's inputs (names, shapes or dtypes)."""

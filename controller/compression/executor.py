@@ -1,0 +1,184 @@
+"""Turn a recipe into an ONNX artifact and score it: the planner's CandidateBuilders.
+
+Two sources, as the issue describes them:
+- ``TorchSource``: a PyTorch model with its workload's data — every technique. Torch
+  steps run first (each on the previous step's result), then the model is exported,
+  then ONNX steps run. Results are cached per recipe prefix, so "prune 50 % → int8"
+  reuses the pruned model that "prune 50 %" already built.
+- ``OnnxSource``: an ONNX file and calibration inputs alone — post-training steps only;
+  quality is fidelity to the original's outputs, since there may be no labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from torch import nn
+
+from controller.compression.distillation import distill
+from controller.compression.errors import CompressionError, UnsupportedModelError
+from controller.compression.lowrank import decompose
+from controller.compression.planner import Quality
+from controller.compression.pruning import prune_layers, prune_structured, prune_unstructured
+from controller.compression.quantize import quantize_onnx
+from controller.compression.recipe import (
+    Distill,
+    LayerPrune,
+    LowRank,
+    Quantize,
+    Recipe,
+    StructuredPrune,
+    UnstructuredPrune,
+)
+from controller.compression.training import TrainOptions
+from controller.workloads.base import TaskKind, Workload
+
+log = logging.getLogger(__name__)
+
+
+def _prefix_key(recipe: Recipe, upto: int) -> str:
+    return Recipe(steps=recipe.steps[:upto]).model_dump_json()
+
+
+@dataclass
+class TorchSource:
+    """A PyTorch source model and the workload that owns its data and scoring."""
+
+    workload: Workload
+    model: nn.Module
+    max_accuracy_drop: float | None = None
+    options: TrainOptions = field(default_factory=lambda: TrainOptions(show_progress=False))
+    _models: dict[str, nn.Module] = field(default_factory=dict, init=False)
+    _exports: dict[str, Path] = field(default_factory=dict, init=False)
+    _scores: dict[Path, Quality] = field(default_factory=dict, init=False)
+
+    def _torch_model(self, recipe: Recipe, upto: int) -> nn.Module:
+        key = _prefix_key(recipe, upto)
+        if key in self._models:
+            return self._models[key]
+        if upto == 0:
+            model = copy.deepcopy(self.model).eval()
+        else:
+            previous = self._torch_model(recipe, upto - 1)
+            model = self._apply(previous, recipe.steps[upto - 1])
+        self._models[key] = model
+        return model
+
+    def _apply(self, model: nn.Module, step: object) -> nn.Module:
+        data = self.workload.data()
+        if self.workload.kind is not TaskKind.CLASSIFICATION:
+            raise UnsupportedModelError(
+                f"{step.__class__.__name__} needs a labelled classification workload; "
+                f"{self.workload.name} is {self.workload.kind.value}"
+            )
+        train, val = data.train, data.val
+        if isinstance(step, UnstructuredPrune):
+            return prune_unstructured(model, step, train, val, options=self.options).model
+        if isinstance(step, StructuredPrune):
+            return prune_structured(model, step, train, val, options=self.options).model
+        if isinstance(step, LayerPrune):
+            return prune_layers(model, step, train, val, options=self.options).model
+        if isinstance(step, LowRank):
+            return decompose(model, step, train, val, options=self.options).model
+        if isinstance(step, Distill):
+            first = next(iter(train.inputs.values()))
+            result = distill(
+                model,
+                step,
+                train,
+                val,
+                in_shape=tuple(first.shape[1:]),
+                num_classes=len(data.class_names),
+                preprocess=self.workload.input_preprocessor(model),
+                options=self.options,
+            )
+            return result.student
+        raise CompressionError(f"{step.__class__.__name__} is not a torch step")
+
+    def build(self, recipe: Recipe, out_dir: Path) -> Path:
+        torch_steps = 0
+        for step in recipe.steps:
+            if isinstance(step, Quantize):
+                break
+            torch_steps += 1
+        onnx_steps = [s for s in recipe.steps[torch_steps:] if isinstance(s, Quantize)]
+        if len(onnx_steps) != len(recipe.steps) - torch_steps:
+            raise CompressionError("torch steps must come before ONNX steps in a recipe")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        key = _prefix_key(recipe, torch_steps)
+        exported = self._exports.get(key)
+        if exported is None:
+            model = self._torch_model(recipe, torch_steps)
+            exported = self.workload.export_onnx(model, out_dir / "float.onnx")
+            self._exports[key] = exported
+        current = exported
+        for index, step in enumerate(onnx_steps):
+            current = quantize_onnx(
+                current,
+                out_dir / f"step-{torch_steps + index}-quantized.onnx",
+                step,
+                calibration=self.workload.calibration_inputs(),
+                evaluate=self._evaluate_value,
+                max_drop=self.max_accuracy_drop,
+                progress=False,
+            ).out
+        final = out_dir / "model.onnx"
+        if current != final:
+            shutil.copyfile(current, final)
+        return final
+
+    def _evaluate_value(self, path: Path) -> float:
+        return self.quality(path).value
+
+    def quality(self, onnx_path: Path) -> Quality:
+        cached = self._scores.get(onnx_path)
+        if cached is None:
+            score = self.workload.score_onnx(onnx_path, split="val")
+            labelled = self.workload.kind is TaskKind.CLASSIFICATION
+            cached = Quality(score.metric, score.value, labelled)
+            self._scores[onnx_path] = cached
+        return cached
+
+
+@dataclass
+class OnnxSource:
+    """An ONNX model alone: post-training steps, judged by fidelity to the original."""
+
+    path: Path
+    calibration: Mapping[str, NDArray[np.generic]]
+    min_fidelity: float | None = None
+
+    def build(self, recipe: Recipe, out_dir: Path) -> Path:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        current = self.path
+        for index, step in enumerate(recipe.steps):
+            if not isinstance(step, Quantize):
+                raise UnsupportedModelError(
+                    f"{step.kind} needs a PyTorch model and its data; an ONNX file alone "
+                    "supports post-training steps only (quantize)"
+                )
+            current = quantize_onnx(
+                current,
+                out_dir / f"step-{index}-quantized.onnx",
+                step,
+                calibration=self.calibration,
+                evaluate=lambda p: self.quality(p).value,
+                max_drop=None if self.min_fidelity is None else 1.0 - self.min_fidelity,
+                progress=False,
+            ).out
+        final = out_dir / "model.onnx"
+        shutil.copyfile(current, final)
+        return final
+
+    def quality(self, onnx_path: Path) -> Quality:
+        from controller.workloads.fidelity import fidelity
+
+        score = fidelity(self.path, onnx_path, self.calibration)
+        return Quality(score.metric, score.value, labelled=False)

@@ -1,0 +1,176 @@
+"""The planner: search recipes for one device class, cheapest first, until every budget holds.
+
+It knows nothing about how a recipe is executed or scored: a ``CandidateBuilder``
+(see ``executor.py``) turns a recipe into an ONNX file and scores it, and a
+``Measurer`` times it as the device class would. Every trial is recorded — recipe,
+bytes, quality, predicted p95 latency, energy, seconds spent — and when nothing meets
+the budget the best trial comes back with the gap per budget, never a silent failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from controller.compression.budgets import Observed, Verdict, all_met, judge, shortfall
+from controller.compression.errors import CompressionError
+from controller.compression.recipe import Recipe
+from controller.device_classes import DeviceClass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Quality:
+    """How good a candidate is: labelled accuracy, or fidelity to the source."""
+
+    metric: str
+    value: float
+    labelled: bool  # True: value is accuracy, budgets use accuracy drop; else fidelity
+
+
+@dataclass(frozen=True)
+class Timing:
+    p50_ms: float
+    p95_ms: float
+    single_thread_p50_ms: float
+    energy_mj: float
+
+
+class CandidateBuilder(Protocol):
+    def build(self, recipe: Recipe, out_dir: Path) -> Path:
+        """Execute ``recipe`` on the source model and write the ONNX artifact."""
+
+    def quality(self, onnx_path: Path) -> Quality:
+        """Score the artifact (accuracy on held-out data, or fidelity to the source)."""
+
+
+Measurer = Callable[[Path, DeviceClass], Timing]
+
+
+@dataclass(frozen=True)
+class Trial:
+    index: int
+    recipe: Recipe
+    onnx_path: Path | None
+    artifact_bytes: int
+    quality: Quality | None
+    timing: Timing | None
+    verdicts: tuple[Verdict, ...]
+    seconds: float
+    error: str = ""
+
+    @property
+    def met(self) -> bool:
+        return not self.error and bool(self.verdicts) and all_met(self.verdicts)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "index": self.index,
+            "recipe": [s.model_dump(mode="json") for s in self.recipe.to_manifest()],
+            "recipe_text": self.recipe.describe(),
+            "artifact_bytes": self.artifact_bytes,
+            "quality": None
+            if self.quality is None
+            else {"metric": self.quality.metric, "value": self.quality.value},
+            "timing": None
+            if self.timing is None
+            else {
+                "p50_ms": self.timing.p50_ms,
+                "p95_ms": self.timing.p95_ms,
+                "single_thread_p50_ms": self.timing.single_thread_p50_ms,
+                "energy_mj": self.timing.energy_mj,
+            },
+            "verdicts": [v.__dict__ for v in self.verdicts],
+            "met": self.met,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+        }
+
+
+@dataclass
+class Plan:
+    device_class: DeviceClass
+    baseline: Trial
+    trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def met(self) -> bool:
+        return any(t.met for t in self.trials)
+
+    @property
+    def best(self) -> Trial:
+        """The first trial that meets every budget, else the one closest to doing so."""
+        for trial in self.trials:
+            if trial.met:
+                return trial
+        usable = [t for t in self.trials if not t.error] or [self.baseline]
+        return min(usable, key=lambda t: (shortfall(t.verdicts), t.artifact_bytes))
+
+
+TrialCallback = Callable[[Trial], None]
+
+
+def run_trial(
+    index: int,
+    recipe: Recipe,
+    builder: CandidateBuilder,
+    measure: Measurer,
+    device_class: DeviceClass,
+    baseline_quality: Quality | None,
+    work_dir: Path,
+) -> Trial:
+    """Build, score, time and judge one recipe; a recipe that fails is a recorded trial."""
+    started = time.perf_counter()
+    out_dir = work_dir / f"trial-{index:03d}"
+    try:
+        path = builder.build(recipe, out_dir)
+        quality = builder.quality(path)
+        timing = measure(path, device_class)
+    except CompressionError as exc:
+        log.info("trial %d (%s) could not run: %s", index, recipe.describe(), exc)
+        return Trial(
+            index, recipe, None, 0, None, None, (), time.perf_counter() - started, str(exc)
+        )
+    size = path.stat().st_size
+    if quality.labelled:
+        reference = baseline_quality.value if baseline_quality else quality.value
+        observed = Observed(size, timing.p95_ms, timing.energy_mj, reference - quality.value, None)
+    else:
+        observed = Observed(size, timing.p95_ms, timing.energy_mj, None, quality.value)
+    verdicts = judge(device_class.budgets, observed)
+    return Trial(
+        index, recipe, path, size, quality, timing, verdicts, time.perf_counter() - started
+    )
+
+
+def plan(
+    candidates: Iterable[Recipe],
+    builder: CandidateBuilder,
+    measure: Measurer,
+    device_class: DeviceClass,
+    work_dir: Path,
+    *,
+    on_trial: TrialCallback | None = None,
+) -> Plan:
+    """Try ``candidates`` in order (cheapest first) and stop at the first that fits."""
+    baseline = run_trial(0, Recipe(), builder, measure, device_class, None, work_dir)
+    if baseline.error or baseline.quality is None:
+        raise CompressionError(f"the source model itself cannot be evaluated: {baseline.error}")
+    result = Plan(device_class, baseline, [baseline])
+    if on_trial:
+        on_trial(baseline)
+    if baseline.met:
+        return result
+    for index, recipe in enumerate(candidates, start=1):
+        trial = run_trial(index, recipe, builder, measure, device_class, baseline.quality, work_dir)
+        result.trials.append(trial)
+        if on_trial:
+            on_trial(trial)
+        if trial.met:
+            break
+    return result

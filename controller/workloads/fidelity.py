@@ -1,0 +1,290 @@
+"""Fidelity of a candidate ONNX model to a reference ONNX model, from ONNX files alone.
+
+When a model arrives as an ONNX file without labels or training data, the only quality
+we can measure is how closely a compressed candidate reproduces the original's outputs
+on calibration inputs. The metric follows what the output means:
+
+- ``top1_agreement`` — classifiers, output [N, C] with C > 1: the share of samples
+  whose arg-max class is the same.
+- ``threshold_agreement`` — binary outputs, [N] or [N, 1]: the share of samples on the
+  same side of ``threshold``. The default 0.0 treats the output as a logit, which is
+  the same decision as 0.5 after a sigmoid (sigmoid(x) > 0.5 exactly when x > 0); pass
+  ``threshold=0.5`` for a model that already outputs probabilities.
+- ``cosine`` — embeddings: the mean cosine similarity of each sample's output vector
+  (flattened) with the reference's.
+
+Unless ``metric`` is given, the reference model's metadata decides first (our exports
+write ``task`` = "embedding" or "classification"; an embedding output is [N, D] too, so
+the shape alone cannot tell it from logits), then the output shape: [N] or [N, 1] →
+threshold, [N, C>1] → top-1, rank 3 or more → cosine.
+
+Calibration arrays are keyed by input name with samples on axis 0 (``INPUTS.npz``
+holds one array per model input); they are checked against both models' inputs before
+anything runs, and a mismatch raises ``CalibrationMismatchError`` naming the input.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+from controller.compression.calibration import check_calibration, input_specs
+from controller.compression.errors import CalibrationMismatchError, CompressionError
+from controller.workloads.base import Score
+
+Calibration = Mapping[str, NDArray[np.generic]]
+DEFAULT_BATCH = 64
+_REFERENCE_CACHE_SIZE = 8
+
+
+class FidelityMetric(enum.StrEnum):
+    TOP1 = "top1_agreement"
+    THRESHOLD = "threshold_agreement"
+    COSINE = "cosine"
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def load_calibration(path: Path) -> dict[str, NDArray[np.generic]]:
+    """Arrays from an ``.npz`` file, one per model input (named after it), samples on axis 0.
+
+    Pickled object arrays are refused: a calibration file must never run code.
+    """
+    if not path.is_file():
+        raise CalibrationMismatchError(f"calibration file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: np.asarray(archive[name]) for name in archive.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise CalibrationMismatchError(
+            f"calibration file {path} is not a readable .npz of numeric arrays "
+            f"(one per model input, named after it): {exc}"
+        ) from exc
+    if not arrays:
+        raise CalibrationMismatchError(f"calibration file {path} holds no arrays")
+    return arrays
+
+
+def _load_model(path: Path, role: str) -> onnx.ModelProto:
+    if not path.is_file():
+        raise CompressionError(f"{role} model {path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx raises DecodeError, ValidationError, ...
+        raise CompressionError(f"{role} model {path} is not a valid ONNX model: {exc}") from exc
+    return model
+
+
+def _check_same_inputs(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
+    ref = [s.name for s in input_specs(reference)]
+    cand = [s.name for s in input_specs(candidate)]
+    if sorted(ref) != sorted(cand):
+        raise CalibrationMismatchError(
+            f"candidate model inputs {cand} differ from the reference's {ref}; "
+            "both must take the same calibration arrays"
+        )
+
+
+def _output_name(reference: onnx.ModelProto, candidate: onnx.ModelProto, output: str | None) -> str:
+    ref = [o.name for o in reference.graph.output]
+    cand = [o.name for o in candidate.graph.output]
+    name = output if output is not None else ref[0]
+    if name not in ref:
+        raise CompressionError(f"reference model has no output {name!r}; it has {ref}")
+    if name not in cand:
+        raise CompressionError(
+            f"candidate model has no output {name!r} (the reference's); it has {cand}"
+        )
+    return name
+
+
+# ------------------------------------------------------------------ running
+
+
+def _static_batch(model: onnx.ModelProto) -> int | None:
+    sizes = {s.dims[0] for s in input_specs(model) if s.dims and isinstance(s.dims[0], int)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def run_output(
+    path: Path,
+    model: onnx.ModelProto,
+    calibration: Calibration,
+    output: str,
+    batch_size: int = DEFAULT_BATCH,
+) -> NDArray[np.float64]:
+    """One output over all calibration samples, in batches (the static batch if any)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = _static_batch(model) or batch_size
+    n = len(next(iter(calibration.values())))
+    outs = []
+    for start in range(0, n, batch):
+        feed = {k: np.ascontiguousarray(v[start : start + batch]) for k, v in calibration.items()}
+        (out,) = session.run([output], feed)
+        outs.append(np.asarray(out, dtype=np.float64))
+    return np.concatenate(outs)
+
+
+@dataclass(frozen=True)
+class _RefKey:
+    path: str
+    mtime_ns: int
+    size: int
+    output: str
+    calibration: str
+
+
+_reference_cache: OrderedDict[_RefKey, NDArray[np.float64]] = OrderedDict()
+
+
+def _calibration_digest(calibration: Calibration) -> str:
+    h = hashlib.sha256()
+    for name in sorted(calibration):
+        array = np.ascontiguousarray(calibration[name])
+        h.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def _reference_outputs(
+    path: Path, model: onnx.ModelProto, calibration: Calibration, output: str, batch_size: int
+) -> NDArray[np.float64]:
+    """The reference's outputs, remembered: accuracy-aware quantization asks many times."""
+    stat = path.stat()
+    digest = _calibration_digest(calibration)
+    key = _RefKey(str(path.resolve()), stat.st_mtime_ns, stat.st_size, output, digest)
+    cached = _reference_cache.get(key)
+    if cached is None:
+        cached = run_output(path, model, calibration, output, batch_size)
+        _reference_cache[key] = cached
+        while len(_reference_cache) > _REFERENCE_CACHE_SIZE:
+            _reference_cache.popitem(last=False)
+    else:
+        _reference_cache.move_to_end(key)
+    return cached
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def choose_metric(model: onnx.ModelProto, output_shape: tuple[int, ...]) -> FidelityMetric:
+    """The metric for an output: the model's "task" metadata first, else the shape."""
+    task = {p.key: p.value for p in model.metadata_props}.get("task")
+    if task == "embedding":
+        return FidelityMetric.COSINE
+    if len(output_shape) == 1 or (len(output_shape) == 2 and output_shape[1] == 1):
+        return FidelityMetric.THRESHOLD
+    if len(output_shape) == 2:
+        return FidelityMetric.TOP1
+    if task == "classification":
+        raise CompressionError(
+            f"classification output has shape {list(output_shape)}; expected [N, C] or [N]"
+        )
+    return FidelityMetric.COSINE
+
+
+def top1_agreement(reference: NDArray[np.float64], candidate: NDArray[np.float64]) -> float:
+    return float((reference.argmax(axis=1) == candidate.argmax(axis=1)).mean())
+
+
+def threshold_agreement(
+    reference: NDArray[np.float64], candidate: NDArray[np.float64], threshold: float = 0.0
+) -> float:
+    same_side = (reference.reshape(-1) > threshold) == (candidate.reshape(-1) > threshold)
+    return float(same_side.mean())
+
+
+def cosine_per_sample(
+    reference: NDArray[np.float64], candidate: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """Cosine of each sample's flattened output with the reference's (1.0 when both are 0)."""
+    ref = reference.reshape(len(reference), -1)
+    cand = candidate.reshape(len(candidate), -1)
+    ref_norm = np.linalg.norm(ref, axis=1)
+    cand_norm = np.linalg.norm(cand, axis=1)
+    dot = (ref * cand).sum(axis=1)
+    both_zero = (ref_norm == 0) & (cand_norm == 0)
+    cos = dot / np.maximum(ref_norm * cand_norm, 1e-30)
+    result: NDArray[np.float64] = np.where(both_zero, 1.0, np.clip(cos, -1.0, 1.0))
+    return result
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def fidelity(
+    reference: Path,
+    candidate: Path,
+    calibration: Calibration,
+    *,
+    metric: FidelityMetric | str | None = None,
+    output: str | None = None,
+    threshold: float = 0.0,
+    batch_size: int = DEFAULT_BATCH,
+) -> Score:
+    """How faithfully ``candidate`` reproduces ``reference`` on the calibration inputs.
+
+    ``output`` defaults to the reference's first output; ``metric`` to the one its
+    task metadata or output shape implies (see the module docstring). The Score's
+    ``extra`` holds the worst sample's cosine ("cosine_min") for embeddings, the
+    threshold used for binary outputs, and the largest absolute output difference
+    ("max_abs_diff") for every metric.
+    """
+    if batch_size < 1:
+        raise CompressionError(f"batch_size must be >= 1, got {batch_size}")
+    chosen = None if metric is None else _parse_metric(metric)
+    ref_model = _load_model(reference, "reference")
+    cand_model = _load_model(candidate, "candidate")
+    _check_same_inputs(ref_model, cand_model)
+    n = check_calibration(ref_model, calibration, label="calibration")
+    check_calibration(cand_model, calibration, label="calibration")
+    name = _output_name(ref_model, cand_model, output)
+    want = _reference_outputs(reference, ref_model, calibration, name, batch_size)
+    got = run_output(candidate, cand_model, calibration, name, batch_size)
+    if got.shape != want.shape:
+        raise CompressionError(
+            f"candidate output {name!r} has shape {list(got.shape)}; "
+            f"the reference's is {list(want.shape)}"
+        )
+    chosen = chosen or choose_metric(ref_model, want.shape)
+    extra = {"max_abs_diff": float(np.abs(got - want).max()) if got.size else 0.0}
+    if chosen is FidelityMetric.TOP1:
+        if want.ndim != 2 or want.shape[1] < 2:
+            raise CompressionError(
+                f"top1_agreement needs [N, C>1] outputs; {name!r} is {list(want.shape)}"
+            )
+        value = top1_agreement(want, got)
+    elif chosen is FidelityMetric.THRESHOLD:
+        if want.size != len(want):
+            raise CompressionError(
+                f"threshold_agreement needs [N] or [N, 1] outputs; {name!r} is {list(want.shape)}"
+            )
+        value = threshold_agreement(want, got, threshold)
+        extra["threshold"] = threshold
+    else:
+        cosines = cosine_per_sample(want, got)
+        value = float(cosines.mean())
+        extra["cosine_min"] = float(cosines.min())
+    return Score(metric=chosen.value, value=value, samples=n, extra=extra)
+
+
+def _parse_metric(metric: FidelityMetric | str) -> FidelityMetric:
+    try:
+        return FidelityMetric(metric)
+    except ValueError:
+        known = ", ".join(m.value for m in FidelityMetric)
+        raise CompressionError(
+            f"unknown fidelity metric {metric!r}; expected one of {known}"
+        ) from None

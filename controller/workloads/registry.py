@@ -1,0 +1,48 @@
+"""The reference workloads by name: one table, built here and nowhere else.
+
+A name comes from a person (CLI flag, benchmark config), so an unknown one is refused
+with the list of known names rather than a bare KeyError. Factories, not instances:
+building a workload loads nothing (data and models load on first use), and every
+caller gets its own instance with its own caches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from controller.workloads.base import Workload
+from controller.workloads.basic_motions import BasicMotionsWorkload
+from controller.workloads.italy_power import ItalyPowerWorkload
+from controller.workloads.minilm import MiniLMWorkload
+from controller.workloads.plaid import PlaidWorkload
+
+WorkloadFactory = Callable[[], Workload]
+
+WORKLOADS: dict[str, WorkloadFactory] = {
+    "plaid": PlaidWorkload,
+    "italy-power": ItalyPowerWorkload,
+    "basic-motions": BasicMotionsWorkload,
+    "minilm": MiniLMWorkload,
+}
+
+
+class UnknownWorkloadError(ValueError):
+    """A workload name that is not in ``WORKLOADS``; the message lists the known ones."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"unknown workload {name!r}; known workloads: {', '.join(sorted(WORKLOADS))}"
+        )
+
+
+def get_workload(name: str) -> Workload:
+    """A new instance of the named workload."""
+    factory = WORKLOADS.get(name)
+    if factory is None:
+        raise UnknownWorkloadError(name)
+    return factory()
+
+
+def workload_names() -> tuple[str, ...]:
+    return tuple(sorted(WORKLOADS))

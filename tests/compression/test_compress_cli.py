@@ -1,0 +1,122 @@
+"""`homefleet compress` / `evaluate` as operators and scripts use them (real processes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CAMERA = ROOT / "deploy" / "device-classes" / "camera.yaml"
+OUTPUTS = {"model.onnx", "source.onnx", "manifest.json", "trials.json"}
+
+
+def homefleet(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "homefleet", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def source_and_calibration(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The BasicMotions FP32 model as a plain ONNX file plus unlabelled inputs."""
+    from controller.workloads.registry import get_workload
+
+    workload = get_workload("basic-motions")
+    base = tmp_path_factory.mktemp("onnx-only")
+    source = workload.export_onnx(workload.source_model(), base / "motions.onnx")
+    calib = base / "inputs.npz"
+    np.savez(calib, **workload.data().train.inputs)
+    return source, calib
+
+
+def test_workload_compression_meets_an_easy_budget(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = homefleet(
+        "compress", "--workload", "basic-motions", "--device-class", str(CAMERA),
+        "--max-size-ratio", "0.5", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["met"] is True
+    assert manifest["recipe"], "a compressed artifact records the steps that made it"
+    assert (out / "model.onnx").stat().st_size <= 0.5 * (out / "source.onnx").stat().st_size
+    assert {v["budget"] for v in manifest["budgets"]} >= {"max_artifact_bytes", "max_accuracy_drop"}
+    trials = json.loads((out / "trials.json").read_text())
+    assert trials[0]["recipe"] == [] and trials[-1]["met"] is True
+    # the artifact runs, and `evaluate` re-checks the manifest's accuracy claim
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    check = homefleet("evaluate", "--workload", "basic-motions", str(out / "model.onnx"), "--json")
+    assert check.returncode == 0, check.stderr
+    score = json.loads(check.stdout)
+    assert score["metric"] == "accuracy"
+    assert score["value"] == pytest.approx(manifest["metrics"]["test_accuracy"])
+
+
+def test_an_impossible_budget_exits_3_with_the_best_trial_and_the_gap(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = homefleet(
+        "compress", "--workload", "basic-motions", "--device-class", str(CAMERA),
+        "--max-bytes", "100", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 3, result.stdout + result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["met"] is False
+    size = next(v for v in manifest["budgets"] if v["budget"] == "max_artifact_bytes")
+    assert size["met"] is False and size["gap"] == size["observed"] - 100
+    assert len(json.loads((out / "trials.json").read_text())) > 3  # it searched before giving up
+
+
+def test_onnx_alone_is_compressed_by_fidelity_without_labels(
+    tmp_path: Path, source_and_calibration: tuple[Path, Path]
+) -> None:
+    source, calib = source_and_calibration
+    out = tmp_path / "out"
+    result = homefleet(
+        "compress", "--onnx", str(source), "--calib", str(calib), "--device-class", str(CAMERA),
+        "--min-fidelity", "0.95", "--max-size-ratio", "0.5", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["met"] is True
+    fidelity = next(v for v in manifest["budgets"] if v["budget"] == "min_fidelity")
+    assert fidelity["observed"] >= 0.95
+    assert all(step["kind"] == "quantize" for step in manifest["recipe"])
+
+
+def test_bad_input_is_refused_and_nothing_is_written(
+    tmp_path: Path, source_and_calibration: tuple[Path, Path]
+) -> None:
+    source, _ = source_and_calibration
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, not_an_input=np.zeros((4, 6, 100), np.float32))
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    broken_class = tmp_path / "broken.yaml"
+    broken_class.write_text("name: camera\ncores: zero\n")
+    cases = [
+        (["--onnx", str(source), "--calib", str(wrong), "--device-class", str(CAMERA)], "x"),
+        (["--onnx", str(junk), "--calib", str(wrong), "--device-class", str(CAMERA)], "junk"),
+        (["--workload", "basic-motions", "--device-class", str(broken_class)], "cores"),
+        (["--workload", "no-such", "--device-class", str(CAMERA)], "known workloads"),
+        (["--onnx", str(source), "--device-class", str(CAMERA)], "--calib"),
+    ]
+    for index, (args, expected) in enumerate(cases):
+        out = tmp_path / f"out-{index}"
+        result = homefleet("compress", *args, "--out", str(out))
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert expected in result.stderr, (args, result.stderr)
+        assert not out.exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert leftovers == []

@@ -1,0 +1,58 @@
+"""The workload registry: one table, names that match, a helpful error for a typo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from controller.workloads.base import TaskKind, Workload
+from controller.workloads.registry import (
+    WORKLOADS,
+    UnknownWorkloadError,
+    get_workload,
+    workload_names,
+)
+
+
+def test_every_reference_workload_is_registered_under_its_own_name() -> None:
+    assert workload_names() == ("basic-motions", "italy-power", "minilm", "plaid")
+    for name in WORKLOADS:
+        workload = get_workload(name)
+        assert isinstance(workload, Workload)
+        assert workload.name == name
+        assert workload.input_names and workload.output_names
+
+
+def test_kinds() -> None:
+    assert get_workload("minilm").kind is TaskKind.EMBEDDING
+    for name in ("plaid", "italy-power", "basic-motions"):
+        assert get_workload(name).kind is TaskKind.CLASSIFICATION
+
+
+def test_each_call_builds_a_new_instance() -> None:
+    assert get_workload("plaid") is not get_workload("plaid")
+
+
+def test_unknown_name_lists_the_known_ones() -> None:
+    with pytest.raises(UnknownWorkloadError) as info:
+        get_workload("plaid2")
+    message = str(info.value)
+    assert "'plaid2'" in message
+    assert "basic-motions, italy-power, minilm, plaid" in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_calibration_inputs_cover_every_class_of_a_sorted_split() -> None:
+    """PLAID's train split is sorted by class; calibration must not be two classes of eleven."""
+    workload = get_workload("plaid")
+    train = workload.data().train
+    assert train.labels is not None
+    assert (np.diff(train.labels) >= 0).all()  # sorted, so take(64) would be biased
+    spread = train.spread(64)
+    assert len(spread) == 64 and spread.labels is not None
+    assert set(spread.labels.tolist()) == set(train.labels.tolist())
+    calib = workload.calibration_inputs(64)
+    np.testing.assert_array_equal(calib["x"], spread.inputs["x"])
+    assert len(train.spread(10_000)) == len(train)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        train.spread(0)
