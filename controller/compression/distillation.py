@@ -45,7 +45,14 @@ def _student(
     preprocess: nn.Module | None,
     seed: int,
 ) -> tuple[nn.Module, str]:
-    """The zoo student (seeded, so distilled and alone runs start from the same weights)."""
+    """The zoo student (seeded, so distilled and alone runs start from the same weights).
+
+    ``in_shape`` is the raw per-sample input shape; with ``preprocess`` the zoo student is
+    built for what the preprocessor outputs (e.g. PLAID's 1 raw channel becomes 2).
+    """
+    if preprocess is not None and student is None:
+        with torch.no_grad():
+            in_shape = tuple(preprocess.eval()(torch.zeros((1, *in_shape))).shape[1:])
     if student is not None:
         model, name = copy.deepcopy(student), "given"
     else:
