@@ -60,6 +60,7 @@ class AgentHandlers:
         self._config = config
         self._notifier = notifier
         self._open_watches: dict[str, int] = {}
+        self._bookkeeping: set[asyncio.Task[None]] = set()  # held: the loop keeps weak refs
 
     @property
     def heartbeat_seconds(self) -> int:
@@ -234,11 +235,23 @@ class AgentHandlers:
         return await in_thread(self._store.store_telemetry, device_id, windows)
 
     async def _quietly(self, fn: Callable[..., object], *args: object) -> None:
-        """Bookkeeping after a stream ends must not hide the stream's own outcome."""
-        try:
-            await in_thread(fn, *args)
-        except Exception:
-            log.exception("bookkeeping %s failed", getattr(fn, "__name__", fn))
+        """Bookkeeping after a stream ends must not hide the stream's own outcome.
+
+        Shielded: the stream often ends because the client cancelled it (an agent cancels
+        a download once it has every byte), and that cancellation must not cancel the
+        record of the stream before its thread has even started.
+        """
+
+        async def work() -> None:
+            try:
+                await in_thread(fn, *args)
+            except Exception:
+                log.exception("bookkeeping %s failed", getattr(fn, "__name__", fn))
+
+        task = asyncio.ensure_future(work())
+        self._bookkeeping.add(task)
+        task.add_done_callback(self._bookkeeping.discard)
+        await asyncio.shield(task)
 
 
 def _check_window(w: TelemetryWindow, at: str) -> None:

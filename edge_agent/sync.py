@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Coroutine
 from typing import Any
 
 import grpc
@@ -86,6 +87,28 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+async def until_first_ends(*coros: Coroutine[Any, Any, None]) -> None:
+    """Run ``coros`` as tasks until one ends, cancel the rest, and raise what it raised.
+
+    Not an asyncio.TaskGroup: on Python 3.11 a TaskGroup whose task is cancelled while a
+    child fails raises the child's error instead of CancelledError, so a stop (SIGTERM)
+    that coincided with a broken stream was lost and the sync loop reconnected forever.
+    """
+    tasks = [asyncio.create_task(coro) for coro in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+    for task in tasks:  # retrieve every outcome, so no error is reported as never retrieved
+        if not task.cancelled():
+            task.exception()
+    first = next((t.exception() for t in tasks if t in done and not t.cancelled()), None)
+    if first is not None:
+        raise first
+
+
 class SyncLoop:
     def __init__(
         self,
@@ -158,9 +181,9 @@ class SyncLoop:
             await self._flush_reports(stub)
             self.connected.set()
             desired = _Latest()
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._watch(stub, desired, backoff))
-                tasks.create_task(self._apply_forever(stub, desired))
+            await until_first_ends(
+                self._watch(stub, desired, backoff), self._apply_forever(stub, desired)
+            )
 
     def _pick_chunk_bytes(self, controller_max: int) -> int:
         chunk = self.config.chunk_bytes
