@@ -1,19 +1,15 @@
-"""Real processes for end-to-end tests: a controller, edge agents, a fault-injecting proxy.
+"""Real processes for end-to-end tests: a controller and edge agents.
 
 Everything runs as the README runs it (`python -m homefleet ...`), on loopback, port 0.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -302,63 +298,3 @@ def reference_output(path: Path, x: np.ndarray) -> np.ndarray:
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     result: np.ndarray = x @ weights["W"] + weights["b"]
     return result
-
-
-class CuttingProxy:
-    """A loopback TCP proxy that drops the connection once, after N bytes went downstream.
-
-    Stands in for a home uplink that breaks mid-download: a real network fault, not a
-    hook inside the product. Later connections pass through untouched.
-    """
-
-    def __init__(self, upstream_port: int, cut_after_bytes: int) -> None:
-        self.upstream_port = upstream_port
-        self.cut_after_bytes = cut_after_bytes
-        self.cuts = 0
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> CuttingProxy:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
-        sock: socket.socket = server.sockets[0]
-        self.port = sock.getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        cut_this_one = self.cuts == 0
-        done = asyncio.Event()
-
-        async def pump(
-            src: asyncio.StreamReader, dst: asyncio.StreamWriter, downstream: bool
-        ) -> None:
-            sent = 0
-            with contextlib.suppress(ConnectionError, OSError):
-                while not done.is_set():
-                    data = await src.read(16384)
-                    if not data:
-                        break
-                    if downstream and cut_this_one and sent + len(data) > self.cut_after_bytes:
-                        self.cuts += 1
-                        break
-                    dst.write(data)
-                    await dst.drain()
-                    sent += len(data)
-            done.set()
-            for w in (writer, up_writer):
-                w.transport.abort()
-
-        await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))

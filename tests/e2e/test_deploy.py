@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from protos import fleet_pb2
+from tests.support.proxy import FaultProxy
 
-from .harness import Agent, Controller, CuttingProxy, linear_model, reference_output, wait_for
+from .harness import Agent, Controller, linear_model, reference_output, wait_for
 
 ACTIVE = fleet_pb2.DEPLOYMENT_OUTCOME_ACTIVE
 FAILED = fleet_pb2.DEPLOYMENT_OUTCOME_FAILED
@@ -119,25 +120,43 @@ def test_interrupted_download_resumes_from_its_offset(
 ) -> None:
     big = linear_model(tmp_path / "big.onnx", seed=3, width=50_000)  # ~3.2 MB
     total = big.stat().st_size
-    with CuttingProxy(controller.port, cut_after_bytes=1_000_000) as proxy:
-        agent = start_agent(
-            tmp_path, f"127.0.0.1:{proxy.port}", "cam-1", "camera", controller.public_key
-        )
+    with FaultProxy(controller.port) as proxy:
+        # the uplink stalls mid-download, then breaks once the agent has stored some bytes
+        proxy.black_hole_after(1_000_000)
+        agent = start_agent(tmp_path, proxy.address, "cam-1", "camera", controller.public_key)
         try:
             artifact = controller.release("big", big, "camera")
-            controller.wait_serving("cam-1", "big", artifact.sha256)
-            assert proxy.cuts == 1
+            part = agent.state_dir / "partial" / f"{artifact.sha256}.part"
 
-            calls = fetches(controller, "cam-1", artifact.sha256)
-            first, last = calls[0], calls[-1]
-            assert first["offset"] == 0 and first["completed"] is False
-            assert last["completed"] is True
-            resumed_at = int(str(last["offset"]))
-            # the resumed call started where the agent's bytes ended, not at zero ...
-            assert 0 < resumed_at < total
-            # ... and sent only the rest: nothing was downloaded twice after the break
-            assert resumed_at + int(str(last["bytes_sent"])) == total
-            assert int(str(last["total_bytes"])) == total
+            def stored_some() -> int | None:
+                size = part.stat().st_size if part.exists() else 0
+                return size if proxy.black_holed and size else None
+
+            stored = wait_for("part of the download to be stored", stored_some)
+            proxy.cut_all()
+            proxy.pass_through()
+            controller.wait_serving("cam-1", "big", artifact.sha256)
+
+            # what the agent asked for, read off the wire: from 0, then from its bytes
+            asked = [
+                r.offset
+                for r in proxy.requests(
+                    fleet_pb2.FetchArtifactRequest, lambda r: r.target_sha256 == artifact.sha256
+                )
+            ]
+            assert asked[0] == 0 and len(asked) == 2
+            resumed_at = asked[1]
+            assert 0 < stored <= resumed_at < total
+
+            # what the controller sent on the resumed call: only the rest, nothing twice
+            def resumed_call() -> dict[str, object] | None:
+                calls = fetches(controller, "cam-1", artifact.sha256)
+                return next((c for c in calls if c["offset"] == resumed_at), None)
+
+            resumed = wait_for("the resumed fetch to be recorded", resumed_call)
+            assert resumed["completed"] is True
+            assert resumed_at + int(str(resumed["bytes_sent"])) == total
+            assert int(str(resumed["total_bytes"])) == total
 
             x = sample()
             y, answered_by = agent.predict("big", x)

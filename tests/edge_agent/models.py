@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
 
@@ -55,3 +56,30 @@ def add_model(offset: float) -> bytes:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
     )
+
+
+def large_add_model(offset: float, floats: int = 150_000, seed: int = 0) -> bytes:
+    """add_model(offset) plus ``floats`` real weights summed into a second output.
+
+    Big enough (4 bytes a float) to span many 64 KiB chunks, so a download can break,
+    stall and resume in the middle; still finite, so it passes the agent's self-test.
+    """
+    weights = np.random.default_rng(seed).standard_normal(floats).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            _const("k", offset),
+            helper.make_node("Add", ["x", "k"], ["y"]),
+            helper.make_node("ReduceSum", ["w"], ["w_sum"], keepdims=0),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("w_sum", TensorProto.FLOAT, []),
+        ],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()

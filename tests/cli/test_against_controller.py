@@ -1,0 +1,530 @@
+"""The CLI against the real controller: what it sends, what it prints, how it fails.
+
+Every situation is made by driving the real controller (AdminService, or AgentService as
+a device would); faults it does not make on its own come from a real loopback proxy
+(tests.support.proxy), a damaged database or a bound-but-silent link. What the CLI put
+on the wire is read off the wire by the proxy's tap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from artifact.manifest import Manifest
+from controller.cli import output, views
+from controller.cli.errors import ExitCode, Failure, explain
+from controller.cli.upload import CHUNK_BYTES
+from homefleet.cli import app
+from protos import fleet_pb2, fleet_pb2_grpc
+from tests.cli.conftest import StartController
+from tests.support.controller import ControllerThread
+from tests.support.proxy import FaultProxy
+
+MIB = 1024 * 1024
+
+
+# ------------------------------------------------------------- models and clients
+
+
+def onnx_file(path: Path, *, scale: float = 1.0, padding: int = 0) -> Path:
+    """y[1,2] = x[1,4] @ W; ``padding`` real floats more (summed into a second output)."""
+    weight = numpy_helper.from_array((np.arange(8, dtype=np.float32) * scale).reshape(4, 2), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])]
+    initializers = [weight]
+    if padding:
+        pad = np.random.default_rng(0).standard_normal(padding).astype(np.float32)
+        initializers.append(numpy_helper.from_array(pad, "pad"))
+        nodes.append(helper.make_node("ReduceSum", ["pad"], ["pad_sum"], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("pad_sum", TensorProto.FLOAT, []))
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        outputs,
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@contextmanager
+def stubs(address: str) -> Iterator[tuple[Any, Any]]:
+    """Sync AdminService and AgentService stubs (the generated stubs are untyped)."""
+    with grpc.insecure_channel(address) as channel:
+        yield (
+            fleet_pb2_grpc.AdminServiceStub(channel),  # type: ignore[no-untyped-call]
+            fleet_pb2_grpc.AgentServiceStub(channel),  # type: ignore[no-untyped-call]
+        )
+
+
+def register(
+    agent: Any,
+    device_id: str,
+    device_class: str,
+    *,
+    arch: str = "x86_64",
+    held: tuple[fleet_pb2.HeldArtifact, ...] = (),
+) -> None:
+    agent.Register(
+        fleet_pb2.RegisterRequest(
+            device_id=device_id,
+            device_class=device_class,
+            hardware=fleet_pb2.HardwareInfo(arch=arch, cpu_cores=2, memory_bytes=1 << 30),
+            held=held,
+            agent_version="test",
+        ),
+        timeout=10,
+    )
+
+
+def report(
+    agent: Any,
+    device_id: str,
+    model: str,
+    sha: str,
+    outcome: fleet_pb2.DeploymentOutcome,
+    **fields: Any,
+) -> None:
+    agent.ReportStatus(
+        fleet_pb2.StatusReport(
+            device_id=device_id, model_name=model, artifact_sha256=sha, outcome=outcome, **fields
+        ),
+        timeout=10,
+    )
+
+
+def upload(admin: Any, name: str, path: Path) -> fleet_pb2.Model:
+    """AddModel exactly as `homefleet model add NAME FILE` sends it (no description)."""
+    data = path.read_bytes()
+    header = fleet_pb2.AddModelHeader(
+        name=name, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
+    messages = [fleet_pb2.AddModelChunk(header=header), fleet_pb2.AddModelChunk(data=data)]
+    model: fleet_pb2.Model = admin.AddModel(iter(messages), timeout=10)
+    return model
+
+
+def cli(runner: CliRunner, address: str, *args: str) -> Any:
+    return runner.invoke(app, [*args, "--controller", address])
+
+
+# ------------------------------------------------------------- what the CLI sends
+
+
+def test_model_add_streams_header_then_bounded_chunks(
+    runner: CliRunner, live: ControllerThread, tmp_path: Path
+) -> None:
+    path = onnx_file(tmp_path / "m.onnx", padding=150_000)
+    data = path.read_bytes()
+    assert 2 * CHUNK_BYTES < len(data) < 3 * CHUNK_BYTES
+    with FaultProxy(live.port) as proxy:  # passes everything; taps what the CLI sends
+        result = cli(
+            runner, proxy.address, "model", "add", "motions", str(path), "--description",
+            "demo [x]", "--json",
+        )  # fmt: skip
+        chunks = proxy.requests(fleet_pb2.AddModelChunk, lambda chunk: True)
+    assert result.exit_code == 0, result.output
+    assert chunks[0].WhichOneof("part") == "header"
+    header = chunks[0].header
+    assert (header.name, header.description) == ("motions", "demo [x]")
+    assert header.size_bytes == len(data)
+    assert header.sha256 == hashlib.sha256(data).hexdigest()
+    assert [c.WhichOneof("part") for c in chunks[1:]] == ["data", "data", "data"]
+    assert [len(c.data) for c in chunks[1:]] == [CHUNK_BYTES, CHUNK_BYTES, len(data) % CHUNK_BYTES]
+    shown = json.loads(result.stdout)
+    assert (shown["name"], shown["version"], shown["description"]) == ("motions", 1, "demo [x]")
+    assert shown["sha256"] == header.sha256
+    assert shown["size_bytes"] == len(data)
+    assert shown["inputs"] == [{"name": "x", "dtype": "float32", "shape": [1, 4]}]
+    # the controller stored exactly the streamed bytes
+    assert live.controller.blob_path(header.sha256).read_bytes() == data
+
+
+def test_model_add_prints_a_summary_without_json(
+    runner: CliRunner, live: ControllerThread, tmp_path: Path
+) -> None:
+    path = onnx_file(tmp_path / "m.onnx")
+    size = path.stat().st_size
+    assert size < 1024
+    result = runner.invoke(
+        app, ["model", "add", "motions", str(path)], env={"HOMEFLEET_CONTROLLER": live.address}
+    )
+    assert result.exit_code == 0, result.output
+    assert "added model motions v1" in result.stdout
+    assert f"{size} B" in result.stdout
+    assert "x float32[1,4]" in result.stdout and "y float32[1,2]" in result.stdout
+
+
+@pytest.mark.parametrize(("flag", "target"), [("--class", "home-hub"), ("--device", "hub-1")])
+def test_assign_targets_a_class_or_a_device(
+    runner: CliRunner, live: ControllerThread, tmp_path: Path, flag: str, target: str
+) -> None:
+    with stubs(live.address) as (_, agent):
+        register(agent, "hub-1", "home-hub")
+        register(agent, "hub-2", "home-hub")
+    live.add_model("motions", onnx_file(tmp_path / "m.onnx").read_bytes())
+    live.create_artifact("motions", "home-hub")
+
+    result = cli(runner, live.address, "assign", "motions/home-hub/v1", flag, target)
+    assert result.exit_code == 0, result.output
+    kind = "class" if flag == "--class" else "device"
+    affected = 2 if kind == "class" else 1
+    plural = "s" if affected > 1 else ""
+    said = f"assigned motions/home-hub/v1 to {kind} {target}: {affected} device{plural} affected"
+    assert said in result.stdout
+    [event] = live.events("assignment.changed")
+    detail = json.loads(event.detail_json)
+    assert (detail["artifact_id"], detail["target_kind"], detail["target"]) == (
+        "motions/home-hub/v1",
+        kind,
+        target,
+    )
+    with stubs(live.address) as (admin, _):
+        devices = admin.ListDevices(fleet_pb2.ListDevicesRequest(), timeout=10).devices
+    desired = {d.device_id: [m.desired_artifact_id for m in d.models] for d in devices}
+    assert desired["hub-1"] == ["motions/home-hub/v1"]
+    assert desired["hub-2"] == (["motions/home-hub/v1"] if kind == "class" else [])
+
+
+# ------------------------------------------------------------- how it fails
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request the controller refuses: as CLI arguments, and the same call made directly."""
+
+    code: grpc.StatusCode
+    argv: Callable[[Path], list[str]]
+    direct: Callable[[Any, Path], object]
+
+
+REFUSALS = {
+    "bad-name": Refusal(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda d: ["model", "add", "Bad[x]", str(d / "tiny.onnx")],
+        lambda admin, d: upload(admin, "Bad[x]", d / "tiny.onnx"),
+    ),
+    "not-onnx": Refusal(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda d: ["model", "add", "junk", str(d / "junk.onnx")],
+        lambda admin, d: upload(admin, "junk", d / "junk.onnx"),
+    ),
+    "unknown-model": Refusal(
+        grpc.StatusCode.NOT_FOUND,
+        lambda d: ["artifact", "create", "nothing", "--class", "home-hub"],
+        lambda admin, d: admin.CreateArtifact(
+            fleet_pb2.CreateArtifactRequest(model_name="nothing", device_class="home-hub"),
+            timeout=10,
+        ),
+    ),
+    "unknown-artifact": Refusal(
+        grpc.StatusCode.NOT_FOUND,
+        lambda d: ["assign", "no[such]/c/v9", "--device", "nobody"],
+        lambda admin, d: admin.Assign(
+            fleet_pb2.AssignRequest(artifact_id="no[such]/c/v9", device_id="nobody"), timeout=10
+        ),
+    ),
+    "wrong-class": Refusal(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        lambda d: ["assign", "motions/home-hub/v1", "--class", "camera"],
+        lambda admin, d: admin.Assign(
+            fleet_pb2.AssignRequest(artifact_id="motions/home-hub/v1", device_class="camera"),
+            timeout=10,
+        ),
+    ),
+    "too-big": Refusal(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        lambda d: ["model", "add", "big", str(d / "big.onnx")],
+        lambda admin, d: upload(admin, "big", d / "big.onnx"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals_exit_1_with_the_controllers_message(
+    runner: CliRunner, start_controller: StartController, tmp_path: Path, case: str
+) -> None:
+    live = start_controller(max_model_bytes=4096)
+    onnx_file(tmp_path / "tiny.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"these bytes are not an ONNX model")
+    (tmp_path / "big.onnx").write_bytes(bytes(5000))
+    live.add_model("motions", (tmp_path / "tiny.onnx").read_bytes())
+    live.create_artifact("motions", "home-hub")
+    refusal = REFUSALS[case]
+
+    with stubs(live.address) as (admin, _), pytest.raises(grpc.RpcError) as info:
+        refusal.direct(admin, tmp_path)
+    assert info.value.code() == refusal.code
+    message = info.value.details()
+    assert message
+
+    result = cli(runner, live.address, *refusal.argv(tmp_path))
+    assert result.exit_code == 1
+    assert result.stderr == f"error: {message}\n"  # the controller's own words, unaltered
+    assert result.stdout == ""
+
+
+def test_refusals_only_a_device_meets_are_explained_the_same_way(
+    live: ControllerThread, tmp_path: Path
+) -> None:
+    """ALREADY_EXISTS and OUT_OF_RANGE come only from AgentService, never from a CLI call."""
+    artifact_data = onnx_file(tmp_path / "m.onnx").read_bytes()
+    live.add_model("motions", artifact_data)
+    sha = live.create_artifact("motions", "home-hub").sha256
+    with stubs(live.address) as (_, agent):
+        register(agent, "hub-1", "home-hub")
+        with pytest.raises(grpc.RpcError) as taken:
+            register(agent, "hub-1", "home-hub", arch="riscv64")
+        request = fleet_pb2.FetchArtifactRequest(
+            device_id="hub-1", target_sha256=sha, offset=len(artifact_data) + 1
+        )
+        with pytest.raises(grpc.RpcError) as past_end:
+            list(agent.FetchArtifact(request, timeout=10))
+    for error, code in (
+        (taken.value, grpc.StatusCode.ALREADY_EXISTS),
+        (past_end.value, grpc.StatusCode.OUT_OF_RANGE),
+    ):
+        assert error.code() == code
+        failure = explain(error, address=live.address, timeout_s=10)
+        assert failure == Failure(ExitCode.REFUSED, error.details() or "")
+        assert failure.message  # the controller said why
+
+
+def test_internal_errors_point_at_the_controller_log(
+    runner: CliRunner, live: ControllerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = sqlite3.connect(live.data_dir / "homefleet.db")
+    try:
+        db.execute("DROP TABLE events")  # a damaged database: the controller has a bug to log
+        db.commit()
+    finally:
+        db.close()
+    result = cli(runner, live.address, "events")
+    assert result.exit_code == 1
+    assert "INTERNAL" in result.stderr and "log" in result.stderr
+    assert "no such table" not in result.stderr  # the detail stays in the controller's log
+    logged = [r for r in caplog.records if r.name == "controller.errors"]
+    assert any("ListEvents failed unexpectedly" in r.getMessage() for r in logged)
+    assert any("no such table" in str(r.exc_info[1]) for r in logged if r.exc_info)
+
+
+def test_a_link_that_drops_every_connection_exits_4(
+    runner: CliRunner, live: ControllerThread
+) -> None:
+    with FaultProxy(live.port) as proxy:
+        proxy.cut_after(0, every_connection=True)
+        result = cli(runner, proxy.address, "devices")
+        assert proxy.cuts >= 1
+    assert result.exit_code == 4
+    assert result.stderr.startswith(f"error: cannot reach the controller at {proxy.address}")
+    said = re.search(r"\(gRPC said: (.+)\)\n$", result.stderr)
+    assert said is not None, result.stderr
+    assert said.group(1).strip() and "without a message" not in said.group(1)
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "command", [["events"], ["devices"], ["model", "list"], ["artifact", "list"]]
+)
+def test_deadline_applies_to_every_call(
+    runner: CliRunner, live: ControllerThread, command: list[str]
+) -> None:
+    with FaultProxy(live.port) as proxy:
+        assert cli(runner, proxy.address, *command).exit_code == 0  # the link works
+        proxy.black_hole()  # then answers stop coming; the connection stays open
+        result = cli(runner, proxy.address, *command, "--timeout", "0.3")
+    assert result.exit_code == 4
+    assert "did not answer within 0.3 s" in result.stderr
+    assert result.stdout == ""
+
+
+# ------------------------------------------------------------- what it prints
+
+
+def test_events_passes_filters_and_prints_json_only(
+    runner: CliRunner, live: ControllerThread, tmp_path: Path
+) -> None:
+    m, n = onnx_file(tmp_path / "m.onnx"), onnx_file(tmp_path / "n.onnx", scale=2.0)
+    live.add_model("m", m.read_bytes())
+    hub = live.create_artifact("m", "home-hub")
+    live.create_artifact("m", "camera")
+    live.add_model("n", n.read_bytes())
+    with stubs(live.address) as (_, agent):
+        register(agent, "hub-1", "home-hub")
+        request = fleet_pb2.FetchArtifactRequest(device_id="hub-1", target_sha256=hub.sha256)
+        assert b"".join(c.data for c in agent.FetchArtifact(request, timeout=10)) == m.read_bytes()
+    for model in ("m", "n"):
+        for device_class in ("speaker", "tv", "lamp"):
+            live.create_artifact(model, device_class)
+
+    everything = live.events()
+    after = [e.id for e in everything if e.kind.startswith("artifact.")][1]
+    later = [e for e in everything if e.id > after]
+    wanted = [e for e in later if e.kind.startswith("artifact.")]
+    # every filter matters: other kinds come later, and more than the limit match
+    assert len(wanted) > 5 and len(wanted) < len(later)
+    assert "artifact.fetch" in [e.kind for e in wanted[:5]]
+
+    result = cli(
+        runner, live.address, "events", "--kind", "artifact.", "--limit", "5", "--after",
+        str(after), "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    shown = json.loads(result.stdout)["events"]  # stdout is JSON and nothing else
+    assert [e["id"] for e in shown] == [e.id for e in wanted[:5]]
+    for view, event in zip(shown, wanted, strict=False):
+        assert (view["kind"], view["subject"], view["message"]) == (
+            event.kind,
+            event.subject,
+            event.message,
+        )
+        assert view["detail"] == json.loads(event.detail_json)
+    [fetch] = [e["detail"] for e in shown if e["kind"] == "artifact.fetch"]
+    assert (fetch["device_id"], fetch["offset"], fetch["completed"]) == ("hub-1", 0, True)
+    assert fetch["total_bytes"] == m.stat().st_size  # an integer, parsed from the detail
+
+
+def test_events_table_shows_server_text_as_it_is(runner: CliRunner, live: ControllerThread) -> None:
+    with stubs(live.address) as (_, agent):
+        register(agent, "hub-1", "home-hub")
+        report(
+            agent, "hub-1", "motions", "c" * 64, fleet_pb2.DEPLOYMENT_OUTCOME_FAILED,
+            reason="[bold]boom[/bold]",
+        )  # fmt: skip
+    [event] = live.events("device.status")
+    assert "[bold]boom[/bold]" in event.message
+    result = cli(runner, live.address, "events")
+    assert result.exit_code == 0, result.output
+    assert "device.status" in result.stdout and "device.registered" in result.stdout
+    assert event.message in result.stdout  # server text is never read as markup
+
+
+@contextmanager
+def watching(agent: Any, device_id: str) -> Iterator[None]:
+    """Hold a WatchAssignments stream open, as a connected agent does: the device is online."""
+    call = agent.WatchAssignments(fleet_pb2.WatchAssignmentsRequest(device_id=device_id))
+    try:
+        next(call)  # the controller leases "online" before it sends the first set
+        yield
+    finally:
+        call.cancel()
+
+
+def test_devices_table_shows_serving_desired_and_outcome(
+    runner: CliRunner, live: ControllerThread, tmp_path: Path
+) -> None:
+    live.add_model("motions", onnx_file(tmp_path / "v1.onnx", scale=1.0).read_bytes())
+    v1 = live.create_artifact("motions", "home-hub")
+    live.add_model("motions", onnx_file(tmp_path / "v2.onnx", scale=2.0).read_bytes())
+    v2 = live.create_artifact("motions", "home-hub")
+    live.add_model("intents", onnx_file(tmp_path / "i.onnx", scale=3.0).read_bytes())
+    intents = live.create_artifact("intents", "home-hub")
+    unknown = "a" * 64  # served by the device, known to no artifact of this controller
+    legacy = fleet_pb2.HeldArtifact(model_name="legacy", sha256=unknown, active=True)
+    with stubs(live.address) as (_, agent):
+        register(agent, "hub-1", "home-hub", held=(legacy,))
+        register(agent, "cam-1", "camera")
+        live.assign(v2.id, device_class="home-hub")
+        live.assign(intents.id, device_class="home-hub")
+        failed = fleet_pb2.DEPLOYMENT_OUTCOME_FAILED
+        report(agent, "hub-1", "motions", v2.sha256, failed, reason="self-test failed",
+               serving_sha256=v1.sha256)  # fmt: skip
+        active = fleet_pb2.DEPLOYMENT_OUTCOME_ACTIVE
+        report(agent, "hub-1", "intents", intents.sha256, active, serving_sha256=intents.sha256)
+        with watching(agent, "hub-1"):
+            result = cli(runner, live.address, "devices")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for text in (
+        "hub-1",
+        "home-hub",
+        "online",
+        "motions/home-hub/v1",  # serving
+        "motions/home-hub/v2",  # desired
+        "failed: self-test failed",
+        "intents",
+        "active",
+        "legacy",
+        "aaaaaaaaaaaa",  # a digest no artifact has: shown short
+        "cam-1",
+        "offline",
+    ):
+        assert text in out, text
+    assert re.search(r"\b\d+s ago\b", out)
+    assert "a" * 13 not in out
+    intents_line = next(line for line in out.splitlines() if "intents" in line)
+    assert intents_line.count("intents/home-hub/v1") == 1  # desired is not repeated
+
+
+def test_devices_json(runner: CliRunner, live: ControllerThread) -> None:
+    rolled_back = fleet_pb2.DEPLOYMENT_OUTCOME_ROLLED_BACK
+    with stubs(live.address) as (_, agent):
+        register(agent, "hub-1", "home-hub")
+        report(
+            agent, "hub-1", "motions", "d" * 64, rolled_back,
+            encoding=fleet_pb2.PAYLOAD_ENCODING_DELTA, bytes_received=1 << 40,
+            serving_sha256="e" * 64,
+        )  # fmt: skip
+        with watching(agent, "hub-1"):
+            result = cli(runner, live.address, "devices", "--json")
+    assert result.exit_code == 0, result.output
+    [device] = json.loads(result.stdout)["devices"]
+    assert device["device_id"] == "hub-1" and device["status"] == "online"
+    assert device["hardware"]["cpu_cores"] == 2 and device["hardware"]["arch"] == "x86_64"
+    [model] = device["models"]
+    assert model["last_outcome"] == "rolled_back"
+    assert model["encoding"] == "delta"
+    assert model["bytes_received"] == 1 << 40  # an integer, not a string
+    assert model["serving_sha256"] == "e" * 64
+
+
+def test_artifact_list_parses_the_signed_manifest(
+    runner: CliRunner, live: ControllerThread, tmp_path: Path
+) -> None:
+    path = onnx_file(tmp_path / "big.onnx", padding=786_000)
+    size = path.stat().st_size
+    assert 2.95 * MIB <= size < 3.05 * MIB  # shown as "3.0 MiB"
+    live.add_model("motions", path.read_bytes())
+    artifact = live.create_artifact("motions", "home-hub")
+    signed = Manifest.from_json_bytes(artifact.manifest.manifest_json)
+
+    result = cli(runner, live.address, "artifact", "list", "--json")
+    assert result.exit_code == 0, result.output
+    [shown] = json.loads(result.stdout)["artifacts"]
+    assert shown["id"] == "motions/home-hub/v1"
+    assert shown["signed"] is True
+    assert shown["key_id"] == live.key_id
+    assert Manifest.model_validate(shown["manifest"]) == signed
+
+    table = cli(runner, live.address, "artifact", "list")
+    assert table.exit_code == 0, table.output
+    assert "motions/home-hub/v1" in table.stdout
+    assert artifact.sha256[:12] in table.stdout and artifact.sha256[:13] not in table.stdout
+    assert "3.0 MiB" in table.stdout
+    assert signed.expires_at.astimezone().strftime("%Y-%m-%d") in table.stdout
+
+
+def test_what_no_controller_sends_still_renders() -> None:
+    """Cases the real controller never produces: an unset time, an event with no detail."""
+    assert output.relative_time(0) == "never"
+    assert views.event_from_proto(fleet_pb2.Event(id=1, kind="x")).detail == {}
+    assert views.event_from_proto(fleet_pb2.Event(id=2, detail_json="[1]")).detail == {"raw": "[1]"}

@@ -1,0 +1,115 @@
+"""SyncLoop.check_manifest on manifests a real controller would never send.
+
+The real controller signs every manifest with its key and refuses to assign an artifact
+to a device of another class, so these refusals are checked here, on the agent's own
+function, with manifests really signed (artifact.signing) and then altered. The
+end-to-end refusal (FAILED report, old model kept, nothing downloaded) is covered with a
+real controller in test_sync.py.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from artifact.digest import sha256_bytes
+from artifact.manifest import Manifest, RecipeStep, TensorSpec
+from artifact.signing import SigningKey, TrustedKey
+from edge_agent.config import AgentConfig
+from edge_agent.errors import AgentError, ErrorCode
+from edge_agent.hardware import collect
+from edge_agent.runtime import ModelRuntime
+from edge_agent.store import StateStore
+from edge_agent.sync import SyncLoop
+from protos import fleet_pb2
+from tests.edge_agent.models import add_model
+
+KEY = SigningKey.generate()
+DATA = add_model(1.0)
+
+
+def manifest(**over: Any) -> Manifest:
+    created = datetime.now(UTC).replace(microsecond=0)
+    fields: dict[str, Any] = {
+        "model_name": "motions",
+        "model_version": 1,
+        "device_class": "home-hub",
+        "version": 1,
+        "sha256": sha256_bytes(DATA),
+        "size_bytes": len(DATA),
+        "inputs": (TensorSpec(name="x", dtype="float32", shape=(-1, 4)),),
+        "outputs": (TensorSpec(name="y", dtype="float32", shape=(-1, 4)),),
+        "recipe": (RecipeStep(kind="identity"),),
+        "created_at": created,
+        "expires_at": created + timedelta(days=30),
+    }
+    fields.update(over)
+    return Manifest.model_validate(fields)
+
+
+def assignment(
+    m: Manifest, *, key: SigningKey | None = KEY, raw: bytes | None = None
+) -> fleet_pb2.Assignment:
+    """``m`` signed by ``key`` (None: unsigned); ``raw``: bytes sent instead of the signed ones."""
+    signed = m.to_json_bytes()
+    return fleet_pb2.Assignment(
+        model_name=m.model_name,
+        artifact_sha256=m.sha256,
+        size_bytes=m.size_bytes,
+        manifest=fleet_pb2.SignedManifest(
+            manifest_json=signed if raw is None else raw,
+            signature=key.sign(signed) if key else b"",
+            key_id=key.key_id if key else "",
+        ),
+    )
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> SyncLoop:
+    config = AgentConfig(
+        controller="127.0.0.1:1", device_id="dev-1", device_class="home-hub", state_dir=tmp_path
+    )
+    trusted = TrustedKey(KEY.private.public_key())
+    return SyncLoop(config, StateStore(tmp_path), ModelRuntime(threads=1), collect(), trusted)
+
+
+def refusal(agent: SyncLoop, a: fleet_pb2.Assignment) -> AgentError:
+    with pytest.raises(AgentError) as info:
+        agent.check_manifest(a)
+    return info.value
+
+
+def test_a_manifest_signed_by_the_pinned_key_for_this_class_is_accepted(agent: SyncLoop) -> None:
+    m = manifest()
+    assert agent.check_manifest(assignment(m)) == m
+
+
+def test_a_manifest_for_another_device_class_is_refused(agent: SyncLoop) -> None:
+    error = refusal(agent, assignment(manifest(device_class="camera")))
+    assert error.code == ErrorCode.MANIFEST_MISMATCH
+    assert "'camera'" in error.message and "'home-hub'" in error.message
+
+
+def test_an_unsigned_manifest_is_refused(agent: SyncLoop) -> None:
+    error = refusal(agent, assignment(manifest(), key=None))
+    assert error.code == ErrorCode.UNTRUSTED_MANIFEST
+    assert "unsigned" in error.message
+
+
+def test_a_tampered_manifest_is_refused(agent: SyncLoop) -> None:
+    m = manifest()
+    tampered = m.to_json_bytes().replace(b'"version":1', b'"version":2')
+    assert tampered != m.to_json_bytes()
+    error = refusal(agent, assignment(m, raw=tampered))
+    assert error.code == ErrorCode.UNTRUSTED_MANIFEST
+    assert "does not verify" in error.message and KEY.key_id in error.message
+
+
+def test_a_manifest_signed_by_another_key_is_refused(agent: SyncLoop) -> None:
+    other = SigningKey.generate()
+    error = refusal(agent, assignment(manifest(), key=other))
+    assert error.code == ErrorCode.UNTRUSTED_MANIFEST
+    assert "trusts only key" in error.message and other.key_id in error.message
