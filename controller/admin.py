@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import ParamSpec, TypeVar
@@ -45,7 +46,8 @@ MAX_ARTIFACT_ID = 200
 DEFAULT_EVENT_LIMIT = 100
 MAX_EVENT_LIMIT = 1000
 MAX_KIND_PREFIX = 64
-ARTIFACT_RETRIES = 5
+ARTIFACT_RETRIES = 20
+RETRY_PAUSE_S = 0.02  # upper bound of the jittered pause between lost races (other replicas)
 
 
 async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -67,6 +69,9 @@ class AdminHandlers:
         self._key = key
         self._config = config
         self._notifier = notifier
+        # Writers in this process take turns per (model, class); the unique constraint
+        # and the retry below only have to settle races with other controller replicas.
+        self._version_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     # ---------------------------------------------------------------- models
     def check_upload(self, upload: ModelUpload) -> ModelUpload:
@@ -117,7 +122,8 @@ class AdminHandlers:
             description=upload.description,
         )
         try:
-            record, created = await in_thread(self._store.add_model, new)
+            async with self._version_locks.setdefault((new.name, ""), asyncio.Lock()):
+                record, created = await in_thread(self._store.add_model, new)
         except BaseException:
             if blob.created:
                 self._blobs.delete(blob.sha256)
@@ -156,15 +162,17 @@ class AdminHandlers:
                 f"the bytes of model {model.name} v{model.version} ({model.sha256}) are missing "
                 "from the blob store; add the model again",
             )
-        for _ in range(ARTIFACT_RETRIES):
-            version = await in_thread(
-                self._store.next_artifact_version, model.name, request.device_class
-            )
-            record = self._build(model, request.device_class, version, days)
-            try:
-                return await in_thread(self._store.insert_artifact, record)
-            except VersionConflictError:
-                continue
+        lock = self._version_locks.setdefault((model.name, request.device_class), asyncio.Lock())
+        async with lock:
+            for _ in range(ARTIFACT_RETRIES):
+                version = await in_thread(
+                    self._store.next_artifact_version, model.name, request.device_class
+                )
+                record = self._build(model, request.device_class, version, days)
+                try:
+                    return await in_thread(self._store.insert_artifact, record)
+                except VersionConflictError:
+                    await asyncio.sleep(random.uniform(0, RETRY_PAUSE_S))
         raise FleetError(
             ErrorCode.UNAVAILABLE,
             f"could not allocate an artifact version for {model.name}/{request.device_class} "

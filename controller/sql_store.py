@@ -8,6 +8,8 @@ without locks held in any one process.
 from __future__ import annotations
 
 import dataclasses
+import random
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -52,7 +54,8 @@ from controller.records import (
 from controller.store import Store, VersionConflictError
 
 T = TypeVar("T")
-RETRIES = 5
+RETRIES = 10
+RETRY_PAUSE_S = 0.02  # upper bound of the jittered pause after losing a race
 MAX_LIST = 10_000  # every list the store returns is bounded
 
 
@@ -71,6 +74,7 @@ class SqlStore(Store):
             except IntegrityError:
                 if attempt == RETRIES - 1:
                     raise
+                time.sleep(random.uniform(0, RETRY_PAUSE_S))
         raise RuntimeError("unreachable")  # pragma: no cover
 
     def _read(self, work: Callable[[Session], T]) -> T:
