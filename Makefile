@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.homefleet-installed
 
-.PHONY: setup demo test lint protos clean
+.PHONY: setup demo test bench lint protos clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Long (about an hour on 2 cores): every workload x device class, targets, techniques.
+bench: setup
+	$(PY) -m bench
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,95 @@
+"""`python -m bench` (what `make bench` runs): measure, then write RESULTS.md and plots."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from bench import compression, plots
+from bench.compression import DEVICE_CLASSES, TARGETS
+from bench.report import Results, render
+from controller.compression.recipe import Distill
+
+console = Console(stderr=True)
+app = typer.Typer(add_completion=False)
+
+PLANNER_WORKLOADS = ("plaid", "basic-motions", "italy-power", "minilm")
+DISTILL_STEP = Distill(student="ds-cnn1d", width=0.5)
+
+
+@app.command()
+def main(
+    out: Path = typer.Option(Path("bench/RESULTS.md"), help="Markdown report to write."),
+    quick: bool = typer.Option(
+        False, help="Smoke run: one small workload, one class, no targets (checks the harness)."
+    ),
+    sections: str = typer.Option(
+        "targets,planner,techniques,distillation", help="Comma-separated sections to run."
+    ),
+) -> None:
+    started = time.perf_counter()
+    wanted = {s.strip() for s in sections.split(",") if s.strip()}
+    unknown = wanted - {"targets", "planner", "techniques", "distillation"}
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown section(s) {sorted(unknown)}; choose from targets, planner, "
+            "techniques, distillation"
+        )
+    command = "make bench" if len(sys.argv) == 1 else "python -m bench " + shlex.join(sys.argv[1:])
+    results = Results(command=command)
+    workloads = ("italy-power",) if quick else PLANNER_WORKLOADS
+    classes = ("camera",) if quick else DEVICE_CLASSES
+    technique_workload = "italy-power" if quick else "plaid"
+    seeds = (0,) if quick else (0, 1, 2)
+
+    def progress(message: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - started:7.0f} s[/] {message}")
+
+    plot_dir = out.parent / "plots"
+    with tempfile.TemporaryDirectory(prefix="homefleet-bench-") as tmp:
+        work = Path(tmp)
+        if "targets" in wanted and not quick:
+            results.targets = compression.target_rows(TARGETS, work, progress)
+        if "planner" in wanted:
+            results.planner = compression.planner_rows(workloads, classes, work, progress)
+            results.plots["planner"] = plots.planner(
+                results.planner, plot_dir / "planner-ratios.png"
+            )
+        if "techniques" in wanted:
+            table = compression.technique_table(technique_workload, work, progress)
+            results.techniques.append(table)
+            results.plots[f"techniques-{technique_workload}"] = plots.techniques(
+                table.rows, technique_workload, plot_dir / f"techniques-{technique_workload}.png"
+            )
+        if "distillation" in wanted:
+            results.distillation.append(
+                compression.distill_row(technique_workload, DISTILL_STEP, seeds, work, progress)
+            )
+    results.seconds = time.perf_counter() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(results, out) + "\n")
+    raw = {
+        "command": results.command,
+        "seconds": results.seconds,
+        "targets": [
+            {"target": asdict(t.target), "row": asdict(t.row), "achieved": t.achieved}
+            for t in results.targets
+        ],
+        "planner": compression.as_json(results.planner),
+        "techniques": [asdict(t) for t in results.techniques],
+        "distillation": compression.as_json(results.distillation),
+    }
+    (out.parent / "results.json").write_text(json.dumps(raw, indent=2) + "\n")
+    console.print(f"wrote {out} and {out.parent / 'results.json'}")
+
+
+if __name__ == "__main__":
+    app()

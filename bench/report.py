@@ -1,0 +1,199 @@
+"""RESULTS.md: the tables, as ratios against the peer, and how to reproduce them."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import onnxruntime
+import torch
+
+from bench.compression import DistillRow, PlannerRow, TargetRow, TechniqueRow, TechniqueTable
+
+
+@dataclass
+class Results:
+    command: str
+    seconds: float = 0.0
+    planner: list[PlannerRow] = field(default_factory=list)
+    targets: list[TargetRow] = field(default_factory=list)
+    techniques: list[TechniqueTable] = field(default_factory=list)
+    distillation: list[DistillRow] = field(default_factory=list)
+    plots: dict[str, Path] = field(default_factory=dict)
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1024:,.1f} KiB" if n < 1024 * 1024 else f"{n / 2**20:,.1f} MiB"
+
+
+def _score(metric: str, value: float) -> str:
+    return f"{value:.4f}" if metric != "accuracy" else f"{value * 100:.1f} %"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _planner(rows: Sequence[PlannerRow]) -> list[str]:
+    body = [
+        [
+            r.workload,
+            r.device_class,
+            r.recipe,
+            "yes" if r.met else f"**no** ({r.gaps})",
+            f"{_kb(r.source_bytes)} → {_kb(r.artifact_bytes)} (**{r.size_ratio:.1f}x**)",
+            f"{r.metric} {_score(r.metric, r.source_score)} → {_score(r.metric, r.artifact_score)}",
+            f"{r.source_st_p50_ms:.3f} → {r.artifact_st_p50_ms:.3f} (**{r.st_speedup:.2f}x**)",
+            f"{r.threads}: {r.source_class_p50_ms:.3f} → {r.artifact_class_p50_ms:.3f}",
+            f"{r.source_energy_mj:.3g} → {r.artifact_energy_mj:.3g}",
+            f"{r.trials} / {r.plan_seconds:.0f} s",
+        ]
+        for r in rows
+    ]
+    header = [
+        "workload", "class", "chosen recipe", "budget met", "bytes (FP32 → artifact)",
+        "test quality", "p50 ms, 1 thread", "p50 ms, class threads", "energy mJ/inf (class)",
+        "trials / time",
+    ]  # fmt: skip
+    return _table(header, body)
+
+
+def _targets(rows: Sequence[TargetRow]) -> list[str]:
+    body = [
+        [
+            t.target.describe(),
+            t.row.recipe,
+            f"{t.row.size_ratio:.1f}x",
+            f"{t.row.st_speedup:.2f}x",
+            f"{_score(t.row.metric, t.row.source_score)} → "
+            f"{_score(t.row.metric, t.row.artifact_score)}",
+            "**yes**" if t.achieved else "**no**",
+        ]
+        for t in rows
+    ]
+    return _table(
+        ["target", "chosen recipe", "smaller", "faster (1 thread)", "test quality", "achieved"],
+        body,
+    )
+
+
+def _techniques(rows: Sequence[TechniqueRow]) -> list[str]:
+    base = rows[0]
+    body = [
+        [
+            r.technique,
+            f"{r.params:,} ({base.params / max(1, r.params):.2f}x)",
+            f"{r.macs:,} ({base.macs / max(1, r.macs):.2f}x)",
+            f"{_kb(r.bytes)} ({base.bytes / r.bytes:.2f}x)",
+            f"{_kb(r.zstd_bytes)} ({base.zstd_bytes / r.zstd_bytes:.2f}x)",
+            f"{r.test_score * 100:.1f} %",
+            f"{r.st_p50_ms:.3f} ({base.st_p50_ms / r.st_p50_ms:.2f}x)",
+        ]
+        for r in rows
+    ]
+    header = [
+        "technique", "params (fewer x)", "MACs (fewer x)", "ONNX bytes (smaller x)",
+        "zstd bytes (smaller x)", "test accuracy", "p50 ms 1 thread (faster x)",
+    ]  # fmt: skip
+    return _table(header, body)
+
+
+def _distillation(rows: Sequence[DistillRow]) -> list[str]:
+    body = [
+        [
+            r.workload,
+            f"{r.student} ({r.student_params:,} params)",
+            f"{r.teacher_score * 100:.1f} %",
+            ", ".join(str(s) for s in r.seeds),
+            f"{r.distilled_mean * 100:.1f} % ({', '.join(f'{v * 100:.1f}' for v in r.distilled)})",
+            f"{r.alone_mean * 100:.1f} % ({', '.join(f'{v * 100:.1f}' for v in r.alone)})",
+            f"{(r.distilled_mean - r.alone_mean) * 100:+.1f} pt",
+        ]
+        for r in rows
+    ]
+    header = [
+        "workload", "student", "teacher (test)", "seeds", "distilled (mean, per seed)",
+        "alone (mean, per seed)", "distilled - alone",
+    ]  # fmt: skip
+    return _table(header, body)
+
+
+def render(results: Results, out: Path) -> str:
+    lines = [
+        "# HomeFleet benchmark results",
+        "",
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {_cpu()}, {os.cpu_count()} cores "
+        f"(Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}, "
+        f"torch {torch.__version__}); {results.seconds / 60:.1f} min in all.",
+        "",
+        f"Reproduce: `{results.command}` (raw numbers: `{out.parent / 'results.json'}`).",
+        "",
+        "Every ratio compares two things measured in the same run on this machine; latency "
+        "is the p50 of single-sample calls with both models interleaved in rounds "
+        "(`bench/timing.py`). Quality is on each workload's held-out **test** split, which "
+        "the planner never sees (it chooses on the validation split). Energy is the "
+        "planner's estimate for the class from its power model (`controller/compression/"
+        "measure.py`), not a meter reading.",
+        "",
+    ]
+    if results.targets:
+        lines += ["## Headline targets (issue 3)", "", *_targets(results.targets), ""]
+    if results.planner:
+        lines += [
+            "## Planner artifact vs FP32 source, per workload and device class",
+            "",
+            "Each row is `homefleet compress --workload W --device-class "
+            "deploy/device-classes/C.yaml` with the class's own budgets: the cheapest recipe "
+            "that meets them, so an easy class gets a light touch.",
+            "",
+            *_planner(results.planner),
+            "",
+        ]
+        if "planner" in results.plots:
+            lines += [f"![planner ratios]({results.plots['planner'].relative_to(out.parent)})", ""]
+    for table in results.techniques:
+        workload = table.workload
+        lines += [
+            f"## Each technique alone on {workload}",
+            "",
+            "Torch steps are followed by their fine-tuning; no quantization after them, so "
+            "each row shows one technique's own effect. zstd bytes show what unstructured "
+            "sparsity saves on the wire (ONNX stores zeros densely).",
+            "",
+            *_techniques(table.rows),
+            "",
+        ]
+        if table.not_applicable:
+            lines += [f"- not applicable: {label}: {why}" for label, why in table.not_applicable]
+            lines += [""]
+        key = f"techniques-{workload}"
+        if key in results.plots:
+            lines += [f"![{workload} techniques]({results.plots[key].relative_to(out.parent)})", ""]
+    if results.distillation:
+        lines += [
+            "## Distillation vs the same student trained alone",
+            "",
+            "Same zoo student, same initial weights (seeded), same data and epochs; only the "
+            "loss differs (temperature-scaled KL to the teacher plus label loss, against "
+            "label loss alone).",
+            "",
+            *_distillation(results.distillation),
+            "",
+        ]
+    return "\n".join(lines)
