@@ -75,6 +75,11 @@ class TrustedKey:
     def key_id(self) -> str:
         return key_id_of(self.public)
 
+    def public_pem(self) -> bytes:
+        return self.public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
     @classmethod
     def from_pem(cls, pem: bytes) -> TrustedKey:
         loaded = serialization.load_pem_public_key(pem)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from controller import keys_cli
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MISSING_EXTRA_EXIT_CODE = 3  # as the `homefleet` CLI documents
 
@@ -20,6 +22,9 @@ app = typer.Typer(help="The HomeFleet controller (cloud side).", no_args_is_help
 @app.callback()
 def controller() -> None:
     """The HomeFleet controller (cloud side)."""
+
+
+app.add_typer(keys_cli.app, name="keys")
 
 
 @app.command("serve")
