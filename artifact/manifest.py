@@ -71,6 +71,12 @@ class Manifest(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     created_at: datetime
     expires_at: datetime
+    rereleases: str | None = Field(
+        default=None,
+        max_length=200,
+        description="artifact id whose bytes this version re-releases (a rollback): devices "
+        "refuse versions older than one they ran, so going back takes a new version",
+    )
 
     @field_validator("model_name", "device_class")
     @classmethod

@@ -6,13 +6,15 @@ Every method checks its input first and changes nothing when it refuses.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from artifact.manifest import Manifest, RecipeStep, artifact_id, utc_now
+from artifact.manifest import Manifest, RecipeStep, TensorSpec, artifact_id, utc_now
 from artifact.signing import SigningKey
 from controller import validate
 from controller.blobstore import BlobRef, BlobSizeError, BlobStore
@@ -48,6 +50,7 @@ MAX_EVENT_LIMIT = 1000
 MAX_KIND_PREFIX = 64
 ARTIFACT_RETRIES = 20
 RETRY_PAUSE_S = 0.02  # upper bound of the jittered pause between lost races (other replicas)
+COPY_CHUNK_BYTES = 1024 * 1024
 
 
 async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -162,25 +165,62 @@ class AdminHandlers:
                 f"the bytes of model {model.name} v{model.version} ({model.sha256}) are missing "
                 "from the blob store; add the model again",
             )
-        lock = self._version_locks.setdefault((model.name, request.device_class), asyncio.Lock())
+        return await self._insert_next_version(
+            model.name,
+            request.device_class,
+            lambda version: self._build(model, request.device_class, version, days),
+        )
+
+    async def _insert_next_version(
+        self, model_name: str, device_class: str, build: Callable[[int], ArtifactRecord]
+    ) -> ArtifactRecord:
+        """Insert ``build(next version)``, taking turns per (model, class) in this process."""
+        lock = self._version_locks.setdefault((model_name, device_class), asyncio.Lock())
         async with lock:
             for _ in range(ARTIFACT_RETRIES):
                 version = await in_thread(
-                    self._store.next_artifact_version, model.name, request.device_class
+                    self._store.next_artifact_version, model_name, device_class
                 )
-                record = self._build(model, request.device_class, version, days)
+                record = build(version)
                 try:
                     return await in_thread(self._store.insert_artifact, record)
                 except VersionConflictError:
                     await asyncio.sleep(random.uniform(0, RETRY_PAUSE_S))
         raise FleetError(
             ErrorCode.UNAVAILABLE,
-            f"could not allocate an artifact version for {model.name}/{request.device_class} "
+            f"could not allocate an artifact version for {model_name}/{device_class} "
             "after several concurrent attempts; retry",
         )
 
     def _build(
         self, model: ModelRecord, device_class: str, version: int, days: int
+    ) -> ArtifactRecord:
+        return self._sign(
+            model,
+            device_class,
+            version,
+            days,
+            sha256=model.sha256,
+            size_bytes=model.size_bytes,
+            inputs=model.inputs,
+            outputs=model.outputs,
+            recipe=(RecipeStep(kind="identity"),),
+            metrics={"size_bytes": float(model.size_bytes)},
+        )
+
+    def _sign(
+        self,
+        model: ModelRecord,
+        device_class: str,
+        version: int,
+        days: int,
+        *,
+        sha256: str,
+        size_bytes: int,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        recipe: tuple[RecipeStep, ...],
+        metrics: dict[str, float],
     ) -> ArtifactRecord:
         created = utc_now()
         manifest = Manifest(
@@ -188,12 +228,12 @@ class AdminHandlers:
             model_version=model.version,
             device_class=device_class,
             version=version,
-            sha256=model.sha256,
-            size_bytes=model.size_bytes,
-            inputs=model.inputs,
-            outputs=model.outputs,
-            recipe=(RecipeStep(kind="identity"),),
-            metrics={"size_bytes": float(model.size_bytes)},
+            sha256=sha256,
+            size_bytes=size_bytes,
+            inputs=inputs,
+            outputs=outputs,
+            recipe=recipe,
+            metrics=metrics,
             created_at=created,
             expires_at=created + timedelta(days=days),
         )
@@ -204,13 +244,79 @@ class AdminHandlers:
             model_version=model.version,
             device_class=device_class,
             version=version,
-            sha256=model.sha256,
-            size_bytes=model.size_bytes,
+            sha256=sha256,
+            size_bytes=size_bytes,
             manifest_json=raw,
             signature=self._key.sign(raw),
             key_id=self._key.key_id,
             created_unix_ms=int(created.timestamp() * 1000),
         )
+
+    # ---------------------------------------------------------------- compression jobs
+    async def register_source(self, name: str, path: Path, description: str) -> ModelRecord:
+        """Register a model file the controller produced (a workload's FP32 source)."""
+        validate.name(name, "name")
+        info = await in_thread(inspect_onnx, path)
+        blob = await in_thread(self._commit_file, path)
+        new = NewModel(
+            name=name,
+            sha256=blob.sha256,
+            size_bytes=blob.size,
+            inputs=info.inputs,
+            outputs=info.outputs,
+            description=description[:MAX_DESCRIPTION],
+        )
+        try:
+            async with self._version_locks.setdefault((name, ""), asyncio.Lock()):
+                record, _ = await in_thread(self._store.add_model, new)
+        except BaseException:
+            if blob.created:
+                self._blobs.delete(blob.sha256)
+            raise
+        return record
+
+    async def publish_compressed(
+        self,
+        model: ModelRecord,
+        device_class: str,
+        path: Path,
+        recipe: tuple[RecipeStep, ...],
+        metrics: dict[str, float],
+    ) -> ArtifactRecord:
+        """Store a compression job's model and sign its artifact: the job's recipe and
+        metrics, the source model's name and version, the next version for the class."""
+        validate.name(device_class, "device_class")
+        info = await in_thread(inspect_onnx, path)
+        blob = await in_thread(self._commit_file, path)
+        try:
+            return await self._insert_next_version(
+                model.name,
+                device_class,
+                lambda version: self._sign(
+                    model,
+                    device_class,
+                    version,
+                    DEFAULT_EXPIRY_DAYS,
+                    sha256=blob.sha256,
+                    size_bytes=blob.size,
+                    inputs=info.inputs,
+                    outputs=info.outputs,
+                    recipe=recipe,
+                    metrics=metrics,
+                ),
+            )
+        except BaseException:
+            if blob.created:
+                self._blobs.delete(blob.sha256)
+            raise
+
+    def _commit_file(self, path: Path) -> BlobRef:
+        """Copy a local file into the blob store (blocking: run in a thread)."""
+        with self._blobs.staging() as staged, path.open("rb") as source:
+            while block := source.read(COPY_CHUNK_BYTES):
+                staged.write(block)
+            staged.flush()
+            return staged.commit()
 
     async def list_artifacts(self, model_name: str, device_class: str) -> list[ArtifactRecord]:
         return await in_thread(
@@ -254,10 +360,54 @@ class AdminHandlers:
                     f"{artifact.id} was built for {artifact.device_class!r}; assign an artifact "
                     f"built for {device.device_class!r}",
                 )
+        artifact = await self._current_version_of(artifact)
         result = await in_thread(self._store.assign, artifact, target)
         if result.changed:
             self._notifier.notify(target)
         return result
+
+    async def _current_version_of(self, artifact: ArtifactRecord) -> ArtifactRecord:
+        """``artifact`` itself, or a re-release of it when a newer version is in use.
+
+        Agents refuse a manifest older than one they already ran (a replayed old manifest
+        is a rollback attack), so going back to older bytes than a version assigned or
+        served takes a new, higher version that names what it re-releases. Assigning an
+        old version twice re-releases once.
+        """
+        key = (artifact.model_name, artifact.device_class)
+        in_use = await in_thread(self._store.highest_version_in_use, *key)
+        if artifact.version >= in_use:
+            return artifact
+        newest = await in_thread(self._store.next_artifact_version, *key) - 1
+        latest = await in_thread(self._store.get_artifact, artifact_id(*key, newest))
+        if latest is not None and latest.sha256 == artifact.sha256:
+            return latest  # already re-released: the newest version holds these bytes
+        old = Manifest.from_json_bytes(artifact.manifest_json)
+
+        def rerelease(version: int) -> ArtifactRecord:
+            created = utc_now()
+            manifest = old.model_copy(
+                update={
+                    "version": version,
+                    "created_at": created,
+                    "expires_at": created + (old.expires_at - old.created_at),
+                    "rereleases": artifact.id,
+                }
+            )
+            raw = manifest.to_json_bytes()
+            return dataclasses.replace(
+                artifact,
+                id=manifest.artifact_id,
+                version=version,
+                manifest_json=raw,
+                signature=self._key.sign(raw),
+                key_id=self._key.key_id,
+                created_unix_ms=int(created.timestamp() * 1000),
+            )
+
+        record = await self._insert_next_version(*key, rerelease)
+        log.info("re-released %s as %s (a rollback)", artifact.id, record.id)
+        return record
 
     # ---------------------------------------------------------------- fleet
     async def list_devices(self, device_class: str) -> list[DeviceView]:

@@ -34,6 +34,12 @@ class ControllerConfig:
     max_concurrent_rpcs: int = 64
     max_watch_streams: int = 10_000
     grace_seconds: float = 5.0
+    # Compression jobs run in a process pool of this many workers (each loads torch).
+    compression_workers: int = 1
+    # Threads each worker gives torch and numpy (0: the libraries' default, every core).
+    compression_threads: int = 0
+    # Jobs queued or running on this controller at once; more are refused.
+    max_active_jobs: int = 16
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
@@ -50,6 +56,9 @@ class ControllerConfig:
         _check_range("heartbeat_seconds", self.heartbeat_seconds, 1, 300)
         _check_range("max_concurrent_rpcs", self.max_concurrent_rpcs, 1, 100_000)
         _check_range("max_watch_streams", self.max_watch_streams, 1, 1_000_000)
+        _check_range("compression_workers", self.compression_workers, 1, 64)
+        _check_range("compression_threads", self.compression_threads, 0, 256)
+        _check_range("max_active_jobs", self.max_active_jobs, 1, 10_000)
         if not 0 <= self.grace_seconds <= 600:
             raise ConfigError(f"grace_seconds must be 0..600, got {self.grace_seconds}")
 
@@ -65,6 +74,11 @@ class ControllerConfig:
     @property
     def key_dir(self) -> Path:
         return self.data_dir / "keys"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Working directories of compression jobs (calibration, progress, outputs)."""
+        return self.data_dir / "jobs"
 
     @property
     def info_path(self) -> Path:

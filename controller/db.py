@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Engine,
     Float,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -171,6 +173,65 @@ class TelemetryWindowRow(Base):
     energy_source: Mapped[str] = mapped_column(String(32))
     peak_memory_bytes: Mapped[int] = mapped_column(BigInteger)
     received_unix_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+ACTIVE_JOB_STATES_SQL = "state IN ('queued', 'running')"
+
+
+class CompressionJobRow(Base):
+    """A compression job. At most one active job per (model, class): the partial unique
+    index settles even a race between replicas."""
+
+    __tablename__ = "compression_jobs"
+    __table_args__ = (
+        Index(
+            "uq_compression_jobs_active",
+            "model_name",
+            "device_class",
+            unique=True,
+            sqlite_where=text(ACTIVE_JOB_STATES_SQL),
+            postgresql_where=text(ACTIVE_JOB_STATES_SQL),
+        ),
+        CheckConstraint(
+            "state IN ('queued', 'running', 'succeeded', 'not_met', 'failed', 'cancelled')",
+            name="ck_compression_jobs_state",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(String(NAME))
+    model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    workload: Mapped[str] = mapped_column(String(NAME), default="")
+    device_class: Mapped[str] = mapped_column(String(NAME))
+    state: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str] = mapped_column(Text, default="")
+    owner: Mapped[str] = mapped_column(Text)
+    created_unix_ms: Mapped[int] = mapped_column(BigInteger)
+    started_unix_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    finished_unix_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    trials_done: Mapped[int] = mapped_column(Integer, default=0)
+    artifact_id: Mapped[str] = mapped_column(String(3 * NAME), default="")
+    recipe: Mapped[str] = mapped_column(Text, default="")
+    verdicts: Mapped[list[Any]] = mapped_column(JSON, default=list)
+
+
+class CompressionTrialRow(Base):
+    """One trial a job reported, in order."""
+
+    __tablename__ = "compression_trials"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("compression_jobs.id"), primary_key=True)
+    trial_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    summary: Mapped[str] = mapped_column(Text)
+    recipe: Mapped[str] = mapped_column(Text)
+    met: Mapped[bool] = mapped_column(Boolean)
+    artifact_bytes: Mapped[int] = mapped_column(BigInteger)
+    quality_metric: Mapped[str] = mapped_column(String(NAME), default="")
+    quality_value: Mapped[float] = mapped_column(Float, default=0.0)
+    p95_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    energy_mj: Mapped[float] = mapped_column(Float, default=0.0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str] = mapped_column(Text, default="")
 
 
 def make_engine(url: str) -> Engine:

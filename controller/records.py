@@ -265,3 +265,111 @@ class Chunk:
     offset: int
     data: bytes
     base_sha256: str = ""
+
+
+# -------------------------------------------------------------------- compression jobs
+
+
+class JobState(enum.Enum):
+    """Where a compression job is (CompressionJobState on the wire)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    NOT_MET = "not_met"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        return self in (JobState.QUEUED, JobState.RUNNING)
+
+
+@dataclass(frozen=True)
+class BudgetOverrides:
+    """Budgets tightened for one job; None keeps the device class's own."""
+
+    min_fidelity: float | None = None
+    max_accuracy_drop: float | None = None
+    max_bytes: int | None = None
+    max_size_ratio: float | None = None
+    p95_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class CompressionStart:
+    """The header of a StartCompression stream: what to compress, for which class, how."""
+
+    model_name: str  # empty for a workload
+    model_version: int | None  # None: the latest
+    workload: str  # empty for a registered model
+    device_class_yaml: str
+    budgets: BudgetOverrides
+    calibration_bytes: int
+
+
+@dataclass(frozen=True)
+class NewCompressionJob:
+    model_name: str  # the model, or the workload's name
+    model_version: int | None  # None for a workload until its source is registered
+    workload: str
+    device_class: str
+    owner: str  # the controller running it (host and data directory)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One planner trial as a job reports it."""
+
+    index: int
+    summary: str
+    recipe: str
+    met: bool
+    artifact_bytes: int
+    quality_metric: str = ""
+    quality_value: float = 0.0
+    p95_ms: float = 0.0
+    energy_mj: float = 0.0
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class BudgetVerdictRecord:
+    budget: str
+    limit: float
+    observed: float
+    met: bool
+    gap: float
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """How a job ended: its final state and what it produced."""
+
+    state: JobState
+    error: str = ""
+    artifact_id: str = ""
+    model_version: int | None = None
+    recipe: str = ""
+    verdicts: tuple[BudgetVerdictRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class CompressionJobRecord:
+    id: int
+    model_name: str
+    model_version: int | None
+    workload: str
+    device_class: str
+    state: JobState
+    error: str
+    owner: str
+    created_unix_ms: int
+    started_unix_ms: int | None
+    finished_unix_ms: int | None
+    trials_done: int
+    artifact_id: str
+    recipe: str
+    verdicts: tuple[BudgetVerdictRecord, ...]
+    trials: tuple[TrialRecord, ...] = ()  # empty in lists

@@ -29,6 +29,9 @@ from controller.agents import AgentHandlers
 from controller.blobstore import BlobStore
 from controller.config import MAX_MESSAGE_BYTES, ControllerConfig
 from controller.db import create_schema, make_engine
+from controller.jobs.handlers import CompressionHandlers
+from controller.jobs.runner import JobRunner
+from controller.jobs.watchers import JobWatchers
 from controller.keys import load_signing_key, public_key_path
 from controller.limits import RpcLimits
 from controller.notify import AssignmentNotifier
@@ -98,6 +101,8 @@ class ControllerServer:
         self._engine: Engine | None = None
         self._health: AioHealthServicer | None = None
         self._notifier = AssignmentNotifier()
+        self._job_watchers = JobWatchers()
+        self._jobs: JobRunner | None = None
         self.port = 0
         self.info: ControllerInfo | None = None
 
@@ -126,9 +131,16 @@ class ControllerServer:
         fleet_pb2_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
             AgentServicer(AgentHandlers(store, blobs, config, self._notifier), limits), server
         )
+        admin = AdminHandlers(store, blobs, key, config, self._notifier)
+        runner = JobRunner(store, config, admin, self._job_watchers)
+        try:
+            await asyncio.to_thread(runner.recover)
+        except OSError as exc:
+            raise ControllerStartError(f"cannot use {config.jobs_dir}: {exc}") from exc
+        self._jobs = runner
+        compression = CompressionHandlers(store, blobs, config, runner, self._job_watchers)
         fleet_pb2_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            AdminServicer(AdminHandlers(store, blobs, key, config, self._notifier), limits),
-            server,
+            AdminServicer(admin, compression, limits), server
         )
         self._health = AioHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -169,6 +181,9 @@ class ControllerServer:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         self._notifier.close()
+        if self._jobs is not None:
+            await self._jobs.close()  # running jobs fail as 'controller stopped'
+            self._jobs = None
         if self._server is not None:
             await self._server.stop(self.config.grace_seconds if grace is None else grace)
             self._server = None

@@ -16,8 +16,10 @@ from controller.admin import AdminHandlers
 from controller.agents import AgentHandlers
 from controller.config import MAX_CHUNK_BYTES
 from controller.errors import invalid, long_lived_rpc, rpc
+from controller.jobs import wire
+from controller.jobs.handlers import CompressionHandlers
 from controller.limits import RpcLimits
-from controller.records import Chunk, DesiredSet
+from controller.records import Chunk, CompressionJobRecord, DesiredSet
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc
 
@@ -67,8 +69,11 @@ class AgentServicer(fleet_pb2_grpc.AgentServiceServicer):
 
 
 class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
-    def __init__(self, handlers: AdminHandlers, limits: RpcLimits) -> None:
+    def __init__(
+        self, handlers: AdminHandlers, compression: CompressionHandlers, limits: RpcLimits
+    ) -> None:
         self._h = handlers
+        self._jobs = compression
         self._limits = limits
 
     @property
@@ -131,9 +136,61 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
         events = await self._h.list_events(request.after_id, request.limit, request.kind_prefix)
         return pb.ListEventsResponse(events=[convert.event_to_proto(e) for e in events])
 
+    @rpc
+    async def StartCompression(
+        self, request_iterator: AsyncIterator[pb.StartCompressionChunk], context: Context
+    ) -> pb.CompressionJob:
+        first = await anext(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise invalid(
+                "the first StartCompression message must carry the header (model or workload, "
+                "device_class_yaml, budgets, calibration_bytes); calibration bytes follow"
+            )
+        job = await self._jobs.start(
+            wire.start_from_proto(first.header), _calibration_parts(request_iterator)
+        )
+        return wire.job_to_proto(job)
+
+    @rpc
+    async def GetCompressionJob(
+        self, request: pb.CompressionJobRef, context: Context
+    ) -> pb.CompressionJob:
+        return wire.job_to_proto(await self._jobs.get(request.id))
+
+    @long_lived_rpc
+    async def WatchCompressionJob(self, request: pb.CompressionJobRef, context: Context) -> None:
+        async def send(job: CompressionJobRecord) -> None:
+            await context.write(wire.job_to_proto(job))
+
+        await self._jobs.watch(request.id, send)
+
+    @rpc
+    async def ListCompressionJobs(
+        self, request: pb.ListCompressionJobsRequest, context: Context
+    ) -> pb.ListCompressionJobsResponse:
+        jobs = await self._jobs.list(request.model_name, request.device_class, request.limit)
+        return pb.ListCompressionJobsResponse(jobs=[wire.job_to_proto(j) for j in jobs])
+
+    @rpc
+    async def CancelCompressionJob(
+        self, request: pb.CompressionJobRef, context: Context
+    ) -> pb.CompressionJob:
+        return wire.job_to_proto(await self._jobs.cancel(request.id))
+
 
 async def _data_parts(messages: AsyncIterator[pb.AddModelChunk]) -> AsyncIterator[bytes]:
     async for message in messages:
         if message.WhichOneof("part") != "data":
             raise invalid("only the first AddModel message may carry a header; send data after it")
+        yield message.data
+
+
+async def _calibration_parts(
+    messages: AsyncIterator[pb.StartCompressionChunk],
+) -> AsyncIterator[bytes]:
+    async for message in messages:
+        if message.WhichOneof("part") != "data":
+            raise invalid(
+                "only the first StartCompression message may carry a header; send data after it"
+            )
         yield message.data

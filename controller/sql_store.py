@@ -22,6 +22,8 @@ from controller.clock import unix_ms
 from controller.db import (
     ArtifactRow,
     AssignmentRow,
+    CompressionJobRow,
+    CompressionTrialRow,
     DeviceModelRow,
     DeviceRow,
     EventRow,
@@ -33,6 +35,8 @@ from controller.records import (
     ArtifactRecord,
     AssignResult,
     AssignTarget,
+    BudgetVerdictRecord,
+    CompressionJobRecord,
     DesiredAssignment,
     DesiredSet,
     DeviceModelState,
@@ -42,7 +46,10 @@ from controller.records import (
     Encoding,
     EventRecord,
     Hardware,
+    JobResult,
+    JobState,
     ModelRecord,
+    NewCompressionJob,
     NewEvent,
     NewModel,
     Outcome,
@@ -50,6 +57,7 @@ from controller.records import (
     StatusUpdate,
     TargetKind,
     TelemetryWindow,
+    TrialRecord,
 )
 from controller.store import Store, VersionConflictError
 
@@ -152,6 +160,28 @@ class SqlStore(Store):
             ArtifactRow.model_name == model_name, ArtifactRow.device_class == device_class
         )
         return self._read(lambda s: (s.scalar(query) or 0) + 1)
+
+    def highest_version_in_use(self, model_name: str, device_class: str) -> int:
+        of_pair = and_(
+            ArtifactRow.model_name == model_name, ArtifactRow.device_class == device_class
+        )
+        assigned = (
+            select(func.max(ArtifactRow.version))
+            .join(AssignmentRow, AssignmentRow.artifact_id == ArtifactRow.id)
+            .where(of_pair)
+        )
+        served_digests = (
+            select(DeviceModelRow.serving_sha256)
+            .join(DeviceRow, DeviceRow.device_id == DeviceModelRow.device_id)
+            .where(
+                DeviceRow.device_class == device_class,
+                DeviceModelRow.model_name == model_name,
+            )
+        )
+        served = select(func.max(ArtifactRow.version)).where(
+            of_pair, ArtifactRow.sha256.in_(served_digests)
+        )
+        return self._read(lambda s: max(s.scalar(assigned) or 0, s.scalar(served) or 0))
 
     def insert_artifact(self, artifact: ArtifactRecord) -> ArtifactRecord:
         try:
@@ -518,8 +548,231 @@ class SqlStore(Store):
         query = query.order_by(EventRow.id).limit(min(limit, MAX_LIST))
         return self._read(lambda s: [_event_record(r) for r in s.scalars(query)])
 
+    # ---------------------------------------------------------------- compression jobs
+    def create_compression_job(self, new: NewCompressionJob) -> CompressionJobRecord:
+        try:
+            with self._sessions.begin() as session:
+                row = CompressionJobRow(
+                    model_name=new.model_name,
+                    model_version=new.model_version,
+                    workload=new.workload,
+                    device_class=new.device_class,
+                    state=JobState.QUEUED.value,
+                    error="",
+                    owner=new.owner,
+                    created_unix_ms=self._now(),
+                    trials_done=0,
+                    artifact_id="",
+                    recipe="",
+                    verdicts=[],
+                )
+                session.add(row)
+                session.flush()
+                self._event(session, _job_event(row, "queued", f"queued for {_source(row)}"))
+                return _job(row)
+        except IntegrityError as exc:
+            active = self.active_compression_job(new.model_name, new.device_class)
+            if active is None:  # it ended between our insert and this read: a rare race
+                raise FleetError(
+                    ErrorCode.UNAVAILABLE,
+                    f"another compression job for {new.model_name}/{new.device_class} was "
+                    "being started at the same moment; retry",
+                ) from exc
+            raise FleetError(
+                ErrorCode.ALREADY_EXISTS,
+                f"compression job {active.id} for {new.model_name}/{new.device_class} is "
+                f"already {active.state.value}; wait for it to end (`homefleet jobs`) or "
+                f"cancel it, then start again",
+            ) from exc
+
+    def active_compression_job(
+        self, model_name: str, device_class: str
+    ) -> CompressionJobRecord | None:
+        query = select(CompressionJobRow).where(
+            CompressionJobRow.model_name == model_name,
+            CompressionJobRow.device_class == device_class,
+            CompressionJobRow.state.in_(_ACTIVE),
+        )
+        return self._read(lambda s: _job_or_none(s.scalars(query).first()))
+
+    def start_compression_job(self, job_id: int) -> CompressionJobRecord | None:
+        with self._sessions.begin() as session:
+            row = session.get(CompressionJobRow, job_id)
+            if row is None or row.state != JobState.QUEUED.value:
+                return None
+            row.state = JobState.RUNNING.value
+            row.started_unix_ms = self._now()
+            self._event(session, _job_event(row, "started", "started"))
+            return _job(row)
+
+    def add_compression_trial(self, job_id: int, trial: TrialRecord) -> None:
+        with self._sessions.begin() as session:
+            row = session.get(CompressionJobRow, job_id)
+            if row is None or row.state not in _ACTIVE:
+                return
+            if session.get(CompressionTrialRow, (job_id, trial.index)) is not None:
+                return
+            session.add(
+                CompressionTrialRow(
+                    job_id=job_id,
+                    trial_index=trial.index,
+                    summary=trial.summary,
+                    recipe=trial.recipe,
+                    met=trial.met,
+                    artifact_bytes=trial.artifact_bytes,
+                    quality_metric=trial.quality_metric,
+                    quality_value=trial.quality_value,
+                    p95_ms=trial.p95_ms,
+                    energy_mj=trial.energy_mj,
+                    seconds=trial.seconds,
+                    error=trial.error,
+                )
+            )
+            row.trials_done += 1
+
+    def finish_compression_job(self, job_id: int, result: JobResult) -> CompressionJobRecord | None:
+        if result.state.active:
+            raise ValueError(f"a job cannot finish in state {result.state.value}")
+        with self._sessions.begin() as session:
+            row = session.get(CompressionJobRow, job_id)
+            if row is None or row.state not in _ACTIVE:
+                return None
+            row.state = result.state.value
+            row.error = result.error
+            row.finished_unix_ms = self._now()
+            row.artifact_id = result.artifact_id
+            row.recipe = result.recipe
+            row.verdicts = [dataclasses.asdict(v) for v in result.verdicts]
+            if result.model_version is not None:
+                row.model_version = result.model_version
+            self._event(session, _finish_event(row))
+            return _job(row, _trials(session, job_id))
+
+    def get_compression_job(self, job_id: int) -> CompressionJobRecord | None:
+        def work(session: Session) -> CompressionJobRecord | None:
+            row = session.get(CompressionJobRow, job_id)
+            return _job(row, _trials(session, job_id)) if row is not None else None
+
+        return self._read(work)
+
+    def list_compression_jobs(
+        self, model_name: str | None, device_class: str | None, limit: int
+    ) -> list[CompressionJobRecord]:
+        query = select(CompressionJobRow)
+        if model_name:
+            query = query.where(CompressionJobRow.model_name == model_name)
+        if device_class:
+            query = query.where(CompressionJobRow.device_class == device_class)
+        query = query.order_by(CompressionJobRow.id.desc()).limit(min(limit, MAX_LIST))
+        return self._read(lambda s: [_job(r) for r in s.scalars(query)])
+
+    def fail_active_compression_jobs(self, owner: str, reason: str) -> list[int]:
+        with self._sessions.begin() as session:
+            rows = list(
+                session.scalars(
+                    select(CompressionJobRow).where(
+                        CompressionJobRow.owner == owner, CompressionJobRow.state.in_(_ACTIVE)
+                    )
+                )
+            )
+            for row in rows:
+                row.state = JobState.FAILED.value
+                row.error = reason
+                row.finished_unix_ms = self._now()
+                self._event(session, _finish_event(row))
+            return [row.id for row in rows]
+
 
 # -------------------------------------------------------------------- helpers
+
+_ACTIVE = [s.value for s in JobState if s.active]
+
+
+def _source(row: CompressionJobRow) -> str:
+    if row.workload:
+        return f"workload {row.workload}"
+    return f"model {row.model_name} v{row.model_version}"
+
+
+def _job_event(row: CompressionJobRow, what: str, message: str) -> NewEvent:
+    return NewEvent(
+        f"compression.{what}",
+        f"{row.model_name}/{row.device_class}",
+        f"compression job {row.id} ({row.model_name}/{row.device_class}): {message}",
+        {
+            "job_id": row.id,
+            "model_name": row.model_name,
+            "model_version": row.model_version,
+            "workload": row.workload,
+            "device_class": row.device_class,
+            "state": row.state,
+            "trials_done": row.trials_done,
+            "artifact_id": row.artifact_id,
+            "error": row.error,
+        },
+    )
+
+
+def _finish_event(row: CompressionJobRow) -> NewEvent:
+    state = JobState(row.state)
+    if state is JobState.SUCCEEDED:
+        return _job_event(row, "finished", f"every budget holds: {row.artifact_id}")
+    if state is JobState.NOT_MET:
+        return _job_event(
+            row, "finished", f"no recipe met every budget; the best is {row.artifact_id}"
+        )
+    if state is JobState.CANCELLED:
+        return _job_event(row, "cancelled", "cancelled")
+    return _job_event(row, "failed", f"failed: {row.error}")
+
+
+def _trials(session: Session, job_id: int) -> tuple[TrialRecord, ...]:
+    rows = session.scalars(
+        select(CompressionTrialRow)
+        .where(CompressionTrialRow.job_id == job_id)
+        .order_by(CompressionTrialRow.trial_index)
+    )
+    return tuple(
+        TrialRecord(
+            index=r.trial_index,
+            summary=r.summary,
+            recipe=r.recipe,
+            met=r.met,
+            artifact_bytes=r.artifact_bytes,
+            quality_metric=r.quality_metric,
+            quality_value=r.quality_value,
+            p95_ms=r.p95_ms,
+            energy_mj=r.energy_mj,
+            seconds=r.seconds,
+            error=r.error,
+        )
+        for r in rows
+    )
+
+
+def _job(row: CompressionJobRow, trials: tuple[TrialRecord, ...] = ()) -> CompressionJobRecord:
+    return CompressionJobRecord(
+        id=row.id,
+        model_name=row.model_name,
+        model_version=row.model_version,
+        workload=row.workload,
+        device_class=row.device_class,
+        state=JobState(row.state),
+        error=row.error,
+        owner=row.owner,
+        created_unix_ms=row.created_unix_ms,
+        started_unix_ms=row.started_unix_ms,
+        finished_unix_ms=row.finished_unix_ms,
+        trials_done=row.trials_done,
+        artifact_id=row.artifact_id,
+        recipe=row.recipe,
+        verdicts=tuple(BudgetVerdictRecord(**v) for v in row.verdicts),
+        trials=trials,
+    )
+
+
+def _job_or_none(row: CompressionJobRow | None) -> CompressionJobRecord | None:
+    return _job(row) if row is not None else None
 
 
 def _latest_model(session: Session, name: str) -> ModelRow | None:

@@ -14,17 +14,21 @@ from controller.records import (
     ArtifactRecord,
     AssignResult,
     AssignTarget,
+    CompressionJobRecord,
     DesiredSet,
     DeviceRecord,
     DeviceRegistration,
     DeviceView,
     EventRecord,
+    JobResult,
     ModelRecord,
+    NewCompressionJob,
     NewEvent,
     NewModel,
     RegisterResult,
     StatusUpdate,
     TelemetryWindow,
+    TrialRecord,
 )
 
 
@@ -51,6 +55,11 @@ class Store(abc.ABC):
     # ---------------------------------------------------------------- artifacts
     @abc.abstractmethod
     def next_artifact_version(self, model_name: str, device_class: str) -> int: ...
+
+    @abc.abstractmethod
+    def highest_version_in_use(self, model_name: str, device_class: str) -> int:
+        """The highest artifact version of (model, class) assigned to any target or served by
+        any device of the class (0: none). Devices refuse anything older than they ran."""
 
     @abc.abstractmethod
     def insert_artifact(self, artifact: ArtifactRecord) -> ArtifactRecord:
@@ -109,3 +118,40 @@ class Store(abc.ABC):
     def list_events(
         self, after_id: int, limit: int, kind_prefix: str = ""
     ) -> list[EventRecord]: ...
+
+    # ---------------------------------------------------------------- compression jobs
+    @abc.abstractmethod
+    def create_compression_job(self, new: NewCompressionJob) -> CompressionJobRecord:
+        """Insert a queued job; ALREADY_EXISTS naming the job already active for the pair."""
+
+    @abc.abstractmethod
+    def active_compression_job(
+        self, model_name: str, device_class: str
+    ) -> CompressionJobRecord | None:
+        """The queued or running job for (model, class), if any."""
+
+    @abc.abstractmethod
+    def start_compression_job(self, job_id: int) -> CompressionJobRecord | None:
+        """Queued -> running; None when the job is not queued any more."""
+
+    @abc.abstractmethod
+    def add_compression_trial(self, job_id: int, trial: TrialRecord) -> None:
+        """Record a finished trial of an active job (again with the same index: ignored)."""
+
+    @abc.abstractmethod
+    def finish_compression_job(self, job_id: int, result: JobResult) -> CompressionJobRecord | None:
+        """Active -> the result's final state; None when the job had already ended."""
+
+    @abc.abstractmethod
+    def get_compression_job(self, job_id: int) -> CompressionJobRecord | None:
+        """The job with all its trials."""
+
+    @abc.abstractmethod
+    def list_compression_jobs(
+        self, model_name: str | None, device_class: str | None, limit: int
+    ) -> list[CompressionJobRecord]:
+        """Newest first, without trials."""
+
+    @abc.abstractmethod
+    def fail_active_compression_jobs(self, owner: str, reason: str) -> list[int]:
+        """Fail every active job ``owner`` runs (it restarted, so nothing runs them now)."""

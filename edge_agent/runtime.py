@@ -7,6 +7,7 @@ loaded, so switching back costs nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Mapping
@@ -141,6 +142,7 @@ class ModelRuntime:
         self._lock = threading.Lock()
         self._active: dict[str, ModelSlot] = {}
         self._previous: dict[str, ModelSlot] = {}
+        self._floors: dict[str, dict[str, int]] = {}  # model -> device class -> version
 
     def prepare(self, model_name: str, path: Path, record: SlotRecord) -> ModelSlot:
         """Load and self-test in a spare slot; blocking, so call it from a worker thread."""
@@ -157,8 +159,12 @@ class ModelRuntime:
                 self._previous[slot.model_name] = old
             return old
 
-    def switch_back(self, model_name: str) -> ModelSlot:
-        """Serve the previous slot again (the current one becomes the previous)."""
+    def switch_back(self, model_name: str, record: SlotRecord | None = None) -> ModelSlot:
+        """Serve the previous slot again (the current one becomes the previous).
+
+        ``record`` replaces the slot's record: a rollback arrives as a new manifest
+        (a higher version) for the bytes the previous slot already holds.
+        """
         with self._lock:
             previous = self._previous.get(model_name)
             if previous is None:
@@ -166,6 +172,14 @@ class ModelRuntime:
                     ErrorCode.MODEL_NOT_FOUND,
                     f"model {model_name!r} has no previous slot to switch back to",
                 )
+            if record is not None:
+                if record.sha256 != previous.sha256:
+                    raise AgentError(
+                        ErrorCode.MANIFEST_MISMATCH,
+                        f"the new record names {record.sha256}, the previous slot holds "
+                        f"{previous.sha256}",
+                    )
+                previous = dataclasses.replace(previous, record=record)
             current = self._active.get(model_name)
             self._active[model_name] = previous
             if current is not None:
@@ -180,6 +194,21 @@ class ModelRuntime:
             self._active[active.model_name] = active
             if previous is not None:
                 self._previous[active.model_name] = previous
+
+    def version_floor(self, model_name: str, device_class: str) -> int:
+        """The highest manifest version activated for this model and class (0: none yet)."""
+        with self._lock:
+            return self._floors.get(model_name, {}).get(device_class, 0)
+
+    def raise_floor(self, model_name: str, device_class: str, version: int) -> None:
+        with self._lock:
+            floors = self._floors.setdefault(model_name, {})
+            floors[device_class] = max(version, floors.get(device_class, 0))
+
+    def restore_floors(self, model_name: str, floors: Mapping[str, int]) -> None:
+        if floors:
+            with self._lock:
+                self._floors[model_name] = dict(floors)
 
     def get(self, model_name: str) -> ModelSlot:
         slot = self._active.get(model_name)
@@ -204,12 +233,14 @@ class ModelRuntime:
     def snapshot(self) -> SlotsFile:
         """The slot table as it must be persisted now."""
         with self._lock:
+            names = sorted(set(self._active) | set(self._floors))
             return SlotsFile(
                 models={
                     name: ModelSlots(
-                        active=slot.record,
+                        active=a.record if (a := self._active.get(name)) else None,
                         previous=p.record if (p := self._previous.get(name)) else None,
+                        version_floor=dict(self._floors.get(name, {})),
                     )
-                    for name, slot in sorted(self._active.items())
+                    for name in names
                 }
             )

@@ -78,6 +78,10 @@ class ModelSlots(BaseModel):
 
     active: SlotRecord | None = None
     previous: SlotRecord | None = None
+    # Per device class, the highest manifest version this device has activated: a lower
+    # one is refused (a replayed old manifest is a rollback attack; the controller rolls
+    # back by re-releasing older bytes under a new version).
+    version_floor: dict[str, int] = Field(default_factory=dict)
 
 
 class SlotsFile(BaseModel):

@@ -371,6 +371,21 @@ class SyncLoop:
                 ErrorCode.UNTRUSTED_MANIFEST,
                 f"manifest of {manifest.artifact_id} expired at {manifest.expires_at.isoformat()}",
             )
+        floor = self.runtime.version_floor(model, manifest.device_class)
+        if manifest.version < floor:
+            raise AgentError(
+                ErrorCode.UNTRUSTED_MANIFEST,
+                f"manifest {manifest.artifact_id} is older than v{floor}, which this device "
+                "already ran; refusing a rollback to an old manifest (the controller rolls "
+                "back by re-releasing older bytes under a new version)",
+            )
+        active = self.runtime.active(model)
+        if manifest.version == floor and active is not None and active.sha256 != sha:
+            raise AgentError(
+                ErrorCode.UNTRUSTED_MANIFEST,
+                f"manifest {manifest.artifact_id} names {sha}, but this device runs "
+                f"{active.sha256} under the same version; refusing a reused version",
+            )
         return manifest
 
     async def _deploy(self, stub: Any, assignment: fleet_pb2.Assignment) -> fleet_pb2.StatusReport:
@@ -379,7 +394,8 @@ class SyncLoop:
         active = fleet_pb2.DEPLOYMENT_OUTCOME_ACTIVE
         previous = self.runtime.previous(model)
         if previous is not None and previous.sha256 == sha:
-            self.runtime.switch_back(model)
+            self.runtime.switch_back(model, SlotRecord.from_signed(sha, assignment.manifest))
+            self.runtime.raise_floor(model, manifest.device_class, manifest.version)
             self._persist()
             log.info("model %s: switched back to the previous slot %s", model, sha)
             return self._status(model, sha, active)
@@ -419,6 +435,7 @@ class SyncLoop:
         slot = await asyncio.to_thread(self.runtime.prepare, model, path, record)
         # switch and persist with no await in between: a cancellation cannot split them
         replaced = self.runtime.activate(slot)
+        self.runtime.raise_floor(model, manifest.device_class, manifest.version)
         self._persist()
         log.info(
             "model %s: now serving %s (%s)%s",

@@ -5,6 +5,8 @@
   homefleet model|artifact|assign|devices|events   operator commands (controller.cli),
   homefleet compress|evaluate   compression on this machine (controller extra)
                              which talk to a controller's AdminService over gRPC
+  homefleet compress --controller HOST:PORT, homefleet jobs   compression jobs that a
+                             controller runs (gRPC only here)
 
 `agent` and `controller` are imported only when used, so each runs where only its
 own extra is installed, and the operator commands start without loading either.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import typer
 
-from controller.cli import artifacts, assign, compress, devices, events, models
+from controller.cli import artifacts, assign, compress, devices, events, jobs, models
 from controller.cli.errors import ExitCode
 from homefleet.lazy import LazyGroup, root_group_class
 
@@ -71,6 +73,7 @@ app.command("devices", rich_help_panel=OPERATE)(devices.devices)
 app.command("events", rich_help_panel=OPERATE)(events.events)
 app.command("compress", rich_help_panel=COMPRESS)(compress.compress)
 app.command("evaluate", rich_help_panel=COMPRESS)(compress.evaluate)
+app.command("jobs", rich_help_panel=COMPRESS)(jobs.jobs)
 
 
 def main() -> None:

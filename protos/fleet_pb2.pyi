@@ -26,6 +26,16 @@ class DeviceStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEVICE_STATUS_UNSPECIFIED: _ClassVar[DeviceStatus]
     DEVICE_STATUS_ONLINE: _ClassVar[DeviceStatus]
     DEVICE_STATUS_OFFLINE: _ClassVar[DeviceStatus]
+
+class CompressionJobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPRESSION_JOB_STATE_UNSPECIFIED: _ClassVar[CompressionJobState]
+    COMPRESSION_JOB_STATE_QUEUED: _ClassVar[CompressionJobState]
+    COMPRESSION_JOB_STATE_RUNNING: _ClassVar[CompressionJobState]
+    COMPRESSION_JOB_STATE_SUCCEEDED: _ClassVar[CompressionJobState]
+    COMPRESSION_JOB_STATE_NOT_MET: _ClassVar[CompressionJobState]
+    COMPRESSION_JOB_STATE_FAILED: _ClassVar[CompressionJobState]
+    COMPRESSION_JOB_STATE_CANCELLED: _ClassVar[CompressionJobState]
 PAYLOAD_ENCODING_UNSPECIFIED: PayloadEncoding
 PAYLOAD_ENCODING_FULL: PayloadEncoding
 PAYLOAD_ENCODING_DELTA: PayloadEncoding
@@ -37,6 +47,13 @@ DEPLOYMENT_OUTCOME_ROLLED_BACK: DeploymentOutcome
 DEVICE_STATUS_UNSPECIFIED: DeviceStatus
 DEVICE_STATUS_ONLINE: DeviceStatus
 DEVICE_STATUS_OFFLINE: DeviceStatus
+COMPRESSION_JOB_STATE_UNSPECIFIED: CompressionJobState
+COMPRESSION_JOB_STATE_QUEUED: CompressionJobState
+COMPRESSION_JOB_STATE_RUNNING: CompressionJobState
+COMPRESSION_JOB_STATE_SUCCEEDED: CompressionJobState
+COMPRESSION_JOB_STATE_NOT_MET: CompressionJobState
+COMPRESSION_JOB_STATE_FAILED: CompressionJobState
+COMPRESSION_JOB_STATE_CANCELLED: CompressionJobState
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -423,6 +440,146 @@ class ListEventsResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class ModelRef(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class BudgetOverrides(_message.Message):
+    __slots__ = ("min_fidelity", "max_accuracy_drop", "max_bytes", "max_size_ratio", "p95_ms")
+    MIN_FIDELITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIZE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    min_fidelity: float
+    max_accuracy_drop: float
+    max_bytes: int
+    max_size_ratio: float
+    p95_ms: float
+    def __init__(self, min_fidelity: _Optional[float] = ..., max_accuracy_drop: _Optional[float] = ..., max_bytes: _Optional[int] = ..., max_size_ratio: _Optional[float] = ..., p95_ms: _Optional[float] = ...) -> None: ...
+
+class StartCompressionHeader(_message.Message):
+    __slots__ = ("model", "workload", "device_class_yaml", "budgets", "calibration_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CLASS_YAML_FIELD_NUMBER: _ClassVar[int]
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    workload: str
+    device_class_yaml: str
+    budgets: BudgetOverrides
+    calibration_bytes: int
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., workload: _Optional[str] = ..., device_class_yaml: _Optional[str] = ..., budgets: _Optional[_Union[BudgetOverrides, _Mapping]] = ..., calibration_bytes: _Optional[int] = ...) -> None: ...
+
+class StartCompressionChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: StartCompressionHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[StartCompressionHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class CompressionTrial(_message.Message):
+    __slots__ = ("index", "summary", "recipe", "met", "artifact_bytes", "quality_metric", "quality_value", "p95_ms", "energy_mj", "seconds", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
+    MET_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_METRIC_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_VALUE_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_MJ_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    summary: str
+    recipe: str
+    met: bool
+    artifact_bytes: int
+    quality_metric: str
+    quality_value: float
+    p95_ms: float
+    energy_mj: float
+    seconds: float
+    error: str
+    def __init__(self, index: _Optional[int] = ..., summary: _Optional[str] = ..., recipe: _Optional[str] = ..., met: _Optional[bool] = ..., artifact_bytes: _Optional[int] = ..., quality_metric: _Optional[str] = ..., quality_value: _Optional[float] = ..., p95_ms: _Optional[float] = ..., energy_mj: _Optional[float] = ..., seconds: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+
+class BudgetVerdict(_message.Message):
+    __slots__ = ("budget", "limit", "observed", "met", "gap")
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_FIELD_NUMBER: _ClassVar[int]
+    MET_FIELD_NUMBER: _ClassVar[int]
+    GAP_FIELD_NUMBER: _ClassVar[int]
+    budget: str
+    limit: float
+    observed: float
+    met: bool
+    gap: float
+    def __init__(self, budget: _Optional[str] = ..., limit: _Optional[float] = ..., observed: _Optional[float] = ..., met: _Optional[bool] = ..., gap: _Optional[float] = ...) -> None: ...
+
+class CompressionJob(_message.Message):
+    __slots__ = ("id", "model_name", "model_version", "workload", "device_class", "state", "error", "created_unix_ms", "started_unix_ms", "finished_unix_ms", "trials_done", "trials", "artifact_id", "recipe", "verdicts")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TRIALS_DONE_FIELD_NUMBER: _ClassVar[int]
+    TRIALS_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model_name: str
+    model_version: int
+    workload: str
+    device_class: str
+    state: CompressionJobState
+    error: str
+    created_unix_ms: int
+    started_unix_ms: int
+    finished_unix_ms: int
+    trials_done: int
+    trials: _containers.RepeatedCompositeFieldContainer[CompressionTrial]
+    artifact_id: str
+    recipe: str
+    verdicts: _containers.RepeatedCompositeFieldContainer[BudgetVerdict]
+    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., workload: _Optional[str] = ..., device_class: _Optional[str] = ..., state: _Optional[_Union[CompressionJobState, str]] = ..., error: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., trials_done: _Optional[int] = ..., trials: _Optional[_Iterable[_Union[CompressionTrial, _Mapping]]] = ..., artifact_id: _Optional[str] = ..., recipe: _Optional[str] = ..., verdicts: _Optional[_Iterable[_Union[BudgetVerdict, _Mapping]]] = ...) -> None: ...
+
+class CompressionJobRef(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class ListCompressionJobsRequest(_message.Message):
+    __slots__ = ("model_name", "device_class", "limit")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    device_class: str
+    limit: int
+    def __init__(self, model_name: _Optional[str] = ..., device_class: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListCompressionJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[CompressionJob]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[CompressionJob, _Mapping]]] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("name", "dtype", "shape", "data")

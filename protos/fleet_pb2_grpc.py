@@ -324,6 +324,31 @@ class AdminServiceStub:
                 request_serializer=protos_dot_fleet__pb2.ListEventsRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet__pb2.ListEventsResponse.FromString,
                 _registered_method=True)
+        self.StartCompression = channel.stream_unary(
+                '/homefleet.v1.AdminService/StartCompression',
+                request_serializer=protos_dot_fleet__pb2.StartCompressionChunk.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.CompressionJob.FromString,
+                _registered_method=True)
+        self.GetCompressionJob = channel.unary_unary(
+                '/homefleet.v1.AdminService/GetCompressionJob',
+                request_serializer=protos_dot_fleet__pb2.CompressionJobRef.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.CompressionJob.FromString,
+                _registered_method=True)
+        self.WatchCompressionJob = channel.unary_stream(
+                '/homefleet.v1.AdminService/WatchCompressionJob',
+                request_serializer=protos_dot_fleet__pb2.CompressionJobRef.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.CompressionJob.FromString,
+                _registered_method=True)
+        self.ListCompressionJobs = channel.unary_unary(
+                '/homefleet.v1.AdminService/ListCompressionJobs',
+                request_serializer=protos_dot_fleet__pb2.ListCompressionJobsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.ListCompressionJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelCompressionJob = channel.unary_unary(
+                '/homefleet.v1.AdminService/CancelCompressionJob',
+                request_serializer=protos_dot_fleet__pb2.CompressionJobRef.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.CompressionJob.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -374,6 +399,43 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartCompression(self, request_iterator, context):
+        """Compression jobs: the controller runs the planner in its process pool, one active
+        job per (model, device class), and publishes the chosen model as a signed artifact.
+        Client stream: the first message carries the header, the rest the calibration .npz.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCompressionJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchCompressionJob(self, request, context):
+        """Server stream: the whole job on subscribe and again whenever it changes (a trial
+        finished, the state moved); the stream ends once the job has ended (or when the
+        controller shuts down: read the job again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCompressionJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelCompressionJob(self, request, context):
+        """A queued job is cancelled at once, a running one after its current trial.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -411,6 +473,31 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListEvents,
                     request_deserializer=protos_dot_fleet__pb2.ListEventsRequest.FromString,
                     response_serializer=protos_dot_fleet__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'StartCompression': grpc.stream_unary_rpc_method_handler(
+                    servicer.StartCompression,
+                    request_deserializer=protos_dot_fleet__pb2.StartCompressionChunk.FromString,
+                    response_serializer=protos_dot_fleet__pb2.CompressionJob.SerializeToString,
+            ),
+            'GetCompressionJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCompressionJob,
+                    request_deserializer=protos_dot_fleet__pb2.CompressionJobRef.FromString,
+                    response_serializer=protos_dot_fleet__pb2.CompressionJob.SerializeToString,
+            ),
+            'WatchCompressionJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchCompressionJob,
+                    request_deserializer=protos_dot_fleet__pb2.CompressionJobRef.FromString,
+                    response_serializer=protos_dot_fleet__pb2.CompressionJob.SerializeToString,
+            ),
+            'ListCompressionJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCompressionJobs,
+                    request_deserializer=protos_dot_fleet__pb2.ListCompressionJobsRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.ListCompressionJobsResponse.SerializeToString,
+            ),
+            'CancelCompressionJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelCompressionJob,
+                    request_deserializer=protos_dot_fleet__pb2.CompressionJobRef.FromString,
+                    response_serializer=protos_dot_fleet__pb2.CompressionJob.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -604,6 +691,141 @@ class AdminService:
             '/homefleet.v1.AdminService/ListEvents',
             protos_dot_fleet__pb2.ListEventsRequest.SerializeToString,
             protos_dot_fleet__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartCompression(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/homefleet.v1.AdminService/StartCompression',
+            protos_dot_fleet__pb2.StartCompressionChunk.SerializeToString,
+            protos_dot_fleet__pb2.CompressionJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCompressionJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/homefleet.v1.AdminService/GetCompressionJob',
+            protos_dot_fleet__pb2.CompressionJobRef.SerializeToString,
+            protos_dot_fleet__pb2.CompressionJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchCompressionJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/homefleet.v1.AdminService/WatchCompressionJob',
+            protos_dot_fleet__pb2.CompressionJobRef.SerializeToString,
+            protos_dot_fleet__pb2.CompressionJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCompressionJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/homefleet.v1.AdminService/ListCompressionJobs',
+            protos_dot_fleet__pb2.ListCompressionJobsRequest.SerializeToString,
+            protos_dot_fleet__pb2.ListCompressionJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelCompressionJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/homefleet.v1.AdminService/CancelCompressionJob',
+            protos_dot_fleet__pb2.CompressionJobRef.SerializeToString,
+            protos_dot_fleet__pb2.CompressionJob.FromString,
             options,
             channel_credentials,
             insecure,

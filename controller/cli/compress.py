@@ -4,6 +4,9 @@ Exit codes: 0 every budget holds; 3 no recipe meets the budget (the best trial i
 written, with the gap per budget); 2 bad input (file, device class, calibration,
 flags), with nothing written to --out. The heavy stack (torch, onnx, onnxruntime) is
 imported inside the commands, so the rest of the CLI starts without it.
+
+With --controller the same job runs on a controller instead (controller.cli.jobs),
+with the same exit codes; the result becomes a signed artifact there.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from controller.cli.client import DEFAULT_TIMEOUT_S
+from controller.cli.jobs import DEFAULT_WAIT_S, RemoteCompression, compress_on_controller
 
 if TYPE_CHECKING:
     from controller.compression.planner import Trial
@@ -49,7 +55,9 @@ def _show_trial(trial: Trial) -> None:
 
 def compress(
     device_class: Path = typer.Option(..., "--device-class", help="device-class YAML file"),
-    out_dir: Path = typer.Option(..., "--out", help="new directory for the results"),
+    out_dir: Path | None = typer.Option(
+        None, "--out", help="new directory for the results (on this machine)"
+    ),
     onnx_model: Path | None = typer.Option(None, "--onnx", help="ONNX model (post-training only)"),
     calib: Path | None = typer.Option(None, "--calib", help=".npz of inputs, named after them"),
     workload: str | None = typer.Option(None, "--workload", help="reference workload name"),
@@ -58,8 +66,70 @@ def compress(
     max_bytes: int | None = typer.Option(None, "--max-bytes", min=1),
     max_size_ratio: float | None = typer.Option(None, "--max-size-ratio", min=0.0, max=1.0),
     p95_ms: float | None = typer.Option(None, "--p95-ms", min=0.0),
+    controller: str | None = typer.Option(
+        None,
+        "--controller",
+        metavar="HOST:PORT",
+        help="run the job on this controller instead (with --model or --workload); the "
+        "result becomes a signed artifact there",
+    ),
+    model: str | None = typer.Option(
+        None, "--model", metavar="NAME", help="with --controller: a registered model's name"
+    ),
+    model_version: int = typer.Option(
+        0, "--model-version", min=0, metavar="N", help="with --model: its version; 0 = latest"
+    ),
+    wait: bool = typer.Option(
+        True, "--wait/--no-wait", help="with --controller: follow the job until it ends"
+    ),
+    wait_timeout: float = typer.Option(
+        DEFAULT_WAIT_S, "--wait-timeout", min=1.0, metavar="SECONDS", help="how long to follow"
+    ),
+    timeout: float = typer.Option(
+        DEFAULT_TIMEOUT_S, "--timeout", min=0.1, metavar="SECONDS", help="deadline per call"
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="with --controller: print the finished job as JSON"
+    ),
 ) -> None:
-    """Search recipes for one device class until every budget holds."""
+    """Search recipes for one device class until every budget holds: on this machine, or
+    as a job on a controller (--controller), which publishes the result as an artifact."""
+    if controller is not None:
+        if onnx_model is not None or out_dir is not None:
+            raise _fail(
+                "with --controller, register the model first (`homefleet model add NAME "
+                "FILE.onnx`) and name it with --model NAME; the result becomes an artifact "
+                "on the controller, so there is no --out"
+            )
+        if max_bytes is not None and max_size_ratio is not None:
+            raise _fail("give --max-bytes or --max-size-ratio, not both")
+        compress_on_controller(
+            RemoteCompression(
+                device_class=device_class,
+                model=model,
+                model_version=model_version,
+                workload=workload,
+                calibration=calib,
+                min_fidelity=min_fidelity,
+                max_accuracy_drop=max_accuracy_drop,
+                max_bytes=max_bytes,
+                max_size_ratio=max_size_ratio,
+                p95_ms=p95_ms,
+            ),
+            address=controller.strip(),
+            timeout_s=timeout,
+            wait=wait,
+            wait_timeout_s=wait_timeout,
+            as_json=as_json,
+        )
+        return
+    if model is not None:
+        raise _fail(
+            "--model names a model registered with a controller: add --controller HOST:PORT, "
+            "or compress a file here with --onnx FILE.onnx"
+        )
+    if out_dir is None:
+        raise _fail("--out DIR is required when compressing on this machine")
     if (onnx_model is None) == (workload is None):
         raise _fail("give exactly one of --onnx MODEL.onnx (with --calib) or --workload NAME")
     if max_bytes is not None and max_size_ratio is not None:

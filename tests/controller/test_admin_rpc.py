@@ -318,3 +318,36 @@ def test_list_devices_and_events(tmp_path: Path) -> None:
             )
 
     run(body())
+
+
+def test_assigning_an_older_artifact_re_releases_it_under_a_new_signed_version(
+    tmp_path: Path,
+) -> None:
+    """Agents refuse versions older than one they ran, so a rollback is a re-release."""
+
+    async def body() -> None:
+        async with running_controller(tmp_path) as c:
+            first_model = await c.add_model("motions", onnx_model(seed=1))
+            first = await c.artifact("motions", "home-hub", model_version=first_model.version)
+            second_model = await c.add_model("motions", onnx_model(seed=2))
+            second = await c.artifact("motions", "home-hub", model_version=second_model.version)
+            await c.admin.Assign(pb.AssignRequest(artifact_id=second.id, device_class="home-hub"))
+
+            # roll back
+            await c.admin.Assign(pb.AssignRequest(artifact_id=first.id, device_class="home-hub"))
+            listed = await c.admin.ListArtifacts(pb.ListArtifactsRequest(model_name="motions"))
+            by_version = {a.version: a for a in listed.artifacts}
+            assert sorted(by_version) == [1, 2, 3]
+            again = by_version[3]
+            assert again.sha256 == first.sha256 and again.size_bytes == first.size_bytes
+            manifest = Manifest.from_json_bytes(again.manifest.manifest_json)
+            assert (manifest.version, manifest.rereleases) == (3, first.id)
+            assert manifest.recipe == Manifest.from_json_bytes(first.manifest.manifest_json).recipe
+            published_key(c).verify(again.manifest.manifest_json, again.manifest.signature)
+
+            # twice: no second re-release
+            await c.admin.Assign(pb.AssignRequest(artifact_id=first.id, device_class="home-hub"))
+            listed = await c.admin.ListArtifacts(pb.ListArtifactsRequest(model_name="motions"))
+            assert len(listed.artifacts) == 3
+
+    run(body())

@@ -18,17 +18,20 @@ import pytest
 from artifact.digest import sha256_bytes
 from artifact.manifest import Manifest, RecipeStep, TensorSpec
 from artifact.signing import SigningKey, TrustedKey
+from edge_agent.agent import restore_slots
 from edge_agent.config import AgentConfig
 from edge_agent.errors import AgentError, ErrorCode
 from edge_agent.hardware import collect
 from edge_agent.runtime import ModelRuntime
-from edge_agent.store import StateStore
+from edge_agent.store import SlotRecord, StateStore
 from edge_agent.sync import SyncLoop
 from protos import fleet_pb2
+from tests.edge_agent.conftest import write_model
 from tests.edge_agent.models import add_model
 
 KEY = SigningKey.generate()
 DATA = add_model(1.0)
+SHA = sha256_bytes(DATA)
 
 
 def manifest(**over: Any) -> Manifest:
@@ -113,3 +116,37 @@ def test_a_manifest_signed_by_another_key_is_refused(agent: SyncLoop) -> None:
     error = refusal(agent, assignment(manifest(), key=other))
     assert error.code == ErrorCode.UNTRUSTED_MANIFEST
     assert "trusts only key" in error.message and other.key_id in error.message
+
+
+def test_a_manifest_older_than_one_the_device_ran_is_refused(agent: SyncLoop) -> None:
+    agent.runtime.raise_floor("motions", "home-hub", 3)
+    error = refusal(agent, assignment(manifest(version=2)))
+    assert error.code == ErrorCode.UNTRUSTED_MANIFEST
+    assert "older than v3" in error.message
+    newer = manifest(version=4)
+    assert agent.check_manifest(assignment(newer)) == newer
+    # the floor is per device class: another class's versions do not count here
+    agent.runtime.raise_floor("motions", "camera", 9)
+    assert agent.check_manifest(assignment(newer)) == newer
+
+
+def test_the_version_floor_survives_a_restart_even_when_the_artifact_is_lost(
+    agent: SyncLoop,
+) -> None:
+    agent.store.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    path, _ = write_model(agent.store.artifacts_dir, DATA)
+    agent.runtime.activate(agent.runtime.prepare("motions", path, SlotRecord(sha256=SHA)))
+    agent.runtime.raise_floor("motions", "home-hub", 5)
+    agent.store.save_slots(agent.runtime.snapshot())
+
+    restarted = ModelRuntime(threads=1)
+    restore_slots(agent.store, restarted)
+    assert restarted.version_floor("motions", "home-hub") == 5
+    assert restarted.get("motions").sha256 == SHA
+
+    path.unlink()  # the artifact vanished: nothing to serve, but the floor must stay
+    again = ModelRuntime(threads=1)
+    restore_slots(agent.store, again)
+    assert again.active("motions") is None
+    assert again.version_floor("motions", "home-hub") == 5
+    assert agent.store.load_slots().models["motions"].version_floor == {"home-hub": 5}

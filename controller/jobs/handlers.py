@@ -1,0 +1,233 @@
+"""Compression-job operations, free of gRPC: start, get, watch, list, cancel.
+
+Start checks everything before it records anything: the source (a registered model or
+a known workload), the device class, the budget overrides, the calibration data and
+whether a job for the same (model, class) is already active. A refusal leaves no row,
+no event and no file behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from controller import validate
+from controller.admin import in_thread
+from controller.blobstore import BlobStore
+from controller.config import ControllerConfig
+from controller.errors import ErrorCode, FleetError, invalid, not_found
+from controller.jobs.request import apply_overrides, check_calibration_file, parse_device_class
+from controller.jobs.runner import JobPlan, JobRunner
+from controller.jobs.watchers import JobWatchers
+from controller.records import CompressionJobRecord, CompressionStart, NewCompressionJob
+from controller.store import Store
+
+DEFAULT_JOB_LIMIT = 100
+MAX_JOB_LIMIT = 1000
+# Watchers re-read the job this often even without a wake-up (a job on another replica).
+WATCH_REREAD_SECONDS = 2.0
+COPY_CHUNK_BYTES = 1024 * 1024
+
+
+def _known_workloads() -> tuple[str, ...]:
+    """The reference workloads' names. Importing the registry loads torch, so this runs
+    only for workload requests, in a worker thread, once per process."""
+    from controller.workloads.registry import workload_names
+
+    return workload_names()
+
+
+class CompressionHandlers:
+    def __init__(
+        self,
+        store: Store,
+        blobs: BlobStore,
+        config: ControllerConfig,
+        runner: JobRunner,
+        watchers: JobWatchers,
+    ) -> None:
+        self._store = store
+        self._blobs = blobs
+        self._config = config
+        self._runner = runner
+        self._watchers = watchers
+        self._workloads: tuple[str, ...] | None = None
+
+    # ---------------------------------------------------------------- start
+    async def start(
+        self, request: CompressionStart, calibration: AsyncIterator[bytes]
+    ) -> CompressionJobRecord:
+        """Check the request, receive the calibration data, record the job and queue it."""
+        plan = await self._plan(request)
+        name = plan.model.name if plan.model is not None else plan.workload
+        active = await in_thread(self._store.active_compression_job, name, plan.device_class.name)
+        if active is not None:
+            raise FleetError(
+                ErrorCode.ALREADY_EXISTS,
+                f"compression job {active.id} for {name}/{plan.device_class.name} is already "
+                f"{active.state.value}; wait for it to end (`homefleet jobs`) or cancel it, "
+                "then start again",
+            )
+        if self._runner.active >= self._config.max_active_jobs:
+            raise FleetError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"this controller already has {self._runner.active} compression jobs queued or "
+                f"running (at most {self._config.max_active_jobs}); retry when some have ended",
+            )
+        incoming = await in_thread(self._runner.incoming_dir)
+        try:
+            if plan.model is not None and plan.source_path is not None:
+                target = JobRunner.calibration_path(incoming)
+                await self._receive(calibration, target, request.calibration_bytes)
+                await in_thread(check_calibration_file, target, plan.source_path)
+            else:
+                async for _ in calibration:
+                    raise invalid(
+                        "a workload brings its own data: send no calibration bytes with it"
+                    )
+            record = await in_thread(
+                self._store.create_compression_job,
+                NewCompressionJob(
+                    model_name=name,
+                    model_version=plan.model.version if plan.model is not None else None,
+                    workload=plan.workload,
+                    device_class=plan.device_class.name,
+                    owner=self._runner.owner,
+                ),
+            )
+        except BaseException:
+            await in_thread(shutil.rmtree, incoming, True)
+            raise
+        await self._runner.submit(record, plan, incoming)
+        return record
+
+    async def _plan(self, request: CompressionStart) -> JobPlan:
+        if bool(request.model_name) == bool(request.workload):
+            raise invalid(
+                "name exactly one source: model (a registered ONNX model, with calibration "
+                "data) or workload (a reference workload, e.g. basic-motions)"
+            )
+        budgeted = apply_overrides(parse_device_class(request.device_class_yaml), request.budgets)
+        if request.calibration_bytes > self._config.max_model_bytes:
+            raise FleetError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"the calibration data is {request.calibration_bytes} bytes; this controller "
+                f"accepts at most {self._config.max_model_bytes} bytes (max_model_bytes)",
+            )
+        if request.workload:
+            validate.name(request.workload, "workload")
+            if request.calibration_bytes:
+                raise invalid(
+                    "a workload brings its own data: calibration_bytes must be 0 for a workload"
+                )
+            if self._workloads is None:
+                self._workloads = await in_thread(_known_workloads)
+            if request.workload not in self._workloads:
+                raise invalid(
+                    f"unknown workload {request.workload!r}; known workloads: "
+                    f"{', '.join(self._workloads)}"
+                )
+            return JobPlan(
+                None, None, request.workload, budgeted.device_class, budgeted.max_size_ratio
+            )
+        validate.name(request.model_name, "model.name")
+        if request.model_version is not None:
+            validate.int_range(request.model_version, "model.version", 1, 2**31 - 1)
+        if request.calibration_bytes == 0:
+            raise invalid(
+                "an ONNX model is judged by its fidelity on calibration inputs: send an .npz "
+                "with one array per model input, named after it (calibration_bytes > 0)"
+            )
+        model = await in_thread(self._store.get_model, request.model_name, request.model_version)
+        if model is None:
+            which = f" version {request.model_version}" if request.model_version else ""
+            raise not_found(
+                f"model {request.model_name!r}{which} is not registered; add it first "
+                "(AddModel / `homefleet model add`)"
+            )
+        if not await in_thread(self._blobs.exists, model.sha256):
+            raise FleetError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"the bytes of model {model.name} v{model.version} ({model.sha256}) are missing "
+                "from the blob store; add the model again",
+            )
+        return JobPlan(
+            model,
+            self._blobs.path_for(model.sha256),
+            "",
+            budgeted.device_class,
+            budgeted.max_size_ratio,
+        )
+
+    async def _receive(self, chunks: AsyncIterator[bytes], target: Path, expected: int) -> None:
+        """Write the calibration bytes to ``target``: exactly as many as announced."""
+        received = 0
+        with target.open("wb") as f:
+            async for data in chunks:
+                received += len(data)
+                if received > expected:
+                    raise invalid(
+                        f"received more than the {expected} calibration bytes the header "
+                        "announced (calibration_bytes); send exactly the file's size"
+                    )
+                await in_thread(f.write, data)
+        if received != expected:
+            raise invalid(
+                f"received {received} calibration bytes but the header announced {expected} "
+                "(calibration_bytes); the upload was cut short or the size is wrong"
+            )
+
+    # ---------------------------------------------------------------- reading
+    async def get(self, job_id: int) -> CompressionJobRecord:
+        validate.int_range(job_id, "id", 1, validate.MAX_INT64)
+        job = await in_thread(self._store.get_compression_job, job_id)
+        if job is None:
+            raise not_found(f"compression job {job_id} does not exist; list them: `homefleet jobs`")
+        return job
+
+    async def watch(
+        self, job_id: int, send: Callable[[CompressionJobRecord], Awaitable[None]]
+    ) -> None:
+        """Send the job now and whenever it changes; return once it has ended."""
+        job = await self.get(job_id)
+        with self._watchers.subscribe(job_id) as sub:
+            last: CompressionJobRecord | None = None
+            while True:
+                if job != last:
+                    await send(job)
+                    last = job
+                if not job.state.active or sub.closed:
+                    return
+                await sub.wait(WATCH_REREAD_SECONDS)
+                job = await self.get(job_id)
+
+    async def list(
+        self, model_name: str, device_class: str, limit: int
+    ) -> list[CompressionJobRecord]:
+        validate.int_range(limit, "limit", 0, MAX_JOB_LIMIT)
+        return await in_thread(
+            self._store.list_compression_jobs,
+            validate.optional_name(model_name, "model_name"),
+            validate.optional_name(device_class, "device_class"),
+            limit or DEFAULT_JOB_LIMIT,
+        )
+
+    # ---------------------------------------------------------------- cancel
+    async def cancel(self, job_id: int) -> CompressionJobRecord:
+        """Cancel a queued job at once, a running one after its current trial (the job
+        comes back as it is now: watch it to see it end)."""
+        job = await self.get(job_id)
+        if not job.state.active:
+            raise FleetError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"compression job {job_id} has already ended ({job.state.value}); "
+                "nothing to cancel",
+            )
+        if not await self._runner.cancel(job_id):
+            raise FleetError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"compression job {job_id} runs on another controller ({job.owner}); "
+                "cancel it there",
+            )
+        return await self.get(job_id)

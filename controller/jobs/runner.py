@@ -1,0 +1,388 @@
+"""Runs compression jobs in a process pool and turns their results into signed artifacts.
+
+The pool (spawned processes, ``compression_workers`` of them, created on first use)
+keeps torch out of the server process. For each job a task on the event loop waits
+for the worker's result and meanwhile copies its progress file into the database and
+wakes watchers. A job that ends with a model (every budget met, or the best trial when
+none met them) is published through the admin handlers, so its artifact is versioned
+and signed like any other. Job directories live under ``DATA_DIR/jobs`` and are removed
+when the job ends; a controller that restarts fails the jobs it was running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from artifact.manifest import RecipeStep
+from controller.config import ControllerConfig
+from controller.device_classes import DeviceClass
+from controller.errors import FleetError
+from controller.jobs.progress import ProgressReader, Started
+from controller.jobs.watchers import JobWatchers
+from controller.jobs.worker import WorkerResult, WorkerSpec, init_worker, run_job
+from controller.records import (
+    ArtifactRecord,
+    BudgetVerdictRecord,
+    CompressionJobRecord,
+    JobResult,
+    JobState,
+    ModelRecord,
+)
+from controller.store import Store
+
+log = logging.getLogger(__name__)
+
+TAIL_SECONDS = 0.25  # how often a running job's progress file is read
+START_ATTEMPTS = 2  # a job that never started when its pool broke is queued once more
+CLOSE_WAIT_SECONDS = 10.0
+STALE_INCOMING_SECONDS = 3600.0
+INCOMING_PREFIX = ".incoming-"
+WORKER_PREFIX = ".worker-"
+CALIBRATION_FILE = "calibration.npz"
+
+RESTARTED = (
+    "controller restarted: the job was queued or running when the controller stopped; "
+    "start it again"
+)
+STOPPED = "controller stopped before the job finished; start it again"
+DIED = (
+    "the compression process exited unexpectedly (out of memory, or killed); "
+    "the controller log may say more"
+)
+FINISHING_FAILED = "internal controller error while finishing the job; the controller log has it"
+
+
+class Publisher(Protocol):
+    """Where finished jobs go: the admin handlers, which version and sign artifacts."""
+
+    async def register_source(self, name: str, path: Path, description: str) -> ModelRecord: ...
+
+    async def publish_compressed(
+        self,
+        model: ModelRecord,
+        device_class: str,
+        path: Path,
+        recipe: tuple[RecipeStep, ...],
+        metrics: dict[str, float],
+    ) -> ArtifactRecord: ...
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What a checked request asks for: the source, the class with its budgets."""
+
+    model: ModelRecord | None  # a registered model, or None for a workload
+    source_path: Path | None  # that model's blob
+    workload: str
+    device_class: DeviceClass
+    max_size_ratio: float | None
+
+
+class _Verdict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    budget: str
+    limit: float
+    observed: float
+    met: bool
+    gap: float
+
+
+class JobManifest(BaseModel):
+    """The parts of job.py's manifest.json that become the artifact's recipe and metrics."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    recipe: tuple[RecipeStep, ...]
+    recipe_text: str
+    metrics: dict[str, float]
+    budgets: tuple[_Verdict, ...]
+    met: bool
+
+    @classmethod
+    def read(cls, path: Path) -> JobManifest:
+        return cls.model_validate_json(path.read_bytes())
+
+    def verdicts(self) -> tuple[BudgetVerdictRecord, ...]:
+        return tuple(BudgetVerdictRecord(**v.model_dump()) for v in self.budgets)
+
+
+@dataclass
+class _Job:
+    record: CompressionJobRecord
+    plan: JobPlan
+    spec: WorkerSpec
+    directory: Path
+    progress: ProgressReader
+    future: Future[WorkerResult] | None = None
+    task: asyncio.Task[None] | None = None
+    pid: int | None = None
+    cancel_requested: bool = False
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store: Store,
+        config: ControllerConfig,
+        publisher: Publisher,
+        watchers: JobWatchers,
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._publisher = publisher
+        self._watchers = watchers
+        self._pool: ProcessPoolExecutor | None = None
+        self._jobs: dict[int, _Job] = {}
+        self._closing = False
+        # Who runs a job: a restarted controller (same host, same data directory)
+        # recognises the jobs its previous run left behind.
+        self.owner = f"{socket.gethostname()}:{config.data_dir}"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self._config.jobs_dir
+
+    # ---------------------------------------------------------------- lifecycle
+    def recover(self) -> list[int]:
+        """At start: fail the jobs a previous run of this controller left active, and
+        remove their directories and the pool's scratch space (blocking: run in a thread)."""
+        failed = self._store.fail_active_compression_jobs(self.owner, RESTARTED)
+        for job_id in failed:
+            log.warning("compression job %d failed: %s", job_id, RESTARTED)
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - STALE_INCOMING_SECONDS
+        for entry in self.jobs_dir.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if entry.name.startswith(INCOMING_PREFIX) and entry.stat().st_mtime > cutoff:
+                    continue  # an upload another replica on this directory is receiving
+                _remove(entry)
+        return failed
+
+    async def close(self) -> None:
+        """Stop every job: queued ones are dropped, running workers are killed, and each
+        job fails as 'controller stopped'; then the pool's scratch space goes."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        for job in self._jobs.values():
+            if job.future is not None:
+                job.future.cancel()  # succeeds only while queued
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        deadline = loop.time() + CLOSE_WAIT_SECONDS
+        while self._jobs and loop.time() < deadline:
+            for job in list(self._jobs.values()):
+                await self._drain(job)  # learn the pid of a worker that has just started
+                if job.pid is not None and job.future is not None and not job.future.done():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(job.pid, signal.SIGKILL)
+            tasks = [job.task for job in self._jobs.values() if job.task is not None]
+            if tasks:
+                await asyncio.wait(tasks, timeout=TAIL_SECONDS)
+        self._watchers.close()
+        if self.jobs_dir.is_dir():
+            for entry in self.jobs_dir.glob(f"{WORKER_PREFIX}*"):
+                await asyncio.to_thread(_remove, entry)
+
+    # ---------------------------------------------------------------- submitting
+    @property
+    def active(self) -> int:
+        return len(self._jobs)
+
+    def incoming_dir(self) -> Path:
+        """A fresh directory for a request being received (before the job has an id)."""
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=INCOMING_PREFIX, dir=self.jobs_dir))
+
+    @staticmethod
+    def calibration_path(incoming: Path) -> Path:
+        return incoming / CALIBRATION_FILE
+
+    async def submit(self, record: CompressionJobRecord, plan: JobPlan, incoming: Path) -> None:
+        """Move the received files to the job's directory and queue it in the pool."""
+        directory = self.jobs_dir / str(record.id)
+        try:
+            await asyncio.to_thread(os.replace, incoming, directory)
+        except OSError as exc:
+            log.error("compression job %d: cannot prepare %s: %s", record.id, directory, exc)
+            await asyncio.to_thread(_remove, incoming)
+            result = JobResult(JobState.FAILED, error=f"cannot prepare the job's directory: {exc}")
+            await asyncio.to_thread(self._store.finish_compression_job, record.id, result)
+            return
+        spec = WorkerSpec(
+            job_id=record.id,
+            name=record.model_name,
+            device_class_json=plan.device_class.model_dump_json(),
+            max_size_ratio=plan.max_size_ratio,
+            out_dir=directory / "out",
+            progress_path=directory / "progress.jsonl",
+            cancel_path=directory / "cancel",
+            source_onnx=plan.source_path,
+            calibration=directory / CALIBRATION_FILE if plan.model is not None else None,
+            workload=plan.workload,
+        )
+        job = _Job(record, plan, spec, directory, ProgressReader(spec.progress_path))
+        self._jobs[record.id] = job
+        job.task = asyncio.create_task(self._follow(job), name=f"compression-job-{record.id}")
+
+    async def cancel(self, job_id: int) -> bool:
+        """Ask a job of this controller to stop; False when it does not run here."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return False
+        job.cancel_requested = True
+        if job.future is not None and job.future.cancel():
+            if job.task is not None:  # dropped from the queue: it ends at once
+                await asyncio.shield(job.task)
+            return True
+        await asyncio.to_thread(job.spec.cancel_path.touch)
+        return True
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self._config.compression_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_worker,
+                initargs=(self._config.compression_threads, self.jobs_dir / WORKER_PREFIX),
+            )
+        return self._pool
+
+    def _start(self, job: _Job) -> tuple[ProcessPoolExecutor, Future[WorkerResult]]:
+        pool = self._executor()
+        try:
+            return pool, pool.submit(run_job, job.spec)
+        except BrokenProcessPool:  # a worker died earlier: start a fresh pool
+            self._discard(pool)
+            pool = self._executor()
+            return pool, pool.submit(run_job, job.spec)
+
+    def _discard(self, pool: ProcessPoolExecutor) -> None:
+        """Forget a broken pool (once: several jobs may learn that it broke)."""
+        if self._pool is pool:
+            self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------- following
+    async def _follow(self, job: _Job) -> None:
+        job_id = job.record.id
+        try:
+            result = await self._run(job)
+        except Exception:
+            log.exception("compression job %d: finishing it failed", job_id)
+            result = JobResult(JobState.FAILED, error=FINISHING_FAILED)
+        await asyncio.to_thread(_remove, job.directory)  # before anyone learns it ended
+        try:
+            await asyncio.to_thread(self._store.finish_compression_job, job_id, result)
+        except Exception:
+            log.exception("compression job %d: recording its end failed", job_id)
+        log.info("compression job %d ended: %s %s", job_id, result.state.value, result.error)
+        self._jobs.pop(job_id, None)
+        self._watchers.notify(job_id)
+
+    async def _run(self, job: _Job) -> JobResult:
+        for attempt in range(1, START_ATTEMPTS + 1):
+            if self._closing:
+                return JobResult(JobState.FAILED, error=STOPPED)
+            if job.cancel_requested:
+                return JobResult(JobState.CANCELLED)
+            pool, future = self._start(job)
+            job.future = future
+            waiter = asyncio.wrap_future(future)
+            done: set[asyncio.Future[WorkerResult]] = set()
+            while not done:
+                done, _ = await asyncio.wait({waiter}, timeout=TAIL_SECONDS)
+                await self._drain(job)
+            if future.cancelled():
+                if job.cancel_requested:
+                    return JobResult(JobState.CANCELLED)
+                return JobResult(JobState.FAILED, error=STOPPED)
+            error = waiter.exception()  # through the waiter, so asyncio sees it retrieved
+            if isinstance(error, BrokenProcessPool):
+                self._discard(pool)
+                if self._closing:
+                    return JobResult(JobState.FAILED, error=STOPPED)
+                if job.pid is None and attempt < START_ATTEMPTS:
+                    continue  # another job's worker died; this one never started: retry
+                log.error("compression job %d: its worker process died", job.record.id)
+                return JobResult(JobState.FAILED, error=DIED)
+            if error is not None:
+                raise error
+            outcome = future.result()
+            if outcome.cancelled or job.cancel_requested:
+                return JobResult(JobState.CANCELLED)
+            if outcome.error:
+                return JobResult(JobState.FAILED, error=outcome.error)
+            return await self._publish(job)
+        raise AssertionError("unreachable: the last attempt returns")  # pragma: no cover
+
+    async def _drain(self, job: _Job) -> None:
+        """Copy new progress lines into the database and wake the job's watchers."""
+        lines = await asyncio.to_thread(job.progress.read_new)
+        if not lines:
+            return
+        for line in lines:
+            if isinstance(line, Started):
+                job.pid = line.pid
+                await asyncio.to_thread(self._store.start_compression_job, job.record.id)
+            else:
+                await asyncio.to_thread(
+                    self._store.add_compression_trial, job.record.id, line.record()
+                )
+        self._watchers.notify(job.record.id)
+
+    async def _publish(self, job: _Job) -> JobResult:
+        out = job.spec.out_dir
+        manifest = await asyncio.to_thread(JobManifest.read, out / "manifest.json")
+        model = job.plan.model
+        try:
+            if model is None:
+                model = await self._publisher.register_source(
+                    job.plan.workload,
+                    out / "source.onnx",
+                    f"source model of workload {job.plan.workload} "
+                    f"(registered by compression job {job.record.id})",
+                )
+            metrics = {**manifest.metrics, "budgets_met": 1.0 if manifest.met else 0.0}
+            artifact = await self._publisher.publish_compressed(
+                model,
+                job.record.device_class,
+                out / "model.onnx",
+                manifest.recipe or (RecipeStep(kind="identity"),),
+                metrics,
+            )
+        except FleetError as exc:
+            return JobResult(
+                JobState.FAILED, error=f"the compressed model could not be published: {exc}"
+            )
+        return JobResult(
+            JobState.SUCCEEDED if manifest.met else JobState.NOT_MET,
+            artifact_id=artifact.id,
+            model_version=model.version,
+            recipe=manifest.recipe_text,
+            verdicts=manifest.verdicts(),
+        )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
