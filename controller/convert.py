@@ -7,6 +7,7 @@ belong to the handlers, so another transport gets the same ones.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from artifact.manifest import TensorSpec
 from controller.errors import invalid
@@ -145,9 +146,11 @@ def artifact_request_from_proto(msg: pb.CreateArtifactRequest) -> ArtifactReques
 
 
 def signed_manifest_to_proto(
-    manifest_json: bytes, signature: bytes, key_id: str
+    manifest_json: bytes, signature: bytes, key_id: str, key_chain: Sequence[bytes] = ()
 ) -> pb.SignedManifest:
-    return pb.SignedManifest(manifest_json=manifest_json, signature=signature, key_id=key_id)
+    return pb.SignedManifest(
+        manifest_json=manifest_json, signature=signature, key_id=key_id, key_chain=key_chain
+    )
 
 
 def artifact_to_proto(art: ArtifactRecord) -> pb.Artifact:
@@ -232,19 +235,20 @@ def register_to_proto(
     )
 
 
-def desired_to_proto(desired: DesiredSet) -> pb.AssignmentSet:
+def desired_to_proto(desired: DesiredSet, key_chain: Sequence[bytes] = ()) -> pb.AssignmentSet:
+    """The desired set; ``key_chain`` goes with every manifest so agents can follow rotations."""
     return pb.AssignmentSet(
-        assignments=[assignment_to_proto(a) for a in desired.assignments],
+        assignments=[assignment_to_proto(a, key_chain) for a in desired.assignments],
         revision=desired.revision,
     )
 
 
-def assignment_to_proto(a: DesiredAssignment) -> pb.Assignment:
+def assignment_to_proto(a: DesiredAssignment, key_chain: Sequence[bytes] = ()) -> pb.Assignment:
     return pb.Assignment(
         model_name=a.model_name,
         artifact_sha256=a.sha256,
         size_bytes=a.size_bytes,
-        manifest=signed_manifest_to_proto(a.manifest_json, a.signature, a.key_id),
+        manifest=signed_manifest_to_proto(a.manifest_json, a.signature, a.key_id, key_chain),
     )
 
 

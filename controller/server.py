@@ -32,7 +32,7 @@ from controller.db import create_schema, make_engine
 from controller.jobs.handlers import CompressionHandlers
 from controller.jobs.runner import JobRunner
 from controller.jobs.watchers import JobWatchers
-from controller.keys import load_signing_key, public_key_path
+from controller.keys import KeyStoreError, load_key_chain, load_signing_key, public_key_path
 from controller.limits import RpcLimits
 from controller.notify import AssignmentNotifier
 from controller.servicers import AdminServicer, AgentServicer
@@ -120,16 +120,29 @@ class ControllerServer:
             blobs = BlobStore(config.blob_dir)
             blobs.remove_stale_temp_files()
             key = load_signing_key(config.key_dir)
+            chain = load_key_chain(config.key_dir)
         except OSError as exc:
             raise ControllerStartError(
                 f"cannot use data directory {config.data_dir}: {exc}"
             ) from exc
+        except KeyStoreError as exc:
+            raise ControllerStartError(str(exc)) from exc
         store = SqlStore(self._engine)
+        resigned = await asyncio.to_thread(store.resign_artifacts, key.key_id, key.sign)
+        if resigned:
+            log.info(
+                "re-signed %d artifact manifest(s) with the current key %s", resigned, key.key_id
+            )
         limits = RpcLimits(config.max_concurrent_rpcs, config.max_watch_streams)
 
         server = grpc.aio.server(options=SERVER_OPTIONS)
         fleet_pb2_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            AgentServicer(AgentHandlers(store, blobs, config, self._notifier), limits), server
+            AgentServicer(
+                AgentHandlers(store, blobs, config, self._notifier),
+                limits,
+                [link.to_json_bytes() for link in chain],
+            ),
+            server,
         )
         admin = AdminHandlers(store, blobs, key, config, self._notifier)
         runner = JobRunner(store, config, admin, self._job_watchers)

@@ -6,7 +6,7 @@ FleetError to its status and bounds concurrency.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -27,9 +27,12 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class AgentServicer(fleet_pb2_grpc.AgentServiceServicer):
-    def __init__(self, handlers: AgentHandlers, limits: RpcLimits) -> None:
+    def __init__(
+        self, handlers: AgentHandlers, limits: RpcLimits, key_chain: Sequence[bytes] = ()
+    ) -> None:
         self._h = handlers
         self._limits = limits
+        self._key_chain = tuple(key_chain)  # sent with every manifest (key rotation)
 
     @property
     def limits(self) -> RpcLimits:
@@ -43,7 +46,7 @@ class AgentServicer(fleet_pb2_grpc.AgentServiceServicer):
     @long_lived_rpc
     async def WatchAssignments(self, request: pb.WatchAssignmentsRequest, context: Context) -> None:
         async def send(desired: DesiredSet) -> None:
-            await context.write(convert.desired_to_proto(desired))
+            await context.write(convert.desired_to_proto(desired, self._key_chain))
 
         await self._h.watch(request.device_id, send)
 

@@ -161,6 +161,16 @@ class SqlStore(Store):
         )
         return self._read(lambda s: (s.scalar(query) or 0) + 1)
 
+    def resign_artifacts(self, key_id: str, sign: Callable[[bytes], bytes]) -> int:
+        def work(session: Session) -> int:
+            rows = session.scalars(select(ArtifactRow).where(ArtifactRow.key_id != key_id)).all()
+            for row in rows:
+                row.signature = sign(row.manifest_json)
+                row.key_id = key_id
+            return len(rows)
+
+        return self._retry(work)
+
     def highest_version_in_use(self, model_name: str, device_class: str) -> int:
         of_pair = and_(
             ArtifactRow.model_name == model_name, ArtifactRow.device_class == device_class

@@ -8,7 +8,7 @@ a worker thread (``asyncio.to_thread``). Expected failures raise FleetError.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from controller.records import (
     ArtifactRecord,
@@ -55,6 +55,11 @@ class Store(abc.ABC):
     # ---------------------------------------------------------------- artifacts
     @abc.abstractmethod
     def next_artifact_version(self, model_name: str, device_class: str) -> int: ...
+
+    @abc.abstractmethod
+    def resign_artifacts(self, key_id: str, sign: Callable[[bytes], bytes]) -> int:
+        """Re-sign every manifest not signed by ``key_id`` (after a key rotation, so agents
+        that now trust only the new key accept old artifacts too); returns how many."""
 
     @abc.abstractmethod
     def highest_version_in_use(self, model_name: str, device_class: str) -> int:

@@ -30,6 +30,7 @@ from edge_agent.fetch import CONNECTION_LOST, FetchPlan, fetch_artifact
 from edge_agent.hardware import HardwareFacts
 from edge_agent.runtime import ModelRuntime
 from edge_agent.store import SlotRecord, StateStore
+from edge_agent.trust import TrustAnchor
 from protos import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ class SyncLoop:
         self.store = store
         self.runtime = runtime
         self.hardware = hardware
-        self.trusted = trusted
+        # The pinned key, or its successor reached through a key rotation (trust.py).
+        self.trust = TrustAnchor(trusted, config.state_dir) if trusted is not None else None
         self._rng = rng or random.Random()
         self._chunk_bytes = config.chunk_bytes
         self._heartbeat_s = 0
@@ -329,15 +331,11 @@ class SyncLoop:
             raise AgentError(
                 ErrorCode.INVALID_ASSIGNMENT, f"assignment of {sha} carries no manifest"
             )
-        if self.trusted is not None:
-            if signed.key_id and signed.key_id != self.trusted.key_id:
-                raise AgentError(
-                    ErrorCode.UNTRUSTED_MANIFEST,
-                    f"manifest signed by key {signed.key_id}; this agent trusts only key "
-                    f"{self.trusted.key_id}",
-                )
+        signer: TrustedKey | None = None
+        if self.trust is not None:
             try:
-                self.trusted.verify(signed.manifest_json, signed.signature)
+                signer = self.trust.key_for(signed.key_id, signed.key_chain)
+                signer.verify(signed.manifest_json, signed.signature)
             except SignatureError as exc:
                 raise AgentError(ErrorCode.UNTRUSTED_MANIFEST, f"manifest refused: {exc}") from exc
         try:
@@ -386,6 +384,8 @@ class SyncLoop:
                 f"manifest {manifest.artifact_id} names {sha}, but this device runs "
                 f"{active.sha256} under the same version; refusing a reused version",
             )
+        if self.trust is not None and signer is not None:
+            self.trust.adopt(signer)  # a rotated key that signed a good manifest
         return manifest
 
     async def _deploy(self, stub: Any, assignment: fleet_pb2.Assignment) -> fleet_pb2.StatusReport:

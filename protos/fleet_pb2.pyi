@@ -66,14 +66,16 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SignedManifest(_message.Message):
-    __slots__ = ("manifest_json", "signature", "key_id")
+    __slots__ = ("manifest_json", "signature", "key_id", "key_chain")
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_CHAIN_FIELD_NUMBER: _ClassVar[int]
     manifest_json: bytes
     signature: bytes
     key_id: str
-    def __init__(self, manifest_json: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
+    key_chain: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, manifest_json: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ..., key_chain: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class HardwareInfo(_message.Message):
     __slots__ = ("arch", "cpu_cores", "memory_bytes", "onnxruntime_version", "os")

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from artifact.digest import sha256_bytes
+from artifact.keychain import endorse
 from artifact.manifest import Manifest, RecipeStep, TensorSpec
 from artifact.signing import SigningKey, TrustedKey
 from edge_agent.agent import restore_slots
@@ -115,7 +116,26 @@ def test_a_manifest_signed_by_another_key_is_refused(agent: SyncLoop) -> None:
     other = SigningKey.generate()
     error = refusal(agent, assignment(manifest(), key=other))
     assert error.code == ErrorCode.UNTRUSTED_MANIFEST
-    assert "trusts only key" in error.message and other.key_id in error.message
+    assert "no endorsement that leads there" in error.message and other.key_id in error.message
+
+
+def test_a_rotated_key_is_trusted_only_through_a_valid_endorsement(agent: SyncLoop) -> None:
+    successor, attacker = SigningKey.generate(), SigningKey.generate()
+    m = manifest()
+    signed_by_successor = assignment(m, key=successor)
+    forged = endorse(attacker, successor)  # endorsed by a key nobody pinned
+    signed_by_successor.manifest.key_chain.append(forged.to_json_bytes())
+    error = refusal(agent, signed_by_successor)
+    assert error.code == ErrorCode.UNTRUSTED_MANIFEST and "no chain" in error.message
+    assert agent.trust is not None and agent.trust.current.key_id == KEY.key_id
+
+    genuine = assignment(m, key=successor)
+    genuine.manifest.key_chain.append(endorse(KEY, successor).to_json_bytes())
+    assert agent.check_manifest(genuine) == m
+    assert agent.trust.current.key_id == successor.key_id
+    # the retired key no longer signs for this agent
+    error = refusal(agent, assignment(m, key=KEY))
+    assert error.code == ErrorCode.UNTRUSTED_MANIFEST
 
 
 def test_a_manifest_older_than_one_the_device_ran_is_refused(agent: SyncLoop) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from artifact.digest import sha256_bytes
 from artifact.signing import SigningKey, TrustedKey
+from controller.keys import rotate_signing_key
 from edge_agent.agent import restore_slots
 from edge_agent.config import MIN_CHUNK_BYTES, AgentConfig
 from edge_agent.hardware import collect
@@ -330,12 +331,50 @@ def test_manifests_signed_by_a_key_the_agent_does_not_trust_are_refused(tmp_path
         async with running_agent(state, controller.address, trusted=stranger) as agent:
             sha = (await controller.release("motions", add_model(2.0))).sha256
             reason = await expect_failure(controller, agent, old, sha)
-            assert "trusts only key" in reason
+            assert "no endorsement that leads there" in reason
             assert controller.key_id in reason and stranger.key_id in reason
             assert [c["target_sha256"] for c in await fetches(controller)] == [old]
             assert not agent.store.has_artifact(sha)  # nothing refused was downloaded
 
     scenario(tmp_path, body)
+
+
+def test_after_a_key_rotation_the_agent_follows_the_endorsement_and_drops_the_old_key(
+    tmp_path: Path,
+) -> None:
+    """Rotate while the controller is stopped; the pinned agent keeps updating."""
+    controller_dir, state = tmp_path / "controller", tmp_path / "agent"
+
+    async def main() -> None:
+        async with running_controller(controller_dir, heartbeat_seconds=HEARTBEAT_S) as c:
+            pinned = TrustedKey.from_pem(c.public_key_path.read_bytes())
+            old_key_id = c.key_id
+            async with running_agent(state, c.address, trusted=pinned) as agent:
+                first = await deploy(c, agent, add_model(1.0))
+        rotation = rotate_signing_key(controller_dir / "keys")
+        assert rotation.old_key_id == old_key_id
+
+        async with running_controller(controller_dir, heartbeat_seconds=HEARTBEAT_S) as c:
+            assert c.key_id == rotation.new_key_id
+            # artifacts made before the rotation were re-signed with the new key at start
+            (listed,) = (await c.admin.ListArtifacts(fleet_pb2.ListArtifactsRequest())).artifacts
+            assert listed.manifest.key_id == rotation.new_key_id
+            async with running_agent(state, c.address, trusted=pinned) as agent:
+                second = await deploy(c, agent, add_model(2.0))
+                assert agent.runtime.get("motions").sha256 == second.sha256
+                assert agent.loop.trust is not None
+                assert agent.loop.trust.current.key_id == rotation.new_key_id
+            assert first.sha256 != second.sha256
+
+        # the agent now trusts only the new key, even when restarted with the old pin
+        again = SyncLoop(
+            AgentConfig(controller="127.0.0.1:1", device_id=DEVICE, device_class="home-hub",
+                        state_dir=state),
+            StateStore(state), ModelRuntime(threads=1), collect(), pinned,
+        )  # fmt: skip
+        assert again.trust is not None and again.trust.current.key_id == rotation.new_key_id
+
+    asyncio.run(main())
 
 
 def test_a_fetch_the_controller_refuses_is_reported_not_retried(tmp_path: Path) -> None:
