@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.homefleet-installed
 
-.PHONY: setup demo test bench lint protos clean
+.PHONY: setup demo test bench system-tools lint protos clean
 
 setup: $(STAMP)
 
@@ -20,12 +20,26 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m demo
 
-test: setup
+test: setup system-tools
 	$(PY) -m pytest -q
 
 # Long (about an hour on 2 cores): every workload x device class, targets, techniques.
-bench: setup
+bench: setup system-tools
 	$(PY) -m bench
+
+# The generic diff tools the delta tests and benchmark compare against (Debian packages).
+SYSTEM_TOOLS := zstd xdelta3 bsdiff
+system-tools:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do \
+		command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+		echo "installing$$missing (apt-get)"; \
+		{ $$sudo apt-get update && $$sudo apt-get install -y$$missing; } || { \
+			echo "error: cannot install$$missing; install them (Debian packages:$$missing) and rerun" >&2; \
+			exit 1; }; \
+	fi
 
 lint: setup
 	$(VENV)/bin/ruff check .

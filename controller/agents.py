@@ -10,11 +10,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
+from artifact.delta import DeltaError
 from controller import validate
 from controller.admin import in_thread
 from controller.blobstore import BlobStore
 from controller.clock import unix_ms
 from controller.config import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, ControllerConfig
+from controller.deltas import DeltaCache, Payload
 from controller.errors import ErrorCode, FleetError, invalid, not_found
 from controller.notify import AssignmentNotifier
 from controller.records import (
@@ -59,6 +61,7 @@ class AgentHandlers:
         self._blobs = blobs
         self._config = config
         self._notifier = notifier
+        self._deltas = DeltaCache(blobs)
         self._open_watches: dict[str, int] = {}
         self._bookkeeping: set[asyncio.Task[None]] = set()  # held: the loop keeps weak refs
 
@@ -144,13 +147,40 @@ class AgentHandlers:
                 f"chunk_bytes must be 0 (server default) or {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}, "
                 f"got {request.chunk_bytes}"
             )
-        if request.encoding is Encoding.DELTA:
-            raise FleetError(
-                ErrorCode.FAILED_PRECONDITION,
-                "this controller serves only FULL payloads so far, so there is no delta payload "
-                "to resume; fetch with encoding FULL (or UNSPECIFIED) from offset 0",
+        if request.encoding is Encoding.DELTA and not request.base_sha256:
+            raise invalid("encoding DELTA needs base_sha256: the artifact the delta applies to")
+        if request.encoding is None and request.offset and request.base_sha256:
+            raise invalid(
+                "a resumed fetch (offset > 0) with a base must say the encoding of the payload "
+                "it resumes (FULL or DELTA)"
             )
         return request.chunk_bytes or self._config.chunk_bytes
+
+    async def _payload(self, request: FetchRequest) -> Payload:
+        """Full artifact, or a delta against the base the device holds (computed once)."""
+        target, base = request.target_sha256, request.base_sha256
+        if request.encoding is Encoding.FULL or not base or base == target:
+            return self._deltas.full(target)
+        if not await in_thread(self._blobs.exists, base):
+            if request.encoding is Encoding.DELTA:
+                raise FleetError(
+                    ErrorCode.FAILED_PRECONDITION,
+                    f"this controller no longer holds base {base}, so the delta cannot be "
+                    "resumed; fetch the full artifact (encoding FULL) from offset 0",
+                )
+            return self._deltas.full(target)
+        try:
+            payload = await self._deltas.payload(base, target)
+        except DeltaError as exc:
+            log.warning("no delta %s -> %s (%s); sending the full artifact", base, target, exc)
+            payload = self._deltas.full(target)
+        if request.encoding is Encoding.DELTA and payload.encoding is not Encoding.DELTA:
+            raise FleetError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"there is no delta payload from {base} to {target} (the full artifact is "
+                "smaller); fetch with encoding FULL from offset 0",
+            )
+        return payload
 
     async def fetch(self, request: FetchRequest, send: SendChunk) -> None:
         """Stream the artifact's bytes from ``offset``; record the attempt however it ends."""
@@ -161,33 +191,40 @@ class AgentHandlers:
         if artifact is None:
             raise not_found(f"no artifact has sha256 {target}; fetch what WatchAssignments names")
         try:
-            total = await in_thread(self._blobs.size, target)
+            payload = await self._payload(request)
         except FileNotFoundError as exc:
             raise not_found(
                 f"the bytes of artifact {artifact.id} ({target}) are missing from the blob store"
             ) from exc
+        total = payload.size
         if request.offset > total:
             raise FleetError(
                 ErrorCode.OUT_OF_RANGE,
                 f"offset {request.offset} is past the end of the payload: it has {total} bytes, "
                 f"so resume from an offset in 0..{total}",
             )
+
+        def chunk(position: int, data: bytes) -> Chunk:
+            return Chunk(
+                payload.encoding, total, payload.sha256, position, data, payload.base_sha256
+            )
+
         sent = 0
         completed = False
         try:
-            with await in_thread(self._blobs.open, target) as f:
+            with await in_thread(self._blobs.open, payload.sha256) as f:
                 await in_thread(f.seek, request.offset)
                 position = request.offset
                 while position < total:
                     data = await in_thread(f.read, min(chunk_bytes, total - position))
                     if not data:
                         break
-                    await send(Chunk(Encoding.FULL, total, target, position, data))
+                    await send(chunk(position, data))
                     position += len(data)
                     sent += len(data)
                 if sent == 0:
                     # Nothing left to send: one empty chunk still tells size and digest.
-                    await send(Chunk(Encoding.FULL, total, target, position, b""))
+                    await send(chunk(position, b""))
             completed = position == total
         finally:
             await self._quietly(
@@ -195,14 +232,22 @@ class AgentHandlers:
                 NewEvent(
                     "artifact.fetch",
                     request.device_id,
-                    f"device {request.device_id} fetched {artifact.id} from offset "
-                    f"{request.offset}: {sent} of {total} bytes sent"
+                    f"device {request.device_id} fetched {artifact.id} "
+                    + (
+                        f"as a delta from {payload.base_sha256[:12]} "
+                        if payload.encoding is Encoding.DELTA
+                        else ""
+                    )
+                    + f"from offset {request.offset}: {sent} of {total} bytes sent"
                     + ("" if completed else " (interrupted)"),
                     {
                         "device_id": request.device_id,
                         "target_sha256": target,
                         "artifact_id": artifact.id,
-                        "encoding": Encoding.FULL.value,
+                        "encoding": payload.encoding.value,
+                        "base_sha256": payload.base_sha256,
+                        "payload_sha256": payload.sha256,
+                        "artifact_bytes": artifact.size_bytes,
                         "offset": request.offset,
                         "bytes_sent": sent,
                         "total_bytes": total,

@@ -1,13 +1,20 @@
 """Download an artifact from the controller in chunks, resuming where a broken stream left off.
 
-Bytes go to ``partial/<sha256>.part`` as they arrive; after any break the next request
-asks for ``offset = size of the part file``, also after a restart of the agent. Only a
-file whose sha256 matches moves into ``artifacts/``; a mismatch deletes the part file.
+When the device holds an earlier artifact of the model (``FetchPlan.base_sha256``), it
+asks for a delta against it; the controller answers with a delta payload (the model-aware
+codec, artifact.delta) or, when that would not be smaller, the full artifact. The first
+chunk says which. Bytes go to a part file as they arrive — ``partial/<sha256>.part`` for
+the artifact itself, ``partial/<sha256>.delta`` (described by ``.delta.json``) for a
+delta — and after any break the next request resumes from the part file's size, also
+after a restart of the agent. A finished delta is applied to the base and the result
+checked against the manifest's sha256 before it moves into ``artifacts/``; a delta that
+does not apply is thrown away and the full artifact fetched instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -18,12 +25,19 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from artifact.delta import DeltaError, apply_delta
+from artifact.digest import InvalidDigestError, check_sha256, sha256_file
+from artifact.files import atomic_write_bytes
 from edge_agent.backoff import Backoff
 from edge_agent.errors import AgentError, ErrorCode
 from edge_agent.store import StateStore
 from protos import fleet_pb2
 
 log = logging.getLogger(__name__)
+
+FULL = fleet_pb2.PAYLOAD_ENCODING_FULL
+DELTA = fleet_pb2.PAYLOAD_ENCODING_DELTA
+UNSPECIFIED = fleet_pb2.PAYLOAD_ENCODING_UNSPECIFIED
 
 # Codes after which asking again (from the current offset) may work.
 RETRYABLE = frozenset(
@@ -51,19 +65,34 @@ class FetchPlan:
     chunk_bytes: int
     timeout_s: float
     attempts: int
+    base_sha256: str = ""  # an artifact this device holds, to receive a delta against
 
 
 @dataclass(frozen=True)
 class FetchResult:
     path: Path
-    total_bytes: int
+    total_bytes: int  # size of the payload that travelled (the delta's, for a delta)
     resumed_from: int  # bytes already on disk when this fetch began
     received: int  # bytes that came over the network during this fetch
     encoding: int  # fleet_pb2.PayloadEncoding
 
 
+@dataclass(frozen=True)
+class Payload:
+    """What the controller is sending: learnt from the first chunk, kept for resuming."""
+
+    encoding: int
+    sha256: str
+    total: int
+    base_sha256: str = ""
+
+
 class StreamEndedEarly(Exception):
     """The controller closed a chunk stream before the whole payload arrived."""
+
+
+class PayloadChanged(Exception):
+    """The controller now sends another payload than the part file holds: start over."""
 
 
 def _failed(message: str) -> AgentError:
@@ -71,91 +100,208 @@ def _failed(message: str) -> AgentError:
 
 
 class _Download:
-    """One artifact download: its part file, the offset reached, and the chunk checks."""
+    """One payload download: its part file, the offset reached, and the chunk checks."""
 
     def __init__(self, store: StateStore, plan: FetchPlan) -> None:
         self.store = store
         self.plan = plan
-        self.part = store.partial_path(plan.sha256)
         self.received = 0
+        self.payload: Payload | None = self._resumable()
+
+    # -- which payload, and where its bytes go -----------------------------------------
+
+    def _resumable(self) -> Payload | None:
+        """The payload a part file left by an earlier attempt holds, if it can go on."""
+        plan, store = self.plan, self.store
+        info = store.delta_info_path(plan.sha256)
+        if info.exists():
+            try:
+                raw = json.loads(info.read_bytes())
+                payload = Payload(
+                    DELTA, check_sha256(raw["sha256"]), int(raw["total"]), raw["base_sha256"]
+                )
+            except (OSError, ValueError, KeyError, TypeError, InvalidDigestError) as exc:
+                log.warning("unreadable %s (%s); starting over", info, exc)
+                payload = None
+            if payload is not None and payload.base_sha256 == plan.base_sha256:
+                return payload
+            store.discard_delta_partial(plan.sha256)  # made against another base
+        if store.partial_size(plan.sha256):
+            return Payload(FULL, plan.sha256, plan.size_bytes)
+        return None
+
+    def part(self) -> Path:
+        if self.payload is not None and self.payload.encoding == DELTA:
+            return self.store.delta_partial_path(self.plan.sha256)
+        return self.store.partial_path(self.plan.sha256)
 
     def offset(self) -> int:
-        size = self.store.partial_size(self.plan.sha256)
-        if size > self.plan.size_bytes:
+        if self.payload is None:
+            return 0
+        try:
+            size = self.part().stat().st_size
+        except FileNotFoundError:
+            return 0
+        if size > self.payload.total:
             log.warning(
-                "part file of %s is longer than the artifact; starting over", self.plan.sha256
+                "part file of %s is longer than its payload; starting over", self.plan.sha256
             )
-            self.store.discard_partial(self.plan.sha256)
+            self.restart()
             return 0
         return size
 
+    def restart(self) -> None:
+        """Forget the payload and its bytes (it changed, or did not apply)."""
+        self.store.discard_partial(self.plan.sha256)
+        self.store.discard_delta_partial(self.plan.sha256)
+        self.payload = None
+
     def check_disk(self, offset: int) -> None:
         remaining = self.plan.size_bytes - offset
-        free = shutil.disk_usage(self.part.parent).free
+        part = self.part()
+        free = shutil.disk_usage(part.parent).free
         if free < remaining:
             raise _failed(
                 f"not enough disk for artifact {self.plan.sha256}: {remaining} bytes needed, "
-                f"{free} free in {self.part.parent}"
+                f"{free} free in {part.parent}"
             )
 
-    def check_chunk(self, chunk: fleet_pb2.ArtifactChunk, offset: int) -> None:
+    def _adopt(self, chunk: fleet_pb2.ArtifactChunk) -> Payload:
+        """The first chunk names the payload; check it is one this device asked for."""
         plan = self.plan
-        if chunk.encoding not in (
-            fleet_pb2.PAYLOAD_ENCODING_FULL,
-            fleet_pb2.PAYLOAD_ENCODING_UNSPECIFIED,
+        if chunk.encoding in (FULL, UNSPECIFIED):
+            if chunk.payload_sha256 and chunk.payload_sha256 != plan.sha256:
+                raise _failed(
+                    f"controller sent payload {chunk.payload_sha256} while {plan.sha256} was "
+                    "asked for"
+                )
+            if chunk.total_bytes != plan.size_bytes:
+                raise _failed(
+                    f"controller says artifact {plan.sha256} has {chunk.total_bytes} bytes; "
+                    f"its manifest says {plan.size_bytes}"
+                )
+            return Payload(FULL, plan.sha256, plan.size_bytes)
+        if chunk.encoding != DELTA:
+            raise _failed(f"controller sent a payload of unknown encoding {chunk.encoding}")
+        if not plan.base_sha256:
+            raise _failed("controller sent a delta although this agent holds no base")
+        if chunk.base_sha256 != plan.base_sha256:
+            raise _failed(
+                f"controller sent a delta against {chunk.base_sha256 or 'no base'}; this "
+                f"agent holds {plan.base_sha256}"
+            )
+        try:
+            digest = check_sha256(chunk.payload_sha256, field="payload_sha256")
+        except InvalidDigestError as exc:
+            raise _failed(f"controller sent a delta without a valid digest: {exc}") from exc
+        if not 0 < chunk.total_bytes <= plan.size_bytes:
+            raise _failed(
+                f"controller sent a {chunk.total_bytes}-byte delta for a {plan.size_bytes}-byte "
+                "artifact; a delta is never larger than the artifact"
+            )
+        payload = Payload(DELTA, digest, chunk.total_bytes, plan.base_sha256)
+        info = {"sha256": digest, "total": payload.total, "base_sha256": payload.base_sha256}
+        self.store.partial_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.store.delta_info_path(plan.sha256), json.dumps(info).encode())
+        return payload
+
+    def check_chunk(self, chunk: fleet_pb2.ArtifactChunk, offset: int) -> None:
+        if self.payload is None:
+            self.payload = self._adopt(chunk)
+        payload = self.payload
+        if chunk.encoding not in (payload.encoding, UNSPECIFIED) or (
+            chunk.total_bytes != payload.total
+            or (chunk.payload_sha256 and chunk.payload_sha256 != payload.sha256)
         ):
-            raise _failed(
-                f"controller sent a {fleet_pb2.PayloadEncoding.Name(chunk.encoding)} payload; "
-                "this agent asked for the full artifact (it sent no base)"
-            )
-        if chunk.payload_sha256 and chunk.payload_sha256 != plan.sha256:
-            raise _failed(
-                f"controller sent payload {chunk.payload_sha256} while {plan.sha256} was asked for"
-            )
-        if chunk.total_bytes != plan.size_bytes:
-            raise _failed(
-                f"controller says artifact {plan.sha256} has {chunk.total_bytes} bytes; "
-                f"its manifest says {plan.size_bytes}"
+            raise PayloadChanged(
+                f"controller now sends payload {chunk.payload_sha256} ({chunk.total_bytes} "
+                f"bytes) instead of {payload.sha256} ({payload.total} bytes)"
             )
         if chunk.offset != offset:
             raise _failed(
                 f"controller sent a chunk at offset {chunk.offset} while {offset} was expected"
             )
-        if offset + len(chunk.data) > plan.size_bytes:
-            raise _failed(
-                f"controller sent more than the {plan.size_bytes} bytes of artifact {plan.sha256}"
-            )
+        if offset + len(chunk.data) > payload.total:
+            raise _failed(f"controller sent more than the {payload.total} bytes of the payload")
+
+    # -- the network ----------------------------------------------------------------
+
+    def _request(self, offset: int) -> fleet_pb2.FetchArtifactRequest:
+        payload = self.payload
+        encoding: int = UNSPECIFIED  # a fresh start: the controller chooses full or delta
+        base = self.plan.base_sha256
+        if payload is not None:
+            encoding, base = payload.encoding, payload.base_sha256
+        return fleet_pb2.FetchArtifactRequest(
+            device_id=self.plan.device_id,
+            target_sha256=self.plan.sha256,
+            base_sha256=base,
+            offset=offset,
+            chunk_bytes=self.plan.chunk_bytes,
+            encoding=encoding,  # type: ignore[arg-type]
+        )
+
+    def done(self, offset: int) -> bool:
+        return self.payload is not None and offset == self.payload.total
 
     async def one_stream(self, stub: Any, offset: int) -> int:
         """Request from ``offset``, append what arrives; return the offset reached."""
-        encoding = (
-            fleet_pb2.PAYLOAD_ENCODING_FULL if offset else fleet_pb2.PAYLOAD_ENCODING_UNSPECIFIED
-        )
-        request = fleet_pb2.FetchArtifactRequest(
-            device_id=self.plan.device_id,
-            target_sha256=self.plan.sha256,
-            base_sha256="",
-            offset=offset,
-            chunk_bytes=self.plan.chunk_bytes,
-            encoding=encoding,
-        )
-        call = stub.FetchArtifact(request, timeout=self.plan.timeout_s)
-        with self.part.open("ab") as out:
-            try:
-                chunk: fleet_pb2.ArtifactChunk
-                async for chunk in call:
-                    self.check_chunk(chunk, offset)
-                    out.write(chunk.data)
-                    offset += len(chunk.data)
-                    self.received += len(chunk.data)
-                    if offset == self.plan.size_bytes:
-                        break
-            finally:
-                if not call.done():
-                    call.cancel()
+        call = stub.FetchArtifact(self._request(offset), timeout=self.plan.timeout_s)
+        out = None
+        try:
+            chunk: fleet_pb2.ArtifactChunk
+            async for chunk in call:
+                self.check_chunk(chunk, offset)
+                if out is None:
+                    self.part().parent.mkdir(parents=True, exist_ok=True)
+                    out = self.part().open("ab")
+                out.write(chunk.data)
+                offset += len(chunk.data)
+                self.received += len(chunk.data)
+                if self.done(offset):
+                    break
+        finally:
+            if not call.done():
+                call.cancel()
+            if out is not None:
                 out.flush()
                 os.fsync(out.fileno())
+                out.close()
         return offset
+
+    # -- the end ------------------------------------------------------------------------
+
+    def finish(self) -> Path:
+        """Verify the payload and turn it into the artifact (blocking: run in a thread)."""
+        assert self.payload is not None
+        if self.payload.encoding == FULL:
+            return self.store.promote_partial(self.plan.sha256)
+        part = self.store.delta_partial_path(self.plan.sha256)
+        actual = sha256_file(part)
+        if actual != self.payload.sha256:
+            raise DeltaNotApplied(
+                f"the delta payload hashes to {actual}, the controller said {self.payload.sha256}"
+            )
+        target = self.store.artifact_path(self.plan.sha256)
+        self.store.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            apply_delta(
+                self.store.artifact_path(self.payload.base_sha256),
+                part,
+                target,
+                expected_sha256=self.plan.sha256,
+            )
+        except (DeltaError, OSError) as exc:
+            raise DeltaNotApplied(f"the delta does not apply: {exc}") from exc
+        if sha256_file(target) != self.plan.sha256:  # apply_delta checks too; never trust one
+            target.unlink(missing_ok=True)
+            raise DeltaNotApplied("the rebuilt artifact does not match the manifest's sha256")
+        self.store.discard_delta_partial(self.plan.sha256)
+        return target
+
+
+class DeltaNotApplied(Exception):
+    """A finished delta that does not rebuild the artifact: fetch the full artifact instead."""
 
 
 async def fetch_artifact(
@@ -163,26 +309,79 @@ async def fetch_artifact(
 ) -> FetchResult:
     """Fetch ``plan.sha256`` into artifacts/ and return where it is.
 
-    Retryable stream errors resume from the part file's size; after ``plan.attempts``
-    failures in a row without progress, a lost connection is re-raised (the caller
-    reconnects) and anything else becomes FETCH_FAILED. A digest mismatch raises
-    HASH_MISMATCH with "sha256 mismatch: expected X got Y".
+    With a base, a delta is tried first; a delta that does not apply is reported in the
+    log and the full artifact fetched. Retryable stream errors resume from the part
+    file's size; after ``plan.attempts`` failures in a row without progress, a lost
+    connection is re-raised (the caller reconnects) and anything else becomes
+    FETCH_FAILED. A full download whose digest does not match raises HASH_MISMATCH with
+    "sha256 mismatch: expected X got Y".
     """
+    if plan.base_sha256 and not store.verify_artifact(plan.base_sha256):
+        plan = _without_base(plan)
     download = _Download(store, plan)
     start = download.offset()
-    download.check_disk(start)
-    offset = start
+    received = 0
+    try:
+        result = await _fetch(stub, download, backoff)
+        received = download.received
+        path = await asyncio.to_thread(download.finish)
+    except DeltaNotApplied as exc:
+        log.error("artifact %s: %s; fetching the full artifact instead", plan.sha256, exc)
+        await asyncio.to_thread(download.restart)
+        received = download.received
+        download = _Download(store, _without_base(plan))
+        result = await _fetch(stub, download, backoff)
+        received += download.received
+        path = await asyncio.to_thread(download.finish)
+    if start:
+        log.info("artifact %s: resumed at byte %d, received %d bytes", plan.sha256, start, received)
+    return FetchResult(
+        path=path,
+        total_bytes=result.total,
+        resumed_from=start,
+        received=received,
+        encoding=result.encoding,
+    )
+
+
+def _without_base(plan: FetchPlan) -> FetchPlan:
+    return FetchPlan(
+        plan.device_id, plan.sha256, plan.size_bytes, plan.chunk_bytes, plan.timeout_s,
+        plan.attempts,
+    )  # fmt: skip
+
+
+async def _fetch(stub: Any, download: _Download, backoff: Backoff) -> Payload:
+    """Stream the payload into its part file, resuming after breaks; return what it was."""
+    plan = download.plan
+    offset = download.offset()
+    download.check_disk(offset)
     failures = 0
-    while offset < plan.size_bytes:
+    while not download.done(offset):
         before = offset
         try:
             offset = await download.one_stream(stub, offset)
-            if offset < plan.size_bytes:
-                raise StreamEndedEarly(f"stream ended at byte {offset} of {plan.size_bytes}")
+            if not download.done(offset):
+                raise StreamEndedEarly(f"stream ended at byte {offset} of the payload")
+        except PayloadChanged as exc:
+            log.warning("artifact %s: %s; starting over", plan.sha256, exc)
+            download.restart()
+            offset = 0
+            failures += 1
+            if failures >= plan.attempts:
+                raise _failed(f"fetching artifact {plan.sha256}: {exc}") from exc
         except (grpc.aio.AioRpcError, StreamEndedEarly) as exc:
             offset = download.offset()
             code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.ABORTED
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            if code is grpc.StatusCode.FAILED_PRECONDITION and download.payload is not None:
+                # e.g. the delta being resumed no longer exists: start over, full or delta
+                log.warning("artifact %s: %s; starting over", plan.sha256, detail)
+                download.restart()
+                offset = 0
+                failures += 1
+                if failures < plan.attempts:
+                    continue
             if code not in RETRYABLE:
                 raise _failed(
                     f"controller refused to send artifact {plan.sha256}: {code.name}: {detail}"
@@ -200,27 +399,13 @@ async def fetch_artifact(
                 ) from exc
             delay = backoff.next_delay()
             log.warning(
-                "artifact %s: stream broke at byte %d of %d (%s: %s); resuming in %.2f s",
+                "artifact %s: stream broke at byte %d (%s: %s); resuming in %.2f s",
                 plan.sha256,
                 offset,
-                plan.size_bytes,
                 code.name,
                 detail,
                 delay,
             )
             await asyncio.sleep(delay)
-    if start:
-        log.info(
-            "artifact %s: resumed at byte %d, received %d bytes",
-            plan.sha256,
-            start,
-            download.received,
-        )
-    path = await asyncio.to_thread(store.promote_partial, plan.sha256)
-    return FetchResult(
-        path=path,
-        total_bytes=plan.size_bytes,
-        resumed_from=start,
-        received=download.received,
-        encoding=fleet_pb2.PAYLOAD_ENCODING_FULL,
-    )
+    assert download.payload is not None
+    return download.payload

@@ -186,14 +186,27 @@ class StateStore:
         fsync_dir(self.partial_dir)
         return target
 
+    def delta_partial_path(self, sha256: str) -> Path:
+        """A delta payload being downloaded for artifact ``sha256``."""
+        return self.partial_dir / f"{check_sha256(sha256)}.delta"
+
+    def delta_info_path(self, sha256: str) -> Path:
+        """What that payload is (its digest, size and base), written before its first byte."""
+        return self.partial_dir / f"{check_sha256(sha256)}.delta.json"
+
+    def discard_delta_partial(self, sha256: str) -> None:
+        self.delta_partial_path(sha256).unlink(missing_ok=True)
+        self.delta_info_path(sha256).unlink(missing_ok=True)
+
     def discard_partials_except(self, keep: set[str]) -> list[str]:
         """Delete part files of downloads nobody wants any more; return their digests."""
-        removed: list[str] = []
-        for path in self.partial_dir.glob("*.part"):
-            if path.stem not in keep:
+        removed: set[str] = set()
+        for path in self.partial_dir.iterdir():
+            digest = path.name.split(".", 1)[0]
+            if digest not in keep:
                 path.unlink(missing_ok=True)
-                removed.append(path.stem)
-        return removed
+                removed.add(digest)
+        return sorted(removed)
 
     def collect_garbage(self, keep: set[str]) -> list[str]:
         """Delete artifacts no slot references; return their digests."""

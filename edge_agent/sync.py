@@ -305,7 +305,14 @@ class SyncLoop:
         return self._status(model, sha, fleet_pb2.DEPLOYMENT_OUTCOME_FAILED, reason=reason)
 
     def _status(
-        self, model: str, sha: str, outcome: Outcome, *, reason: str = "", bytes_received: int = 0
+        self,
+        model: str,
+        sha: str,
+        outcome: Outcome,
+        *,
+        reason: str = "",
+        bytes_received: int = 0,
+        encoding: int = FULL,
     ) -> fleet_pb2.StatusReport:
         return fleet_pb2.StatusReport(
             device_id=self.config.device_id,
@@ -314,7 +321,7 @@ class SyncLoop:
             outcome=outcome,  # type: ignore[arg-type]
             reason=reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "...",
             bytes_received=bytes_received,
-            encoding=FULL,
+            encoding=encoding,  # type: ignore[arg-type]
             serving_sha256=self._serving(model),
         )
 
@@ -399,12 +406,12 @@ class SyncLoop:
             self._persist()
             log.info("model %s: switched back to the previous slot %s", model, sha)
             return self._status(model, sha, active)
-        received = 0
+        received, encoding = 0, int(FULL)
         if await asyncio.to_thread(self.store.verify_artifact, sha):
             path = self.store.artifact_path(sha)
             log.info("model %s: artifact %s is already on disk; not downloading", model, sha)
         else:
-            resume_at = self.store.partial_size(sha)
+            resume_at = self.store.partial_size(sha) + self._delta_partial_size(sha)
             await self.report(
                 stub,
                 self._status(
@@ -425,12 +432,13 @@ class SyncLoop:
                 chunk_bytes=self._chunk_bytes,
                 timeout_s=self.config.fetch_timeout_s,
                 attempts=self.config.fetch_attempts,
+                base_sha256=self._delta_base(model),
             )
             backoff = Backoff(
                 self.config.backoff_initial_s, self.config.backoff_max_s, rng=self._rng
             )
             result = await fetch_artifact(stub, self.store, plan, backoff)
-            path, received = result.path, result.total_bytes
+            path, received, encoding = result.path, result.total_bytes, result.encoding
         record = SlotRecord.from_signed(sha, assignment.manifest).activated_now()
         slot = await asyncio.to_thread(self.runtime.prepare, model, path, record)
         # switch and persist with no await in between: a cancellation cannot split them
@@ -444,7 +452,20 @@ class SyncLoop:
             sha,
             f"; previous slot keeps {replaced.sha256}" if replaced else "",
         )
-        return self._status(model, sha, active, bytes_received=received)
+        return self._status(model, sha, active, bytes_received=received, encoding=encoding)
+
+    def _delta_base(self, model: str) -> str:
+        """The artifact to receive a delta against: the one served (else the previous)."""
+        for slot in (self.runtime.active(model), self.runtime.previous(model)):
+            if slot is not None and self.store.has_artifact(slot.sha256):
+                return slot.sha256
+        return ""
+
+    def _delta_partial_size(self, sha: str) -> int:
+        try:
+            return self.store.delta_partial_path(sha).stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def _persist(self) -> None:
         slots = self.runtime.snapshot()

@@ -2,6 +2,8 @@
 
   homefleet agent ...        the edge agent (edge_agent.cli; needs the `edge` extra)
   homefleet controller ...   the controller server (controller.serve; `controller` extra)
+  homefleet artifact diff|patch   model deltas between local files (artifact.cli;
+                             `patch` needs only the edge extra)
   homefleet model|artifact|assign|devices|events   operator commands (controller.cli),
   homefleet compress|evaluate   compression on this machine (controller extra)
                              which talk to a controller's AdminService over gRPC
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import typer
 
+from artifact import cli as artifact_files
 from controller.cli import artifacts, assign, compress, devices, events, jobs, models
 from controller.cli.errors import ExitCode
 from homefleet.lazy import LazyGroup, root_group_class
@@ -67,7 +70,15 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(models.app, name="model", rich_help_panel=OPERATE)
-app.add_typer(artifacts.app, name="artifact", rich_help_panel=OPERATE)
+# `artifact` merges the operator commands (create, list: via a controller) with the local
+# delta commands (diff, patch: files only, so `patch` works with just the edge extra).
+artifact_app = typer.Typer(
+    help="Create and list signed artifacts; diff and patch model files locally.",
+    no_args_is_help=True,
+)
+for commands in (artifacts.app, artifact_files.app):
+    artifact_app.registered_commands.extend(commands.registered_commands)
+app.add_typer(artifact_app, name="artifact", rich_help_panel=OPERATE)
 app.command("assign", rich_help_panel=OPERATE)(assign.assign)
 app.command("devices", rich_help_panel=OPERATE)(devices.devices)
 app.command("events", rich_help_panel=OPERATE)(events.events)

@@ -17,7 +17,10 @@ from controller.cli.client import (
 from controller.cli.output import JsonOption
 from protos import fleet_pb2
 
-COLUMNS = ("device", "class", "status", "last seen", "model", "serving", "desired", "last outcome")
+COLUMNS = (
+    "device", "class", "status", "last seen", "model", "serving", "desired", "last outcome",
+    "last download",
+)  # fmt: skip
 
 
 def _artifact(artifact_id: str, sha256: str) -> str:
@@ -38,6 +41,13 @@ def _outcome(state: views.DeviceModelView) -> str:
     return f"{state.last_outcome}: {state.last_reason}" if state.last_reason else state.last_outcome
 
 
+def _download(state: views.DeviceModelView) -> str:
+    """What the last update cost on the wire: its encoding (full or delta) and bytes."""
+    if not state.bytes_received:
+        return ""
+    return f"{state.encoding or 'full'} {output.human_size(state.bytes_received)}"
+
+
 def _rows(device: views.DeviceView, now_ms: int) -> list[tuple[str, ...]]:
     head = (
         device.device_id,
@@ -47,7 +57,7 @@ def _rows(device: views.DeviceView, now_ms: int) -> list[tuple[str, ...]]:
     )
     blank = ("",) * len(head)
     if not device.models:
-        return [(*head, "-", "", "", "")]
+        return [(*head, "-", "", "", "", "")]
     return [
         (
             *(head if i == 0 else blank),
@@ -55,6 +65,7 @@ def _rows(device: views.DeviceView, now_ms: int) -> list[tuple[str, ...]]:
             _artifact(m.serving_artifact_id, m.serving_sha256),
             _desired(m),
             _outcome(m),
+            _download(m),
         )
         for i, m in enumerate(device.models)
     ]

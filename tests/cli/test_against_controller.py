@@ -449,7 +449,8 @@ def test_devices_table_shows_serving_desired_and_outcome(
         report(agent, "hub-1", "motions", v2.sha256, failed, reason="self-test failed",
                serving_sha256=v1.sha256)  # fmt: skip
         active = fleet_pb2.DEPLOYMENT_OUTCOME_ACTIVE
-        report(agent, "hub-1", "intents", intents.sha256, active, serving_sha256=intents.sha256)
+        report(agent, "hub-1", "intents", intents.sha256, active, serving_sha256=intents.sha256,
+               bytes_received=45_000, encoding=fleet_pb2.PAYLOAD_ENCODING_DELTA)  # fmt: skip
         with watching(agent, "hub-1"):
             result = cli(runner, live.address, "devices")
     assert result.exit_code == 0, result.output
@@ -473,6 +474,7 @@ def test_devices_table_shows_serving_desired_and_outcome(
     assert "a" * 13 not in out
     intents_line = next(line for line in out.splitlines() if "intents" in line)
     assert intents_line.count("intents/home-hub/v1") == 1  # desired is not repeated
+    assert "delta 43.9 KiB" in intents_line  # what the last update cost on the wire
 
 
 def test_devices_json(runner: CliRunner, live: ControllerThread) -> None:

@@ -26,11 +26,6 @@ from protos import fleet_pb2, fleet_pb2_grpc
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0
 
-pytestmark = pytest.mark.skipif(
-    not (ROOT / "controller" / "serve.py").exists(),
-    reason="controller/serve.py is not written yet",
-)
-
 
 @pytest.fixture(scope="module")
 def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

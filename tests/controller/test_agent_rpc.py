@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 import grpc
+import numpy as np
+import onnx
 
+from artifact.delta import apply_delta_bytes
 from artifact.manifest import Manifest
 from protos import fleet_pb2 as pb
 from tests.controller.helpers import (
@@ -213,7 +216,13 @@ def test_fetch_streams_chunks_and_resumes_from_an_offset(tmp_path: Path) -> None
             offset = 100_001
             rest = await collect(
                 c.agent.FetchArtifact(
-                    fetch_request(art, offset=offset, chunk_bytes=0, base_sha256=sha256(b"old")),
+                    fetch_request(
+                        art,
+                        offset=offset,
+                        chunk_bytes=0,
+                        base_sha256=sha256(b"old"),
+                        encoding=pb.PAYLOAD_ENCODING_FULL,
+                    ),
                     timeout=10,
                 )
             )
@@ -232,6 +241,9 @@ def test_fetch_streams_chunks_and_resumes_from_an_offset(tmp_path: Path) -> None
                 "target_sha256": art.sha256,
                 "artifact_id": art.id,
                 "encoding": "full",
+                "base_sha256": "",
+                "payload_sha256": art.sha256,
+                "artifact_bytes": len(data),
                 "offset": 0,
                 "bytes_sent": len(data),
                 "total_bytes": len(data),
@@ -302,9 +314,20 @@ def test_fetch_bad_input_gets_the_right_status_and_records_nothing(tmp_path: Pat
             )
             await refused(fetch_request(art, chunk_bytes=2 << 20), INVALID, "chunk_bytes")
             await refused(
-                fetch_request(art, encoding=pb.PAYLOAD_ENCODING_DELTA),
+                fetch_request(art, encoding=pb.PAYLOAD_ENCODING_DELTA), INVALID, "base_sha256"
+            )
+            await refused(
+                fetch_request(
+                    art, encoding=pb.PAYLOAD_ENCODING_DELTA, base_sha256=sha256(b"never held")
+                ),
                 grpc.StatusCode.FAILED_PRECONDITION,
+                "no longer holds base",
                 "FULL",
+            )
+            await refused(
+                fetch_request(art, offset=10, base_sha256=sha256(b"never held")),
+                INVALID,
+                "FULL or DELTA",
             )
             await refused(fetch_request(art, encoding=7), INVALID, "encoding")
             assert c.snapshot() == before
@@ -413,5 +436,73 @@ def test_report_telemetry_is_idempotent_and_acks_the_highest_seq(tmp_path: Path)
                 "windows[0].end_unix_ms",
             )
             assert c.snapshot() == before
+
+    run(body())
+
+
+def finetuned(data: bytes, fraction: float = 0.02, seed: int = 1) -> bytes:
+    """``data`` with a small share of its weights ``w`` moved: what a fine-tune ships."""
+    model = onnx.load_from_string(data)
+    (init,) = [t for t in model.graph.initializer if t.name == "w"]
+    w = onnx.numpy_helper.to_array(init).copy()
+    rng = np.random.default_rng(seed)
+    moved = rng.choice(w.size, int(w.size * fraction), replace=False)
+    w[moved] += rng.standard_normal(moved.size).astype(np.float32) * 0.01
+    init.CopyFrom(onnx.numpy_helper.from_array(w, "w"))
+    return model.SerializeToString()
+
+
+def test_fetch_with_a_base_sends_a_delta_computed_once_and_resumable(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_controller(tmp_path) as c:
+            old_data, old_art = await deployed(c, weights=60_000)
+            new_data = finetuned(old_data)
+            await c.add_model("motions", new_data)
+            new_art = await c.artifact("motions", "home-hub")
+
+            request = fetch_request(new_art, base_sha256=old_art.sha256)
+            chunks = await collect(c.agent.FetchArtifact(request, timeout=60))
+            assert {ch.encoding for ch in chunks} == {pb.PAYLOAD_ENCODING_DELTA}
+            assert {ch.base_sha256 for ch in chunks} == {old_art.sha256}
+            ((total, digest),) = {(ch.total_bytes, ch.payload_sha256) for ch in chunks}
+            payload = b"".join(ch.data for ch in chunks)
+            assert len(payload) == total and sha256(payload) == digest
+            assert total < len(new_data) / 5  # 2 % of the weights moved
+            assert apply_delta_bytes(old_data, payload, new_art.sha256) == new_data
+
+            record = c.config.blob_dir / "deltas" / old_art.sha256 / f"{new_art.sha256}.json"
+            assert json.loads(record.read_text())["sha256"] == digest
+            blobs_before, record_before = c.blob_files(), record.stat().st_mtime_ns
+
+            half = total // 2
+            rest = await collect(
+                c.agent.FetchArtifact(
+                    fetch_request(
+                        new_art,
+                        base_sha256=old_art.sha256,
+                        offset=half,
+                        encoding=pb.PAYLOAD_ENCODING_DELTA,
+                    ),
+                    timeout=60,
+                )
+            )
+            assert b"".join(ch.data for ch in rest) == payload[half:]
+            # computed once: the same payload blob, the record untouched
+            assert c.blob_files() == blobs_before
+            assert record.stat().st_mtime_ns == record_before
+
+            # no base held by the controller: the full artifact
+            unknown = fetch_request(new_art, base_sha256=sha256(b"a model we never had"))
+            full = await collect(c.agent.FetchArtifact(unknown, timeout=60))
+            assert {ch.encoding for ch in full} == {pb.PAYLOAD_ENCODING_FULL}
+            assert b"".join(ch.data for ch in full) == new_data
+
+            details = [json.loads(e.detail_json) for e in await c.events("artifact.fetch")]
+            assert [(d["encoding"], d["base_sha256"], d["offset"]) for d in details] == [
+                ("delta", old_art.sha256, 0),
+                ("delta", old_art.sha256, half),
+                ("full", "", 0),
+            ]
+            assert details[0]["bytes_sent"] == total < details[0]["artifact_bytes"]
 
     run(body())

@@ -83,3 +83,15 @@ def large_add_model(offset: float, floats: int = 150_000, seed: int = 0) -> byte
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def finetuned(data: bytes, fraction: float = 0.02, seed: int = 1) -> bytes:
+    """``data`` (a large_add_model) with a share of its weights moved, as a fine-tune does."""
+    model = onnx.load_from_string(data)
+    (init,) = [t for t in model.graph.initializer if t.name == "w"]
+    w = numpy_helper.to_array(init).copy()
+    rng = np.random.default_rng(seed)
+    moved = rng.choice(w.size, int(w.size * fraction), replace=False)
+    w[moved] += rng.standard_normal(moved.size).astype(np.float32) * 0.01
+    init.CopyFrom(numpy_helper.from_array(w, "w"))
+    return model.SerializeToString()

@@ -28,7 +28,7 @@ from edge_agent.runtime import ModelRuntime
 from edge_agent.store import StateStore
 from edge_agent.sync import SyncLoop
 from protos import fleet_pb2
-from tests.edge_agent.models import add_model, large_add_model
+from tests.edge_agent.models import add_model, finetuned, large_add_model
 from tests.support.controller import (
     WAIT_TIMEOUT_S,
     Controller,
@@ -447,6 +447,104 @@ def test_switching_back_to_the_previous_artifact_needs_no_download(tmp_path: Pat
             assert agent.runtime.get("motions").sha256 == first
             previous = agent.runtime.previous("motions")
             assert previous is not None and previous.sha256 == second
+
+    scenario(tmp_path, body)
+
+
+# ------------------------------------------------------------- updates as deltas
+
+
+def test_an_update_travels_as_a_delta_against_the_artifact_held(tmp_path: Path) -> None:
+    old_data = large_add_model(1.0)
+    new_data = finetuned(old_data)
+
+    async def body(controller: Controller, state: Path) -> None:
+        with FaultProxy(controller.port) as proxy:
+            async with running_agent(state, proxy.address) as agent:
+                old = (await deploy(controller, agent, old_data)).sha256
+                new = (await deploy(controller, agent, new_data)).sha256
+                assert agent.store.artifact_path(new).read_bytes() == new_data
+                report = await final_report(controller, new)
+                assert report is not None and report["encoding"] == "delta"
+                assert 0 < report["bytes_received"] < len(new_data) / 5
+                (fetch,) = await fetches(controller, new)
+                assert (fetch["encoding"], fetch["base_sha256"]) == ("delta", old)
+                assert fetch["bytes_sent"] == report["bytes_received"]
+                asked = proxy.requests(
+                    fleet_pb2.FetchArtifactRequest, lambda r: r.target_sha256 == new
+                )
+                assert [(r.base_sha256, r.offset) for r in asked] == [(old, 0)]
+                assert not list(agent.store.partial_dir.iterdir())  # nothing left behind
+
+    scenario(tmp_path, body)
+
+
+def test_a_broken_delta_download_resumes_as_a_delta(tmp_path: Path) -> None:
+    old_data = large_add_model(1.0, floats=600_000)
+    new_data = finetuned(old_data, fraction=0.2)
+
+    async def body(controller: Controller, state: Path) -> None:
+        async with running_agent(state, controller.address) as agent:
+            old = (await deploy(controller, agent, old_data)).sha256
+        with FaultProxy(controller.port) as proxy:
+            # a fresh connection: the link stalls once 2 chunks of the delta went through
+            proxy.black_hole_after(2 * MIN_CHUNK_BYTES)
+            async with running_agent(state, proxy.address, chunk_bytes=MIN_CHUNK_BYTES) as agent:
+                new = (await controller.release("motions", new_data)).sha256
+                part = agent.store.delta_partial_path(new)
+
+                async def stored_some() -> int | None:
+                    size = part.stat().st_size if part.exists() else 0
+                    return size if proxy.black_holed and size else None
+
+                await eventually("part of the delta to be stored", stored_some)
+                proxy.cut_all()
+                report = await wait_final(controller, new)
+                assert (report["outcome"], report["encoding"]) == ("active", "delta")
+                assert agent.store.artifact_path(new).read_bytes() == new_data
+                asked = proxy.requests(
+                    fleet_pb2.FetchArtifactRequest, lambda r: r.target_sha256 == new
+                )
+                assert [(r.base_sha256, r.encoding) for r in asked] == [
+                    (old, fleet_pb2.PAYLOAD_ENCODING_UNSPECIFIED),
+                    (old, fleet_pb2.PAYLOAD_ENCODING_DELTA),
+                ]
+                assert asked[1].offset > 0  # resumed, not started over
+
+    scenario(tmp_path, body)
+
+
+def test_a_delta_that_does_not_rebuild_the_artifact_falls_back_to_the_full_one(
+    tmp_path: Path,
+) -> None:
+    old_data = large_add_model(1.0)
+    new_data = finetuned(old_data)
+
+    async def body(controller: Controller, state: Path) -> None:
+        async with running_agent(state, controller.address) as agent:
+            old = await deploy(controller, agent, old_data)
+            model = await controller.add_model("motions", new_data)
+            new = await controller.create_artifact("motions", "home-hub", model.version)
+            # have the controller compute the delta, then damage its stored payload
+            request = fleet_pb2.FetchArtifactRequest(
+                device_id=DEVICE, target_sha256=new.sha256, base_sha256=old.sha256
+            )
+            chunks = [c async for c in controller.agent.FetchArtifact(request, timeout=60)]
+            assert chunks[0].encoding == fleet_pb2.PAYLOAD_ENCODING_DELTA
+            blob = controller.blob_path(chunks[0].payload_sha256)
+            blob.chmod(0o644)
+            damaged = bytearray(blob.read_bytes())
+            damaged[len(damaged) // 2] ^= 0x10
+            blob.write_bytes(bytes(damaged))
+
+            with LogWatch("edge_agent.fetch", "fetching the full artifact instead") as watch:
+                await controller.assign(new.id, device_class="home-hub")
+                report = await wait_final(controller, new.sha256)
+                await watch.wait()
+            assert (report["outcome"], report["encoding"]) == ("active", "full")
+            assert report["bytes_received"] == len(new_data)
+            assert agent.store.artifact_path(new.sha256).read_bytes() == new_data
+            assert "hashes to" in watch.messages[0]
 
     scenario(tmp_path, body)
 

@@ -1,0 +1,95 @@
+"""`homefleet artifact diff|patch`: model-aware deltas between two local ONNX files.
+
+  homefleet artifact diff OLD.onnx NEW.onnx -o PATCH      (where the models are built)
+  homefleet artifact patch OLD.onnx PATCH -o OUT.onnx     (on a device: `edge` extra only)
+
+This module imports typer and `artifact` only (numpy, zstandard): no onnx, no torch, no
+gRPC, so `patch` runs wherever the edge agent does.
+
+Exit codes:
+  0  ok
+  1  the patch does not apply: damaged, made against another base, or a newer format
+     (the message says which); nothing is written to -o
+  2  usage error, or a file that cannot be read or written
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from artifact.delta import DeltaError, EncodeOptions, apply_delta, write_delta
+from artifact.digest import InvalidDigestError
+
+app = typer.Typer(no_args_is_help=True)
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    REFUSED = 1
+    USAGE = 2
+
+
+def _fail(message: str, code: ExitCode) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(int(code))
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"  # unreachable
+
+
+@app.command("diff")
+def diff(
+    old: Annotated[Path, typer.Argument(metavar="OLD.onnx", exists=True, dir_okay=False)],
+    new: Annotated[Path, typer.Argument(metavar="NEW.onnx", exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option("-o", "--out", metavar="PATCH", help="Where to write it.")],
+    level: Annotated[int, typer.Option(min=1, max=22, help="zstd level for what is kept.")] = 19,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the stats as JSON.")] = False,
+) -> None:
+    """Write the delta that turns OLD.onnx into NEW.onnx (any two files work; ONNX best)."""
+    try:
+        stats = write_delta(old, new, out, EncodeOptions(level=level))
+    except OSError as exc:
+        raise _fail(f"cannot read the models or write {out}: {exc}", ExitCode.USAGE) from None
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(stats), indent=2))
+        return
+    typer.echo(
+        f"wrote {out}: {_human(stats.payload_size)} for a {_human(stats.target_size)} model "
+        f"({stats.ratio:.1f}x smaller, {stats.mode})"
+    )
+
+
+@app.command("patch")
+def patch(
+    old: Annotated[Path, typer.Argument(metavar="OLD.onnx", exists=True, dir_okay=False)],
+    patch_file: Annotated[Path, typer.Argument(metavar="PATCH", exists=True, dir_okay=False)],
+    out: Annotated[
+        Path, typer.Option("-o", "--out", metavar="OUT.onnx", help="Where to write the model.")
+    ],
+    sha256: Annotated[
+        str | None,
+        typer.Option("--sha256", metavar="HEX", help="Refuse unless the result has this digest."),
+    ] = None,
+) -> None:
+    """Rebuild the new model from OLD.onnx and PATCH, bit for bit, verified by sha256."""
+    try:
+        result = apply_delta(old, patch_file, out, expected_sha256=sha256)
+    except InvalidDigestError as exc:
+        raise _fail(str(exc), ExitCode.USAGE) from None
+    except DeltaError as exc:
+        raise _fail(f"{patch_file} does not apply to {old}: {exc}", ExitCode.REFUSED) from None
+    except OSError as exc:
+        raise _fail(f"cannot read the inputs or write {out}: {exc}", ExitCode.USAGE) from None
+    typer.echo(f"wrote {out}: {_human(result.size)}, sha256 {result.sha256} ({result.mode})")

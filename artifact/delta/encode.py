@@ -1,0 +1,263 @@
+"""Build a delta from the model a device holds to the model it should hold (controller side).
+
+The tensors are planned by plan.py (each new initializer gets the cheapest of its
+candidate predictions, block by block); the bytes between tensors (the skeleton) are
+zstd'd against the old file's skeleton; table, skeleton and payloads are framed as
+format.py says. The result is compared with the whole new file stored, zstd'd, and
+zstd'd with the old file as dictionary (what `zstd --patch-from` sends), and the
+smallest is kept: a payload is never larger than those.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import zstandard
+
+from artifact.delta.decode import apply_delta_bytes
+from artifact.delta.errors import DeltaError
+from artifact.delta.format import Flags, Header, Kind, Mode, pack_record
+from artifact.delta.frames import Frame
+from artifact.delta.plan import TensorStat, plan_tensors
+from artifact.delta.table import Table, pack_table
+from artifact.delta.whole import WholeMethod, pack_whole_meta, window_log_for
+from artifact.digest import sha256_bytes
+from artifact.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+PROBE_LEVEL = 3
+PROBE_MARGIN = 1.3
+CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How hard to work. The defaults suit the controller (once per base/target pair)."""
+
+    level: int = 19  # zstd level for everything that is kept
+    whole_file_fallback: bool = True  # also try zstd of the whole file; keep the smaller
+    min_tensor_bytes: int = 64  # smaller initializers stay in the skeleton
+    verify: bool = True  # decode the delta before offering it (see `encode`)
+    probe_above: int = 8 << 20  # bytes; larger files probe the whole-file fallback first
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.level <= 22:
+            raise ValueError(f"level must be a zstd level 1..22, got {self.level}")
+        if self.min_tensor_bytes < 0:
+            raise ValueError(f"min_tensor_bytes must be >= 0, got {self.min_tensor_bytes}")
+
+
+@dataclass(frozen=True)
+class DeltaStats:
+    mode: str  # "delta" | "whole-zstd-dict" | "whole-zstd" | "whole-stored"
+    base_size: int
+    target_size: int
+    payload_size: int
+    candidates: tuple[tuple[str, int], ...]  # every mode tried, with its size
+    skeleton_raw: int = 0
+    skeleton_coded: int = 0
+    table_coded: int = 0
+    tensors: tuple[TensorStat, ...] = ()  # how the model-aware delta coded each tensor
+    delta_error: str | None = None  # set when the model-aware delta failed its own check
+    encode_seconds: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        return self.target_size / self.payload_size if self.payload_size else math.inf
+
+
+@dataclass(frozen=True)
+class EncodedDelta:
+    payload: bytes
+    stats: DeltaStats
+
+
+def _read(source: bytes | Path) -> bytes:
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
+
+
+def _skeleton(data: bytes, ranges: list[tuple[int, int]]) -> bytes:
+    parts = []
+    pos = 0
+    for offset, length in sorted(ranges):
+        parts.append(data[pos:offset])
+        pos = offset + length
+    parts.append(data[pos:])
+    return b"".join(parts)
+
+
+def _compress_with_dict(data: bytes, dictionary: bytes, level: int) -> bytes:
+    if not dictionary:
+        return zstandard.ZstdCompressor(level=level).compress(data)
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level,
+        source_size=len(data),
+        dict_size=len(dictionary),
+        window_log=window_log_for(len(dictionary) + len(data)),
+        enable_ldm=len(dictionary) + len(data) > 1 << 24,
+    )
+    zdict = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    return zstandard.ZstdCompressor(dict_data=zdict, compression_params=params).compress(data)
+
+
+def _chunks(payloads: list[bytes]) -> list[bytes]:
+    chunks: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for payload in payloads:
+        if not payload:
+            continue
+        current.append(payload)
+        size += len(payload)
+        if size >= CHUNK_BYTES:
+            chunks.append(b"".join(current))
+            current, size = [], 0
+    if current:
+        chunks.append(b"".join(current))
+    return chunks
+
+
+def _records_delta(old: bytes, new: bytes, options: EncodeOptions) -> tuple[bytes, DeltaStats]:
+    plan = plan_tensors(old, new, level=options.level, min_tensor_bytes=options.min_tensor_bytes)
+    covered = [(b.out_offset, b.out_nbytes) for b in (*plan.params, *plan.blocks)]
+    skeleton = _skeleton(new, covered)
+    old_skeleton = _skeleton(old, list(plan.old_cuts))
+    table = Table(len(skeleton), plan.old_cuts, plan.params, plan.blocks)
+    table_raw = pack_table(table)
+    table_packed = zstandard.ZstdCompressor(level=options.level).compress(table_raw)
+    if skeleton:
+        skeleton_data = _compress_with_dict(skeleton, old_skeleton, options.level)
+        method = Frame.ZSTD
+        if len(skeleton_data) >= len(skeleton):
+            skeleton_data, method = skeleton, Frame.STORED
+    else:
+        skeleton_data, method = b"", Frame.ZERO
+    chunks = _chunks(list(plan.payloads))
+    records = [
+        pack_record(Kind.TABLE, len(table_raw).to_bytes(8, "little"), table_packed),
+        pack_record(Kind.SKELETON, bytes([method]), skeleton_data),
+        *(pack_record(Kind.CHUNK, b"", chunk) for chunk in chunks),
+    ]
+    header = Header(
+        Mode.RECORDS,
+        Flags.NEEDS_BASE,
+        len(old),
+        sha256_bytes(old),
+        len(new),
+        sha256_bytes(new),
+        len(records),
+    )
+    payload = header.pack() + b"".join(records)
+    stats = DeltaStats(
+        "delta",
+        len(old),
+        len(new),
+        len(payload),
+        (),
+        skeleton_raw=len(skeleton),
+        skeleton_coded=len(skeleton_data),
+        table_coded=len(table_packed),
+        tensors=plan.stats,
+    )
+    return payload, stats
+
+
+def _whole(old: bytes, new: bytes, method: WholeMethod, level: int) -> bytes:
+    window_log = 0
+    if method is WholeMethod.STORED:
+        data = new
+    elif method is WholeMethod.ZSTD:
+        data = zstandard.ZstdCompressor(level=level).compress(new)
+    else:
+        window_log = window_log_for(len(old) + len(new))
+        data = _compress_with_dict(new, old, level)
+    flags = Flags.NEEDS_BASE if method is WholeMethod.ZSTD_DICT else Flags.NONE
+    record = pack_record(Kind.WHOLE, pack_whole_meta(method, window_log), data)
+    header = Header(Mode.WHOLE, flags, len(old), sha256_bytes(old), len(new), sha256_bytes(new), 1)
+    return header.pack() + record
+
+
+def _fallbacks(
+    old: bytes, new: bytes, options: EncodeOptions, to_beat: int | None
+) -> list[tuple[str, bytes]]:
+    """The whole-file payloads worth computing.
+
+    On a large file zstd at the full level takes a minute, so it is first probed at
+    PROBE_LEVEL and computed in full only when the probe comes within PROBE_MARGIN of
+    the delta (higher levels gain a few percent on model weights, never a third).
+    """
+    found = [("whole-stored", _whole(old, new, WholeMethod.STORED, 0))]
+    methods = [WholeMethod.ZSTD] + ([WholeMethod.ZSTD_DICT] if old else [])
+    names = {WholeMethod.ZSTD: "whole-zstd", WholeMethod.ZSTD_DICT: "whole-zstd-dict"}
+    for method in methods:
+        if to_beat is not None and len(new) > options.probe_above:
+            probe = _whole(old, new, method, PROBE_LEVEL)
+            if len(probe) > to_beat * PROBE_MARGIN:
+                found.append((f"{names[method]} (level {PROBE_LEVEL} probe)", probe))
+                continue
+        found.append((names[method], _whole(old, new, method, options.level)))
+    return found
+
+
+def encode(
+    old: bytes | Path, new: bytes | Path, options: EncodeOptions | None = None
+) -> EncodedDelta:
+    """The smallest payload that turns ``old`` into ``new``, with how it was made.
+
+    The model-aware delta is decoded once here before it is offered (``verify``): a
+    codec bug then costs bytes on the wire (the whole-file fallback is sent), never a
+    device an update.
+    """
+    options = options or EncodeOptions()
+    started = time.perf_counter()
+    old_bytes, new_bytes = _read(old), _read(new)
+    payload, stats = _records_delta(old_bytes, new_bytes, options)
+    candidates: list[tuple[str, bytes]] = []
+    delta_error = _verify(old_bytes, new_bytes, payload) if options.verify else None
+    if delta_error is None:
+        candidates.append(("delta", payload))
+    else:
+        log.error("model-aware delta failed its own check, sending the whole file: %s", delta_error)
+    if options.whole_file_fallback or delta_error is not None:
+        to_beat = len(payload) if delta_error is None else None
+        candidates += _fallbacks(old_bytes, new_bytes, options, to_beat)
+    mode, best = min(candidates, key=lambda c: len(c[1]))
+    stats = replace(
+        stats,
+        mode=mode,
+        payload_size=len(best),
+        candidates=tuple((name, len(data)) for name, data in candidates),
+        delta_error=delta_error,
+        encode_seconds=time.perf_counter() - started,
+    )
+    return EncodedDelta(best, stats)
+
+
+def _verify(old: bytes, new: bytes, payload: bytes) -> str | None:
+    """None when ``payload`` rebuilds ``new`` from ``old``; else what went wrong."""
+    try:
+        rebuilt = apply_delta_bytes(old, payload)
+    except DeltaError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None if rebuilt == new else "the delta rebuilds different bytes"
+
+
+def encode_delta(
+    old: bytes | Path, new: bytes | Path, options: EncodeOptions | None = None
+) -> bytes:
+    """The delta payload that turns ``old`` into ``new`` (see `encode` for its stats)."""
+    return encode(old, new, options).payload
+
+
+def write_delta(
+    old: bytes | Path, new: bytes | Path, out: Path, options: EncodeOptions | None = None
+) -> DeltaStats:
+    """Encode and write the payload to ``out`` atomically."""
+    encoded = encode(old, new, options)
+    atomic_write_bytes(Path(out), encoded.payload)
+    return encoded.stats

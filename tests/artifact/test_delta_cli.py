@@ -1,0 +1,131 @@
+"""`homefleet artifact diff|patch` round-trip, refuse damaged patches, and run edge-only.
+
+The commands run in a fresh interpreter where torch, onnx, onnxruntime, sqlalchemy and
+sktime cannot be imported (as on a device with only the `edge` extra); the probe also
+reports which of them were loaded, which must be none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tests.artifact.delta_models import Init, build, random_array, tweak
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "onnx", "onnxruntime", "sqlalchemy", "sktime", "onnxscript")
+
+EDGE_ONLY = """
+import importlib.abc, json, sys
+
+HEAVY = set(json.loads(sys.argv[1]))
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    '''Pretend the controller extra is absent, as on a device.'''
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HEAVY:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+from homefleet.cli import app
+try:
+    app(sys.argv[2:], prog_name="homefleet")
+    code = 0
+except SystemExit as exit:
+    code = exit.code or 0
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
+print("LOADED=" + json.dumps(loaded), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def homefleet(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", EDGE_ONLY, json.dumps(HEAVY), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=120,
+    )
+    loaded = [line for line in done.stderr.splitlines() if line.startswith("LOADED=")]
+    assert loaded == ["LOADED=[]"], done.stderr
+    return done
+
+
+def _models(tmp_path: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(11)
+    weights = [Init(f"layer{i}.weight", random_array(rng, np.float32, (48, 32))) for i in range(3)]
+    old, new = tmp_path / "old.onnx", tmp_path / "new.onnx"
+    old.write_bytes(build(weights))
+    new.write_bytes(build([Init(w.name, tweak(rng, w.array)) for w in weights]))
+    return old, new
+
+
+def test_diff_then_patch_rebuilds_the_model_bit_for_bit(tmp_path: Path) -> None:
+    old, new = _models(tmp_path)
+    patch, out = tmp_path / "update.hfd", tmp_path / "out.onnx"
+    done = homefleet("artifact", "diff", old, new, "-o", patch)
+    assert done.returncode == 0, done.stderr
+    assert "smaller" in done.stdout
+    assert patch.stat().st_size < new.stat().st_size
+    done = homefleet("artifact", "patch", old, patch, "-o", out)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == new.read_bytes()
+    stats = json.loads(homefleet("artifact", "diff", old, new, "-o", patch, "--json").stdout)
+    assert stats["mode"] == "delta" and stats["target_size"] == new.stat().st_size
+
+
+def test_a_corrupt_or_mismatched_patch_exits_1_with_a_message_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    old, new = _models(tmp_path)
+    patch, out = tmp_path / "update.hfd", tmp_path / "out.onnx"
+    assert homefleet("artifact", "diff", old, new, "-o", patch).returncode == 0
+    data = bytearray(patch.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    bad = tmp_path / "bad.hfd"
+    bad.write_bytes(bytes(data))
+    done = homefleet("artifact", "patch", old, bad, "-o", out)
+    assert done.returncode == 1
+    assert "damaged" in done.stderr and "error:" in done.stderr
+    assert not out.exists()
+
+    done = homefleet("artifact", "patch", new, patch, "-o", out)  # the wrong base
+    assert done.returncode == 1
+    assert "applies to base sha256" in done.stderr
+    assert not out.exists()
+
+    done = homefleet("artifact", "patch", old, patch, "-o", out, "--sha256", "0" * 64)
+    assert done.returncode == 1 and "expected" in done.stderr
+    assert not out.exists()
+
+    done = homefleet("artifact", "patch", old, patch, "-o", out, "--sha256", "nothex")
+    assert done.returncode == 2
+    done = homefleet("artifact", "patch", old, tmp_path / "missing.hfd", "-o", out)
+    assert done.returncode == 2
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bad.hfd",
+        "new.onnx",
+        "old.onnx",
+        "update.hfd",
+    ]
+
+
+def test_the_codec_imports_neither_torch_nor_onnx() -> None:
+    probe = (
+        "import sys, json; import artifact.delta, artifact.cli; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        f"{HEAVY!r} or m.startswith(('grpc', 'controller', 'edge_agent')))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert json.loads(done.stdout) == []
