@@ -6,8 +6,13 @@ that cannot be met says exactly which budget failed and how far off it was.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
+from numpy.typing import NDArray
+
+from controller.compression.errors import CompressionError
 from controller.device_classes import Budgets
 
 
@@ -80,3 +85,51 @@ def shortfall(verdicts: tuple[Verdict, ...]) -> float:
     limit, summed.
     """
     return sum(v.gap / v.limit if v.limit else v.gap for v in verdicts if not v.met)
+
+
+@dataclass(frozen=True)
+class PairedDrop:
+    """A candidate against its source on the same labelled samples (McNemar's counts).
+
+    Only the samples the two disagree on move the drop: ``lost`` (source right,
+    candidate wrong) and ``gained`` (the reverse). The drop is their net over the split,
+    the same number as the difference of the two accuracies, now with its resolution.
+    """
+
+    samples: int
+    lost: int
+    gained: int
+
+    @property
+    def drop(self) -> float:
+        return (self.lost - self.gained) / self.samples
+
+    @property
+    def resolution(self) -> float:
+        """One sample, as a fraction of the split: the finest drop this split can show."""
+        return 1 / self.samples
+
+    def allowed_net_loss(self, max_drop: float) -> int:
+        """Whole samples a budget lets the candidate lose net (0 when the budget is finer)."""
+        return math.floor(max_drop * self.samples + 1e-9)
+
+    def meets(self, max_drop: float) -> bool:
+        return self.lost - self.gained <= self.allowed_net_loss(max_drop)
+
+
+def paired_drop(
+    labels: NDArray[np.integer], source: NDArray[np.integer], candidate: NDArray[np.integer]
+) -> PairedDrop:
+    """Count what ``candidate``'s predicted classes lost and gained against ``source``'s."""
+    labels, source, candidate = (np.asarray(a).reshape(-1) for a in (labels, source, candidate))
+    if not len(labels) == len(source) == len(candidate) or len(labels) == 0:
+        raise CompressionError(
+            f"paired_drop needs as many predictions as labels (> 0): got {len(labels)} labels, "
+            f"{len(source)} source and {len(candidate)} candidate predictions"
+        )
+    source_right, candidate_right = source == labels, candidate == labels
+    return PairedDrop(
+        samples=len(labels),
+        lost=int((source_right & ~candidate_right).sum()),
+        gained=int((~source_right & candidate_right).sum()),
+    )

@@ -10,6 +10,7 @@ that shows what the teacher adds.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from controller.compression.training import (
     FitResult,
     TrainOptions,
     count_parameters,
+    evaluate_accuracy,
     example_inputs,
     fine_tune,
 )
@@ -67,6 +69,12 @@ def _student(
     return model, name
 
 
+def _step_options(step: Distill, options: TrainOptions | None) -> TrainOptions:
+    """The job's training options, with the step's own learning rate when it names one."""
+    options = options or TrainOptions()
+    return options if step.lr is None else dataclasses.replace(options, lr=step.lr)
+
+
 def _check_outputs(model: nn.Module, train: Split, num_classes: int, who: str) -> None:
     model.eval()
     with torch.no_grad():
@@ -98,7 +106,7 @@ def distill(
     so it sees what the teacher sees and the exported model still takes raw inputs.
     Neither the teacher nor a given student is modified.
     """
-    options = options or TrainOptions()
+    options = _step_options(step, options)
     teacher = copy.deepcopy(teacher).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -130,11 +138,92 @@ def train_alone(
     preprocess: nn.Module | None = None,
     options: TrainOptions | None = None,
 ) -> DistillResult:
-    """The same student, seed, data and epochs as ``distill``, trained on the labels only."""
-    options = options or TrainOptions()
+    """The same student, seed, data, epochs and learning rate as ``distill``, labels only."""
+    options = _step_options(step, options)
     model, name = _student(step, in_shape, num_classes, student, preprocess, options.seed)
     _check_outputs(model, train, num_classes, f"student {name!r}")
     fit = fine_tune(
         model, train, epochs=step.epochs, options=options, val=val, label=f"training {name} alone"
     )
     return DistillResult(model, name, None, count_parameters(model), fit)
+
+
+# ------------------------------------------------------------------ does the teacher help?
+
+
+@dataclass(frozen=True)
+class SeedOutcome:
+    """One seed: the same student distilled and trained alone, scored on held-out splits."""
+
+    seed: int
+    distilled: dict[str, float]  # split name -> accuracy
+    alone: dict[str, float]
+
+
+@dataclass(frozen=True)
+class DistillComparison:
+    """Distilled vs trained alone over several seeds: what the teacher adds, and how surely."""
+
+    student: str
+    student_params: int
+    epochs: int
+    outcomes: tuple[SeedOutcome, ...]
+
+    def mean(self, split: str, *, distilled: bool) -> float:
+        values = [(o.distilled if distilled else o.alone)[split] for o in self.outcomes]
+        return sum(values) / len(values)
+
+    def gain(self, split: str) -> float:
+        """Mean accuracy of the distilled student minus the one trained alone."""
+        return self.mean(split, distilled=True) - self.mean(split, distilled=False)
+
+    def wins(self, split: str) -> int:
+        """Seeds on which the distilled student scored strictly higher."""
+        return sum(o.distilled[split] > o.alone[split] for o in self.outcomes)
+
+
+def compare_with_alone(
+    teacher: nn.Module,
+    step: Distill,
+    train: Split,
+    held_out: dict[str, Split],
+    *,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    preprocess: nn.Module | None = None,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    options: TrainOptions | None = None,
+) -> DistillComparison:
+    """Train ``step``'s student with and without the teacher for every seed; score both.
+
+    Per seed the two runs share everything but the loss: initial weights, shuffling,
+    epochs, learning rate. Neither run looks at ``held_out`` while training (the
+    weights of the last epoch are kept), so the splits there, e.g. val and test, score
+    both students the same way.
+    """
+    if not seeds:
+        raise CompressionError("compare_with_alone needs at least one seed")
+    if not held_out:
+        raise CompressionError("compare_with_alone needs at least one held-out split to score")
+    base = dataclasses.replace(options or TrainOptions(show_progress=False), keep="last")
+    outcomes = []
+    name, params = step.student, 0
+    for seed in seeds:
+        seeded = dataclasses.replace(base, seed=seed)
+        taught = distill(
+            teacher, step, train, in_shape=in_shape, num_classes=num_classes,
+            preprocess=preprocess, options=seeded,
+        )  # fmt: skip
+        alone = train_alone(
+            step, train, in_shape=in_shape, num_classes=num_classes,
+            preprocess=preprocess, options=seeded,
+        )  # fmt: skip
+        name, params = taught.student_name, taught.student_params
+        outcomes.append(
+            SeedOutcome(
+                seed,
+                {name: evaluate_accuracy(taught.student, s) for name, s in held_out.items()},
+                {name: evaluate_accuracy(alone.student, s) for name, s in held_out.items()},
+            )
+        )
+    return DistillComparison(name, params, step.epochs, tuple(outcomes))

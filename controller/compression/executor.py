@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 from torch import nn
 
+from controller.compression.codebook import quantize_codebook
 from controller.compression.distillation import distill
 from controller.compression.errors import CompressionError, UnsupportedModelError
 from controller.compression.lowrank import decompose
@@ -29,6 +30,8 @@ from controller.compression.planner import Quality
 from controller.compression.pruning import prune_layers, prune_structured, prune_unstructured
 from controller.compression.quantize import quantize_onnx
 from controller.compression.recipe import (
+    ONNX_STEPS,
+    CodebookQuantize,
     Distill,
     LayerPrune,
     LowRank,
@@ -36,8 +39,10 @@ from controller.compression.recipe import (
     Recipe,
     StructuredPrune,
     UnstructuredPrune,
+    WeightOnlyQuantize,
 )
 from controller.compression.training import TrainOptions
+from controller.compression.weight_only import quantize_weight_only
 from controller.workloads.base import TaskKind, Workload
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,33 @@ log = logging.getLogger(__name__)
 
 def _prefix_key(recipe: Recipe, upto: int) -> str:
     return Recipe(steps=recipe.steps[:upto]).model_dump_json()
+
+
+OnnxStep = Quantize | WeightOnlyQuantize | CodebookQuantize
+
+
+def _run_onnx_step(
+    step: OnnxStep,
+    source: Path,
+    out: Path,
+    calibration: Mapping[str, NDArray[np.generic]],
+    evaluate: Callable[[Path], float],
+    max_drop: float | None,
+) -> Path:
+    """One post-training step on an ONNX file; returns the file it wrote."""
+    if isinstance(step, WeightOnlyQuantize):
+        return quantize_weight_only(source, out, step, calibration=calibration).out
+    if isinstance(step, CodebookQuantize):
+        return quantize_codebook(source, out, step, calibration=calibration).out
+    return quantize_onnx(
+        source,
+        out,
+        step,
+        calibration=calibration,
+        evaluate=evaluate,
+        max_drop=max_drop,
+        progress=False,
+    ).out
 
 
 @dataclass
@@ -105,10 +137,10 @@ class TorchSource:
     def build(self, recipe: Recipe, out_dir: Path) -> Path:
         torch_steps = 0
         for step in recipe.steps:
-            if isinstance(step, Quantize):
+            if isinstance(step, ONNX_STEPS):
                 break
             torch_steps += 1
-        onnx_steps = [s for s in recipe.steps[torch_steps:] if isinstance(s, Quantize)]
+        onnx_steps = [s for s in recipe.steps[torch_steps:] if isinstance(s, ONNX_STEPS)]
         if len(onnx_steps) != len(recipe.steps) - torch_steps:
             raise CompressionError("torch steps must come before ONNX steps in a recipe")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,15 +152,14 @@ class TorchSource:
             self._exports[key] = exported
         current = exported
         for index, step in enumerate(onnx_steps):
-            current = quantize_onnx(
+            current = _run_onnx_step(
+                step,
                 current,
                 out_dir / f"step-{torch_steps + index}-quantized.onnx",
-                step,
-                calibration=self.workload.calibration_inputs(),
-                evaluate=self._evaluate_value,
-                max_drop=self.max_accuracy_drop,
-                progress=False,
-            ).out
+                self.workload.calibration_inputs(),
+                self._evaluate_value,
+                self.max_accuracy_drop,
+            )
         final = out_dir / "model.onnx"
         if current != final:
             shutil.copyfile(current, final)
@@ -159,20 +190,20 @@ class OnnxSource:
         out_dir.mkdir(parents=True, exist_ok=True)
         current = self.path
         for index, step in enumerate(recipe.steps):
-            if not isinstance(step, Quantize):
+            if not isinstance(step, ONNX_STEPS):
                 raise UnsupportedModelError(
                     f"{step.kind} needs a PyTorch model and its data; an ONNX file alone "
-                    "supports post-training steps only (quantize)"
+                    "supports post-training steps only (quantize, quantize.weight_only, "
+                    "quantize.codebook)"
                 )
-            current = quantize_onnx(
+            current = _run_onnx_step(
+                step,
                 current,
                 out_dir / f"step-{index}-quantized.onnx",
-                step,
-                calibration=self.calibration,
-                evaluate=lambda p: self.quality(p).value,
-                max_drop=None if self.min_fidelity is None else 1.0 - self.min_fidelity,
-                progress=False,
-            ).out
+                self.calibration,
+                lambda p: self.quality(p).value,
+                None if self.min_fidelity is None else 1.0 - self.min_fidelity,
+            )
         final = out_dir / "model.onnx"
         shutil.copyfile(current, final)
         return final

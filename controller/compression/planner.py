@@ -5,6 +5,22 @@ It knows nothing about how a recipe is executed or scored: a ``CandidateBuilder`
 ``Measurer`` times it as the device class would. Every trial is recorded — recipe,
 bytes, quality, predicted p95 latency, energy, seconds spent — and when nothing meets
 the budget the best trial comes back with the gap per budget, never a silent failure.
+
+Verdict protocol for labelled workloads. The accuracy drop is the source's accuracy
+minus the candidate's on the builder's selection split (val: never trained on; the
+source picks its epoch on val loss, a candidate's fine-tuning never picks weights on
+it, see ``TrainOptions.keep``; accuracy-aware quantization does choose which nodes stay
+float on it). Both are counted on the same samples, so the drop is the net number of
+samples the candidate lost, (source right & candidate wrong) - (source wrong &
+candidate right), over n; ``budgets.paired_drop`` gives both counts for a report. A
+budget finer than one sample is applied at the split's resolution: on PLAID's 109 val
+samples (one = 0.92 points) a 0.5-point budget means "no net sample lost". That is a
+point estimate on a small split, not a guarantee: the test split, never looked at by
+the planner, gives the number to report (the job records it beside the verdict).
+
+Recipes whose size cannot reach the byte budget are not built: quantization alone
+shrinks a model at most 4x (int8) or 2x (fp16), so when the source is more than that
+over budget those recipes are recorded as skipped.
 """
 
 from __future__ import annotations
@@ -18,7 +34,7 @@ from typing import Protocol
 
 from controller.compression.budgets import Observed, Verdict, all_met, judge, shortfall
 from controller.compression.errors import CompressionError
-from controller.compression.recipe import Recipe
+from controller.compression.recipe import Quantize, Recipe
 from controller.device_classes import DeviceClass
 
 log = logging.getLogger(__name__)
@@ -114,6 +130,20 @@ class Plan:
 
 TrialCallback = Callable[[Trial], None]
 
+# The least share of its source's bytes a model quantized in this mode can have: weights
+# take 1 (int8) or 2 (fp16) bytes instead of 4, and scales, zero points and Q/DQ nodes
+# only add. Below the exact 1/4 and 1/2 for margin: folding BatchNorm into convolutions
+# removes a few weights first.
+QUANTIZED_SIZE_FLOOR = {"static": 0.2, "dynamic": 0.2, "fp16": 0.4}
+
+
+def size_floor(recipe: Recipe, source_bytes: int) -> int | None:
+    """Bytes a quantization-only recipe surely stays above; None for any other recipe."""
+    if not recipe.steps or not all(isinstance(step, Quantize) for step in recipe.steps):
+        return None
+    modes = [step.mode for step in recipe.steps if isinstance(step, Quantize)]
+    return int(source_bytes * min(QUANTIZED_SIZE_FLOOR[mode] for mode in modes))
+
 
 def run_trial(
     index: int,
@@ -166,8 +196,19 @@ def plan(
         on_trial(baseline)
     if baseline.met:
         return result
+    limit = device_class.budgets.max_artifact_bytes
     for index, recipe in enumerate(candidates, start=1):
-        trial = run_trial(index, recipe, builder, measure, device_class, baseline.quality, work_dir)
+        floor = size_floor(recipe, baseline.artifact_bytes)
+        if limit is not None and floor is not None and floor > limit:
+            reason = (
+                f"cannot meet max_artifact_bytes {limit}: quantization alone leaves at least "
+                f"{floor} of the source's {baseline.artifact_bytes} bytes"
+            )
+            trial = Trial(index, recipe, None, 0, None, None, (), 0.0, reason)
+        else:
+            trial = run_trial(
+                index, recipe, builder, measure, device_class, baseline.quality, work_dir
+            )
         result.trials.append(trial)
         if on_trial:
             on_trial(trial)

@@ -344,6 +344,9 @@ def _build(job: _Job, kept: frozenset[str], index: int) -> Path:
                 reduce_range=reduce_range,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=exclude,
+                # outputs of com.microsoft ops (a weight-only step's MatMulNBits) get no
+                # type from ONNX shape inference; every tensor dynamic mode reads is float
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
         elif step.mode == "static":
             if job.calibration is None:  # refused up front; kept for the type checker

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from artifact.manifest import RecipeStep
 
@@ -71,14 +71,22 @@ class LowRank(_Step):
 
 
 class Distill(_Step):
-    """Train a compact student on the teacher's softened outputs plus the labels."""
+    """Train a compact student on the teacher's softened outputs plus the labels.
+
+    Defaults from PLAID (distillation.py): a student trained from scratch wants a higher
+    rate than fine-tuning (1e-2, cosine-decayed), and T=2 with equal weight on the
+    teacher and the labels distilled better than T=4, alpha=0.7.
+    """
 
     kind: Literal["distill"] = "distill"
     student: str = Field(min_length=1, max_length=64, description="name in the student zoo")
     width: float = Field(default=0.5, gt=0, le=4)
-    temperature: float = Field(default=4.0, gt=0, le=50)
-    alpha: float = Field(default=0.7, ge=0, le=1, description="weight of the KL term")
-    epochs: int = Field(default=60, ge=1, le=2000)
+    temperature: float = Field(default=2.0, gt=0, le=50)
+    alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the KL term")
+    epochs: int = Field(default=100, ge=1, le=2000)
+    lr: float | None = Field(
+        default=1e-2, gt=0, le=1, description="peak learning rate; None: the job's fine-tuning one"
+    )
 
 
 # ------------------------------------------------------------------ ONNX steps
@@ -95,12 +103,143 @@ class Quantize(_Step):
     accuracy_aware: bool = True
 
 
+class WeightOnlyQuantize(_Step):
+    """Low-bit weights, float activations (onnxruntime MatMulNBits, GatherBlockQuantized).
+
+    Block-wise: every ``block_size`` weights along a MatMul's input dimension (along the
+    row of an embedding table) share one scale, and a zero point unless ``symmetric``.
+    ``accuracy_level`` is MatMulNBits' compute type: 4 quantizes activations to int8
+    per block (the fast CPU path), 0 dequantizes the weights to float. With
+    ``include_gather`` constant Gather tables (embeddings) become 4-bit too, with their
+    own ``gather_block_size``. ``matmul_share`` < 1 quantizes only that share of MatMul
+    weight elements, those whose rounding moves the outputs least on calibration inputs;
+    the rest stay float for a following ``Quantize(mode="dynamic")``.
+    """
+
+    kind: Literal["quantize.weight_only"] = "quantize.weight_only"
+    bits: Literal[4, 8] = 4
+    block_size: int = Field(default=32, ge=16, le=256, description="a power of two")
+    symmetric: bool = False
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    include_gather: bool = True
+    gather_block_size: int | None = Field(
+        default=None, ge=16, le=256, description="a power of two; None: block_size"
+    )
+    matmul_share: float = Field(
+        default=1.0, ge=0, le=1, description="share of MatMul weight elements quantized"
+    )
+
+    @field_validator("block_size", "gather_block_size")
+    @classmethod
+    def _power_of_two(cls, value: int | None) -> int | None:
+        if value is not None and value & (value - 1):
+            raise ValueError(f"must be a power of two (16, 32, 64, 128 or 256), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WeightOnlyQuantize:
+        if self.include_gather and self.bits != 4:
+            raise ValueError(
+                f"include_gather needs bits=4 (onnxruntime quantizes Gather tables to 4 bits "
+                f"only), got bits={self.bits}; set include_gather=False"
+            )
+        if self.gather_block_size is not None and not self.include_gather:
+            raise ValueError("gather_block_size is set but include_gather is False")
+        if self.matmul_share == 0 and not self.include_gather:
+            raise ValueError("matmul_share=0 with include_gather=False quantizes nothing")
+        return self
+
+    @property
+    def gather_block(self) -> int:
+        return self.gather_block_size or self.block_size
+
+
+class CodebookQuantize(_Step):
+    """Weight sharing: every weight becomes an index into a small fitted codebook.
+
+    One codebook of ``2**bits`` levels per tensor or per output channel (``granularity``),
+    its levels placed by k-means on the weights (``iterations`` Lloyd steps from the
+    quantiles) or by Lloyd-Max for a Gaussian fitted to them. ``keep_zero`` pins a level
+    at exactly 0, so pruned weights stay pruned. Tensors under ``min_elements`` (biases,
+    norms) are left as they are. ``compute="int8"`` runs onnxruntime's dynamic int8
+    quantization and makes each int8 weight a codebook of int8 levels with a per-channel
+    scale: after onnxruntime folds the indices back at session load, the graph is exactly
+    dynamic int8's and runs its fast kernel; ``compute="float"`` decodes to float weights.
+    Large Gather tables (embeddings, ``gather_bits``) are decoded per call, rows only.
+    With calibration inputs, ``error_feedback`` assigns indices GPTQ's way and ``share``
+    < 1 leaves the weights whose codebook moves the outputs most (measured) as they were.
+    """
+
+    kind: Literal["quantize.codebook"] = "quantize.codebook"
+    bits: int = Field(default=4, description="index bits, 2 to 8: 2**bits levels per codebook")
+    gather_bits: int | None = Field(
+        default=None, description="index bits for Gather tables, 2 to 8; None: bits"
+    )
+    granularity: Literal["tensor", "channel"] = "channel"
+    method: Literal["kmeans", "gaussian"] = "kmeans"
+    iterations: int = Field(default=15, ge=1, le=200, description="Lloyd steps of k-means")
+    keep_zero: bool = False
+    weighting: Literal["none", "activation"] = Field(
+        default="none",
+        description="activation: k-means weighs each weight's error by its input's mean "
+        "square on calibration inputs",
+    )
+    error_feedback: bool = Field(
+        default=False,
+        description="GPTQ-style assignment of 2-D weights: each input row's rounding error "
+        "is compensated on the rows not yet assigned (needs calibration inputs)",
+    )
+    compute: Literal["float", "int8"] = "int8"
+    share: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="share of MatMul/Gemm/Conv weight elements given codebooks, least "
+        "harm to their layer's output per element first; the rest stay int8 (or float)",
+    )
+    include_gather: bool = True
+    min_elements: int = Field(default=1024, ge=1, description="smaller tensors stay as they are")
+
+    @field_validator("bits", "gather_bits")
+    @classmethod
+    def _bits_range(cls, value: int | None) -> int | None:
+        if value is not None and not 2 <= value <= 8:
+            raise ValueError(f"must be between 2 and 8 (a codebook of 2**bits levels), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CodebookQuantize:
+        if self.compute == "int8" and self.bits == 8:
+            raise ValueError(
+                "compute='int8' needs bits <= 7: 256 distinct levels do not fit on int8's "
+                "255 symmetric values; use bits<=7 or compute='float'"
+            )
+        if self.gather_bits is not None and not self.include_gather:
+            raise ValueError("gather_bits is set but include_gather is False")
+        return self
+
+    @property
+    def table_bits(self) -> int:
+        return self.gather_bits or self.bits
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.weighting == "activation" or self.error_feedback
+
+
 Step = Annotated[
-    UnstructuredPrune | StructuredPrune | LayerPrune | LowRank | Distill | Quantize,
+    UnstructuredPrune
+    | StructuredPrune
+    | LayerPrune
+    | LowRank
+    | Distill
+    | Quantize
+    | WeightOnlyQuantize
+    | CodebookQuantize,
     Field(discriminator="kind"),
 ]
 TORCH_STEPS = (UnstructuredPrune, StructuredPrune, LayerPrune, LowRank, Distill)
-ONNX_STEPS = (Quantize,)
+ONNX_STEPS = (Quantize, WeightOnlyQuantize, CodebookQuantize)
 
 
 class Recipe(BaseModel):

@@ -2,7 +2,10 @@
 
 Depthwise-separable convolutions cost about 1/k of a full convolution's multiply-adds
 (k = kernel size) for a similar receptive field, which is why they dominate on-device
-models (MobileNet, DS-CNN keyword spotting). Every student starts with a BatchNorm on
+models (MobileNet, DS-CNN keyword spotting). For the same reason a wide depthwise kernel
+is almost free: the 1D student uses 9 taps per block (and a 7-tap stem), which on PLAID
+distilled better than 5/5/3 taps (val 0.899 against 0.876, mean of two seeds; 15 taps
+scored lower again). Every student starts with a BatchNorm on
 its raw input, so it learns its own input scaling (the teachers carry theirs inside too)
 and the exported model still takes raw values.
 
@@ -24,6 +27,8 @@ from controller.compression.errors import CompressionError
 Builder = Callable[[tuple[int, ...], int, float], nn.Module]
 
 _BASE_WIDTHS = (16, 32, 64)
+_STEM_KERNEL_1D = 7
+_BLOCK_KERNEL_1D = 9
 _MIN_WIDTH = 4
 _MIN_POOLED_LENGTH = 16  # stop striding once the sequence / image side would be this short
 
@@ -89,15 +94,18 @@ class DSCNN1d(nn.Module):
         w = [_scaled(width, b) for b in _BASE_WIDTHS]
         strides = _strides(length, 1 + len(w))
         self.input_norm = nn.BatchNorm1d(in_channels)
+        k = _BLOCK_KERNEL_1D
         self.stem = nn.Sequential(
-            nn.Conv1d(in_channels, w[0], 5, strides[0], 2, bias=False),
+            nn.Conv1d(
+                in_channels, w[0], _STEM_KERNEL_1D, strides[0], _STEM_KERNEL_1D // 2, bias=False
+            ),
             nn.BatchNorm1d(w[0]),
             nn.ReLU(),
         )
         self.blocks = nn.Sequential(
-            DepthwiseSeparable1d(w[0], w[0], 5, strides[1]),
-            DepthwiseSeparable1d(w[0], w[1], 5, strides[2]),
-            DepthwiseSeparable1d(w[1], w[2], 3, strides[3]),
+            DepthwiseSeparable1d(w[0], w[0], k, strides[1]),
+            DepthwiseSeparable1d(w[0], w[1], k, strides[2]),
+            DepthwiseSeparable1d(w[1], w[2], k, strides[3]),
         )
         self.head = nn.Linear(w[2], num_classes)
 

@@ -14,15 +14,16 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.nn import functional as F
 
 from controller.compression.errors import CompressionError
 from controller.workloads.base import Split
+from controller.workloads.training import deterministic, epoch_progress
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ class TrainOptions:
     # Intra-op threads while training (None: torch's default). Small models train several
     # times faster on one thread: no OpenMP barrier waits, above all on a busy machine.
     threads: int | None = 1
+    # Which weights a fine-tune with ``val`` leaves in the model: "last" (the end of the
+    # cosine schedule; val is only scored) or "best_val" (the epoch that scored best on
+    # val). "last" is the default because the planner judges candidates on that same val
+    # split: picking the best of N noisy epochs on ~100 samples would flatter every
+    # candidate by a sample or two, more than a 0.5-point budget.
+    keep: Literal["last", "best_val"] = "last"
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -59,6 +66,8 @@ class TrainOptions:
             raise CompressionError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.threads is not None and self.threads < 1:
             raise CompressionError(f"threads must be >= 1 or None, got {self.threads}")
+        if self.keep not in ("last", "best_val"):
+            raise CompressionError(f"keep must be 'last' or 'best_val', got {self.keep!r}")
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,7 @@ class FitResult:
     """What a fine-tune did: epochs run, which epoch's weights were kept, final scores."""
 
     epochs: int
-    best_epoch: int  # 0 = the weights before training (kept when nothing beat them on val)
+    best_epoch: int  # epoch whose weights were kept; 0 = the starting ones (keep="best_val")
     train_loss: float  # mean loss of the last epoch (nan when epochs == 0)
     val_accuracy: float | None
     val_loss: float | None
@@ -123,34 +132,6 @@ def threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def deterministic(seed: int) -> Iterator[None]:
-    """Seed torch and force deterministic kernels, restoring the caller's state afterwards."""
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.use_deterministic_algorithms(True)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(was_deterministic)
-
-
-@contextlib.contextmanager
-def _progress(show: bool) -> Iterator[Progress]:
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("epochs"),
-        TimeElapsedColumn(),
-        disable=not show,
-        transient=True,
-    )
-    with progress:
-        yield progress
 
 
 # ------------------------------------------------------------------ loss and evaluation
@@ -233,10 +214,13 @@ def fine_tune(
     """Train ``model`` in place: AdamW, cosine LR decay per batch, seeded and deterministic.
 
     Without a teacher the loss is cross-entropy; with one it is ``distillation_loss``
-    on the same (augmented) batch. With ``val`` the weights that scored best on it
-    (accuracy, then lower loss; the starting weights count as epoch 0) are the ones
-    left in the model, so fine-tuning never returns something worse than it started
-    from on held-out data. The model is left in eval mode.
+    on the same (augmented) batch. Without augmentation the teacher's logits are computed
+    once for the whole split (the teacher is frozen and in eval mode, so they are the
+    same every epoch). With ``val``: ``options.keep == "last"`` leaves the weights of the
+    last epoch and only scores them on val; ``"best_val"`` leaves those that scored best
+    on it (accuracy, then lower loss; the starting weights count as epoch 0), so the
+    fine-tune never returns something worse than it started from on val, at the price of
+    flattering val. The model is left in eval mode.
     """
     options = options or TrainOptions()
     if epochs < 0:
@@ -252,11 +236,12 @@ def fine_tune(
         raise CompressionError("the training split is empty")
     if val is not None:
         split_labels(val, "validation")
+    select = val is not None and options.keep == "best_val"
 
     best_state: dict[str, torch.Tensor] | None = None
     best_key: tuple[float, float] | None = None
     best_epoch = 0
-    if val is not None:
+    if select and val is not None:
         start_acc, start_loss = evaluate(model, val, batch_size=options.eval_batch_size)
         best_key, best_state = (start_acc, -start_loss), copy.deepcopy(model.state_dict())
     train_loss = float("nan")
@@ -269,12 +254,15 @@ def fine_tune(
             params = [p for p in model.parameters() if p.requires_grad]
             if not params:
                 raise CompressionError("the model has no trainable parameters")
+            fixed_targets = None
+            if teacher is not None and options.augment is None:
+                fixed_targets = predict_logits(teacher, train, batch_size=options.eval_batch_size)
             optimiser = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
             batches = _batch_starts(len(labels), options.batch_size)
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
                 optimiser, T_max=epochs * len(batches)
             )
-            with _progress(options.show_progress) as progress:
+            with epoch_progress(options.show_progress) as progress:
                 task = progress.add_task(label, total=epochs)
                 for epoch in range(1, epochs + 1):
                     model.train()
@@ -289,8 +277,11 @@ def fine_tune(
                         if teacher is None:
                             loss = F.cross_entropy(logits, labels[idx])
                         else:
-                            with torch.no_grad():
-                                teacher_logits = teacher(*xb)
+                            if fixed_targets is not None:
+                                teacher_logits = fixed_targets[idx]
+                            else:
+                                with torch.no_grad():
+                                    teacher_logits = teacher(*xb)
                             loss = distillation_loss(
                                 logits,
                                 teacher_logits,
@@ -306,7 +297,7 @@ def fine_tune(
                         seen += len(idx)
                     train_loss = total / seen
                     desc = f"{label} (loss {train_loss:.3f}"
-                    if val is not None:
+                    if select and val is not None:
                         acc, vloss = evaluate(model, val, batch_size=options.eval_batch_size)
                         desc += f", val acc {acc:.3f}"
                         if best_key is None or (acc, -vloss) > best_key:
@@ -317,8 +308,11 @@ def fine_tune(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    if best_key is None:
+    if val is None:
         return FitResult(epochs, epochs, train_loss, None, None)
+    if best_key is None:  # keep == "last": score the weights that stay
+        acc, vloss = evaluate(model, val, batch_size=options.eval_batch_size)
+        return FitResult(epochs, epochs, train_loss, acc, vloss)
     return FitResult(epochs, best_epoch, train_loss, best_key[0], -best_key[1])
 
 

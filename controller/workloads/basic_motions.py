@@ -9,12 +9,10 @@ so an edge device never needs to know them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +22,6 @@ import onnx
 import onnxruntime as ort
 import torch
 from numpy.typing import NDArray
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.nn import functional as F
 
@@ -38,6 +35,8 @@ from controller.workloads.base import (
     WorkloadData,
 )
 from controller.workloads.training import (
+    deterministic,
+    epoch_progress,
     export_single_input,
     load_cached,
     save_cached,
@@ -205,19 +204,6 @@ def channel_stats(x_train: NDArray[np.float32]) -> tuple[NDArray[np.float32], ND
     return mean, np.maximum(std, np.float32(1e-6))
 
 
-@contextlib.contextmanager
-def _deterministic(seed: int) -> Iterator[None]:
-    """Seed torch and force deterministic kernels, restoring the caller's state afterwards."""
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.use_deterministic_algorithms(True)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(was_deterministic)
-
-
 def _augment(
     xb: torch.Tensor, std: torch.Tensor, config: TrainConfig, gen: torch.Generator
 ) -> torch.Tensor:
@@ -232,7 +218,7 @@ def train_model(
     data: BasicMotionsData, config: TrainConfig, *, show_progress: bool = True
 ) -> MotionCNN:
     """Train a MotionCNN on the training split; seeded, deterministic, CPU only."""
-    with _deterministic(config.seed):
+    with deterministic(config.seed):
         mean, std = channel_stats(data.x_train)
         model = MotionCNN(mean, std, n_classes=len(data.labels))
         gen = torch.Generator().manual_seed(config.seed)
@@ -248,7 +234,7 @@ def train_model(
             max_lr=config.learning_rate,
             total_steps=config.epochs * steps_per_epoch,
         )
-        with _progress(show_progress) as progress:
+        with epoch_progress(show_progress) as progress:
             task = progress.add_task("training basic-motions 1D-CNN", total=config.epochs)
             for epoch in range(config.epochs):
                 model.train()
@@ -268,21 +254,6 @@ def train_model(
                 progress.update(task, advance=1, description=f"training (loss {mean_loss:.3f})")
         model.eval()
         return model
-
-
-@contextlib.contextmanager
-def _progress(show: bool) -> Iterator[Progress]:
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("epochs"),
-        TimeElapsedColumn(),
-        disable=not show,
-        transient=True,
-    )
-    with progress:
-        yield progress
 
 
 def predict_torch(model: nn.Module, x: NDArray[np.float32]) -> NDArray[np.float32]:

@@ -13,35 +13,15 @@ the head flattens the feature map instead of pooling it away.
 from __future__ import annotations
 
 import logging
-from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from controller.workloads.base import (
-    DEFAULT_CACHE_DIR,
-    Score,
-    Split,
-    TaskKind,
-    Workload,
-    WorkloadData,
-)
-from controller.workloads.training import (
-    TrainConfig,
-    TrainReport,
-    WorkloadError,
-    export_single_input,
-    load_cached,
-    save_cached,
-    score_classifier,
-    select_split,
-    stratified_split,
-    subset,
-    train_classifier,
-)
+from controller.workloads.base import Split, WorkloadData
+from controller.workloads.classifier import TrainedClassifierWorkload
+from controller.workloads.training import WorkloadError, stratified_split, subset
 
 log = logging.getLogger(__name__)
 
@@ -116,80 +96,21 @@ class ItalyNet(nn.Module):
         return self.head(self.features(self.norm(x)))  # type: ignore[no-any-return]
 
 
-class ItalyPowerWorkload(Workload):
+class ItalyPowerWorkload(TrainedClassifierWorkload):
     name = NAME
-    kind = TaskKind.CLASSIFICATION
+    architecture = ARCHITECTURE
     input_names = (INPUT_NAME,)
     output_names = (OUTPUT_NAME,)
+    default_epochs = DEFAULT_EPOCHS
+    batch_size = 8
+    example_shape = (1, STEPS)
+    onnx_doc = (
+        "ItalyPowerDemand season: one day's 24 hourly demand readings [batch, 1, 24] "
+        "-> logits over (oct_to_mar, apr_to_sep)"
+    )
 
-    def __init__(self, *, epochs: int = DEFAULT_EPOCHS, show_progress: bool = False) -> None:
-        self.epochs = epochs
-        self.show_progress = show_progress
-
-    def data(self) -> WorkloadData:
-        return self._data
-
-    @cached_property
-    def _data(self) -> WorkloadData:
+    def load_data(self) -> WorkloadData:
         return load_data()
 
-    def cache_path(self, cache_dir: Path | None = None, *, seed: int = 0) -> Path:
-        suffix = "" if self.epochs == DEFAULT_EPOCHS else f"-e{self.epochs}"
-        return (cache_dir or DEFAULT_CACHE_DIR) / f"{NAME}-seed{seed}{suffix}.pt"
-
-    def source_model(self, cache_dir: Path | None = None, *, seed: int = 0) -> nn.Module:
-        """The cached model for this seed, or a freshly trained one (then cached)."""
-        path = self.cache_path(cache_dir, seed=seed)
-        cached = load_cached(path)
-        if cached is not None and cached.meta.get("architecture") == ARCHITECTURE:
-            model = ItalyNet()
-            model.load_state_dict(cached.state_dict)
-            return model.eval()
-        model, report = self.train(seed=seed)
-        save_cached(
-            path,
-            model,
-            {
-                "architecture": ARCHITECTURE,
-                "seed": seed,
-                "epochs": report.epochs,
-                "best_epoch": report.best_epoch,
-                "val_accuracy": report.val_accuracy,
-                "train_seconds": report.seconds,
-            },
-        )
-        return model
-
-    def train(self, *, seed: int = 0) -> tuple[ItalyNet, TrainReport]:
-        """Train a fresh ItalyNet (no cache)."""
-        data = self.data()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = ItalyNet()
-        report = train_classifier(
-            model,
-            data.train,
-            data.val,
-            TrainConfig(epochs=self.epochs, batch_size=8, seed=seed),
-            description="training italy-power 1D-CNN",
-            show_progress=self.show_progress,
-        )
-        return model, report
-
-    def export_onnx(self, model: nn.Module, path: Path) -> Path:
-        """Input "x" [batch, 1, 24] float32 hourly demand, output "logits" [batch, 2]."""
-        return export_single_input(
-            model,
-            path,
-            torch.zeros(1, 1, STEPS),
-            input_name=INPUT_NAME,
-            output_name=OUTPUT_NAME,
-            metadata={"workload": NAME, "task": TaskKind.CLASSIFICATION.value},
-            doc=(
-                "ItalyPowerDemand season: one day's 24 hourly demand readings [batch, 1, 24] "
-                "-> logits over (oct_to_mar, apr_to_sep)"
-            ),
-        )
-
-    def score_onnx(self, path: Path, *, split: str = "test") -> Score:
-        return score_classifier(path, select_split(self.data(), split), OUTPUT_NAME)
+    def build_model(self) -> nn.Module:
+        return ItalyNet()

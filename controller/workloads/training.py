@@ -198,7 +198,7 @@ def train_classifier(
         )
         best: tuple[float, float, int] = (0.0, float("inf"), 0)  # (val acc, val loss, epoch)
         best_state = copy.deepcopy(model.state_dict())
-        with _progress(show_progress) as progress:
+        with epoch_progress(show_progress) as progress:
             task = progress.add_task(description, total=config.epochs)
             for epoch in range(1, config.epochs + 1):
                 model.train()
@@ -235,7 +235,8 @@ def train_classifier(
 
 
 @contextlib.contextmanager
-def _progress(show: bool) -> Iterator[Progress]:
+def epoch_progress(show: bool) -> Iterator[Progress]:
+    """A transient progress bar over epochs (disabled when ``show`` is false)."""
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from controller.compression.distillation import distill, train_alone
+from controller.compression.distillation import compare_with_alone, distill, train_alone
 from controller.compression.errors import CompressionError
 from controller.compression.pruning import prune_structured
 from controller.compression.recipe import Distill, StructuredPrune
@@ -63,6 +64,31 @@ def test_train_alone_starts_from_the_same_student(teacher: nn.Module) -> None:
     ce_only = distill(teacher, zero, DATA, in_shape=(3, 32), num_classes=3, options=QUIET)
     c = ce_only.student.state_dict()
     assert all(torch.allclose(b[k].float(), c[k].float(), atol=1e-5) for k in b)
+
+
+def test_compare_with_alone_scores_both_runs_of_every_seed(teacher: nn.Module) -> None:
+    step = STEP.model_copy(update={"epochs": 2})
+    result = compare_with_alone(
+        teacher, step, DATA, {"val": VAL, "train": DATA},
+        in_shape=(3, 32), num_classes=3, seeds=(0, 1), options=QUIET,
+    )  # fmt: skip
+    assert [o.seed for o in result.outcomes] == [0, 1]
+    assert result.student == "ds-cnn1d" and result.epochs == 2
+    assert all(set(o.alone) == set(o.distilled) == {"val", "train"} for o in result.outcomes)
+    # Each side is exactly what distill / train_alone give for that seed alone.
+    seeded = dataclasses.replace(QUIET, seed=1)
+    alone = train_alone(step, DATA, in_shape=(3, 32), num_classes=3, options=seeded)
+    taught = distill(teacher, step, DATA, in_shape=(3, 32), num_classes=3, options=seeded)
+    assert result.outcomes[1].alone["val"] == evaluate_accuracy(alone.student, VAL)
+    assert result.outcomes[1].distilled["val"] == evaluate_accuracy(taught.student, VAL)
+    assert result.student_params == taught.student_params
+    gain = sum(o.distilled["val"] - o.alone["val"] for o in result.outcomes) / 2
+    assert result.gain("val") == pytest.approx(gain)
+    assert result.wins("val") == sum(o.distilled["val"] > o.alone["val"] for o in result.outcomes)
+    with pytest.raises(CompressionError, match="at least one seed"):
+        compare_with_alone(
+            teacher, step, DATA, {"val": VAL}, in_shape=(3, 32), num_classes=3, seeds=()
+        )
 
 
 def test_a_pruned_teacher_can_be_the_student(teacher: nn.Module, tmp_path: Path) -> None:

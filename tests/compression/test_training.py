@@ -1,4 +1,4 @@
-"""The shared fine-tuning loop is seeded, learns, keeps the best weights; counters count right.
+"""The shared fine-tuning loop is seeded, learns, keeps the weights asked for; counters count right.
 
 Also home of the tiny models and data the other technique tests share (imported by name:
 pytest only collects the ``test_*`` functions here).
@@ -6,6 +6,7 @@ pytest only collects the ``test_*`` functions here).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -152,17 +153,53 @@ def test_fine_tune_is_deterministic_given_a_seed() -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_fine_tune_learns_and_keeps_the_best_weights_on_val() -> None:
+def test_fine_tune_learns_and_keeps_the_best_weights_on_val_when_asked() -> None:
     train, val = synthetic_split(seed=0), synthetic_split(n=48, seed=1)
     torch.manual_seed(0)
     model = TinyCNN()
     before = evaluate_accuracy(model, val)
-    fit = fine_tune(model, train, epochs=10, options=QUIET, val=val)
+    options = dataclasses.replace(QUIET, keep="best_val")
+    fit = fine_tune(model, train, epochs=10, options=options, val=val)
     assert fit.val_accuracy is not None
     assert fit.val_accuracy == evaluate_accuracy(model, val)  # the kept weights are the best
     assert fit.val_accuracy >= before
     assert fit.val_accuracy > 0.8
     assert not model.training
+
+
+def test_fine_tune_keeps_the_last_weights_by_default_and_only_scores_val() -> None:
+    """Val never picks the weights by default: the planner judges on that same split."""
+    train, val = synthetic_split(seed=0), synthetic_split(n=48, seed=1)
+    torch.manual_seed(0)
+    with_val = TinyCNN()
+    torch.manual_seed(0)
+    without_val = TinyCNN()
+    fit = fine_tune(with_val, train, epochs=4, options=QUIET, val=val)
+    fine_tune(without_val, train, epochs=4, options=QUIET)
+    state = without_val.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in with_val.state_dict().items())
+    assert fit.best_epoch == 4
+    assert fit.val_accuracy == evaluate_accuracy(with_val, val)
+
+
+def test_distilling_without_augmentation_matches_a_live_teacher() -> None:
+    """Cached teacher logits (no augmentation) train exactly like a teacher run per batch."""
+    data = synthetic_split()
+    torch.manual_seed(1)
+    teacher = TinyCNN().eval()
+
+    def unchanged(xb: tuple[torch.Tensor, ...], _gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return xb  # an augmentation that changes nothing forces the per-batch teacher path
+
+    states = []
+    for augment in (None, unchanged):
+        torch.manual_seed(0)
+        student = TinyCNN(width=4)
+        options = dataclasses.replace(QUIET, augment=augment)
+        fine_tune(student, data, epochs=2, options=options, teacher=teacher, alpha=0.5)
+        states.append(student.state_dict())
+    for key, value in states[0].items():
+        torch.testing.assert_close(value, states[1][key], rtol=1e-4, atol=1e-5)
 
 
 def test_zero_epochs_changes_nothing() -> None:
