@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from bench import compression, plots
+from bench import compression, delta, plots
 from bench.compression import DEVICE_CLASSES, TARGETS
 from bench.report import Results, render
 from controller.compression.recipe import Distill
@@ -22,6 +22,7 @@ console = Console(stderr=True)
 app = typer.Typer(add_completion=False)
 
 PLANNER_WORKLOADS = ("plaid", "basic-motions", "italy-power", "minilm")
+SECTIONS = ("targets", "planner", "techniques", "distillation", "delta")
 DISTILL_STEP = Distill(student="ds-cnn1d", width=1.0)  # the student the PLAID planner picks
 
 
@@ -31,17 +32,19 @@ def main(
     quick: bool = typer.Option(
         False, help="Smoke run: one small workload, one class, no targets (checks the harness)."
     ),
-    sections: str = typer.Option(
-        "targets,planner,techniques,distillation", help="Comma-separated sections to run."
+    sections: str = typer.Option(",".join(SECTIONS), help="Comma-separated sections to run."),
+    work_dir: Path = typer.Option(
+        Path(".cache/homefleet/bench"),
+        help="Kept between runs: the delta section reuses the update pairs it built and the "
+        "generic tools' sizes (bsdiff takes ~25 min on MiniLM).",
     ),
 ) -> None:
     started = time.perf_counter()
     wanted = {s.strip() for s in sections.split(",") if s.strip()}
-    unknown = wanted - {"targets", "planner", "techniques", "distillation"}
+    unknown = wanted - set(SECTIONS)
     if unknown:
         raise typer.BadParameter(
-            f"unknown section(s) {sorted(unknown)}; choose from targets, planner, "
-            "techniques, distillation"
+            f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}"
         )
     command = "make bench" if len(sys.argv) == 1 else "python -m bench " + shlex.join(sys.argv[1:])
     results = Results(command=command)
@@ -73,6 +76,8 @@ def main(
             results.distillation.append(
                 compression.distill_row(technique_workload, DISTILL_STEP, seeds, work, progress)
             )
+        if "delta" in wanted and not quick:
+            results.delta = delta.delta_rows(work_dir, progress)
     results.seconds = time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(results, out) + "\n")
@@ -86,6 +91,7 @@ def main(
         "planner": compression.as_json(results.planner),
         "techniques": [asdict(t) for t in results.techniques],
         "distillation": compression.as_json(results.distillation),
+        "delta": delta.as_json(results.delta),
     }
     (out.parent / "results.json").write_text(json.dumps(raw, indent=2) + "\n")
     console.print(f"wrote {out} and {out.parent / 'results.json'}")

@@ -13,6 +13,7 @@ import onnxruntime
 import torch
 
 from bench.compression import DistillRow, PlannerRow, TargetRow, TechniqueRow, TechniqueTable
+from bench.delta import DeltaRow, render_delta
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Results:
     targets: list[TargetRow] = field(default_factory=list)
     techniques: list[TechniqueTable] = field(default_factory=list)
     distillation: list[DistillRow] = field(default_factory=list)
+    delta: list[DeltaRow] = field(default_factory=list)
     plots: dict[str, Path] = field(default_factory=dict)
 
 
@@ -194,6 +196,17 @@ def render(results: Results, out: Path) -> str:
             "label loss alone).",
             "",
             *_distillation(results.distillation),
+            "",
+        ]
+    if results.delta:
+        lines += [
+            "## Model updates: generic binary diffs vs HomeFleet's delta codec (issue 4)",
+            "",
+            "Sizes of the payload each tool sends for the new model; `bench/delta.py` says "
+            "how each update pair is built. Decode speed and memory are HomeFleet's decoder "
+            "applying the payload file to file in a fresh process on one core.",
+            "",
+            *render_delta(results.delta),
             "",
         ]
     return "\n".join(lines)
