@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -57,7 +56,6 @@ import onnx.numpy_helper
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from artifact.files import fsync_dir
 from controller.compression import quant_graph
 from controller.compression.calibration import Calibration, batch_size, check_calibration
 from controller.compression.codebook_fit import (
@@ -380,8 +378,8 @@ def quantize_codebook(
             model, reports = _float(model, step, data)
         written = Path(tmp) / "model.onnx"
         onnx.save(model, str(written))
-        _verify(written, source)
-        _publish(written, out)
+        quant_graph.verify_result(written, source, "the codebook-quantized model")
+        quant_graph.publish(written, out)
     result = CodebookResult(
         out=out,
         bytes=out.stat().st_size,
@@ -1030,24 +1028,3 @@ def _nothing_message(model: onnx.ModelProto, step: CodebookQuantize) -> str:
         f"{step.min_elements}+ elements used by those operators alone (the model has "
         f"{', '.join(ops)})"
     )
-
-
-def _verify(path: Path, source: Path) -> None:
-    """The result must pass the checker and load in onnxruntime with the source's outputs."""
-    try:
-        onnx.checker.check_model(str(path))
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise CompressionError(f"the codebook-quantized model is not usable: {exc}") from exc
-    want = [o.name for o in onnx.load(str(source), load_external_data=False).graph.output]
-    got = [o.name for o in session.get_outputs()]
-    if got != want:
-        raise CompressionError(f"the codebook-quantized model's outputs {got} differ from {want}")
-
-
-def _publish(path: Path, out: Path) -> None:
-    """Move the finished file to ``out`` atomically (same directory, fsync, rename)."""
-    with path.open("rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(path, out)
-    fsync_dir(out.parent)

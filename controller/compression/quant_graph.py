@@ -9,6 +9,7 @@ nodes out of order, which onnx.checker refuses).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -17,10 +18,12 @@ import onnx
 import onnx.checker
 import onnx.helper
 import onnx.numpy_helper
+import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+from artifact.files import fsync_dir
 from controller.compression.errors import CompressionError
 
 Mode = Literal["dynamic", "static", "fp16"]
@@ -305,3 +308,25 @@ def _subgraph_names(node: onnx.NodeProto) -> set[str]:
             for inner in sub.node:
                 names |= set(inner.input) | _subgraph_names(inner)
     return names
+
+
+def verify_result(path: Path, source: Path, what: str) -> None:
+    """A rewritten model must pass the checker and load in onnxruntime with the source's
+    outputs; ``what`` names the step in the error ("the int8 model", ...)."""
+    try:
+        onnx.checker.check_model(str(path))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise CompressionError(f"{what} is not usable: {exc}") from exc
+    want = [o.name for o in onnx.load(str(source), load_external_data=False).graph.output]
+    got = [o.name for o in session.get_outputs()]
+    if got != want:
+        raise CompressionError(f"{what}'s outputs {got} differ from {want}")
+
+
+def publish(path: Path, out: Path) -> None:
+    """Move a finished file to ``out`` atomically (same directory, fsync, rename)."""
+    with path.open("rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(path, out)
+    fsync_dir(out.parent)

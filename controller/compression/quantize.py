@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.checker
-import onnxruntime as ort
 from numpy.typing import NDArray
 from onnxruntime.quantization import (
     CalibrationMethod,
@@ -41,7 +39,6 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from artifact.files import fsync_dir
 from controller.compression import quant_graph, rounding
 from controller.compression.calibration import (
     DictCalibrationReader,
@@ -178,8 +175,8 @@ def quantize_onnx(
             else:
                 best, ranking = full, ()
                 met = max_drop is None or fits(full, max_drop)
-        _verify(runner.path_of(best), source)
-        _publish(runner.path_of(best), out)
+        quant_graph.verify_result(runner.path_of(best), source, "the quantized model")
+        quant_graph.publish(runner.path_of(best), out)
     fallback_nodes = best.kept_float
     log.info(
         "quantized %s (%s) → %s: %d → %d bytes, %d node(s) kept float, met=%s",
@@ -388,27 +385,6 @@ def _check_something_quantized(path: Path, active: list[str]) -> None:
             f"onnxruntime quantized none of the candidate nodes {active[:10]}: "
             "their operators or input types are not supported in this mode"
         )
-
-
-def _verify(path: Path, source: Path) -> None:
-    """The result must pass the checker and load in onnxruntime with the source's outputs."""
-    try:
-        onnx.checker.check_model(str(path))
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise CompressionError(f"the quantized model is not usable: {exc}") from exc
-    want = [o.name for o in onnx.load(str(source), load_external_data=False).graph.output]
-    got = [o.name for o in session.get_outputs()]
-    if got != want:
-        raise CompressionError(f"the quantized model's outputs {got} differ from {want}")
-
-
-def _publish(path: Path, out: Path) -> None:
-    """Move the finished file to ``out`` atomically (same directory, fsync, rename)."""
-    with path.open("rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(path, out)
-    fsync_dir(out.parent)
 
 
 def _moved(trial: QuantizeTrial, best: QuantizeTrial, out: Path) -> QuantizeTrial:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -49,7 +48,6 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 from onnxruntime.quantization.quant_utils import QuantFormat
 
-from artifact.files import fsync_dir
 from controller.compression import quant_graph
 from controller.compression.calibration import batch_size, check_calibration
 from controller.compression.errors import CompressionError, UnsupportedModelError
@@ -150,8 +148,8 @@ def quantize_weight_only(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         written = Path(tmp) / "model.onnx"
         onnx.save(model, str(written))
-        _verify(written, source)
-        _publish(written, out)
+        quant_graph.verify_result(written, source, "the weight-only quantized model")
+        quant_graph.publish(written, out)
     result = WeightOnlyResult(
         out=out,
         bytes=out.stat().st_size,
@@ -497,24 +495,3 @@ def measure_harms(
 
 
 # ------------------------------------------------------------------ checks and output
-
-
-def _verify(path: Path, source: Path) -> None:
-    """The result must pass the checker and load in onnxruntime with the source's outputs."""
-    try:
-        onnx.checker.check_model(str(path))
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise CompressionError(f"the weight-only quantized model is not usable: {exc}") from exc
-    want = [o.name for o in onnx.load(str(source), load_external_data=False).graph.output]
-    got = [o.name for o in session.get_outputs()]
-    if got != want:
-        raise CompressionError(f"the quantized model's outputs {got} differ from {want}")
-
-
-def _publish(path: Path, out: Path) -> None:
-    """Move the finished file to ``out`` atomically (same directory, fsync, rename)."""
-    with path.open("rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(path, out)
-    fsync_dir(out.parent)
