@@ -44,9 +44,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 from torch.nn import functional as F
 
@@ -261,50 +259,26 @@ def _quantize_static(source: Path, out: Path, *, like: Path | None = None) -> Pa
 
 
 def _reuse_quantization(old_int8: Path, new_int8: Path, new_fp32: Path, out: Path) -> Path:
-    """Delta-friendly recompression: requantize the new weights with the old parameters.
-
-    Every scale and zero point the old artifact has under the same name is reused,
-    weights ``W_quantized`` are requantized from the new float ``W`` with them (per
-    tensor or per channel), and int32 biases from the new float bias with the reused
-    bias scale. Unchanged weights then give the same integers as before.
+    """Delta-friendly recompression as the planner's first recipes for a re-release make it
+    (controller/compression/requantize.py): the fine-tuned float model quantized with the
+    old artifact's graph, float nodes, scales and zero points, each hysteresis of
+    ``REUSE_HYSTERESIS`` in turn until the validation accuracy drop from ``new_fp32`` fits
+    half a point (the budget ``_quantize_static`` uses). ``new_int8`` is not needed.
     """
+    del new_int8
     if out.is_file():
         return out
-    old = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(old_int8)).graph.initializer}
-    floats = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(new_fp32)).graph.initializer}
-    model = onnx.load(str(new_int8))
-    by_name = {i.name: i for i in model.graph.initializer}
-    for name, init in by_name.items():
-        reusable = name.endswith(("_scale", "_zero_point")) and name in old
-        if reusable and old[name].shape == numpy_helper.to_array(init).shape:
-            init.CopyFrom(numpy_helper.from_array(old[name], name))
-    for name, init in by_name.items():
-        if not name.endswith("_quantized"):
-            continue
-        base = name[: -len("_quantized")]
-        scale_name = next((n for n in (f"{base}_scale", f"{name}_scale") if n in by_name), None)
-        zp_name = next(
-            (n for n in (f"{base}_zero_point", f"{name}_zero_point") if n in by_name), None
-        )
-        if base not in floats or scale_name is None:
-            continue
-        weights = floats[base]
-        current = numpy_helper.to_array(init)
-        scale = numpy_helper.to_array(by_name[scale_name])
-        zero = numpy_helper.to_array(by_name[zp_name]) if zp_name else np.zeros_like(current)
-        if scale.size > 1:
-            axis = next(a for a, d in enumerate(weights.shape) if d == scale.size)
-            shape = [1] * weights.ndim
-            shape[axis] = -1
-            scale, zero = scale.reshape(shape), zero.reshape(shape)
-        info = np.iinfo(current.dtype)
-        if current.dtype == np.int32:  # bias: float64 division, as onnxruntime does
-            q = np.rint(weights.astype(np.float64) / scale.astype(np.float64))
-        else:
-            q = np.rint(weights.astype(np.float32) / scale) + zero.astype(np.float32)
-        q = np.clip(q, info.min, info.max).astype(current.dtype)
-        init.CopyFrom(numpy_helper.from_array(q.reshape(current.shape), name))
-    onnx.save(model, str(out))
+    from controller.compression.candidates import REUSE_HYSTERESIS
+    from controller.compression.requantize import requantize_like
+    from controller.workloads.registry import get_workload
+
+    workload = get_workload("plaid")
+    calibration = workload.calibration_inputs(64)
+    source = workload.score_onnx(new_fp32, split="val").value
+    for hysteresis in REUSE_HYSTERESIS:
+        requantize_like(old_int8, new_fp32, out, calibration=calibration, hysteresis=hysteresis)
+        if source - workload.score_onnx(out, split="val").value <= 0.005:
+            break
     return out
 
 

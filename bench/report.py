@@ -204,7 +204,10 @@ def render(results: Results, out: Path) -> str:
             "",
             "Sizes of the payload each tool sends for the new model; `bench/delta.py` says "
             "how each update pair is built. Decode speed and memory are HomeFleet's decoder "
-            "applying the payload file to file in a fresh process on one core.",
+            "applying the payload file to file in a fresh process on one core. The pairs and "
+            "the generic tools' sizes are kept in the work dir (`.cache/homefleet/bench`) "
+            "and reused when the files are the same; a first run adds about 30-60 minutes, "
+            "mostly bsdiff on the 90 MB encoder.",
             "",
             *render_delta(results.delta),
             "",
