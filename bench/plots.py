@@ -16,10 +16,12 @@ from bench.compression import PlannerRow, TechniqueRow
 def techniques(rows: Sequence[TechniqueRow], workload: str, path: Path) -> Path:
     """Bytes (log) against test accuracy, one labelled point per technique."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for row in rows:
-        ax.scatter(row.bytes / 1024, row.test_score * 100, s=40)
-        ax.annotate(row.technique, (row.bytes / 1024, row.test_score * 100), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")  # fmt: skip
+    for i, row in enumerate(rows):
+        point = (row.bytes / 1024, row.test_score * 100)
+        ax.scatter(*point, s=40)
+        label = row.technique.split(" (")[0]  # the short name; the table has the details
+        offset = (5, 4) if i % 2 == 0 else (5, -11)  # alternate, so close points stay legible
+        ax.annotate(label, point, fontsize=7, xytext=offset, textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("artifact size (KiB, log scale)")
     ax.set_ylabel("test accuracy (%)")
