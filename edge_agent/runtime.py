@@ -7,10 +7,13 @@ loaded, so switching back costs nothing.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,9 +85,35 @@ def load_slot(model_name: str, path: Path, record: SlotRecord, threads: int) -> 
             ErrorCode.LOAD_FAILED,
             f"onnxruntime could not load artifact {record.sha256}: {_short(exc)}",
         ) from exc
+    release_free_memory()
     inputs = tuple(spec_from_ort(a.name, a.type, a.shape) for a in session.get_inputs())
     outputs = tuple(spec_from_ort(a.name, a.type, a.shape) for a in session.get_outputs())
     return ModelSlot(model_name, record, session, inputs, outputs)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return None
+    return trim
+
+
+def release_free_memory() -> bool:
+    """Give the heap that loading freed back to the system; True when it could.
+
+    Loading folds constant subgraphs (a codebook-quantized model's packed weights are
+    decoded once at load), and glibc keeps the freed intermediates mapped: for MiniLM's
+    4-bit codebook artifact we saw 56 MB resident after load instead of 23 MB (one run,
+    this machine). ``malloc_trim(0)`` returns them.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def synthetic_inputs(specs: tuple[TensorSpec, ...]) -> dict[str, Array]:
