@@ -7,6 +7,10 @@ imported inside the commands, so the rest of the CLI starts without it.
 
 With --controller the same job runs on a controller instead (controller.cli.jobs),
 with the same exit codes; the result becomes a signed artifact there.
+
+--previous ARTIFACT.onnx (a static int8 artifact of an earlier release of this model)
+makes the first recipe reuse its quantization parameters, for a small delta to the
+devices that hold it; a controller finds that artifact itself.
 """
 
 from __future__ import annotations
@@ -66,6 +70,13 @@ def compress(
     max_bytes: int | None = typer.Option(None, "--max-bytes", min=1),
     max_size_ratio: float | None = typer.Option(None, "--max-size-ratio", min=0.0, max=1.0),
     p95_ms: float | None = typer.Option(None, "--p95-ms", min=0.0),
+    previous: Path | None = typer.Option(
+        None,
+        "--previous",
+        metavar="ARTIFACT.onnx",
+        help="the class's earlier static int8 artifact of this model: try reusing its "
+        "quantization parameters first (a small delta for devices that hold it)",
+    ),
     controller: str | None = typer.Option(
         None,
         "--controller",
@@ -103,6 +114,11 @@ def compress(
             )
         if max_bytes is not None and max_size_ratio is not None:
             raise _fail("give --max-bytes or --max-size-ratio, not both")
+        if previous is not None:
+            raise _fail(
+                "--previous is for compressing on this machine: a controller reuses the "
+                "parameters of the class's latest static int8 artifact of the model by itself"
+            )
         compress_on_controller(
             RemoteCompression(
                 device_class=device_class,
@@ -136,6 +152,8 @@ def compress(
         raise _fail("give --max-bytes or --max-size-ratio, not both")
     if onnx_model is not None and calib is None:
         raise _fail("--onnx needs --calib INPUTS.npz (arrays named after the model's inputs)")
+    if previous is not None and not previous.is_file():
+        raise _fail(f"--previous {previous} does not exist or is not a file")
 
     from controller.compression.errors import CompressionError
     from controller.compression.job import compress_onnx, compress_workload
@@ -156,7 +174,7 @@ def compress(
         if onnx_model is None or calib is None:
             outcome = compress_workload(
                 get_workload(workload or ""), dc, out_dir,
-                max_size_ratio=max_size_ratio, on_trial=_show_trial,
+                max_size_ratio=max_size_ratio, on_trial=_show_trial, previous=previous,
             )  # fmt: skip
         else:
             from controller.workloads.fidelity import load_calibration
@@ -167,6 +185,7 @@ def compress(
             outcome = compress_onnx(
                 onnx_model, load_calibration(calib), dc, out_dir,
                 name=name, max_size_ratio=max_size_ratio, on_trial=_show_trial,
+                previous=previous,
             )  # fmt: skip
     except (CompressionError, UnknownWorkloadError) as exc:
         raise _fail(str(exc)) from exc

@@ -7,6 +7,11 @@ Two sources, as the issue describes them:
   reuses the pruned model that "prune 50 %" already built.
 - ``OnnxSource``: an ONNX file and calibration inputs alone — post-training steps only;
   quality is fidelity to the original's outputs, since there may be no labels.
+
+Either may hold ``previous``, the class's earlier static int8 artifact: a
+``RequantizeLike`` step reuses its quantization parameters (requantize.py) and must name
+that file's sha256, so a recipe never runs against an artifact other than the one it
+records.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 from torch import nn
 
+from artifact.digest import sha256_file
 from controller.compression.codebook import quantize_codebook
 from controller.compression.distillation import distill
 from controller.compression.errors import CompressionError, UnsupportedModelError
@@ -37,10 +43,12 @@ from controller.compression.recipe import (
     LowRank,
     Quantize,
     Recipe,
+    RequantizeLike,
     StructuredPrune,
     UnstructuredPrune,
     WeightOnlyQuantize,
 )
+from controller.compression.requantize import requantize_like
 from controller.compression.training import TrainOptions
 from controller.compression.weight_only import quantize_weight_only
 from controller.workloads.base import TaskKind, Workload
@@ -52,7 +60,23 @@ def _prefix_key(recipe: Recipe, upto: int) -> str:
     return Recipe(steps=recipe.steps[:upto]).model_dump_json()
 
 
-OnnxStep = Quantize | WeightOnlyQuantize | CodebookQuantize
+OnnxStep = Quantize | RequantizeLike | WeightOnlyQuantize | CodebookQuantize
+
+
+def _previous_for(step: RequantizeLike, previous: Path | None) -> Path:
+    """The earlier artifact's file, refused unless it is the one the step names."""
+    if previous is None:
+        raise CompressionError(
+            f"{step.kind} reuses artifact {step.previous_sha256[:12]}, but no previous "
+            "artifact was given to this compression job"
+        )
+    digest = sha256_file(previous)
+    if digest != step.previous_sha256:
+        raise CompressionError(
+            f"{step.kind} names artifact {step.previous_sha256[:12]}, but the previous "
+            f"artifact given ({previous}) is {digest[:12]}"
+        )
+    return previous
 
 
 def _run_onnx_step(
@@ -62,8 +86,18 @@ def _run_onnx_step(
     calibration: Mapping[str, NDArray[np.generic]],
     evaluate: Callable[[Path], float],
     max_drop: float | None,
+    previous: Path | None = None,
 ) -> Path:
     """One post-training step on an ONNX file; returns the file it wrote."""
+    if isinstance(step, RequantizeLike):
+        return requantize_like(
+            _previous_for(step, previous),
+            source,
+            out,
+            calibration=calibration,
+            max_saturation=step.max_saturation,
+            hysteresis=step.hysteresis,
+        ).out
     if isinstance(step, WeightOnlyQuantize):
         return quantize_weight_only(source, out, step, calibration=calibration).out
     if isinstance(step, CodebookQuantize):
@@ -87,6 +121,7 @@ class TorchSource:
     model: nn.Module
     max_accuracy_drop: float | None = None
     options: TrainOptions = field(default_factory=lambda: TrainOptions(show_progress=False))
+    previous: Path | None = None  # the class's earlier static int8 artifact (RequantizeLike)
     _models: dict[str, nn.Module] = field(default_factory=dict, init=False)
     _exports: dict[str, Path] = field(default_factory=dict, init=False)
     _scores: dict[Path, Quality] = field(default_factory=dict, init=False)
@@ -159,6 +194,7 @@ class TorchSource:
                 self.workload.calibration_inputs(),
                 self._evaluate_value,
                 self.max_accuracy_drop,
+                self.previous,
             )
         final = out_dir / "model.onnx"
         if current != final:
@@ -185,6 +221,7 @@ class OnnxSource:
     path: Path
     calibration: Mapping[str, NDArray[np.generic]]
     min_fidelity: float | None = None
+    previous: Path | None = None  # the class's earlier static int8 artifact (RequantizeLike)
 
     def build(self, recipe: Recipe, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +240,7 @@ class OnnxSource:
                 self.calibration,
                 lambda p: self.quality(p).value,
                 None if self.min_fidelity is None else 1.0 - self.min_fidelity,
+                self.previous,
             )
         final = out_dir / "model.onnx"
         shutil.copyfile(current, final)

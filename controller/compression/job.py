@@ -5,6 +5,13 @@ the budgets are measured against), ``manifest.json`` (recipe, metrics, a verdict
 budget) and ``trials.json`` (every trial). Everything is written to a temporary
 directory beside ``DIR`` and renamed into place at the end: a failed or interrupted
 job leaves nothing half-written. The CLI and the controller run this same code.
+
+``previous``: the class's earlier static int8 artifact of this model. The first recipe
+tried then reuses its quantization parameters (``RequantizeLike``), so a re-release
+costs devices a small delta when the budget allows it. An artifact that cannot lend
+its parameters (not ONNX, not static int8, another architecture) is refused before
+any work, or, with ``previous_required=False`` (the controller found it on its own),
+skipped with a log line.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from controller.compression.executor import OnnxSource, TorchSource
 from controller.compression.measure import measure_onnx
 from controller.compression.planner import CandidateBuilder, Plan, Timing, Trial, plan
 from controller.compression.recipe import Recipe
+from controller.compression.requantize import check_previous
 from controller.device_classes import DeviceClass
 from controller.workloads.base import TaskKind, Workload
 
@@ -82,6 +90,20 @@ def _apply_size_ratio(
     return device_class.with_budgets(
         max_artifact_bytes=limit if current is None else min(limit, current)
     )
+
+
+def _previous_digest(previous: Path | None, source_onnx: Path, *, required: bool) -> str | None:
+    """The sha256 of a previous artifact ``source_onnx`` can reuse; None without one."""
+    if previous is None:
+        return None
+    try:
+        check_previous(previous, source_onnx)
+    except CompressionError as exc:
+        if required:
+            raise
+        log.warning("not reusing the parameters of %s: %s", previous, exc)
+        return None
+    return sha256_file(previous)
 
 
 def _write_json(path: Path, document: object) -> None:
@@ -156,6 +178,8 @@ def compress_workload(
     *,
     max_size_ratio: float | None = None,
     on_trial: Callable[[Trial], None] | None = None,
+    previous: Path | None = None,
+    previous_required: bool = True,
 ) -> Outcome:
     """Compress a workload's PyTorch source model for ``device_class``."""
     staging = _prepare_out(out_dir)
@@ -163,9 +187,15 @@ def compress_workload(
         model = workload.source_model()
         (staging / "trials").mkdir()
         source_onnx = workload.export_onnx(model, staging / "trials" / "source.onnx")
+        reuse = _previous_digest(previous, source_onnx, required=previous_required)
         device_class = _apply_size_ratio(device_class, source_onnx.stat().st_size, max_size_ratio)
         budgets = device_class.budgets
-        builder = TorchSource(workload, model, max_accuracy_drop=budgets.max_accuracy_drop)
+        builder = TorchSource(
+            workload,
+            model,
+            max_accuracy_drop=budgets.max_accuracy_drop,
+            previous=previous if reuse else None,
+        )
         if workload.kind is TaskKind.CLASSIFICATION:
             recipes: Iterable[Recipe] = candidates.torch_classifier_recipes()
         else:
@@ -173,6 +203,7 @@ def compress_workload(
             builder.max_accuracy_drop = (
                 None if budgets.min_fidelity is None else 1.0 - budgets.min_fidelity
             )
+        recipes = candidates.with_previous(recipes, reuse)
         samples = workload.data().test.take(MEASURE_SAMPLES).inputs
 
         def test_metrics(path: Path) -> dict[str, float]:
@@ -203,15 +234,24 @@ def compress_onnx(
     name: str,
     max_size_ratio: float | None = None,
     on_trial: Callable[[Trial], None] | None = None,
+    previous: Path | None = None,
+    previous_required: bool = True,
 ) -> Outcome:
     """Compress an ONNX file alone: post-training steps, judged by fidelity."""
     staging = _prepare_out(out_dir)
     try:
+        reuse = _previous_digest(previous, source, required=previous_required)
         device_class = _apply_size_ratio(device_class, source.stat().st_size, max_size_ratio)
-        builder = OnnxSource(source, calibration, min_fidelity=device_class.budgets.min_fidelity)
+        builder = OnnxSource(
+            source,
+            calibration,
+            min_fidelity=device_class.budgets.min_fidelity,
+            previous=previous if reuse else None,
+        )
         samples = {k: v[:MEASURE_SAMPLES] for k, v in calibration.items()}
+        recipes = candidates.with_previous(candidates.post_training_recipes(), reuse)
         return _run(
-            name, builder, source, candidates.post_training_recipes(), device_class, samples,
+            name, builder, source, recipes, device_class, samples,
             out_dir, staging, lambda _path: {}, on_trial,
         )  # fmt: skip
     except BaseException:

@@ -103,6 +103,29 @@ class Quantize(_Step):
     accuracy_aware: bool = True
 
 
+class RequantizeLike(_Step):
+    """Static int8 with the scales and zero points of an earlier artifact (requantize.py).
+
+    For a re-release of a model a class already runs as static int8: the earlier
+    artifact's graph and parameters are kept, only the integers are recomputed from the
+    new float weights, so unchanged weights keep their integers and the delta to the
+    devices stays small. A tensor whose values would clip on more than
+    ``max_saturation`` of them gets fresh parameters instead. ``previous_sha256`` names
+    the artifact the parameters come from (the builder is given its file). With
+    ``hysteresis`` h > 0 a weight keeps its old integer unless it moved more than 0.5 + h
+    steps away from it: fewer changed integers, at most 0.5 + h steps of error.
+    """
+
+    kind: Literal["quantize.reuse"] = "quantize.reuse"
+    previous_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="the earlier artifact")
+    max_saturation: float = Field(
+        default=0.01, ge=0, lt=1, description="share of a tensor's values allowed to clip"
+    )
+    hysteresis: float = Field(
+        default=0.0, ge=0, le=1, description="steps a weight may drift before its integer moves"
+    )
+
+
 class WeightOnlyQuantize(_Step):
     """Low-bit weights, float activations (onnxruntime MatMulNBits, GatherBlockQuantized).
 
@@ -234,12 +257,13 @@ Step = Annotated[
     | LowRank
     | Distill
     | Quantize
+    | RequantizeLike
     | WeightOnlyQuantize
     | CodebookQuantize,
     Field(discriminator="kind"),
 ]
 TORCH_STEPS = (UnstructuredPrune, StructuredPrune, LayerPrune, LowRank, Distill)
-ONNX_STEPS = (Quantize, WeightOnlyQuantize, CodebookQuantize)
+ONNX_STEPS = (Quantize, RequantizeLike, WeightOnlyQuantize, CodebookQuantize)
 
 
 class Recipe(BaseModel):
@@ -265,8 +289,20 @@ class Recipe(BaseModel):
             params = step.model_dump(mode="json", exclude_defaults=True, exclude={"kind"})
             if isinstance(step, Quantize):
                 params = {"mode": step.mode, **params}
+            if isinstance(step, RequantizeLike):  # the manifest keeps the whole digest
+                params["previous_sha256"] = step.previous_sha256[:12]
             parts.append(f"{step.kind}({', '.join(f'{k}={v}' for k, v in params.items())})")
         return " → ".join(parts)
 
 
 STEP_ADAPTER: TypeAdapter[Step] = TypeAdapter(Step)
+
+
+def made_static_int8(recipe: tuple[RecipeStep, ...]) -> bool:
+    """Whether a recorded recipe produced a static QDQ int8 model: one whose quantization
+    parameters a re-release of the same model can reuse (``RequantizeLike``)."""
+    return any(
+        step.kind == "quantize.reuse"
+        or (step.kind == "quantize" and step.params.get("mode") == "static")
+        for step in recipe
+    )

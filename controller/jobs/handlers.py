@@ -3,7 +3,9 @@
 Start checks everything before it records anything: the source (a registered model or
 a known workload), the device class, the budget overrides, the calibration data and
 whether a job for the same (model, class) is already active. A refusal leaves no row,
-no event and no file behind.
+no event and no file behind. When the class already has a static int8 artifact of the
+model, the job is given its blob, so a re-release first tries reusing its quantization
+parameters (a small delta for the devices that hold it; see compression/requantize.py).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+from artifact.manifest import InvalidManifestError, Manifest
 from controller import validate
 from controller.admin import in_thread
 from controller.blobstore import BlobStore
+from controller.compression.recipe import made_static_int8
 from controller.config import ControllerConfig
 from controller.errors import ErrorCode, FleetError, invalid, not_found
 from controller.jobs.request import apply_overrides, check_calibration_file, parse_device_class
@@ -28,6 +32,21 @@ MAX_JOB_LIMIT = 1000
 # Watchers re-read the job this often even without a wake-up (a job on another replica).
 WATCH_REREAD_SECONDS = 2.0
 COPY_CHUNK_BYTES = 1024 * 1024
+
+
+def previous_static_int8(
+    store: Store, blobs: BlobStore, model_name: str, device_class: str
+) -> Path | None:
+    """The blob of the class's latest artifact of the model made by static int8
+    quantization, if the store still holds it (blocking: run in a thread)."""
+    for artifact in reversed(store.list_artifacts(model_name, device_class)):
+        try:
+            recipe = Manifest.from_json_bytes(artifact.manifest_json).recipe
+        except InvalidManifestError:
+            continue
+        if made_static_int8(recipe) and blobs.exists(artifact.sha256):
+            return blobs.path_for(artifact.sha256)
+    return None
 
 
 def _known_workloads() -> tuple[str, ...]:
@@ -128,8 +147,20 @@ class CompressionHandlers:
                     f"unknown workload {request.workload!r}; known workloads: "
                     f"{', '.join(self._workloads)}"
                 )
+            previous = await in_thread(
+                previous_static_int8,
+                self._store,
+                self._blobs,
+                request.workload,
+                budgeted.device_class.name,
+            )
             return JobPlan(
-                None, None, request.workload, budgeted.device_class, budgeted.max_size_ratio
+                None,
+                None,
+                request.workload,
+                budgeted.device_class,
+                budgeted.max_size_ratio,
+                previous,
             )
         validate.name(request.model_name, "model.name")
         if request.model_version is not None:
@@ -152,12 +183,16 @@ class CompressionHandlers:
                 f"the bytes of model {model.name} v{model.version} ({model.sha256}) are missing "
                 "from the blob store; add the model again",
             )
+        previous = await in_thread(
+            previous_static_int8, self._store, self._blobs, model.name, budgeted.device_class.name
+        )
         return JobPlan(
             model,
             self._blobs.path_for(model.sha256),
             "",
             budgeted.device_class,
             budgeted.max_size_ratio,
+            previous,
         )
 
     async def _receive(self, chunks: AsyncIterator[bytes], target: Path, expected: int) -> None:

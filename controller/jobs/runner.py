@@ -92,6 +92,7 @@ class JobPlan:
     workload: str
     device_class: DeviceClass
     max_size_ratio: float | None
+    previous: Path | None = None  # the class's latest static int8 artifact of the model
 
 
 class _Verdict(BaseModel):
@@ -237,6 +238,7 @@ class JobRunner:
             source_onnx=plan.source_path,
             calibration=directory / CALIBRATION_FILE if plan.model is not None else None,
             workload=plan.workload,
+            previous=plan.previous,
         )
         job = _Job(record, plan, spec, directory, ProgressReader(spec.progress_path))
         self._jobs[record.id] = job

@@ -39,6 +39,7 @@ class WorkerSpec:
     source_onnx: Path | None = None  # a registered model's blob
     calibration: Path | None = None  # its .npz
     workload: str = ""  # or a reference workload
+    previous: Path | None = None  # the class's static int8 artifact of the model, to reuse
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ def _run(spec: WorkerSpec, progress: ProgressWriter) -> WorkerResult:
             spec.out_dir,
             max_size_ratio=spec.max_size_ratio,
             on_trial=on_trial,
+            previous=spec.previous,
+            previous_required=False,
         )
     else:
         from controller.workloads.fidelity import load_calibration
@@ -147,5 +150,7 @@ def _run(spec: WorkerSpec, progress: ProgressWriter) -> WorkerResult:
             name=spec.name,
             max_size_ratio=spec.max_size_ratio,
             on_trial=on_trial,
+            previous=spec.previous,
+            previous_required=False,
         )
     return WorkerResult(met=outcome.met)
