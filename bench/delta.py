@@ -10,9 +10,9 @@ Update pairs, each built here from a real workload:
   (b)  PLAID FP32 → FP32 after a head-only fine-tune (3 epochs, lr 1e-3); no target
   (c)  PLAID int8 → int8: the static QDQ artifact of (a)'s source and of its fine-tune,
        the re-release quantized with the earlier artifact's recipe (same float nodes)
-  (c+) the same with delta-friendly recompression (item 4, simulated here: the
-       fine-tuned weights requantized with the earlier artifact's scales and zero
-       points); its target is relative to (c)'s HomeFleet payload
+  (c+) the same with delta-friendly recompression (item 4, controller/compression/
+       requantize.py: the earlier artifact's scales and zero points reused, integers
+       held within the budget); its target is relative to (c)'s HomeFleet payload
   (d)  FP32 → int8 of the same weights: PLAID static QDQ per channel (accuracy-aware,
        as the planner makes it), and MiniLM dynamic int8 (its first recipe)
   (e)  MiniLM encoder (~90 MB) after a short fine-tune: 8 AdamW steps (lr 2e-5,
