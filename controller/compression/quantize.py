@@ -142,7 +142,7 @@ def quantize_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         work = Path(tmp)
-        pre = _preprocess(source, work / "pre.onnx", step.mode)
+        pre = prepare_for_quantization(source, work / "pre.onnx", step.mode)
         pre_model = onnx.load(str(pre))
         candidates = quant_graph.quantizable_nodes(pre_model, step.mode)
         compute = quant_graph.compute_nodes(pre_model, step.mode)
@@ -215,7 +215,7 @@ def list_quantizable_nodes(source: Path, mode: quant_graph.Mode) -> tuple[str, .
     """The node names ``exclude_nodes`` can name for ``mode`` (after pre-processing)."""
     quant_graph.load_model(source)
     with tempfile.TemporaryDirectory(prefix="homefleet-quant-") as tmp:
-        pre = _preprocess(Path(source), Path(tmp) / "pre.onnx", mode)
+        pre = prepare_for_quantization(Path(source), Path(tmp) / "pre.onnx", mode)
         return quant_graph.quantizable_nodes(onnx.load(str(pre)), mode)
 
 
@@ -294,7 +294,7 @@ def _prior(job: _Job, model: onnx.ModelProto) -> dict[str, float]:
     return rounding.node_priors(model, job.step.mode, activations)
 
 
-def _preprocess(source: Path, pre: Path, mode: quant_graph.Mode) -> Path:
+def prepare_for_quantization(source: Path, pre: Path, mode: quant_graph.Mode) -> Path:
     """quant_pre_process, then unique node names (and Gemm → MatMul for dynamic).
 
     Symbolic shape inference runs first, through quant_graph.symbolic_shapes (auto-merge

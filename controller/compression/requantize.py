@@ -51,7 +51,7 @@ from artifact.digest import sha256_file
 from controller.compression import quant_graph
 from controller.compression.calibration import DictCalibrationReader, batch_size, check_calibration
 from controller.compression.errors import CompressionError
-from controller.compression.quantize import _preprocess
+from controller.compression.quantize import prepare_for_quantization
 
 Role = Literal["weight", "bias", "activation"]
 Outcome = Literal["reused", "refreshed", "unmatched"]
@@ -349,7 +349,7 @@ def check_previous(previous: Path, source: Path) -> None:
     old = load_previous(previous)
     quant_graph.load_model(Path(source))
     with tempfile.TemporaryDirectory(prefix="homefleet-requantize-") as tmp:
-        pre = _preprocess(Path(source), Path(tmp) / "pre.onnx", "static")
+        pre = prepare_for_quantization(Path(source), Path(tmp) / "pre.onnx", "static")
         _match(old, onnx.load(str(pre)))
 
 
@@ -732,7 +732,7 @@ def requantize_like(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         work = Path(tmp)
-        pre = _preprocess(source, work / "pre.onnx", "static")
+        pre = prepare_for_quantization(source, work / "pre.onnx", "static")
         new = onnx.load(str(pre))
         match = _match(old, new)
         old_inits = {t.name: t for t in old.graph.initializer}
