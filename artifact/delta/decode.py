@@ -48,13 +48,13 @@ from artifact.delta.format import (
     stream_record,
 )
 from artifact.delta.frames import (
-    Frame,
     Layout,
     Transform,
     apply_residual,
     decompress_exact,
     unpack_frames,
 )
+from artifact.delta.skeleton import decode_skeleton
 from artifact.delta.table import Table, unpack_table
 from artifact.delta.whole import decode_whole, unpack_whole_meta
 from artifact.delta.words import words_to_bytes
@@ -206,20 +206,6 @@ def _old_skeleton(old: memoryview, cuts: tuple[tuple[int, int], ...]) -> bytes:
     return b"".join(parts)
 
 
-def _skeleton(data: bytes, method: int, size: int, old: memoryview, table: Table) -> bytes:
-    if method == Frame.ZERO:
-        if size or data:
-            raise CorruptPatchError("an empty skeleton with content")
-        return b""
-    if method == Frame.STORED:
-        if len(data) != size:
-            raise CorruptPatchError("the stored skeleton has the wrong size")
-        return data
-    if method != Frame.ZSTD:
-        raise CorruptPatchError(f"unknown skeleton method {method}")
-    return decompress_exact(data, size, _old_skeleton(old, table.old_cuts))
-
-
 def _decode_records(
     header: Header, stream: BinaryIO, old_view: memoryview, sink: _HashingSink
 ) -> None:
@@ -237,7 +223,9 @@ def _decode_records(
     second = read_record(stream, 1, max_data)
     if second.kind is not Kind.SKELETON or len(second.meta) != 1:
         raise CorruptPatchError("the delta's second record is not its skeleton")
-    skeleton = _skeleton(second.data, second.meta[0], table.skeleton_len, old_view, table)
+    skeleton = decode_skeleton(
+        second.data, second.meta[0], table.skeleton_len, _old_skeleton(old_view, table.old_cuts)
+    )
     del second
     old = OldModel(old_view)
     payloads = _Payloads(stream, 2, header.record_count, max_data)

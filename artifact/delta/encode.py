@@ -2,7 +2,7 @@
 
 The tensors are planned by plan.py (each new initializer gets the cheapest of its
 candidate predictions, block by block); the bytes between tensors (the skeleton) are
-zstd'd against the old file's skeleton; table, skeleton and payloads are framed as
+zstd'd against the old file's skeleton (skeleton.py); table, skeleton and payloads are framed as
 format.py says. The result is compared with the whole new file stored, zstd'd, and
 zstd'd with the old file as dictionary (what `zstd --patch-from` sends), and the
 smallest is kept: a payload is never larger than those.
@@ -21,8 +21,8 @@ import zstandard
 from artifact.delta.decode import apply_delta_bytes
 from artifact.delta.errors import DeltaError
 from artifact.delta.format import Flags, Header, Kind, Mode, pack_record
-from artifact.delta.frames import Frame
 from artifact.delta.plan import TensorStat, plan_tensors
+from artifact.delta.skeleton import compress_with_dict, encode_skeleton
 from artifact.delta.table import Table, pack_table
 from artifact.delta.whole import WholeMethod, pack_whole_meta, window_log_for
 from artifact.digest import sha256_bytes
@@ -91,20 +91,6 @@ def _skeleton(data: bytes, ranges: list[tuple[int, int]]) -> bytes:
     return b"".join(parts)
 
 
-def _compress_with_dict(data: bytes, dictionary: bytes, level: int) -> bytes:
-    if not dictionary:
-        return zstandard.ZstdCompressor(level=level).compress(data)
-    params = zstandard.ZstdCompressionParameters.from_level(
-        level,
-        source_size=len(data),
-        dict_size=len(dictionary),
-        window_log=window_log_for(len(dictionary) + len(data)),
-        enable_ldm=len(dictionary) + len(data) > 1 << 24,
-    )
-    zdict = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-    return zstandard.ZstdCompressor(dict_data=zdict, compression_params=params).compress(data)
-
-
 def _chunks(payloads: list[bytes]) -> list[bytes]:
     chunks: list[bytes] = []
     current: list[bytes] = []
@@ -130,13 +116,7 @@ def _records_delta(old: bytes, new: bytes, options: EncodeOptions) -> tuple[byte
     table = Table(len(skeleton), plan.old_cuts, plan.params, plan.blocks)
     table_raw = pack_table(table)
     table_packed = zstandard.ZstdCompressor(level=options.level).compress(table_raw)
-    if skeleton:
-        skeleton_data = _compress_with_dict(skeleton, old_skeleton, options.level)
-        method = Frame.ZSTD
-        if len(skeleton_data) >= len(skeleton):
-            skeleton_data, method = skeleton, Frame.STORED
-    else:
-        skeleton_data, method = b"", Frame.ZERO
+    method, skeleton_data = encode_skeleton(skeleton, old_skeleton, options.level)
     chunks = _chunks(list(plan.payloads))
     records = [
         pack_record(Kind.TABLE, len(table_raw).to_bytes(8, "little"), table_packed),
@@ -175,7 +155,7 @@ def _whole(old: bytes, new: bytes, method: WholeMethod, level: int) -> bytes:
         data = zstandard.ZstdCompressor(level=level).compress(new)
     else:
         window_log = window_log_for(len(old) + len(new))
-        data = _compress_with_dict(new, old, level)
+        data = compress_with_dict(new, old, level)
     flags = Flags.NEEDS_BASE if method is WholeMethod.ZSTD_DICT else Flags.NONE
     record = pack_record(Kind.WHOLE, pack_whole_meta(method, window_log), data)
     header = Header(Mode.WHOLE, flags, len(old), sha256_bytes(old), len(new), sha256_bytes(new), 1)

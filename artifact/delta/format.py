@@ -9,8 +9,8 @@ Layout (little-endian)::
             | crc32 of kind..data u32
 
 Mode ``RECORDS`` (a model-aware delta): a TABLE record (the blocks, zstd'd), a SKELETON
-record (the bytes between tensors, zstd'd against the old file's), then CHUNK records
-carrying the blocks' payloads in table order. Mode ``WHOLE``: one WHOLE record, the
+record (the bytes between tensors, zstd'd against the old file's: skeleton.py), then
+CHUNK records carrying the blocks' payloads in table order. Mode ``WHOLE``: one WHOLE record, the
 new file stored or zstd'd (optionally with the old file as dictionary), decoded as a
 stream.
 
@@ -31,7 +31,7 @@ from typing import BinaryIO
 from artifact.delta.errors import CorruptPatchError, UnsupportedPatchError
 
 MAGIC = b"\x89HFDELT\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the skeleton may be zstd'd against synthetic QDQ names
 MAX_META = 1 << 20
 READ_CHUNK = 1 << 20
 
