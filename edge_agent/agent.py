@@ -2,7 +2,9 @@
 
 On start it serves the models it had before (re-verified on disk) at once, even while
 the controller is away; agent.json appears only once the local API listens, and goes
-away on a graceful stop, so a reader never finds a stale address.
+away on a graceful stop, so a reader never finds a stale address. Every Predict is
+measured (telemetry), its windows are queued on disk and sent by the sync loop; a
+graceful stop persists the window still open.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from artifact.signing import SignatureError, TrustedKey
 from edge_agent import hardware
 from edge_agent.config import AgentConfig
 from edge_agent.errors import AgentError, ErrorCode
-from edge_agent.local_api import start_local_api
+from edge_agent.local_api import LocalApi, start_local_api
+from edge_agent.meters import choose_meter
+from edge_agent.metrics import AgentMetrics, serve_metrics
 from edge_agent.runtime import ModelRuntime, ModelSlot
 from edge_agent.store import SlotRecord, StateStore
 from edge_agent.sync import SyncLoop
+from edge_agent.telemetry import Telemetry, close_windows_forever
+from edge_agent.telemetry_queue import TelemetryQueue
 
 log = logging.getLogger(__name__)
 
@@ -90,26 +96,58 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
         trusted = load_trust_key(config.trust_key)
         runtime = ModelRuntime(config.threads)
         await asyncio.to_thread(restore_slots, store, runtime)
-        api = await start_local_api(runtime, config.listen, config.max_concurrent_predicts)
-        sync_task: asyncio.Task[None] | None = None
-        try:
-            store.write_agent_info(api.address, config.device_id)
-            facts = await asyncio.to_thread(hardware.collect)
-            sync = SyncLoop(config, store, runtime, facts, trusted)
-            sync_task = asyncio.create_task(sync.run(), name="sync")
-            stop_task = asyncio.create_task(stop.wait(), name="stop")
-            await asyncio.wait({sync_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-            stop_task.cancel()
-            if sync_task.done():
-                sync_task.result()  # SyncLoop.run only ends by raising: surface it
-        finally:
-            log.info("stopping")
-            if sync_task is not None and not sync_task.done():
-                sync_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sync_task
-            await api.stop()
-            store.remove_agent_info()
+        async with contextlib.AsyncExitStack() as telemetry_stack:
+            queue = TelemetryQueue(config.state_dir, config.telemetry_max_windows)
+            telemetry_stack.callback(queue.close)
+            metrics = AgentMetrics(runtime, queue)
+            meter = choose_meter(config.sysfs_root, config.power_model)
+            telemetry = Telemetry(meter, observer=metrics)
+            if config.metrics_listen is not None:
+                telemetry_stack.callback(serve_metrics(metrics, config.metrics_listen).stop)
+            api = await start_local_api(
+                runtime, config.listen, config.max_concurrent_predicts, telemetry
+            )
+            windows = asyncio.create_task(
+                close_windows_forever(telemetry, queue, config.telemetry_window_s), name="windows"
+            )
+            telemetry_stack.push_async_callback(_persist_last_windows, windows)
+            await _serve(config, store, runtime, trusted, api, queue, stop)
+
+
+async def _persist_last_windows(windows: asyncio.Task[None]) -> None:
+    windows.cancel()  # close_windows_forever persists the windows still open
+    with contextlib.suppress(asyncio.CancelledError):
+        await windows
+
+
+async def _serve(
+    config: AgentConfig,
+    store: StateStore,
+    runtime: ModelRuntime,
+    trusted: TrustedKey | None,
+    api: LocalApi,
+    queue: TelemetryQueue,
+    stop: asyncio.Event,
+) -> None:
+    sync_task: asyncio.Task[None] | None = None
+    try:
+        store.write_agent_info(api.address, config.device_id)
+        facts = await asyncio.to_thread(hardware.collect)
+        sync = SyncLoop(config, store, runtime, facts, trusted, telemetry=queue)
+        sync_task = asyncio.create_task(sync.run(), name="sync")
+        stop_task = asyncio.create_task(stop.wait(), name="stop")
+        await asyncio.wait({sync_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        stop_task.cancel()
+        if sync_task.done():
+            sync_task.result()  # SyncLoop.run only ends by raising: surface it
+    finally:
+        log.info("stopping")
+        if sync_task is not None and not sync_task.done():
+            sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sync_task
+        await api.stop()
+        store.remove_agent_info()
 
 
 async def serve(config: AgentConfig) -> None:

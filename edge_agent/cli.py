@@ -61,6 +61,27 @@ def run(
     log_level: Annotated[
         str, typer.Option("--log-level", help=f"One of {', '.join(LOG_LEVELS)}.")
     ] = "INFO",
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-listen", help="Serve Prometheus /metrics on HOST:PORT (off by default)."
+        ),
+    ] = None,
+    idle_watts: Annotated[
+        float | None,
+        typer.Option(
+            "--idle-watts",
+            help="The device class's idle power; with --active-watts, estimates energy "
+            "from CPU time when the device has no RAPL or hwmon power meter.",
+        ),
+    ] = None,
+    active_watts: Annotated[
+        float | None,
+        typer.Option("--active-watts", help="The device class's power with all cores busy."),
+    ] = None,
+    sysfs_root: Annotated[
+        Path, typer.Option("--sysfs-root", help="Where sys/class/powercap and hwmon are read.")
+    ] = Path("/"),
 ) -> None:
     """Register with the controller, deploy the assigned models, and serve them locally."""
     level = log_level.upper()
@@ -88,6 +109,10 @@ def run(
             listen=ListenAddress(listen),
             trust_key=trust_key,
             threads=threads,
+            metrics_listen=metrics_listen,
+            idle_watts=idle_watts,
+            active_watts=active_watts,
+            sysfs_root=sysfs_root,
         )
     except AgentError as exc:
         typer.echo(f"error: {exc.message}", err=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from artifact.names import InvalidNameError, check_name
 from edge_agent.errors import AgentError, ErrorCode
+from edge_agent.meters import PowerModel
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MIN_CHUNK_BYTES = 64 * 1024
@@ -78,6 +79,21 @@ class AgentConfig:
     fetch_attempts: int = 5
     watch_renew_s: float = 3600.0
     max_concurrent_predicts: int = 8
+    # telemetry: meters are read under sysfs_root (tests point it at a prepared tree)
+    sysfs_root: Path = Path("/")
+    idle_watts: float | None = None  # the class's power model, for the estimate meter
+    active_watts: float | None = None
+    telemetry_window_s: float = 10.0
+    telemetry_max_windows: int = 10_000  # on-disk queue bound; older windows are summarised
+    telemetry_batch: int = 500  # windows per ReportTelemetry (the controller takes 1000)
+    telemetry_poll_s: float = 1.0  # how often an idle sender looks at the queue
+    metrics_listen: str | None = None  # HOST:PORT for Prometheus /metrics; None: off
+
+    @property
+    def power_model(self) -> PowerModel | None:
+        if self.idle_watts is None or self.active_watts is None:
+            return None
+        return PowerModel(self.idle_watts, self.active_watts)
 
     def __post_init__(self) -> None:
         check_host_port(self.controller, field="--controller", allow_port_zero=False)
@@ -116,3 +132,31 @@ class AgentConfig:
                 "max_concurrent_predicts",
                 f"expected at least 1, got {self.max_concurrent_predicts}",
             )
+        self._check_telemetry()
+
+    def _check_telemetry(self) -> None:
+        if (self.idle_watts is None) != (self.active_watts is None):
+            raise _invalid("--idle-watts/--active-watts", "give both or neither")
+        if (
+            self.idle_watts is not None
+            and self.active_watts is not None
+            and not 0 <= self.idle_watts <= self.active_watts
+        ):
+            raise _invalid(
+                "--idle-watts/--active-watts",
+                f"expected 0 <= idle <= active, got {self.idle_watts} and {self.active_watts}",
+            )
+        for field, seconds in (
+            ("telemetry_window_s", self.telemetry_window_s),
+            ("telemetry_poll_s", self.telemetry_poll_s),
+        ):
+            if not seconds > 0:
+                raise _invalid(field, f"expected a positive number of seconds, got {seconds}")
+        if self.telemetry_max_windows < 2:
+            raise _invalid(
+                "telemetry_max_windows", f"expected at least 2, got {self.telemetry_max_windows}"
+            )
+        if not 1 <= self.telemetry_batch <= 1000:
+            raise _invalid("telemetry_batch", f"expected 1..1000, got {self.telemetry_batch}")
+        if self.metrics_listen is not None:
+            check_host_port(self.metrics_listen, field="--metrics-listen", allow_port_zero=True)

@@ -21,6 +21,7 @@ from edge_agent.config import MAX_MESSAGE_BYTES, ListenAddress
 from edge_agent.convert import check_inputs, spec_to_proto, tensor_to_proto
 from edge_agent.errors import AgentError, ErrorCode, guarded
 from edge_agent.runtime import ModelRuntime
+from edge_agent.telemetry import Telemetry
 from protos import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,12 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class InferenceServicer(fleet_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, runtime: ModelRuntime, max_concurrent: int) -> None:
+    def __init__(
+        self, runtime: ModelRuntime, max_concurrent: int, telemetry: Telemetry | None = None
+    ) -> None:
         self._runtime = runtime
         self._slots = asyncio.Semaphore(max_concurrent)
+        self._telemetry = telemetry
 
     async def Predict(
         self, request: fleet_pb2.PredictRequest, context: Context
@@ -47,7 +51,10 @@ class InferenceServicer(fleet_pb2_grpc.InferenceServiceServicer):
         slot = self._runtime.get(request.model_name)  # one reference: a switch cannot split a call
         feeds = check_inputs(request.model_name, slot.inputs, request.inputs)
         async with self._slots:
-            outputs = await asyncio.to_thread(slot.run, feeds)
+            if self._telemetry is None:
+                outputs = await asyncio.to_thread(slot.run, feeds)
+            else:  # measured in the worker thread: its CPU time is the inference's
+                outputs = await asyncio.to_thread(self._telemetry.measured_run, slot, feeds)
         return fleet_pb2.PredictResponse(
             outputs=[tensor_to_proto(name, value) for name, value in outputs.items()],
             artifact_sha256=slot.sha256,
@@ -99,7 +106,10 @@ def _clear_stale_socket(listen: ListenAddress) -> None:
 
 
 async def start_local_api(
-    runtime: ModelRuntime, listen: ListenAddress, max_concurrent: int
+    runtime: ModelRuntime,
+    listen: ListenAddress,
+    max_concurrent: int,
+    telemetry: Telemetry | None = None,
 ) -> LocalApi:
     server = grpc.aio.server(
         options=[
@@ -108,7 +118,7 @@ async def start_local_api(
         ]
     )
     fleet_pb2_grpc.add_InferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        InferenceServicer(runtime, max_concurrent), server
+        InferenceServicer(runtime, max_concurrent, telemetry), server
     )
     if listen.is_unix:
         _clear_stale_socket(listen)

@@ -30,6 +30,8 @@ from edge_agent.fetch import CONNECTION_LOST, FetchPlan, fetch_artifact
 from edge_agent.hardware import HardwareFacts
 from edge_agent.runtime import ModelRuntime
 from edge_agent.store import SlotRecord, StateStore
+from edge_agent.telemetry_queue import TelemetryQueue
+from edge_agent.telemetry_sender import SendPlan, send_forever
 from edge_agent.trust import TrustAnchor
 from protos import fleet_pb2, fleet_pb2_grpc
 
@@ -119,8 +121,10 @@ class SyncLoop:
         hardware: HardwareFacts,
         trusted: TrustedKey | None = None,
         rng: random.Random | None = None,
+        telemetry: TelemetryQueue | None = None,
     ) -> None:
         self.config = config
+        self.telemetry = telemetry  # sent while a session is up; None: no telemetry
         self.store = store
         self.runtime = runtime
         self.hardware = hardware
@@ -184,7 +188,9 @@ class SyncLoop:
             self.connected.set()
             desired = _Latest()
             await until_first_ends(
-                self._watch(stub, desired, backoff), self._apply_forever(stub, desired)
+                self._watch(stub, desired, backoff),
+                self._apply_forever(stub, desired),
+                self._send_telemetry(stub),
             )
 
     def _pick_chunk_bytes(self, controller_max: int) -> int:
@@ -241,6 +247,18 @@ class SyncLoop:
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     continue  # the watch is renewed on purpose; nothing is wrong
                 raise
+
+    async def _send_telemetry(self, stub: Any) -> None:
+        if self.telemetry is None:
+            await asyncio.Event().wait()  # nothing to send: wait for the session to end
+            return
+        plan = SendPlan(
+            device_id=self.config.device_id,
+            batch=self.config.telemetry_batch,
+            poll_s=self.config.telemetry_poll_s,
+            rpc_timeout_s=self.config.rpc_timeout_s,
+        )
+        await send_forever(stub, self.telemetry, plan)
 
     async def _apply_forever(self, stub: Any, desired: _Latest) -> None:
         while True:
