@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
+from artifact import histogram
 from artifact.delta import DeltaError
 from controller import validate
 from controller.admin import in_thread
@@ -41,7 +42,6 @@ MAX_SHORT_TEXT = 64
 MAX_OS_TEXT = 256
 MAX_REASON = 4096
 MAX_WINDOWS_PER_BATCH = 1000
-MAX_LATENCY_BUCKETS = 128
 MAX_ENERGY_SOURCE = 32
 LEASE_HEARTBEATS = 3  # a device stays ONLINE this many heartbeats past its last refresh
 
@@ -308,13 +308,12 @@ def _check_window(w: TelemetryWindow, at: str) -> None:
     validate.int_range(w.count, f"{at}.count", 0, validate.MAX_INT64)
     validate.int_range(w.errors, f"{at}.errors", 0, validate.MAX_INT64)
     validate.int_range(w.peak_memory_bytes, f"{at}.peak_memory_bytes", 0, validate.MAX_INT64)
-    if len(w.latency_bucket_counts) > MAX_LATENCY_BUCKETS:
-        raise invalid(
-            f"{at}.latency_bucket_counts has {len(w.latency_bucket_counts)} buckets; "
-            f"at most {MAX_LATENCY_BUCKETS} are accepted"
-        )
     for b in w.latency_bucket_counts:
         validate.int_range(b, f"{at}.latency_bucket_counts[]", 0, validate.MAX_INT64)
+    try:
+        histogram.check_counts(w.latency_bucket_counts, what=f"{at}.latency_bucket_counts")
+    except histogram.HistogramError as exc:
+        raise invalid(str(exc)) from exc
     validate.non_negative_float(w.cpu_seconds, f"{at}.cpu_seconds")
     validate.non_negative_float(w.joules, f"{at}.joules")
     validate.text(w.energy_source, f"{at}.energy_source", MAX_ENERGY_SOURCE)

@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import onnx
 
+from artifact import histogram
 from artifact.delta import apply_delta_bytes
 from artifact.manifest import Manifest
 from protos import fleet_pb2 as pb
@@ -401,7 +402,7 @@ def test_report_telemetry_is_idempotent_and_acks_the_highest_seq(tmp_path: Path)
                     start_unix_ms=1_000,
                     end_unix_ms=11_000,
                     count=100,
-                    latency_bucket_counts=[0, 90, 10],
+                    latency_bucket_counts=histogram.histogram([0.0004] * 90 + [0.002] * 10),
                     cpu_seconds=0.2,
                     joules=1.5,
                     energy_source="estimate",
@@ -434,6 +435,15 @@ def test_report_telemetry_is_idempotent_and_acks_the_highest_seq(tmp_path: Path)
                 ),
                 INVALID,
                 "windows[0].end_unix_ms",
+            )
+            other_buckets = window(8)
+            del other_buckets.latency_bucket_counts[1:]
+            await expect_status(
+                c.agent.ReportTelemetry(
+                    pb.TelemetryBatch(device_id="hub-1", windows=[other_buckets]), timeout=10
+                ),
+                INVALID,
+                "the shared histogram has",
             )
             assert c.snapshot() == before
 
