@@ -55,7 +55,7 @@ from artifact.delta.frames import (
     unpack_frames,
 )
 from artifact.delta.skeleton import decode_skeleton
-from artifact.delta.table import Table, unpack_table
+from artifact.delta.table import Table, old_tensors, unpack_table
 from artifact.delta.whole import decode_whole, unpack_whole_meta
 from artifact.delta.words import words_to_bytes
 from artifact.digest import check_sha256
@@ -218,7 +218,7 @@ def _decode_records(
     table_len = int.from_bytes(first.meta, "little")
     if table_len > MAX_TABLE:
         raise CorruptPatchError("the delta's table is impossibly large")
-    table = unpack_table(decompress_exact(first.data, table_len))
+    table = unpack_table(decompress_exact(first.data, table_len), old_tensors(old_view))
     _check_layout(table, header)
     second = read_record(stream, 1, max_data)
     if second.kind is not Kind.SKELETON or len(second.meta) != 1:

@@ -23,7 +23,7 @@ from artifact.delta.errors import DeltaError
 from artifact.delta.format import Flags, Header, Kind, Mode, pack_record
 from artifact.delta.plan import TensorStat, plan_tensors
 from artifact.delta.skeleton import compress_with_dict, encode_skeleton
-from artifact.delta.table import Table, pack_table
+from artifact.delta.table import Table, old_tensors, pack_table
 from artifact.delta.whole import WholeMethod, pack_whole_meta, window_log_for
 from artifact.digest import sha256_bytes
 from artifact.files import atomic_write_bytes
@@ -114,7 +114,7 @@ def _records_delta(old: bytes, new: bytes, options: EncodeOptions) -> tuple[byte
     skeleton = _skeleton(new, covered)
     old_skeleton = _skeleton(old, list(plan.old_cuts))
     table = Table(len(skeleton), plan.old_cuts, plan.params, plan.blocks)
-    table_raw = pack_table(table)
+    table_raw = pack_table(table, old_tensors(old))
     table_packed = zstandard.ZstdCompressor(level=options.level).compress(table_raw)
     method, skeleton_data = encode_skeleton(skeleton, old_skeleton, options.level)
     chunks = _chunks(list(plan.payloads))

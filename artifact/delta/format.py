@@ -31,7 +31,7 @@ from typing import BinaryIO
 from artifact.delta.errors import CorruptPatchError, UnsupportedPatchError
 
 MAGIC = b"\x89HFDELT\n"
-FORMAT_VERSION = 2  # 2: the skeleton may be zstd'd against synthetic QDQ names
+FORMAT_VERSION = 3  # 2: QDQ-names skeleton dictionary; 3: the table indexes old tensors
 MAX_META = 1 << 20
 READ_CHUNK = 1 << 20
 

@@ -123,3 +123,7 @@ class Reader:
     @property
     def done(self) -> bool:
         return self._pos == len(self._data)
+
+    @property
+    def position(self) -> int:
+        return self._pos
