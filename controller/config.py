@@ -40,6 +40,8 @@ class ControllerConfig:
     compression_threads: int = 0
     # Jobs queued or running on this controller at once; more are refused.
     max_active_jobs: int = 16
+    # Prometheus /metrics on this TCP port of ``host`` (0: any free port; None: off).
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
@@ -59,6 +61,8 @@ class ControllerConfig:
         _check_range("compression_workers", self.compression_workers, 1, 64)
         _check_range("compression_threads", self.compression_threads, 0, 256)
         _check_range("max_active_jobs", self.max_active_jobs, 1, 10_000)
+        if self.metrics_port is not None:
+            _check_range("metrics_port", self.metrics_port, 0, 65535)
         if not 0 <= self.grace_seconds <= 600:
             raise ConfigError(f"grace_seconds must be 0..600, got {self.grace_seconds}")
 

@@ -373,3 +373,41 @@ class CompressionJobRecord:
     recipe: str
     verdicts: tuple[BudgetVerdictRecord, ...]
     trials: tuple[TrialRecord, ...] = ()  # empty in lists
+
+
+# -------------------------------------------------------------------- telemetry aggregates
+
+
+@dataclass(frozen=True)
+class TelemetryTotals:
+    """Every stored window of one (device class, model, artifact) summed: what /metrics
+    exports as counters. ``artifact_id`` is the artifact's id, or the short sha256 when the
+    controller does not know the bytes the devices reported."""
+
+    device_class: str
+    model_name: str
+    artifact_id: str
+    count: int
+    errors: int
+    cpu_seconds: float
+    latency_bucket_counts: tuple[int, ...]  # artifact.histogram buckets, merged
+    joules_by_source: tuple[tuple[str, float], ...]  # (energy source, joules), sorted
+    windows: int
+    devices_reporting: int  # distinct devices heard from since the caller's cut-off
+
+
+@dataclass(frozen=True)
+class TelemetrySummary:
+    """One artifact of a (device class, model) over a sliding window: what a budget is
+    checked against. None where nothing was measured (no inference in the window)."""
+
+    artifact_id: str
+    artifact_sha256: str
+    count: int
+    errors: int
+    latency_bucket_counts: tuple[int, ...]
+    p95_seconds: float | None  # artifact.histogram.percentile of the merged buckets
+    joules: float
+    joules_per_inference: float | None
+    windows: int
+    devices: int

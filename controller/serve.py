@@ -44,6 +44,11 @@ def serve(
     max_model_bytes: int = typer.Option(
         1 << 30, "--max-model-bytes", help="Largest ONNX file AddModel accepts."
     ),
+    metrics_port: int | None = typer.Option(
+        None,
+        "--metrics-port",
+        help="Serve Prometheus /metrics on this port of --host (0 picks a free one; default: off).",
+    ),
 ) -> None:
     """Run the controller until SIGTERM or SIGINT (then stop gracefully, exit 0)."""
     from controller.config import ConfigError, ControllerConfig
@@ -61,6 +66,7 @@ def serve(
             db_url=db_url,
             heartbeat_seconds=heartbeat_seconds,
             max_model_bytes=max_model_bytes,
+            metrics_port=metrics_port,
         )
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)

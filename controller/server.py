@@ -37,6 +37,7 @@ from controller.limits import RpcLimits
 from controller.notify import AssignmentNotifier
 from controller.servicers import AdminServicer, AgentServicer
 from controller.sql_store import SqlStore
+from controller.telemetry_metrics import MetricsServer, serve_metrics
 from protos import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,11 @@ class ControllerInfo:
     pid: int
     public_key_path: str
     key_id: str
+    metrics_address: str = ""  # HOST:PORT of Prometheus /metrics; empty: not served
 
     def to_json_bytes(self) -> bytes:
-        return json.dumps(self.__dict__, indent=2, sort_keys=True).encode() + b"\n"
+        fields = {k: v for k, v in self.__dict__.items() if v or k != "metrics_address"}
+        return json.dumps(fields, indent=2, sort_keys=True).encode() + b"\n"
 
 
 def client_address(host: str, port: int) -> str:
@@ -103,6 +106,7 @@ class ControllerServer:
         self._notifier = AssignmentNotifier()
         self._job_watchers = JobWatchers()
         self._jobs: JobRunner | None = None
+        self._metrics: MetricsServer | None = None
         self.port = 0
         self.info: ControllerInfo | None = None
 
@@ -169,6 +173,14 @@ class ControllerServer:
             raise ControllerStartError(
                 f"cannot listen on {where}: the address is in use or invalid"
             )
+        if config.metrics_port is not None:
+            try:
+                self._metrics = serve_metrics(store, config.host, config.metrics_port)
+            except OSError as exc:
+                raise ControllerStartError(
+                    f"cannot serve /metrics on {bind_address(config.host, config.metrics_port)}: "
+                    f"{exc}"
+                ) from exc
         await server.start()
         self._server = server
         for service in ("", AGENT_SERVICE, ADMIN_SERVICE):
@@ -179,6 +191,9 @@ class ControllerServer:
             pid=os.getpid(),
             public_key_path=str(public_key_path(config.key_dir)),
             key_id=key.key_id,
+            metrics_address=(
+                client_address(config.host, self._metrics.port) if self._metrics else ""
+            ),
         )
         atomic_write_bytes(config.info_path, self.info.to_json_bytes())
         log.info(
@@ -187,6 +202,8 @@ class ControllerServer:
             config.data_dir,
             key.key_id,
         )
+        if self.info.metrics_address:
+            log.info("Prometheus metrics on http://%s/metrics", self.info.metrics_address)
         return self.info
 
     async def stop(self, grace: float | None = None) -> None:
@@ -200,6 +217,9 @@ class ControllerServer:
         if self._server is not None:
             await self._server.stop(self.config.grace_seconds if grace is None else grace)
             self._server = None
+        if self._metrics is not None:  # before the engine goes: a scrape reads the store
+            await asyncio.to_thread(self._metrics.stop)
+            self._metrics = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None

@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy import BigInteger, Engine, and_, cast, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from artifact import histogram
 from artifact.manifest import TensorSpec
 from controller.clock import unix_ms
 from controller.db import (
@@ -56,6 +57,8 @@ from controller.records import (
     RegisterResult,
     StatusUpdate,
     TargetKind,
+    TelemetrySummary,
+    TelemetryTotals,
     TelemetryWindow,
     TrialRecord,
 )
@@ -546,6 +549,92 @@ class SqlStore(Store):
 
         return self._read(work)
 
+    # ---------------------------------------------------------------- telemetry aggregates
+    def telemetry_totals(self, reporting_since_unix_ms: int) -> list[TelemetryTotals]:
+        def work(session: Session) -> list[TelemetryTotals]:
+            w = TelemetryWindowRow
+            group = (DeviceRow.device_class, w.model_name, w.artifact_sha256)
+            sums = session.execute(
+                select(*group, w.energy_source, *_window_sums())
+                .join(DeviceRow, DeviceRow.device_id == w.device_id)
+                .group_by(*group, w.energy_source)
+                .order_by(*group, w.energy_source)
+                .limit(MAX_LIST)
+            ).all()
+            reporting = session.execute(
+                select(*group, func.count(func.distinct(w.device_id)))
+                .join(DeviceRow, DeviceRow.device_id == w.device_id)
+                .where(w.received_unix_ms >= reporting_since_unix_ms)
+                .group_by(*group)
+                .limit(MAX_LIST)
+            ).all()
+            keys = {(r[0], r[1], r[2]) for r in sums}
+            ids = _artifact_ids(session, keys)
+            totals: dict[tuple[str, str, str], _Totals] = {}
+            for row in sums:
+                cls, model, sha, source = row[0], row[1], row[2], row[3]
+                key = (cls, model, ids[(cls, model, sha)])
+                totals.setdefault(key, _Totals()).add(_WindowSums.of(row[4:]), source)
+            for cls, model, sha, devices in reporting:
+                key = (cls, model, ids.get((cls, model, sha), _short(sha)))
+                totals.setdefault(key, _Totals()).devices += int(devices)
+            return [
+                TelemetryTotals(
+                    device_class=cls,
+                    model_name=model,
+                    artifact_id=artifact_id,
+                    count=t.sums.count,
+                    errors=t.sums.errors,
+                    cpu_seconds=t.sums.cpu_seconds,
+                    latency_bucket_counts=tuple(t.sums.buckets),
+                    joules_by_source=tuple(sorted(t.joules.items())),
+                    windows=t.sums.windows,
+                    devices_reporting=t.devices,
+                )
+                for (cls, model, artifact_id), t in sorted(totals.items())
+            ]
+
+        return self._read(work)
+
+    def telemetry_summary(
+        self, device_class: str, model_name: str, since_unix_ms: int
+    ) -> list[TelemetrySummary]:
+        def work(session: Session) -> list[TelemetrySummary]:
+            w = TelemetryWindowRow
+            rows = session.execute(
+                select(w.artifact_sha256, func.count(func.distinct(w.device_id)), *_window_sums())
+                .join(DeviceRow, DeviceRow.device_id == w.device_id)
+                .where(
+                    DeviceRow.device_class == device_class,
+                    w.model_name == model_name,
+                    w.end_unix_ms >= since_unix_ms,
+                )
+                .group_by(w.artifact_sha256)
+                .order_by(w.artifact_sha256)
+                .limit(MAX_LIST)
+            ).all()
+            ids = _artifact_ids(session, {(device_class, model_name, r[0]) for r in rows})
+            summaries = []
+            for row in rows:
+                sha, devices, sums = row[0], int(row[1]), _WindowSums.of(row[2:])
+                summaries.append(
+                    TelemetrySummary(
+                        artifact_id=ids[(device_class, model_name, sha)],
+                        artifact_sha256=sha,
+                        count=sums.count,
+                        errors=sums.errors,
+                        latency_bucket_counts=tuple(sums.buckets),
+                        p95_seconds=histogram.percentile(sums.buckets, 0.95),
+                        joules=sums.joules,
+                        joules_per_inference=sums.joules / sums.count if sums.count else None,
+                        windows=sums.windows,
+                        devices=devices,
+                    )
+                )
+            return sorted(summaries, key=lambda x: x.artifact_id)
+
+        return self._read(work)
+
     # ---------------------------------------------------------------- events
     def add_event(self, new: NewEvent) -> EventRecord:
         with self._sessions.begin() as session:
@@ -694,6 +783,94 @@ class SqlStore(Store):
 
 
 # -------------------------------------------------------------------- helpers
+
+SHORT_SHA = 12
+
+
+def _window_sums() -> list[Any]:
+    """SQL sums over a group of windows, bucket by bucket: the merge happens in the
+    database, so only one row per group comes back however many windows are stored."""
+    w = TelemetryWindowRow
+    buckets = w.latency_bucket_counts
+    return [
+        func.count(),
+        func.coalesce(func.sum(w.count), 0),
+        func.coalesce(func.sum(w.errors), 0),
+        func.coalesce(func.sum(w.cpu_seconds), 0.0),
+        func.coalesce(func.sum(w.joules), 0.0),
+        *(
+            func.coalesce(func.sum(cast(buckets[i].as_string(), BigInteger)), 0)
+            for i in range(histogram.BUCKET_COUNT)
+        ),
+    ]
+
+
+@dataclasses.dataclass
+class _WindowSums:
+    """One row of ``_window_sums`` as numbers (PostgreSQL sums integers as Decimal)."""
+
+    windows: int = 0
+    count: int = 0
+    errors: int = 0
+    cpu_seconds: float = 0.0
+    joules: float = 0.0
+    buckets: list[int] = dataclasses.field(default_factory=histogram.empty)
+
+    @classmethod
+    def of(cls, values: Sequence[Any]) -> _WindowSums:
+        return cls(
+            windows=int(values[0]),
+            count=int(values[1]),
+            errors=int(values[2]),
+            cpu_seconds=float(values[3]),
+            joules=float(values[4]),
+            buckets=[int(v) for v in values[5:]],
+        )
+
+
+@dataclasses.dataclass
+class _Totals:
+    sums: _WindowSums = dataclasses.field(default_factory=_WindowSums)
+    joules: dict[str, float] = dataclasses.field(default_factory=dict)
+    devices: int = 0
+
+    def add(self, more: _WindowSums, source: str) -> None:
+        s = self.sums
+        s.windows += more.windows
+        s.count += more.count
+        s.errors += more.errors
+        s.cpu_seconds += more.cpu_seconds
+        s.joules += more.joules
+        s.buckets = histogram.merge(s.buckets, more.buckets)
+        self.joules[source] = self.joules.get(source, 0.0) + more.joules
+
+
+def _short(sha256: str) -> str:
+    return sha256[:SHORT_SHA] or "unknown"
+
+
+def _artifact_ids(
+    session: Session, keys: set[tuple[str, str, str]]
+) -> dict[tuple[str, str, str], str]:
+    """(class, model, sha256) -> the artifact id to show: the class's own artifact with
+    those bytes, else one of the model's, else the short sha256 (bytes we never built)."""
+    shas = {sha for _, _, sha in keys if sha}
+    by_sha: dict[str, list[ArtifactRow]] = {}
+    if shas:
+        for art in session.scalars(
+            select(ArtifactRow)
+            .where(ArtifactRow.sha256.in_(shas))
+            .order_by(ArtifactRow.created_unix_ms.desc(), ArtifactRow.id)
+        ):
+            by_sha.setdefault(art.sha256, []).append(art)
+    ids = {}
+    for cls, model, sha in keys:
+        candidates = [a for a in by_sha.get(sha, []) if a.model_name == model]
+        own = [a for a in candidates if a.device_class == cls]
+        chosen = own or candidates
+        ids[(cls, model, sha)] = chosen[0].id if chosen else _short(sha)
+    return ids
+
 
 _ACTIVE = [s.value for s in JobState if s.active]
 

@@ -27,6 +27,8 @@ from controller.records import (
     NewModel,
     RegisterResult,
     StatusUpdate,
+    TelemetrySummary,
+    TelemetryTotals,
     TelemetryWindow,
     TrialRecord,
 )
@@ -114,6 +116,20 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_devices(self, device_class: str | None = None) -> list[DeviceView]: ...
+
+    # ---------------------------------------------------------------- telemetry aggregates
+    @abc.abstractmethod
+    def telemetry_totals(self, reporting_since_unix_ms: int) -> list[TelemetryTotals]:
+        """Per (class, model, artifact): every stored window summed (counters since the data
+        began, the same on every replica); devices_reporting counts the devices whose
+        windows arrived at or after ``reporting_since_unix_ms`` (controller clock)."""
+
+    @abc.abstractmethod
+    def telemetry_summary(
+        self, device_class: str, model_name: str, since_unix_ms: int
+    ) -> list[TelemetrySummary]:
+        """Per artifact of (class, model): the windows that ended at or after
+        ``since_unix_ms`` (device clock) merged, sorted by artifact id."""
 
     # ---------------------------------------------------------------- events
     @abc.abstractmethod

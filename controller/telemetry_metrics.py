@@ -1,0 +1,161 @@
+"""The controller's Prometheus ``/metrics``: fleet telemetry per device class, model and
+artifact — never per device, so the series count grows with what is deployed, not with
+the fleet.
+
+Every scrape reads the sums from the store (the database merges the stored windows), so
+the counters are cumulative since the controller's data began and every replica over the
+same database exports the same numbers; nothing is kept in process memory. Names follow
+Prometheus conventions (and Kepler's for energy): ``_seconds`` histograms, ``_total``
+counters, joules labelled with the meter ``source``. The latency histogram's ``le``
+bounds are the shared telemetry buckets (``artifact.histogram``: 10 µs to 100 s, 8 per
+decade), so the exported buckets are exactly the merged counts agents reported. Windows
+carry bucket counts but no latency sum, so the histogram has ``_bucket`` and ``_count``
+samples and no ``_sum``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
+
+from artifact import histogram
+from controller.clock import unix_ms
+from controller.records import TelemetryTotals
+from controller.store import Store
+
+log = logging.getLogger(__name__)
+
+PREFIX = "homefleet"
+LABELS = ["device_class", "model", "artifact_id"]
+# A device counts as reporting while its windows keep arriving: agents send every window
+# (default 10 s) soon after it closes, so 5 minutes tolerates short outages.
+REPORTING_WINDOW_MS = 5 * 60 * 1000
+
+
+def cumulative_buckets(counts: Iterable[int]) -> list[tuple[str, float]]:
+    """The shared histogram's counts as Prometheus ``le`` buckets (cumulative, +Inf last)."""
+    bounds = [floatToGoString(b) for b in histogram.UPPER_BOUNDS]  # type: ignore[no-untyped-call]
+    bounds.append("+Inf")
+    buckets = []
+    running = 0
+    for le, c in zip(bounds, counts, strict=True):
+        running += c
+        buckets.append((le, float(running)))
+    return buckets
+
+
+class TelemetryCollector(Collector):
+    """Yields the fleet's telemetry metrics, read from the store at scrape time."""
+
+    def __init__(self, store: Store, clock: Callable[[], int] = unix_ms) -> None:
+        self._store = store
+        self._now = clock
+
+    def collect(self) -> Iterable[Metric]:
+        totals = self._store.telemetry_totals(self._now() - REPORTING_WINDOW_MS)
+        yield _latency(totals)
+        yield _counter(
+            "inferences", "Inferences devices ran and reported.", totals, lambda t: t.count
+        )
+        yield _counter(
+            "inference_errors", "Inferences that failed on the device.", totals, lambda t: t.errors
+        )
+        yield _counter(
+            "cpu_seconds",
+            "CPU time of the devices' inference threads.",
+            totals,
+            lambda t: t.cpu_seconds,
+        )
+        energy = CounterMetricFamily(
+            f"{PREFIX}_energy_joules",
+            "Energy the devices measured (or estimated) over inferences, by meter source.",
+            labels=[*LABELS, "source"],
+        )
+        for t in totals:
+            for source, joules in t.joules_by_source:
+                energy.add_metric([*_labels(t), source], joules)
+        yield energy
+        yield _counter(
+            "telemetry_windows", "Telemetry windows stored.", totals, lambda t: t.windows
+        )
+        reporting = GaugeMetricFamily(
+            f"{PREFIX}_devices_reporting",
+            f"Devices whose telemetry arrived in the last {REPORTING_WINDOW_MS // 60_000} minutes.",
+            labels=LABELS,
+        )
+        for t in totals:
+            reporting.add_metric(_labels(t), t.devices_reporting)
+        yield reporting
+
+
+def _labels(t: TelemetryTotals) -> list[str]:
+    return [t.device_class, t.model_name, t.artifact_id]
+
+
+def _latency(totals: list[TelemetryTotals]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(
+        f"{PREFIX}_inference_latency_seconds",
+        "Wall time of one inference on the device (shared log-spaced buckets).",
+        labels=LABELS,
+    )
+    for t in totals:
+        labels = _labels(t)
+        buckets = cumulative_buckets(t.latency_bucket_counts)
+        family.add_metric(labels, buckets, sum_value=None)
+        # add_metric writes _count only with a _sum, which windows do not carry; the
+        # count is the +Inf bucket's, as Prometheus requires.
+        family.samples.append(
+            Sample(f"{family.name}_count", dict(zip(LABELS, labels, strict=True)), buckets[-1][1])
+        )
+    return family
+
+
+def _counter(
+    name: str,
+    documentation: str,
+    totals: list[TelemetryTotals],
+    value: Callable[[TelemetryTotals], float],
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=LABELS)
+    for t in totals:
+        family.add_metric(_labels(t), value(t))
+    return family
+
+
+@dataclass
+class MetricsServer:
+    """``/metrics`` served by prometheus_client's WSGI server in a thread of its own."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def serve_metrics(store: Store, host: str, port: int) -> MetricsServer:
+    """Serve the collector on ``host:port`` (port 0: any free one); OSError if it cannot."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TelemetryCollector(store))
+    server, thread = start_http_server(port, host.strip("[]"), registry)
+    return MetricsServer(server, thread)
