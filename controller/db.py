@@ -156,7 +156,11 @@ class TelemetryWindowRow(Base):
     """One reported telemetry window; (device_id, seq) is stored at most once."""
 
     __tablename__ = "telemetry_windows"
-    __table_args__ = (UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),)
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),
+        # the budget evaluator's sliding window: one model's windows since a time
+        Index("ix_telemetry_model_end", "model_name", "end_unix_ms"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"))
