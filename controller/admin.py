@@ -58,6 +58,26 @@ async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
+async def stored_model(
+    store: Store, blobs: BlobStore, name: str, version: int | None
+) -> ModelRecord:
+    """A registered model whose bytes are in the blob store (latest when version is None)."""
+    model = await in_thread(store.get_model, name, version)
+    if model is None:
+        which = f" version {version}" if version else ""
+        raise not_found(
+            f"model {name!r}{which} is not registered; add it first "
+            "(AddModel / `homefleet model add`)"
+        )
+    if not await in_thread(blobs.exists, model.sha256):
+        raise FleetError(
+            ErrorCode.FAILED_PRECONDITION,
+            f"the bytes of model {model.name} v{model.version} ({model.sha256}) are missing "
+            "from the blob store; add the model again",
+        )
+    return model
+
+
 class AdminHandlers:
     def __init__(
         self,
@@ -152,19 +172,9 @@ class AdminHandlers:
         validate.int_range(days, "expires_in_days", 1, MAX_EXPIRY_DAYS)
         if request.model_version is not None:
             validate.int_range(request.model_version, "model_version", 1, 2**31 - 1)
-        model = await in_thread(self._store.get_model, request.model_name, request.model_version)
-        if model is None:
-            which = f" version {request.model_version}" if request.model_version else ""
-            raise not_found(
-                f"model {request.model_name!r}{which} is not registered; add it first "
-                "(AddModel / `homefleet model add`)"
-            )
-        if not await in_thread(self._blobs.exists, model.sha256):
-            raise FleetError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"the bytes of model {model.name} v{model.version} ({model.sha256}) are missing "
-                "from the blob store; add the model again",
-            )
+        model = await stored_model(
+            self._store, self._blobs, request.model_name, request.model_version
+        )
         return await self._insert_next_version(
             model.name,
             request.device_class,

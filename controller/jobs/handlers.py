@@ -16,7 +16,7 @@ from pathlib import Path
 
 from artifact.manifest import InvalidManifestError, Manifest
 from controller import validate
-from controller.admin import in_thread
+from controller.admin import in_thread, stored_model
 from controller.blobstore import BlobStore
 from controller.compression.recipe import made_static_int8
 from controller.config import ControllerConfig
@@ -170,19 +170,9 @@ class CompressionHandlers:
                 "an ONNX model is judged by its fidelity on calibration inputs: send an .npz "
                 "with one array per model input, named after it (calibration_bytes > 0)"
             )
-        model = await in_thread(self._store.get_model, request.model_name, request.model_version)
-        if model is None:
-            which = f" version {request.model_version}" if request.model_version else ""
-            raise not_found(
-                f"model {request.model_name!r}{which} is not registered; add it first "
-                "(AddModel / `homefleet model add`)"
-            )
-        if not await in_thread(self._blobs.exists, model.sha256):
-            raise FleetError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"the bytes of model {model.name} v{model.version} ({model.sha256}) are missing "
-                "from the blob store; add the model again",
-            )
+        model = await stored_model(
+            self._store, self._blobs, request.model_name, request.model_version
+        )
         previous = await in_thread(
             previous_static_int8, self._store, self._blobs, model.name, budgeted.device_class.name
         )
