@@ -101,7 +101,13 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
             telemetry_stack.callback(queue.close)
             metrics = AgentMetrics(runtime, queue)
             meter = choose_meter(config.sysfs_root, config.power_model)
-            telemetry = Telemetry(meter, observer=metrics)
+            telemetry = Telemetry(meter, observer=metrics, slowdown=config.emulate_slowdown)
+            if config.emulate_slowdown != 1.0:
+                log.warning(
+                    "emulating a device %gx slower: telemetry reports latency, CPU time and "
+                    "energy scaled by that factor (demos and tests only)",
+                    config.emulate_slowdown,
+                )
             if config.metrics_listen is not None:
                 telemetry_stack.callback(serve_metrics(metrics, config.metrics_listen).stop)
             api = await start_local_api(

@@ -82,6 +82,14 @@ def run(
     sysfs_root: Annotated[
         Path, typer.Option("--sysfs-root", help="Where sys/class/powercap and hwmon are read.")
     ] = Path("/"),
+    emulate_slowdown: Annotated[
+        float,
+        typer.Option(
+            "--emulate-slowdown",
+            help="Demos and tests only: report latency, CPU time and energy FACTOR times what "
+            "was measured, as a slower device would (1-100; the energy source is marked).",
+        ),
+    ] = 1.0,
 ) -> None:
     """Register with the controller, deploy the assigned models, and serve them locally."""
     level = log_level.upper()
@@ -113,6 +121,7 @@ def run(
             idle_watts=idle_watts,
             active_watts=active_watts,
             sysfs_root=sysfs_root,
+            emulate_slowdown=emulate_slowdown,
         )
     except AgentError as exc:
         typer.echo(f"error: {exc.message}", err=True)

@@ -88,6 +88,7 @@ class AgentConfig:
     telemetry_batch: int = 500  # windows per ReportTelemetry (the controller takes 1000)
     telemetry_poll_s: float = 1.0  # how often an idle sender looks at the queue
     metrics_listen: str | None = None  # HOST:PORT for Prometheus /metrics; None: off
+    emulate_slowdown: float = 1.0  # demos/tests only: report latency, CPU, energy x this
 
     @property
     def power_model(self) -> PowerModel | None:
@@ -155,6 +156,11 @@ class AgentConfig:
         if self.telemetry_max_windows < 2:
             raise _invalid(
                 "telemetry_max_windows", f"expected at least 2, got {self.telemetry_max_windows}"
+            )
+        if not 1.0 <= self.emulate_slowdown <= 100.0:
+            raise _invalid(
+                "--emulate-slowdown",
+                f"expected a factor from 1 (a real device) to 100, got {self.emulate_slowdown}",
             )
         if not 1 <= self.telemetry_batch <= 1000:
             raise _invalid("telemetry_batch", f"expected 1..1000, got {self.telemetry_batch}")

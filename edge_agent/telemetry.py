@@ -137,6 +137,9 @@ class WindowSink(Protocol):
     def append(self, windows: list[Window]) -> list[int]: ...
 
 
+MAX_SLOWDOWN = 100.0
+
+
 def _unix_ms(clock: Callable[[], float]) -> int:
     return int(clock() * 1000)
 
@@ -150,8 +153,20 @@ class Telemetry:
         *,
         observer: SampleObserver | None = None,
         clock: Callable[[], float] = time.time,
+        slowdown: float = 1.0,
+        wall_clock: Callable[[], float] = time.perf_counter,
+        cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.meter = meter
+        # Emulation for demos and tests (--emulate-slowdown): latency, CPU time and energy
+        # are reported ``slowdown`` times what was measured, as a slower device at the
+        # same power would see them; the source says so ("rapl*3"). Real devices: 1.
+        if not 1.0 <= slowdown <= MAX_SLOWDOWN:
+            raise ValueError(f"slowdown must be 1..{MAX_SLOWDOWN:g}, got {slowdown}")
+        self.slowdown = slowdown
+        self._wall = wall_clock
+        self._cpu = cpu_clock
+        self.source = meter.source if slowdown == 1.0 else f"{meter.source}*{slowdown:g}"
         self._observer = observer
         self._clock = clock
         self._lock = threading.Lock()
@@ -175,22 +190,22 @@ class Telemetry:
     def measured_run(self, slot: ModelSlot, feeds: Mapping[str, Array]) -> dict[str, Array]:
         """``slot.run(feeds)`` with its sample recorded; an error is counted and re-raised."""
         joules0 = self._joules()
-        cpu0 = time.thread_time()
-        wall0 = time.perf_counter()
+        cpu0 = self._cpu()
+        wall0 = self._wall()
         ok = False
         try:
             outputs = slot.run(feeds)
             ok = True
             return outputs
         finally:
-            wall = time.perf_counter() - wall0
-            cpu = time.thread_time() - cpu0
+            wall = self._wall() - wall0
+            cpu = self._cpu() - cpu0
             sample = Sample(
                 model_name=slot.model_name,
                 artifact_sha256=slot.sha256,
-                wall_s=wall,
-                cpu_s=cpu,
-                joules=max(0.0, self._joules() - joules0),
+                wall_s=wall * self.slowdown,
+                cpu_s=cpu * self.slowdown,
+                joules=max(0.0, self._joules() - joules0) * self.slowdown,
                 rss_bytes=self._process.memory_info().rss,
                 ok=ok,
             )
@@ -203,11 +218,11 @@ class Telemetry:
             if window is None:
                 now = _unix_ms(self._clock)
                 window = Window(sample.model_name, sample.artifact_sha256, now, now, "")
-                window.energy_source = self.meter.source
+                window.energy_source = self.source
                 self._open[key] = window
             window.add(sample)
         if self._observer is not None:
-            self._observer.observe(sample, self.meter.source)
+            self._observer.observe(sample, self.source)
 
     def close_windows(self) -> list[Window]:
         """Close every open window now; the next sample opens a new one."""
