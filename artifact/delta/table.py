@@ -16,6 +16,7 @@ an IndexError deep in numpy.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -435,24 +436,7 @@ def _read_block(r: _Readers, prev_end: int) -> Block:
         raise CorruptPatchError(f"a block with unknown placement {place}")
     if out_offset < 0:
         raise CorruptPatchError("a block starts before the beginning of the file")
-    return Block(
-        out_offset,
-        out_nbytes,
-        dtype,
-        storage,
-        word_start,
-        word_count,
-        predictor,
-        copy_from,
-        values,
-        quant,
-        scale_fit,
-        product,
-        decay,
-        transform,
-        layout,
-        block.payload_len,
-    )
+    return dataclasses.replace(block, out_offset=out_offset)
 
 
 def unpack_table(data: bytes, old: Sequence[OldRef]) -> Table:
