@@ -3,8 +3,10 @@
 A device says which artifact it holds (any blob the controller still has: an earlier
 artifact, the FP32 model); the controller encodes the target against it with the
 model-aware codec (artifact.delta) the first time anyone asks, stores the payload as a
-content-addressed blob, and records the choice in ``blobs/deltas/<base>/<target>.json``
-(written atomically). A delta that would not be smaller than the artifact is recorded
+content-addressed blob, and records the choice in
+``blobs/deltas/v<format>/<base>/<target>.json`` (written atomically; the codec's format
+version is part of the path, so an upgraded controller never serves a payload in a format
+its agents no longer read). A delta that would not be smaller than the artifact is recorded
 as "full", so it is not computed again either. Replicas sharing the blob volume share
 the cache; two computing the same pair at once write identical bytes.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from artifact.delta import write_delta
+from artifact.delta.format import FORMAT_VERSION
 from artifact.digest import check_sha256
 from artifact.files import atomic_write_bytes
 from controller.blobstore import BlobStore
@@ -42,7 +45,7 @@ class Payload:
 class DeltaCache:
     def __init__(self, blobs: BlobStore) -> None:
         self._blobs = blobs
-        self._index = blobs.root / "deltas"
+        self._index = blobs.root / "deltas" / f"v{FORMAT_VERSION}"
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     def _record_path(self, base: str, target: str) -> Path:

@@ -213,9 +213,15 @@ def _decode_records(
     if header.record_count < 2:
         raise CorruptPatchError("a delta needs at least a table and a skeleton record")
     first = read_record(stream, 0, max_data)
-    if first.kind is not Kind.TABLE or len(first.meta) != 8:
+    if first.kind is not Kind.TABLE:
         raise CorruptPatchError("the delta does not start with its table")
-    table_len = int.from_bytes(first.meta, "little")
+    meta = varint.Reader(first.meta)
+    try:
+        table_len = meta.uint(MAX_TABLE + 1)
+    except varint.VarintError as exc:
+        raise CorruptPatchError(f"the delta's table size is damaged: {exc}") from exc
+    if not meta.done:
+        raise CorruptPatchError("the delta's table size has trailing bytes")
     if table_len > MAX_TABLE:
         raise CorruptPatchError("the delta's table is impossibly large")
     table = unpack_table(decompress_exact(first.data, table_len), old_tensors(old_view))

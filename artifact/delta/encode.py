@@ -18,6 +18,7 @@ from pathlib import Path
 
 import zstandard
 
+from artifact.delta import varint
 from artifact.delta.decode import apply_delta_bytes
 from artifact.delta.errors import DeltaError
 from artifact.delta.format import Flags, Header, Kind, Mode, pack_record
@@ -108,6 +109,12 @@ def _chunks(payloads: list[bytes]) -> list[bytes]:
     return chunks
 
 
+def _uint(value: int) -> bytes:
+    writer = varint.Writer()
+    writer.uint(value)
+    return writer.getvalue()
+
+
 def _records_delta(old: bytes, new: bytes, options: EncodeOptions) -> tuple[bytes, DeltaStats]:
     plan = plan_tensors(old, new, level=options.level, min_tensor_bytes=options.min_tensor_bytes)
     covered = [(b.out_offset, b.out_nbytes) for b in (*plan.params, *plan.blocks)]
@@ -119,7 +126,7 @@ def _records_delta(old: bytes, new: bytes, options: EncodeOptions) -> tuple[byte
     method, skeleton_data = encode_skeleton(skeleton, old_skeleton, options.level)
     chunks = _chunks(list(plan.payloads))
     records = [
-        pack_record(Kind.TABLE, len(table_raw).to_bytes(8, "little"), table_packed),
+        pack_record(Kind.TABLE, _uint(len(table_raw)), table_packed),
         pack_record(Kind.SKELETON, bytes([method]), skeleton_data),
         *(pack_record(Kind.CHUNK, b"", chunk) for chunk in chunks),
     ]

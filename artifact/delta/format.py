@@ -5,8 +5,8 @@ Layout (little-endian)::
     header  magic "\\x89HFDELT\\n" | format version u16 | mode u8 | flags u8
             | base size u64 | base sha256 (32) | target size u64 | target sha256 (32)
             | record count u32 | crc32 of the preceding header bytes u32
-    record  kind u8 | meta length u32 | data length u64 | meta | data
-            | crc32 of kind..data u32
+    record  kind u8 | meta length varint | data length varint | meta | data
+            | crc32 of kind..data u32   (format 3 and before: lengths u32, u64)
 
 Mode ``RECORDS`` (a model-aware delta): a TABLE record (the blocks, zstd'd), a SKELETON
 record (the bytes between tensors, zstd'd against the old file's: skeleton.py), then
@@ -31,13 +31,14 @@ from typing import BinaryIO
 from artifact.delta.errors import CorruptPatchError, UnsupportedPatchError
 
 MAGIC = b"\x89HFDELT\n"
-FORMAT_VERSION = 3  # 2: QDQ-names skeleton dictionary; 3: the table indexes old tensors
+FORMAT_VERSION = 4  # 2: QDQ-names skeleton dictionary; 3: the table indexes old tensors;
+# 4: Rice-coded residual layouts (RICE, SPARSE), varint record lengths
 MAX_META = 1 << 20
 READ_CHUNK = 1 << 20
 
 _HEADER = struct.Struct("<8sHBBQ32sQ32sI")
 _CRC = struct.Struct("<I")
-_RECORD = struct.Struct("<BIQ")
+MAX_VARINT_BYTES = 10
 HEADER_SIZE = _HEADER.size + _CRC.size
 
 
@@ -142,15 +143,41 @@ class Record:
     data: bytes
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(stream: BinaryIO, what: str) -> tuple[int, bytes]:
+    """A varint read byte by byte from ``stream``, and its bytes (for the checksum)."""
+    raw = bytearray()
+    value = 0
+    while True:
+        byte = read_exact(stream, 1, what)[0]
+        value |= (byte & 0x7F) << (7 * len(raw))
+        raw.append(byte)
+        if byte < 0x80:
+            return value, bytes(raw)
+        if len(raw) >= MAX_VARINT_BYTES:
+            raise CorruptPatchError(f"{what} is not a valid length")
+
+
 def pack_record(kind: Kind, meta: bytes, data: bytes) -> bytes:
-    head = _RECORD.pack(kind, len(meta), len(data))
+    head = bytes([kind]) + _varint(len(meta)) + _varint(len(data))
     crc = zlib.crc32(data, zlib.crc32(meta, zlib.crc32(head)))
     return head + meta + data + _CRC.pack(crc)
 
 
 def _read_head(stream: BinaryIO, index: int, max_data: int) -> tuple[Kind, int, int, int]:
-    head = read_exact(stream, _RECORD.size, f"record {index}'s header")
-    kind, meta_len, data_len = _RECORD.unpack(head)
+    what = f"record {index}'s header"
+    kind = read_exact(stream, 1, what)[0]
+    meta_len, meta_raw = _read_varint(stream, what)
+    data_len, data_raw = _read_varint(stream, what)
+    head = bytes([kind]) + meta_raw + data_raw
     if kind not in Kind.__members__.values():
         raise CorruptPatchError(f"record {index} has unknown kind {kind}")
     if meta_len > MAX_META or data_len > max_data:

@@ -5,14 +5,16 @@ exponent bits cancel) or subtracted with wrap-around and zigzag'd (integers; flo
 bit patterns that moved a few ulps). It is then laid out as it is, split into byte
 planes (the high planes of a fine-tune are nearly all zero), or packed 8, 4 or 2
 small words to a byte with escapes; each resulting frame is stored, zstd'd, or marked
-all-zero. `best_residual` tries them all at a fast zstd level and keeps the smallest.
+all-zero. Small residuals may instead be Golomb-Rice coded, every word (RICE) or only
+the nonzero ones with the gaps between them (SPARSE). `best_residual` tries them all
+at a fast zstd level and keeps the smallest.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import zstandard
@@ -44,9 +46,17 @@ class Layout(enum.IntEnum):
     # PLANES after grouping the words by a key both sides know (the predicted float's
     # exponent): one set of planes per group, so zstd's tables fit each magnitude.
     GROUPED = 5
+    # Golomb-Rice codes (format 4): a word w costs (w >> k) + 1 + k bits. Near the
+    # entropy of small residuals, where zstd spends at least a bit a byte and a few
+    # bytes a match: RICE codes every word (int32 biases off by a few units), SPARSE
+    # only the nonzero ones, as the gaps between them and their values less one (a
+    # re-release that changed a weight in a hundred).
+    RICE = 6
+    SPARSE = 7
 
 
 PACK_BITS = {Layout.PACK1: 1, Layout.PACK2: 2, Layout.PACK4: 4}
+RICE_LAYOUTS = (Layout.RICE, Layout.SPARSE)
 
 
 class Frame(enum.IntEnum):
@@ -183,6 +193,10 @@ def pack_frames(
             out += pack_frames(ordered[begin:end], Layout.PLANES, level)
             begin = end
         return bytes(out)
+    if layout is Layout.RICE:
+        return rice_encode(words.astype(np.uint64))
+    if layout is Layout.SPARSE:
+        return sparse_encode(words)
     bits = PACK_BITS.get(layout)
     if bits is not None:
         limit = (1 << bits) - 1
@@ -226,6 +240,10 @@ def _read_words(
     reader: _PayloadReader, count: int, dtype: np.dtype[np.unsignedinteger], layout: Layout
 ) -> Words:
     width = dtype.itemsize
+    if layout is Layout.RICE:
+        return _fit(rice_decode(reader, count), dtype)
+    if layout is Layout.SPARSE:
+        return sparse_decode(reader, count, dtype)
     bits = PACK_BITS.get(layout)
     if bits is not None:
         limit = (1 << bits) - 1
@@ -266,6 +284,18 @@ class _PayloadReader:
         length = self._length()
         return np.frombuffer(decompress_exact(self._take(length), size), dtype=np.uint8)
 
+    def uint(self) -> int:
+        return self._length()
+
+    def take(self, n: int) -> memoryview:
+        return self._take(n)
+
+    def remaining(self) -> memoryview:
+        return self._data[self._pos :]
+
+    def skip(self, n: int) -> None:
+        self._take(n)
+
     def _length(self) -> int:
         result, shift = 0, 0
         while True:
@@ -288,6 +318,126 @@ class _PayloadReader:
     def finish(self) -> None:
         if self._pos != len(self._data):
             raise CorruptPatchError("a block's payload has bytes after its last frame")
+
+
+RICE_MAX_K = 63
+_RICE_CHUNK = 1 << 15  # words per step when unpacking remainder bits (bounds memory)
+_UNARY_CHUNK = 1 << 16  # bytes per step when scanning unary codes
+
+
+def _rice_k(u: NDArray[np.uint64]) -> int:
+    """The Rice parameter that codes ``u`` in the fewest bits (near log2 of the mean)."""
+    if not u.size:
+        return 0
+    mean = float(u.mean())
+    guess = max(0, int(np.log2(mean + 1)) - 1) if mean > 0 else 0
+    best: tuple[int, int] | None = None
+    for k in range(max(0, guess - 2), min(RICE_MAX_K, guess + 3) + 1):
+        bits = int((u >> np.uint64(k)).sum(dtype=np.uint64)) + u.size * (k + 1)
+        if best is None or bits < best[0]:
+            best = (bits, k)
+    assert best is not None
+    return best[1]
+
+
+def rice_encode(u: NDArray[np.uint64]) -> bytes:
+    """``k``, then the unary quotients (q zeros and a one, MSB first), then the k-bit
+    remainders, each part padded to a byte."""
+    k = _rice_k(u)
+    out = bytearray([k])
+    if not u.size:
+        return bytes(out)
+    q = (u >> np.uint64(k)).astype(np.int64)
+    ones = np.cumsum(q + 1) - 1
+    unary = np.zeros(int(ones[-1]) + 1, dtype=np.uint8)
+    unary[ones] = 1
+    out += np.packbits(unary).tobytes()
+    if k:
+        for start in range(0, u.size, _RICE_CHUNK):
+            part = u[start : start + _RICE_CHUNK]
+            shifts = np.arange(k - 1, -1, -1, dtype=np.uint64)
+            bits = ((part[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
+            out += np.packbits(bits.reshape(-1)).tobytes()
+    return bytes(out)
+
+
+def rice_decode(reader: _PayloadReader, count: int) -> NDArray[np.uint64]:
+    """Inverse of `rice_encode` for ``count`` words; a damaged stream is CorruptPatchError."""
+    head = reader.take(1)
+    k = head[0]
+    if k > RICE_MAX_K:
+        raise CorruptPatchError(f"a Rice code with parameter {k}")
+    out = np.empty(count, dtype=np.uint64)
+    if not count:
+        return out
+    data = reader.remaining()
+    found, base, last = 0, 0, -1
+    step = min(_UNARY_CHUNK, 16 + count // 4)  # about two bits a word, then doubling
+    while found < count:  # the ones end the codes: scan for ``count`` of them
+        chunk = data[base // 8 : base // 8 + step]
+        step = min(_UNARY_CHUNK, 2 * step)
+        if not len(chunk):
+            raise CorruptPatchError("a Rice code ends before its last word")
+        ones = np.flatnonzero(np.unpackbits(np.frombuffer(chunk, dtype=np.uint8)))
+        ones = ones[: count - found] + base
+        if ones.size:
+            out[found : found + ones.size] = np.diff(ones, prepend=last) - 1
+            last = int(ones[-1])
+            found += ones.size
+        base += len(chunk) * 8
+    reader.skip(last // 8 + 1)
+    if k:
+        shift = np.uint64(k)
+        for start in range(0, count, _RICE_CHUNK):
+            n = min(_RICE_CHUNK, count - start)
+            raw = reader.take(-(-n * k // 8))
+            bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[: n * k].reshape(n, k)
+            rem = np.zeros(n, dtype=np.uint64)
+            for i in range(k):
+                rem = (rem << np.uint64(1)) | bits[:, i].astype(np.uint64)
+            part = out[start : start + n]
+            if (part >> np.uint64(64 - k)).any():
+                raise CorruptPatchError("a Rice code overflows 64 bits")
+            out[start : start + n] = (part << shift) | rem
+    return out
+
+
+def _fit(u: NDArray[np.uint64], dtype: np.dtype[np.unsignedinteger]) -> Words:
+    if u.size and int(u.max()) > int(np.iinfo(dtype).max):
+        raise CorruptPatchError(f"a decoded word does not fit {dtype.name}")
+    return u.astype(dtype)
+
+
+def sparse_encode(words: Words) -> bytes:
+    """The count of nonzero words, then the gaps before each and their values less one."""
+    where = np.flatnonzero(words)
+    writer = varint.Writer()
+    writer.uint(int(where.size))
+    out = bytearray(writer.getvalue())
+    if where.size:
+        gaps = np.diff(where, prepend=-1) - 1
+        out += rice_encode(gaps.astype(np.uint64))
+        out += rice_encode(words[where].astype(np.uint64) - np.uint64(1))
+    return bytes(out)
+
+
+def sparse_decode(reader: _PayloadReader, count: int, dtype: np.dtype[np.unsignedinteger]) -> Words:
+    n = reader.uint()
+    if n > count:
+        raise CorruptPatchError(f"a sparse residual with {n} nonzero words of {count}")
+    words = np.zeros(count, dtype=dtype)
+    if n:
+        gaps = rice_decode(reader, n)
+        if int(gaps.sum(dtype=np.float64)) > count:  # float64: a sum that cannot wrap
+            raise CorruptPatchError("a sparse residual's positions run past its block")
+        where = np.cumsum(gaps.astype(np.int64) + 1) - 1
+        if where[-1] >= count:
+            raise CorruptPatchError("a sparse residual's positions run past its block")
+        values = rice_decode(reader, n)
+        if (values == np.uint64(2**64 - 1)).any():
+            raise CorruptPatchError("a sparse residual's value overflows")
+        words[where] = _fit(values + np.uint64(1), dtype)
+    return words
 
 
 def decompress_exact(
@@ -327,6 +477,7 @@ class Trial:
 
 
 PACK_WORTHWHILE = 0.75  # try a PACK layout when this share of words fits its codes
+SPARSE_WORTHWHILE = 0.5  # try SPARSE when at most this share of words is not zero
 
 
 def _layouts(res: Words) -> list[Layout]:
@@ -338,20 +489,41 @@ def _layouts(res: Words) -> list[Layout]:
             small = np.count_nonzero(res < res.dtype.type((1 << bits) - 1))
             if small >= PACK_WORTHWHILE * res.size:
                 layouts.append(layout)
+        if np.count_nonzero(res < res.dtype.type(255)) >= PACK_WORTHWHILE * res.size:
+            layouts.append(Layout.RICE)
+        if np.count_nonzero(res) <= SPARSE_WORTHWHILE * res.size:
+            layouts.append(Layout.SPARSE)
     return layouts
 
 
-def best_residual(new: Words, predicted: Words | None, grouping: Grouping | None = None) -> Trial:
-    """The smallest of the transform x layout options for ``new`` given a prediction."""
+def best_residual(
+    new: Words,
+    predicted: Words | None,
+    grouping: Grouping | None = None,
+    level: int = FAST_LEVEL,
+) -> Trial:
+    """The smallest of the transform x layout options for ``new`` given a prediction.
+
+    Sizes are taken at FAST_LEVEL, except that a Rice layout (whose size does not
+    depend on the level) is checked against the best zstd one at ``level``.
+    """
     best: Trial | None = None
+    best_zstd: Trial | None = None
     transforms = [Transform.XOR, Transform.SUB] if predicted is not None else [Transform.NONE]
     for transform in transforms:
         res = residual(new, predicted, transform)
         layouts = _layouts(res) + ([Layout.GROUPED] if grouping is not None else [])
         for layout in layouts:
             size = len(pack_frames(res, layout, FAST_LEVEL, grouping))
+            trial = Trial(size, transform, layout, res)
             if best is None or size < best.size:
-                best = Trial(size, transform, layout, res)
+                best = trial
+            if layout not in RICE_LAYOUTS and (best_zstd is None or size < best_zstd.size):
+                best_zstd = trial
     if best is None:  # _options is never empty
         raise AssertionError("no residual options")
+    if best.layout in RICE_LAYOUTS and best_zstd is not None and level != FAST_LEVEL:
+        slow = len(pack_frames(best_zstd.residual, best_zstd.layout, level, grouping))
+        if slow <= best.size:
+            return replace(best_zstd, size=slow)
     return best

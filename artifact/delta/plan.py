@@ -180,7 +180,7 @@ def _code_block(
         )
         predicted = predict(block, plan.old_model, plan.param_values)
         grouping = exponent_grouping(block, predicted)
-        trial = best_residual(new_words, predicted, grouping)
+        trial = best_residual(new_words, predicted, grouping, plan.level)
         if best is None or trial.size < best[0].size:
             best = (trial, block, candidate.predictor.name.lower(), grouping)
         if trial.size <= len(_planes_of(trial)):  # an all-zero residual: nothing beats it
@@ -375,7 +375,11 @@ def _param(plan: _Plan, span: TensorSpan) -> int:
     index = plan.param_index.get(span.offset)
     if index is not None:
         return index
-    block, payload, label = _code_block(plan, span, 0, span.count, _candidates(plan, span))
+    same = plan.old_by_digest.get(_digest(memoryview(plan.new)[span.offset : span.end]))
+    if same is not None and span.nbytes <= COPY_BYTES:  # kept as it was: a copy, no payload
+        block, payload, label = _copy_blocks(span, same)[0], b"", "copy"
+    else:
+        block, payload, label = _code_block(plan, span, 0, span.count, _candidates(plan, span))
     index = len(plan.params)
     plan.params.append(block)
     plan.param_values.append(Param(span.etype, span.storage, plan.words(span)))

@@ -76,8 +76,10 @@ def old_names(old_skeleton: bytes | memoryview) -> list[bytes]:
 
 
 def _field(tag: int, value: bytes) -> bytes:
-    head = bytearray([tag])
     n = len(value)
+    if n < 0x80:  # most names: one length byte (the common case, kept fast for the decoder)
+        return bytes((tag, n)) + value
+    head = bytearray([tag])
     while n >= 0x80:
         head.append((n & 0x7F) | 0x80)
         n >>= 7

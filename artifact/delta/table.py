@@ -1,13 +1,13 @@
 """The delta's table of contents: skeleton size, old ranges to cut, parameters and blocks.
 
-Format version 3. Both sides list the old file's tensors with `onnx_wire.find_tensors`
-(numpy-free protobuf walking; the base's sha256 is checked first, so the list is the
-same), and the table refers to them by index: an old tensor costs one varint instead of
-offset, size, dtype and storage, and the ranges cut from the old skeleton are runs of
-that list. A block's position is coded relative to the old tensor it is predicted from
-(zero when a re-release keeps the layout) or to the previous block's end, whichever
-the encoder found shorter. Fields are written column by column (all positions, then all
-sizes, ...) so that zstd sees runs of alike values.
+Format version 3 (4: copies carry no payload length). Both sides list the old file's
+tensors with `onnx_wire.find_tensors` (numpy-free protobuf walking; the base's sha256 is
+checked first, so the list is the same), and the table refers to them by index: an old
+tensor costs one varint instead of offset, size, dtype and storage, and the ranges cut
+from the old skeleton are runs of that list. A block's position is coded relative to the
+old tensor it is predicted from (zero when a re-release keeps the layout) or to the
+previous block's end, whichever the encoder found shorter. Fields are written column by
+column (all positions, then all sizes, ...) so that zstd sees runs of alike values.
 
 Every field is range-checked when read: a damaged table raises CorruptPatchError, never
 an IndexError deep in numpy.
@@ -59,13 +59,17 @@ class _Col(enum.IntEnum):
     """The table's columns, in the order they are stored."""
 
     HEAD = 0  # skeleton size, cuts, block counts
-    KIND = 1  # dtype, storage, predictor, transform, layout
+    KIND = 1  # dtype, storage, (layout x transform) x predictor
     POS = 2  # out offset: (zigzag delta << 1) | relative-to-the-old-tensor
     SIZE = 3  # word start and count, out size minus count x width; copies: out size
     REF = 4  # old tensors: 0 = explicit (EXPLICIT), else 1 + zigzag(index - previous)
     EXPLICIT = 5  # old tensor references not in the list: offset, size, dtype, storage
     ARGS = 6  # the predictors' own numbers: channels, parameter indices, clip range, ...
     LEN = 7  # payload lengths
+
+
+_PREDICTORS = 8  # KIND codes predictor, transform and layout in one number (format 4)
+assert max(Predictor) < _PREDICTORS
 
 
 class _Place(enum.IntEnum):
@@ -214,9 +218,7 @@ def _write_block(w: _Writers, b: Block, prev_end: int) -> None:
     kind = w[_Col.KIND]
     kind.uint(b.dtype)
     kind.uint(b.storage)
-    kind.uint(b.predictor)
-    kind.uint(b.transform)
-    kind.uint(b.layout)
+    kind.uint((b.layout * len(Transform) + b.transform) * _PREDICTORS + b.predictor)
     size = w[_Col.SIZE]
     args = w[_Col.ARGS]
     if b.predictor is Predictor.COPY:
@@ -269,7 +271,8 @@ def _write_block(w: _Writers, b: Block, prev_end: int) -> None:
         w[_Col.POS].uint(_zigzag(b.out_offset - ref.offset) << 2 | _Place.OLD_TENSOR)
     else:
         w[_Col.POS].uint(_zigzag(after) << 2 | _Place.AFTER)
-    w[_Col.LEN].uint(b.payload_len)
+    if b.predictor is not Predictor.COPY:  # a copy has no payload
+        w[_Col.LEN].uint(b.payload_len)
 
 
 def pack_table(table: Table, old: Sequence[OldRef]) -> bytes:
@@ -358,9 +361,10 @@ def _read_block(r: _Readers, prev_end: int) -> Block:
     kind = r[_Col.KIND]
     dtype = kind.uint(1 << 16)
     storage = Storage(kind.uint(1))
-    predictor = Predictor(kind.uint(max(Predictor)))
-    transform = Transform(kind.uint(2))
-    layout = Layout(kind.uint(max(Layout)))
+    code = kind.uint(len(Layout) * len(Transform) * _PREDICTORS - 1)
+    predictor = Predictor(code % _PREDICTORS)
+    transform = Transform(code // _PREDICTORS % len(Transform))
+    layout = Layout(code // _PREDICTORS // len(Transform))
     size, args = r[_Col.SIZE], r[_Col.ARGS]
     word_start, word_count, copy_from = 0, 0, 0
     if predictor is Predictor.COPY:
@@ -418,7 +422,7 @@ def _read_block(r: _Readers, prev_end: int) -> Block:
         decay,
         transform,
         layout,
-        r[_Col.LEN].uint(_BIG),
+        0 if predictor is Predictor.COPY else r[_Col.LEN].uint(_BIG),
     )
     pos = r[_Col.POS].uint(_BIG)
     delta = _unzigzag(pos >> 2)

@@ -11,6 +11,7 @@ import onnx
 
 from artifact import histogram
 from artifact.delta import apply_delta_bytes
+from artifact.delta.format import FORMAT_VERSION
 from artifact.manifest import Manifest
 from protos import fleet_pb2 as pb
 from tests.controller.helpers import (
@@ -480,7 +481,13 @@ def test_fetch_with_a_base_sends_a_delta_computed_once_and_resumable(tmp_path: P
             assert total < len(new_data) / 5  # 2 % of the weights moved
             assert apply_delta_bytes(old_data, payload, new_art.sha256) == new_data
 
-            record = c.config.blob_dir / "deltas" / old_art.sha256 / f"{new_art.sha256}.json"
+            record = (
+                c.config.blob_dir
+                / "deltas"
+                / f"v{FORMAT_VERSION}"
+                / old_art.sha256
+                / f"{new_art.sha256}.json"
+            )
             assert json.loads(record.read_text())["sha256"] == digest
             blobs_before, record_before = c.blob_files(), record.stat().st_mtime_ns
 
