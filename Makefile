@@ -27,8 +27,9 @@ test: setup system-tools
 bench: setup system-tools
 	$(PY) -m bench
 
-# The generic diff tools the delta tests and benchmark compare against (Debian packages).
-SYSTEM_TOOLS := zstd xdelta3 bsdiff
+# The generic diff tools the delta tests and benchmark compare against, and the browser the
+# dashboard test drives through Playwright (Debian packages; chromium is /usr/bin/chromium).
+SYSTEM_TOOLS := zstd xdelta3 bsdiff chromium
 system-tools:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do \
 		command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \

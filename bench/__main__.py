@@ -13,16 +13,16 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from bench import compression, delta, plots
+from bench import compression, delta, ingest, plots
 from bench.compression import DEVICE_CLASSES, TARGETS
-from bench.report import Results, render
+from bench.report import Results, render, splice
 from controller.compression.recipe import Distill
 
 console = Console(stderr=True)
 app = typer.Typer(add_completion=False)
 
 PLANNER_WORKLOADS = ("plaid", "basic-motions", "italy-power", "minilm")
-SECTIONS = ("targets", "planner", "techniques", "distillation", "delta")
+SECTIONS = ("targets", "planner", "techniques", "distillation", "delta", "ingest")
 DISTILL_STEP = Distill(student="ds-cnn1d", width=1.0)  # the student the PLAID planner picks
 
 
@@ -78,9 +78,20 @@ def main(
             )
         if "delta" in wanted and not quick:
             results.delta = delta.delta_rows(work_dir, progress)
+        if "ingest" in wanted:
+            results.ingest = (
+                ingest.ingest_rows(progress, (100,), (ingest.BATCH_WINDOWS,), seconds=2.0)
+                if quick
+                else ingest.ingest_rows(progress)
+            )
     results.seconds = time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(results, out) + "\n")
+    report = render(results, out)
+    raw_path = out.parent / "results.json"
+    partial = wanted != set(SECTIONS) and out.exists() and raw_path.exists()
+    if partial:  # keep the other sections' stored results
+        report = splice(out.read_text(), report, wanted)
+    out.write_text(report + "\n")
     raw = {
         "command": results.command,
         "seconds": results.seconds,
@@ -92,8 +103,12 @@ def main(
         "techniques": [asdict(t) for t in results.techniques],
         "distillation": compression.as_json(results.distillation),
         "delta": delta.as_json(results.delta),
+        "ingest": ingest.as_json(results.ingest),
     }
-    (out.parent / "results.json").write_text(json.dumps(raw, indent=2) + "\n")
+    if partial:
+        kept = json.loads(raw_path.read_text())
+        raw = {**kept, **{s: raw[s] for s in wanted}}
+    raw_path.write_text(json.dumps(raw, indent=2) + "\n")
     console.print(f"wrote {out} and {out.parent / 'results.json'}")
 
 

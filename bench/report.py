@@ -14,6 +14,7 @@ import torch
 
 from bench.compression import DistillRow, PlannerRow, TargetRow, TechniqueRow, TechniqueTable
 from bench.delta import DeltaRow, render_delta
+from bench.ingest import IngestRow, render_ingest
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Results:
     techniques: list[TechniqueTable] = field(default_factory=list)
     distillation: list[DistillRow] = field(default_factory=list)
     delta: list[DeltaRow] = field(default_factory=list)
+    ingest: list[IngestRow] = field(default_factory=list)
     plots: dict[str, Path] = field(default_factory=dict)
 
 
@@ -212,4 +214,111 @@ def render(results: Results, out: Path) -> str:
             *render_delta(results.delta),
             "",
         ]
+    if results.ingest:
+        lines += _ingest(results)
     return "\n".join(lines)
+
+
+def _ingest(results: Results) -> list[str]:
+    return [
+        "## Telemetry ingest (issue 5)",
+        "",
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; reproduce: "
+        f"`{results.command}` (`bench/ingest.py`).",
+        "",
+        "One controller process as `homefleet controller serve` runs it (embedded SQLite, "
+        "WAL, synchronous=NORMAL), N registered devices, and client processes driving "
+        "`ReportTelemetry` over gRPC on loopback for a fixed time: each call one device's "
+        f"next windows with realistic histograms, {results.ingest[0].in_flight} calls in flight. "
+        "Windows/s counts the "
+        "rows in the database after the run over the drive's wall time (checked equal to "
+        "the windows acknowledged). The clients run on the same cores as the controller; "
+        "their CPU is shown (a core = 1.00). Concurrent calls are group-committed "
+        "(`controller/telemetry_ingest.py`): one transaction stores every call queued "
+        "while the previous one committed, and each call is acknowledged after that commit.",
+        "",
+        *render_ingest(results.ingest),
+        "",
+        _ingest_verdict(results.ingest),
+        "",
+        "The load average is the machine's before each drive: the 2 cores were shared "
+        "with other work, and a drive where the controller got less than one core stored "
+        "less. One controller process runs its Python on one core (the GIL); at 10 "
+        "windows per call a profile (py-spy) puts about 40 % of it in gRPC's per-call work, "
+        "20 % in the handlers and asyncio and 30 % in the store, so larger calls amortise "
+        "the per-call part. SQLite's own work runs outside the GIL in the writer thread.",
+        "",
+        "Before group commit (one transaction per call, HEAD d4368a1), the same harness "
+        "measured 3,449 / 3,228 / 3,054 windows/s at 100 / 1,000 / 10,000 devices with 10 "
+        "windows per call (p50 170-191 ms), the controller using one core.",
+        "",
+    ]
+
+
+INGEST_TARGET = 20_000  # windows/s (issue 5)
+
+
+def _ingest_verdict(rows: Sequence[IngestRow]) -> str:
+    best = max(rows, key=lambda r: r.windows_per_s)
+    met = [r for r in rows if r.windows_per_s >= INGEST_TARGET]
+    verdict = f"**met** in {len(met)} of {len(rows)} runs" if met else "**not met** in any run"
+    growth = []
+    for batch in sorted({r.batch_windows for r in rows}):
+        same = sorted((r for r in rows if r.batch_windows == batch), key=lambda r: r.devices)
+        if len(same) > 1:
+            growth.append(
+                f"x{same[-1].windows_per_s / same[0].windows_per_s:.2f} at {batch} per call"
+            )
+    grows = (
+        f" From {min(r.devices for r in rows):,} to {max(r.devices for r in rows):,} "
+        f"devices windows/s changes {', '.join(growth)}: per device a commit touches one "
+        "row of the devices update, of the reporting upsert and of the highest-seq query, "
+        "so the cost follows calls and windows rather than fleet size."
+        if growth
+        else ""
+    )
+    return (
+        f"Target ≥ {INGEST_TARGET:,} windows/s: {verdict}; best "
+        f"{best.windows_per_s:,.0f} windows/s ({best.devices:,} devices, "
+        f"{best.batch_windows} windows per call).{grows}"
+    )
+
+
+SECTION_HEADINGS = {
+    "targets": "## Headline targets",
+    "planner": "## Planner artifact",
+    "techniques": "## Each technique alone",
+    "distillation": "## Distillation",
+    "delta": "## Model updates",
+    "ingest": "## Telemetry ingest",
+}
+
+
+def _blocks(text: str) -> tuple[str, list[tuple[str | None, str]]]:
+    """The text before the first section, then each ``## `` block with its section."""
+    parts = text.split("\n## ")
+    blocks = []
+    for part in parts[1:]:
+        block = "## " + part
+        section = next((s for s, h in SECTION_HEADINGS.items() if block.startswith(h)), None)
+        blocks.append((section, block))
+    return parts[0], blocks
+
+
+def splice(old: str, new: str, sections: set[str]) -> str:
+    """``old`` with the blocks of ``sections`` taken from ``new``: a run of some sections
+    keeps every other section's results (and the header of the run that made them)."""
+    head, old_blocks = _blocks(old.rstrip("\n"))
+    _, new_blocks = _blocks(new.rstrip("\n"))
+    fresh = {s: [b for t, b in new_blocks if t == s] for s in sections}
+    out, placed = [head], set()
+    for section, block in old_blocks:
+        if section in sections:
+            if section not in placed:
+                out += fresh[section]
+                placed.add(section)
+        else:
+            out.append(block)
+    for section in sorted(sections - placed):
+        out += fresh[section]
+    return "\n".join(b.rstrip("\n") + "\n" for b in out).rstrip("\n")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 KIB = 1024
@@ -18,6 +18,54 @@ MAX_MODEL_BYTES_LIMIT = 2 * GIB - 1
 
 class ConfigError(ValueError):
     """A controller setting is out of range; the message names the field and what is accepted."""
+
+
+@dataclass(frozen=True)
+class BudgetPolicy:
+    """How eagerly the budget loop acts: slice length, hysteresis, sample floor, canary."""
+
+    # One judged slice of telemetry; agents' windows (default 10 s) fall into slices by
+    # their end time, so a slice should be at least one agent window long.
+    window_seconds: int = 10
+    # K: this many slices in a row must miss (or, for a canary, meet) before acting.
+    windows_in_a_row: int = 3
+    # A slice with fewer inferences than this has no verdict (a p95 of 5 samples is noise).
+    min_samples: int = 50
+    # Share of the class's devices that get a candidate first (at least one device).
+    canary_share: float = 0.25
+    # The recompression aims this far under the budget (0.9: 10 % headroom).
+    latency_margin: float = 0.9
+    # A canary with no verdict after this long is rolled back (it could not be judged).
+    canary_timeout_seconds: int = 900
+    # After a rollout ends, the same (model, class) is not judged again for this long,
+    # and only on telemetry sent after the rollout ended.
+    cooldown_seconds: int = 60
+    # How often the loop looks (0: never by itself; tests call ``tick``).
+    check_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check_range("budget_window_seconds", self.window_seconds, 1, 86_400)
+        _check_range("budget_windows_in_a_row", self.windows_in_a_row, 1, 1_000)
+        _check_range("budget_min_samples", self.min_samples, 1, 10_000_000)
+        _check_range("canary_timeout_seconds", self.canary_timeout_seconds, 1, 7 * 86_400)
+        _check_range("cooldown_seconds", self.cooldown_seconds, 0, 7 * 86_400)
+        if not 0 < self.canary_share <= 1:
+            raise ConfigError(f"canary_share must be in (0, 1], got {self.canary_share}")
+        if not 0 < self.latency_margin <= 1:
+            raise ConfigError(f"latency_margin must be in (0, 1], got {self.latency_margin}")
+        if not 0 <= self.check_seconds <= 3600:
+            raise ConfigError(f"budget_check_seconds must be 0..3600, got {self.check_seconds}")
+
+    @property
+    def window_ms(self) -> int:
+        return self.window_seconds * 1000
+
+    def canary_size(self, devices: int) -> int:
+        """How many of ``devices`` get the candidate first: the share, at least one, and
+        never the whole class when it has more than one device (a canary needs a rest)."""
+        if devices <= 1:
+            return devices
+        return min(max(1, round(devices * self.canary_share)), devices - 1)
 
 
 @dataclass(frozen=True)
@@ -42,9 +90,16 @@ class ControllerConfig:
     max_active_jobs: int = 16
     # Prometheus /metrics on this TCP port of ``host`` (0: any free port; None: off).
     metrics_port: int | None = None
+    # Device-class YAML files whose budgets the budget loop checks (None: no loop).
+    device_classes_dir: Path | None = None
+    # How the budget loop judges and acts (slices, hysteresis, canary share).
+    budget_policy: BudgetPolicy = field(default_factory=BudgetPolicy)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
+        if self.device_classes_dir is not None:
+            classes = Path(self.device_classes_dir).expanduser().resolve()
+            object.__setattr__(self, "device_classes_dir", classes)
         if not self.host or any(c.isspace() for c in self.host):
             raise ConfigError(f"host must be a host name or IP address, got {self.host!r}")
         _check_range("port", self.port, 0, 65535)

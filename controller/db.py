@@ -179,6 +179,47 @@ class TelemetryWindowRow(Base):
     received_unix_ms: Mapped[int] = mapped_column(BigInteger)
 
 
+class TelemetryRollupRow(Base):
+    """Running sums of every stored window per (class, model, artifact bytes, energy
+    source), updated in the ingest transaction: a /metrics scrape reads these few rows
+    instead of summing every window ever stored. The class is the device's at ingest."""
+
+    __tablename__ = "telemetry_rollup"
+    __table_args__ = (
+        UniqueConstraint(
+            "device_class",
+            "model_name",
+            "artifact_sha256",
+            "energy_source",
+            name="uq_telemetry_rollup_key",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_class: Mapped[str] = mapped_column(String(NAME))
+    model_name: Mapped[str] = mapped_column(String(NAME))
+    artifact_sha256: Mapped[str] = mapped_column(String(DIGEST))
+    energy_source: Mapped[str] = mapped_column(String(32))
+    windows: Mapped[int] = mapped_column(BigInteger)
+    count: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    cpu_seconds: Mapped[float] = mapped_column(Float)
+    joules: Mapped[float] = mapped_column(Float)
+    latency_bucket_counts: Mapped[list[Any]] = mapped_column(JSON)
+
+
+class TelemetryReportingRow(Base):
+    """When each device last sent windows of a (model, artifact): "devices reporting"
+    counts these rows (one per device and artifact), not the windows."""
+
+    __tablename__ = "telemetry_reporting"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(NAME), primary_key=True)
+    artifact_sha256: Mapped[str] = mapped_column(String(DIGEST), primary_key=True)
+    received_unix_ms: Mapped[int] = mapped_column(BigInteger)
+
+
 ACTIVE_JOB_STATES_SQL = "state IN ('queued', 'running')"
 
 
@@ -236,6 +277,64 @@ class CompressionTrialRow(Base):
     energy_mj: Mapped[float] = mapped_column(Float, default=0.0)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     error: Mapped[str] = mapped_column(Text, default="")
+
+
+ACTIVE_ROLLOUT_STATES_SQL = "state IN ('recompressing', 'canary')"
+
+
+class RolloutRow(Base):
+    """One closed-loop fix of a (model, device class) that missed its budget.
+
+    recompressing -> canary -> promoted | rolled_back, or failed at any step. At most one
+    active rollout per (model, class): the partial unique index settles even two
+    replicas noticing the same miss at once, so a miss starts exactly one recompression.
+    """
+
+    __tablename__ = "rollouts"
+    __table_args__ = (
+        Index(
+            "uq_rollouts_active",
+            "model_name",
+            "device_class",
+            unique=True,
+            sqlite_where=text(ACTIVE_ROLLOUT_STATES_SQL),
+            postgresql_where=text(ACTIVE_ROLLOUT_STATES_SQL),
+        ),
+        CheckConstraint(
+            "state IN ('recompressing', 'canary', 'promoted', 'rolled_back', 'failed')",
+            name="ck_rollouts_state",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(String(NAME))
+    device_class: Mapped[str] = mapped_column(String(NAME))
+    state: Mapped[str] = mapped_column(String(16))
+    baseline_artifact_id: Mapped[str] = mapped_column(String(3 * NAME))
+    candidate_artifact_id: Mapped[str] = mapped_column(String(3 * NAME), default="")
+    job_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    canary_devices: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # The planner's per-class speed the recompression used (observed-to-predicted).
+    relative_speed: Mapped[float] = mapped_column(Float)
+    p95_target_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_unix_ms: Mapped[int] = mapped_column(BigInteger)
+    updated_unix_ms: Mapped[int] = mapped_column(BigInteger)
+    canary_since_unix_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    finished_unix_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class CompressionInputRow(Base):
+    """What a compression job was started from, kept so the budget loop can run it again:
+    the calibration data (a blob) and the device class as the request declared it."""
+
+    __tablename__ = "compression_inputs"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("compression_jobs.id"), primary_key=True)
+    calibration_sha256: Mapped[str] = mapped_column(String(DIGEST), default="")
+    device_class_yaml: Mapped[str] = mapped_column(Text, default="")
+    max_size_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 def make_engine(url: str) -> Engine:

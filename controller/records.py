@@ -315,6 +315,16 @@ class NewCompressionJob:
     workload: str
     device_class: str
     owner: str  # the controller running it (host and data directory)
+    inputs: CompressionInputs | None = None  # kept so the budget loop can run it again
+
+
+@dataclass(frozen=True)
+class CompressionInputs:
+    """What a job started from, beyond its source: enough to start it again."""
+
+    calibration_sha256: str  # a blob; empty for a workload (it brings its own data)
+    device_class_yaml: str  # the class as the job used it (overrides applied)
+    max_size_ratio: float | None
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,36 @@ def serve(
         "--metrics-port",
         help="Serve Prometheus /metrics on this port of --host (0 picks a free one; default: off).",
     ),
+    device_classes: Path | None = typer.Option(
+        None,
+        "--device-classes",
+        help="Directory of device-class YAML files (e.g. deploy/device-classes): the budget "
+        "loop checks each class's telemetry against its budgets (default: no loop).",
+    ),
+    budget_window_seconds: int = typer.Option(
+        10, "--budget-window-seconds", help="Length of one judged telemetry slice (1..86400)."
+    ),
+    budget_windows: int = typer.Option(
+        3, "--budget-windows", help="K: slices in a row that must miss before acting (1..1000)."
+    ),
+    budget_min_samples: int = typer.Option(
+        50, "--budget-min-samples", help="Fewest inferences for a slice to be judged."
+    ),
+    budget_check_seconds: float = typer.Option(
+        5.0, "--budget-check-seconds", help="How often the budget loop looks (0: never)."
+    ),
+    canary_share: float = typer.Option(
+        0.25, "--canary-share", help="Share of a class's devices that get a candidate first."
+    ),
+    canary_timeout_seconds: int = typer.Option(
+        900, "--canary-timeout-seconds", help="Roll back a canary with no verdict after this."
+    ),
+    budget_cooldown_seconds: int = typer.Option(
+        60, "--budget-cooldown-seconds", help="Quiet time for a class after a rollout ends."
+    ),
 ) -> None:
     """Run the controller until SIGTERM or SIGINT (then stop gracefully, exit 0)."""
-    from controller.config import ConfigError, ControllerConfig
+    from controller.config import BudgetPolicy, ConfigError, ControllerConfig
 
     level = log_level.lower()
     if level not in LOG_LEVELS:
@@ -67,6 +94,16 @@ def serve(
             heartbeat_seconds=heartbeat_seconds,
             max_model_bytes=max_model_bytes,
             metrics_port=metrics_port,
+            device_classes_dir=device_classes,
+            budget_policy=BudgetPolicy(
+                window_seconds=budget_window_seconds,
+                windows_in_a_row=budget_windows,
+                min_samples=budget_min_samples,
+                canary_share=canary_share,
+                canary_timeout_seconds=canary_timeout_seconds,
+                cooldown_seconds=budget_cooldown_seconds,
+                check_seconds=budget_check_seconds,
+            ),
         )
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -28,16 +28,20 @@ from controller.admin import AdminHandlers
 from controller.agents import AgentHandlers
 from controller.blobstore import BlobStore
 from controller.config import MAX_MESSAGE_BYTES, ControllerConfig
+from controller.dashboard.http import DashboardServer, serve_dashboard
 from controller.db import create_schema, make_engine
+from controller.device_classes import DeviceClassError
+from controller.fleet_classes import DeviceClassRegistry
 from controller.jobs.handlers import CompressionHandlers
 from controller.jobs.runner import JobRunner
 from controller.jobs.watchers import JobWatchers
 from controller.keys import KeyStoreError, load_key_chain, load_signing_key, public_key_path
 from controller.limits import RpcLimits
 from controller.notify import AssignmentNotifier
+from controller.rollouts.loop import RolloutLoop
+from controller.rollouts.store import RolloutStore
 from controller.servicers import AdminServicer, AgentServicer
 from controller.sql_store import SqlStore
-from controller.telemetry_metrics import MetricsServer, serve_metrics
 from protos import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -106,7 +110,9 @@ class ControllerServer:
         self._notifier = AssignmentNotifier()
         self._job_watchers = JobWatchers()
         self._jobs: JobRunner | None = None
-        self._metrics: MetricsServer | None = None
+        self._metrics: DashboardServer | None = None  # /metrics and the dashboard
+        self._agents: AgentHandlers | None = None
+        self.budget_loop: RolloutLoop | None = None
         self.port = 0
         self.info: ControllerInfo | None = None
 
@@ -133,6 +139,9 @@ class ControllerServer:
             raise ControllerStartError(str(exc)) from exc
         store = SqlStore(self._engine)
         resigned = await asyncio.to_thread(store.resign_artifacts, key.key_id, key.sign)
+        backfilled = await asyncio.to_thread(store.backfill_telemetry_rollup)
+        if backfilled:
+            log.info("telemetry rollup built from %d stored window(s)", backfilled)
         if resigned:
             log.info(
                 "re-signed %d artifact manifest(s) with the current key %s", resigned, key.key_id
@@ -140,9 +149,10 @@ class ControllerServer:
         limits = RpcLimits(config.max_concurrent_rpcs, config.max_watch_streams)
 
         server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._agents = AgentHandlers(store, blobs, config, self._notifier)
         fleet_pb2_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
             AgentServicer(
-                AgentHandlers(store, blobs, config, self._notifier),
+                self._agents,
                 limits,
                 [link.to_json_bytes() for link in chain],
             ),
@@ -156,6 +166,24 @@ class ControllerServer:
             raise ControllerStartError(f"cannot use {config.jobs_dir}: {exc}") from exc
         self._jobs = runner
         compression = CompressionHandlers(store, blobs, config, runner, self._job_watchers)
+        try:
+            classes = (
+                DeviceClassRegistry.load(config.device_classes_dir)
+                if config.device_classes_dir is not None
+                else DeviceClassRegistry()
+            )
+        except DeviceClassError as exc:
+            raise ControllerStartError(str(exc)) from exc
+        self.budget_loop = RolloutLoop(
+            store,
+            RolloutStore(self._engine),
+            blobs,
+            admin,
+            compression,
+            self._notifier,
+            classes,
+            config.budget_policy,
+        )
         fleet_pb2_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
             AdminServicer(admin, compression, limits), server
         )
@@ -175,7 +203,9 @@ class ControllerServer:
             )
         if config.metrics_port is not None:
             try:
-                self._metrics = serve_metrics(store, config.host, config.metrics_port)
+                self._metrics = serve_dashboard(
+                    store, config.host, config.metrics_port, classes.classes
+                )
             except OSError as exc:
                 raise ControllerStartError(
                     f"cannot serve /metrics on {bind_address(config.host, config.metrics_port)}: "
@@ -185,6 +215,13 @@ class ControllerServer:
         self._server = server
         for service in ("", AGENT_SERVICE, ADMIN_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.budget_loop.start()
+        if classes.classes:
+            log.info(
+                "budget loop watching device classes %s (from %s)",
+                ", ".join(classes.names()),
+                classes.source,
+            )
 
         self.info = ControllerInfo(
             address=self.address,
@@ -203,7 +240,8 @@ class ControllerServer:
             key.key_id,
         )
         if self.info.metrics_address:
-            log.info("Prometheus metrics on http://%s/metrics", self.info.metrics_address)
+            address = self.info.metrics_address
+            log.info("Prometheus /metrics and the dashboard on http://%s/", address)
         return self.info
 
     async def stop(self, grace: float | None = None) -> None:
@@ -211,12 +249,17 @@ class ControllerServer:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         self._notifier.close()
+        if self.budget_loop is not None:
+            await self.budget_loop.stop()
         if self._jobs is not None:
             await self._jobs.close()  # running jobs fail as 'controller stopped'
             self._jobs = None
         if self._server is not None:
             await self._server.stop(self.config.grace_seconds if grace is None else grace)
             self._server = None
+        if self._agents is not None:  # the last telemetry commit, before the engine goes
+            await self._agents.close()
+            self._agents = None
         if self._metrics is not None:  # before the engine goes: a scrape reads the store
             await asyncio.to_thread(self._metrics.stop)
             self._metrics = None

@@ -10,10 +10,21 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, Engine, and_, cast, func, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    Engine,
+    and_,
+    cast,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,12 +34,15 @@ from controller.clock import unix_ms
 from controller.db import (
     ArtifactRow,
     AssignmentRow,
+    CompressionInputRow,
     CompressionJobRow,
     CompressionTrialRow,
     DeviceModelRow,
     DeviceRow,
     EventRow,
     ModelRow,
+    TelemetryReportingRow,
+    TelemetryRollupRow,
     TelemetryWindowRow,
 )
 from controller.errors import ErrorCode, FleetError, not_found
@@ -37,6 +51,7 @@ from controller.records import (
     AssignResult,
     AssignTarget,
     BudgetVerdictRecord,
+    CompressionInputs,
     CompressionJobRecord,
     DesiredAssignment,
     DesiredSet,
@@ -62,7 +77,7 @@ from controller.records import (
     TelemetryWindow,
     TrialRecord,
 )
-from controller.store import Store, VersionConflictError
+from controller.store import Store, TelemetryPoint, TelemetrySeries, VersionConflictError
 
 T = TypeVar("T")
 RETRIES = 10
@@ -439,50 +454,97 @@ class SqlStore(Store):
         self._retry(work)
 
     def store_telemetry(self, device_id: str, windows: Sequence[TelemetryWindow]) -> int:
+        highest = self.store_telemetry_batches({device_id: windows})
+        if device_id not in highest:
+            raise not_found(
+                f"device {device_id!r} is not registered; register first (AgentService.Register)"
+            )
+        return highest[device_id]
+
+    def backfill_telemetry_rollup(self) -> int:
+        """Build the rollup and reporting rows from stored windows when the rollup is empty
+        but windows exist (a database from before the rollup); returns the windows counted.
+
+        One transaction, read in chunks: a controller that stops half-way leaves the
+        rollup empty and the next start does it again."""
+
         def work(session: Session) -> int:
+            if session.scalar(select(TelemetryRollupRow.id).limit(1)) is not None:
+                return 0
+            w = TelemetryWindowRow
+            query = select(w, DeviceRow.device_class).join(
+                DeviceRow, DeviceRow.device_id == w.device_id
+            )
+            counted = 0
+            for chunk in session.execute(query.execution_options(yield_per=5000)).partitions():
+                stored = [(row.device_id, _window_record(row)) for row, _ in chunk]
+                classes = {row.device_id: device_class for row, device_class in chunk}
+                _add_to_rollup(session, stored, classes)
+                latest = max(row.received_unix_ms for row, _ in chunk)
+                _mark_reporting(session, stored, latest)
+                counted += len(stored)
+            return counted
+
+        return self._retry(work)
+
+    def store_telemetry_batches(
+        self, batches: Mapping[str, Sequence[TelemetryWindow]]
+    ) -> dict[str, int]:
+        """One transaction for many devices: a bulk insert that skips (device, seq) pairs
+        already stored, so a resent batch is stored once without reading it back first;
+        the windows it did store are added to the rollup the scrape reads."""
+
+        def work(session: Session) -> dict[str, int]:
             now = self._now()
-            device = _require_device(session, device_id)
-            device.last_seen_unix_ms = now
-            seqs = {w.seq for w in windows}
-            stored = (
-                set(
-                    session.scalars(
-                        select(TelemetryWindowRow.seq).where(
-                            TelemetryWindowRow.device_id == device_id,
-                            TelemetryWindowRow.seq.in_(seqs),
-                        )
-                    )
+            classes: dict[str, str] = {}
+            for chunk in _chunks(sorted(batches)):
+                for device_id, device_class in session.execute(
+                    update(DeviceRow)
+                    .where(DeviceRow.device_id.in_(chunk))
+                    .values(last_seen_unix_ms=now)
+                    .returning(DeviceRow.device_id, DeviceRow.device_class)
+                ):
+                    classes[device_id] = device_class
+            known = sorted(classes)
+            windows = [
+                (device_id, w)
+                for device_id in known
+                for w in {w.seq: w for w in batches[device_id]}.values()
+            ]
+            rows = [
+                (
+                    device_id,
+                    w.seq,
+                    w.model_name,
+                    w.artifact_sha256,
+                    w.start_unix_ms,
+                    w.end_unix_ms,
+                    w.count,
+                    w.errors,
+                    "[" + ",".join(map(str, w.latency_bucket_counts)) + "]",  # JSON ints
+                    w.cpu_seconds,
+                    w.joules,
+                    w.energy_source,
+                    w.peak_memory_bytes,
+                    now,
                 )
-                if seqs
-                else set()
-            )
-            fresh = {w.seq: w for w in windows if w.seq not in stored}
-            for w in fresh.values():
-                session.add(
-                    TelemetryWindowRow(
-                        device_id=device_id,
-                        seq=w.seq,
-                        model_name=w.model_name,
-                        artifact_sha256=w.artifact_sha256,
-                        start_unix_ms=w.start_unix_ms,
-                        end_unix_ms=w.end_unix_ms,
-                        count=w.count,
-                        errors=w.errors,
-                        latency_bucket_counts=list(w.latency_bucket_counts),
-                        cpu_seconds=w.cpu_seconds,
-                        joules=w.joules,
-                        energy_source=w.energy_source,
-                        peak_memory_bytes=w.peak_memory_bytes,
-                        received_unix_ms=now,
-                    )
-                )
-            session.flush()
-            highest = session.scalar(
-                select(func.max(TelemetryWindowRow.seq)).where(
-                    TelemetryWindowRow.device_id == device_id
-                )
-            )
-            return int(highest or 0)
+                for device_id, w in windows
+            ]
+            if rows:
+                inserted = _insert_new_windows(session, rows)
+                stored = [(d, w) for d, w in windows if (d, w.seq) in inserted]
+                _add_to_rollup(session, stored, classes)
+                _mark_reporting(session, stored, now)
+            w = TelemetryWindowRow
+            highest: dict[str, int] = dict.fromkeys(known, 0)
+            for chunk in _chunks(known):
+                for device_id, seq in session.execute(
+                    select(w.device_id, func.max(w.seq))
+                    .where(w.device_id.in_(chunk))
+                    .group_by(w.device_id)
+                ):
+                    highest[device_id] = int(seq)
+            return highest
 
         return self._retry(work)
 
@@ -552,29 +614,42 @@ class SqlStore(Store):
     # ---------------------------------------------------------------- telemetry aggregates
     def telemetry_totals(self, reporting_since_unix_ms: int) -> list[TelemetryTotals]:
         def work(session: Session) -> list[TelemetryTotals]:
-            w = TelemetryWindowRow
-            group = (DeviceRow.device_class, w.model_name, w.artifact_sha256)
-            sums = session.execute(
-                select(*group, w.energy_source, *_window_sums())
-                .join(DeviceRow, DeviceRow.device_id == w.device_id)
-                .group_by(*group, w.energy_source)
-                .order_by(*group, w.energy_source)
-                .limit(MAX_LIST)
-            ).all()
+            # O(artifacts) rows, not O(windows): the rollup the ingest transaction keeps,
+            # and one row per (device, model, artifact) for "devices reporting".
+            r, p = TelemetryRollupRow, TelemetryReportingRow
+            sums = list(
+                session.scalars(
+                    select(r)
+                    .order_by(r.device_class, r.model_name, r.artifact_sha256, r.energy_source)
+                    .limit(MAX_LIST)
+                )
+            )
+            group = (DeviceRow.device_class, p.model_name, p.artifact_sha256)
             reporting = session.execute(
-                select(*group, func.count(func.distinct(w.device_id)))
-                .join(DeviceRow, DeviceRow.device_id == w.device_id)
-                .where(w.received_unix_ms >= reporting_since_unix_ms)
+                select(*group, func.count())
+                .join(DeviceRow, DeviceRow.device_id == p.device_id)
+                .where(p.received_unix_ms >= reporting_since_unix_ms)
                 .group_by(*group)
                 .limit(MAX_LIST)
             ).all()
-            keys = {(r[0], r[1], r[2]) for r in sums}
+            keys = {(row.device_class, row.model_name, row.artifact_sha256) for row in sums}
             ids = _artifact_ids(session, keys)
             totals: dict[tuple[str, str, str], _Totals] = {}
             for row in sums:
-                cls, model, sha, source = row[0], row[1], row[2], row[3]
-                key = (cls, model, ids[(cls, model, sha)])
-                totals.setdefault(key, _Totals()).add(_WindowSums.of(row[4:]), source)
+                key = (
+                    row.device_class,
+                    row.model_name,
+                    ids[(row.device_class, row.model_name, row.artifact_sha256)],
+                )
+                summed = _WindowSums(
+                    windows=int(row.windows),
+                    count=int(row.count),
+                    errors=int(row.errors),
+                    cpu_seconds=float(row.cpu_seconds),
+                    joules=float(row.joules),
+                    buckets=[int(b) for b in row.latency_bucket_counts],
+                )
+                totals.setdefault(key, _Totals()).add(summed, row.energy_source)
             for cls, model, sha, devices in reporting:
                 key = (cls, model, ids.get((cls, model, sha), _short(sha)))
                 totals.setdefault(key, _Totals()).devices += int(devices)
@@ -635,6 +710,60 @@ class SqlStore(Store):
 
         return self._read(work)
 
+    def telemetry_series(
+        self, since_unix_ms: int, until_unix_ms: int, bucket_ms: int
+    ) -> list[TelemetrySeries]:
+        if bucket_ms <= 0 or until_unix_ms <= since_unix_ms:
+            raise ValueError(
+                f"telemetry_series needs since < until and bucket_ms > 0, got since="
+                f"{since_unix_ms} until={until_unix_ms} bucket_ms={bucket_ms}"
+            )
+
+        def work(session: Session) -> list[TelemetrySeries]:
+            w = TelemetryWindowRow
+            # Inlined integers (int() makes them safe), so PostgreSQL sees the same
+            # expression in SELECT and GROUP BY rather than two different parameters.
+            since = literal_column(str(int(since_unix_ms)), BigInteger)
+            step = literal_column(str(int(bucket_ms)), BigInteger)
+            bucket = (w.end_unix_ms - since) // step
+            group = (DeviceRow.device_class, w.model_name, w.artifact_sha256)
+            rows = session.execute(
+                select(*group, bucket, *_window_sums())
+                .join(DeviceRow, DeviceRow.device_id == w.device_id)
+                .where(w.end_unix_ms >= since_unix_ms, w.end_unix_ms < until_unix_ms)
+                .group_by(*group, bucket)
+                .order_by(*group, bucket)
+                .limit(MAX_LIST)
+            ).all()
+            ids = _artifact_ids(session, {(r[0], r[1], r[2]) for r in rows})
+            merged: dict[tuple[str, str, str], dict[int, _Totals]] = {}
+            for row in rows:
+                key = (row[0], row[1], ids[(row[0], row[1], row[2])])
+                at = merged.setdefault(key, {}).setdefault(int(row[3]), _Totals())
+                at.add(_WindowSums.of(row[4:]), "")
+            return [
+                TelemetrySeries(
+                    device_class=cls,
+                    model_name=model,
+                    artifact_id=artifact_id,
+                    points=tuple(
+                        TelemetryPoint(
+                            start_unix_ms=since_unix_ms + index * bucket_ms,
+                            count=t.sums.count,
+                            errors=t.sums.errors,
+                            p95_seconds=histogram.percentile(t.sums.buckets, 0.95),
+                            joules_per_inference=(
+                                t.sums.joules / t.sums.count if t.sums.count else None
+                            ),
+                        )
+                        for index, t in sorted(buckets.items())
+                    ),
+                )
+                for (cls, model, artifact_id), buckets in sorted(merged.items())
+            ]
+
+        return self._read(work)
+
     # ---------------------------------------------------------------- events
     def add_event(self, new: NewEvent) -> EventRecord:
         with self._sessions.begin() as session:
@@ -667,6 +796,15 @@ class SqlStore(Store):
                 )
                 session.add(row)
                 session.flush()
+                if new.inputs is not None:
+                    session.add(
+                        CompressionInputRow(
+                            job_id=row.id,
+                            calibration_sha256=new.inputs.calibration_sha256,
+                            device_class_yaml=new.inputs.device_class_yaml,
+                            max_size_ratio=new.inputs.max_size_ratio,
+                        )
+                    )
                 self._event(session, _job_event(row, "queued", f"queued for {_source(row)}"))
                 return _job(row)
         except IntegrityError as exc:
@@ -683,6 +821,26 @@ class SqlStore(Store):
                 f"already {active.state.value}; wait for it to end (`homefleet jobs`) or "
                 f"cancel it, then start again",
             ) from exc
+
+    def compression_inputs(self, job_id: int) -> CompressionInputs | None:
+        def work(session: Session) -> CompressionInputs | None:
+            row = session.get(CompressionInputRow, job_id)
+            if row is None:
+                return None
+            return CompressionInputs(
+                row.calibration_sha256, row.device_class_yaml, row.max_size_ratio
+            )
+
+        return self._read(work)
+
+    def compression_job_of_artifact(self, artifact_id: str) -> CompressionJobRecord | None:
+        query = (
+            select(CompressionJobRow)
+            .where(CompressionJobRow.artifact_id == artifact_id)
+            .order_by(CompressionJobRow.id.desc())
+            .limit(1)
+        )
+        return self._read(lambda s: next((_job(r) for r in s.scalars(query)), None))
 
     def active_compression_job(
         self, model_name: str, device_class: str
@@ -966,6 +1124,140 @@ def _latest_model(session: Session, name: str) -> ModelRow | None:
     return session.scalars(
         select(ModelRow).where(ModelRow.name == name).order_by(ModelRow.version.desc()).limit(1)
     ).first()
+
+
+IN_CHUNK = 500  # ids per IN (...) list: well under SQLite's bound-parameter limit
+
+
+def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
+    return (items[i : i + IN_CHUNK] for i in range(0, len(items), IN_CHUNK))
+
+
+_WINDOW_COLUMNS = (
+    "device_id", "seq", "model_name", "artifact_sha256", "start_unix_ms", "end_unix_ms",
+    "count", "errors", "latency_bucket_counts", "cpu_seconds", "joules", "energy_source",
+    "peak_memory_bytes", "received_unix_ms",
+)  # fmt: skip
+_PLACEHOLDERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+
+
+ROWS_PER_INSERT = 500  # 7,000 parameters: under SQLite's and PostgreSQL's limits
+
+
+def _insert_new_windows(session: Session, rows: Sequence[tuple[Any, ...]]) -> set[tuple[str, int]]:
+    """Multi-row INSERT ... ON CONFLICT (device_id, seq) DO NOTHING RETURNING, rows in
+    ``_WINDOW_COLUMNS`` order handed straight to the driver (on the ingest hot path
+    SQLAlchemy's per-row parameter processing cost more than the database's own work).
+    Returns the (device_id, seq) pairs actually inserted: what the rollup may count."""
+    connection = session.connection()
+    dialect = connection.dialect
+    mark = _PLACEHOLDERS.get(str(dialect.paramstyle))
+    if dialect.name not in ("sqlite", "postgresql") or mark is None:
+        raise NotImplementedError(
+            f"telemetry ingest supports SQLite and PostgreSQL drivers with ?/%s parameters, "
+            f"not {dialect.name} with {dialect.paramstyle}"
+        )
+    group = "(" + ", ".join([mark] * len(_WINDOW_COLUMNS)) + ")"
+    inserted: set[tuple[str, int]] = set()
+    for i in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[i : i + ROWS_PER_INSERT]
+        result = connection.exec_driver_sql(
+            f"INSERT INTO {TelemetryWindowRow.__tablename__} ({', '.join(_WINDOW_COLUMNS)}) "
+            f"VALUES {', '.join([group] * len(chunk))} "
+            "ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq",
+            tuple(value for row in chunk for value in row),
+        )
+        inserted.update((str(device_id), int(seq)) for device_id, seq in result)
+    return inserted
+
+
+def _window_record(row: TelemetryWindowRow) -> TelemetryWindow:
+    return TelemetryWindow(
+        seq=row.seq,
+        model_name=row.model_name,
+        artifact_sha256=row.artifact_sha256,
+        start_unix_ms=row.start_unix_ms,
+        end_unix_ms=row.end_unix_ms,
+        count=row.count,
+        errors=row.errors,
+        latency_bucket_counts=tuple(int(c) for c in row.latency_bucket_counts),
+        cpu_seconds=row.cpu_seconds,
+        joules=row.joules,
+        energy_source=row.energy_source,
+        peak_memory_bytes=row.peak_memory_bytes,
+    )
+
+
+def _add_to_rollup(
+    session: Session, stored: Sequence[tuple[str, TelemetryWindow]], classes: Mapping[str, str]
+) -> None:
+    """Add newly stored windows to their (class, model, artifact, source) running sums.
+
+    Read-modify-write in the ingest transaction: SQLite holds its write lock already, and
+    on PostgreSQL the rows are locked; two replicas adding the same new key race on its
+    unique constraint and the loser's transaction is retried whole."""
+    groups: dict[tuple[str, str, str, str], list[TelemetryWindow]] = {}
+    for device_id, w in stored:
+        key = (classes[device_id], w.model_name, w.artifact_sha256, w.energy_source)
+        groups.setdefault(key, []).append(w)
+    if not groups:
+        return
+    r = TelemetryRollupRow
+    existing = {
+        (row.device_class, row.model_name, row.artifact_sha256, row.energy_source): row
+        for row in session.scalars(
+            select(r).where(r.model_name.in_({k[1] for k in groups})).with_for_update()
+        )
+    }
+    for key, ws in groups.items():
+        buckets = [sum(col) for col in zip(*(w.latency_bucket_counts for w in ws), strict=True)]
+        row = existing.get(key)
+        if row is None:
+            session.add(
+                TelemetryRollupRow(
+                    device_class=key[0],
+                    model_name=key[1],
+                    artifact_sha256=key[2],
+                    energy_source=key[3],
+                    windows=len(ws),
+                    count=sum(w.count for w in ws),
+                    errors=sum(w.errors for w in ws),
+                    cpu_seconds=sum(w.cpu_seconds for w in ws),
+                    joules=sum(w.joules for w in ws),
+                    latency_bucket_counts=buckets,
+                )
+            )
+            continue
+        row.windows += len(ws)
+        row.count += sum(w.count for w in ws)
+        row.errors += sum(w.errors for w in ws)
+        row.cpu_seconds += sum(w.cpu_seconds for w in ws)
+        row.joules += sum(w.joules for w in ws)
+        row.latency_bucket_counts = [
+            int(a) + b for a, b in zip(row.latency_bucket_counts, buckets, strict=True)
+        ]
+
+
+def _mark_reporting(
+    session: Session, stored: Sequence[tuple[str, TelemetryWindow]], now: int
+) -> None:
+    """Upsert when each device last sent windows of each (model, artifact)."""
+    keys = sorted({(d, w.model_name, w.artifact_sha256) for d, w in stored})  # lock order
+    if not keys:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+    statement = insert(TelemetryReportingRow).on_conflict_do_update(
+        index_elements=["device_id", "model_name", "artifact_sha256"],
+        set_={"received_unix_ms": now},
+    )
+    session.connection().execute(
+        statement,
+        [
+            {"device_id": d, "model_name": m, "artifact_sha256": sha, "received_unix_ms": now}
+            for d, m, sha in keys
+        ],
+    )
 
 
 def _require_device(session: Session, device_id: str) -> DeviceRow:

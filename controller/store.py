@@ -8,12 +8,14 @@ a worker thread (``asyncio.to_thread``). Expected failures raise FleetError.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from controller.records import (
     ArtifactRecord,
     AssignResult,
     AssignTarget,
+    CompressionInputs,
     CompressionJobRecord,
     DesiredSet,
     DeviceRecord,
@@ -32,6 +34,27 @@ from controller.records import (
     TelemetryWindow,
     TrialRecord,
 )
+
+
+@dataclass(frozen=True)
+class TelemetryPoint:
+    """One time bucket of a series: its windows merged (percentile from merged buckets)."""
+
+    start_unix_ms: int  # the bucket covers [start, start + bucket_ms) of window end times
+    count: int
+    errors: int
+    p95_seconds: float | None  # None: no inference in the bucket
+    joules_per_inference: float | None
+
+
+@dataclass(frozen=True)
+class TelemetrySeries:
+    """One (device class, model, artifact) over time: what the dashboard charts."""
+
+    device_class: str
+    model_name: str
+    artifact_id: str  # as in TelemetryTotals: the id, or the short sha256 of unknown bytes
+    points: tuple[TelemetryPoint, ...]  # buckets holding windows only, oldest first
 
 
 class VersionConflictError(Exception):
@@ -57,6 +80,10 @@ class Store(abc.ABC):
     # ---------------------------------------------------------------- artifacts
     @abc.abstractmethod
     def next_artifact_version(self, model_name: str, device_class: str) -> int: ...
+
+    @abc.abstractmethod
+    def backfill_telemetry_rollup(self) -> int:
+        """Fill the telemetry rollup from stored windows if it is empty (older databases)."""
 
     @abc.abstractmethod
     def resign_artifacts(self, key_id: str, sign: Callable[[bytes], bytes]) -> int:
@@ -115,6 +142,14 @@ class Store(abc.ABC):
         """Store windows not stored yet (by seq); return the highest seq stored for the device."""
 
     @abc.abstractmethod
+    def store_telemetry_batches(
+        self, batches: Mapping[str, Sequence[TelemetryWindow]]
+    ) -> dict[str, int]:
+        """Many devices' windows in one transaction (group commit), each stored at most once
+        by (device, seq). Returns each registered device's highest stored seq; a device that
+        is not registered is left out of the result and none of its windows are stored."""
+
+    @abc.abstractmethod
     def list_devices(self, device_class: str | None = None) -> list[DeviceView]: ...
 
     # ---------------------------------------------------------------- telemetry aggregates
@@ -131,6 +166,15 @@ class Store(abc.ABC):
         """Per artifact of (class, model): the windows that ended at or after
         ``since_unix_ms`` (device clock) merged, sorted by artifact id."""
 
+    @abc.abstractmethod
+    def telemetry_series(
+        self, since_unix_ms: int, until_unix_ms: int, bucket_ms: int
+    ) -> list[TelemetrySeries]:
+        """Per (class, model, artifact): the windows that ended in [since, until) (device
+        clock) merged per ``bucket_ms`` bucket, sorted by (class, model, artifact). Like
+        every list, bounded: at most 10,000 (series, bucket) pairs, so callers ask for a
+        few hundred buckets at most."""
+
     # ---------------------------------------------------------------- events
     @abc.abstractmethod
     def add_event(self, new: NewEvent) -> EventRecord: ...
@@ -141,6 +185,14 @@ class Store(abc.ABC):
     ) -> list[EventRecord]: ...
 
     # ---------------------------------------------------------------- compression jobs
+    @abc.abstractmethod
+    def compression_inputs(self, job_id: int) -> CompressionInputs | None:
+        """What job ``job_id`` started from (None: not recorded, e.g. an older job)."""
+
+    @abc.abstractmethod
+    def compression_job_of_artifact(self, artifact_id: str) -> CompressionJobRecord | None:
+        """The job that published ``artifact_id``, if a job did."""
+
     @abc.abstractmethod
     def create_compression_job(self, new: NewCompressionJob) -> CompressionJobRecord:
         """Insert a queued job; ALREADY_EXISTS naming the job already active for the pair."""

@@ -2,26 +2,26 @@
 artifact — never per device, so the series count grows with what is deployed, not with
 the fleet.
 
-Every scrape reads the sums from the store (the database merges the stored windows), so
-the counters are cumulative since the controller's data began and every replica over the
-same database exports the same numbers; nothing is kept in process memory. Names follow
+Every scrape reads the sums from the store (running sums per class, model, artifact and
+meter that the ingest transaction keeps, so a scrape reads O(artifacts) rows however many
+windows are stored), so the counters are cumulative since the controller's data began
+and every replica over the same database exports the same numbers; nothing is kept in
+process memory. Names follow
 Prometheus conventions (and Kepler's for energy): ``_seconds`` histograms, ``_total``
 counters, joules labelled with the meter ``source``. The latency histogram's ``le``
 bounds are the shared telemetry buckets (``artifact.histogram``: 10 µs to 100 s, 8 per
 decade), so the exported buckets are exactly the merged counts agents reported. Windows
 carry bucket counts but no latency sum, so the histogram has ``_bucket`` and ``_count``
 samples and no ``_sum``.
+
+The HTTP port serving it (with the dashboard) is ``controller.dashboard.http``.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -134,28 +134,3 @@ def _counter(
     for t in totals:
         family.add_metric(_labels(t), value(t))
     return family
-
-
-@dataclass
-class MetricsServer:
-    """``/metrics`` served by prometheus_client's WSGI server in a thread of its own."""
-
-    server: WSGIServer
-    thread: threading.Thread
-
-    @property
-    def port(self) -> int:
-        return int(self.server.server_address[1])
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-
-def serve_metrics(store: Store, host: str, port: int) -> MetricsServer:
-    """Serve the collector on ``host:port`` (port 0: any free one); OSError if it cannot."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(TelemetryCollector(store))
-    server, thread = start_http_server(port, host.strip("[]"), registry)
-    return MetricsServer(server, thread)

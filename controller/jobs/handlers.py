@@ -11,7 +11,7 @@ parameters (a small delta for the devices that hold it; see compression/requanti
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 from artifact.manifest import InvalidManifestError, Manifest
@@ -21,10 +21,20 @@ from controller.blobstore import BlobStore
 from controller.compression.recipe import made_static_int8
 from controller.config import ControllerConfig
 from controller.errors import ErrorCode, FleetError, invalid, not_found
-from controller.jobs.request import apply_overrides, check_calibration_file, parse_device_class
+from controller.jobs.request import (
+    apply_overrides,
+    check_calibration_file,
+    device_class_yaml,
+    parse_device_class,
+)
 from controller.jobs.runner import JobPlan, JobRunner
 from controller.jobs.watchers import JobWatchers
-from controller.records import CompressionJobRecord, CompressionStart, NewCompressionJob
+from controller.records import (
+    CompressionInputs,
+    CompressionJobRecord,
+    CompressionStart,
+    NewCompressionJob,
+)
 from controller.store import Store
 
 DEFAULT_JOB_LIMIT = 100
@@ -95,11 +105,14 @@ class CompressionHandlers:
                 f"running (at most {self._config.max_active_jobs}); retry when some have ended",
             )
         incoming = await in_thread(self._runner.incoming_dir)
+        calibration_sha256 = ""
         try:
             if plan.model is not None and plan.source_path is not None:
                 target = JobRunner.calibration_path(incoming)
                 await self._receive(calibration, target, request.calibration_bytes)
                 await in_thread(check_calibration_file, target, plan.source_path)
+                # kept (content-addressed) so the budget loop can recompress without it
+                calibration_sha256 = (await in_thread(self._blobs.put, _chunks(target))).sha256
             else:
                 async for _ in calibration:
                     raise invalid(
@@ -113,6 +126,11 @@ class CompressionHandlers:
                     workload=plan.workload,
                     device_class=plan.device_class.name,
                     owner=self._runner.owner,
+                    inputs=CompressionInputs(
+                        calibration_sha256,
+                        device_class_yaml(plan.device_class),
+                        plan.max_size_ratio,
+                    ),
                 ),
             )
         except BaseException:
@@ -256,3 +274,9 @@ class CompressionHandlers:
                 "cancel it there",
             )
         return await self.get(job_id)
+
+
+def _chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(size):
+            yield chunk

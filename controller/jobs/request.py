@@ -75,6 +75,11 @@ def parse_device_class(text: str) -> DeviceClass:
         raise invalid(f"device_class_yaml is not a valid device class: {_problems(exc)}") from exc
 
 
+def device_class_yaml(device_class: DeviceClass) -> str:
+    """The YAML text ``parse_device_class`` reads back as ``device_class``."""
+    return yaml.safe_dump(device_class.model_dump(mode="json"), sort_keys=False)
+
+
 def _check_fraction(value: float | None, field: str, *, zero_ok: bool) -> None:
     if value is None:
         return

@@ -1,0 +1,670 @@
+"""The budget loop: notice a class missing its budget, recompress, canary, promote or roll back.
+
+Each ``tick`` looks at every (device class, model) assigned to a whole class:
+
+1. **Judge** the class's artifact on the last K telemetry slices (``check``). K missed
+   slices in a row start one rollout, recorded as a ``budget.miss`` decision with the
+   numbers. Only telemetry sent after the artifact was assigned and after the previous
+   rollout ended counts, and a cool-down follows every rollout.
+2. **Recompress**: the job that made the artifact runs again from the same source and
+   calibration data, with the class's latency model recalibrated (the planner predicts
+   ``measured / relative_speed``; the speed is scaled by predicted / observed p95) and
+   the p95 target tightened by the policy's margin (``rollout.recompress``).
+3. **Canary**: the candidate goes to a share of the class's devices (per-device
+   assignments; ``rollout.canary``).
+4. **Promote** when the canary meets the budgets K slices in a row, or when it is
+   still over budget but clearly better than the rest of the class on the same slices
+   (p95 at least 10 % lower, energy no higher: an improvement is kept and the next miss
+   recompresses again); **roll back** what is not better, or gives no verdict before
+   the timeout. A rollback re-assigns the baseline to the class, which re-releases it
+   under a new signed version (agents refuse older versions). Both are recorded with
+   the numbers.
+
+All state lives in the database (``RolloutStore``): a restarted controller, or another
+replica, carries a rollout on from where it stands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from artifact.manifest import Manifest
+from controller.admin import AdminHandlers, in_thread
+from controller.blobstore import BlobStore
+from controller.clock import unix_ms
+from controller.config import BudgetPolicy
+from controller.device_classes import Budgets, DeviceClass
+from controller.errors import FleetError
+from controller.fleet_classes import DeviceClassRegistry
+from controller.jobs.handlers import CompressionHandlers
+from controller.jobs.request import device_class_yaml, parse_device_class
+from controller.notify import AssignmentNotifier
+from controller.records import (
+    ArtifactRecord,
+    AssignTarget,
+    BudgetOverrides,
+    CompressionJobRecord,
+    CompressionStart,
+    JobState,
+    NewEvent,
+    TargetKind,
+)
+from controller.rollouts.check import BudgetCheck, check, slice_bounds
+from controller.rollouts.records import NewRollout, RolloutChange, RolloutRecord, RolloutState
+from controller.rollouts.store import ClassAssignment, RolloutStore
+from controller.store import Store
+
+log = logging.getLogger(__name__)
+
+# Verdicts a device measures; a candidate that misses only these may still be tried on a
+# canary (the planner's latency model is an estimate, the canary measures). A candidate
+# missing accuracy, fidelity or size is never shipped.
+DEVICE_BUDGETS = frozenset({"p95_latency_ms", "energy_per_inference_mj"})
+MIN_SPEED, MAX_SPEED = 1e-4, 100.0
+
+
+@dataclass(frozen=True)
+class Recalibration:
+    """The class's speed before and after the observed-to-predicted correction."""
+
+    speed_before: float
+    speed_after: float
+    predicted_p95_ms: float | None
+    observed_p95_ms: float | None
+
+
+class RolloutLoop:
+    def __init__(
+        self,
+        store: Store,
+        rollouts: RolloutStore,
+        blobs: BlobStore,
+        admin: AdminHandlers,
+        compression: CompressionHandlers,
+        notifier: AssignmentNotifier,
+        classes: DeviceClassRegistry,
+        policy: BudgetPolicy,
+        clock: Callable[[], int] = unix_ms,
+    ) -> None:
+        self._store = store
+        self._rollouts = rollouts
+        self._blobs = blobs
+        self._admin = admin
+        self._compression = compression
+        self._notifier = notifier
+        self._classes = classes
+        self._policy = policy
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one tick at a time in this process
+
+    # ---------------------------------------------------------------- running
+    def start(self) -> None:
+        """Tick every ``policy.check_seconds`` in the background (0: only when called)."""
+        if self._policy.check_seconds > 0 and self._classes.classes and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="budget-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._policy.check_seconds)
+            try:
+                await self.tick()
+            except Exception:  # a bad tick must not end the loop; the next one retries
+                log.exception("budget loop tick failed")
+
+    async def tick(self, now_unix_ms: int | None = None) -> None:
+        """Carry every active rollout on, then judge every class assignment once."""
+        async with self._lock:
+            now = self._clock() if now_unix_ms is None else now_unix_ms
+            # one (model, class) that fails must not hold the others up: each is logged
+            # and tried again next tick
+            for rollout in await in_thread(self._rollouts.active):
+                try:
+                    await self._advance(rollout, now)
+                except Exception:
+                    log.exception("rollout %d could not be carried on", rollout.id)
+            for assignment in await in_thread(self._rollouts.class_assignments):
+                try:
+                    await self._judge(assignment, now)
+                except Exception:
+                    log.exception(
+                        "judging %s on %s failed", assignment.model_name, assignment.device_class
+                    )
+
+    # ---------------------------------------------------------------- 1. judge
+    async def _judge(self, assignment: ClassAssignment, now: int) -> None:
+        device_class = self._classes.get(assignment.device_class)
+        if device_class is None or not _watched(device_class.budgets):
+            return
+        latest = await in_thread(
+            self._rollouts.latest, assignment.model_name, assignment.device_class
+        )
+        if latest is not None and latest.state.active:
+            return
+        fresh_from = assignment.updated_unix_ms
+        if (
+            latest is not None
+            and latest.state is RolloutState.FAILED
+            and latest.baseline_artifact_id == assignment.artifact_id
+        ):
+            return  # not retried on the same artifact: the failure said what to do
+        if latest is not None and latest.finished_unix_ms is not None:
+            if now - latest.finished_unix_ms < self._policy.cooldown_seconds * 1000:
+                return
+            fresh_from = max(fresh_from, latest.finished_unix_ms)
+        bounds = slice_bounds(now, self._policy.window_ms, self._policy.windows_in_a_row)
+        if bounds[0][0] < fresh_from:
+            return  # not K whole slices of this artifact yet
+        artifact = await in_thread(self._store.get_artifact, assignment.artifact_id)
+        if artifact is None:
+            return
+        slices = await in_thread(
+            self._rollouts.slices,
+            assignment.device_class,
+            assignment.model_name,
+            artifact.sha256,
+            bounds,
+        )
+        verdict = check(device_class.budgets, slices, self._policy.min_samples)
+        if verdict.missed:
+            await self._start_rollout(device_class, artifact, verdict)
+
+    async def _start_rollout(
+        self, device_class: DeviceClass, artifact: ArtifactRecord, verdict: BudgetCheck
+    ) -> None:
+        job, made_it = await self._source_job(artifact)
+        recal = await self._recalibrate(device_class, artifact, job if made_it else None, verdict)
+        budget_ms = device_class.budgets.p95_latency_ms
+        target = budget_ms * self._policy.latency_margin if budget_ms is not None else None
+        subject = f"{device_class.name}/{artifact.model_name}"
+        numbers = _numbers(device_class.budgets, verdict)
+        rollout = await in_thread(
+            self._rollouts.start,
+            NewRollout(
+                model_name=artifact.model_name,
+                device_class=device_class.name,
+                baseline_artifact_id=artifact.id,
+                relative_speed=recal.speed_after,
+                p95_target_ms=target,
+                reason="; ".join(verdict.reasons),
+                detail={"miss": numbers},
+            ),
+            NewEvent(
+                "budget.miss",
+                subject,
+                f"{artifact.id} misses its budget on {device_class.name} "
+                f"{self._policy.windows_in_a_row} windows in a row: "
+                f"{'; '.join(verdict.reasons)} ({verdict.summary()})",
+                {
+                    "device_class": device_class.name,
+                    "model": artifact.model_name,
+                    "artifact_id": artifact.id,
+                    **numbers,
+                },
+            ),
+        )
+        if rollout is None:
+            return  # another replica (or tick) started it first
+        log.info("budget miss: %s %s; rollout %d", subject, verdict.summary(), rollout.id)
+        if job is None:
+            await self._fail(
+                rollout,
+                f"{artifact.model_name} was never compressed for {device_class.name} by this "
+                "controller, so there is no job to run again; start one with "
+                "`homefleet compress --controller` and assign the result",
+            )
+            return
+        try:
+            started = await self._restart_job(job, device_class, recal.speed_after, target)
+        except (FleetError, OSError, ValueError) as exc:
+            await self._fail(rollout, f"the recompression could not start: {exc}")
+            return
+        await in_thread(
+            self._rollouts.advance,
+            rollout.id,
+            RolloutState.RECOMPRESSING,
+            RolloutChange(
+                RolloutState.RECOMPRESSING,
+                f"compression job {started.id} is running",
+                job_id=started.id,
+            ),
+            [
+                NewEvent(
+                    "rollout.recompress",
+                    subject,
+                    f"recompressing {artifact.model_name} for {device_class.name} (job "
+                    f"{started.id}): relative speed {recal.speed_before:.4g} -> "
+                    f"{recal.speed_after:.4g} (observed/predicted p95 "
+                    f"{_fmt(recal.observed_p95_ms)} / {_fmt(recal.predicted_p95_ms)} ms), "
+                    f"p95 target {_fmt(target)} ms",
+                    {
+                        "device_class": device_class.name,
+                        "model": artifact.model_name,
+                        "job_id": started.id,
+                        "relative_speed_before": recal.speed_before,
+                        "relative_speed_after": recal.speed_after,
+                        "predicted_p95_ms": recal.predicted_p95_ms,
+                        "observed_p95_ms": recal.observed_p95_ms,
+                        "p95_target_ms": target,
+                    },
+                )
+            ],
+        )
+
+    async def _source_job(
+        self, artifact: ArtifactRecord
+    ) -> tuple[CompressionJobRecord | None, bool]:
+        """The job to run again, and whether it made ``artifact``'s bytes.
+
+        The job that made them (followed through re-releases), else the latest job for
+        the same (model, class) that produced something: an artifact assigned by hand
+        is recompressed from the inputs the controller last compressed this model with.
+        """
+        current: ArtifactRecord | None = artifact
+        for _ in range(32):  # a re-release names an older artifact; never a cycle
+            if current is None:
+                break
+            job = await in_thread(self._store.compression_job_of_artifact, current.id)
+            if job is not None:
+                return job, True
+            older = Manifest.from_json_bytes(current.manifest_json).rereleases
+            if not older:
+                break
+            current = await in_thread(self._store.get_artifact, older)
+        jobs = await in_thread(
+            self._store.list_compression_jobs, artifact.model_name, artifact.device_class, 50
+        )
+        done = [j for j in jobs if j.state in (JobState.SUCCEEDED, JobState.NOT_MET)]
+        return (done[0] if done else None), False
+
+    async def _recalibrate(
+        self,
+        device_class: DeviceClass,
+        artifact: ArtifactRecord,
+        job: CompressionJobRecord | None,
+        verdict: BudgetCheck,
+    ) -> Recalibration:
+        """Scale the speed the artifact's planner assumed by predicted / observed p95."""
+        made_by = await in_thread(self._rollouts.by_candidate, artifact.id)
+        speed = made_by.relative_speed if made_by is not None else device_class.relative_speed
+        predicted = None
+        if job is not None:
+            predicted = next(
+                (v.observed for v in job.verdicts if v.budget == "p95_latency_ms"), None
+            )
+        observed = verdict.merged.p95_ms
+        return Recalibration(
+            speed, recalibrated_speed(speed, predicted, observed), predicted, observed
+        )
+
+    async def _restart_job(
+        self,
+        job: CompressionJobRecord,
+        device_class: DeviceClass,
+        speed: float,
+        p95_target_ms: float | None,
+    ) -> CompressionJobRecord:
+        inputs = await in_thread(self._store.compression_inputs, job.id)
+        declared = device_class
+        if inputs is not None and inputs.device_class_yaml:
+            declared = parse_device_class(inputs.device_class_yaml)
+        recalibrated = declared.model_copy(update={"relative_speed": speed})
+        calibration: Path | None = None
+        if not job.workload:
+            if inputs is None or not inputs.calibration_sha256:
+                raise ValueError(
+                    f"job {job.id} kept no calibration data (it predates the budget loop); "
+                    "start a compression with `homefleet compress --controller` once"
+                )
+            calibration = self._blobs.path_for(inputs.calibration_sha256)
+        request = CompressionStart(
+            model_name="" if job.workload else job.model_name,
+            model_version=None if job.workload else job.model_version,
+            workload=job.workload,
+            device_class_yaml=device_class_yaml(recalibrated),
+            budgets=BudgetOverrides(
+                p95_ms=p95_target_ms,
+                max_size_ratio=inputs.max_size_ratio if inputs is not None else None,
+            ),
+            calibration_bytes=calibration.stat().st_size if calibration is not None else 0,
+        )
+        return await self._compression.start(request, _read_chunks(calibration))
+
+    # ---------------------------------------------------------------- 2.-4. advance
+    async def _advance(self, rollout: RolloutRecord, now: int) -> None:
+        if rollout.state is RolloutState.RECOMPRESSING:
+            await self._after_job(rollout, now)
+        elif rollout.state is RolloutState.CANARY:
+            await self._judge_canary(rollout, now)
+
+    async def _after_job(self, rollout: RolloutRecord, now: int) -> None:
+        if rollout.job_id is None:
+            # started, but the job never did (the replica stopped in between)
+            if now - rollout.created_unix_ms > 60_000:
+                await self._fail(rollout, "the recompression job was never started")
+            return
+        job = await in_thread(self._store.get_compression_job, rollout.job_id)
+        if job is None or job.state.active:
+            return
+        if job.state not in (JobState.SUCCEEDED, JobState.NOT_MET) or not job.artifact_id:
+            await self._fail(
+                rollout, f"compression job {job.id} ended {job.state.value}: {job.error}"
+            )
+            return
+        missed = sorted(v.budget for v in job.verdicts if not v.met)
+        if set(missed) - DEVICE_BUDGETS:
+            await self._fail(
+                rollout,
+                f"compression job {job.id} found no candidate within {', '.join(missed)}",
+            )
+            return
+        candidate = await in_thread(self._store.get_artifact, job.artifact_id)
+        baseline = await in_thread(self._store.get_artifact, rollout.baseline_artifact_id)
+        if candidate is None or baseline is None:
+            await self._fail(rollout, "the candidate or the baseline artifact is gone")
+            return
+        if candidate.sha256 == baseline.sha256:
+            await self._fail(
+                rollout,
+                f"compression job {job.id} found nothing different from {baseline.id} "
+                "under the recalibrated latency model",
+            )
+            return
+        devices = await self._pick_canary(rollout)
+        if not devices:
+            await self._fail(rollout, f"no device of class {rollout.device_class} to canary on")
+            return
+        assigned = []
+        try:
+            for device_id in devices:
+                result = await self._admin.assign(
+                    candidate.id, AssignTarget(TargetKind.DEVICE, device_id)
+                )
+                assigned.append(device_id)
+                log.debug("canary %s on %s (revision %d)", candidate.id, device_id, result.revision)
+        except FleetError as exc:
+            await self._fail(rollout, f"the canary could not be assigned: {exc}", assigned)
+            return
+        note = (
+            ""
+            if not missed
+            else f" (the planner predicted it misses {', '.join(missed)}; the canary measures)"
+        )
+        await in_thread(
+            self._rollouts.advance,
+            rollout.id,
+            RolloutState.RECOMPRESSING,
+            RolloutChange(
+                RolloutState.CANARY,
+                f"{candidate.id} on {len(devices)} canary device(s){note}",
+                candidate_artifact_id=candidate.id,
+                canary_devices=tuple(devices),
+            ),
+            [
+                NewEvent(
+                    "rollout.canary",
+                    f"{rollout.device_class}/{rollout.model_name}",
+                    f"canary: {candidate.id} ({job.recipe or 'recipe n/a'}) on "
+                    f"{', '.join(devices)}{note}",
+                    {
+                        "device_class": rollout.device_class,
+                        "model": rollout.model_name,
+                        "artifact_id": candidate.id,
+                        "baseline_artifact_id": baseline.id,
+                        "devices": list(devices),
+                        "job_id": job.id,
+                        "recipe": job.recipe,
+                    },
+                )
+            ],
+        )
+
+    async def _pick_canary(self, rollout: RolloutRecord) -> list[str]:
+        """The canary share of the class: online devices first, then by id (stable)."""
+        views = await in_thread(self._store.list_devices, rollout.device_class)
+        pinned = await in_thread(self._rollouts.pinned_devices, rollout.model_name)
+        eligible = [v for v in views if v.device.device_id not in pinned]
+        eligible.sort(key=lambda v: (not v.online, v.device.device_id))
+        return [v.device.device_id for v in eligible[: self._policy.canary_size(len(eligible))]]
+
+    async def _judge_canary(self, rollout: RolloutRecord, now: int) -> None:
+        device_class = self._classes.get(rollout.device_class)
+        candidate = await in_thread(self._store.get_artifact, rollout.candidate_artifact_id)
+        baseline = await in_thread(self._store.get_artifact, rollout.baseline_artifact_id)
+        if device_class is None or candidate is None or baseline is None:
+            await self._fail(rollout, "the class, candidate or baseline is gone", canary=True)
+            return
+        since = rollout.canary_since_unix_ms or rollout.updated_unix_ms
+        bounds = slice_bounds(now, self._policy.window_ms, self._policy.windows_in_a_row)
+        timed_out = now - since > self._policy.canary_timeout_seconds * 1000
+        if bounds[0][0] < since and not timed_out:
+            return  # not K whole slices since the canary started
+        budgets = device_class.budgets
+        key = (rollout.device_class, rollout.model_name)
+        canary = check(
+            budgets,
+            await in_thread(self._rollouts.slices, *key, candidate.sha256, bounds),
+            self._policy.min_samples,
+        )
+        rest = check(
+            budgets,
+            await in_thread(self._rollouts.slices, *key, baseline.sha256, bounds),
+            1,
+        )
+        whole = bounds[0][0] >= since  # K whole slices since the canary started
+        reference = CanaryReference.of(rest, rollout)
+        if whole and canary.met:
+            await self._finish(rollout, promote=True, canary=canary, rest=rest, why="within budget")
+        elif whole and canary.judged:
+            if reference.improved_by(canary):
+                why = (
+                    f"better than the baseline ({reference.describe(canary)}) though still "
+                    f"over budget ({'; '.join(canary.reasons)}); the next miss recompresses again"
+                )
+                await self._finish(rollout, promote=True, canary=canary, rest=rest, why=why)
+            else:
+                why = f"not better than the baseline ({reference.describe(canary)})"
+                if canary.reasons:
+                    why += f"; {'; '.join(canary.reasons)}"
+                await self._finish(rollout, promote=False, canary=canary, rest=rest, why=why)
+        elif timed_out:
+            await self._finish(
+                rollout,
+                promote=False,
+                canary=canary,
+                rest=rest,
+                why=f"no verdict within {self._policy.canary_timeout_seconds} s",
+            )
+
+    async def _finish(
+        self,
+        rollout: RolloutRecord,
+        *,
+        promote: bool,
+        canary: BudgetCheck,
+        rest: BudgetCheck,
+        why: str,
+    ) -> None:
+        keep = rollout.candidate_artifact_id if promote else rollout.baseline_artifact_id
+        try:
+            await self._admin.assign(keep, AssignTarget(TargetKind.CLASS, rollout.device_class))
+        except FleetError as exc:
+            log.warning("rollout %d: cannot assign %s to the class: %s", rollout.id, keep, exc)
+            return  # the next tick tries again
+        device_class = self._classes.get(rollout.device_class)
+        budget = device_class.budgets.p95_latency_ms if device_class is not None else None
+        state = RolloutState.PROMOTED if promote else RolloutState.ROLLED_BACK
+        verb = "promoted" if promote else "rolled back"
+        message = (
+            f"{verb} {rollout.candidate_artifact_id} on {rollout.device_class} ({why}): canary "
+            f"{canary.summary()}; rest of the class {rest.summary()}"
+        )
+        done = await in_thread(
+            self._rollouts.advance,
+            rollout.id,
+            RolloutState.CANARY,
+            RolloutChange(state, f"{verb}: {why}"),
+            [
+                NewEvent(
+                    "rollout.promote" if promote else "rollout.rollback",
+                    f"{rollout.device_class}/{rollout.model_name}",
+                    message,
+                    {
+                        "device_class": rollout.device_class,
+                        "model": rollout.model_name,
+                        "artifact_id": rollout.candidate_artifact_id,
+                        "baseline_artifact_id": rollout.baseline_artifact_id,
+                        "class_artifact_id": await in_thread(
+                            self._rollouts.class_artifact, rollout.model_name, rollout.device_class
+                        ),
+                        "baseline_p95_ms": rest.merged.p95_ms,
+                        "canary_p95_ms": canary.merged.p95_ms,
+                        "p95_budget_ms": budget,
+                        "baseline_energy_mj": rest.merged.energy_mj,
+                        "canary_energy_mj": canary.merged.energy_mj,
+                        "reason": why,
+                    },
+                )
+            ],
+            drop_device_assignments=True,
+        )
+        if done is not None:
+            self._notify_devices(rollout.canary_devices)
+            log.info("rollout %d %s: %s", rollout.id, verb, message)
+
+    async def _fail(
+        self,
+        rollout: RolloutRecord,
+        reason: str,
+        assigned: list[str] | None = None,
+        *,
+        canary: bool = False,
+    ) -> None:
+        """End ``rollout`` as failed; the class keeps its artifact, canaries go back to it."""
+        done = await in_thread(
+            self._rollouts.advance,
+            rollout.id,
+            rollout.state,
+            RolloutChange(
+                RolloutState.FAILED,
+                reason,
+                # a half-assigned canary: those devices go back to the class artifact
+                canary_devices=tuple(assigned) if assigned else None,
+            ),
+            [
+                NewEvent(
+                    "rollout.failed",
+                    f"{rollout.device_class}/{rollout.model_name}",
+                    f"rollout for {rollout.model_name} on {rollout.device_class} failed: {reason}",
+                    {
+                        "device_class": rollout.device_class,
+                        "model": rollout.model_name,
+                        "reason": reason,
+                    },
+                )
+            ],
+            drop_device_assignments=bool(assigned) or canary,
+        )
+        if done is not None:
+            self._notify_devices(done.canary_devices)
+            log.warning("rollout %d failed: %s", rollout.id, reason)
+
+    def _notify_devices(self, devices: tuple[str, ...]) -> None:
+        for device_id in devices:
+            self._notifier.notify(AssignTarget(TargetKind.DEVICE, device_id))
+
+
+def recalibrated_speed(
+    speed: float, predicted_ms: float | None, observed_ms: float | None
+) -> float:
+    """The class speed that would have predicted what was observed.
+
+    The planner predicts ``measured_here / speed``; a device observed slower than that
+    was slower by observed / predicted, so the speed shrinks by the same factor. Only
+    ever slower (a fast device never loosens a budget), bounded to the class schema.
+    """
+    if not predicted_ms or not observed_ms or predicted_ms <= 0 or observed_ms <= predicted_ms:
+        return speed
+    return min(max(speed * predicted_ms / observed_ms, MIN_SPEED), MAX_SPEED)
+
+
+def _watched(budgets: Budgets) -> bool:
+    return budgets.p95_latency_ms is not None or budgets.energy_per_inference_mj is not None
+
+
+# A canary over budget is kept only when it improves p95 by at least this factor (a
+# difference within the histogram's bucket width is noise, not an improvement).
+IMPROVEMENT = 0.9
+
+
+@dataclass(frozen=True)
+class CanaryReference:
+    """What a canary is compared with: the rest of the class on the same slices, or, when
+    the whole class is the canary, the numbers of the miss that started the rollout."""
+
+    p95_ms: float | None
+    energy_mj: float | None
+    what: str
+
+    @classmethod
+    def of(cls, rest: BudgetCheck, rollout: RolloutRecord) -> CanaryReference:
+        if rest.merged.count:
+            return cls(rest.merged.p95_ms, rest.merged.energy_mj, "the rest of the class")
+        miss = rollout.detail.get("miss", {})
+        p95, energy = miss.get("p95_ms"), miss.get("energy_mj")
+        return cls(
+            float(p95) if isinstance(p95, int | float) else None,
+            float(energy) if isinstance(energy, int | float) else None,
+            "the class before the rollout",
+        )
+
+    def improved_by(self, canary: BudgetCheck) -> bool:
+        """p95 at least ``IMPROVEMENT`` times the reference's, and energy no worse."""
+        p95, energy = canary.merged.p95_ms, canary.merged.energy_mj
+        if p95 is None or self.p95_ms is None or p95 > IMPROVEMENT * self.p95_ms:
+            return False
+        return energy is None or self.energy_mj is None or energy <= self.energy_mj
+
+    def describe(self, canary: BudgetCheck) -> str:
+        return f"p95 {_fmt(canary.merged.p95_ms)} ms against {_fmt(self.p95_ms)} ms on {self.what}"
+
+
+def _numbers(budgets: Budgets, verdict: BudgetCheck) -> dict[str, float | int | None]:
+    return {
+        "p95_ms": verdict.merged.p95_ms,
+        "p95_budget_ms": budgets.p95_latency_ms,
+        "energy_mj": verdict.merged.energy_mj,
+        "energy_budget_mj": budgets.energy_per_inference_mj,
+        "windows": len(verdict.slices),
+        "samples": verdict.merged.count,
+        "devices": verdict.merged.devices,
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+async def _read_chunks(path: Path | None, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    if path is None:
+        return
+    for chunk in _file_chunks(path, size):
+        yield chunk
+
+
+def _file_chunks(path: Path, size: int) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(size):
+            yield chunk

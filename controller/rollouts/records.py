@@ -1,0 +1,62 @@
+"""Rollout records: what the budget loop decided for one (model, device class)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RolloutState(enum.Enum):
+    RECOMPRESSING = "recompressing"  # a compression job is making the candidate
+    CANARY = "canary"  # the candidate runs on a share of the class
+    PROMOTED = "promoted"  # the candidate is the class's artifact
+    ROLLED_BACK = "rolled_back"  # the canary did worse; the class keeps the baseline
+    FAILED = "failed"  # no candidate could be made or deployed
+
+    @property
+    def active(self) -> bool:
+        return self in (RolloutState.RECOMPRESSING, RolloutState.CANARY)
+
+
+@dataclass(frozen=True)
+class NewRollout:
+    model_name: str
+    device_class: str
+    baseline_artifact_id: str
+    relative_speed: float
+    p95_target_ms: float | None
+    reason: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    id: int
+    model_name: str
+    device_class: str
+    state: RolloutState
+    baseline_artifact_id: str
+    candidate_artifact_id: str
+    job_id: int | None
+    canary_devices: tuple[str, ...]
+    relative_speed: float
+    p95_target_ms: float | None
+    reason: str
+    detail: dict[str, Any]
+    created_unix_ms: int
+    updated_unix_ms: int
+    canary_since_unix_ms: int | None
+    finished_unix_ms: int | None
+
+
+@dataclass(frozen=True)
+class RolloutChange:
+    """One transition: the new state and what it sets; None leaves a field as it is."""
+
+    state: RolloutState
+    reason: str
+    candidate_artifact_id: str | None = None
+    job_id: int | None = None
+    canary_devices: tuple[str, ...] | None = None
+    detail: dict[str, Any] | None = None

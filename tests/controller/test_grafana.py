@@ -1,0 +1,163 @@
+"""deploy/grafana/homefleet.json cannot drift from the controller's metrics: every metric
+name and label its PromQL uses is one a real controller's /metrics exports.
+
+The controller is started on a real port, telemetry arrives over real gRPC, and the
+scrape is parsed with prometheus_client's own parser; the dashboard's expressions are
+taken apart with a small tokenizer (metric names are the identifiers left once strings,
+label matchers, ranges, grouping clauses, functions and keywords are removed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from artifact import histogram
+from protos import fleet_pb2 as pb
+from tests.controller.helpers import onnx_model, run, running_controller
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "homefleet.json"
+KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or"}
+KEYWORDS |= {"unless", "bool", "offset", "inf", "nan"}
+IDENTIFIER = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+MATCHERS = re.compile(r"\{([^}]*)\}")
+MATCHER_LABEL = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)")
+LABEL_VALUES = re.compile(r"^label_values\((.*),\s*([A-Za-z_][A-Za-z0-9_]*)\)$", re.S)
+LEGEND_LABEL = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])  # panels inside collapsed rows
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    text = re.sub(r"\$\{?\w+\}?", "", text)  # dashboard variables
+    text = MATCHERS.sub("", text)
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range selectors
+    text = GROUPING.sub("", text)
+    text = re.sub(r"(?<![A-Za-z0-9_:])[0-9][A-Za-z0-9_.]*", "", text)  # numbers, durations
+    names = set()
+    for match in IDENTIFIER.finditer(text):
+        following = text[match.end() :].lstrip()
+        if following.startswith("(") or match.group().lower() in KEYWORDS:
+            continue  # a function call or a keyword
+        names.add(match.group())
+    return names
+
+
+def label_names(expr: str) -> set[str]:
+    """The label names an expression groups by or matches on."""
+    labels = set()
+    for _, inside in GROUPING.findall(expr):
+        labels |= {x.strip() for x in inside.split(",") if x.strip()}
+    for inside in MATCHERS.findall(expr):
+        labels |= {m.group(1) for m in MATCHER_LABEL.finditer(inside)}
+    return labels
+
+
+def test_metric_names_parses_what_the_dashboard_writes() -> None:
+    expr = (
+        'histogram_quantile(0.95, sum by (le, device_class) (rate(a_bucket{model=~"$model",'
+        ' x="b{c}"}[5m]))) / on (device_class) group_left sum without (source) (b_total offset'
+        " 5m) * 1000"
+    )
+    assert metric_names(expr) == {"a_bucket", "b_total"}
+    assert label_names(expr) == {"le", "device_class", "model", "x", "source"}
+
+
+def exported(tmp_path: Path) -> tuple[set[str], set[str]]:
+    """(sample names, label names) a real controller's /metrics serves with telemetry."""
+
+    async def body() -> str:
+        async with running_controller(tmp_path, metrics_port=0) as c:
+            await c.add_model("motions", onnx_model())
+            art = await c.artifact("motions", "home-hub")
+            await c.register("hub-1", "home-hub")
+            counts = histogram.histogram([0.002] * 10)
+            window = pb.TelemetryWindow(
+                seq=1,
+                model_name="motions",
+                artifact_sha256=art.sha256,
+                start_unix_ms=0,
+                end_unix_ms=10_000,
+                count=10,
+                errors=1,
+                latency_bucket_counts=counts,
+                cpu_seconds=0.1,
+                joules=0.5,
+                energy_source="rapl",
+            )
+            await c.agent.ReportTelemetry(
+                pb.TelemetryBatch(device_id="hub-1", windows=[window]), timeout=10
+            )
+            address = json.loads(c.config.info_path.read_text())["metrics_address"]
+
+            def scrape() -> str:
+                url = f"http://{address}/metrics"
+                with urllib.request.urlopen(url, timeout=30) as response:
+                    return str(response.read().decode())
+
+            return await asyncio.to_thread(scrape)
+
+    text = run(body())
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    ours = [s for s in samples if s.name.startswith("homefleet_")]
+    return {s.name for s in ours}, {label for s in ours for label in s.labels}
+
+
+def test_dashboard_uses_only_metrics_and_labels_the_controller_exports(tmp_path: Path) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["schemaVersion"] >= 39
+    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert set(variables) == {"device_class", "model"}
+
+    exprs: list[str] = []
+    legends: list[str] = []
+    for panel in panels(dashboard):
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${DS_PROMETHEUS}"
+            exprs.append(target["expr"])
+            legends.append(target.get("legendFormat", ""))
+            # Every panel follows the class and model the viewer picked.
+            assert 'device_class=~"$device_class"' in target["expr"], panel["title"]
+            assert 'model=~"$model"' in target["expr"], panel["title"]
+    for variable in variables.values():
+        assert variable["datasource"]["uid"] == "${DS_PROMETHEUS}"
+        match = LABEL_VALUES.match(variable["query"])
+        assert match, variable["query"]
+        exprs.append(match.group(1))
+        assert match.group(2) == variable["name"]  # the label the variable filters on
+
+    names, labels = exported(tmp_path)
+    used = set().union(*(metric_names(e) for e in exprs))
+    assert used, "the dashboard reads no metric"
+    assert used <= names, f"not exported by the controller: {sorted(used - names)}"
+    # The panels the issue asks for are there.
+    for needed in (
+        "homefleet_inference_latency_seconds_bucket",
+        "homefleet_inferences_total",
+        "homefleet_energy_joules_total",
+        "homefleet_inference_errors_total",
+    ):
+        assert needed in used, needed
+    assert any(e.startswith("histogram_quantile(0.95,") for e in exprs)
+    used_labels = set().union(*(label_names(e) for e in exprs))
+    used_labels |= {m for legend in legends for m in LEGEND_LABEL.findall(legend)}
+    assert used_labels <= labels, f"labels not exported: {sorted(used_labels - labels)}"
