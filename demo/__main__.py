@@ -19,22 +19,30 @@ from pathlib import Path
 from types import FrameType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.rule import Rule
 from rich.text import Text
 
+from controller.device_classes import load_device_class
 from controller.workloads.basic_motions import (
-    DEFAULT_EPOCHS,
-    DEFAULT_SEED,
-    MODEL_NAME,
     BasicMotionsData,
-    TrainResult,
     WorkloadError,
     load_basic_motions,
-    train_and_export,
+)
+from demo.budget_loop import (
+    Decision,
+    numbers_table,
+    scrape_numbers,
+    timeline_table,
+    watch_decisions,
 )
 from demo.fleet import (
+    BUDGET_WINDOWS,
+    DEMO_CLASSES_DIR,
     DEMO_DEVICES,
+    WINDOW_SECONDS,
+    AgentInfo,
     ControllerInfo,
     RunDirError,
     RunLayout,
@@ -43,9 +51,10 @@ from demo.fleet import (
     start_controller,
 )
 from demo.inference import InferenceError, run_test_set
+from demo.load import LoadGenerator
 from demo.operator import ArtifactRef, CliResult, Operator, OperatorError
 from demo.processes import ProcessError, ProcessGroup, StopResult
-from demo.report import DeviceResult, results_table, write_result_json
+from demo.report import DeviceResult, LoopResult, results_table, write_result_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = REPO_ROOT / ".demo"
@@ -53,6 +62,10 @@ EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 _EXPECTED_ERRORS = (ProcessError, OperatorError, InferenceError, WorkloadError, RunDirError)
 _SHOWN_CLI_LINES = 6
 _LOG_WIDTH = 160
+WORKLOAD = "basic-motions-wide"  # compute, not per-call cost, decides its latency
+SLOW_CLASS = "camera"  # the class whose devices turn out slower than the planner assumed
+LOAD_RATE = 10.0  # Predict calls per second per device while the loop runs
+LOOP_TIMEOUT = 420.0  # a safety limit for the whole loop, never a timing assertion
 
 Update = Callable[[str], None]
 
@@ -60,8 +73,7 @@ Update = Callable[[str], None]
 @dataclass(frozen=True)
 class Options:
     run_dir: Path
-    seed: int
-    epochs: int
+    loop_timeout: float
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -74,12 +86,16 @@ def parse_args(argv: list[str] | None) -> Options:
         default=DEFAULT_RUN_DIR,
         help=f"where the run's files and logs go, recreated each run (default {DEFAULT_RUN_DIR})",
     )
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="training seed")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs")
+    parser.add_argument(
+        "--loop-timeout",
+        type=float,
+        default=LOOP_TIMEOUT,
+        help=f"give up on the budget loop after this many seconds (default {LOOP_TIMEOUT:.0f})",
+    )
     args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
-    return Options(run_dir=args.run_dir.resolve(), seed=args.seed, epochs=args.epochs)
+    if not args.loop_timeout > 0:
+        parser.error(f"--loop-timeout must be > 0, got {args.loop_timeout}")
+    return Options(run_dir=args.run_dir.resolve(), loop_timeout=args.loop_timeout)
 
 
 @contextlib.contextmanager
@@ -110,20 +126,20 @@ class Demo:
         console = self.console
         started = time.perf_counter()
         layout = prepare_run_dir(self.options.run_dir)
-        console.print(Rule("HomeFleet demo: activity recognition on three devices"))
+        console.print(Rule("HomeFleet demo: activity recognition on three device classes"))
         console.print(
             f"run directory [cyan]{layout.root}[/], process logs in [cyan]{layout.logs_dir}[/]"
         )
+        with phase(console, "loading BasicMotions from sktime"):
+            data = load_basic_motions()
 
-        data, training = self.train(layout)
         group = ProcessGroup(layout.logs_dir)
         stops: list[StopResult] = []
         try:
-            results = self.deploy_and_infer(group, layout, data)
+            results, loop = self.fleet(group, layout, data)
         finally:
             stops = self.stop(group)
-        write_result_json(layout.result_path, training, results, stops)
-        console.print(results_table(results, f"BasicMotions test set ({len(data.y_test)} samples)"))
+        write_result_json(layout.result_path, results, loop, stops)
         console.print(f"results as JSON: [cyan]{layout.result_path}[/]")
         if any(s.returncode != 0 for s in stops):
             console.print("[red]demo failed[/]: not every process stopped cleanly (see above)")
@@ -134,58 +150,46 @@ class Demo:
         )
         return EXIT_OK
 
-    def train(self, layout: RunLayout) -> tuple[BasicMotionsData, TrainResult]:
-        o = self.options
-        with phase(self.console, "loading BasicMotions from sktime"):
-            data = load_basic_motions()
-        title = f"training the 1D-CNN (seed {o.seed}, {o.epochs} epochs) and exporting ONNX"
-        with phase(self.console, title, spinner=False):
-            training = train_and_export(
-                layout.model_dir,
-                seed=o.seed,
-                epochs=o.epochs,
-                show_progress=self.console.is_terminal,
-                data=data,
-            )
-        size_kib = training.onnx_path.stat().st_size / 1024
-        self.console.print(
-            f"  {training.parameters:,} parameters, trained in {training.train_seconds:.1f} s; "
-            f"test accuracy torch {training.test_accuracy_torch:.3f}, "
-            f"onnxruntime {training.test_accuracy_onnx:.3f}; "
-            f"{training.onnx_path.name} {size_kib:.0f} KiB"
-        )
-        return data, training
-
-    def deploy_and_infer(
+    def fleet(
         self, group: ProcessGroup, layout: RunLayout, data: BasicMotionsData
-    ) -> list[DeviceResult]:
+    ) -> tuple[list[DeviceResult], LoopResult]:
         console = self.console
         with phase(console, "starting the controller"):
             _, controller = start_controller(group, layout, cwd=REPO_ROOT)
         console.print(
-            f"  controller at [cyan]{controller.address}[/], signing key {controller.key_id}"
+            f"  controller at [cyan]{controller.address}[/], signing key {controller.key_id}; "
+            f"dashboard at [cyan]http://{controller.metrics_address}/[/]"
         )
 
         with phase(console, f"starting {len(DEMO_DEVICES)} edge agents"):
             agents = start_agents(group, layout, controller, DEMO_DEVICES, cwd=REPO_ROOT)
         for device in DEMO_DEVICES:
+            slow = (
+                f", reports {device.emulate_slowdown:g}x this machine's latency"
+                if device.emulate_slowdown != 1
+                else ""
+            )
             console.print(
-                f"  {device.device_id} ({device.device_class}, {device.threads} thread(s)) "
+                f"  {device.device_id} ({device.device_class}, {device.threads} thread(s){slow}) "
                 f"local API at [cyan]{agents[device.device_id].local_api}[/]"
             )
 
         with self.operator(controller, layout) as operator:
-            artifacts = self.deploy(operator, layout)
+            artifacts = self.deploy(operator)
             results = self.infer(
                 agents_api={d: a.local_api for d, a in agents.items()},
                 artifacts=artifacts,
                 data=data,
             )
+            console.print(
+                results_table(results, f"BasicMotions test set ({len(data.y_test)} samples)")
+            )
+            loop = self.closed_loop(operator, controller, agents, data)
             console.print(Rule("the controller's view"))
             console.print("  [dim]$[/] [bold]homefleet devices[/]")
             table = operator.devices_table(console.width, color=console.is_terminal)
             console.print(Text.from_ansi(table.rstrip("\n")))
-        return results
+        return results, loop
 
     def operator(self, controller: ControllerInfo, layout: RunLayout) -> Operator:
         def show(result: CliResult) -> None:
@@ -205,20 +209,20 @@ class Demo:
             on_command=show,
         )
 
-    def deploy(self, operator: Operator, layout: RunLayout) -> dict[str, ArtifactRef]:
-        """Register the model, build one artifact per class, assign; wait until all serve."""
-        with phase(self.console, "operator: register the model", spinner=False):
-            operator.add_model(
-                MODEL_NAME,
-                layout.model_dir / f"{MODEL_NAME}.onnx",
-                "BasicMotions activity recognition (1D-CNN, raw 6x100 IMU window)",
-            )
+    def deploy(self, operator: Operator) -> dict[str, ArtifactRef]:
+        """The controller trains and compresses the workload for each class (one job per
+        class, its planner picking the recipe), the operator assigns; wait until all serve."""
         by_class: dict[str, ArtifactRef] = {}
+        classes = list(dict.fromkeys(d.device_class for d in DEMO_DEVICES))
         with phase(
-            self.console, "operator: one artifact per device class, assigned", spinner=False
+            self.console,
+            f"controller: compress {WORKLOAD} for {len(classes)} device classes, assign",
+            spinner=False,
         ):
-            for device_class in dict.fromkeys(d.device_class for d in DEMO_DEVICES):
-                artifact = operator.create_artifact(MODEL_NAME, device_class)
+            for device_class in classes:
+                artifact = operator.compress_on_controller(
+                    WORKLOAD, DEMO_CLASSES_DIR / f"{device_class}.yaml", WORKLOAD
+                )
                 operator.assign_class(artifact.artifact_id, device_class)
                 by_class[device_class] = artifact
         expected = {d.device_id: by_class[d.device_class] for d in DEMO_DEVICES}
@@ -227,6 +231,73 @@ class Demo:
                 expected, on_poll=lambda ready, total: update(f"{ready}/{total} serving")
             )
         return expected
+
+    def closed_loop(
+        self,
+        operator: Operator,
+        controller: ControllerInfo,
+        agents: dict[str, AgentInfo],
+        data: BasicMotionsData,
+    ) -> LoopResult:
+        """Steady traffic on every device; the controller notices the slow class, fixes it."""
+        console = self.console
+        console.print(Rule("the closed loop: telemetry, budgets, recompression, canary"))
+        console.print(
+            f"  every device now answers {LOAD_RATE:g} requests/s; agents report "
+            f"{WINDOW_SECONDS} s telemetry windows; the controller judges each class's p95 "
+            f"and energy on {BUDGET_WINDOWS} slices in a row"
+        )
+        load = LoadGenerator(
+            {d: a.local_api for d, a in agents.items()}, WORKLOAD, "x", data.x_test, LOAD_RATE
+        )
+        started = time.time()
+        load.start()
+        try:
+
+            def show(decision: Decision) -> None:
+                style = {"rollout.promote": "green", "rollout.rollback": "yellow"}.get(
+                    decision.kind, "red" if decision.kind.endswith(("miss", "failed")) else "cyan"
+                )
+                console.print(
+                    f"  [dim]{decision.at_s:5.0f} s[/] [{style}]{decision.kind}[/] "
+                    f"{escape(decision.subject)}: {escape(decision.message)}"
+                )
+
+            with phase(
+                console, f"waiting for the controller's decisions on {SLOW_CLASS}"
+            ) as update:
+                decisions = watch_decisions(
+                    operator,
+                    started,
+                    device_class=SLOW_CLASS,
+                    timeout=self.options.loop_timeout,
+                    on_decision=show,
+                    on_poll=lambda t: update(f"{t:.0f} s, {load.total_sent():,} inferences"),
+                )
+            ending = decisions[-1]
+            if ending.kind != "rollout.promote":
+                raise OperatorError(
+                    f"the rollout on {SLOW_CLASS} ended {ending.kind}: {ending.message}"
+                )
+            promoted = operator.latest_artifact_by_id(str(ending.detail["class_artifact_id"]))
+            cameras = {d.device_id: promoted for d in DEMO_DEVICES if d.device_class == SLOW_CLASS}
+            with phase(console, f"waiting until every {SLOW_CLASS} serves {promoted.artifact_id}"):
+                operator.wait_until_serving(cameras)
+            settle = WINDOW_SECONDS * (BUDGET_WINDOWS + 1)
+            with phase(console, f"{settle} s more traffic on the promoted artifact"):
+                time.sleep(settle)
+        finally:
+            load.stop()
+        numbers = scrape_numbers(controller.metrics_address, WORKLOAD)
+        budgets = {
+            d.device_class: load_device_class(
+                DEMO_CLASSES_DIR / f"{d.device_class}.yaml"
+            ).budgets.p95_latency_ms
+            for d in DEMO_DEVICES
+        }
+        console.print(timeline_table(decisions))
+        console.print(numbers_table(numbers, budgets))
+        return LoopResult(decisions=decisions, numbers=numbers, inferences=load.total_sent())
 
     def infer(
         self,
@@ -243,7 +314,7 @@ class Demo:
             with phase(self.console, title) as update:
                 run = run_test_set(
                     agents_api[device.device_id],
-                    MODEL_NAME,
+                    WORKLOAD,
                     data.x_test,
                     data.y_test,
                     on_sample=lambda i: update(f"{i}/{n}"),

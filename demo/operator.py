@@ -24,6 +24,7 @@ from demo.fleet import homefleet_argv
 from protos import fleet_pb2, fleet_pb2_grpc
 
 CLI_TIMEOUT = 120.0
+COMPRESS_TIMEOUT = 600.0  # a safety limit: a job is normally 10-30 s
 RPC_TIMEOUT = 10.0
 SERVING_TIMEOUT = 120.0
 _POLL_SECONDS = 0.5
@@ -94,7 +95,13 @@ class Operator:
 
     # ------------------------------------------------------------------ the CLI
 
-    def cli(self, *args: str, env: Mapping[str, str] | None = None, echo: bool = True) -> CliResult:
+    def cli(
+        self,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        echo: bool = True,
+        timeout: float = CLI_TIMEOUT,
+    ) -> CliResult:
         """Run `homefleet ARGS` against this controller; raise OperatorError unless it exits 0.
 
         ``echo``: pass the result to ``on_command`` (the caller shows it itself otherwise).
@@ -109,12 +116,12 @@ class Operator:
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
-                timeout=CLI_TIMEOUT,
+                timeout=timeout,
                 check=False,
             )
         except subprocess.TimeoutExpired as exc:
             raise OperatorError(
-                f"`homefleet {shlex.join(args)}` did not finish within {CLI_TIMEOUT:.0f} s"
+                f"`homefleet {shlex.join(args)}` did not finish within {timeout:.0f} s"
             ) from exc
         result = CliResult(argv, done.returncode, done.stdout, done.stderr)
         self._log(result)
@@ -143,6 +150,31 @@ class Operator:
         """`homefleet artifact create`, then read the new artifact back from AdminService."""
         self.cli("artifact", "create", model_name, "--class", device_class)
         return self.latest_artifact(model_name, device_class)
+
+    def compress_on_controller(
+        self, workload: str, device_class_file: Path, model_name: str
+    ) -> ArtifactRef:
+        """`homefleet compress --controller`: the controller trains and compresses the
+        workload for the class (its planner's trials are the progress), then the artifact
+        is read back. The controller keeps the job's inputs for the budget loop."""
+        self.cli(
+            "compress",
+            "--controller",
+            self.address,
+            "--workload",
+            workload,
+            "--device-class",
+            str(device_class_file),
+            timeout=COMPRESS_TIMEOUT,
+        )
+        return self.latest_artifact(model_name, device_class_file.stem)
+
+    def events(self, kind_prefix: str, after_id: int = 0) -> list[fleet_pb2.Event]:
+        response = self._admin.ListEvents(
+            fleet_pb2.ListEventsRequest(kind_prefix=kind_prefix, after_id=after_id, limit=1000),
+            timeout=RPC_TIMEOUT,
+        )
+        return list(response.events)
 
     def assign_class(self, artifact_id: str, device_class: str) -> None:
         self.cli("assign", artifact_id, "--class", device_class)
@@ -180,6 +212,25 @@ class Operator:
             sha256=newest.sha256,
             size_bytes=newest.size_bytes,
         )
+
+    def latest_artifact_by_id(self, artifact_id: str) -> ArtifactRef:
+        """The artifact ``artifact_id`` ("<model>/<class>/v<n>") as AdminService lists it."""
+        model_name, device_class, _ = artifact_id.split("/", 2)
+        response = self._admin.ListArtifacts(
+            fleet_pb2.ListArtifactsRequest(model_name=model_name, device_class=device_class),
+            timeout=RPC_TIMEOUT,
+        )
+        for a in response.artifacts:
+            if a.id == artifact_id:
+                return ArtifactRef(
+                    artifact_id=a.id,
+                    model_name=a.model_name,
+                    device_class=a.device_class,
+                    version=a.version,
+                    sha256=a.sha256,
+                    size_bytes=a.size_bytes,
+                )
+        raise OperatorError(f"the controller lists no artifact {artifact_id!r}")
 
     def list_devices(self) -> list[fleet_pb2.Device]:
         response = self._admin.ListDevices(fleet_pb2.ListDevicesRequest(), timeout=RPC_TIMEOUT)

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from artifact.files import atomic_write_bytes
-from controller.workloads.basic_motions import TrainResult
+from demo.budget_loop import ArtifactNumbers, Decision
 from demo.fleet import DeviceSpec
 from demo.inference import InferenceRun
 from demo.operator import ArtifactRef
@@ -23,6 +23,15 @@ class DeviceResult:
     device: DeviceSpec
     artifact: ArtifactRef
     run: InferenceRun
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    """The closed loop as the demo saw it: the controller's decisions and the numbers."""
+
+    decisions: list[Decision]
+    numbers: list[ArtifactNumbers]
+    inferences: int
 
 
 def results_table(results: list[DeviceResult], test_set: str) -> Table:
@@ -51,21 +60,34 @@ def results_table(results: list[DeviceResult], test_set: str) -> Table:
 
 def write_result_json(
     path: Path,
-    training: TrainResult,
     results: list[DeviceResult],
+    loop: LoopResult,
     stops: list[StopResult],
 ) -> None:
     """Everything the demo measured, for scripts and end-to-end tests to check."""
     document = {
-        "training": {
-            "onnx_path": str(training.onnx_path),
-            "seed": training.seed,
-            "epochs": training.epochs,
-            "parameters": training.parameters,
-            "train_seconds": training.train_seconds,
-            "test_accuracy_torch": training.test_accuracy_torch,
-            "test_accuracy_onnx": training.test_accuracy_onnx,
-            "labels": list(training.labels),
+        "loop": {
+            "inferences": loop.inferences,
+            "decisions": [
+                {
+                    "at_s": d.at_s,
+                    "kind": d.kind,
+                    "subject": d.subject,
+                    "message": d.message,
+                    "detail": d.detail,
+                }
+                for d in loop.decisions
+            ],
+            "numbers": [
+                {
+                    "device_class": n.device_class,
+                    "artifact_id": n.artifact_id,
+                    "inferences": n.inferences,
+                    "p95_ms": n.p95_ms,
+                    "energy_mj": n.energy_mj,
+                }
+                for n in loop.numbers
+            ],
         },
         "devices": [
             {

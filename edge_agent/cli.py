@@ -90,6 +90,14 @@ def run(
             "was measured, as a slower device would (1-100; the energy source is marked).",
         ),
     ] = 1.0,
+    telemetry_window_seconds: Annotated[
+        float,
+        typer.Option(
+            "--telemetry-window-seconds",
+            help="Length of one telemetry window (the controller judges budgets on slices "
+            "at least this long).",
+        ),
+    ] = 10.0,
 ) -> None:
     """Register with the controller, deploy the assigned models, and serve them locally."""
     level = log_level.upper()
@@ -122,6 +130,7 @@ def run(
             active_watts=active_watts,
             sysfs_root=sysfs_root,
             emulate_slowdown=emulate_slowdown,
+            telemetry_window_s=telemetry_window_seconds,
         )
     except AgentError as exc:
         typer.echo(f"error: {exc.message}", err=True)

@@ -148,7 +148,7 @@ class AgentConfig:
                 f"expected 0 <= idle <= active, got {self.idle_watts} and {self.active_watts}",
             )
         for field, seconds in (
-            ("telemetry_window_s", self.telemetry_window_s),
+            ("--telemetry-window-seconds", self.telemetry_window_s),
             ("telemetry_poll_s", self.telemetry_poll_s),
         ):
             if not seconds > 0:

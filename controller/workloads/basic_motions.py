@@ -89,8 +89,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     scale_jitter: float = 0.1  # each sample's channels scaled by U(1 - s, 1 + s)
     noise_std: float = 0.03  # gaussian noise, as a fraction of each channel's std
+    widths: tuple[int, int, int] = (32, 64, 64)  # MotionCNN's conv channels
 
     def __post_init__(self) -> None:
+        if any(w < 1 for w in self.widths):
+            raise ValueError(f"widths must be >= 1, got {self.widths}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -220,7 +223,7 @@ def train_model(
     """Train a MotionCNN on the training split; seeded, deterministic, CPU only."""
     with deterministic(config.seed):
         mean, std = channel_stats(data.x_train)
-        model = MotionCNN(mean, std, n_classes=len(data.labels))
+        model = MotionCNN(mean, std, n_classes=len(data.labels), widths=config.widths)
         gen = torch.Generator().manual_seed(config.seed)
         x = torch.from_numpy(data.x_train)
         y = torch.from_numpy(data.y_train)
@@ -389,6 +392,8 @@ class BasicMotionsWorkload(Workload):
     output_names = (OUTPUT_NAME,)
     val_fraction = 0.2
     split_seed = 0
+    widths: tuple[int, int, int] = (32, 64, 64)
+    architecture = _ARCHITECTURE
 
     def __init__(self, *, epochs: int = DEFAULT_EPOCHS, show_progress: bool = False) -> None:
         self.epochs = epochs
@@ -411,15 +416,16 @@ class BasicMotionsWorkload(Workload):
 
     def cache_path(self, cache_dir: Path | None = None, *, seed: int = 0) -> Path:
         suffix = "" if self.epochs == DEFAULT_EPOCHS else f"-e{self.epochs}"
-        return (cache_dir or DEFAULT_CACHE_DIR) / f"{MODEL_NAME}-seed{seed}{suffix}.pt"
+        return (cache_dir or DEFAULT_CACHE_DIR) / f"{self.name}-seed{seed}{suffix}.pt"
 
     def source_model(self, cache_dir: Path | None = None, *, seed: int = 0) -> nn.Module:
         """The cached MotionCNN for this seed, or one trained on the train split (then cached)."""
         path = self.cache_path(cache_dir, seed=seed)
         cached = load_cached(path)
-        if cached is not None and cached.meta.get("architecture") == _ARCHITECTURE:
+        if cached is not None and cached.meta.get("architecture") == self.architecture:
             zeros = np.zeros(CHANNELS, dtype=np.float32)
-            model = MotionCNN(zeros, zeros + 1)  # the norm buffers come from the state_dict
+            # the norm buffers come from the state_dict
+            model = MotionCNN(zeros, zeros + 1, widths=self.widths)
             model.load_state_dict(cached.state_dict)
             return model.eval()
         train = self.data().train
@@ -436,11 +442,11 @@ class BasicMotionsWorkload(Workload):
         with single_thread():
             model = train_model(
                 subset_data,
-                TrainConfig(seed=seed, epochs=self.epochs),
+                TrainConfig(seed=seed, epochs=self.epochs, widths=self.widths),
                 show_progress=self.show_progress,
             )
         meta: dict[str, float | int | str] = {
-            "architecture": _ARCHITECTURE,
+            "architecture": self.architecture,
             "seed": seed,
             "epochs": self.epochs,
             "train_seconds": time.perf_counter() - started,
@@ -462,7 +468,7 @@ class BasicMotionsWorkload(Workload):
             output_name=OUTPUT_NAME,
             metadata={
                 "labels": json.dumps(list(LABELS)),
-                "workload": MODEL_NAME,
+                "workload": self.name,
                 "task": TaskKind.CLASSIFICATION.value,
             },
             doc=(
@@ -473,3 +479,16 @@ class BasicMotionsWorkload(Workload):
 
     def score_onnx(self, path: Path, *, split: str = "test") -> Score:
         return score_classifier(path, select_split(self.data(), split), OUTPUT_NAME)
+
+
+class WideBasicMotionsWorkload(BasicMotionsWorkload):
+    """The same task with four times the channels (~400k parameters, ~16x the MACs).
+
+    The size where compute, not a call's fixed cost, decides a small device's latency:
+    the demo's closed loop uses it, so a recompression visibly changes what devices
+    measure (on the small model an inference is mostly fixed per-call cost).
+    """
+
+    name = "basic-motions-wide"
+    widths = (128, 256, 256)
+    architecture = "motion-cnn-v1-wide"

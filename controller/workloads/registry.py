@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from controller.workloads.base import Workload
-from controller.workloads.basic_motions import BasicMotionsWorkload
+from controller.workloads.basic_motions import BasicMotionsWorkload, WideBasicMotionsWorkload
 from controller.workloads.italy_power import ItalyPowerWorkload
 from controller.workloads.minilm import MiniLMWorkload
 from controller.workloads.plaid import PlaidWorkload
@@ -22,6 +22,7 @@ WORKLOADS: dict[str, WorkloadFactory] = {
     "plaid": PlaidWorkload,
     "italy-power": ItalyPowerWorkload,
     "basic-motions": BasicMotionsWorkload,
+    "basic-motions-wide": WideBasicMotionsWorkload,
     "minilm": MiniLMWorkload,
 }
 

@@ -15,7 +15,13 @@ from controller.workloads.registry import (
 
 
 def test_every_reference_workload_is_registered_under_its_own_name() -> None:
-    assert workload_names() == ("basic-motions", "italy-power", "minilm", "plaid")
+    assert workload_names() == (
+        "basic-motions",
+        "basic-motions-wide",
+        "italy-power",
+        "minilm",
+        "plaid",
+    )
     for name in WORKLOADS:
         workload = get_workload(name)
         assert isinstance(workload, Workload)
@@ -38,7 +44,7 @@ def test_unknown_name_lists_the_known_ones() -> None:
         get_workload("plaid2")
     message = str(info.value)
     assert "'plaid2'" in message
-    assert "basic-motions, italy-power, minilm, plaid" in message
+    assert "basic-motions, basic-motions-wide, italy-power, minilm, plaid" in message
     assert isinstance(info.value, ValueError)
 
 
