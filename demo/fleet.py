@@ -33,11 +33,11 @@ class DeviceSpec:
     emulate_slowdown: float = 1.0
 
 
-# The demo's cameras report 8x what this machine measures, about the 8.3x the camera
+# The demo's cameras report 10x what this machine measures, about the 8.3x the camera
 # class's relative_speed (0.12) makes the planner assume; but an app's occasional call
 # costs more than the planner's back-to-back runs, so the class turns out slower than
 # planned and the controller has to notice and fix it.
-CAMERA_SLOWDOWN = 8.0
+CAMERA_SLOWDOWN = 10.0
 DEMO_DEVICES: tuple[DeviceSpec, ...] = (
     DeviceSpec("hub-livingroom", "home-hub", threads=2),
     DeviceSpec("speaker-kitchen", "smart-speaker", threads=1),

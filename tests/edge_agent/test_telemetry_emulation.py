@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from artifact import histogram
 from edge_agent.config import AgentConfig
@@ -14,6 +15,7 @@ from edge_agent.errors import AgentError
 from edge_agent.meters import NoMeter
 from edge_agent.runtime import ModelRuntime
 from edge_agent.telemetry import Telemetry
+from homefleet.cli import app
 from tests.edge_agent.conftest import load
 from tests.edge_agent.models import add_model
 
@@ -57,3 +59,27 @@ def test_a_slowdown_outside_1_to_100_is_refused(tmp_path: Path, factor: float) -
             state_dir=tmp_path,
             emulate_slowdown=factor,
         )
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan"])
+def test_a_telemetry_window_that_is_not_positive_is_refused_naming_the_flag(
+    tmp_path: Path, seconds: str
+) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "agent",
+            "run",
+            "--device-id",
+            "d",
+            "--device-class",
+            "home-hub",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--telemetry-window-seconds",
+            seconds,
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "--telemetry-window-seconds" in result.output
+    assert not (tmp_path / "state").exists()  # refused before anything was written
