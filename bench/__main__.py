@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from bench import compression, delta, ingest, plots
+from bench import compression, delta, ingest, learned, plots, quant_families
 from bench.compression import DEVICE_CLASSES, TARGETS
 from bench.report import Results, render, splice
 from controller.compression.recipe import Distill
@@ -22,7 +22,16 @@ console = Console(stderr=True)
 app = typer.Typer(add_completion=False)
 
 PLANNER_WORKLOADS = ("plaid", "basic-motions", "italy-power", "minilm")
-SECTIONS = ("targets", "planner", "techniques", "distillation", "delta", "ingest")
+SECTIONS = (
+    "targets",
+    "planner",
+    "techniques",
+    "distillation",
+    "quant-families",
+    "learned",
+    "delta",
+    "ingest",
+)
 DISTILL_STEP = Distill(student="ds-cnn1d", width=1.0)  # the student the PLAID planner picks
 
 
@@ -76,6 +85,15 @@ def main(
             results.distillation.append(
                 compression.distill_row(technique_workload, DISTILL_STEP, seeds, work, progress)
             )
+        if "quant-families" in wanted:
+            results.quant_families = quant_families.family_tables(
+                quant_families.QUICK_PLANS if quick else quant_families.PLANS,
+                work,
+                None if quick else work_dir / "quant-families",
+                progress,
+            )
+        if "learned" in wanted and not quick:  # training: minutes, not a smoke test
+            results.learned = learned.learned_rows(work, progress)
         if "delta" in wanted and not quick:
             results.delta = delta.delta_rows(work_dir, progress)
         if "ingest" in wanted:
@@ -102,6 +120,8 @@ def main(
         "planner": compression.as_json(results.planner),
         "techniques": [asdict(t) for t in results.techniques],
         "distillation": compression.as_json(results.distillation),
+        "quant-families": quant_families.as_json(results.quant_families),
+        "learned": learned.as_json(results.learned),
         "delta": delta.as_json(results.delta),
         "ingest": ingest.as_json(results.ingest),
     }

@@ -15,6 +15,9 @@ import torch
 from bench.compression import DistillRow, PlannerRow, TargetRow, TechniqueRow, TechniqueTable
 from bench.delta import DeltaRow, render_delta
 from bench.ingest import IngestRow, render_ingest
+from bench.learned import Row as LearnedRow
+from bench.learned import render_learned
+from bench.quant_families import FamilyTable, render_families
 
 
 @dataclass
@@ -27,6 +30,8 @@ class Results:
     distillation: list[DistillRow] = field(default_factory=list)
     delta: list[DeltaRow] = field(default_factory=list)
     ingest: list[IngestRow] = field(default_factory=list)
+    quant_families: list[FamilyTable] = field(default_factory=list)
+    learned: list[LearnedRow] = field(default_factory=list)
     plots: dict[str, Path] = field(default_factory=dict)
 
 
@@ -200,6 +205,10 @@ def render(results: Results, out: Path) -> str:
             *_distillation(results.distillation),
             "",
         ]
+    if results.quant_families:
+        lines += render_families(results.quant_families, results.command)
+    if results.learned:
+        lines += render_learned(results.learned, results.command)
     if results.delta:
         lines += [
             "## Model updates: generic binary diffs vs HomeFleet's delta codec (issue 4)",
@@ -289,6 +298,8 @@ SECTION_HEADINGS = {
     "planner": "## Planner artifact",
     "techniques": "## Each technique alone",
     "distillation": "## Distillation",
+    "quant-families": "## Quantization families",
+    "learned": "## Learned step sizes",
     "delta": "## Model updates",
     "ingest": "## Telemetry ingest",
 }

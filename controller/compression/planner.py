@@ -34,7 +34,7 @@ from typing import Protocol
 
 from controller.compression.budgets import Observed, Verdict, all_met, judge, shortfall
 from controller.compression.errors import CompressionError
-from controller.compression.recipe import Quantize, Recipe
+from controller.compression.recipe import LearnedQuantize, Quantize, Recipe
 from controller.device_classes import DeviceClass
 
 log = logging.getLogger(__name__)
@@ -135,10 +135,14 @@ TrialCallback = Callable[[Trial], None]
 # only add. Below the exact 1/4 and 1/2 for margin: folding BatchNorm into convolutions
 # removes a few weights first.
 QUANTIZED_SIZE_FLOOR = {"static": 0.2, "dynamic": 0.2, "fp16": 0.4}
+# Learned quantization (its only step): weights in 8 or 4 bits of 32, the same margin.
+LEARNED_SIZE_FLOOR = {8: 0.2, 4: 0.1}
 
 
 def size_floor(recipe: Recipe, source_bytes: int) -> int | None:
     """Bytes a quantization-only recipe surely stays above; None for any other recipe."""
+    if len(recipe.steps) == 1 and isinstance(recipe.steps[0], LearnedQuantize):
+        return int(source_bytes * LEARNED_SIZE_FLOOR[recipe.steps[0].weight_bits])
     if not recipe.steps or not all(isinstance(step, Quantize) for step in recipe.steps):
         return None
     modes = [step.mode for step in recipe.steps if isinstance(step, Quantize)]

@@ -30,6 +30,7 @@ def test_quick_bench_writes_every_table_and_plot(tmp_path: Path) -> None:
         "## Planner artifact vs FP32 source",
         "## Each technique alone on italy-power",
         "## Distillation vs the same student trained alone",
+        "## Quantization families at one quality budget",
     ):
         assert heading in report
     assert "python -m bench --quick" in report  # the command that reproduces it
@@ -43,5 +44,10 @@ def test_quick_bench_writes_every_table_and_plot(tmp_path: Path) -> None:
     pruned = techniques["structured pruning 50 % (L1)"]
     assert pruned["macs"] < source["macs"] and pruned["params"] < source["params"]
     assert techniques["fp16"]["bytes"] < source["bytes"]
+    (families,) = raw["quant-families"]
+    quantizers = {row["label"]: row for row in families["rows"]}
+    codebook = next(row for label, row in quantizers.items() if label.startswith("codebook 4"))
+    int8 = next(row for row in families["rows"] if row["linear_int8"])
+    assert codebook["status"] == "built" and 0 < codebook["bytes"] < int8["bytes"]
     for plot in ("planner-ratios.png", "techniques-italy-power.png"):
         assert (tmp_path / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

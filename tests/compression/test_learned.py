@@ -1,0 +1,243 @@
+"""Learned step-size quantization: steps that train, an export that stores them, the planner.
+
+Real torch training, real ONNX export and onnxruntime; a tiny CNN on synthetic sines.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnxruntime as ort
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from controller.compression import candidates
+from controller.compression.errors import UnsupportedModelError
+from controller.compression.executor import OnnxSource, TorchSource
+from controller.compression.learned import (
+    WEIGHT_RANGES,
+    QatModel,
+    export_learned,
+    learned_quantize,
+    prepare_qat,
+    train_learned,
+)
+from controller.compression.planner import plan, size_floor
+from controller.compression.recipe import (
+    STEP_ADAPTER,
+    LearnedQuantize,
+    Quantize,
+    Recipe,
+    StructuredPrune,
+)
+from controller.compression.training import TrainOptions
+from controller.device_classes import load_device_class
+from controller.workloads.base import Score, TaskKind, Workload, WorkloadData
+from controller.workloads.training import export_single_input, score_classifier, select_split
+from tests.compression.test_planner import CAMERA, _measure
+from tests.compression.test_training import QUIET, TinyCNN, synthetic_split, trained
+
+TRAIN = synthetic_split()
+VAL = synthetic_split(n=48, seed=1)
+CALIBRATION = TRAIN.spread(32).inputs
+OPTIONS = TrainOptions(show_progress=False, batch_size=16)
+
+
+class SinesWorkload(Workload):
+    """A workload over the synthetic sines: what the planner and the executor need."""
+
+    name = "sines"
+    kind = TaskKind.CLASSIFICATION
+    input_names = ("x",)
+    output_names = ("logits",)
+
+    def __init__(self, width: int = 16) -> None:
+        self.width = width
+
+    def data(self) -> WorkloadData:
+        return WorkloadData(TRAIN, VAL, VAL, ("a", "b", "c"))
+
+    def source_model(self, cache_dir: Path | None = None, *, seed: int = 0) -> nn.Module:
+        return trained(lambda: TinyCNN(width=self.width), TRAIN, epochs=8, seed=seed).eval()
+
+    def export_onnx(self, model: nn.Module, path: Path) -> Path:
+        return export_single_input(
+            model, path, torch.zeros(1, 3, 32), input_name="x", output_name="logits",
+            metadata={}, doc="sines",
+        )  # fmt: skip
+
+    def score_onnx(self, path: Path, *, split: str = "test") -> Score:
+        return score_classifier(path, select_split(self.data(), split), "logits")
+
+
+@pytest.fixture(scope="module")
+def source() -> nn.Module:
+    return trained(lambda: TinyCNN(width=16), TRAIN, epochs=8)
+
+
+@pytest.fixture(scope="module")
+def wide() -> nn.Module:
+    """Wide enough (13k weights) that bytes are mostly weights, not graph and scales."""
+    return SinesWorkload(width=64).source_model()
+
+
+def _initializers(path: Path) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in onnx.load(str(path)).graph.initializer}
+
+
+def _trained(
+    model: nn.Module, bits: int
+) -> tuple[QatModel, dict[str, tuple[np.ndarray, float, int]]]:
+    step = LearnedQuantize(weight_bits=bits, epochs=3, lr=1e-2)
+    qat, initial, fit = train_learned(model, step, TRAIN, VAL, CALIBRATION, options=OPTIONS)
+    assert fit.epochs == 3
+    return qat, initial
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_step_sizes_move_and_the_export_stores_exactly_them(
+    source: nn.Module, bits: int, tmp_path: Path
+) -> None:
+    qat, initial = _trained(source, bits)
+    final = qat.steps()
+    assert set(final) == {"features.0.0", "features.1.0", "head"}  # BatchNorm folded away
+    for name, (weight_steps, input_step, _zero) in final.items():
+        assert not np.allclose(weight_steps, initial[name][0], rtol=1e-4), name
+        assert input_step != pytest.approx(initial[name][1], rel=1e-5), name
+
+    out = tmp_path / "learned.onnx"
+    diff = export_learned(qat, SinesWorkload().export_onnx, out, CALIBRATION)
+    inits = _initializers(out)
+    kind = onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8
+    low, high = WEIGHT_RANGES[bits]
+    for name, (weight_steps, input_step, zero) in final.items():
+        stored = onnx.numpy_helper.to_array(inits[f"lsq/{name}/weight_scale"])
+        np.testing.assert_array_equal(stored, weight_steps)
+        q = inits[f"lsq/{name}/weight_q"]
+        assert q.data_type == kind
+        ints = onnx.numpy_helper.to_array(q).astype(np.int64)
+        assert low <= ints.min() and ints.max() <= high
+        layer = qat.layers[name]
+        want = layer.weight_quant(layer.layer.weight).detach().numpy()
+        scale = weight_steps.reshape(-1, *([1] * (ints.ndim - 1)))
+        np.testing.assert_array_equal(ints.astype(np.float32) * scale, want)  # DQ(ints)
+        (input_scale,) = [k for k in inits if k.startswith(f"lsq/{name}/") and "input_scale" in k]
+        assert float(onnx.numpy_helper.to_array(inits[input_scale])) == np.float32(input_step)
+        zp = inits[input_scale.replace("input_scale", "input_zero_point")]
+        assert int(onnx.numpy_helper.to_array(zp)) == zero
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and t.dims and "weight" in t.name
+                   and len(t.dims) > 1 for t in inits.values())  # fmt: skip
+
+    # onnxruntime (with its Q/DQ fusions) computes what the fake-quantized torch model does
+    x = VAL.inputs["x"].astype(np.float32)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        want = qat.model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    assert diff < 0.02 * np.abs(want).max()  # what export_learned measured on calibration
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
+
+
+def test_training_only_the_steps_leaves_the_weights_as_they_were(source: nn.Module) -> None:
+    step = LearnedQuantize(weight_bits=8, epochs=2, lr=1e-2, train="steps")
+    qat, initial, _fit = train_learned(source, step, TRAIN, VAL, CALIBRATION, options=OPTIONS)
+    folded = prepare_qat(source, step)  # the same folding, untrained
+    for name, layer in qat.layers.items():
+        assert torch.equal(layer.layer.weight, folded.layers[name].layer.weight), name
+        assert not np.allclose(qat.steps()[name][0], initial[name][0], rtol=1e-4), name
+
+
+def test_learned_quantize_on_a_workload_writes_a_smaller_model_that_still_classifies(
+    wide: nn.Module, tmp_path: Path
+) -> None:
+    workload = SinesWorkload(width=64)
+    float_path = workload.export_onnx(wide, tmp_path / "float.onnx")
+    result = learned_quantize(
+        workload, wide, LearnedQuantize(weight_bits=4, epochs=2), tmp_path / "w4.onnx",
+        options=OPTIONS,
+    )  # fmt: skip
+    assert result.weight_type == "int4" and result.bytes == result.out.stat().st_size
+    assert result.bytes < float_path.stat().st_size / 3
+    assert workload.score_onnx(result.out, split="val").value >= 0.8
+    assert len(result.layers) == 3
+
+
+def test_bad_parameters_are_refused_with_what_is_expected() -> None:
+    with pytest.raises(ValidationError, match="must be 4 or 8"):
+        LearnedQuantize(weight_bits=0)
+    with pytest.raises(ValidationError, match="must be 4 or 8"):
+        LearnedQuantize(weight_bits=3)
+    with pytest.raises(ValidationError, match="must be 8"):
+        LearnedQuantize(activation_bits=4)
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        LearnedQuantize(epochs=0)
+    with pytest.raises(ValidationError, match="greater than 0"):
+        LearnedQuantize(lr=0)
+    with pytest.raises(ValidationError, match="must be the recipe's last step"):
+        Recipe(steps=(LearnedQuantize(), Quantize()))
+    # torch steps may come first; the step round-trips through its manifest form
+    recipe = Recipe(steps=(StructuredPrune(ratio=0.5), LearnedQuantize(weight_bits=8)))
+    assert recipe.needs_torch
+    manifest = recipe.to_manifest()[-1]
+    assert manifest.kind == "quantize.learned" and manifest.params["weight_bits"] == 8
+    again = STEP_ADAPTER.validate_python({"kind": manifest.kind, **manifest.params})
+    assert again == LearnedQuantize(weight_bits=8)
+
+
+def test_a_model_without_conv_or_linear_layers_is_refused(tmp_path: Path) -> None:
+    step = LearnedQuantize(epochs=1)
+    with pytest.raises(UnsupportedModelError, match="no Conv or Linear layer"):
+        train_learned(nn.Flatten(), step, TRAIN, VAL, CALIBRATION, options=OPTIONS)
+
+
+def test_an_onnx_file_alone_cannot_be_learned_quantized(tmp_path: Path, source: nn.Module) -> None:
+    path = SinesWorkload().export_onnx(source, tmp_path / "float.onnx")
+    builder = OnnxSource(path, CALIBRATION)
+    with pytest.raises(UnsupportedModelError, match="needs a PyTorch model"):
+        builder.build(Recipe(steps=(LearnedQuantize(),)), tmp_path / "out")
+
+
+def test_the_planner_turns_to_learned_quantization_when_post_training_int8_cannot_fit(
+    wide: nn.Module, tmp_path: Path
+) -> None:
+    """Learned steps follow post-training int8 in the candidates; the planner reaches
+    them when int8 misses, and the trial records the step with its parameters."""
+    order = [r.steps[-1] for r in candidates.torch_classifier_recipes()][:4]
+    assert order == [
+        candidates.INT8_STATIC, candidates.INT8_DYNAMIC,
+        candidates.LEARNED_INT8, candidates.LEARNED_INT4,
+    ]  # fmt: skip
+    assert size_floor(Recipe(steps=(candidates.LEARNED_INT4,)), 1000) == 100
+
+    workload, model = SinesWorkload(width=64), wide
+    source_bytes = workload.export_onnx(model, tmp_path / "source.onnx").stat().st_size
+    # below what int8 weights reach, within 4-bit weights' reach (graph and scales included)
+    dc = load_device_class(CAMERA).with_budgets(
+        max_artifact_bytes=int(source_bytes * 0.23), max_accuracy_drop=0.2,
+        p95_latency_ms=10_000, energy_per_inference_mj=10_000,
+    )  # fmt: skip
+    quick = [
+        Recipe(steps=(candidates.INT8_STATIC,)),
+        Recipe(steps=(candidates.INT8_DYNAMIC,)),
+        Recipe(steps=(candidates.LEARNED_INT8.model_copy(update={"epochs": 2}),)),
+        Recipe(steps=(candidates.LEARNED_INT4.model_copy(update={"epochs": 2}),)),
+    ]
+    builder = TorchSource(workload, model, max_accuracy_drop=0.2, options=QUIET)
+    result = plan(quick, builder, _measure(CALIBRATION), dc, tmp_path / "plan")
+    assert result.met
+    chosen = result.best
+    assert chosen.recipe.steps[-1].kind == "quantize.learned"
+    assert len(result.trials) == 5 and chosen is result.trials[4]
+    for missed in result.trials[1:4]:  # built and judged: int8 weights are too many bytes
+        assert not missed.error and not missed.met
+        assert [v.budget for v in missed.verdicts if not v.met] == ["max_artifact_bytes"]
+    recorded = json.loads(json.dumps(chosen.as_json()))
+    assert recorded["recipe"][0]["kind"] == "quantize.learned"
+    assert recorded["recipe"][0]["params"]["weight_bits"] == 4
+    assert recorded["recipe_text"].startswith("quantize.learned(")
