@@ -76,6 +76,17 @@ def serve(
     budget_cooldown_seconds: int = typer.Option(
         60, "--budget-cooldown-seconds", help="Quiet time for a class after a rollout ends."
     ),
+    compression_workers: int = typer.Option(
+        1, "--compression-workers", help="Processes running compression jobs (1..64)."
+    ),
+    compression_threads: int = typer.Option(
+        0,
+        "--compression-threads",
+        help="Threads each compression process gives torch and onnxruntime (0: every core).",
+    ),
+    max_active_jobs: int = typer.Option(
+        16, "--max-active-jobs", help="Compression jobs queued or running at once (1..10000)."
+    ),
 ) -> None:
     """Run the controller until SIGTERM or SIGINT (then stop gracefully, exit 0)."""
     from controller.config import BudgetPolicy, ConfigError, ControllerConfig
@@ -95,6 +106,9 @@ def serve(
             max_model_bytes=max_model_bytes,
             metrics_port=metrics_port,
             device_classes_dir=device_classes,
+            compression_workers=compression_workers,
+            compression_threads=compression_threads,
+            max_active_jobs=max_active_jobs,
             budget_policy=BudgetPolicy(
                 window_seconds=budget_window_seconds,
                 windows_in_a_row=budget_windows,

@@ -36,6 +36,7 @@ from controller.records import (
     NewCompressionJob,
 )
 from controller.store import Store
+from controller.workloads.names import WORKLOAD_NAMES
 
 DEFAULT_JOB_LIMIT = 100
 MAX_JOB_LIMIT = 1000
@@ -59,14 +60,6 @@ def previous_static_int8(
     return None
 
 
-def _known_workloads() -> tuple[str, ...]:
-    """The reference workloads' names. Importing the registry loads torch, so this runs
-    only for workload requests, in a worker thread, once per process."""
-    from controller.workloads.registry import workload_names
-
-    return workload_names()
-
-
 class CompressionHandlers:
     def __init__(
         self,
@@ -81,7 +74,6 @@ class CompressionHandlers:
         self._config = config
         self._runner = runner
         self._watchers = watchers
-        self._workloads: tuple[str, ...] | None = None
 
     # ---------------------------------------------------------------- start
     async def start(
@@ -158,12 +150,10 @@ class CompressionHandlers:
                 raise invalid(
                     "a workload brings its own data: calibration_bytes must be 0 for a workload"
                 )
-            if self._workloads is None:
-                self._workloads = await in_thread(_known_workloads)
-            if request.workload not in self._workloads:
+            if request.workload not in WORKLOAD_NAMES:  # torch-free: no registry import
                 raise invalid(
                     f"unknown workload {request.workload!r}; known workloads: "
-                    f"{', '.join(self._workloads)}"
+                    f"{', '.join(WORKLOAD_NAMES)}"
                 )
             previous = await in_thread(
                 previous_static_int8,

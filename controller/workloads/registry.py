@@ -14,6 +14,7 @@ from controller.workloads.base import Workload
 from controller.workloads.basic_motions import BasicMotionsWorkload, WideBasicMotionsWorkload
 from controller.workloads.italy_power import ItalyPowerWorkload
 from controller.workloads.minilm import MiniLMWorkload
+from controller.workloads.names import WORKLOAD_NAMES
 from controller.workloads.plaid import PlaidWorkload
 
 WorkloadFactory = Callable[[], Workload]
@@ -25,6 +26,13 @@ WORKLOADS: dict[str, WorkloadFactory] = {
     "basic-motions-wide": WideBasicMotionsWorkload,
     "minilm": MiniLMWorkload,
 }
+
+
+if tuple(sorted(WORKLOADS)) != WORKLOAD_NAMES:  # pragma: no cover - a coding error
+    raise RuntimeError(
+        f"controller/workloads/names.py lists {WORKLOAD_NAMES}, the registry has "
+        f"{tuple(sorted(WORKLOADS))}: keep them equal"
+    )
 
 
 class UnknownWorkloadError(ValueError):

@@ -154,6 +154,18 @@ def test_serve_command_refuses_bad_flags(tmp_path: Path) -> None:
         serve_command(tmp_path, "--log-level", "loud"), cwd=ROOT, capture_output=True, timeout=60
     )
     assert done.returncode == 2
+    for flag, value, message in (
+        ("--compression-workers", "0", b"compression_workers must be an integer in 1..64"),
+        ("--max-active-jobs", "0", b"max_active_jobs must be an integer in 1..10000"),
+        ("--canary-share", "1.5", b"canary_share must be in (0, 1]"),
+        ("--budget-windows", "0", b"budget_windows_in_a_row must be an integer in 1..1000"),
+    ):
+        done = subprocess.run(
+            serve_command(tmp_path, flag, value), cwd=ROOT, capture_output=True, timeout=60
+        )
+        assert done.returncode == 2, flag
+        assert message in done.stderr, done.stderr
+    assert not (tmp_path / "homefleet.db").exists()  # refused before anything was made
 
 
 def test_importing_the_cli_entry_points_stays_light() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -62,3 +65,18 @@ def test_calibration_inputs_cover_every_class_of_a_sorted_split() -> None:
     assert len(train.spread(10_000)) == len(train)
     with pytest.raises(ValueError, match="n must be >= 1"):
         train.spread(0)
+
+
+def test_the_torch_free_name_list_is_the_registry_and_loads_no_torch() -> None:
+    from controller.workloads.names import WORKLOAD_NAMES
+
+    assert workload_names() == WORKLOAD_NAMES
+    # the controller checks a job's workload name in the server process: no torch there
+    probe = (
+        "import sys, controller.server, controller.jobs.handlers, controller.workloads.names;"
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip() == "False"
