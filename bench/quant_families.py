@@ -47,6 +47,7 @@ import zstandard
 from pydantic import ValidationError
 from torch import nn
 
+from bench.reconstruction import ReconstructionRow, reconstruction_rows, render_reconstruction
 from controller.compression.errors import CompressionError
 from controller.compression.executor import TorchSource
 from controller.compression.recipe import (
@@ -210,6 +211,8 @@ class FamilyTable:
     source_val: float
     source_test: float
     rows: list[FamilyRow] = field(default_factory=list)
+    # the source's weights through linear and codebook quantizers at equal index bits
+    reconstruction: list[ReconstructionRow] = field(default_factory=list)
 
     @property
     def best_linear_int8(self) -> FamilyRow | None:
@@ -497,6 +500,7 @@ def family_table(plan: Plan, scratch: Path, cache: Path | None, progress: Progre
         source_val=source_val,
         source_test=fp32.test_score,
         rows=rows,
+        reconstruction=reconstruction_rows(workload.name, source_path),
     )
 
 
@@ -615,4 +619,5 @@ def render_families(tables: Sequence[FamilyTable], command: str) -> list[str]:
         ]
         lines += ["| " + " | ".join(_cells(table, row)) + " |" for row in table.rows]
         lines += ["", _headline(table), ""]
+        lines += render_reconstruction(table.reconstruction)
     return lines
