@@ -140,3 +140,13 @@ def test_freed_heap_is_returned_after_loading_on_glibc() -> None:
 
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert release_free_memory() is expected
+
+
+def test_sessions_do_not_spin_between_requests() -> None:
+    """Pool threads that spin after each run burn a core between a device's occasional
+    requests (measured: 22 ms of CPU per call against 1.3 ms, for 12 % more latency)."""
+    from edge_agent.runtime import session_options
+
+    options = session_options(2)
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == 2
