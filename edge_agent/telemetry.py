@@ -2,10 +2,11 @@
 
 Each Predict is timed in the worker thread that runs it: wall latency, the thread's CPU
 time (``time.thread_time`` around ``session.run``, so other requests' work is not
-counted), the energy meter's difference, and the process's resident memory after the
-call. Samples go into the open window of their (model, artifact); every ``window_s``
-the windows are closed and handed to the on-disk queue (telemetry_queue), which gives
-them their sequence numbers. A window still open when the agent crashes is lost (at most
+counted), its share of the energy meter's increase (``EnergyShares``: concurrent
+inferences split it), and the process's resident memory after the call. Samples go
+into the open window of their (model, artifact); every ``window_s`` the windows are
+closed and handed to the on-disk queue (telemetry_queue), which gives them their
+sequence numbers. A window still open when the agent crashes is lost (at most
 one window); a graceful stop closes it first.
 """
 
@@ -125,6 +126,47 @@ def merge_windows(windows: list[Window]) -> Window:
     )
 
 
+class EnergyShares:
+    """Splits a device-wide meter among the inferences running at the same time.
+
+    A meter (RAPL, hwmon, the estimate) counts the whole device: an inference charged the
+    meter's increase over its own run would also be charged every concurrent inference's
+    energy, and their sum would exceed what the meter counted. Here the increase between
+    two events (an inference starting or ending) is shared equally by the inferences in
+    flight, so the shares always add up to the meter's increase while any ran.
+    """
+
+    def __init__(self, read: Callable[[], float]) -> None:
+        self._read = read
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._tallies: dict[int, float] = {}
+        self._next = 0
+
+    def start(self) -> int:
+        """An inference begins; the token it gets back is what ``stop`` takes."""
+        with self._lock:
+            self._advance()
+            token = self._next
+            self._next += 1
+            self._tallies[token] = 0.0
+            return token
+
+    def stop(self, token: int) -> float:
+        """The inference ``token`` ends: its share of the meter's joules."""
+        with self._lock:
+            self._advance()
+            return self._tallies.pop(token)
+
+    def _advance(self) -> None:
+        now = self._read()
+        if self._last is not None and self._tallies:
+            share = max(0.0, now - self._last) / len(self._tallies)
+            for token in self._tallies:
+                self._tallies[token] += share
+        self._last = now
+
+
 class SampleObserver(Protocol):
     """Something else that wants every sample (the Prometheus metrics)."""
 
@@ -173,6 +215,7 @@ class Telemetry:
         self._open: dict[tuple[str, str], Window] = {}
         self._process = psutil.Process()
         self._last_joules = 0.0
+        self._shares = EnergyShares(self._joules)
         self._meter_failed = False
 
     def _joules(self) -> float:
@@ -189,7 +232,7 @@ class Telemetry:
 
     def measured_run(self, slot: ModelSlot, feeds: Mapping[str, Array]) -> dict[str, Array]:
         """``slot.run(feeds)`` with its sample recorded; an error is counted and re-raised."""
-        joules0 = self._joules()
+        share = self._shares.start()
         cpu0 = self._cpu()
         wall0 = self._wall()
         ok = False
@@ -205,7 +248,7 @@ class Telemetry:
                 artifact_sha256=slot.sha256,
                 wall_s=wall * self.slowdown,
                 cpu_s=cpu * self.slowdown,
-                joules=max(0.0, self._joules() - joules0) * self.slowdown,
+                joules=self._shares.stop(share) * self.slowdown,
                 rss_bytes=self._process.memory_info().rss,
                 ok=ok,
             )
