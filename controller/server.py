@@ -38,6 +38,7 @@ from controller.jobs.watchers import JobWatchers
 from controller.keys import KeyStoreError, load_key_chain, load_signing_key, public_key_path
 from controller.limits import RpcLimits
 from controller.notify import AssignmentNotifier
+from controller.rollouts.handlers import RolloutHandlers
 from controller.rollouts.loop import RolloutLoop
 from controller.rollouts.store import RolloutStore
 from controller.servicers import AdminServicer, AgentServicer
@@ -174,9 +175,10 @@ class ControllerServer:
             )
         except DeviceClassError as exc:
             raise ControllerStartError(str(exc)) from exc
+        rollout_store = RolloutStore(self._engine)
         self.budget_loop = RolloutLoop(
             store,
-            RolloutStore(self._engine),
+            rollout_store,
             blobs,
             admin,
             compression,
@@ -185,7 +187,7 @@ class ControllerServer:
             config.budget_policy,
         )
         fleet_pb2_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            AdminServicer(admin, compression, limits), server
+            AdminServicer(admin, compression, RolloutHandlers(rollout_store), limits), server
         )
         self._health = AioHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -20,6 +20,7 @@ from controller.jobs import wire
 from controller.jobs.handlers import CompressionHandlers
 from controller.limits import RpcLimits
 from controller.records import Chunk, CompressionJobRecord, DesiredSet
+from controller.rollouts.handlers import RolloutHandlers, rollout_to_proto
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc
 
@@ -73,10 +74,15 @@ class AgentServicer(fleet_pb2_grpc.AgentServiceServicer):
 
 class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
     def __init__(
-        self, handlers: AdminHandlers, compression: CompressionHandlers, limits: RpcLimits
+        self,
+        handlers: AdminHandlers,
+        compression: CompressionHandlers,
+        rollouts: RolloutHandlers,
+        limits: RpcLimits,
     ) -> None:
         self._h = handlers
         self._jobs = compression
+        self._rollouts = rollouts
         self._limits = limits
 
     @property
@@ -179,6 +185,15 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
         self, request: pb.CompressionJobRef, context: Context
     ) -> pb.CompressionJob:
         return wire.job_to_proto(await self._jobs.cancel(request.id))
+
+    @rpc
+    async def ListRollouts(
+        self, request: pb.ListRolloutsRequest, context: Context
+    ) -> pb.ListRolloutsResponse:
+        rollouts = await self._rollouts.list(
+            request.model_name, request.device_class, request.active_only, request.limit
+        )
+        return pb.ListRolloutsResponse(rollouts=[rollout_to_proto(r) for r in rollouts])
 
 
 async def _data_parts(messages: AsyncIterator[pb.AddModelChunk]) -> AsyncIterator[bytes]:

@@ -4,9 +4,10 @@
   homefleet controller ...   the controller server (controller.serve; `controller` extra)
   homefleet artifact diff|patch   model deltas between local files (artifact.cli;
                              `patch` needs only the edge extra)
-  homefleet model|artifact|assign|devices|events   operator commands (controller.cli),
+  homefleet model|artifact|assign|devices|events|rollouts
+                             operator commands (controller.cli), which talk to a
+                             controller's AdminService over gRPC
   homefleet compress|evaluate   compression on this machine (controller extra)
-                             which talk to a controller's AdminService over gRPC
   homefleet compress --controller HOST:PORT, homefleet jobs   compression jobs that a
                              controller runs (gRPC only here)
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import typer
 
 from artifact import cli as artifact_files
-from controller.cli import artifacts, assign, compress, devices, events, jobs, models
+from controller.cli import artifacts, assign, compress, devices, events, jobs, models, rollouts
 from controller.cli.errors import ExitCode
 from homefleet.lazy import LazyGroup, root_group_class
 
@@ -82,6 +83,7 @@ app.add_typer(artifact_app, name="artifact", rich_help_panel=OPERATE)
 app.command("assign", rich_help_panel=OPERATE)(assign.assign)
 app.command("devices", rich_help_panel=OPERATE)(devices.devices)
 app.command("events", rich_help_panel=OPERATE)(events.events)
+app.command("rollouts", rich_help_panel=OPERATE)(rollouts.rollouts)
 app.command("compress", rich_help_panel=COMPRESS)(compress.compress)
 app.command("evaluate", rich_help_panel=COMPRESS)(compress.evaluate)
 app.command("jobs", rich_help_panel=COMPRESS)(jobs.jobs)

@@ -36,6 +36,15 @@ class CompressionJobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPRESSION_JOB_STATE_NOT_MET: _ClassVar[CompressionJobState]
     COMPRESSION_JOB_STATE_FAILED: _ClassVar[CompressionJobState]
     COMPRESSION_JOB_STATE_CANCELLED: _ClassVar[CompressionJobState]
+
+class RolloutState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLLOUT_STATE_UNSPECIFIED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_RECOMPRESSING: _ClassVar[RolloutState]
+    ROLLOUT_STATE_CANARY: _ClassVar[RolloutState]
+    ROLLOUT_STATE_PROMOTED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_ROLLED_BACK: _ClassVar[RolloutState]
+    ROLLOUT_STATE_FAILED: _ClassVar[RolloutState]
 PAYLOAD_ENCODING_UNSPECIFIED: PayloadEncoding
 PAYLOAD_ENCODING_FULL: PayloadEncoding
 PAYLOAD_ENCODING_DELTA: PayloadEncoding
@@ -54,6 +63,12 @@ COMPRESSION_JOB_STATE_SUCCEEDED: CompressionJobState
 COMPRESSION_JOB_STATE_NOT_MET: CompressionJobState
 COMPRESSION_JOB_STATE_FAILED: CompressionJobState
 COMPRESSION_JOB_STATE_CANCELLED: CompressionJobState
+ROLLOUT_STATE_UNSPECIFIED: RolloutState
+ROLLOUT_STATE_RECOMPRESSING: RolloutState
+ROLLOUT_STATE_CANARY: RolloutState
+ROLLOUT_STATE_PROMOTED: RolloutState
+ROLLOUT_STATE_ROLLED_BACK: RolloutState
+ROLLOUT_STATE_FAILED: RolloutState
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -486,6 +501,56 @@ class StartCompressionChunk(_message.Message):
     header: StartCompressionHeader
     data: bytes
     def __init__(self, header: _Optional[_Union[StartCompressionHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Rollout(_message.Message):
+    __slots__ = ("id", "model_name", "device_class", "state", "baseline_artifact_id", "candidate_artifact_id", "job_id", "canary_devices", "relative_speed", "p95_target_ms", "reason", "created_unix_ms", "updated_unix_ms", "finished_unix_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CANARY_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_SPEED_FIELD_NUMBER: _ClassVar[int]
+    P95_TARGET_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model_name: str
+    device_class: str
+    state: RolloutState
+    baseline_artifact_id: str
+    candidate_artifact_id: str
+    job_id: int
+    canary_devices: _containers.RepeatedScalarFieldContainer[str]
+    relative_speed: float
+    p95_target_ms: float
+    reason: str
+    created_unix_ms: int
+    updated_unix_ms: int
+    finished_unix_ms: int
+    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., device_class: _Optional[str] = ..., state: _Optional[_Union[RolloutState, str]] = ..., baseline_artifact_id: _Optional[str] = ..., candidate_artifact_id: _Optional[str] = ..., job_id: _Optional[int] = ..., canary_devices: _Optional[_Iterable[str]] = ..., relative_speed: _Optional[float] = ..., p95_target_ms: _Optional[float] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ListRolloutsRequest(_message.Message):
+    __slots__ = ("model_name", "device_class", "active_only", "limit")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    device_class: str
+    active_only: bool
+    limit: int
+    def __init__(self, model_name: _Optional[str] = ..., device_class: _Optional[str] = ..., active_only: _Optional[bool] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListRolloutsResponse(_message.Message):
+    __slots__ = ("rollouts",)
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...
 
 class CompressionTrial(_message.Message):
     __slots__ = ("index", "summary", "recipe", "met", "artifact_bytes", "quality_metric", "quality_value", "p95_ms", "energy_mj", "seconds", "error")

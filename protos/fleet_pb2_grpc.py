@@ -349,6 +349,11 @@ class AdminServiceStub:
                 request_serializer=protos_dot_fleet__pb2.CompressionJobRef.SerializeToString,
                 response_deserializer=protos_dot_fleet__pb2.CompressionJob.FromString,
                 _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/homefleet.v1.AdminService/ListRollouts',
+                request_serializer=protos_dot_fleet__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -436,6 +441,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRollouts(self, request, context):
+        """The budget loop's rollouts (a class missed its budget: recompression, canary,
+        promotion or rollback), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -498,6 +511,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.CancelCompressionJob,
                     request_deserializer=protos_dot_fleet__pb2.CompressionJobRef.FromString,
                     response_serializer=protos_dot_fleet__pb2.CompressionJob.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=protos_dot_fleet__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.ListRolloutsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -826,6 +844,33 @@ class AdminService:
             '/homefleet.v1.AdminService/CancelCompressionJob',
             protos_dot_fleet__pb2.CompressionJobRef.SerializeToString,
             protos_dot_fleet__pb2.CompressionJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/homefleet.v1.AdminService/ListRollouts',
+            protos_dot_fleet__pb2.ListRolloutsRequest.SerializeToString,
+            protos_dot_fleet__pb2.ListRolloutsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -223,8 +223,23 @@ class RolloutStore:
             row = session.scalars(query).one_or_none()
             return _record(row) if row is not None else None
 
-    def list(self, limit: int = MAX_LIST) -> list[RolloutRecord]:
-        query = select(RolloutRow).order_by(RolloutRow.id.desc()).limit(min(limit, MAX_LIST))
+    def list(
+        self,
+        limit: int = MAX_LIST,
+        *,
+        model_name: str | None = None,
+        device_class: str | None = None,
+        active_only: bool = False,
+    ) -> list[RolloutRecord]:
+        """Newest first, optionally one model, one class, or only the active ones."""
+        query = select(RolloutRow)
+        if model_name:
+            query = query.where(RolloutRow.model_name == model_name)
+        if device_class:
+            query = query.where(RolloutRow.device_class == device_class)
+        if active_only:
+            query = query.where(RolloutRow.state.in_([s.value for s in RolloutState if s.active]))
+        query = query.order_by(RolloutRow.id.desc()).limit(min(limit, MAX_LIST))
         with self._sessions() as session:
             return [_record(r) for r in session.scalars(query)]
 

@@ -7,6 +7,7 @@ chosen "now", so which telemetry slices are judged never depends on the wall clo
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import math
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from typer.testing import CliRunner
 
 from artifact import histogram
 from artifact.manifest import Manifest
@@ -25,8 +28,9 @@ from controller.device_classes import Budgets
 from controller.rollouts.check import SliceStats, SliceVerdict, check, slice_bounds
 from controller.rollouts.loop import CanaryReference, RolloutLoop, recalibrated_speed
 from controller.rollouts.records import RolloutRecord, RolloutState
+from homefleet.cli import app
 from protos import fleet_pb2 as pb
-from tests.controller.helpers import Harness, run, running_controller
+from tests.controller.helpers import Harness, expect_status, run, running_controller
 from tests.controller.test_compression_jobs import CALIBRATION, HOME_HUB, classifier, follow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -232,6 +236,22 @@ def test_a_sustained_miss_recompresses_once_and_a_worse_canary_is_rolled_back_th
                 "rollout.promote",
             ]
 
+            # the operator's view: newest first, with what each did and why
+            listed = await c.admin.ListRollouts(pb.ListRolloutsRequest(), timeout=10)
+            newest, oldest = listed.rollouts
+            assert (newest.state, oldest.state) == (
+                pb.ROLLOUT_STATE_PROMOTED,
+                pb.ROLLOUT_STATE_ROLLED_BACK,
+            )
+            assert newest.candidate_artifact_id == canary2["artifact_id"]
+            assert list(newest.canary_devices) == [device] and newest.finished_unix_ms > 0
+            assert oldest.baseline_artifact_id == fp32.id and oldest.job_id == second
+            assert "within budget" in newest.reason and "not better" in oldest.reason
+            active = await c.admin.ListRollouts(
+                pb.ListRolloutsRequest(active_only=True), timeout=10
+            )
+            assert list(active.rollouts) == []
+
     run(body())
 
 
@@ -271,6 +291,22 @@ def test_a_class_without_a_compression_job_gets_a_failed_decision_not_a_crash(
             (failed,) = await c.events("rollout.failed")
             assert "homefleet compress --controller" in failed.message
             assert (await desired(c, "hub-1")).id == art.id  # nothing changed for devices
+
+            # `homefleet rollouts` shows it, and refuses a malformed filter
+            shown = await asyncio.to_thread(
+                CliRunner().invoke,
+                app,
+                ["rollouts", "--json", "--class", "home-hub", "--controller", c.server.address],
+            )
+            assert shown.exit_code == 0, shown.output
+            (listed,) = json.loads(shown.output)["rollouts"]
+            assert listed["state"] == "failed" and listed["baseline_artifact_id"] == art.id
+            assert "homefleet compress --controller" in listed["reason"]
+            await expect_status(
+                c.admin.ListRollouts(pb.ListRolloutsRequest(model_name="../etc"), timeout=10),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "model_name",
+            )
             # a failed rollout is not retried on the same artifact (no event storm): the
             # decision said what the operator has to do
             for k in range(3, 6):
