@@ -157,6 +157,7 @@ class RolloutLoop:
         if (
             latest is not None
             and latest.state is RolloutState.FAILED
+            and not latest.detail.get("retry")
             and latest.baseline_artifact_id == assignment.artifact_id
         ):
             return  # not retried on the same artifact: the failure said what to do
@@ -229,7 +230,7 @@ class RolloutLoop:
         try:
             started = await self._restart_job(job, device_class, recal.speed_after, target)
         except (FleetError, OSError, ValueError) as exc:
-            await self._fail(rollout, f"the recompression could not start: {exc}")
+            await self._fail(rollout, f"the recompression could not start: {exc}", retry=True)
             return
         await in_thread(
             self._rollouts.advance,
@@ -353,14 +354,17 @@ class RolloutLoop:
         if rollout.job_id is None:
             # started, but the job never did (the replica stopped in between)
             if now - rollout.created_unix_ms > 60_000:
-                await self._fail(rollout, "the recompression job was never started")
+                await self._fail(rollout, "the recompression job was never started", retry=True)
             return
         job = await in_thread(self._store.get_compression_job, rollout.job_id)
         if job is None or job.state.active:
             return
         if job.state not in (JobState.SUCCEEDED, JobState.NOT_MET) or not job.artifact_id:
+            # cancelled, or the controller running it stopped: the next miss tries again
             await self._fail(
-                rollout, f"compression job {job.id} ended {job.state.value}: {job.error}"
+                rollout,
+                f"compression job {job.id} ended {job.state.value}: {job.error}",
+                retry=True,
             )
             return
         missed = sorted(v.budget for v in job.verdicts if not v.met)
@@ -395,7 +399,9 @@ class RolloutLoop:
                 assigned.append(device_id)
                 log.debug("canary %s on %s (revision %d)", candidate.id, device_id, result.revision)
         except FleetError as exc:
-            await self._fail(rollout, f"the canary could not be assigned: {exc}", assigned)
+            await self._fail(
+                rollout, f"the canary could not be assigned: {exc}", assigned, retry=True
+            )
             return
         note = (
             ""
@@ -551,8 +557,13 @@ class RolloutLoop:
         assigned: list[str] | None = None,
         *,
         canary: bool = False,
+        retry: bool = False,
     ) -> None:
-        """End ``rollout`` as failed; the class keeps its artifact, canaries go back to it."""
+        """End ``rollout`` as failed; the class keeps its artifact, canaries go back to it.
+
+        ``retry``: the cause passes (a job cancelled or lost with its controller), so the
+        next sustained miss after the cool-down starts a new rollout; otherwise the same
+        artifact is not tried again until the operator changes something."""
         done = await in_thread(
             self._rollouts.advance,
             rollout.id,
@@ -562,6 +573,7 @@ class RolloutLoop:
                 reason,
                 # a half-assigned canary: those devices go back to the class artifact
                 canary_devices=tuple(assigned) if assigned else None,
+                detail={"retry": retry},
             ),
             [
                 NewEvent(
@@ -572,6 +584,7 @@ class RolloutLoop:
                         "device_class": rollout.device_class,
                         "model": rollout.model_name,
                         "reason": reason,
+                        "retry": retry,
                     },
                 )
             ],

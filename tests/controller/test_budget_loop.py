@@ -31,7 +31,13 @@ from controller.rollouts.records import RolloutRecord, RolloutState
 from homefleet.cli import app
 from protos import fleet_pb2 as pb
 from tests.controller.helpers import Harness, expect_status, run, running_controller
-from tests.controller.test_compression_jobs import CALIBRATION, HOME_HUB, classifier, follow
+from tests.controller.test_compression_jobs import (
+    CALIBRATION,
+    CAMERA,
+    HOME_HUB,
+    classifier,
+    follow,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES_DIR = ROOT / "deploy" / "device-classes"  # home-hub: p95 20 ms, 100 mJ/inference
@@ -313,6 +319,52 @@ def test_a_class_without_a_compression_job_gets_a_failed_decision_not_a_crash(
                 await fleet.slice(t + k * WINDOW_MS, art.sha256, SLOW)
             await loop_of(c).tick(t + 6 * WINDOW_MS)
             assert await kinds(c, "budget.") == ["budget.miss"]
+
+    run(body())
+
+
+def test_a_recompression_lost_to_a_cancel_is_tried_again_on_the_next_miss(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        async with running_controller(
+            tmp_path, device_classes_dir=CLASSES_DIR, budget_policy=POLICY, compression_threads=1
+        ) as c:
+            fleet = Fleet(c)
+            await c.add_model("clf", classifier())
+            first = await c.admin.StartCompression(iter(start_request()), timeout=30)
+            assert (await follow(c, first.id))[-1].state == pb.COMPRESSION_JOB_STATE_SUCCEEDED
+            fp32 = await c.artifact("clf", "home-hub")
+            await c.admin.Assign(
+                pb.AssignRequest(artifact_id=fp32.id, device_class="home-hub"), timeout=10
+            )
+            for hub in HUBS:
+                await c.register(hub, "home-hub")
+            # a workload job (it trains) keeps the one compression worker busy, so the
+            # loop's recompression waits in the queue, where the operator cancels it
+            blocker = pb.StartCompressionHeader(device_class_yaml=CAMERA, workload="basic-motions")
+            await c.admin.StartCompression(
+                iter([pb.StartCompressionChunk(header=blocker)]), timeout=30
+            )
+            t = next_slice_start(now_ms())
+            for k in range(3):
+                await fleet.slice(t + k * WINDOW_MS, fp32.sha256, SLOW)
+            await loop_of(c).tick(t + 3 * WINDOW_MS)
+            job = json.loads((await c.events("rollout.recompress"))[-1].detail_json)["job_id"]
+            await c.admin.CancelCompressionJob(pb.CompressionJobRef(id=job), timeout=10)
+            assert (await follow(c, job))[-1].state == pb.COMPRESSION_JOB_STATE_CANCELLED
+            await loop_of(c).tick(t + 3 * WINDOW_MS)
+            (failed,) = await c.events("rollout.failed")
+            assert json.loads(failed.detail_json)["retry"] is True and "cancelled" in failed.message
+
+            # the class still misses on fresh telemetry: a new rollout, a new job
+            u = max(next_slice_start(now_ms()), t + 3 * WINDOW_MS)
+            for k in range(3):
+                await fleet.slice(u + k * WINDOW_MS, fp32.sha256, SLOW)
+            await loop_of(c).tick(u + 3 * WINDOW_MS)
+            assert await kinds(c, "budget.miss") == ["budget.miss"] * 2
+            again = json.loads((await c.events("rollout.recompress"))[-1].detail_json)["job_id"]
+            assert again != job
 
     run(body())
 
