@@ -325,7 +325,8 @@ def _all_events(store: Store, prefix: str) -> list[EventRecord]:
 def _track_rollout(rollouts: dict[str, RolloutOut], event: EventRecord) -> None:
     state = ROLLOUT_STATES.get(event.kind)
     detail = event.detail
-    rollout_id = _text(detail, "rollout_id")
+    raw_id = detail.get("rollout_id")  # the budget loop writes the rollouts table's id
+    rollout_id = str(raw_id) if isinstance(raw_id, int | str) and raw_id != "" else ""
     if state is None or not rollout_id:
         return
     before = rollouts.get(rollout_id)

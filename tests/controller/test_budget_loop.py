@@ -24,10 +24,13 @@ from typer.testing import CliRunner
 from artifact import histogram
 from artifact.manifest import Manifest
 from controller.config import BudgetPolicy, ConfigError
+from controller.dashboard.api import decisions
+from controller.db import make_engine
 from controller.device_classes import Budgets
 from controller.rollouts.check import SliceStats, SliceVerdict, check, slice_bounds
 from controller.rollouts.loop import CanaryReference, RolloutLoop, recalibrated_speed
 from controller.rollouts.records import RolloutRecord, RolloutState
+from controller.sql_store import SqlStore
 from homefleet.cli import app
 from protos import fleet_pb2 as pb
 from tests.controller.helpers import Harness, expect_status, run, running_controller
@@ -257,6 +260,20 @@ def test_a_sustained_miss_recompresses_once_and_a_worse_canary_is_rolled_back_th
                 pb.ListRolloutsRequest(active_only=True), timeout=10
             )
             assert list(active.rollouts) == []
+
+            # the dashboard's decisions view folds the loop's own events into rollouts
+            engine = make_engine(c.config.database_url)
+            try:
+                view = decisions(SqlStore(engine), 100)
+            finally:
+                engine.dispose()
+            assert [r.state for r in view.rollouts] == ["promoted", "rolled back"]
+            shown = view.rollouts[0]
+            assert (
+                shown.rollout_id == str(newest.id) and shown.artifact_id == canary2["artifact_id"]
+            )
+            assert shown.canary_p95_ms is not None and shown.canary_p95_ms < 20
+            assert [d.kind for d in view.decisions].count("budget.miss") == 2
 
     run(body())
 
