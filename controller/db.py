@@ -325,6 +325,17 @@ class RolloutRow(Base):
     finished_unix_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
+class CompressionJobLeaseRow(Base):
+    """How long an active job's controller vouches for it. The owner renews the lease
+    while it runs the job; any replica fails an active job whose lease ran out (its
+    controller died and never came back), so the (model, class) pair is not blocked."""
+
+    __tablename__ = "compression_job_leases"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("compression_jobs.id"), primary_key=True)
+    lease_until_ms: Mapped[int] = mapped_column(BigInteger)
+
+
 class CompressionInputRow(Base):
     """What a compression job was started from, kept so the budget loop can run it again:
     the calibration data (a blob) and the device class as the request declared it."""

@@ -166,6 +166,7 @@ class ControllerServer:
         except OSError as exc:
             raise ControllerStartError(f"cannot use {config.jobs_dir}: {exc}") from exc
         self._jobs = runner
+        runner.start_leases()
         compression = CompressionHandlers(store, blobs, config, runner, self._job_watchers)
         try:
             classes = (

@@ -35,6 +35,7 @@ from controller.db import (
     ArtifactRow,
     AssignmentRow,
     CompressionInputRow,
+    CompressionJobLeaseRow,
     CompressionJobRow,
     CompressionTrialRow,
     DeviceModelRow,
@@ -77,7 +78,13 @@ from controller.records import (
     TelemetryWindow,
     TrialRecord,
 )
-from controller.store import Store, TelemetryPoint, TelemetrySeries, VersionConflictError
+from controller.store import (
+    JOB_LEASE_MS,
+    Store,
+    TelemetryPoint,
+    TelemetrySeries,
+    VersionConflictError,
+)
 
 T = TypeVar("T")
 RETRIES = 10
@@ -796,6 +803,9 @@ class SqlStore(Store):
                 )
                 session.add(row)
                 session.flush()
+                session.add(
+                    CompressionJobLeaseRow(job_id=row.id, lease_until_ms=self._now() + JOB_LEASE_MS)
+                )
                 if new.inputs is not None:
                     session.add(
                         CompressionInputRow(
@@ -922,6 +932,46 @@ class SqlStore(Store):
             query = query.where(CompressionJobRow.device_class == device_class)
         query = query.order_by(CompressionJobRow.id.desc()).limit(min(limit, MAX_LIST))
         return self._read(lambda s: [_job(r) for r in s.scalars(query)])
+
+    def renew_compression_leases(self, owner: str, until_unix_ms: int) -> int:
+        with self._sessions.begin() as session:
+            ids = select(CompressionJobRow.id).where(
+                CompressionJobRow.owner == owner, CompressionJobRow.state.in_(_ACTIVE)
+            )
+            result = session.execute(
+                update(CompressionJobLeaseRow)
+                .where(CompressionJobLeaseRow.job_id.in_(ids))
+                .values(lease_until_ms=until_unix_ms)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def fail_expired_compression_jobs(self, now_unix_ms: int, reason: str) -> list[int]:
+        with self._sessions.begin() as session:
+            lease = CompressionJobLeaseRow
+            rows = list(
+                session.scalars(
+                    select(CompressionJobRow)
+                    .outerjoin(lease, lease.job_id == CompressionJobRow.id)
+                    .where(
+                        CompressionJobRow.state.in_(_ACTIVE),
+                        or_(
+                            lease.lease_until_ms < now_unix_ms,
+                            # a job from before leases: its creation time stands in
+                            and_(
+                                lease.job_id.is_(None),
+                                CompressionJobRow.created_unix_ms < now_unix_ms - JOB_LEASE_MS,
+                            ),
+                        ),
+                    )
+                    .with_for_update()
+                )
+            )
+            for row in rows:
+                row.state = JobState.FAILED.value
+                row.error = reason
+                row.finished_unix_ms = self._now()
+                self._event(session, _finish_event(row))
+            return [row.id for row in rows]
 
     def fail_active_compression_jobs(self, owner: str, reason: str) -> list[int]:
         with self._sessions.begin() as session:

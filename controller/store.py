@@ -57,6 +57,11 @@ class TelemetrySeries:
     points: tuple[TelemetryPoint, ...]  # buckets holding windows only, oldest first
 
 
+# An active compression job's owner renews its lease well within this; past it, any
+# replica may fail the job (its controller is gone and the pair would stay blocked).
+JOB_LEASE_MS = 120_000
+
+
 class VersionConflictError(Exception):
     """Another writer took the version number first; the caller rebuilds and retries."""
 
@@ -185,6 +190,14 @@ class Store(abc.ABC):
     ) -> list[EventRecord]: ...
 
     # ---------------------------------------------------------------- compression jobs
+    @abc.abstractmethod
+    def renew_compression_leases(self, owner: str, until_unix_ms: int) -> int:
+        """Extend the leases of ``owner``'s active jobs to ``until_unix_ms``; how many."""
+
+    @abc.abstractmethod
+    def fail_expired_compression_jobs(self, now_unix_ms: int, reason: str) -> list[int]:
+        """Fail every active job whose lease ran out before ``now_unix_ms``; their ids."""
+
     @abc.abstractmethod
     def compression_inputs(self, job_id: int) -> CompressionInputs | None:
         """What job ``job_id`` started from (None: not recorded, e.g. an older job)."""

@@ -44,7 +44,7 @@ from controller.records import (
     JobState,
     ModelRecord,
 )
-from controller.store import Store
+from controller.store import JOB_LEASE_MS, Store
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,13 @@ DIED = (
     "the controller log may say more"
 )
 FINISHING_FAILED = "internal controller error while finishing the job; the controller log has it"
+LOST = (
+    "its controller stopped renewing the job's lease (the replica died and did not come "
+    "back); start it again"
+)
+# Leases (JOB_LEASE_MS in the store: 2 minutes) are renewed this often by their owner,
+# and expired ones are failed by whichever replica looks first.
+LEASE_RENEW_SECONDS = 20.0
 
 
 class Publisher(Protocol):
@@ -152,6 +159,7 @@ class JobRunner:
         self._pool: ProcessPoolExecutor | None = None
         self._jobs: dict[int, _Job] = {}
         self._closing = False
+        self._leases: asyncio.Task[None] | None = None
         # Who runs a job: a restarted controller (same host, same data directory)
         # recognises the jobs its previous run left behind.
         self.owner = f"{socket.gethostname()}:{config.data_dir}"
@@ -176,10 +184,40 @@ class JobRunner:
                 _remove(entry)
         return failed
 
+    def start_leases(self, renew_seconds: float = LEASE_RENEW_SECONDS) -> None:
+        """Renew this controller's job leases, and fail jobs whose owner stopped renewing."""
+        if self._leases is None:
+            self._leases = asyncio.create_task(self._keep_leases(renew_seconds), name="job-leases")
+
+    async def keep_leases_once(self) -> list[int]:
+        """One round: renew ours, fail the expired ones (theirs); the ids failed."""
+        now = int(time.time() * 1000)
+        await asyncio.to_thread(
+            self._store.renew_compression_leases, self.owner, now + JOB_LEASE_MS
+        )
+        lost = await asyncio.to_thread(self._store.fail_expired_compression_jobs, now, LOST)
+        for job_id in lost:
+            log.warning("compression job %d failed: %s", job_id, LOST)
+            self._watchers.notify(job_id)
+        return lost
+
+    async def _keep_leases(self, renew_seconds: float) -> None:
+        while True:
+            try:
+                await self.keep_leases_once()
+            except Exception:  # the database may be away for a moment: next round
+                log.exception("renewing compression job leases failed")
+            await asyncio.sleep(renew_seconds)
+
     async def close(self) -> None:
         """Stop every job: queued ones are dropped, running workers are killed, and each
         job fails as 'controller stopped'; then the pool's scratch space goes."""
         self._closing = True
+        if self._leases is not None:
+            self._leases.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._leases
+            self._leases = None
         loop = asyncio.get_running_loop()
         for job in self._jobs.values():
             if job.future is not None:

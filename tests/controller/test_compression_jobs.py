@@ -32,6 +32,7 @@ from controller.db import create_schema, make_engine
 from controller.errors import ErrorCode, FleetError
 from controller.records import JobResult, JobState, NewCompressionJob, NewModel, TrialRecord
 from controller.sql_store import SqlStore
+from controller.store import JOB_LEASE_MS
 from homefleet.cli import app
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc
@@ -286,6 +287,34 @@ def test_the_store_keeps_one_active_job_per_pair_and_fails_only_its_owners(
     assert store.finish_compression_job(ours.id, JobResult(JobState.SUCCEEDED)) is None
     again = store.create_compression_job(NewCompressionJob("clf", 1, "", "home-hub", "host:a"))
     assert [j.id for j in store.list_compression_jobs("clf", "home-hub", 10)] == [again.id, ours.id]
+    engine.dispose()
+
+
+def test_a_job_whose_controller_stops_renewing_its_lease_is_failed_by_another(
+    tmp_path: Path,
+) -> None:
+    now = [1_000_000_000]
+    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    create_schema(engine)
+    store = SqlStore(engine, clock=lambda: now[0])
+    store.add_model(NewModel("clf", "ab" * 32, 10, (), ()))
+    gone = store.create_compression_job(NewCompressionJob("clf", 1, "", "home-hub", "host:dead"))
+    alive = store.create_compression_job(NewCompressionJob("clf", 1, "", "camera", "host:live"))
+    now[0] += JOB_LEASE_MS // 2
+    assert store.renew_compression_leases("host:live", now[0] + JOB_LEASE_MS) == 1
+    assert store.fail_expired_compression_jobs(now[0], "lost") == []  # both within lease
+    now[0] += JOB_LEASE_MS // 2 + 1
+    assert store.fail_expired_compression_jobs(now[0], "lost") == [gone.id]
+    failed = store.get_compression_job(gone.id)
+    assert failed is not None and failed.state is JobState.FAILED and failed.error == "lost"
+    kept = store.get_compression_job(alive.id)
+    assert kept is not None and kept.state is JobState.QUEUED  # its owner renewed it
+    # the pair is free again for any controller
+    store.create_compression_job(NewCompressionJob("clf", 1, "", "home-hub", "host:live"))
+    # a job recorded before leases existed: its creation time stands in for the lease
+    with engine.begin() as conn:
+        conn.execute(text(f"DELETE FROM compression_job_leases WHERE job_id = {alive.id}"))
+    assert store.fail_expired_compression_jobs(now[0], "lost") == [alive.id]
     engine.dispose()
 
 
