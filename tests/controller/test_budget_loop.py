@@ -127,6 +127,20 @@ def loop_of(c: Harness) -> RolloutLoop:
     return c.server.budget_loop
 
 
+async def hubs_on_fp32_after_a_job(c: Harness) -> tuple[pb.CompressionJob, pb.Artifact]:
+    """The controller compresses clf for home-hub once (so its inputs are kept), then the
+    operator assigns the uncompressed model to the class by hand: too slow for the
+    budget. Four hubs are registered; returns the job and the FP32 artifact."""
+    await c.add_model("clf", classifier())
+    first: pb.CompressionJob = await c.admin.StartCompression(iter(start_request()), timeout=30)
+    assert (await follow(c, first.id))[-1].state == pb.COMPRESSION_JOB_STATE_SUCCEEDED
+    fp32 = await c.artifact("clf", "home-hub")
+    await c.admin.Assign(pb.AssignRequest(artifact_id=fp32.id, device_class="home-hub"), timeout=10)
+    for hub in HUBS:
+        await c.register(hub, "home-hub")
+    return first, fp32
+
+
 def test_a_sustained_miss_recompresses_once_and_a_worse_canary_is_rolled_back_then_a_better_one_promoted(  # noqa: E501
     tmp_path: Path,
 ) -> None:
@@ -135,17 +149,7 @@ def test_a_sustained_miss_recompresses_once_and_a_worse_canary_is_rolled_back_th
             tmp_path, device_classes_dir=CLASSES_DIR, budget_policy=POLICY, compression_threads=1
         ) as c:
             fleet = Fleet(c)
-            await c.add_model("clf", classifier())
-            # the controller compresses clf for home-hub once (its inputs are kept) ...
-            first = await c.admin.StartCompression(iter(start_request()), timeout=30)
-            assert (await follow(c, first.id))[-1].state == pb.COMPRESSION_JOB_STATE_SUCCEEDED
-            # ... then the operator assigns the uncompressed model by hand: too slow
-            fp32 = await c.artifact("clf", "home-hub")
-            await c.admin.Assign(
-                pb.AssignRequest(artifact_id=fp32.id, device_class="home-hub"), timeout=10
-            )
-            for hub in HUBS:
-                await c.register(hub, "home-hub")
+            first, fp32 = await hubs_on_fp32_after_a_job(c)
             loop = loop_of(c)
 
             # one slow slice among fast ones, and slices with too few samples: nothing
@@ -348,15 +352,7 @@ def test_a_recompression_lost_to_a_cancel_is_tried_again_on_the_next_miss(
             tmp_path, device_classes_dir=CLASSES_DIR, budget_policy=POLICY, compression_threads=1
         ) as c:
             fleet = Fleet(c)
-            await c.add_model("clf", classifier())
-            first = await c.admin.StartCompression(iter(start_request()), timeout=30)
-            assert (await follow(c, first.id))[-1].state == pb.COMPRESSION_JOB_STATE_SUCCEEDED
-            fp32 = await c.artifact("clf", "home-hub")
-            await c.admin.Assign(
-                pb.AssignRequest(artifact_id=fp32.id, device_class="home-hub"), timeout=10
-            )
-            for hub in HUBS:
-                await c.register(hub, "home-hub")
+            _, fp32 = await hubs_on_fp32_after_a_job(c)
             # a workload job (it trains) keeps the one compression worker busy, so the
             # loop's recompression waits in the queue, where the operator cancels it
             blocker = pb.StartCompressionHeader(device_class_yaml=CAMERA, workload="basic-motions")
