@@ -27,12 +27,14 @@ test: setup system-tools
 bench: setup system-tools
 	$(PY) -m bench
 
-# The generic diff tools the delta tests and benchmark compare against, and the browser the
-# dashboard test drives through Playwright (Debian packages; chromium is /usr/bin/chromium).
-SYSTEM_TOOLS := zstd xdelta3 bsdiff chromium
+# The generic diff tools the delta tests and benchmark compare against, the browser the
+# dashboard test drives through Playwright (chromium is /usr/bin/chromium), and the
+# PostgreSQL server the store's tests start a private cluster of (Debian packages).
+# Each entry is COMMAND:PACKAGE (the command proves the package is there).
+SYSTEM_TOOLS := zstd:zstd xdelta3:xdelta3 bsdiff:bsdiff chromium:chromium psql:postgresql
 system-tools:
-	@missing=""; for tool in $(SYSTEM_TOOLS); do \
-		command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
+	@missing=""; for entry in $(SYSTEM_TOOLS); do \
+		command -v $${entry%%:*} >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \

@@ -963,7 +963,9 @@ class SqlStore(Store):
                             ),
                         ),
                     )
-                    .with_for_update()
+                    # lock the jobs only: PostgreSQL refuses FOR UPDATE on an outer join's
+                    # nullable side (the lease of a job from before leases)
+                    .with_for_update(of=CompressionJobRow)
                 )
             )
             for row in rows:
