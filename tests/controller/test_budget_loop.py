@@ -142,11 +142,15 @@ async def hubs_on_fp32_after_a_job(c: Harness) -> tuple[pb.CompressionJob, pb.Ar
 
 
 def test_a_sustained_miss_recompresses_once_and_a_worse_canary_is_rolled_back_then_a_better_one_promoted(  # noqa: E501
-    tmp_path: Path,
+    tmp_path: Path, database_url: str | None
 ) -> None:
     async def body() -> None:
         async with running_controller(
-            tmp_path, device_classes_dir=CLASSES_DIR, budget_policy=POLICY, compression_threads=1
+            tmp_path,
+            device_classes_dir=CLASSES_DIR,
+            budget_policy=POLICY,
+            compression_threads=1,
+            db_url=database_url,
         ) as c:
             fleet = Fleet(c)
             first, fp32 = await hubs_on_fp32_after_a_job(c)

@@ -30,20 +30,14 @@ from controller.sql_store import SqlStore
 from controller.store import JOB_LEASE_MS
 from protos import fleet_pb2 as pb
 from tests.controller.helpers import onnx_model, run, running_controller
-from tests.support.postgres import PostgresCluster, running_cluster
+from tests.support.postgres import PostgresCluster
 
 SHA = "cd" * 32
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[PostgresCluster]:
-    with running_cluster() as started:
-        yield started
-
-
 @pytest.fixture
-def engine(cluster: PostgresCluster) -> Iterator[Engine]:
-    created = make_engine(cluster.new_database())
+def engine(postgres: PostgresCluster) -> Iterator[Engine]:
+    created = make_engine(postgres.new_database())
     create_schema(created)
     yield created
     created.dispose()
@@ -126,10 +120,10 @@ def test_job_leases_expire_and_free_the_pair(engine: Engine) -> None:
 
 
 def test_a_controller_on_postgresql_serves_and_ingests(
-    cluster: PostgresCluster, tmp_path: Path
+    postgres: PostgresCluster, tmp_path: Path
 ) -> None:
     async def body() -> None:
-        async with running_controller(tmp_path, db_url=cluster.new_database()) as c:
+        async with running_controller(tmp_path, db_url=postgres.new_database()) as c:
             await c.add_model("motions", onnx_model())
             art = await c.artifact("motions", "home-hub")
             await c.register("hub-1")
