@@ -28,6 +28,7 @@ from controller.compression.codebook_fit import fit_codebooks
 from controller.compression.errors import CompressionError
 from controller.compression.quantize import quantize_onnx
 from controller.compression.recipe import STEP_ADAPTER, CodebookQuantize, Quantize
+from tests.compression.test_codebook import _with  # the same "source with some weights replaced"
 
 CHANNELS, STEPS = 4, 64
 BASIC = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -78,14 +79,6 @@ def _folded(path: Path, tmp_path: Path) -> dict[str, NDArray[Any]]:
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     model = onnx.load(options.optimized_model_filepath)
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-
-
-def _with(source: Path, weights: Mapping[str, NDArray[Any]]) -> onnx.ModelProto:
-    model = onnx.load(str(source))
-    for tensor in model.graph.initializer:
-        if tensor.name in weights:
-            tensor.CopyFrom(numpy_helper.from_array(np.asarray(weights[tensor.name]), tensor.name))
-    return model
 
 
 def _distinct(array: NDArray[Any], channel: bool) -> set[int]:
