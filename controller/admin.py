@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -22,6 +23,7 @@ from controller.config import ControllerConfig
 from controller.errors import ErrorCode, FleetError, invalid, not_found
 from controller.notify import AssignmentNotifier
 from controller.onnx_inspect import inspect_onnx
+from controller.paging import PageToken
 from controller.records import (
     ArtifactRecord,
     ArtifactRequest,
@@ -34,7 +36,7 @@ from controller.records import (
     NewModel,
     TargetKind,
 )
-from controller.store import Store, VersionConflictError
+from controller.store import MAX_DEVICE_PAGE, Store, VersionConflictError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ MAX_ARTIFACT_ID = 200
 DEFAULT_EVENT_LIMIT = 100
 MAX_EVENT_LIMIT = 1000
 MAX_KIND_PREFIX = 64
+DEVICE_PAGE = 1000  # devices per ListDevices page when the client does not say
 ARTIFACT_RETRIES = 20
 RETRY_PAUSE_S = 0.02  # upper bound of the jittered pause between lost races (other replicas)
 COPY_CHUNK_BYTES = 1024 * 1024
@@ -76,6 +79,14 @@ async def stored_model(
             "from the blob store; add the model again",
         )
     return model
+
+
+@dataclass(frozen=True)
+class DevicePage:
+    """One ListDevices page; ``next_page_token`` is "" on the last."""
+
+    devices: list[DeviceView]
+    next_page_token: str
 
 
 class AdminHandlers:
@@ -420,10 +431,20 @@ class AdminHandlers:
         return record
 
     # ---------------------------------------------------------------- fleet
-    async def list_devices(self, device_class: str) -> list[DeviceView]:
-        return await in_thread(
-            self._store.list_devices, validate.optional_name(device_class, "device_class")
-        )
+    async def list_devices(
+        self, device_class: str, page_size: int = 0, page_token: str = ""
+    ) -> DevicePage:
+        """One page of the fleet in device-id order, and the token for the next one."""
+        cls = validate.optional_name(device_class, "device_class")
+        size = validate.int_range(page_size, "page_size", 0, MAX_DEVICE_PAGE) or DEVICE_PAGE
+        start = PageToken.decode(page_token, scope=cls or "")
+        after = start.after if start else ""
+        # one more than asked: whether another page exists, without an empty last page
+        views = await in_thread(self._store.list_devices, cls, after=after, limit=size + 1)
+        if len(views) <= size:
+            return DevicePage(views, "")
+        views = views[:size]
+        return DevicePage(views, PageToken(cls or "", views[-1].device.device_id).encode())
 
     async def list_events(self, after_id: int, limit: int, kind_prefix: str) -> list[EventRecord]:
         validate.int_range(after_id, "after_id", 0, validate.MAX_INT64)

@@ -196,6 +196,15 @@ class DeviceView:
 
 
 @dataclass(frozen=True)
+class ClassCount:
+    """How many devices report one class, and how many of them are online."""
+
+    device_class: str
+    devices: int
+    online: int
+
+
+@dataclass(frozen=True)
 class TelemetryWindow:
     seq: int
     model_name: str

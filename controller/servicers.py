@@ -135,8 +135,13 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
     async def ListDevices(
         self, request: pb.ListDevicesRequest, context: Context
     ) -> pb.ListDevicesResponse:
-        views = await self._h.list_devices(request.device_class)
-        return pb.ListDevicesResponse(devices=[convert.device_to_proto(v) for v in views])
+        page = await self._h.list_devices(
+            request.device_class, request.page_size, request.page_token
+        )
+        return pb.ListDevicesResponse(
+            devices=[convert.device_to_proto(v) for v in page.devices],
+            next_page_token=page.next_page_token,
+        )
 
     @rpc
     async def ListEvents(

@@ -17,6 +17,7 @@ from sqlalchemy import (
     BigInteger,
     Engine,
     and_,
+    case,
     cast,
     func,
     literal_column,
@@ -52,6 +53,7 @@ from controller.records import (
     AssignResult,
     AssignTarget,
     BudgetVerdictRecord,
+    ClassCount,
     CompressionInputs,
     CompressionJobRecord,
     DesiredAssignment,
@@ -80,6 +82,7 @@ from controller.records import (
 )
 from controller.store import (
     JOB_LEASE_MS,
+    MAX_DEVICE_PAGE,
     Store,
     TelemetryPoint,
     TelemetrySeries,
@@ -555,12 +558,17 @@ class SqlStore(Store):
 
         return self._retry(work)
 
-    def list_devices(self, device_class: str | None = None) -> list[DeviceView]:
+    def list_devices(
+        self, device_class: str | None = None, *, after: str = "", limit: int = MAX_DEVICE_PAGE
+    ) -> list[DeviceView]:
         def work(session: Session) -> list[DeviceView]:
             now = self._now()
-            query = select(DeviceRow).order_by(DeviceRow.device_id).limit(MAX_LIST)
+            page = max(0, min(limit, MAX_DEVICE_PAGE + 1))  # + 1: is there a next page?
+            query = select(DeviceRow).order_by(DeviceRow.device_id).limit(page)
             if device_class:
                 query = query.where(DeviceRow.device_class == device_class)
+            if after:
+                query = query.where(DeviceRow.device_id > after)
             devices = list(session.scalars(query))
             if not devices:
                 return []
@@ -615,6 +623,19 @@ class SqlStore(Store):
                     )
                 )
             return views
+
+        return self._read(work)
+
+    def count_devices(self) -> list[ClassCount]:
+        def work(session: Session) -> list[ClassCount]:
+            online = case((DeviceRow.watch_lease_until_ms > self._now(), 1), else_=0)
+            rows = session.execute(
+                select(DeviceRow.device_class, func.count(), func.sum(online))
+                .group_by(DeviceRow.device_class)
+                .order_by(DeviceRow.device_class)
+                .limit(MAX_LIST)
+            ).all()
+            return [ClassCount(cls, int(n), int(up or 0)) for cls, n, up in rows]
 
         return self._read(work)
 

@@ -8,13 +8,14 @@ a worker thread (``asyncio.to_thread``). Expected failures raise FleetError.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from controller.records import (
     ArtifactRecord,
     AssignResult,
     AssignTarget,
+    ClassCount,
     CompressionInputs,
     CompressionJobRecord,
     DesiredSet,
@@ -60,6 +61,7 @@ class TelemetrySeries:
 # An active compression job's owner renews its lease well within this; past it, any
 # replica may fail the job (its controller is gone and the pair would stay blocked).
 JOB_LEASE_MS = 120_000
+MAX_DEVICE_PAGE = 10_000  # devices one `list_devices` call returns at most
 
 
 class VersionConflictError(Exception):
@@ -155,7 +157,16 @@ class Store(abc.ABC):
         is not registered is left out of the result and none of its windows are stored."""
 
     @abc.abstractmethod
-    def list_devices(self, device_class: str | None = None) -> list[DeviceView]: ...
+    def list_devices(
+        self, device_class: str | None = None, *, after: str = "", limit: int = MAX_DEVICE_PAGE
+    ) -> list[DeviceView]:
+        """One page of devices in id order: those whose id sorts after ``after``, at most
+        ``limit`` (bounded by MAX_DEVICE_PAGE + 1, so that a caller serving pages of
+        MAX_DEVICE_PAGE can tell whether another follows). `all_devices` walks them all."""
+
+    @abc.abstractmethod
+    def count_devices(self) -> list[ClassCount]:
+        """Devices and online devices per class, over the whole fleet, by class name."""
 
     # ---------------------------------------------------------------- telemetry aggregates
     @abc.abstractmethod
@@ -241,3 +252,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def fail_active_compression_jobs(self, owner: str, reason: str) -> list[int]:
         """Fail every active job ``owner`` runs (it restarted, so nothing runs them now)."""
+
+
+def all_devices(store: Store, device_class: str | None = None) -> Iterator[DeviceView]:
+    """Every device of ``device_class`` (None: of the fleet), page by page in id order.
+
+    Each page is its own read: a device registered meanwhile may or may not be seen,
+    none is seen twice.
+    """
+    after = ""
+    while True:
+        page = store.list_devices(device_class, after=after, limit=MAX_DEVICE_PAGE)
+        yield from page
+        if len(page) < MAX_DEVICE_PAGE:
+            return
+        after = page[-1].device.device_id

@@ -415,16 +415,22 @@ class DeviceModelState(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., desired_sha256: _Optional[str] = ..., desired_artifact_id: _Optional[str] = ..., serving_sha256: _Optional[str] = ..., serving_artifact_id: _Optional[str] = ..., last_outcome: _Optional[_Union[DeploymentOutcome, str]] = ..., last_reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., encoding: _Optional[_Union[PayloadEncoding, str]] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
-    __slots__ = ("device_class",)
+    __slots__ = ("device_class", "page_size", "page_token")
     DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     device_class: str
-    def __init__(self, device_class: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, device_class: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
-    __slots__ = ("devices",)
+    __slots__ = ("devices", "next_page_token")
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     devices: _containers.RepeatedCompositeFieldContainer[Device]
-    def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("id", "unix_ms", "kind", "subject", "message", "detail_json")

@@ -71,18 +71,48 @@ def _rows(device: views.DeviceView, now_ms: int) -> list[tuple[str, ...]]:
     ]
 
 
+PAGE_SIZE = 1000  # devices asked for per ListDevices call
+
+
 def devices(
     device_class: Annotated[
         str, typer.Option("--class", metavar="CLASS", help="Only devices of this class.")
     ] = "",
+    limit: Annotated[
+        int,
+        typer.Option(
+            "--limit", min=0, metavar="N", help="Show at most N devices (in id order); 0: all."
+        ),
+    ] = 0,
     as_json: JsonOption = False,
     controller: ControllerOption = DEFAULT_ADDRESS,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
 ) -> None:
-    """List devices: status, last contact, and per model what is served and what is desired."""
+    """List devices: status, last contact, and per model what is served and what is desired.
+
+    The controller sends the fleet in pages; this fetches as many as needed.
+    """
+    found: list[fleet_pb2.Device] = []
+    more = False
     with session(controller, timeout) as client:
-        reply = client.list_devices(fleet_pb2.ListDevicesRequest(device_class=device_class))
-    fleet = views.DeviceList(devices=[views.device_from_proto(d) for d in reply.devices])
+        token = ""
+        while True:
+            wanted = limit - len(found) if limit else PAGE_SIZE
+            reply = client.list_devices(
+                fleet_pb2.ListDevicesRequest(
+                    device_class=device_class,
+                    page_size=min(wanted, PAGE_SIZE),
+                    page_token=token,
+                )
+            )
+            found += reply.devices
+            token = reply.next_page_token
+            if not token or (limit and len(found) >= limit):
+                more = bool(token)
+                break
+    fleet = views.DeviceList(devices=[views.device_from_proto(d) for d in found])
+    if more:
+        output.note(f"showing the first {len(found)} devices; more exist (--limit 0 shows all)")
     if as_json:
         output.print_json(fleet)
         return

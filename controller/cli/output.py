@@ -38,6 +38,11 @@ def say(line: str) -> None:
     typer.echo(line)
 
 
+def note(line: str) -> None:
+    """Something a person should know about the result (stderr: `--json` stays clean)."""
+    typer.echo(f"note: {line}", err=True)
+
+
 def print_json(view: BaseModel) -> None:
     sys.stdout.write(view.model_dump_json(indent=2) + "\n")
 

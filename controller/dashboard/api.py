@@ -12,10 +12,12 @@ import math
 import re
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, JsonValue
 
+from artifact.names import InvalidNameError, check_name
 from controller.device_classes import DeviceClass
 from controller.records import EventRecord
 from controller.store import Store, TelemetrySeries
@@ -81,13 +83,42 @@ class ClassCountOut(_Out):
 
 
 class FleetOut(_Out):
-    devices: list[DeviceOut]
-    classes: list[ClassCountOut]
+    devices: list[DeviceOut]  # one page, in device-id order
+    classes: list[ClassCountOut]  # over the whole fleet
+    total: int  # devices in the whole fleet
+    next_after: str  # pass as ``after`` for the next page; "" on the last page
 
 
-def fleet(store: Store) -> FleetOut:
-    """Every device (the store bounds the list) with what it serves, and counts per class."""
-    views = store.list_devices()
+DEFAULT_FLEET_PAGE = 200
+MAX_FLEET_PAGE = 10_000
+
+
+@dataclass(frozen=True)
+class FleetQuery:
+    after: str  # the last device id of the previous page; "" for the first
+    limit: int
+
+
+def parse_fleet_query(query: Query) -> FleetQuery:
+    """``after``: a device id (the previous page's last); ``limit``: devices per page."""
+    only_parameters(query, {"after", "limit"})
+    limit = _int(query, "limit", default=DEFAULT_FLEET_PAGE, low=1, high=MAX_FLEET_PAGE)
+    after = query.get("after", [""])
+    if len(after) > 1:
+        raise BadRequest("query parameter 'after' given 2 times; give it once")
+    if after[0]:
+        try:
+            check_name(after[0], field="query parameter 'after' (a device id)")
+        except InvalidNameError as exc:
+            raise BadRequest(str(exc)) from exc
+    return FleetQuery(after=after[0], limit=limit)
+
+
+def fleet(store: Store, query: FleetQuery) -> FleetOut:
+    """One page of devices with what each serves, and device counts per class."""
+    views = store.list_devices(after=query.after, limit=query.limit + 1)
+    more = len(views) > query.limit
+    views = views[: query.limit]
     devices = [
         DeviceOut(
             device_id=v.device.device_id,
@@ -107,17 +138,15 @@ def fleet(store: Store) -> FleetOut:
         )
         for v in views
     ]
-    counts: dict[str, list[int]] = {}
-    for d in devices:
-        c = counts.setdefault(d.device_class, [0, 0])
-        c[0] += 1
-        c[1] += int(d.online)
+    counts = [
+        ClassCountOut(device_class=c.device_class, devices=c.devices, online=c.online)
+        for c in store.count_devices()
+    ]
     return FleetOut(
         devices=devices,
-        classes=[
-            ClassCountOut(device_class=name, devices=n, online=online)
-            for name, (n, online) in sorted(counts.items())
-        ],
+        classes=counts,
+        total=sum(c.devices for c in counts),
+        next_after=devices[-1].device_id if more and devices else "",
     )
 
 
@@ -140,7 +169,7 @@ class ClassesOut(_Out):
 
 def classes(store: Store, declared: Mapping[str, DeviceClass]) -> ClassesOut:
     """The declared classes with their budgets, plus any class devices report undeclared."""
-    counts = {c.device_class: c for c in fleet(store).classes}
+    counts = {c.device_class: c for c in store.count_devices()}
     out = []
     for name in sorted(set(declared) | set(counts)):
         spec = declared.get(name)

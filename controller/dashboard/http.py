@@ -114,8 +114,8 @@ class DashboardApp:
 
     def _api_view(self, path: str, query: api.Query) -> Callable[[], BaseModel] | None:
         if path == "/api/fleet":
-            api.only_parameters(query, set())
-            return lambda: api.fleet(self.store)
+            fleet_query = api.parse_fleet_query(query)
+            return lambda: api.fleet(self.store, fleet_query)
         if path == "/api/classes":
             api.only_parameters(query, set())
             return lambda: api.classes(self.store, self.classes)

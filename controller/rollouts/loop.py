@@ -57,7 +57,7 @@ from controller.records import (
 from controller.rollouts.check import BudgetCheck, check, slice_bounds
 from controller.rollouts.records import NewRollout, RolloutChange, RolloutRecord, RolloutState
 from controller.rollouts.store import ClassAssignment, RolloutStore
-from controller.store import Store
+from controller.store import Store, all_devices
 
 log = logging.getLogger(__name__)
 
@@ -439,7 +439,7 @@ class RolloutLoop:
 
     async def _pick_canary(self, rollout: RolloutRecord) -> list[str]:
         """The canary share of the class: online devices first, then by id (stable)."""
-        views = await in_thread(self._store.list_devices, rollout.device_class)
+        views = await in_thread(lambda: list(all_devices(self._store, rollout.device_class)))
         pinned = await in_thread(self._rollouts.pinned_devices, rollout.model_name)
         eligible = [v for v in views if v.device.device_id not in pinned]
         eligible.sort(key=lambda v: (not v.online, v.device.device_id))

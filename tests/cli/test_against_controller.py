@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from artifact.manifest import Manifest
+from controller.cli import devices as devices_command
 from controller.cli import output, views
 from controller.cli.errors import ExitCode, Failure, explain
 from controller.cli.upload import CHUNK_BYTES
@@ -530,3 +531,26 @@ def test_what_no_controller_sends_still_renders() -> None:
     assert output.relative_time(0) == "never"
     assert views.event_from_proto(fleet_pb2.Event(id=1, kind="x")).detail == {}
     assert views.event_from_proto(fleet_pb2.Event(id=2, detail_json="[1]")).detail == {"raw": "[1]"}
+
+
+def test_devices_walks_every_page_and_limit_stops_early(
+    runner: CliRunner, live: ControllerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(devices_command, "PAGE_SIZE", 2)  # five devices: three pages
+    ids = [f"dev-{i}" for i in range(5)]
+    with stubs(live.address) as (_, agent):
+        for device_id in reversed(ids):
+            register(agent, device_id, "camera")
+    result = cli(runner, live.address, "devices", "--json")
+    assert result.exit_code == 0, result.output
+    assert [d["device_id"] for d in json.loads(result.stdout)["devices"]] == ids
+    assert "note:" not in result.stderr
+
+    result = cli(runner, live.address, "devices", "--json", "--limit", "3")
+    assert result.exit_code == 0, result.output
+    assert [d["device_id"] for d in json.loads(result.stdout)["devices"]] == ids[:3]
+    assert "showing the first 3 devices; more exist (--limit 0 shows all)" in result.stderr
+
+    result = cli(runner, live.address, "devices", "--limit", "5")
+    assert result.exit_code == 0 and "note:" not in result.stderr
+    assert all(device_id in result.stdout for device_id in ids)

@@ -13,7 +13,7 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,7 @@ MINUTE_MS = 60_000
 FAST = histogram.histogram([0.004] * 90 + [0.008] * 10)  # p95 ≈ 8 ms
 SLOW = histogram.histogram([0.004] * 50 + [0.040] * 50)  # p95 ≈ 40 ms: over the hub budget
 SPEAKER = histogram.histogram([0.010] * 95 + [0.020] * 5)
+EN_DASH = "\u2013"  # the fleet pager writes ranges with it: "devices 1-200 of 205"
 # Text the page must show as text: a reason is free-form and must not become markup.
 HOSTILE = '<img src=x onerror="document.body.dataset.pwned=1">'
 
@@ -267,6 +268,18 @@ def test_api_serves_fleet_classes_series_and_decisions(tmp_path: Path) -> None:
             ]
             counts = {x["device_class"]: x["devices"] for x in fleet["classes"]}
             assert counts == {"camera": 1, "home-hub": 2, "smart-speaker": 1}
+            assert (fleet["total"], fleet["next_after"]) == (4, "")
+            # Paged by id: the class counts stay the whole fleet's on every page.
+            _, _, first = await asyncio.to_thread(get, address, "/api/fleet?limit=3")
+            assert [d["device_id"] for d in first["devices"]] == ["cam-1", "hub-1", "hub-2"]
+            assert (first["next_after"], first["total"], first["classes"]) == (
+                "hub-2",
+                4,
+                fleet["classes"],
+            )
+            _, _, last = await asyncio.to_thread(get, address, "/api/fleet?limit=3&after=hub-2")
+            assert [d["device_id"] for d in last["devices"]] == ["spk-1"]
+            assert last["next_after"] == ""
 
             _, _, classes = await asyncio.to_thread(get, address, "/api/classes")
             budgets = {
@@ -330,7 +343,9 @@ BAD_REQUESTS = [
     ("/api/series?step=5", 400, "unknown query parameter 'step'; accepted: buckets, since, until"),
     ("/api/decisions?limit=0", 400, "'limit' must be in 1..1000"),
     ("/api/decisions?limit=1001", 400, "'limit' must be in 1..1000"),
-    ("/api/fleet?device=hub-1", 400, "unknown query parameter 'device'; accepted: none"),
+    ("/api/fleet?device=hub-1", 400, "unknown query parameter 'device'; accepted: after, limit"),
+    ("/api/fleet?limit=0", 400, "'limit' must be in 1..10000"),
+    ("/api/fleet?after=Hub%201", 400, "query parameter 'after' (a device id) 'Hub 1' is not valid"),
     ("/api/classes?x=1", 400, "unknown query parameter 'x'"),
     ("/api/series?" + "&".join(f"a{i}=1" for i in range(20)), 400, "at most 16 query parameters"),
     ("/api/nothing", 404, "no page at '/api/nothing'"),
@@ -359,7 +374,8 @@ def test_bad_query_parameters_get_400_naming_the_parameter(tmp_path: Path) -> No
             assert await asyncio.to_thread(post) == 405
             # The controller still serves after all that.
             got, _, fleet = await asyncio.to_thread(get, address, "/api/fleet")
-            assert got == 200 and fleet == {"devices": [], "classes": []}
+            assert got == 200
+            assert fleet == {"devices": [], "classes": [], "total": 0, "next_after": ""}
 
     run(body())
 
@@ -367,8 +383,11 @@ def test_bad_query_parameters_get_400_naming_the_parameter(tmp_path: Path) -> No
 # ---------------------------------------------------------------- the page in Chromium
 
 
-def open_page(address: str, screenshot: Path) -> dict[str, Any]:
-    """Load the page in headless Chromium; return what the DOM shows and any errors."""
+def open_page(
+    address: str, screenshot: Path, interact: Callable[[Any], Any] | None = None
+) -> dict[str, Any]:
+    """Load the page in headless Chromium; return what the DOM shows and any errors, and
+    what ``interact`` (given the Playwright page once it has rendered) returns."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -391,6 +410,7 @@ def open_page(address: str, screenshot: Path) -> dict[str, Any]:
             page.wait_for_selector("body[data-renders]", state="attached")
             state: dict[str, Any] = page.evaluate(DOM_PROBE)
             page.screenshot(path=str(screenshot), full_page=True)
+            state["interaction"] = interact(page) if interact else None
         finally:
             browser.close()
     state["errors"] = errors
@@ -425,6 +445,11 @@ DOM_PROBE = """() => {
     rollouts: rows('rollouts', 'data-rollout'),
     fleet: rows('fleet', 'data-device'),
     classes: rows('classes', 'data-none'),
+    pager: {
+      text: document.getElementById('fleet-page').textContent,
+      prev: !document.getElementById('fleet-prev').disabled,
+      next: !document.getElementById('fleet-next').disabled,
+    },
     images: document.querySelectorAll('main img').length,
     pwned: document.body.dataset.pwned || '',
     status: document.getElementById('status').textContent,
@@ -492,7 +517,57 @@ def test_page_renders_charts_tables_and_decisions_in_chromium(tmp_path: Path) ->
 
     fleet = {r["key"]: r["cells"] for r in state["fleet"]}
     assert list(fleet) == ["cam-1", "hub-1", "hub-2", "spk-1"]
+    assert state["pager"] == {"text": f"devices 1{EN_DASH}4 of 4", "prev": False, "next": False}
     assert fleet["spk-1"][1] == "smart-speaker"
     classes = {r["cells"][0]: r["cells"] for r in state["classes"]}
     assert classes["home-hub"][1:4] == ["2", "0", "20.0"]
     assert "4 devices, 3 series, 5 decisions" in state["status"]
+
+
+PAGER_PROBE = """() => ({
+  text: document.getElementById('fleet-page').textContent,
+  rows: [...document.querySelectorAll('#fleet tbody tr')].map((tr) => tr.dataset.device),
+  prev: !document.getElementById('fleet-prev').disabled,
+  next: !document.getElementById('fleet-next').disabled,
+})"""
+
+
+def test_fleet_table_pages_forward_and_back_in_chromium(tmp_path: Path) -> None:
+    """205 devices: the table shows 200, "next" the last 5, "previous" the first 200 again;
+    the class table counts all 205 on every page."""
+    ids = [f"d-{i:03d}" for i in range(205)]
+
+    def turn_pages(page: Any) -> list[dict[str, Any]]:
+        seen = [page.evaluate(PAGER_PROBE)]
+        page.click("#fleet-next")
+        page.wait_for_selector('#fleet tbody tr[data-device="d-200"]', state="attached")
+        seen.append(page.evaluate(PAGER_PROBE))
+        page.click("#fleet-prev")
+        page.wait_for_selector('#fleet tbody tr[data-device="d-000"]', state="attached")
+        seen.append(page.evaluate(PAGER_PROBE))
+        return seen
+
+    async def body() -> dict[str, Any]:
+        async with running_controller(tmp_path, metrics_port=0) as c:
+            for device_id in ids:
+                await c.register(device_id, "camera")
+            address = json.loads(c.config.info_path.read_text())["metrics_address"]
+            return await asyncio.to_thread(open_page, address, tmp_path / "p.png", turn_pages)
+
+    state = run(body())
+    assert state["errors"] == [], state["errors"]
+    first, second, back = state["interaction"]
+    assert first == {
+        "text": f"devices 1{EN_DASH}200 of 205",
+        "rows": ids[:200],
+        "prev": False,
+        "next": True,
+    }
+    assert second == {
+        "text": f"devices 201{EN_DASH}205 of 205",
+        "rows": ids[200:],
+        "prev": True,
+        "next": False,
+    }
+    assert back == first
+    assert [r["cells"][:3] for r in state["classes"]] == [["camera", "205", "0"]]

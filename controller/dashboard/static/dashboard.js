@@ -12,6 +12,7 @@
   const PAD = { left: 52, right: 14, top: 12, bottom: 26 };
   const BUCKETS = 60;
   const REFRESH_MS = 15000;
+  const FLEET_PAGE = 200; // devices per page of the fleet table
   const CHARTS = [
     { kind: "p95", title: "p95 latency (ms)", value: "p95_ms", budget: "p95_budget_ms" },
     {
@@ -292,6 +293,7 @@
         class: BAD_KINDS.has(newestFirst[i].kind) ? "miss" : "",
       }),
     );
+    renderPager(fleet);
     const devices = fleet.devices;
     fillTable(
       "fleet",
@@ -308,10 +310,37 @@
     );
   }
 
+  // The fleet is paged by device id: the stack holds each shown page's "after" (the id
+  // the page starts after), so "previous" goes back without the server keeping state.
+  const fleetStarts = [""];
+  let fleetNext = "";
+
+  function renderPager(fleet) {
+    fleetNext = fleet.next_after;
+    const first = (fleetStarts.length - 1) * FLEET_PAGE;
+    const shown = fleet.devices.length;
+    document.getElementById("fleet-page").textContent = shown
+      ? `devices ${first + 1}–${first + shown} of ${fleet.total}`
+      : `${fleet.total} devices`;
+    document.getElementById("fleet-prev").disabled = fleetStarts.length < 2;
+    document.getElementById("fleet-next").disabled = !fleetNext;
+  }
+
+  function turnPage(forward) {
+    if (forward && fleetNext) fleetStarts.push(fleetNext);
+    else if (!forward && fleetStarts.length > 1) fleetStarts.pop();
+    else return;
+    refresh();
+  }
+
   let busy = false;
+  let again = false; // asked for while a refresh was in flight (a page turn): run once more
 
   async function refresh() {
-    if (busy) return;
+    if (busy) {
+      again = true;
+      return;
+    }
     busy = true;
     const status = document.getElementById("status");
     try {
@@ -320,7 +349,9 @@
       const until = Math.ceil(Date.now() / step) * step;
       const since = until - step * BUCKETS;
       const [fleet, classes, seriesList, decisions] = await Promise.all([
-        getJSON("/api/fleet"),
+        getJSON(
+          `/api/fleet?limit=${FLEET_PAGE}&after=${encodeURIComponent(fleetStarts[fleetStarts.length - 1])}`,
+        ),
         getJSON("/api/classes"),
         getJSON(`/api/series?since=${since}&until=${until}&buckets=${BUCKETS}`),
         getJSON("/api/decisions"),
@@ -328,7 +359,7 @@
       renderTables(fleet, classes, decisions);
       renderCharts(classes, seriesList);
       status.className = "";
-      status.textContent = `updated ${new Date().toLocaleTimeString()}: ${fleet.devices.length} ` +
+      status.textContent = `updated ${new Date().toLocaleTimeString()}: ${fleet.total} ` +
         `devices, ${seriesList.series.length} series, ${decisions.decisions.length} decisions`;
       document.body.dataset.renders = String(Number(document.body.dataset.renders || 0) + 1);
     } catch (err) {
@@ -337,10 +368,16 @@
       console.error("dashboard refresh failed:", err);
     } finally {
       busy = false;
+      if (again) {
+        again = false;
+        refresh();
+      }
     }
   }
 
   document.getElementById("range").addEventListener("change", refresh);
+  document.getElementById("fleet-prev").addEventListener("click", () => turnPage(false));
+  document.getElementById("fleet-next").addEventListener("click", () => turnPage(true));
   refresh();
   setInterval(refresh, REFRESH_MS);
 })();

@@ -1,0 +1,61 @@
+"""Page tokens for listings a client walks page by page (AIP-158 style).
+
+A token is opaque to clients: URL-safe base64 of a small JSON array naming the format,
+the filter the first page was asked with and the last key returned. Carrying the filter
+lets the controller refuse a token replayed with another filter, instead of silently
+mixing two listings. Any replica can continue a listing another started: the token is
+the whole state.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+from controller.errors import invalid
+
+TOKEN_VERSION = 1
+MAX_TOKEN_CHARS = 1024
+
+
+@dataclass(frozen=True)
+class PageToken:
+    """Where the next page starts: after ``after``, in the listing filtered by ``scope``."""
+
+    scope: str
+    after: str
+
+    def encode(self) -> str:
+        raw = json.dumps([TOKEN_VERSION, self.scope, self.after], separators=(",", ":"))
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str, scope: str, field: str = "page_token") -> PageToken | None:
+        """None for "" (the first page); INVALID_ARGUMENT for a token this listing did
+        not issue, or one issued for another ``scope``."""
+        if not token:
+            return None
+        expected = f"{field} must be a next_page_token from the previous page of this listing"
+        if len(token) > MAX_TOKEN_CHARS:
+            raise invalid(f"{expected}; got {len(token)} characters")
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            value = json.loads(raw)
+        except (binascii.Error, ValueError) as exc:
+            raise invalid(f"{expected}; {token[:40]!r} is not one") from exc
+        if not (
+            isinstance(value, list)
+            and len(value) == 3
+            and value[0] == TOKEN_VERSION
+            and isinstance(value[1], str)
+            and isinstance(value[2], str)
+        ):
+            raise invalid(f"{expected}; {token[:40]!r} is not one")
+        if value[1] != scope:
+            raise invalid(
+                f"{field} was issued for device_class {value[1]!r}, not {scope!r}: repeat "
+                "the request with the same filter, or start again without a page_token"
+            )
+        return cls(scope=value[1], after=value[2])
