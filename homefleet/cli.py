@@ -37,7 +37,8 @@ COMPRESS = "Compress models (needs the controller extra)"
 
 EPILOG = (
     "Exit codes: 0 ok; 1 the controller refused the request; 2 usage error; "
-    "3 command group not installed here; 4 controller unreachable."
+    "3 command group not installed here; 4 controller unreachable; 5 compression ran but "
+    "no recipe met every budget."
 )
 
 _root = root_group_class(

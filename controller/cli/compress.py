@@ -1,6 +1,6 @@
 """`homefleet compress` and `homefleet evaluate`: compression on this machine.
 
-Exit codes: 0 every budget holds; 3 no recipe meets the budget (the best trial is
+Exit codes: 0 every budget holds; 5 no recipe meets the budget (the best trial is
 written, with the gap per budget); 2 bad input (file, device class, calibration,
 flags), with nothing written to --out. The heavy stack (torch, onnx, onnxruntime) is
 imported inside the commands, so the rest of the CLI starts without it.
@@ -25,12 +25,13 @@ from rich.console import Console
 from rich.table import Table
 
 from controller.cli.client import DEFAULT_TIMEOUT_S
+from controller.cli.errors import ExitCode
 from controller.cli.jobs import DEFAULT_WAIT_S, RemoteCompression, compress_on_controller
 
 if TYPE_CHECKING:
     from controller.compression.planner import Trial
 
-EXIT_MET, EXIT_BAD_INPUT, EXIT_NOT_MET = 0, 2, 3
+EXIT_MET, EXIT_BAD_INPUT, EXIT_NOT_MET = ExitCode.OK, ExitCode.USAGE, ExitCode.BUDGET_NOT_MET
 err = Console(stderr=True)
 out = Console()
 

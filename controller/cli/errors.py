@@ -29,6 +29,7 @@ class ExitCode(IntEnum):
     USAGE = 2
     MISSING_EXTRA = 3
     UNREACHABLE = 4
+    BUDGET_NOT_MET = 5  # compression ran, but no recipe met every budget (best one kept)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 calibration arrays to StartCompression, then (unless --no-wait) follows the job's
 trials as the controller reports them and prints the artifact it published.
 
-Exit codes, as the local `homefleet compress`: 0 every budget holds; 3 no recipe met
+Exit codes, as the local `homefleet compress`: 0 every budget holds; 5 no recipe met
 them (the best trial is still published as an artifact); 2 bad input (a local file, or
 the controller refused the request as invalid or naming an unknown model). Beyond
 those: 1 the controller refused otherwise (a job for the pair is already active), or
@@ -37,7 +37,7 @@ from controller.cli.views import View, enum_label
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc
 
-EXIT_MET, EXIT_BAD_INPUT, EXIT_NOT_MET = 0, 2, 3
+EXIT_MET, EXIT_BAD_INPUT, EXIT_NOT_MET = ExitCode.OK, ExitCode.USAGE, ExitCode.BUDGET_NOT_MET
 BAD_INPUT_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
 DEFAULT_WAIT_S = 24 * 3600.0
 MAX_LIMIT = 1000  # the server's bound (fleet.proto: ListCompressionJobsRequest.limit)

@@ -457,7 +457,7 @@ def test_the_cli_runs_a_job_on_a_controller_and_prints_the_artifact(tmp_path: Pa
         assert "trial 1: quantize(mode=fp16)" in met.stderr
 
         missed = runner.invoke(app, [*base, "--model", "clf", "--max-bytes", "100", "--json"])
-        assert missed.exit_code == 3, missed.output
+        assert missed.exit_code == 5, missed.output
         job = json.loads(missed.stdout)
         assert job["state"] == "not_met" and job["artifact_id"] == "clf/home-hub/v2"
         assert not next(v for v in job["verdicts"] if v["budget"] == "max_artifact_bytes")["met"]
