@@ -83,6 +83,9 @@ from controller.records import (
 from controller.store import (
     JOB_LEASE_MS,
     MAX_DEVICE_PAGE,
+    MAX_SERIES,
+    MAX_SERIES_BUCKETS,
+    SeriesSelection,
     Store,
     TelemetryPoint,
     TelemetrySeries,
@@ -740,36 +743,64 @@ class SqlStore(Store):
 
     def telemetry_series(
         self, since_unix_ms: int, until_unix_ms: int, bucket_ms: int
-    ) -> list[TelemetrySeries]:
+    ) -> SeriesSelection:
         if bucket_ms <= 0 or until_unix_ms <= since_unix_ms:
             raise ValueError(
                 f"telemetry_series needs since < until and bucket_ms > 0, got since="
                 f"{since_unix_ms} until={until_unix_ms} bucket_ms={bucket_ms}"
             )
+        buckets = -(-(until_unix_ms - since_unix_ms) // bucket_ms)
+        if buckets > MAX_SERIES_BUCKETS:
+            raise ValueError(f"telemetry_series: {buckets} buckets, at most {MAX_SERIES_BUCKETS}")
 
-        def work(session: Session) -> list[TelemetrySeries]:
+        def work(session: Session) -> SeriesSelection:
             w = TelemetryWindowRow
+            group = (DeviceRow.device_class, w.model_name, w.artifact_sha256)
+            in_range = (w.end_unix_ms >= since_unix_ms, w.end_unix_ms < until_unix_ms)
+            # The busiest series first: a fleet with more artifacts than a chart can
+            # show loses its quietest lines, and the answer says how many.
+            busiest = session.execute(
+                select(*group)
+                .join(DeviceRow, DeviceRow.device_id == w.device_id)
+                .where(*in_range)
+                .group_by(*group)
+                .order_by(func.sum(w.count).desc(), *group)
+                .limit(MAX_LIST)
+            ).all()
+            chosen = busiest[:MAX_SERIES]
+            if not chosen:
+                return SeriesSelection([], 0)
             # Inlined integers (int() makes them safe), so PostgreSQL sees the same
             # expression in SELECT and GROUP BY rather than two different parameters.
             since = literal_column(str(int(since_unix_ms)), BigInteger)
             step = literal_column(str(int(bucket_ms)), BigInteger)
             bucket = (w.end_unix_ms - since) // step
-            group = (DeviceRow.device_class, w.model_name, w.artifact_sha256)
             rows = session.execute(
                 select(*group, bucket, *_window_sums())
                 .join(DeviceRow, DeviceRow.device_id == w.device_id)
-                .where(w.end_unix_ms >= since_unix_ms, w.end_unix_ms < until_unix_ms)
+                .where(
+                    *in_range,
+                    or_(
+                        *(
+                            and_(
+                                DeviceRow.device_class == c,
+                                w.model_name == m,
+                                w.artifact_sha256 == a,
+                            )
+                            for c, m, a in chosen
+                        )
+                    ),
+                )
                 .group_by(*group, bucket)
                 .order_by(*group, bucket)
-                .limit(MAX_LIST)
-            ).all()
+            ).all()  # at most MAX_SERIES x MAX_SERIES_BUCKETS rows
             ids = _artifact_ids(session, {(r[0], r[1], r[2]) for r in rows})
             merged: dict[tuple[str, str, str], dict[int, _Totals]] = {}
             for row in rows:
                 key = (row[0], row[1], ids[(row[0], row[1], row[2])])
                 at = merged.setdefault(key, {}).setdefault(int(row[3]), _Totals())
                 at.add(_WindowSums.of(row[4:]), "")
-            return [
+            series = [
                 TelemetrySeries(
                     device_class=cls,
                     model_name=model,
@@ -784,11 +815,12 @@ class SqlStore(Store):
                                 t.sums.joules / t.sums.count if t.sums.count else None
                             ),
                         )
-                        for index, t in sorted(buckets.items())
+                        for index, t in sorted(by_bucket.items())
                     ),
                 )
-                for (cls, model, artifact_id), buckets in sorted(merged.items())
+                for (cls, model, artifact_id), by_bucket in sorted(merged.items())
             ]
+            return SeriesSelection(series, len(busiest) - len(chosen))
 
         return self._read(work)
 

@@ -58,6 +58,18 @@ class TelemetrySeries:
     points: tuple[TelemetryPoint, ...]  # buckets holding windows only, oldest first
 
 
+MAX_SERIES = 40  # series one telemetry_series answer carries at most (the busiest)
+MAX_SERIES_BUCKETS = 240  # buckets a caller asks for at most: 40 x 240 rows per answer
+
+
+@dataclass(frozen=True)
+class SeriesSelection:
+    """The series of a range, and how many quieter ones did not fit in MAX_SERIES."""
+
+    series: list[TelemetrySeries]
+    omitted: int  # series with windows in the range that are not in ``series``
+
+
 # An active compression job's owner renews its lease well within this; past it, any
 # replica may fail the job (its controller is gone and the pair would stay blocked).
 JOB_LEASE_MS = 120_000
@@ -185,11 +197,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def telemetry_series(
         self, since_unix_ms: int, until_unix_ms: int, bucket_ms: int
-    ) -> list[TelemetrySeries]:
+    ) -> SeriesSelection:
         """Per (class, model, artifact): the windows that ended in [since, until) (device
-        clock) merged per ``bucket_ms`` bucket, sorted by (class, model, artifact). Like
-        every list, bounded: at most 10,000 (series, bucket) pairs, so callers ask for a
-        few hundred buckets at most."""
+        clock) merged per ``bucket_ms`` bucket, sorted by (class, model, artifact).
+
+        At most MAX_SERIES series, the busiest (most inferences in the range); how many
+        quieter ones were left out is part of the answer, never silently dropped. Callers
+        ask for at most MAX_SERIES_BUCKETS buckets, so the answer is bounded.
+        """
 
     # ---------------------------------------------------------------- events
     @abc.abstractmethod

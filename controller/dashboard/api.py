@@ -20,13 +20,13 @@ from pydantic import BaseModel, ConfigDict, JsonValue
 from artifact.names import InvalidNameError, check_name
 from controller.device_classes import DeviceClass
 from controller.records import EventRecord
-from controller.store import Store, TelemetrySeries
+from controller.store import MAX_SERIES, MAX_SERIES_BUCKETS, Store, TelemetrySeries
 
 # /api/series
 DEFAULT_RANGE_MS = 60 * 60 * 1000
 MAX_RANGE_MS = 31 * 24 * 60 * 60 * 1000
 DEFAULT_BUCKETS = 60
-MAX_BUCKETS = 240
+MAX_BUCKETS = MAX_SERIES_BUCKETS
 # /api/decisions
 DEFAULT_DECISIONS = 200
 MAX_DECISIONS = 1000
@@ -221,7 +221,9 @@ class SeriesListOut(_Out):
     until_unix_ms: int
     bucket_ms: int
     buckets: int
-    series: list[SeriesOut]
+    series: list[SeriesOut]  # the busiest MAX_SERIES
+    omitted_series: int  # quieter series with data in the range, not in ``series``
+    max_series: int
 
 
 def parse_series_query(query: Query, now_unix_ms: int) -> SeriesQuery:
@@ -247,7 +249,9 @@ def series(store: Store, q: SeriesQuery) -> SeriesListOut:
         until_unix_ms=q.until_unix_ms,
         bucket_ms=q.bucket_ms,
         buckets=q.buckets,
-        series=[_series(s) for s in found],
+        series=[_series(s) for s in found.series],
+        omitted_series=found.omitted,
+        max_series=MAX_SERIES,
     )
 
 

@@ -298,6 +298,7 @@ def test_api_serves_fleet_classes_series_and_decisions(tmp_path: Path) -> None:
             query = f"/api/series?since={since}&until={until}&buckets=60"
             _, _, series = await asyncio.to_thread(get, address, query)
             assert series["bucket_ms"] == MINUTE_MS
+            assert (series["omitted_series"], series["max_series"]) == (0, 40)
             found = {(s["device_class"], s["artifact_id"]): s["points"] for s in series["series"]}
             assert set(found) == set(f.expected)
             for key, by_ago in f.expected.items():

@@ -27,7 +27,7 @@ from controller.records import (
 from controller.rollouts.records import NewRollout, RolloutChange, RolloutState
 from controller.rollouts.store import RolloutStore
 from controller.sql_store import SqlStore
-from controller.store import JOB_LEASE_MS
+from controller.store import JOB_LEASE_MS, MAX_SERIES
 from protos import fleet_pb2 as pb
 from tests.controller.helpers import onnx_model, run, running_controller
 from tests.support.postgres import PostgresCluster
@@ -73,8 +73,9 @@ def test_ingest_stores_each_window_once_and_keeps_the_rollup(engine: Engine) -> 
     assert refused.value.code is ErrorCode.NOT_FOUND
     # the backfill leaves a filled rollup alone
     assert store.backfill_telemetry_rollup() == 0
-    (series,) = store.telemetry_series(0, 40_000, 10_000)
-    assert sum(p.count for p in series.points) == 20
+    selection = store.telemetry_series(0, 40_000, 10_000)
+    (series,) = selection.series
+    assert sum(p.count for p in series.points) == 20 and selection.omitted == 0
 
 
 def test_one_active_rollout_per_pair_and_conditional_transitions(engine: Engine) -> None:
@@ -147,3 +148,35 @@ def test_a_controller_on_postgresql_serves_and_ingests(
             assert totals.windows == 2 and totals.artifact_id == art.id
 
     run(body())
+
+
+@pytest.fixture
+def either_engine(database_url: str | None, tmp_path: Path) -> Iterator[Engine]:
+    """A fresh schema on SQLite, then on PostgreSQL."""
+    created = make_engine(database_url or f"sqlite:///{tmp_path / 'homefleet.db'}")
+    create_schema(created)
+    yield created
+    created.dispose()
+
+
+def test_series_keep_the_busiest_and_count_the_rest(either_engine: Engine) -> None:
+    store = SqlStore(either_engine)
+    store.register_device(registration("a"))
+    extra = 3
+    shas = [f"{i:02x}" * 32 for i in range(MAX_SERIES + extra)]
+    # Artifact i served i + 1 inferences: the `extra` quietest do not fit in an answer.
+    windows = [
+        dataclasses.replace(window(i + 1), artifact_sha256=sha, count=i + 1)
+        for i, sha in enumerate(shas)
+    ]
+    assert store.store_telemetry_batches({"a": windows}) == {"a": len(shas)}
+    selection = store.telemetry_series(0, 40_000, 10_000)
+    assert selection.omitted == extra
+    drawn = {s.artifact_id for s in selection.series}
+    assert len(drawn) == MAX_SERIES
+    assert not any(sha[:12] in drawn for sha in shas[:extra])  # the quietest are left out
+    assert sum(p.count for s in selection.series for p in s.points) == sum(
+        range(extra + 1, len(shas) + 1)
+    )
+    with pytest.raises(ValueError, match="at most 240"):
+        store.telemetry_series(0, 241_000, 1_000)

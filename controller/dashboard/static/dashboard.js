@@ -186,6 +186,16 @@
     const budgets = new Map(classes.classes.map((c) => [c.name, c]));
     const root = document.getElementById("charts");
     root.replaceChildren();
+    if (seriesList.omitted_series > 0) {
+      root.append(
+        el(
+          "p",
+          { class: "hint", id: "series-omitted" },
+          `${seriesList.omitted_series} quieter series not drawn: only the ` +
+            `${seriesList.max_series} busiest in this range are`,
+        ),
+      );
+    }
     const names = [...new Set([...byClass.keys(), ...budgets.keys()])].sort();
     for (const name of names) {
       const series = byClass.get(name) || [];
