@@ -20,7 +20,7 @@ The HTTP port serving it (with the dashboard) is ``controller.dashboard.http``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -34,6 +34,7 @@ from prometheus_client.utils import floatToGoString
 
 from artifact import histogram
 from controller.clock import unix_ms
+from controller.device_classes import Budgets, DeviceClass
 from controller.records import TelemetryTotals
 from controller.store import Store
 
@@ -100,6 +101,49 @@ class TelemetryCollector(Collector):
         for t in totals:
             reporting.add_metric(_labels(t), t.devices_reporting)
         yield reporting
+
+
+class BudgetCollector(Collector):
+    """The declared device classes' budgets as gauges, so Grafana can draw each budget as
+    a line next to what the class measures (the budget loop judges against the same
+    numbers). Per class only: a budget holds for every model the class runs."""
+
+    def __init__(self, classes: Mapping[str, DeviceClass]) -> None:
+        self._classes = classes
+
+    def collect(self) -> Iterable[Metric]:
+        for name, documentation, value in _BUDGETS:
+            family = GaugeMetricFamily(
+                f"{PREFIX}_class_budget_{name}", documentation, labels=["device_class"]
+            )
+            for class_name, spec in sorted(self._classes.items()):
+                budget = value(spec.budgets)
+                if budget is not None:
+                    family.add_metric([class_name], budget)
+            yield family
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
+
+
+_BUDGETS: list[tuple[str, str, Callable[[Budgets], float | None]]] = [
+    (
+        "p95_latency_seconds",
+        "The class's p95 inference latency budget (device-class file p95_latency_ms).",
+        lambda b: _scaled(b.p95_latency_ms, 1e-3),
+    ),
+    (
+        "energy_per_inference_joules",
+        "The class's energy budget per inference (device-class file energy_per_inference_mj).",
+        lambda b: _scaled(b.energy_per_inference_mj, 1e-3),
+    ),
+    (
+        "artifact_bytes",
+        "The class's artifact size budget (device-class file max_artifact_bytes).",
+        lambda b: None if b.max_artifact_bytes is None else float(b.max_artifact_bytes),
+    ),
+]
 
 
 def _labels(t: TelemetryTotals) -> list[str]:

@@ -17,13 +17,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from artifact import histogram
+from controller.device_classes import DeviceClass
 from protos import fleet_pb2 as pb
 from tests.controller.helpers import onnx_model, run, running_controller
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "homefleet.json"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "homefleet.json"
+DEVICE_CLASSES = DEPLOY / "device-classes"
+BUDGET_METRIC = "homefleet_class_budget_"  # per class: a budget holds for all its models
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or"}
 KEYWORDS |= {"unless", "bool", "offset", "inf", "nan"}
 IDENTIFIER = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
@@ -81,7 +87,9 @@ def exported(tmp_path: Path) -> tuple[set[str], set[str]]:
     """(sample names, label names) a real controller's /metrics serves with telemetry."""
 
     async def body() -> str:
-        async with running_controller(tmp_path, metrics_port=0) as c:
+        async with running_controller(
+            tmp_path, metrics_port=0, device_classes_dir=DEVICE_CLASSES
+        ) as c:
             await c.add_model("motions", onnx_model())
             art = await c.artifact("motions", "home-hub")
             await c.register("hub-1", "home-hub")
@@ -137,7 +145,8 @@ def test_dashboard_uses_only_metrics_and_labels_the_controller_exports(tmp_path:
             legends.append(target.get("legendFormat", ""))
             # Every panel follows the class and model the viewer picked.
             assert 'device_class=~"$device_class"' in target["expr"], panel["title"]
-            assert 'model=~"$model"' in target["expr"], panel["title"]
+            if BUDGET_METRIC not in target["expr"]:
+                assert 'model=~"$model"' in target["expr"], panel["title"]
     for variable in variables.values():
         assert variable["datasource"]["uid"] == "${DS_PROMETHEUS}"
         match = LABEL_VALUES.match(variable["query"])
@@ -158,6 +167,53 @@ def test_dashboard_uses_only_metrics_and_labels_the_controller_exports(tmp_path:
     ):
         assert needed in used, needed
     assert any(e.startswith("histogram_quantile(0.95,") for e in exprs)
+    # The latency and energy panels draw their class budgets as lines.
+    by_title = {p["title"]: p for p in panels(dashboard)}
+    for title, budget in (
+        ("p95 inference latency", "homefleet_class_budget_p95_latency_seconds"),
+        ("Energy per inference", "homefleet_class_budget_energy_per_inference_joules"),
+    ):
+        assert any(budget in t["expr"] for t in by_title[title]["targets"]), title
     used_labels = set().union(*(label_names(e) for e in exprs))
     used_labels |= {m for legend in legends for m in LEGEND_LABEL.findall(legend)}
     assert used_labels <= labels, f"labels not exported: {sorted(used_labels - labels)}"
+
+
+def test_budgets_are_exported_per_declared_class(tmp_path: Path) -> None:
+    """The gauges carry each device-class file's budgets in base units (s, J, bytes)."""
+
+    async def body() -> str:
+        async with running_controller(
+            tmp_path, metrics_port=0, device_classes_dir=DEVICE_CLASSES
+        ) as c:
+            address = json.loads(c.config.info_path.read_text())["metrics_address"]
+
+            def scrape() -> str:
+                with urllib.request.urlopen(f"http://{address}/metrics", timeout=30) as response:
+                    return str(response.read().decode())
+
+            return await asyncio.to_thread(scrape)
+
+    text = run(body())
+    values = {
+        (s.name, s.labels["device_class"]): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name.startswith(BUDGET_METRIC)
+    }
+    classes = {
+        path.stem: DeviceClass.model_validate(yaml.safe_load(path.read_text()))
+        for path in DEVICE_CLASSES.glob("*.yaml")
+    }
+    assert {cls for _, cls in values} == set(classes)
+    for name, spec in classes.items():
+        budgets = spec.budgets
+        if budgets.p95_latency_ms is not None:
+            got = values[(f"{BUDGET_METRIC}p95_latency_seconds", name)]
+            assert got == pytest.approx(budgets.p95_latency_ms / 1000)
+        if budgets.energy_per_inference_mj is not None:
+            got = values[(f"{BUDGET_METRIC}energy_per_inference_joules", name)]
+            assert got == pytest.approx(budgets.energy_per_inference_mj / 1000)
+        if budgets.max_artifact_bytes is not None:
+            got = values[(f"{BUDGET_METRIC}artifact_bytes", name)]
+            assert got == budgets.max_artifact_bytes
