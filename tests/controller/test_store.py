@@ -1,4 +1,5 @@
-"""The Store contract, run against every backend (today: SQL on a real SQLite file)."""
+"""The Store contract, run against every backend: SQL on a real SQLite file and on a real
+PostgreSQL server (a private cluster the session starts, see tests/support/postgres.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from controller.errors import ErrorCode, FleetError
 from controller.records import (
     ArtifactRecord,
     AssignTarget,
+    ClassCount,
     DeviceRegistration,
     Encoding,
     Hardware,
@@ -27,8 +29,9 @@ from controller.records import (
     TelemetryWindow,
 )
 from controller.sql_store import SqlStore
-from controller.store import Store, VersionConflictError
+from controller.store import Store, VersionConflictError, all_devices
 from tests.controller.helpers import sha256
+from tests.support.postgres import PostgresCluster
 
 SPEC = (TensorSpec(name="x", dtype="float32", shape=(-1, 4)),)
 HW = Hardware(arch="x86_64", cpu_cores=4, memory_bytes=1 << 32, onnxruntime_version="1.32.0")
@@ -220,6 +223,23 @@ class StoreContract:
         assert store.list_events(page[-1].id, 100)[0].kind == "b.one"
         assert page[0].detail == {"k": "a.one"}
 
+    def test_devices_page_by_id_and_count_per_class(self, store: Store) -> None:
+        for i in range(5):
+            store.register_device(registration(f"dev-{i}", "camera" if i % 2 else "home-hub"))
+        ids = [v.device.device_id for v in store.list_devices(limit=2)]
+        assert ids == ["dev-0", "dev-1"]
+        rest = [v.device.device_id for v in store.list_devices(after="dev-1", limit=10)]
+        assert rest == ["dev-2", "dev-3", "dev-4"]
+        cameras = store.list_devices("camera", after="dev-1")
+        assert [v.device.device_id for v in cameras] == ["dev-3"]
+        assert [v.device.device_id for v in all_devices(store, "home-hub")] == [
+            "dev-0",
+            "dev-2",
+            "dev-4",
+        ]
+        store.touch_watch("dev-3", 1 << 62)  # a watch stream is open: online
+        assert store.count_devices() == [ClassCount("camera", 2, 1), ClassCount("home-hub", 3, 0)]
+
 
 class TestSqliteStore(StoreContract):
     @pytest.fixture
@@ -238,3 +258,12 @@ class TestSqliteStore(StoreContract):
                 assert int(conn.execute(text("PRAGMA busy_timeout")).scalar() or 0) > 0
         finally:
             engine.dispose()
+
+
+class TestPostgresStore(StoreContract):
+    @pytest.fixture
+    def store(self, postgres: PostgresCluster) -> Iterator[Store]:
+        engine = make_engine(postgres.new_database())
+        create_schema(engine)
+        yield SqlStore(engine)
+        engine.dispose()
