@@ -1,11 +1,13 @@
 """Learned step sizes (LSQ) against post-training static quantization at the same bit width.
 
-Per workload: the FP32 source, static QDQ PTQ (minmax, per channel, int8 activations:
-the planner's ``Quantize(mode="static")`` without its accuracy-aware fallback; and the same
-restricted to Conv/Gemm/MatMul, the layers learned quantization quantizes)
-with int8 and with int4 weights, and learned quantization (learned.py) with 8- and
-4-bit weights; test and val accuracy and bytes of each. PTQ keeps onnxruntime's own
-reduce_range choice for the host; learned 8-bit weights are 7-bit (see learned.py).
+Per workload and weight width (8, 4, 3, 2 bits): the FP32 source; onnxruntime's static
+QDQ PTQ (minmax, per channel, int8 activations: the planner's ``Quantize(mode="static")``
+without its accuracy-aware fallback; and the same restricted to Conv/Gemm/MatMul, the
+layers learned quantization quantizes) at 8 and 4 bits, the only widths quantize_static
+stores; post-training quantization by learned.py's own quantizer (its calibrated initial
+steps, never trained: ``calibrate_only``) at every width; and learned quantization
+trained with three seeds. Test and val accuracy and bytes of each. onnxruntime's PTQ
+keeps its reduce_range choice for the host; learned.py's 8-bit weights are 7-bit.
 
 Part of ``make bench`` as the ``learned`` section (``python -m bench --sections
 learned``); ``python -m bench.learned [--epochs N] [workload ...]`` prints the table alone.
@@ -29,12 +31,13 @@ from controller.compression.candidates import LEARNED_INT4, LEARNED_INT8
 from controller.compression.cpu_features import host_reduce_range
 from controller.compression.learned import learned_quantize
 from controller.compression.quantize import prepare_for_quantization
-from controller.compression.recipe import LearnedQuantize
+from controller.compression.recipe import LEARNED_WEIGHT_BITS, LearnedQuantize
 from controller.compression.training import TrainOptions
 from controller.workloads.base import Workload
 from controller.workloads.registry import get_workload
 
-PTQ_WEIGHT_TYPES = {8: QuantType.QInt8, 4: QuantType.QInt4}
+PTQ_WEIGHT_TYPES = {8: QuantType.QInt8, 4: QuantType.QInt4}  # what quantize_static stores
+BITS = tuple(sorted(LEARNED_WEIGHT_BITS, reverse=True))  # 8, 4, 3, 2
 SEEDS = (0, 1, 2)  # learned quantization trains: a difference must outlast the seed
 # The ops learned quantization quantizes: "ptq-static-layers" quantizes just these too,
 # at the same points (their weights and inputs; onnxruntime adds their outputs).
@@ -44,12 +47,13 @@ LEARNED_OPS = ["Conv", "Gemm", "MatMul"]
 @dataclass(frozen=True)
 class Row:
     workload: str
-    method: str  # "fp32", "ptq-static", "ptq-static-layers", "learned"
+    method: str  # "fp32", "ptq-static", "ptq-static-layers", "ptq-calibrated", "learned"
     weight_bits: int
     bytes: int
     val_accuracy: float
     test_accuracy: float  # the mean over ``seeds`` for learned rows
     seconds: float
+    test_log_loss: float  # mean cross-entropy on test (nats): finer than a saturated accuracy
     seeds: tuple[int, ...] = ()  # learned rows: the training seeds
     test_by_seed: tuple[float, ...] = ()
 
@@ -77,15 +81,25 @@ def ptq_static(
 
 
 def _row(workload: Workload, method: str, bits: int, path: Path, seconds: float) -> Row:
+    test = workload.score_onnx(path, split="test")
     return Row(
         workload.name,
         method,
         bits,
         path.stat().st_size,
         workload.score_onnx(path, split="val").value,
-        workload.score_onnx(path, split="test").value,
+        test.value,
         round(seconds, 1),
+        test.extra["log_loss"],
     )
+
+
+def learned_step(bits: int) -> LearnedQuantize:
+    """The planner's own step at 8 and 4 bits; below 4 bits its 4-bit step (weights train
+    too, as they must when so few levels are left) at the narrower width."""
+    if bits == 8:
+        return LEARNED_INT8
+    return LEARNED_INT4.model_copy(update={"weight_bits": bits})
 
 
 def compare(
@@ -94,23 +108,32 @@ def compare(
     work: Path,
     lr: float | None = None,
     seeds: Sequence[int] = SEEDS,
+    bit_widths: Sequence[int] = BITS,
 ) -> list[Row]:
-    """fp32, PTQ static and learned quantization at 8 and 4 bits for one workload; learned
-    is trained once per seed (PTQ is deterministic), its accuracy the mean."""
+    """fp32, post-training and learned quantization at each width for one workload;
+    learned is trained once per seed (PTQ is deterministic), its accuracy the mean."""
     workload = get_workload(name)
     model = workload.source_model()
     source = workload.export_onnx(model, work / f"{name}-fp32.onnx")
     rows = [_row(workload, "fp32", 32, source, 0.0)]
-    for bits in (8, 4):
-        started = time.perf_counter()
-        ptq = ptq_static(workload, source, work / f"{name}-ptq-w{bits}.onnx", bits)
-        rows.append(_row(workload, "ptq-static", bits, ptq, time.perf_counter() - started))
-        started = time.perf_counter()
-        out = work / f"{name}-ptq-layers-w{bits}.onnx"
-        ptq = ptq_static(workload, source, out, bits, LEARNED_OPS)
-        rows.append(_row(workload, "ptq-static-layers", bits, ptq, time.perf_counter() - started))
-        learned = LEARNED_INT8 if bits == 8 else LEARNED_INT4  # the planner's own steps
+    for bits in bit_widths:
+        if bits in PTQ_WEIGHT_TYPES:
+            started = time.perf_counter()
+            ptq = ptq_static(workload, source, work / f"{name}-ptq-w{bits}.onnx", bits)
+            rows.append(_row(workload, "ptq-static", bits, ptq, time.perf_counter() - started))
+            started = time.perf_counter()
+            out = work / f"{name}-ptq-layers-w{bits}.onnx"
+            ptq = ptq_static(workload, source, out, bits, LEARNED_OPS)
+            seconds = time.perf_counter() - started
+            rows.append(_row(workload, "ptq-static-layers", bits, ptq, seconds))
+        learned = learned_step(bits)
         step = learned.model_copy(update={"epochs": epochs, "lr": lr or learned.lr})
+        started = time.perf_counter()
+        calibrated = learned_quantize(
+            workload, model, step, work / f"{name}-calibrated-w{bits}.onnx", calibrate_only=True
+        ).out
+        seconds = time.perf_counter() - started
+        rows.append(_row(workload, "ptq-calibrated", bits, calibrated, seconds))
         per_seed = []
         for seed in seeds:
             started = time.perf_counter()
@@ -130,6 +153,7 @@ def compare(
                 sum(r.val_accuracy for r in per_seed) / len(per_seed),
                 sum(r.test_accuracy for r in per_seed) / len(per_seed),
                 round(sum(r.seconds for r in per_seed) / len(per_seed), 1),
+                sum(r.test_log_loss for r in per_seed) / len(per_seed),
                 tuple(seeds),
                 tuple(r.test_accuracy for r in per_seed),
             )
@@ -142,6 +166,7 @@ METHODS = {
     "fp32": "FP32 source",
     "ptq-static": "PTQ static (onnxruntime's default ops)",
     "ptq-static-layers": "PTQ static (Conv/Gemm/MatMul, as learned)",
+    "ptq-calibrated": "PTQ, learned's quantizer (calibrated steps, never trained)",
     "learned": "learned step sizes (LSQ)",
 }
 
@@ -161,21 +186,31 @@ def learned_rows(
 
 
 def render_learned(rows: Sequence[Row], command: str) -> list[str]:
-    """The RESULTS.md section: learned against PTQ at the same weight bits."""
+    """The RESULTS.md section: learned against post-training quantization at the same bits."""
     lines = [
         "## Learned step sizes vs post-training quantization (issue 6)",
         "",
         f"Reproduce: `{command}` (`bench/learned.py`). Same source model, same calibration "
-        "inputs; int8 activations everywhere; weights 8- or 4-bit per channel (learned 8-bit "
-        "weights keep to 7 bits, see `controller/compression/learned.py`). PTQ is "
-        "onnxruntime's static QDQ (MinMax, per channel) without the planner's accuracy-aware "
-        "fallback, once with its default op list and once restricted to the layers learned "
-        "quantization quantizes. Learned: the planner's own steps (10 epochs; at 8 bits only "
-        "the step sizes and zero points train, at 4 bits the weights too), trained with "
-        f"seeds {', '.join(map(str, SEEDS))}; its accuracy is their mean.",
+        "inputs; int8 activations everywhere; weights 8, 4, 3 or 2 bits per channel (learned "
+        "8-bit weights keep to 7 bits; 3- and 2-bit integers, in [-4, 3] and [-2, 1], are "
+        "stored as ONNX INT4, so they take as many bytes as 4-bit ones: see "
+        "`controller/compression/learned.py`). Three post-training baselines: onnxruntime's "
+        "static QDQ (MinMax, per channel, without the planner's accuracy-aware fallback), "
+        "once with its default op list and once restricted to the layers learned "
+        "quantization quantizes, at 8 and 4 bits only (quantize_static stores no narrower "
+        "weights); and at every width learned quantization's own quantizer exported at its "
+        "calibrated initial steps with no training (`learned_quantize(..., "
+        "calibrate_only=True)`: weight steps from the weights, activation steps and zero "
+        "points from calibration min/max). Learned: the planner's own steps (10 epochs; at 8 "
+        "bits only the step sizes and zero points train; at 4 bits and, with the same step "
+        "at the narrower width, at 3 and 2 bits the weights too), trained with seeds "
+        f"{', '.join(map(str, SEEDS))}; its accuracy is their mean. The verdicts compare "
+        "learned with the best post-training row at the same width (best on test, the "
+        "hardest baseline to beat).",
         "",
-        "| workload | method | weight bits | bytes | val accuracy | test accuracy | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| workload | method | weight bits | bytes | val accuracy | test accuracy "
+        "| test log loss | seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         test = f"{100 * r.test_accuracy:.1f} %"
@@ -183,38 +218,63 @@ def render_learned(rows: Sequence[Row], command: str) -> list[str]:
             test += " (seeds: " + ", ".join(f"{100 * t:.1f}" for t in r.test_by_seed) + ")"
         lines.append(
             f"| {r.workload} | {METHODS.get(r.method, r.method)} | {r.weight_bits} | "
-            f"{r.bytes:,} | {100 * r.val_accuracy:.1f} % | {test} | {r.seconds} |"
+            f"{r.bytes:,} | {100 * r.val_accuracy:.1f} % | {test} | {r.test_log_loss:.4f} | "
+            f"{r.seconds} |"
         )
     lines += ["", *_learned_verdict(rows), ""]
     return lines
 
 
+POST_TRAINING = ("ptq-static", "ptq-static-layers", "ptq-calibrated")
+
+
 def _learned_verdict(rows: Sequence[Row]) -> list[str]:
-    """Learned against the like-for-like PTQ (same layers) at each bit width."""
+    """Learned against the best post-training row at each bit width, or why there is
+    nothing to beat (post-training already as accurate as FP32)."""
     out = []
     for workload in dict.fromkeys(r.workload for r in rows):
-        for bits in (8, 4):
+        fp32 = next((r for r in rows if r.workload == workload and r.method == "fp32"), None)
+        widths = dict.fromkeys(r.weight_bits for r in rows if r.workload == workload)
+        for bits in (b for b in widths if b != 32):
             mine = [r for r in rows if r.workload == workload and r.weight_bits == bits]
             learned = next((r for r in mine if r.method == "learned"), None)
-            ptq = next((r for r in mine if r.method == "ptq-static-layers"), None)
-            if learned is None or ptq is None:
+            ptqs = [r for r in mine if r.method in POST_TRAINING]
+            if learned is None or not ptqs:
                 continue
+            ptq = max(ptqs, key=lambda r: r.test_accuracy)  # first of equals: onnxruntime's
             diff = round(100 * (learned.test_accuracy - ptq.test_accuracy), 1) + 0.0  # no -0.0
             every = learned.test_by_seed or (learned.test_accuracy,)
-            if all(t > ptq.test_accuracy for t in every):
-                verdict = "beats PTQ on the same layers with every seed"
-            elif diff > 0:
-                verdict = "beats PTQ on the same layers on the mean, not with every seed"
-            elif diff == 0 and all(t == ptq.test_accuracy for t in every):
-                verdict = "ties PTQ on the same layers with every seed"
-            else:
-                verdict = "does not beat PTQ on the same layers"
-            out.append(
-                f"- {workload}, {bits}-bit weights: learned {verdict} "
-                f"(test {100 * learned.test_accuracy:.1f} % mean against "
-                f"{100 * ptq.test_accuracy:.1f} %, {diff:+.1f} pt), "
-                f"{ptq.bytes / learned.bytes:.2f}x fewer bytes."
+            ratio = ptq.bytes / learned.bytes
+            against = (
+                f"test {100 * learned.test_accuracy:.1f} % mean against "
+                f"{100 * ptq.test_accuracy:.1f} % for {METHODS.get(ptq.method, ptq.method)}, "
+                f"{diff:+.1f} pt; "
+                + ("the same bytes" if round(ratio, 2) == 1 else f"{ratio:.2f}x fewer bytes")
             )
+            if fp32 is not None and ptq.test_accuracy >= fp32.test_accuracy:
+                lowest = min(ptqs, key=lambda r: r.test_log_loss)
+                loss = (
+                    f"test log loss {learned.test_log_loss:.4f} against "
+                    f"{lowest.test_log_loss:.4f} for the lowest post-training row"
+                    + (" (lower)" if learned.test_log_loss < lowest.test_log_loss else "")
+                )
+                out.append(
+                    f"- {workload}, {bits}-bit weights: accuracy cannot separate them, "
+                    f"post-training quantization already equals FP32 "
+                    f"({100 * fp32.test_accuracy:.1f} % test); learned: {against}; {loss}."
+                )
+                continue
+            if all(t > ptq.test_accuracy for t in every):
+                verdict = "beats the best post-training quantization with every seed"
+            elif diff > 0:
+                verdict = (
+                    "beats the best post-training quantization on the mean, not with every seed"
+                )
+            elif diff == 0 and all(t == ptq.test_accuracy for t in every):
+                verdict = "ties the best post-training quantization with every seed"
+            else:
+                verdict = "does not beat the best post-training quantization"
+            out.append(f"- {workload}, {bits}-bit weights: learned {verdict} ({against}).")
     return out
 
 

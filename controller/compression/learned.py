@@ -16,9 +16,11 @@ those the artifact holds.
 Export: the float model is exported as usual, then each quantized layer's node gets
 ``DequantizeLinear(int weights, learned steps, 0)`` for its weight and a
 ``QuantizeLinear``/``DequantizeLinear`` pair with the learned step and zero point on its
-input. 4-bit weights are stored as ONNX INT4 (two per byte, opset 21; onnxruntime's CPU
-provider runs them since 1.18), 8-bit as INT8. The rest of the graph stays float, so the
-onnxruntime model computes what the fake-quantized torch model computes.
+input. 2-, 3- and 4-bit weights are stored as ONNX INT4 (two per byte, opset 21;
+onnxruntime's CPU provider runs them since 1.18; 2- and 3-bit integers keep to their
+narrower ``WEIGHT_RANGES`` but take four bits each in the file, as ONNX has no narrower
+type), 8-bit as INT8. The rest of the graph stays float, so
+the onnxruntime model computes what the fake-quantized torch model computes.
 
 Step-size gradients are scaled by g = 1/sqrt(N·Qp) (N: elements one step serves) as in
 the paper, so a step that serves many weights does not move faster than the weights.
@@ -29,6 +31,10 @@ to 7 bits (``WEIGHT_RANGES``), as onnxruntime's own reduce_range does.
 Initial weight steps are the paper's 2·mean|w|/sqrt(Qp), unless max|w|/Qp rounds the
 channel with less error (at 8 bits the paper's is ~6x coarser than needed); activation
 steps and zero points start from calibration min/max, like post-training minmax.
+
+``learned_quantize(..., calibrate_only=True)`` exports the quantizer at those initial
+steps with no training at all: post-training quantization by the same quantizer, the
+like-for-like baseline at bit widths onnxruntime's quantize_static cannot store (2, 3).
 """
 
 from __future__ import annotations
@@ -64,12 +70,21 @@ log = logging.getLogger(__name__)
 
 QuantLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-WEIGHT_TYPES = {4: onnx.TensorProto.INT4, 8: onnx.TensorProto.INT8}
-# Integer range per weight_bits. 8-bit weights keep to 7 bits, like onnxruntime's
-# reduce_range: onnxruntime fuses Q/DQ around a Conv into QLinearConv, whose u8·s8
-# kernel saturated with full-range weights even on this AVX-512 VNNI host (BasicMotions:
-# logits 0.35 from the fake-quantized model's, against 0.006 with 7-bit weights).
-WEIGHT_RANGES = {4: (-8, 7), 8: (-64, 63)}
+# ONNX storage type per weight_bits (recipe.LEARNED_WEIGHT_BITS): below 4 bits there is
+# no narrower ONNX type, so 2- and 3-bit integers are stored as INT4.
+WEIGHT_TYPES = {
+    2: onnx.TensorProto.INT4,
+    3: onnx.TensorProto.INT4,
+    4: onnx.TensorProto.INT4,
+    8: onnx.TensorProto.INT8,
+}
+_TYPE_NAMES = {onnx.TensorProto.INT4: "int4", onnx.TensorProto.INT8: "int8"}
+# Integer range per weight_bits: signed two's complement, as LSQ's Qn, Qp. 8-bit weights
+# keep to 7 bits, like onnxruntime's reduce_range: onnxruntime fuses Q/DQ around a Conv
+# into QLinearConv, whose u8·s8 kernel saturated with full-range weights even on this
+# AVX-512 VNNI host (BasicMotions: logits 0.35 from the fake-quantized model's, against
+# 0.006 with 7-bit weights).
+WEIGHT_RANGES = {2: (-2, 1), 3: (-4, 3), 4: (-8, 7), 8: (-64, 63)}
 INT4_OPSET = 21  # first opset with INT4 in QuantizeLinear/DequantizeLinear
 MIN_STEP = 1e-8  # a step is clamped here in the forward pass and in the export alike
 ACT_QN, ACT_QP = 0, 255  # uint8 activations
@@ -82,8 +97,13 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """x forward, gradient multiplied by g backward (LSQ's step-size gradient scale)."""
-    return (x - x * g).detach() + x * g
+    """x forward, gradient multiplied by g backward (LSQ's step-size gradient scale).
+
+    Exactly x forward (x + (y - y)), not (x - x·g) + x·g, which can be x ± 1 ulp: the
+    step the export stores is then exactly the step the forward pass used.
+    """
+    scaled = x * g
+    return x.detach() + (scaled - scaled.detach())
 
 
 # ------------------------------------------------------------------ fake quantizers
@@ -316,7 +336,7 @@ def insert_qdq(float_onnx: onnx.ModelProto, qat: QatModel) -> onnx.ModelProto:
     bits = next(iter(qat.layers.values())).weight_quant.bits
     weight_type = WEIGHT_TYPES[bits]
     model = copy.deepcopy(float_onnx)
-    if bits == 4 and model.opset_import[0].version < INT4_OPSET:
+    if weight_type == onnx.TensorProto.INT4 and model.opset_import[0].version < INT4_OPSET:
         model = onnx.version_converter.convert_version(model, INT4_OPSET)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -427,10 +447,29 @@ class LayerSteps:
 class LearnedResult:
     out: Path
     bytes: int
-    weight_type: str  # "int4" or "int8": what the artifact stores
+    weight_type: str  # "int4" or "int8": what the artifact stores (2 and 3 bits: int4)
     layers: tuple[LayerSteps, ...]
-    fit: FitResult
+    fit: FitResult | None  # None: calibrate_only, the steps were never trained
     max_output_diff: float  # onnxruntime vs the fake-quantized torch model, calibration inputs
+
+
+def calibrated_qat(
+    model: nn.Module,
+    step: LearnedQuantize,
+    calibration: Mapping[str, NDArray[np.generic]],
+    *,
+    intra_op_threads: int | None = 1,
+) -> QatModel:
+    """A fake-quantized copy of ``model`` at its initial steps: weight steps from the
+    weights (module docstring), activation steps and zero points from ``calibration``.
+
+    Exported as it is, this is post-training quantization by the same quantizer that
+    ``train_learned`` then trains: the like-for-like baseline of learned step sizes.
+    """
+    with threads(intra_op_threads):
+        qat = prepare_qat(model, step)
+        calibrate(qat, calibration)
+    return qat
 
 
 def train_learned(
@@ -447,9 +486,7 @@ def train_learned(
     Returns the trained QAT model, the parameters it started from, and the fit.
     """
     options = dataclasses.replace(options or TrainOptions(), lr=step.lr)
-    with threads(options.threads):
-        qat = prepare_qat(model, step)
-        calibrate(qat, calibration)
+    qat = calibrated_qat(model, step, calibration, intra_op_threads=options.threads)
     if step.train == "steps":  # the weights stay: only the quantizers' parameters learn
         quantizers = {
             id(p)
@@ -515,20 +552,30 @@ def learned_quantize(
     out: Path,
     *,
     options: TrainOptions | None = None,
+    calibrate_only: bool = False,
 ) -> LearnedResult:
     """QAT ``model`` with learned step sizes on ``workload``'s train split; QDQ ONNX at ``out``.
 
+    With ``calibrate_only`` nothing trains (``step.epochs``, ``lr`` and ``train`` are
+    unused): the quantizer is exported at its calibrated initial steps, post-training
+    quantization by the same quantizer (``calibrated_qat``), and ``fit`` is None.
     Progress over epochs shows when ``options.show_progress``; ``model`` is not modified.
     """
-    if workload.kind is not TaskKind.CLASSIFICATION:
-        raise UnsupportedModelError(
-            f"learned quantization trains on labels; {workload.name} is {workload.kind.value}"
-        )
-    data = workload.data()
     calibration = workload.calibration_inputs()
-    qat, initial, fit = train_learned(
-        model, step, data.train, data.val, calibration, options=options
-    )
+    fit: FitResult | None = None
+    if calibrate_only:
+        threads_used = (options or TrainOptions()).threads
+        qat = calibrated_qat(model, step, calibration, intra_op_threads=threads_used)
+        initial = qat.steps()
+    else:
+        if workload.kind is not TaskKind.CLASSIFICATION:
+            raise UnsupportedModelError(
+                f"learned quantization trains on labels; {workload.name} is {workload.kind.value}"
+            )
+        data = workload.data()
+        qat, initial, fit = train_learned(
+            model, step, data.train, data.val, calibration, options=options
+        )
     with threads(1):
         diff = export_learned(qat, workload.export_onnx, out, calibration)
     final = qat.steps()
@@ -545,12 +592,15 @@ def learned_quantize(
         for name in qat.layers
     )
     size = out.stat().st_size
+    val = fit.val_accuracy if fit is not None and fit.val_accuracy is not None else float("nan")
     log.info(
-        "learned quantization w%d: %s (%d bytes), val %.3f, onnx/torch diff %.2e",
+        "%s quantization w%d: %s (%d bytes), val %.3f, onnx/torch diff %.2e",
+        "calibrated (untrained)" if calibrate_only else "learned",
         step.weight_bits,
         out,
         size,
-        fit.val_accuracy or float("nan"),
+        val,
         diff,
     )
-    return LearnedResult(out, size, f"int{step.weight_bits}", layers, fit, diff)
+    weight_type = _TYPE_NAMES[WEIGHT_TYPES[step.weight_bits]]
+    return LearnedResult(out, size, weight_type, layers, fit, diff)

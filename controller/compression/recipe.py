@@ -250,6 +250,9 @@ class CodebookQuantize(_Step):
         return self.weighting == "activation" or self.error_feedback
 
 
+LEARNED_WEIGHT_BITS = (2, 3, 4, 8)  # learned.py holds each width's integer range
+
+
 class LearnedQuantize(_Step):
     """Quantization-aware training with learned step sizes (LSQ), exported as QDQ ONNX.
 
@@ -258,13 +261,16 @@ class LearnedQuantize(_Step):
     trained step and zero point. Trains ``epochs`` on the workload's train split at
     ``lr`` (learned.py): with ``train="steps"`` only the quantizers learn, which at 8
     bits is what helps (PLAID: fine-tuning the weights too on 428 samples drifted them
-    ~1 point on test; the quantizers alone matched the float model). 4-bit weights are
-    stored as ONNX INT4 (opset 21); 8-bit ones as INT8 within 7 bits (learned.py). It
-    trains and exports in one, so it is a recipe's last step, after any torch steps.
+    ~1 point on test; the quantizers alone matched the float model). 2-, 3- and 4-bit
+    weights are stored as ONNX INT4 (opset 21; 2 and 3 bits within their narrower
+    ranges); 8-bit ones as INT8 within 7 bits (learned.py). It trains and exports in
+    one, so it is a recipe's last step, after any torch steps.
     """
 
     kind: Literal["quantize.learned"] = "quantize.learned"
-    weight_bits: int = Field(default=4, description="4 (ONNX INT4) or 8 (INT8) weights")
+    weight_bits: int = Field(
+        default=4, description="2, 3 or 4 (stored as ONNX INT4) or 8 (INT8) weights"
+    )
     activation_bits: int = Field(default=8, description="8: uint8 activations")
     epochs: int = Field(default=10, ge=1, le=500)
     lr: float = Field(default=1e-3, gt=0, le=1, description="peak rate of the QAT fine-tune")
@@ -278,9 +284,10 @@ class LearnedQuantize(_Step):
     @field_validator("weight_bits")
     @classmethod
     def _weight_bits(cls, value: int) -> int:
-        if value not in (4, 8):
+        if value not in LEARNED_WEIGHT_BITS:
             raise ValueError(
-                f"must be 4 or 8 (ONNX stores INT4 or INT8 weights in a QDQ model), got {value}"
+                f"must be 2, 3, 4 or 8 (2 to 4 bits are stored as ONNX INT4, 8 as INT8 in a "
+                f"QDQ model), got {value}"
             )
         return value
 

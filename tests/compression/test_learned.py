@@ -22,7 +22,9 @@ from controller.compression.errors import UnsupportedModelError
 from controller.compression.executor import OnnxSource, TorchSource
 from controller.compression.learned import (
     WEIGHT_RANGES,
+    WEIGHT_TYPES,
     QatModel,
+    calibrated_qat,
     export_learned,
     learned_quantize,
     prepare_qat,
@@ -30,6 +32,7 @@ from controller.compression.learned import (
 )
 from controller.compression.planner import plan, size_floor
 from controller.compression.recipe import (
+    LEARNED_WEIGHT_BITS,
     STEP_ADAPTER,
     LearnedQuantize,
     Quantize,
@@ -100,7 +103,7 @@ def _trained(
     return qat, initial
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_step_sizes_move_and_the_export_stores_exactly_them(
     source: nn.Module, bits: int, tmp_path: Path
 ) -> None:
@@ -114,7 +117,8 @@ def test_step_sizes_move_and_the_export_stores_exactly_them(
     out = tmp_path / "learned.onnx"
     diff = export_learned(qat, SinesWorkload().export_onnx, out, CALIBRATION)
     inits = _initializers(out)
-    kind = onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8
+    kind = onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.INT4  # 2, 3 bits: INT4 too
+    assert WEIGHT_TYPES[bits] == kind
     low, high = WEIGHT_RANGES[bits]
     for name, (weight_steps, input_step, zero) in final.items():
         stored = onnx.numpy_helper.to_array(inits[f"lsq/{name}/weight_scale"])
@@ -123,6 +127,8 @@ def test_step_sizes_move_and_the_export_stores_exactly_them(
         assert q.data_type == kind
         ints = onnx.numpy_helper.to_array(q).astype(np.int64)
         assert low <= ints.min() and ints.max() <= high
+        channels = ints.reshape(len(weight_steps), -1)  # the torch layout: [out, ...]
+        assert max(len(np.unique(c)) for c in channels) <= min(2**bits, high - low + 1)
         layer = qat.layers[name]
         want = layer.weight_quant(layer.layer.weight).detach().numpy()
         scale = weight_steps.reshape(-1, *([1] * (ints.ndim - 1)))
@@ -153,6 +159,48 @@ def test_training_only_the_steps_leaves_the_weights_as_they_were(source: nn.Modu
         assert not np.allclose(qat.steps()[name][0], initial[name][0], rtol=1e-4), name
 
 
+def test_calibrate_only_exports_the_initial_steps_untrained(
+    source: nn.Module, tmp_path: Path
+) -> None:
+    """Post-training quantization by the same quantizer: the calibrated initial steps,
+    stored as they are, and an onnxruntime model that computes the untrained one."""
+    step = LearnedQuantize(weight_bits=3, epochs=5, lr=1e-1)  # both unused: nothing trains
+    workload = SinesWorkload()
+    result = learned_quantize(
+        workload, source, step, tmp_path / "w3.onnx", options=OPTIONS, calibrate_only=True
+    )
+    assert result.fit is None and result.weight_type == "int4"
+    reference = calibrated_qat(source, step, workload.calibration_inputs())  # built apart
+    inits = _initializers(result.out)
+    low, high = WEIGHT_RANGES[3]
+    for layer in result.layers:
+        quant = reference.layers[layer.layer]
+        initial = quant.weight_quant.initial.numpy()
+        np.testing.assert_array_equal(layer.weight_step, layer.initial_weight_step)
+        np.testing.assert_array_equal(layer.weight_step, initial)
+        stored = onnx.numpy_helper.to_array(inits[f"lsq/{layer.layer}/weight_scale"])
+        np.testing.assert_array_equal(stored, initial)
+        (input_scale,) = [
+            k for k in inits if k.startswith(f"lsq/{layer.layer}/") and "input_scale" in k
+        ]
+        assert float(onnx.numpy_helper.to_array(inits[input_scale])) == np.float32(
+            quant.input_quant.initial
+        )
+        ints = onnx.numpy_helper.to_array(inits[f"lsq/{layer.layer}/weight_q"]).astype(np.int64)
+        assert low <= ints.min() and ints.max() <= high
+        want = quant.weight_quant(quant.layer.weight).detach().numpy()  # untrained weights
+        scale = initial.reshape(-1, *([1] * (ints.ndim - 1)))
+        np.testing.assert_array_equal(ints.astype(np.float32) * scale, want)
+
+    x = VAL.inputs["x"].astype(np.float32)
+    session = ort.InferenceSession(str(result.out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x})[0]
+    with torch.no_grad():
+        want = reference.model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
+
+
 def test_learned_quantize_on_a_workload_writes_a_smaller_model_that_still_classifies(
     wide: nn.Module, tmp_path: Path
 ) -> None:
@@ -169,10 +217,11 @@ def test_learned_quantize_on_a_workload_writes_a_smaller_model_that_still_classi
 
 
 def test_bad_parameters_are_refused_with_what_is_expected() -> None:
-    with pytest.raises(ValidationError, match="must be 4 or 8"):
-        LearnedQuantize(weight_bits=0)
-    with pytest.raises(ValidationError, match="must be 4 or 8"):
-        LearnedQuantize(weight_bits=3)
+    for bits in (0, 1, 5, 6, 7, 9, 16):
+        with pytest.raises(ValidationError, match=r"weight_bits\n.*must be 2, 3, 4 or 8"):
+            LearnedQuantize(weight_bits=bits)
+    assert [LearnedQuantize(weight_bits=b).weight_bits for b in (2, 3, 4, 8)] == [2, 3, 4, 8]
+    assert set(WEIGHT_RANGES) == set(WEIGHT_TYPES) == set(LEARNED_WEIGHT_BITS)
     with pytest.raises(ValidationError, match="must be 8"):
         LearnedQuantize(activation_bits=4)
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
