@@ -19,13 +19,14 @@ import argparse
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import onnx
 import torch
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+from bench.timing import interleaved
 from controller.compression.calibration import DictCalibrationReader, batch_size
 from controller.compression.candidates import LEARNED_INT4, LEARNED_INT8
 from controller.compression.cpu_features import host_reduce_range
@@ -56,6 +57,8 @@ class Row:
     test_log_loss: float  # mean cross-entropy on test (nats): finer than a saturated accuracy
     seeds: tuple[int, ...] = ()  # learned rows: the training seeds
     test_by_seed: tuple[float, ...] = ()
+    p50_ms: float = 0.0  # one-thread single-sample latency, timed interleaved per workload
+    path: str = ""  # the model file timed (learned: the first seed's)
 
 
 def ptq_static(
@@ -91,6 +94,7 @@ def _row(workload: Workload, method: str, bits: int, path: Path, seconds: float)
         test.value,
         round(seconds, 1),
         test.extra["log_loss"],
+        path=str(path),
     )
 
 
@@ -134,31 +138,59 @@ def compare(
         ).out
         seconds = time.perf_counter() - started
         rows.append(_row(workload, "ptq-calibrated", bits, calibrated, seconds))
-        per_seed = []
-        for seed in seeds:
-            started = time.perf_counter()
-            result = learned_quantize(
-                workload, model, step, work / f"{name}-learned-w{bits}-s{seed}.onnx",
-                options=TrainOptions(show_progress=False, seed=seed),
-            )  # fmt: skip
-            per_seed.append(
-                _row(workload, "learned", bits, result.out, time.perf_counter() - started)
-            )
-        rows.append(
-            Row(
-                workload.name,
-                "learned",
-                bits,
-                per_seed[0].bytes,
-                sum(r.val_accuracy for r in per_seed) / len(per_seed),
-                sum(r.test_accuracy for r in per_seed) / len(per_seed),
-                round(sum(r.seconds for r in per_seed) / len(per_seed), 1),
-                sum(r.test_log_loss for r in per_seed) / len(per_seed),
-                tuple(seeds),
-                tuple(r.test_accuracy for r in per_seed),
-            )
+        variants = [("learned", step)]
+        if bits == 8:  # the planner's second 8-bit step: float outputs, fewer roundings
+            variants.append(("learned-float-outputs", learned_float_outputs(step)))
+        for method, variant in variants:
+            rows.append(_seeds(workload, model, method, variant, work, seeds))
+    return timed(workload, rows)
+
+
+def learned_float_outputs(step: LearnedQuantize) -> LearnedQuantize:
+    return step.model_copy(update={"integer_outputs": False})
+
+
+def _seeds(
+    workload: Workload,
+    model: torch.nn.Module,
+    method: str,
+    step: LearnedQuantize,
+    work: Path,
+    seeds: Sequence[int],
+) -> Row:
+    """``step`` trained once per seed: the mean row (the first seed's file is timed)."""
+    per_seed = []
+    for seed in seeds:
+        started = time.perf_counter()
+        out = work / f"{workload.name}-{method}-w{step.weight_bits}-s{seed}.onnx"
+        result = learned_quantize(
+            workload, model, step, out, options=TrainOptions(show_progress=False, seed=seed)
         )
-    return rows
+        per_seed.append(
+            _row(workload, method, step.weight_bits, result.out, time.perf_counter() - started)
+        )
+    n = len(per_seed)
+    return Row(
+        workload.name,
+        method,
+        step.weight_bits,
+        per_seed[0].bytes,
+        sum(r.val_accuracy for r in per_seed) / n,
+        sum(r.test_accuracy for r in per_seed) / n,
+        round(sum(r.seconds for r in per_seed) / n, 1),
+        sum(r.test_log_loss for r in per_seed) / n,
+        tuple(seeds),
+        tuple(r.test_accuracy for r in per_seed),
+        path=per_seed[0].path,
+    )
+
+
+def timed(workload: Workload, rows: list[Row]) -> list[Row]:
+    """Each row's one-thread p50 latency, all of a workload's models timed interleaved
+    (so they share the machine's noise) on its calibration samples."""
+    models = {f"{i}": Path(r.path) for i, r in enumerate(rows)}
+    timings = interleaved(models, workload.calibration_inputs(16), threads=1)
+    return [replace(r, p50_ms=timings[f"{i}"].p50_ms) for i, r in enumerate(rows)]
 
 
 WORKLOADS = ("plaid", "basic-motions")
@@ -168,7 +200,9 @@ METHODS = {
     "ptq-static-layers": "PTQ static (Conv/Gemm/MatMul, as learned)",
     "ptq-calibrated": "PTQ, learned's quantizer (calibrated steps, never trained)",
     "learned": "learned step sizes (LSQ)",
+    "learned-float-outputs": "learned step sizes (LSQ), float layer outputs",
 }
+LEARNED_METHODS = ("learned", "learned-float-outputs")
 
 
 def learned_rows(
@@ -206,11 +240,15 @@ def render_learned(rows: Sequence[Row], command: str) -> list[str]:
         "at the narrower width, at 3 and 2 bits the weights too), trained with seeds "
         f"{', '.join(map(str, SEEDS))}; its accuracy is their mean. The verdicts compare "
         "learned with the best post-training row at the same width (best on test, the "
-        "hardest baseline to beat).",
+        "hardest baseline to beat). Test log loss (mean cross-entropy, nats) separates "
+        "models that accuracy cannot (BasicMotions' 40 test samples). p50: one thread, one "
+        "sample a call, every model of a workload timed interleaved in the same run; at 8 "
+        "bits learned quantization quantizes layer outputs too, so onnxruntime runs its "
+        "integer kernels (QLinearConv, QGemm), where 2-4 bit weights run as float kernels.",
         "",
         "| workload | method | weight bits | bytes | val accuracy | test accuracy "
-        "| test log loss | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| test log loss | p50 ms (1 thread) | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         test = f"{100 * r.test_accuracy:.1f} %"
@@ -219,7 +257,7 @@ def render_learned(rows: Sequence[Row], command: str) -> list[str]:
         lines.append(
             f"| {r.workload} | {METHODS.get(r.method, r.method)} | {r.weight_bits} | "
             f"{r.bytes:,} | {100 * r.val_accuracy:.1f} % | {test} | {r.test_log_loss:.4f} | "
-            f"{r.seconds} |"
+            f"{r.p50_ms:.3f} | {r.seconds} |"
         )
     lines += ["", *_learned_verdict(rows), ""]
     return lines
@@ -229,57 +267,62 @@ POST_TRAINING = ("ptq-static", "ptq-static-layers", "ptq-calibrated")
 
 
 def _learned_verdict(rows: Sequence[Row]) -> list[str]:
-    """Learned against the best post-training row at each bit width, or why there is
-    nothing to beat (post-training already as accurate as FP32)."""
+    """Each learned row against the best post-training row at its bit width, or why
+    there is nothing to beat (post-training already as accurate as FP32)."""
     out = []
     for workload in dict.fromkeys(r.workload for r in rows):
         fp32 = next((r for r in rows if r.workload == workload and r.method == "fp32"), None)
         widths = dict.fromkeys(r.weight_bits for r in rows if r.workload == workload)
         for bits in (b for b in widths if b != 32):
             mine = [r for r in rows if r.workload == workload and r.weight_bits == bits]
-            learned = next((r for r in mine if r.method == "learned"), None)
             ptqs = [r for r in mine if r.method in POST_TRAINING]
-            if learned is None or not ptqs:
+            if not ptqs:
                 continue
             ptq = max(ptqs, key=lambda r: r.test_accuracy)  # first of equals: onnxruntime's
-            diff = round(100 * (learned.test_accuracy - ptq.test_accuracy), 1) + 0.0  # no -0.0
-            every = learned.test_by_seed or (learned.test_accuracy,)
-            ratio = ptq.bytes / learned.bytes
-            against = (
-                f"test {100 * learned.test_accuracy:.1f} % mean against "
-                f"{100 * ptq.test_accuracy:.1f} % for {METHODS.get(ptq.method, ptq.method)}, "
-                f"{diff:+.1f} pt; "
-                + ("the same bytes" if round(ratio, 2) == 1 else f"{ratio:.2f}x fewer bytes")
-            )
-            if fp32 is not None and ptq.test_accuracy >= fp32.test_accuracy:
-                lowest = min(ptqs, key=lambda r: r.test_log_loss)
-                loss = (
-                    f"test log loss {learned.test_log_loss:.4f} against "
-                    f"{lowest.test_log_loss:.4f} for the lowest post-training row"
-                    + (" (lower)" if learned.test_log_loss < lowest.test_log_loss else "")
-                )
-                out.append(
-                    f"- {workload}, {bits}-bit weights: accuracy cannot separate them, "
-                    f"post-training quantization already equals FP32 "
-                    f"({100 * fp32.test_accuracy:.1f} % test); learned: {against}; {loss}."
-                )
-                continue
-            if all(t > ptq.test_accuracy for t in every):
-                verdict = "beats the best post-training quantization with every seed"
-            elif diff > 0:
-                verdict = (
-                    "beats the best post-training quantization on the mean, not with every seed"
-                )
-            elif diff == 0 and all(t == ptq.test_accuracy for t in every):
-                verdict = "ties the best post-training quantization with every seed"
-            else:
-                verdict = "does not beat the best post-training quantization"
-            out.append(f"- {workload}, {bits}-bit weights: learned {verdict} ({against}).")
+            for learned in (r for r in mine if r.method in LEARNED_METHODS):
+                out.append(_verdict_line(workload, bits, learned, ptq, ptqs, fp32))
     return out
 
 
+def _verdict_line(
+    workload: str, bits: int, learned: Row, ptq: Row, ptqs: Sequence[Row], fp32: Row | None
+) -> str:
+    name = "learned" if learned.method == "learned" else "learned (float outputs)"
+    head = f"- {workload}, {bits}-bit weights, {name}"
+    diff = round(100 * (learned.test_accuracy - ptq.test_accuracy), 1) + 0.0  # no -0.0
+    every = learned.test_by_seed or (learned.test_accuracy,)
+    ratio = ptq.bytes / learned.bytes
+    against = (
+        f"test {100 * learned.test_accuracy:.1f} % mean against "
+        f"{100 * ptq.test_accuracy:.1f} % for {METHODS.get(ptq.method, ptq.method)}, "
+        f"{diff:+.1f} pt; "
+        + ("the same bytes" if round(ratio, 2) == 1 else f"{ratio:.2f}x fewer bytes")
+        + f"; p50 {learned.p50_ms:.3f} ms against {ptq.p50_ms:.3f} ms"
+    )
+    if fp32 is not None and ptq.test_accuracy >= fp32.test_accuracy:
+        lowest = min(ptqs, key=lambda r: r.test_log_loss)
+        loss = (
+            f"test log loss {learned.test_log_loss:.4f} against "
+            f"{lowest.test_log_loss:.4f} for the lowest post-training row"
+            + (" (lower)" if learned.test_log_loss < lowest.test_log_loss else "")
+        )
+        return (
+            f"{head}: accuracy cannot separate them, post-training quantization already "
+            f"equals FP32 ({100 * fp32.test_accuracy:.1f} % test); {against}; {loss}."
+        )
+    if all(t > ptq.test_accuracy for t in every):
+        verdict = "beats the best post-training quantization with every seed"
+    elif diff > 0:
+        verdict = "beats the best post-training quantization on the mean, not with every seed"
+    elif diff == 0 and all(t == ptq.test_accuracy for t in every):
+        verdict = "ties the best post-training quantization with every seed"
+    else:
+        verdict = "does not beat the best post-training quantization"
+    return f"{head}: {verdict} ({against})."
+
+
 def as_json(rows: Sequence[Row]) -> list[dict[str, object]]:
-    return [asdict(r) for r in rows]
+    return [{k: v for k, v in asdict(r).items() if k != "path"} for r in rows]  # a temp dir
 
 
 def table(rows: list[Row]) -> str:

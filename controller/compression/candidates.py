@@ -42,7 +42,10 @@ CODEBOOK_ALL = CodebookQuantize(bits=4, error_feedback=True)
 # when post-training int8 misses the accuracy budget; int8 weights first, then 4-bit.
 # At 8 bits only the quantizers learn (PLAID test 0.892 against 0.879 when the weights
 # trained too); at 4 bits the weights must move to round well (LSQ as published).
+# Integer outputs first (onnxruntime's integer kernels: PLAID 2x faster), then float
+# outputs, fewer roundings (PLAID test +0.6 pt), for when accuracy is what missed.
 LEARNED_INT8 = LearnedQuantize(weight_bits=8, train="steps")
+LEARNED_INT8_FLOAT_OUTPUTS = LearnedQuantize(weight_bits=8, train="steps", integer_outputs=False)
 LEARNED_INT4 = LearnedQuantize(weight_bits=4)
 # A re-release reusing the earlier artifact's parameters: integers held within half an
 # extra step first (smallest delta), then plain rounding (see requantize.py).
@@ -107,6 +110,7 @@ def torch_classifier_recipes(student: str = "ds-cnn1d") -> Iterator[Recipe]:
     yield Recipe(steps=(INT8_STATIC,))
     yield Recipe(steps=(INT8_DYNAMIC,))
     yield Recipe(steps=(LEARNED_INT8,))
+    yield Recipe(steps=(LEARNED_INT8_FLOAT_OUTPUTS,))
     yield Recipe(steps=(LEARNED_INT4,))
     yield Recipe(steps=(StructuredPrune(ratio=0.5, iterations=1, finetune_epochs=30), INT8_STATIC))
     yield Recipe(steps=(LowRank(energy=0.9, param_budget=0.3), INT8_STATIC))

@@ -44,7 +44,13 @@ from controller.device_classes import load_device_class
 from controller.workloads.base import Score, TaskKind, Workload, WorkloadData
 from controller.workloads.training import export_single_input, score_classifier, select_split
 from tests.compression.test_planner import CAMERA, _measure
-from tests.compression.test_training import QUIET, TinyCNN, synthetic_split, trained
+from tests.compression.test_training import (
+    QUIET,
+    TinyCNN,
+    TinyResNet,
+    synthetic_split,
+    trained,
+)
 
 TRAIN = synthetic_split()
 VAL = synthetic_split(n=48, seed=1)
@@ -148,6 +154,59 @@ def test_step_sizes_move_and_the_export_stores_exactly_them(
     assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
     assert diff < 0.02 * np.abs(want).max()  # what export_learned measured on calibration
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("build", [TinyCNN, TinyResNet], ids=["chain", "residual"])
+def test_int8_export_runs_every_conv_on_integers_in_onnxruntime(
+    build: type[nn.Module], tmp_path: Path
+) -> None:
+    """Every Conv becomes a QLinearConv: outputs that feed the next layer through ReLU
+    reuse its input quantizer, outputs that reach a mean, an add or a branch get their
+    own; onnxruntime still computes what the fake-quantized torch model does."""
+    model = trained(lambda: build(width=16), TRAIN, epochs=2)
+    step = LearnedQuantize(weight_bits=8, epochs=1, lr=1e-2)
+    qat, _initial, _fit = train_learned(model, step, TRAIN, VAL, CALIBRATION, options=OPTIONS)
+    assert qat.integer_outputs
+    own = sorted(name for name, layer in qat.layers.items() if layer.output_quant is not None)
+    if build is TinyCNN:  # conv 1 -> ReLU -> conv 2 needs none; conv 2 -> ReLU -> mean does
+        assert own == ["features.1.0"]
+    else:  # the stem branches into a block; each conv2 meets an add; conv1s feed conv2s
+        assert own == ["blocks.0.conv2", "blocks.1.conv2", "stem.0"]
+    assert qat.layers["head"].output_quant is None  # the logits stay float
+
+    out = tmp_path / "w8.onnx"
+    export_learned(qat, SinesWorkload().export_onnx, out, CALIBRATION)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    convs = sum(n.op_type == "Conv" for n in onnx.load(str(out)).graph.node)
+    kernels = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert kernels.count("QLinearConv") == convs > 0, kernels
+    assert not {"Conv", "FusedConv"} & set(kernels), kernels
+
+    x = VAL.inputs["x"].astype(np.float32)
+    got = session.run(None, {"x": x})[0]
+    with torch.no_grad():
+        want = qat.model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+
+
+def test_low_bit_and_float_output_exports_keep_float_outputs(
+    source: nn.Module, tmp_path: Path
+) -> None:
+    """onnxruntime has no integer kernel for INT4 weights: quantizing outputs there would
+    only add error, so 2-4 bit layers get no output quantizer and no output Q/DQ; nor do
+    8-bit ones asked for float outputs (fewer roundings)."""
+    for step in (
+        LearnedQuantize(weight_bits=4),
+        LearnedQuantize(weight_bits=8, integer_outputs=False),  # asked for float outputs
+    ):
+        qat = calibrated_qat(source, step, CALIBRATION)
+        assert not qat.integer_outputs
+        assert all(layer.output_quant is None for layer in qat.layers.values())
+        out = tmp_path / f"w{step.weight_bits}.onnx"
+        export_learned(qat, SinesWorkload().export_onnx, out, CALIBRATION)
+        assert not any(n.name.startswith("lsq/output/") for n in onnx.load(str(out)).graph.node)
 
 
 def test_training_only_the_steps_leaves_the_weights_as_they_were(source: nn.Module) -> None:
@@ -257,11 +316,13 @@ def test_the_planner_turns_to_learned_quantization_when_post_training_int8_canno
 ) -> None:
     """Learned steps follow post-training int8 in the candidates; the planner reaches
     them when int8 misses, and the trial records the step with its parameters."""
-    order = [r.steps[-1] for r in candidates.torch_classifier_recipes()][:4]
+    order = [r.steps[-1] for r in candidates.torch_classifier_recipes()][:5]
     assert order == [
         candidates.INT8_STATIC, candidates.INT8_DYNAMIC,
-        candidates.LEARNED_INT8, candidates.LEARNED_INT4,
+        candidates.LEARNED_INT8, candidates.LEARNED_INT8_FLOAT_OUTPUTS, candidates.LEARNED_INT4,
     ]  # fmt: skip
+    assert candidates.LEARNED_INT8.integer_outputs  # fast first, then fewer roundings
+    assert not candidates.LEARNED_INT8_FLOAT_OUTPUTS.integer_outputs
     assert size_floor(Recipe(steps=(candidates.LEARNED_INT4,)), 1000) == 100
 
     workload, model = SinesWorkload(width=64), wide
