@@ -36,7 +36,7 @@ from controller.records import (
     NewModel,
     TargetKind,
 )
-from controller.store import MAX_DEVICE_PAGE, Store, VersionConflictError
+from controller.store import MAX_ARTIFACT_PAGE, MAX_DEVICE_PAGE, Store, VersionConflictError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ DEFAULT_EVENT_LIMIT = 100
 MAX_EVENT_LIMIT = 1000
 MAX_KIND_PREFIX = 64
 DEVICE_PAGE = 1000  # devices per ListDevices page when the client does not say
+ARTIFACT_PAGE = 1000  # artifacts per ListArtifacts page when the client does not say
 ARTIFACT_RETRIES = 20
 RETRY_PAUSE_S = 0.02  # upper bound of the jittered pause between lost races (other replicas)
 COPY_CHUNK_BYTES = 1024 * 1024
@@ -79,6 +80,14 @@ async def stored_model(
             "from the blob store; add the model again",
         )
     return model
+
+
+@dataclass(frozen=True)
+class ArtifactPage:
+    """One ListArtifacts page; ``next_page_token`` is "" on the last."""
+
+    artifacts: list[ArtifactRecord]
+    next_page_token: str
 
 
 @dataclass(frozen=True)
@@ -339,12 +348,27 @@ class AdminHandlers:
             staged.flush()
             return staged.commit()
 
-    async def list_artifacts(self, model_name: str, device_class: str) -> list[ArtifactRecord]:
-        return await in_thread(
-            self._store.list_artifacts,
-            validate.optional_name(model_name, "model_name"),
-            validate.optional_name(device_class, "device_class"),
+    async def list_artifacts(
+        self, model_name: str, device_class: str, page_size: int = 0, page_token: str = ""
+    ) -> ArtifactPage:
+        """One page of artifacts in (model, class, version) order, and the next token."""
+        model = validate.optional_name(model_name, "model_name")
+        cls = validate.optional_name(device_class, "device_class")
+        size = validate.int_range(page_size, "page_size", 0, MAX_ARTIFACT_PAGE) or ARTIFACT_PAGE
+        scope = f"{model or '*'}/{cls or '*'}"
+        start = PageToken.decode(page_token, scope=scope, key=(str, str, int))
+        after = None
+        if start is not None:
+            after = (str(start.after[0]), str(start.after[1]), int(start.after[2]))
+        records = await in_thread(
+            self._store.list_artifacts, model, cls, after=after, limit=size + 1
         )
+        if len(records) <= size:
+            return ArtifactPage(records, "")
+        records = records[:size]
+        last = records[-1]
+        token = PageToken(scope, (last.model_name, last.device_class, last.version))
+        return ArtifactPage(records, token.encode())
 
     # ---------------------------------------------------------------- assignments
     async def assign(self, artifact_id_: str, target: AssignTarget | None) -> AssignResult:
@@ -437,14 +461,14 @@ class AdminHandlers:
         """One page of the fleet in device-id order, and the token for the next one."""
         cls = validate.optional_name(device_class, "device_class")
         size = validate.int_range(page_size, "page_size", 0, MAX_DEVICE_PAGE) or DEVICE_PAGE
-        start = PageToken.decode(page_token, scope=cls or "")
-        after = start.after if start else ""
+        start = PageToken.decode(page_token, scope=cls or "", key=(str,))
+        after = str(start.after[0]) if start else ""
         # one more than asked: whether another page exists, without an empty last page
         views = await in_thread(self._store.list_devices, cls, after=after, limit=size + 1)
         if len(views) <= size:
             return DevicePage(views, "")
         views = views[:size]
-        return DevicePage(views, PageToken(cls or "", views[-1].device.device_id).encode())
+        return DevicePage(views, PageToken(cls or "", (views[-1].device.device_id,)).encode())
 
     async def list_events(self, after_id: int, limit: int, kind_prefix: str) -> list[EventRecord]:
         validate.int_range(after_id, "after_id", 0, validate.MAX_INT64)

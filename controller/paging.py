@@ -1,10 +1,10 @@
 """Page tokens for listings a client walks page by page (AIP-158 style).
 
 A token is opaque to clients: URL-safe base64 of a small JSON array naming the format,
-the filter the first page was asked with and the last key returned. Carrying the filter
-lets the controller refuse a token replayed with another filter, instead of silently
-mixing two listings. Any replica can continue a listing another started: the token is
-the whole state.
+the filter the first page was asked with and the key of the last item returned (a
+device id; a model, class and version). Carrying the filter lets the controller refuse
+a token replayed with another filter, instead of silently mixing two listings. Any
+replica can continue a listing another started: the token is the whole state.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from controller.errors import invalid
 
 TOKEN_VERSION = 1
 MAX_TOKEN_CHARS = 1024
+Key = tuple[str | int, ...]
 
 
 @dataclass(frozen=True)
@@ -25,16 +26,19 @@ class PageToken:
     """Where the next page starts: after ``after``, in the listing filtered by ``scope``."""
 
     scope: str
-    after: str
+    after: Key
 
     def encode(self) -> str:
-        raw = json.dumps([TOKEN_VERSION, self.scope, self.after], separators=(",", ":"))
+        raw = json.dumps([TOKEN_VERSION, self.scope, list(self.after)], separators=(",", ":"))
         return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
     @classmethod
-    def decode(cls, token: str, scope: str, field: str = "page_token") -> PageToken | None:
+    def decode(
+        cls, token: str, scope: str, key: tuple[type, ...], field: str = "page_token"
+    ) -> PageToken | None:
         """None for "" (the first page); INVALID_ARGUMENT for a token this listing did
-        not issue, or one issued for another ``scope``."""
+        not issue (``key``: the types of its items' key), or one issued for another
+        ``scope`` (the filter)."""
         if not token:
             return None
         expected = f"{field} must be a next_page_token from the previous page of this listing"
@@ -50,12 +54,14 @@ class PageToken:
             and len(value) == 3
             and value[0] == TOKEN_VERSION
             and isinstance(value[1], str)
-            and isinstance(value[2], str)
+            and isinstance(value[2], list)
+            and len(value[2]) == len(key)
+            and all(type(v) is t for v, t in zip(value[2], key, strict=True))
         ):
             raise invalid(f"{expected}; {token[:40]!r} is not one")
         if value[1] != scope:
             raise invalid(
-                f"{field} was issued for device_class {value[1]!r}, not {scope!r}: repeat "
-                "the request with the same filter, or start again without a page_token"
+                f"{field} was issued for the filter {value[1]!r}, not {scope!r}: repeat the "
+                "request with the same filter, or start again without a page_token"
             )
-        return cls(scope=value[1], after=value[2])
+        return cls(scope=value[1], after=tuple(value[2]))

@@ -121,8 +121,13 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
     async def ListArtifacts(
         self, request: pb.ListArtifactsRequest, context: Context
     ) -> pb.ListArtifactsResponse:
-        records = await self._h.list_artifacts(request.model_name, request.device_class)
-        return pb.ListArtifactsResponse(artifacts=[convert.artifact_to_proto(a) for a in records])
+        page = await self._h.list_artifacts(
+            request.model_name, request.device_class, request.page_size, request.page_token
+        )
+        return pb.ListArtifactsResponse(
+            artifacts=[convert.artifact_to_proto(a) for a in page.artifacts],
+            next_page_token=page.next_page_token,
+        )
 
     @rpc
     async def Assign(self, request: pb.AssignRequest, context: Context) -> pb.AssignResponse:

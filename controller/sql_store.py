@@ -23,6 +23,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -82,9 +83,11 @@ from controller.records import (
 )
 from controller.store import (
     JOB_LEASE_MS,
+    MAX_ARTIFACT_PAGE,
     MAX_DEVICE_PAGE,
     MAX_SERIES,
     MAX_SERIES_BUCKETS,
+    ArtifactKey,
     SeriesSelection,
     Store,
     TelemetryPoint,
@@ -265,16 +268,27 @@ class SqlStore(Store):
         return self._read(lambda s: _artifact_or_none(s.scalars(query).first()))
 
     def list_artifacts(
-        self, model_name: str | None = None, device_class: str | None = None
+        self,
+        model_name: str | None = None,
+        device_class: str | None = None,
+        *,
+        after: ArtifactKey | None = None,
+        limit: int = MAX_ARTIFACT_PAGE,
+        newest_first: bool = False,
     ) -> list[ArtifactRecord]:
-        query = select(ArtifactRow)
+        a = ArtifactRow
+        key = tuple_(a.model_name, a.device_class, a.version)
+        query = select(a)
         if model_name:
-            query = query.where(ArtifactRow.model_name == model_name)
+            query = query.where(a.model_name == model_name)
         if device_class:
-            query = query.where(ArtifactRow.device_class == device_class)
-        query = query.order_by(
-            ArtifactRow.model_name, ArtifactRow.device_class, ArtifactRow.version
-        ).limit(MAX_LIST)
+            query = query.where(a.device_class == device_class)
+        if after is not None:
+            query = query.where(key < tuple_(*after) if newest_first else key > tuple_(*after))
+        columns = (a.model_name, a.device_class, a.version)
+        order = [c.desc() for c in columns] if newest_first else list(columns)
+        page = max(0, min(limit, MAX_ARTIFACT_PAGE + 1))  # + 1: is there a next page?
+        query = query.order_by(*order).limit(page)
         return self._read(lambda s: [_artifact(r) for r in s.scalars(query)])
 
     def assign(self, artifact: ArtifactRecord, target: AssignTarget) -> AssignResult:

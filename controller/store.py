@@ -74,6 +74,8 @@ class SeriesSelection:
 # replica may fail the job (its controller is gone and the pair would stay blocked).
 JOB_LEASE_MS = 120_000
 MAX_DEVICE_PAGE = 10_000  # devices one `list_devices` call returns at most
+MAX_ARTIFACT_PAGE = 10_000  # artifacts one `list_artifacts` call returns at most
+ArtifactKey = tuple[str, str, int]  # (model, device class, version): the listing's order
 
 
 class VersionConflictError(Exception):
@@ -126,8 +128,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_artifacts(
-        self, model_name: str | None = None, device_class: str | None = None
-    ) -> list[ArtifactRecord]: ...
+        self,
+        model_name: str | None = None,
+        device_class: str | None = None,
+        *,
+        after: ArtifactKey | None = None,
+        limit: int = MAX_ARTIFACT_PAGE,
+        newest_first: bool = False,
+    ) -> list[ArtifactRecord]:
+        """One page of artifacts ordered by (model, class, version), or the reverse with
+        ``newest_first``: those past ``after`` in that order, at most ``limit`` (bounded
+        by MAX_ARTIFACT_PAGE + 1, so a caller serving pages can tell whether another
+        follows)."""
 
     @abc.abstractmethod
     def assign(self, artifact: ArtifactRecord, target: AssignTarget) -> AssignResult:
@@ -282,3 +294,27 @@ def all_devices(store: Store, device_class: str | None = None) -> Iterator[Devic
         if len(page) < MAX_DEVICE_PAGE:
             return
         after = page[-1].device.device_id
+
+
+def all_artifacts(
+    store: Store,
+    model_name: str | None = None,
+    device_class: str | None = None,
+    *,
+    newest_first: bool = False,
+) -> Iterator[ArtifactRecord]:
+    """Every artifact of the filter, page by page (see `all_devices`)."""
+    after: ArtifactKey | None = None
+    while True:
+        page = store.list_artifacts(
+            model_name,
+            device_class,
+            after=after,
+            limit=MAX_ARTIFACT_PAGE,
+            newest_first=newest_first,
+        )
+        yield from page
+        if len(page) < MAX_ARTIFACT_PAGE:
+            return
+        last = page[-1]
+        after = (last.model_name, last.device_class, last.version)

@@ -347,18 +347,24 @@ class Artifact(_message.Message):
     def __init__(self, id: _Optional[str] = ..., model_name: _Optional[str] = ..., device_class: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., manifest: _Optional[_Union[SignedManifest, _Mapping]] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ListArtifactsRequest(_message.Message):
-    __slots__ = ("model_name", "device_class")
+    __slots__ = ("model_name", "device_class", "page_size", "page_token")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     device_class: str
-    def __init__(self, model_name: _Optional[str] = ..., device_class: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, model_name: _Optional[str] = ..., device_class: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListArtifactsResponse(_message.Message):
-    __slots__ = ("artifacts",)
+    __slots__ = ("artifacts", "next_page_token")
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     artifacts: _containers.RepeatedCompositeFieldContainer[Artifact]
-    def __init__(self, artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
     __slots__ = ("artifact_id", "device_class", "device_id")

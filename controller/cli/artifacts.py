@@ -67,23 +67,49 @@ def create(
     )
 
 
+PAGE_SIZE = 1000  # artifacts asked for per ListArtifacts call
+
+
 @app.command("list")
 def list_artifacts(
     model: Annotated[str, typer.Option("--model", metavar="MODEL", help="Only this model.")] = "",
     device_class: Annotated[
         str, typer.Option("--class", metavar="CLASS", help="Only this device class.")
     ] = "",
+    limit: Annotated[
+        int,
+        typer.Option(
+            "--limit",
+            min=0,
+            metavar="N",
+            help="Show at most N artifacts (by model, class, version); 0: all.",
+        ),
+    ] = 0,
     as_json: JsonOption = False,
     controller: ControllerOption = DEFAULT_ADDRESS,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
 ) -> None:
-    """List artifacts, optionally of one model or device class."""
-    request = fleet_pb2.ListArtifactsRequest(model_name=model, device_class=device_class)
+    """List artifacts, optionally of one model or device class (fetched page by page)."""
+    found: list[fleet_pb2.Artifact] = []
     with session(controller, timeout) as client:
-        reply = client.list_artifacts(request)
-    artifacts = views.ArtifactList(
-        artifacts=[views.artifact_from_proto(a) for a in reply.artifacts]
-    )
+        token = ""
+        while True:
+            wanted = limit - len(found) if limit else PAGE_SIZE
+            reply = client.list_artifacts(
+                fleet_pb2.ListArtifactsRequest(
+                    model_name=model,
+                    device_class=device_class,
+                    page_size=min(wanted, PAGE_SIZE),
+                    page_token=token,
+                )
+            )
+            found += reply.artifacts
+            token = reply.next_page_token
+            if not token or (limit and len(found) >= limit):
+                break
+    if token:
+        output.note(f"showing the first {len(found)} artifacts; more exist (--limit 0 shows all)")
+    artifacts = views.ArtifactList(artifacts=[views.artifact_from_proto(a) for a in found])
     if as_json:
         output.print_json(artifacts)
         return

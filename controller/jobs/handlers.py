@@ -35,7 +35,7 @@ from controller.records import (
     CompressionStart,
     NewCompressionJob,
 )
-from controller.store import Store
+from controller.store import Store, all_artifacts
 from controller.workloads.names import WORKLOAD_NAMES
 
 DEFAULT_JOB_LIMIT = 100
@@ -50,7 +50,7 @@ def previous_static_int8(
 ) -> Path | None:
     """The blob of the class's latest artifact of the model made by static int8
     quantization, if the store still holds it (blocking: run in a thread)."""
-    for artifact in reversed(store.list_artifacts(model_name, device_class)):
+    for artifact in all_artifacts(store, model_name, device_class, newest_first=True):
         try:
             recipe = Manifest.from_json_bytes(artifact.manifest_json).recipe
         except InvalidManifestError:

@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from artifact.manifest import Manifest
+from controller.cli import artifacts as artifacts_command
 from controller.cli import devices as devices_command
 from controller.cli import output, views
 from controller.cli.errors import ExitCode, Failure, explain
@@ -554,3 +555,20 @@ def test_devices_walks_every_page_and_limit_stops_early(
     result = cli(runner, live.address, "devices", "--limit", "5")
     assert result.exit_code == 0 and "note:" not in result.stderr
     assert all(device_id in result.stdout for device_id in ids)
+
+
+def test_artifact_list_walks_every_page_and_limit_stops_early(
+    runner: CliRunner, live: ControllerThread, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(artifacts_command, "PAGE_SIZE", 2)  # five artifacts: three pages
+    live.add_model("motions", onnx_file(tmp_path / "m.onnx").read_bytes())
+    made = [live.create_artifact("motions", "home-hub").id for _ in range(5)]
+    result = cli(runner, live.address, "artifact", "list", "--json")
+    assert result.exit_code == 0, result.output
+    assert [a["id"] for a in json.loads(result.stdout)["artifacts"]] == made
+    assert "note:" not in result.stderr
+
+    result = cli(runner, live.address, "artifact", "list", "--json", "--limit", "3")
+    assert result.exit_code == 0, result.output
+    assert [a["id"] for a in json.loads(result.stdout)["artifacts"]] == made[:3]
+    assert "showing the first 3 artifacts; more exist (--limit 0 shows all)" in result.stderr

@@ -275,7 +275,7 @@ def test_list_devices_pages_through_the_fleet(tmp_path: Path, database_url: str 
                 pb.ListDevicesRequest(device_class="camera", page_size=1), timeout=10
             )
             for request, fragment in (
-                (pb.ListDevicesRequest(page_token=first.next_page_token), "issued for"),
+                (pb.ListDevicesRequest(page_token=first.next_page_token), "issued for the filter"),
                 (pb.ListDevicesRequest(page_token="not-a-token"), "next_page_token"),
                 (pb.ListDevicesRequest(page_token="W10"), "next_page_token"),  # "[]"
                 (pb.ListDevicesRequest(page_size=10_001), "page_size must be in 0..10000"),
@@ -295,6 +295,53 @@ def test_list_devices_pages_through_the_fleet(tmp_path: Path, database_url: str 
             finally:
                 engine.dispose()
             assert counts == [ClassCount("camera", 3, 0), ClassCount("home-hub", 4, 0)]
+
+    run(body())
+
+
+def test_list_artifacts_pages_and_keeps_its_filter(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_controller(tmp_path) as c:
+            await c.add_model("motions", onnx_model())
+            made = [await c.artifact("motions", cls) for cls in ["home-hub"] * 3 + ["camera"]]
+
+            async def walk(page_size: int, device_class: str = "") -> list[list[str]]:
+                pages, token = [], ""
+                while True:
+                    reply = await c.admin.ListArtifacts(
+                        pb.ListArtifactsRequest(
+                            device_class=device_class, page_size=page_size, page_token=token
+                        ),
+                        timeout=10,
+                    )
+                    pages.append([a.id for a in reply.artifacts])
+                    token = reply.next_page_token
+                    if not token:
+                        return pages
+
+            hubs = [a.id for a in made[:3]]
+            assert await walk(2) == [[made[3].id, hubs[0]], hubs[1:]]  # camera sorts first
+            assert await walk(2, "home-hub") == [hubs[:2], hubs[2:]]
+            first = await c.admin.ListArtifacts(
+                pb.ListArtifactsRequest(device_class="home-hub", page_size=1), timeout=10
+            )
+            await expect_status(
+                c.admin.ListArtifacts(
+                    pb.ListArtifactsRequest(
+                        device_class="camera", page_token=first.next_page_token
+                    ),
+                    timeout=10,
+                ),
+                INVALID,
+                "issued for the filter",
+            )
+            await expect_status(
+                c.admin.ListArtifacts(  # a device listing's token: [1, "", ["hub-1"]]
+                    pb.ListArtifactsRequest(page_token="WzEsIiIsWyJodWItMSJdXQ"), timeout=10
+                ),
+                INVALID,
+                "next_page_token",
+            )
 
     run(body())
 

@@ -29,7 +29,7 @@ from controller.records import (
     TelemetryWindow,
 )
 from controller.sql_store import SqlStore
-from controller.store import Store, VersionConflictError, all_devices
+from controller.store import Store, VersionConflictError, all_artifacts, all_devices
 from tests.controller.helpers import sha256
 from tests.support.postgres import PostgresCluster
 
@@ -222,6 +222,36 @@ class StoreContract:
         assert [e.kind for e in page] == ["a.one", "a.two"]
         assert store.list_events(page[-1].id, 100)[0].kind == "b.one"
         assert page[0].detail == {"k": "a.one"}
+
+    def test_artifacts_page_in_key_order_both_ways(self, store: Store) -> None:
+        store.add_model(new_model())
+        store.add_model(new_model("intents"))
+        for model, cls, version in [
+            ("motions", "home-hub", 1), ("motions", "home-hub", 2), ("motions", "camera", 1),
+            ("intents", "home-hub", 1), ("motions", "home-hub", 10),
+        ]:  # fmt: skip
+            store.insert_artifact(make_artifact(model, cls, version))
+
+        def ids(page: list[ArtifactRecord]) -> list[str]:
+            return [a.id for a in page]
+
+        everything = [
+            "intents/home-hub/v1", "motions/camera/v1", "motions/home-hub/v1",
+            "motions/home-hub/v2", "motions/home-hub/v10",  # versions compare as numbers
+        ]  # fmt: skip
+        assert ids(store.list_artifacts(limit=2)) == everything[:2]
+        after = ("motions", "camera", 1)
+        assert ids(store.list_artifacts(after=after, limit=10)) == everything[2:]
+        newest = ids(store.list_artifacts("motions", "home-hub", newest_first=True, limit=2))
+        assert newest == ["motions/home-hub/v10", "motions/home-hub/v2"]
+        rest = store.list_artifacts(
+            "motions", "home-hub", after=("motions", "home-hub", 2), newest_first=True
+        )
+        assert ids(rest) == ["motions/home-hub/v1"]
+        assert ids(all_artifacts(store, device_class="home-hub", newest_first=True)) == [
+            "motions/home-hub/v10", "motions/home-hub/v2", "motions/home-hub/v1",
+            "intents/home-hub/v1",
+        ]  # fmt: skip
 
     def test_devices_page_by_id_and_count_per_class(self, store: Store) -> None:
         for i in range(5):
