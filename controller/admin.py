@@ -36,7 +36,13 @@ from controller.records import (
     NewModel,
     TargetKind,
 )
-from controller.store import MAX_ARTIFACT_PAGE, MAX_DEVICE_PAGE, Store, VersionConflictError
+from controller.store import (
+    MAX_ARTIFACT_PAGE,
+    MAX_DEVICE_PAGE,
+    MAX_MODEL_PAGE,
+    Store,
+    VersionConflictError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,7 @@ MAX_EVENT_LIMIT = 1000
 MAX_KIND_PREFIX = 64
 DEVICE_PAGE = 1000  # devices per ListDevices page when the client does not say
 ARTIFACT_PAGE = 1000  # artifacts per ListArtifacts page when the client does not say
+MODEL_PAGE = 1000  # model versions per ListModels page when the client does not say
 ARTIFACT_RETRIES = 20
 RETRY_PAUSE_S = 0.02  # upper bound of the jittered pause between lost races (other replicas)
 COPY_CHUNK_BYTES = 1024 * 1024
@@ -80,6 +87,14 @@ async def stored_model(
             "from the blob store; add the model again",
         )
     return model
+
+
+@dataclass(frozen=True)
+class ModelPage:
+    """One ListModels page; ``next_page_token`` is "" on the last."""
+
+    models: list[ModelRecord]
+    next_page_token: str
 
 
 @dataclass(frozen=True)
@@ -180,8 +195,16 @@ class AdminHandlers:
         )
         return record
 
-    async def list_models(self) -> list[ModelRecord]:
-        return await in_thread(self._store.list_models)
+    async def list_models(self, page_size: int = 0, page_token: str = "") -> ModelPage:
+        """One page of model versions in (name, version) order, and the next token."""
+        size = validate.int_range(page_size, "page_size", 0, MAX_MODEL_PAGE) or MODEL_PAGE
+        start = PageToken.decode(page_token, scope="", key=(str, int))
+        after = (str(start.after[0]), int(start.after[1])) if start else None
+        records = await in_thread(self._store.list_models, after=after, limit=size + 1)
+        if len(records) <= size:
+            return ModelPage(records, "")
+        records = records[:size]
+        return ModelPage(records, PageToken("", (records[-1].name, records[-1].version)).encode())
 
     # ---------------------------------------------------------------- artifacts
     async def create_artifact(self, request: ArtifactRequest) -> ArtifactRecord:

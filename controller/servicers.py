@@ -107,8 +107,11 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
-        models = await self._h.list_models()
-        return pb.ListModelsResponse(models=[convert.model_to_proto(m) for m in models])
+        page = await self._h.list_models(request.page_size, request.page_token)
+        return pb.ListModelsResponse(
+            models=[convert.model_to_proto(m) for m in page.models],
+            next_page_token=page.next_page_token,
+        )
 
     @rpc
     async def CreateArtifact(

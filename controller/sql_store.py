@@ -85,9 +85,11 @@ from controller.store import (
     JOB_LEASE_MS,
     MAX_ARTIFACT_PAGE,
     MAX_DEVICE_PAGE,
+    MAX_MODEL_PAGE,
     MAX_SERIES,
     MAX_SERIES_BUCKETS,
     ArtifactKey,
+    ModelKey,
     SeriesSelection,
     Store,
     TelemetryPoint,
@@ -184,8 +186,14 @@ class SqlStore(Store):
 
         return self._read(work)
 
-    def list_models(self) -> list[ModelRecord]:
-        query = select(ModelRow).order_by(ModelRow.name, ModelRow.version).limit(MAX_LIST)
+    def list_models(
+        self, *, after: ModelKey | None = None, limit: int = MAX_MODEL_PAGE
+    ) -> list[ModelRecord]:
+        query = select(ModelRow)
+        if after is not None:
+            query = query.where(tuple_(ModelRow.name, ModelRow.version) > tuple_(*after))
+        page = max(0, min(limit, MAX_MODEL_PAGE + 1))  # + 1: is there a next page?
+        query = query.order_by(ModelRow.name, ModelRow.version).limit(page)
         return self._read(lambda s: [_model(r) for r in s.scalars(query)])
 
     # ---------------------------------------------------------------- artifacts

@@ -76,6 +76,8 @@ JOB_LEASE_MS = 120_000
 MAX_DEVICE_PAGE = 10_000  # devices one `list_devices` call returns at most
 MAX_ARTIFACT_PAGE = 10_000  # artifacts one `list_artifacts` call returns at most
 ArtifactKey = tuple[str, str, int]  # (model, device class, version): the listing's order
+MAX_MODEL_PAGE = 10_000  # model versions one `list_models` call returns at most
+ModelKey = tuple[str, int]  # (name, version)
 
 
 class VersionConflictError(Exception):
@@ -96,7 +98,11 @@ class Store(abc.ABC):
         """One version, or the latest when ``version`` is None."""
 
     @abc.abstractmethod
-    def list_models(self) -> list[ModelRecord]: ...
+    def list_models(
+        self, *, after: ModelKey | None = None, limit: int = MAX_MODEL_PAGE
+    ) -> list[ModelRecord]:
+        """One page of model versions in (name, version) order, past ``after``, at most
+        ``limit`` (bounded by MAX_MODEL_PAGE + 1, as `list_devices`)."""
 
     # ---------------------------------------------------------------- artifacts
     @abc.abstractmethod

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from controller.cli import output, views
+from controller.cli import output, pages, views
 from controller.cli.client import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT_S,
@@ -67,7 +67,7 @@ def create(
     )
 
 
-PAGE_SIZE = 1000  # artifacts asked for per ListArtifacts call
+PAGE_SIZE = pages.PAGE_SIZE  # artifacts asked for per ListArtifacts call
 
 
 @app.command("list")
@@ -90,24 +90,19 @@ def list_artifacts(
     timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
 ) -> None:
     """List artifacts, optionally of one model or device class (fetched page by page)."""
-    found: list[fleet_pb2.Artifact] = []
     with session(controller, timeout) as client:
-        token = ""
-        while True:
-            wanted = limit - len(found) if limit else PAGE_SIZE
+
+        def page(size: int, token: str) -> tuple[list[fleet_pb2.Artifact], str]:
             reply = client.list_artifacts(
                 fleet_pb2.ListArtifactsRequest(
-                    model_name=model,
-                    device_class=device_class,
-                    page_size=min(wanted, PAGE_SIZE),
-                    page_token=token,
+                    model_name=model, device_class=device_class, page_size=size, page_token=token
                 )
             )
-            found += reply.artifacts
-            token = reply.next_page_token
-            if not token or (limit and len(found) >= limit):
-                break
-    if token:
+            return list(reply.artifacts), reply.next_page_token
+
+        fetched = pages.fetch_pages(page, limit, PAGE_SIZE)
+    found = fetched.items
+    if fetched.more:
         output.note(f"showing the first {len(found)} artifacts; more exist (--limit 0 shows all)")
     artifacts = views.ArtifactList(artifacts=[views.artifact_from_proto(a) for a in found])
     if as_json:

@@ -107,8 +107,8 @@ class AdminClient:
     ) -> fleet_pb2.Model:
         return self._stub.AddModel(chunks, timeout=upload_timeout(size_bytes, self.timeout_s))
 
-    def list_models(self) -> fleet_pb2.ListModelsResponse:
-        return self._stub.ListModels(fleet_pb2.ListModelsRequest(), timeout=self.timeout_s)
+    def list_models(self, request: fleet_pb2.ListModelsRequest) -> fleet_pb2.ListModelsResponse:
+        return self._stub.ListModels(request, timeout=self.timeout_s)
 
     def create_artifact(self, request: fleet_pb2.CreateArtifactRequest) -> fleet_pb2.Artifact:
         return self._stub.CreateArtifact(request, timeout=self.timeout_s)

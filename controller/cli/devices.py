@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from controller.cli import output, views
+from controller.cli import output, pages, views
 from controller.cli.client import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT_S,
@@ -71,7 +71,7 @@ def _rows(device: views.DeviceView, now_ms: int) -> list[tuple[str, ...]]:
     ]
 
 
-PAGE_SIZE = 1000  # devices asked for per ListDevices call
+PAGE_SIZE = pages.PAGE_SIZE  # devices asked for per ListDevices call
 
 
 def devices(
@@ -92,24 +92,18 @@ def devices(
 
     The controller sends the fleet in pages; this fetches as many as needed.
     """
-    found: list[fleet_pb2.Device] = []
-    more = False
     with session(controller, timeout) as client:
-        token = ""
-        while True:
-            wanted = limit - len(found) if limit else PAGE_SIZE
+
+        def page(size: int, token: str) -> tuple[list[fleet_pb2.Device], str]:
             reply = client.list_devices(
                 fleet_pb2.ListDevicesRequest(
-                    device_class=device_class,
-                    page_size=min(wanted, PAGE_SIZE),
-                    page_token=token,
+                    device_class=device_class, page_size=size, page_token=token
                 )
             )
-            found += reply.devices
-            token = reply.next_page_token
-            if not token or (limit and len(found) >= limit):
-                more = bool(token)
-                break
+            return list(reply.devices), reply.next_page_token
+
+        fetched = pages.fetch_pages(page, limit, PAGE_SIZE)
+    found, more = fetched.items, fetched.more
     fleet = views.DeviceList(devices=[views.device_from_proto(d) for d in found])
     if more:
         output.note(f"showing the first {len(found)} devices; more exist (--limit 0 shows all)")

@@ -8,7 +8,7 @@ from typing import Annotated
 import grpc
 import typer
 
-from controller.cli import output, views
+from controller.cli import output, pages, views
 from controller.cli.client import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT_S,
@@ -18,6 +18,7 @@ from controller.cli.client import (
 )
 from controller.cli.output import JsonOption
 from controller.cli.upload import FILE_PARAM, UploadStream, progress_bar, read_model_file
+from protos import fleet_pb2
 
 app = typer.Typer(
     name="model",
@@ -93,16 +94,37 @@ def add(
         output.say(f"added model {_describe(model)}")
 
 
+PAGE_SIZE = pages.PAGE_SIZE  # model versions asked for per ListModels call
+
+
 @app.command("list")
 def list_models(
+    limit: Annotated[
+        int,
+        typer.Option(
+            "--limit", min=0, metavar="N", help="Show at most N (by name, version); 0: all."
+        ),
+    ] = 0,
     as_json: JsonOption = False,
     controller: ControllerOption = DEFAULT_ADDRESS,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
 ) -> None:
-    """List registered models, every version."""
+    """List registered models, every version (fetched page by page)."""
     with session(controller, timeout) as client:
-        reply = client.list_models()
-    models = views.ModelList(models=[views.model_from_proto(m) for m in reply.models])
+
+        def page(size: int, token: str) -> tuple[list[fleet_pb2.Model], str]:
+            reply = client.list_models(
+                fleet_pb2.ListModelsRequest(page_size=size, page_token=token)
+            )
+            return list(reply.models), reply.next_page_token
+
+        fetched = pages.fetch_pages(page, limit, PAGE_SIZE)
+    if fetched.more:
+        output.note(
+            f"showing the first {len(fetched.items)} model versions; more exist "
+            "(--limit 0 shows all)"
+        )
+    models = views.ModelList(models=[views.model_from_proto(m) for m in fetched.items])
     if as_json:
         output.print_json(models)
         return

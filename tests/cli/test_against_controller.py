@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from artifact.manifest import Manifest
 from controller.cli import artifacts as artifacts_command
 from controller.cli import devices as devices_command
+from controller.cli import models as models_command
 from controller.cli import output, views
 from controller.cli.errors import ExitCode, Failure, explain
 from controller.cli.upload import CHUNK_BYTES
@@ -572,3 +573,17 @@ def test_artifact_list_walks_every_page_and_limit_stops_early(
     assert result.exit_code == 0, result.output
     assert [a["id"] for a in json.loads(result.stdout)["artifacts"]] == made[:3]
     assert "showing the first 3 artifacts; more exist (--limit 0 shows all)" in result.stderr
+
+
+def test_model_list_walks_every_page_and_limit_stops_early(
+    runner: CliRunner, live: ControllerThread, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(models_command, "PAGE_SIZE", 2)  # three versions: two pages
+    for scale in (1.0, 2.0, 3.0):
+        live.add_model("motions", onnx_file(tmp_path / f"{scale}.onnx", scale=scale).read_bytes())
+    result = cli(runner, live.address, "model", "list", "--json")
+    assert result.exit_code == 0, result.output
+    assert [m["version"] for m in json.loads(result.stdout)["models"]] == [1, 2, 3]
+    result = cli(runner, live.address, "model", "list", "--json", "--limit", "2")
+    assert [m["version"] for m in json.loads(result.stdout)["models"]] == [1, 2]
+    assert "showing the first 2 model versions; more exist" in result.stderr

@@ -50,7 +50,20 @@ def test_add_model_stores_blob_row_and_event(tmp_path: Path) -> None:
             assert second.version == 2
             listed = await c.admin.ListModels(pb.ListModelsRequest(), timeout=10)
             assert [(m.name, m.version) for m in listed.models] == [("motions", 1), ("motions", 2)]
+            assert listed.next_page_token == ""
             assert c.counts()["models"] == 2
+            # one version a page: the token carries (name, version)
+            first = await c.admin.ListModels(pb.ListModelsRequest(page_size=1), timeout=10)
+            assert [m.version for m in first.models] == [1] and first.next_page_token
+            rest = await c.admin.ListModels(
+                pb.ListModelsRequest(page_token=first.next_page_token), timeout=10
+            )
+            assert [m.version for m in rest.models] == [2] and rest.next_page_token == ""
+            await expect_status(
+                c.admin.ListModels(pb.ListModelsRequest(page_token="%%%"), timeout=10),
+                INVALID,
+                "next_page_token",
+            )
 
     run(body())
 

@@ -90,6 +90,10 @@ class StoreContract:
         assert store.get_model("motions", 1) == first
         assert store.get_model("motions", 3) is None
         assert [m.version for m in store.list_models()] == [1, 2]
+        store.add_model(new_model("intents"))
+        keys = [(m.name, m.version) for m in store.list_models(limit=2)]
+        assert keys == [("intents", 1), ("motions", 1)]
+        assert [(m.name, m.version) for m in store.list_models(after=keys[-1])] == [("motions", 2)]
         assert second.inputs == SPEC
 
     def test_artifact_versions_are_per_model_and_class(self, store: Store) -> None:
