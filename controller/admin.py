@@ -23,7 +23,7 @@ from controller.config import ControllerConfig
 from controller.errors import ErrorCode, FleetError, invalid, not_found
 from controller.notify import AssignmentNotifier
 from controller.onnx_inspect import inspect_onnx
-from controller.paging import PageToken
+from controller.paging import PageToken, cut_page
 from controller.records import (
     ArtifactRecord,
     ArtifactRequest,
@@ -201,10 +201,7 @@ class AdminHandlers:
         start = PageToken.decode(page_token, scope="", key=(str, int))
         after = (str(start.after[0]), int(start.after[1])) if start else None
         records = await in_thread(self._store.list_models, after=after, limit=size + 1)
-        if len(records) <= size:
-            return ModelPage(records, "")
-        records = records[:size]
-        return ModelPage(records, PageToken("", (records[-1].name, records[-1].version)).encode())
+        return ModelPage(*cut_page(records, size, "", lambda m: (m.name, m.version)))
 
     # ---------------------------------------------------------------- artifacts
     async def create_artifact(self, request: ArtifactRequest) -> ArtifactRecord:
@@ -386,12 +383,9 @@ class AdminHandlers:
         records = await in_thread(
             self._store.list_artifacts, model, cls, after=after, limit=size + 1
         )
-        if len(records) <= size:
-            return ArtifactPage(records, "")
-        records = records[:size]
-        last = records[-1]
-        token = PageToken(scope, (last.model_name, last.device_class, last.version))
-        return ArtifactPage(records, token.encode())
+        return ArtifactPage(
+            *cut_page(records, size, scope, lambda a: (a.model_name, a.device_class, a.version))
+        )
 
     # ---------------------------------------------------------------- assignments
     async def assign(self, artifact_id_: str, target: AssignTarget | None) -> AssignResult:
@@ -488,10 +482,7 @@ class AdminHandlers:
         after = str(start.after[0]) if start else ""
         # one more than asked: whether another page exists, without an empty last page
         views = await in_thread(self._store.list_devices, cls, after=after, limit=size + 1)
-        if len(views) <= size:
-            return DevicePage(views, "")
-        views = views[:size]
-        return DevicePage(views, PageToken(cls or "", (views[-1].device.device_id,)).encode())
+        return DevicePage(*cut_page(views, size, cls or "", lambda v: (v.device.device_id,)))
 
     async def list_events(self, after_id: int, limit: int, kind_prefix: str) -> list[EventRecord]:
         validate.int_range(after_id, "after_id", 0, validate.MAX_INT64)

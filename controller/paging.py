@@ -12,13 +12,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from controller.errors import invalid
 
 TOKEN_VERSION = 1
 MAX_TOKEN_CHARS = 1024
 Key = tuple[str | int, ...]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,3 +68,12 @@ class PageToken:
                 "request with the same filter, or start again without a page_token"
             )
         return cls(scope=value[1], after=tuple(value[2]))
+
+
+def cut_page(items: list[T], size: int, scope: str, key: Callable[[T], Key]) -> tuple[list[T], str]:
+    """``items`` (fetched ``size`` + 1 at most) cut to one page, and the token for the
+    next page ("" when the extra item is not there: this was the last page)."""
+    if len(items) <= size:
+        return items, ""
+    page = items[:size]
+    return page, PageToken(scope, key(page[-1])).encode()
