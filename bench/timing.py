@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+from artifact import runtime_hints
 from controller.compression.measure import session_options
 
 ROUNDS = 6
@@ -45,7 +46,9 @@ def interleaved(
     feeds = [{k: np.asarray(v)[i : i + 1] for k, v in samples.items()} for i in range(count)]
     sessions = {
         name: ort.InferenceSession(
-            str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+            str(path),
+            sess_options=session_options(threads, runtime_hints.session_config_of_file(path)),
+            providers=["CPUExecutionProvider"],
         )
         for name, path in models.items()
     }

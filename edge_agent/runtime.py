@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
+from artifact import runtime_hints
 from artifact.manifest import TensorSpec
 from edge_agent.convert import SUPPORTED_DTYPES, Array, spec_from_ort
 from edge_agent.errors import AgentError, ErrorCode
@@ -65,7 +66,9 @@ class ModelSlot:
         }
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+def session_options(threads: int, config: Mapping[str, str] | None = None) -> ort.SessionOptions:
+    """The agent's session settings, plus those the artifact asks for (``config``: see
+    `artifact.runtime_hints`; the planner measured the artifact with them)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -75,14 +78,17 @@ def session_options(threads: int) -> ort.SessionOptions:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3  # errors only: warnings about unused initialisers are noise here
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     return opts
 
 
 def load_slot(model_name: str, path: Path, record: SlotRecord, threads: int) -> ModelSlot:
     """Load ``path`` into a new session; a file onnxruntime refuses raises LOAD_FAILED."""
     try:
+        options = session_options(threads, runtime_hints.session_config_of_file(path))
         session = ort.InferenceSession(
-            str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
         raise AgentError(

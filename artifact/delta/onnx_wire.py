@@ -192,3 +192,26 @@ def find_tensors(data: bytes | memoryview) -> list[TensorSpan]:
         return sorted(spans, key=lambda s: s.offset)
     except WireError:
         return []
+
+
+_MODEL_METADATA = 14  # ModelProto.metadata_props: StringStringEntryProto key=1, value=2
+
+
+def model_metadata(data: bytes | memoryview) -> dict[str, str]:
+    """ModelProto.metadata_props as a dict (the last of repeated keys wins); {} if the
+    bytes are not a well-formed model. Walks the top level only: the graph is skipped."""
+    buf = memoryview(data).cast("B")
+    found: dict[str, str] = {}
+    try:
+        for field in _fields(buf, 0, len(buf)):
+            if field.number != _MODEL_METADATA or field.wire != _WIRE_LEN:
+                continue
+            entry: dict[int, str] = {}
+            for part in _fields(buf, field.start, field.end):
+                if part.number in (1, 2) and part.wire == _WIRE_LEN:
+                    raw = bytes(buf[part.start : part.end])
+                    entry[part.number] = raw.decode("utf-8", errors="replace")
+            found[entry.get(1, "")] = entry.get(2, "")
+    except WireError:
+        return {}
+    return found

@@ -23,8 +23,11 @@ type), 8-bit as INT8. At 8 bits each layer's output is quantized too (Q/DQ with 
 layer's input step where only ReLU, max pooling or reshapes lie between, else with a
 learned output quantizer of its own), because onnxruntime runs QLinearConv/QGemm only on
 a quantized output: PLAID's learned int8 model runs ~2x faster than its FP32 one instead
-of as fast. The rest of the graph stays float, so the onnxruntime model computes what the
-fake-quantized torch model computes.
+of as fast. 2-4 bit weights have no integer kernel: the artifact asks (ONNX metadata,
+``artifact.runtime_hints``) for their DequantizeLinear to be folded at session load, so
+they run at float speed instead of being dequantized at every call. The rest of the graph
+stays float, so the onnxruntime model computes what the fake-quantized torch model
+computes.
 
 Step-size gradients are scaled by g = 1/sqrt(N·Qp) (N: elements one step serves) as in
 the paper, so a step that serves many weights does not move faster than the weights.
@@ -64,6 +67,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 from torch.nn import functional as F
 
+from artifact import runtime_hints
 from controller.compression import quant_graph
 from controller.compression.errors import CompressionError, UnsupportedModelError
 from controller.compression.recipe import LearnedQuantize
@@ -507,6 +511,15 @@ def insert_qdq(float_onnx: onnx.ModelProto, qat: QatModel) -> onnx.ModelProto:
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
+    if weight_type == onnx.TensorProto.INT4:  # no integer kernel: fold the weights at load
+        hint = runtime_hints.encode(runtime_hints.FOLD_WEIGHT_DEQUANTIZE)
+        onnx.helper.set_model_props(
+            model,
+            {
+                **{p.key: p.value for p in model.metadata_props},
+                runtime_hints.METADATA_KEY: hint,
+            },
+        )
     onnx.checker.check_model(model)
     return model
 

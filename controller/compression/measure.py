@@ -31,6 +31,7 @@ import onnxruntime as ort
 import psutil
 from numpy.typing import NDArray
 
+from artifact import runtime_hints
 from controller.compression.calibration import check_calibration
 from controller.compression.errors import CompressionError
 from controller.compression.quant_graph import onnx_file_bytes
@@ -86,13 +87,17 @@ def class_threads(device_class: DeviceClass) -> int:
     return max(1, min(device_class.cores, os.cpu_count() or 1))
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+def session_options(threads: int, config: Mapping[str, str] | None = None) -> ort.SessionOptions:
+    """The planner's session settings, plus those the artifact asks for (``config``:
+    `artifact.runtime_hints`, applied by the edge agent as well)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     return options
 
 
@@ -173,8 +178,9 @@ def _start_onnxruntime() -> None:
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
     try:
+        options = session_options(threads, runtime_hints.session_config_of_file(path))
         return ort.InferenceSession(
-            str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:
         raise CompressionError(f"onnxruntime cannot load {path.name}: {exc}") from exc

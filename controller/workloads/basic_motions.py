@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from numpy.typing import NDArray
 from torch import nn
 from torch.nn import functional as F
 
-from controller.workloads import training
+from controller.workloads import sessions, training
 from controller.workloads.base import (
     DEFAULT_CACHE_DIR,
     Score,
@@ -270,7 +269,7 @@ def predict_torch(model: nn.Module, x: NDArray[np.float32]) -> NDArray[np.float3
 
 def predict_onnx(path: Path, x: NDArray[np.float32]) -> NDArray[np.float32]:
     """Logits [N, classes] from onnxruntime on the CPU, the way an edge agent runs it."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = sessions.session(path)
     (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
     return np.asarray(logits, dtype=np.float32)
 

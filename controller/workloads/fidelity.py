@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from numpy.typing import NDArray
 
 from controller.compression.calibration import check_calibration, input_specs
 from controller.compression.errors import CalibrationMismatchError, CompressionError
 from controller.workloads.base import Score
+from controller.workloads.sessions import session as onnx_session
 
 Calibration = Mapping[str, NDArray[np.generic]]
 DEFAULT_BATCH = 64
@@ -126,7 +126,7 @@ def run_output(
     batch_size: int = DEFAULT_BATCH,
 ) -> NDArray[np.float64]:
     """One output over all calibration samples, in batches (the static batch if any)."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnx_session(path)
     batch = _static_batch(model) or batch_size
     n = len(next(iter(calibration.values())))
     outs = []

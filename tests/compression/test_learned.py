@@ -17,6 +17,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from artifact import runtime_hints
 from controller.compression import candidates
 from controller.compression.errors import UnsupportedModelError
 from controller.compression.executor import OnnxSource, TorchSource
@@ -30,6 +31,7 @@ from controller.compression.learned import (
     prepare_qat,
     train_learned,
 )
+from controller.compression.measure import session_options
 from controller.compression.planner import plan, size_floor
 from controller.compression.recipe import (
     LEARNED_WEIGHT_BITS,
@@ -207,6 +209,44 @@ def test_low_bit_and_float_output_exports_keep_float_outputs(
         out = tmp_path / f"w{step.weight_bits}.onnx"
         export_learned(qat, SinesWorkload().export_onnx, out, CALIBRATION)
         assert not any(n.name.startswith("lsq/output/") for n in onnx.load(str(out)).graph.node)
+
+
+def test_int4_exports_ask_for_their_weights_folded_at_load(
+    source: nn.Module, tmp_path: Path
+) -> None:
+    """No integer kernel takes INT4 Conv weights, so the artifact asks (in its metadata)
+    for the dequantization to be folded once at load instead of at every call; the
+    planner's sessions apply it (and compute the fake-quantized model exactly), int8
+    exports ask nothing."""
+    qat = calibrated_qat(source, LearnedQuantize(weight_bits=4), CALIBRATION)
+    out = tmp_path / "w4.onnx"
+    export_learned(qat, SinesWorkload().export_onnx, out, CALIBRATION)
+    config = runtime_hints.session_config_of_file(out)
+    assert config == {"session.disable_quant_qdq": "1"}
+
+    def optimized(settings: dict[str, str], name: str) -> tuple[list[str], np.ndarray]:
+        options = session_options(1, settings)
+        options.optimized_model_filepath = str(tmp_path / name)
+        session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+        got = session.run(None, {"x": VAL.inputs["x"].astype(np.float32)})[0]
+        graph = onnx.load(options.optimized_model_filepath).graph
+        return [i for n in graph.node if n.op_type == "DequantizeLinear" for i in n.input], got
+
+    folded_inputs, folded = optimized(config, "folded.onnx")
+    kept_inputs, kept = optimized({}, "kept.onnx")
+    assert any(i.endswith("/weight_q") for i in kept_inputs)  # dequantized at every call
+    assert not any(i.endswith("/weight_q") for i in folded_inputs)  # folded at load
+    with torch.no_grad():
+        want = qat.model(torch.from_numpy(VAL.inputs["x"].astype(np.float32))).numpy()
+    # Folded, onnxruntime computes exactly what the fake-quantized model does; with its
+    # Q/DQ rewrites (kept) it only comes close.
+    np.testing.assert_allclose(folded, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(kept - want).max() < 0.02 * np.abs(want).max()
+
+    qat8 = calibrated_qat(source, LearnedQuantize(weight_bits=8), CALIBRATION)
+    out8 = tmp_path / "w8.onnx"
+    export_learned(qat8, SinesWorkload().export_onnx, out8, CALIBRATION)
+    assert runtime_hints.session_config_of_file(out8) == {}  # QLinearConv wants its Q/DQ
 
 
 def test_training_only_the_steps_leaves_the_weights_as_they_were(source: nn.Module) -> None:

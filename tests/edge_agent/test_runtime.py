@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.helper
 import pytest
 
 from artifact.digest import sha256_bytes
+from artifact.runtime_hints import METADATA_KEY
 from edge_agent.agent import restore_slots
 from edge_agent.errors import AgentError, ErrorCode
 from edge_agent.runtime import ModelRuntime
@@ -150,3 +153,29 @@ def test_sessions_do_not_spin_between_requests() -> None:
     options = session_options(2)
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.intra_op_num_threads == 2
+
+
+def test_a_slot_applies_the_session_settings_its_artifact_asks_for(tmp_path: Path) -> None:
+    """The planner measured the artifact with these settings (artifact.runtime_hints);
+    the agent runs it with them too, and ignores settings outside the allow-list."""
+    runtime = ModelRuntime(threads=1)
+    key = "session.disable_quant_qdq"
+    asked = with_metadata(add_model(1.0), {METADATA_KEY: f'{{"{key}": "1"}}'})
+    slot = load(runtime, tmp_path, "m", asked)
+    assert slot.session.get_session_options().get_session_config_entry(key) == "1"
+    np.testing.assert_array_equal(slot.run({"x": X})["y"], X + 1)
+
+    plain = load(runtime, tmp_path, "p", add_model(1.0))
+    hostile = with_metadata(add_model(2.0), {METADATA_KEY: '{"session.use_env_allocators": "1"}'})
+    ignored = load(runtime, tmp_path, "h", hostile)
+    for unhinted in (plain, ignored):
+        options = unhinted.session.get_session_options()
+        for absent in (key, "session.use_env_allocators"):
+            with pytest.raises(Exception, match="does not have configuration with key"):
+                options.get_session_config_entry(absent)
+
+
+def with_metadata(data: bytes, props: dict[str, str]) -> bytes:
+    model = onnx.load_from_string(data)
+    onnx.helper.set_model_props(model, props)
+    return model.SerializeToString()
