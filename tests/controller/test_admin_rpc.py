@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -254,6 +256,19 @@ def test_assign_rules_and_bad_input(tmp_path: Path) -> None:
     run(body())
 
 
+async def pages_of(
+    call: Callable[..., Awaitable[Any]], request: Any, ids: Callable[[Any], list[str]]
+) -> list[list[str]]:
+    """The ids of every page of a paged listing, following next_page_token to the end."""
+    pages = []
+    while True:
+        reply = await call(request, timeout=10)
+        pages.append(ids(reply))
+        if not reply.next_page_token:
+            return pages
+        request.page_token = reply.next_page_token
+
+
 def test_list_devices_pages_through_the_fleet(tmp_path: Path, database_url: str | None) -> None:
     """Pages in id order, none repeated or skipped; tokens keep the class filter they were
     issued with; a bad token or page size is INVALID_ARGUMENT (on SQLite and PostgreSQL)."""
@@ -265,18 +280,11 @@ def test_list_devices_pages_through_the_fleet(tmp_path: Path, database_url: str 
                 await c.register(f"dev-{i:02d}", "camera" if i % 2 else "home-hub")
 
             async def walk(page_size: int, device_class: str = "") -> list[list[str]]:
-                pages, token = [], ""
-                while True:
-                    reply = await c.admin.ListDevices(
-                        pb.ListDevicesRequest(
-                            device_class=device_class, page_size=page_size, page_token=token
-                        ),
-                        timeout=10,
-                    )
-                    pages.append([d.device_id for d in reply.devices])
-                    token = reply.next_page_token
-                    if not token:
-                        return pages
+                return await pages_of(
+                    c.admin.ListDevices,
+                    pb.ListDevicesRequest(device_class=device_class, page_size=page_size),
+                    lambda reply: [d.device_id for d in reply.devices],
+                )
 
             everyone = [f"dev-{i:02d}" for i in range(7)]
             assert await walk(3) == [everyone[:3], everyone[3:6], everyone[6:]]
@@ -319,18 +327,11 @@ def test_list_artifacts_pages_and_keeps_its_filter(tmp_path: Path) -> None:
             made = [await c.artifact("motions", cls) for cls in ["home-hub"] * 3 + ["camera"]]
 
             async def walk(page_size: int, device_class: str = "") -> list[list[str]]:
-                pages, token = [], ""
-                while True:
-                    reply = await c.admin.ListArtifacts(
-                        pb.ListArtifactsRequest(
-                            device_class=device_class, page_size=page_size, page_token=token
-                        ),
-                        timeout=10,
-                    )
-                    pages.append([a.id for a in reply.artifacts])
-                    token = reply.next_page_token
-                    if not token:
-                        return pages
+                return await pages_of(
+                    c.admin.ListArtifacts,
+                    pb.ListArtifactsRequest(device_class=device_class, page_size=page_size),
+                    lambda reply: [a.id for a in reply.artifacts],
+                )
 
             hubs = [a.id for a in made[:3]]
             assert await walk(2) == [[made[3].id, hubs[0]], hubs[1:]]  # camera sorts first
