@@ -20,7 +20,7 @@ Update pairs, each built here from a real workload:
        phrasings towards the other phrasings of their intent
 
 Columns: raw, gzip -9, zstd -19, zstd -19 --long=27 --patch-from=OLD, bsdiff, xdelta3 -9
--s OLD (Debian packages; `make bench-tools` installs them) and HomeFleet; the ratio of
+-s OLD (Debian packages; `make system-tools` installs them) and HomeFleet; the ratio of
 the best generic tool to HomeFleet; encode and decode MB/s of the new model on one
 core; and the decoder's peak memory (Python heap by tracemalloc, and the high-water
 RSS, in a fresh process that applies the delta file to file).
