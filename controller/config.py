@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,16 @@ class BudgetPolicy:
         return min(max(1, round(devices * self.canary_share)), devices - 1)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class ControllerConfig:
     """Where the controller keeps its state, where it listens, and the limits it enforces."""
@@ -90,10 +101,18 @@ class ControllerConfig:
     max_active_jobs: int = 16
     # Prometheus /metrics on this TCP port of ``host`` (0: any free port; None: off).
     metrics_port: int | None = None
+    # Where the dashboard and /metrics listen (plain HTTP, no client identities): default
+    # ``host``; keep it on loopback or a private address when gRPC faces the internet.
+    metrics_host: str | None = None
     # Device-class YAML files whose budgets the budget loop checks (None: no loop).
     device_classes_dir: Path | None = None
     # How the budget loop judges and acts (slices, hysteresis, canary share).
     budget_policy: BudgetPolicy = field(default_factory=BudgetPolicy)
+    # Mutual TLS: the controller's TLS directory (artifact.tls; None: plaintext).
+    tls_dir: Path | None = None
+    # Plaintext beyond loopback: anyone who reaches the port could act as any device or
+    # admin, so it must be asked for.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
@@ -118,8 +137,27 @@ class ControllerConfig:
         _check_range("max_active_jobs", self.max_active_jobs, 1, 10_000)
         if self.metrics_port is not None:
             _check_range("metrics_port", self.metrics_port, 0, 65535)
+        if self.metrics_host is not None and (
+            not self.metrics_host or any(c.isspace() for c in self.metrics_host)
+        ):
+            raise ConfigError(
+                f"metrics_host must be a host name or IP address, got {self.metrics_host!r}"
+            )
         if not 0 <= self.grace_seconds <= 600:
             raise ConfigError(f"grace_seconds must be 0..600, got {self.grace_seconds}")
+        if self.tls_dir is not None:
+            object.__setattr__(self, "tls_dir", Path(self.tls_dir).expanduser().resolve())
+        elif not self.insecure and not is_loopback(self.host):
+            raise ConfigError(
+                f"listening on {self.host} without TLS would let anyone who reaches the port "
+                "act as any device or admin: pass --tls DIR (a controller certificate from "
+                "`homefleet certs controller`), or --insecure on a network you trust"
+            )
+
+    @property
+    def http_host(self) -> str:
+        """Where the dashboard and /metrics listen."""
+        return self.metrics_host or self.host
 
     @property
     def database_url(self) -> str:

@@ -12,7 +12,7 @@ import enum
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 
@@ -71,10 +71,13 @@ def grpc_status(error: FleetError) -> grpc.StatusCode:
 
 
 class GuardedServicer(Protocol):
-    """A servicer whose RPCs share one set of concurrency limits."""
+    """A servicer whose RPCs share one set of concurrency limits and one access check."""
 
     @property
     def limits(self) -> RpcLimits: ...
+
+    def authorize(self, request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Raise FleetError (PERMISSION_DENIED) when the caller may not make this call."""
 
 
 S = TypeVar("S", bound=GuardedServicer)
@@ -105,6 +108,7 @@ def _guard(method: Method[S, Req, Resp], *, long_lived: bool) -> Method[S, Req, 
     @functools.wraps(method)
     async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         async with _status_on_error(name, context):
+            self.authorize(request, context)
             slot = self.limits.watch_slot() if long_lived else self.limits.slot()
             async with slot:
                 return await method(self, request, context)

@@ -47,7 +47,13 @@ def serve(
     metrics_port: int | None = typer.Option(
         None,
         "--metrics-port",
-        help="Serve Prometheus /metrics on this port of --host (0 picks a free one; default: off).",
+        help="Serve the dashboard and Prometheus /metrics on this port of --metrics-host "
+        "(0 picks a free one; default: off).",
+    ),
+    metrics_host: str | None = typer.Option(
+        None,
+        "--metrics-host",
+        help="Address the dashboard and /metrics listen on (plain HTTP; default: --host).",
     ),
     device_classes: Path | None = typer.Option(
         None,
@@ -87,6 +93,19 @@ def serve(
     max_active_jobs: int = typer.Option(
         16, "--max-active-jobs", help="Compression jobs queued or running at once (1..10000)."
     ),
+    tls: Path | None = typer.Option(
+        None,
+        "--tls",
+        metavar="DIR",
+        help="Mutual TLS: a controller certificate's directory (ca.pem, cert.pem, key.pem; "
+        "`homefleet certs controller`). Clients then need a device or admin certificate.",
+    ),
+    insecure: bool = typer.Option(
+        False,
+        "--insecure",
+        help="Allow plaintext on a non-loopback --host (anyone reaching the port can act as "
+        "any device or admin).",
+    ),
 ) -> None:
     """Run the controller until SIGTERM or SIGINT (then stop gracefully, exit 0)."""
     from controller.config import BudgetPolicy, ConfigError, ControllerConfig
@@ -105,10 +124,13 @@ def serve(
             heartbeat_seconds=heartbeat_seconds,
             max_model_bytes=max_model_bytes,
             metrics_port=metrics_port,
+            metrics_host=metrics_host,
             device_classes_dir=device_classes,
             compression_workers=compression_workers,
             compression_threads=compression_threads,
             max_active_jobs=max_active_jobs,
+            tls_dir=tls,
+            insecure=insecure,
             budget_policy=BudgetPolicy(
                 window_seconds=budget_window_seconds,
                 windows_in_a_row=budget_windows,

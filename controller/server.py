@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # The aio health servicer (grpc_health.v1.health.aio) is missing from the type stubs.
@@ -24,6 +25,8 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 
 from artifact.files import atomic_write_bytes
+from artifact.tls import CRL_FILE, Role, TlsBundle, TlsError
+from controller.access import Access
 from controller.admin import AdminHandlers
 from controller.agents import AgentHandlers
 from controller.blobstore import BlobStore
@@ -38,6 +41,7 @@ from controller.jobs.watchers import JobWatchers
 from controller.keys import KeyStoreError, load_key_chain, load_signing_key, public_key_path
 from controller.limits import RpcLimits
 from controller.notify import AssignmentNotifier
+from controller.revocation import RevocationList
 from controller.rollouts.handlers import RolloutHandlers
 from controller.rollouts.loop import RolloutLoop
 from controller.rollouts.store import RolloutStore
@@ -79,9 +83,11 @@ class ControllerInfo:
     public_key_path: str
     key_id: str
     metrics_address: str = ""  # HOST:PORT of Prometheus /metrics; empty: not served
+    tls_dir: str = ""  # the controller's TLS directory; empty: plaintext
 
     def to_json_bytes(self) -> bytes:
-        fields = {k: v for k, v in self.__dict__.items() if v or k != "metrics_address"}
+        optional = ("metrics_address", "tls_dir")
+        fields = {k: v for k, v in self.__dict__.items() if v or k not in optional}
         return json.dumps(fields, indent=2, sort_keys=True).encode() + b"\n"
 
 
@@ -148,6 +154,8 @@ class ControllerServer:
                 "re-signed %d artifact manifest(s) with the current key %s", resigned, key.key_id
             )
         limits = RpcLimits(config.max_concurrent_rpcs, config.max_watch_streams)
+        tls, revoked = _load_tls(config)
+        access = Access(mtls=tls is not None, revoked=revoked)
 
         server = grpc.aio.server(options=SERVER_OPTIONS)
         self._agents = AgentHandlers(store, blobs, config, self._notifier)
@@ -156,6 +164,7 @@ class ControllerServer:
                 self._agents,
                 limits,
                 [link.to_json_bytes() for link in chain],
+                access,
             ),
             server,
         )
@@ -188,7 +197,8 @@ class ControllerServer:
             config.budget_policy,
         )
         fleet_pb2_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            AdminServicer(admin, compression, RolloutHandlers(rollout_store), limits), server
+            AdminServicer(admin, compression, RolloutHandlers(rollout_store), limits, access),
+            server,
         )
         self._health = AioHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -197,7 +207,11 @@ class ControllerServer:
         )
         where = bind_address(config.host, config.port)
         try:
-            self.port = server.add_insecure_port(where)
+            self.port = (
+                server.add_secure_port(where, tls.server_credentials())
+                if tls is not None
+                else server.add_insecure_port(where)
+            )
         except RuntimeError as exc:
             raise ControllerStartError(f"cannot listen on {where}: {exc}") from exc
         if self.port == 0:
@@ -207,13 +221,11 @@ class ControllerServer:
         if config.metrics_port is not None:
             try:
                 self._metrics = serve_dashboard(
-                    store, config.host, config.metrics_port, classes.classes
+                    store, config.http_host, config.metrics_port, classes.classes
                 )
             except OSError as exc:
-                raise ControllerStartError(
-                    f"cannot serve /metrics on {bind_address(config.host, config.metrics_port)}: "
-                    f"{exc}"
-                ) from exc
+                where = bind_address(config.http_host, config.metrics_port)
+                raise ControllerStartError(f"cannot serve /metrics on {where}: {exc}") from exc
         await server.start()
         self._server = server
         for service in ("", AGENT_SERVICE, ADMIN_SERVICE):
@@ -232,13 +244,15 @@ class ControllerServer:
             public_key_path=str(public_key_path(config.key_dir)),
             key_id=key.key_id,
             metrics_address=(
-                client_address(config.host, self._metrics.port) if self._metrics else ""
+                client_address(config.http_host, self._metrics.port) if self._metrics else ""
             ),
+            tls_dir=str(tls.directory) if tls is not None else "",
         )
         atomic_write_bytes(config.info_path, self.info.to_json_bytes())
         log.info(
-            "controller listening on %s (data %s, key %s)",
+            "controller listening on %s (%s; data %s, key %s)",
             self.address,
+            "mutual TLS" if tls is not None else "plaintext, no client identities",
             config.data_dir,
             key.key_id,
         )
@@ -275,6 +289,18 @@ class ControllerServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _load_tls(config: ControllerConfig) -> tuple[TlsBundle | None, RevocationList | None]:
+    """The controller's TLS directory and the CA's revocation list in it (``crl.pem``)."""
+    if config.tls_dir is None:
+        return None, None
+    try:
+        bundle = TlsBundle.load(config.tls_dir).require_role(Role.CONTROLLER)
+        ca = x509.load_pem_x509_certificate(bundle.ca_pem)
+        return bundle, RevocationList(config.tls_dir / CRL_FILE, ca)
+    except TlsError as exc:
+        raise ControllerStartError(f"cannot serve with TLS: {exc}") from exc
 
 
 def _remove_info(path: Path, pid: int) -> None:

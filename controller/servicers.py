@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from controller import convert
+from controller.access import OPEN, Access
 from controller.admin import AdminHandlers
 from controller.agents import AgentHandlers
 from controller.config import MAX_CHUNK_BYTES
@@ -29,15 +30,24 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 class AgentServicer(fleet_pb2_grpc.AgentServiceServicer):
     def __init__(
-        self, handlers: AgentHandlers, limits: RpcLimits, key_chain: Sequence[bytes] = ()
+        self,
+        handlers: AgentHandlers,
+        limits: RpcLimits,
+        key_chain: Sequence[bytes] = (),
+        access: Access = OPEN,
     ) -> None:
         self._h = handlers
         self._limits = limits
         self._key_chain = tuple(key_chain)  # sent with every manifest (key rotation)
+        self._access = access
 
     @property
     def limits(self) -> RpcLimits:
         return self._limits
+
+    def authorize(self, request: object, context: Context) -> None:
+        """Every AgentService request names its device (field 1): its own certificate only."""
+        self._access.check_agent(context, str(getattr(request, "device_id", "")))
 
     @rpc
     async def Register(self, request: pb.RegisterRequest, context: Context) -> pb.RegisterResponse:
@@ -79,15 +89,20 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
         compression: CompressionHandlers,
         rollouts: RolloutHandlers,
         limits: RpcLimits,
+        access: Access = OPEN,
     ) -> None:
         self._h = handlers
         self._jobs = compression
         self._rollouts = rollouts
         self._limits = limits
+        self._access = access
 
     @property
     def limits(self) -> RpcLimits:
         return self._limits
+
+    def authorize(self, request: object, context: Context) -> None:
+        self._access.check_admin(context)
 
     @rpc
     async def AddModel(

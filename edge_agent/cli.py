@@ -55,6 +55,15 @@ def run(
             "--trust-key", help="Pinned ed25519 public key (PEM): refuse unsigned manifests."
         ),
     ] = None,
+    tls: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls",
+            metavar="DIR",
+            help="Mutual TLS: this device's certificate directory (ca.pem, cert.pem, key.pem; "
+            "`homefleet certs device`). Default: plaintext.",
+        ),
+    ] = None,
     threads: Annotated[
         int, typer.Option("--threads", help="onnxruntime intra-op threads per model.")
     ] = 1,
@@ -124,6 +133,7 @@ def run(
             state_dir=state_dir,
             listen=ListenAddress(listen),
             trust_key=trust_key,
+            tls_dir=tls,
             threads=threads,
             metrics_listen=metrics_listen,
             idle_watts=idle_watts,

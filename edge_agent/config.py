@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from artifact.names import InvalidNameError, check_name
+from artifact.tls import Role, TlsBundle, TlsError
 from edge_agent.errors import AgentError, ErrorCode
 from edge_agent.meters import PowerModel
 
@@ -70,6 +71,7 @@ class AgentConfig:
     state_dir: Path
     listen: ListenAddress = ListenAddress("127.0.0.1:0")
     trust_key: Path | None = None
+    tls_dir: Path | None = None  # mutual TLS: this device's certificate (artifact.tls)
     threads: int = 1
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     backoff_initial_s: float = 0.5
@@ -96,6 +98,23 @@ class AgentConfig:
             return None
         return PowerModel(self.idle_watts, self.active_watts)
 
+    def device_tls(self) -> TlsBundle | None:
+        """This device's TLS directory, checked: read again for every connection, so a
+        renewed certificate is used from the next reconnect on."""
+        if self.tls_dir is None:
+            return None
+        try:
+            bundle = TlsBundle.load(self.tls_dir).require_role(Role.DEVICE)
+        except TlsError as exc:
+            raise _invalid("--tls", str(exc)) from None
+        if bundle.identity.name != self.device_id:
+            raise _invalid(
+                "--tls",
+                f"{self.tls_dir} holds device {bundle.identity.name!r}'s certificate, but this "
+                f"agent runs as --device-id {self.device_id!r}: the controller would refuse it",
+            )
+        return bundle
+
     def __post_init__(self) -> None:
         check_host_port(self.controller, field="--controller", allow_port_zero=False)
         for field, value in (
@@ -110,6 +129,8 @@ class AgentConfig:
             raise _invalid("--state-dir", f"{self.state_dir} exists and is not a directory")
         if self.trust_key is not None and not self.trust_key.is_file():
             raise _invalid("--trust-key", f"{self.trust_key} is not a readable PEM file")
+        if self.tls_dir is not None:
+            self.device_tls()  # refuse a certificate that cannot work before dialing
         if not 1 <= self.threads <= 256:
             raise _invalid("--threads", f"expected 1..256, got {self.threads}")
         if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:

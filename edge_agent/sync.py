@@ -10,6 +10,7 @@ exponential backoff and full jitter, and the local API keeps serving meanwhile.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import random
 from collections.abc import Coroutine
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 FULL = fleet_pb2.PAYLOAD_ENCODING_FULL
 MAX_REASON = 2000  # a reason is for people; the controller bounds it too
+CERT_RENEW_WARNING = datetime.timedelta(days=30)  # warn at each connection from then on
 Outcome = int  # fleet_pb2.DeploymentOutcome
 
 
@@ -165,10 +167,26 @@ class SyncLoop:
             )
             await asyncio.sleep(delay)
 
+    def _channel(self) -> grpc.aio.Channel:
+        """Plaintext, or mutual TLS with this device's certificate (read afresh each time)."""
+        tls = self.config.device_tls()
+        if tls is None:
+            return grpc.aio.insecure_channel(self.config.controller, options=channel_options())
+        left = tls.not_after - datetime.datetime.now(datetime.UTC)
+        if left < CERT_RENEW_WARNING:
+            log.warning(
+                "this device's certificate (%s) expires in %d day(s), on %s: renew it with "
+                "`homefleet certs device`",
+                tls.directory,
+                left.days,
+                f"{tls.not_after:%Y-%m-%d}",
+            )
+        return grpc.aio.secure_channel(
+            self.config.controller, tls.channel_credentials(), options=channel_options()
+        )
+
     async def _session(self, backoff: Backoff) -> None:
-        async with grpc.aio.insecure_channel(
-            self.config.controller, options=channel_options()
-        ) as channel:
+        async with self._channel() as channel:
             stub: Any = fleet_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
             register = self.register_request()
             response: fleet_pb2.RegisterResponse = await stub.Register(

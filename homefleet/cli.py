@@ -2,6 +2,7 @@
 
   homefleet agent ...        the edge agent (edge_agent.cli; needs the `edge` extra)
   homefleet controller ...   the controller server (controller.serve; `controller` extra)
+  homefleet certs ...        the HomeFleet CA and mutual-TLS certificates (offline)
   homefleet artifact diff|patch   model deltas between local files (artifact.cli;
                              `patch` needs only the edge extra)
   homefleet model|artifact|assign|devices|events|rollouts
@@ -27,7 +28,17 @@ from __future__ import annotations
 import typer
 
 from artifact import cli as artifact_files
-from controller.cli import artifacts, assign, compress, devices, events, jobs, models, rollouts
+from controller.cli import (
+    artifacts,
+    assign,
+    certs,
+    compress,
+    devices,
+    events,
+    jobs,
+    models,
+    rollouts,
+)
 from controller.cli.errors import ExitCode
 from homefleet.lazy import LazyGroup, root_group_class
 
@@ -81,6 +92,7 @@ artifact_app = typer.Typer(
 for commands in (artifacts.app, artifact_files.app):
     artifact_app.registered_commands.extend(commands.registered_commands)
 app.add_typer(artifact_app, name="artifact", rich_help_panel=OPERATE)
+app.add_typer(certs.app, name="certs", rich_help_panel=PROCESSES)
 app.command("assign", rich_help_panel=OPERATE)(assign.assign)
 app.command("devices", rich_help_panel=OPERATE)(devices.devices)
 app.command("events", rich_help_panel=OPERATE)(events.events)

@@ -7,13 +7,16 @@ opens the channel and applies the one error mapping in `errors`.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Protocol
 
 import grpc
 import typer
 
-from controller.cli.errors import rpc_errors
+from artifact.tls import ENV_TLS, Role, TlsBundle, TlsError
+from controller.cli.errors import ExitCode, rpc_errors
 from protos import fleet_pb2, fleet_pb2_grpc
 
 ENV_CONTROLLER = "HOMEFLEET_CONTROLLER"
@@ -84,8 +87,28 @@ class _AdminStub(Protocol):
     ]
 
 
+def admin_credentials() -> grpc.ChannelCredentials | None:
+    """Mutual TLS with the admin certificate in ``$HOMEFLEET_TLS``; None: plaintext.
+
+    A directory that cannot be used is a usage error (exit 2) that says what to fix,
+    rather than a handshake failure that looks like an unreachable controller.
+    """
+    directory = os.environ.get(ENV_TLS, "").strip()
+    if not directory:
+        return None
+    try:
+        bundle = TlsBundle.load(Path(directory)).require_role(Role.ADMIN)
+    except TlsError as exc:
+        typer.echo(f"error: {ENV_TLS}: {exc}", err=True)
+        raise typer.Exit(int(ExitCode.USAGE)) from None
+    return bundle.channel_credentials()
+
+
 def create_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    credentials = admin_credentials()
+    if credentials is None:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
 
 
 def upload_timeout(size_bytes: int, timeout_s: float) -> float:

@@ -41,7 +41,8 @@ class _Explanation:
 _UNREACHABLE = _Explanation(
     ExitCode.UNREACHABLE,
     "cannot reach the controller at {address}: is `homefleet controller serve` running? "
-    "set --controller or HOMEFLEET_CONTROLLER\n  (gRPC said: {details})",
+    "set --controller or HOMEFLEET_CONTROLLER; if it serves mutual TLS (--tls), set "
+    "HOMEFLEET_TLS to an admin certificate's directory\n  (gRPC said: {details})",
 )
 _REFUSED = _Explanation(ExitCode.REFUSED, "{details}")
 

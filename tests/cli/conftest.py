@@ -25,7 +25,7 @@ StartController = Callable[..., ControllerThread]
 @pytest.fixture
 def runner() -> CliRunner:
     # Wide enough that table cells are not folded; no ambient controller address.
-    return CliRunner(env={"COLUMNS": "200", "HOMEFLEET_CONTROLLER": None})
+    return CliRunner(env={"COLUMNS": "200", "HOMEFLEET_CONTROLLER": None, "HOMEFLEET_TLS": None})
 
 
 @pytest.fixture

@@ -133,3 +133,46 @@ def test_bad_arguments_exit_2_before_any_call(runner: CliRunner, args: list[str]
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "cannot reach" not in result.stderr
+
+
+def test_certs_make_a_ca_and_the_three_kinds_of_tls_directory(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    ca = str(tmp_path / "ca")
+    made = runner.invoke(app, ["certs", "ca", ca])
+    assert made.exit_code == 0, made.output
+    steps = [
+        ["certs", "controller", str(tmp_path / "ctl"), "--ca", ca, "--host", "127.0.0.1"],
+        ["certs", "device", "hub-1", str(tmp_path / "hub-1"), "--ca", ca, "--days", "30"],
+        ["certs", "admin", "alice", str(tmp_path / "alice"), "--ca", ca],
+    ]
+    for args in steps:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "issued" in result.output
+    shown = runner.invoke(app, ["certs", "show", str(tmp_path / "hub-1")])
+    assert shown.exit_code == 0, shown.output
+    assert "hub-1" in shown.output and "device" in shown.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["certs", "ca", "{ca}"], "already exists"),  # never replaces a CA
+        (["certs", "device", "Hub 1", "{out}", "--ca", "{ca}"], "is not valid"),
+        (["certs", "controller", "{out}", "--ca", "{ca}", "--host", "a b"], "neither a DNS"),
+        (["certs", "device", "hub-1", "{out}", "--ca", "{missing}"], "is missing"),
+        (["certs", "show", "{missing}"], "not a directory"),
+    ],
+)
+def test_certs_refuse_bad_input_with_exit_2_and_write_nothing(
+    runner: CliRunner, tmp_path: Path, args: list[str], message: str
+) -> None:
+    ca = tmp_path / "ca"
+    assert runner.invoke(app, ["certs", "ca", str(ca)]).exit_code == 0
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    paths = {"ca": str(ca), "out": str(tmp_path / "out"), "missing": str(tmp_path / "nowhere")}
+    result = runner.invoke(app, [a.format(**paths) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

@@ -40,3 +40,17 @@ def test_defaults_and_derived_paths(tmp_path: Path) -> None:
 def test_bad_values_name_the_field(tmp_path: Path, field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         ControllerConfig(data_dir=tmp_path, **{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
+def test_plaintext_on_loopback_needs_nothing(tmp_path: Path, host: str) -> None:
+    assert ControllerConfig(data_dir=tmp_path, host=host).tls_dir is None
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "fleet.example.org"])
+def test_plaintext_beyond_loopback_must_be_asked_for(tmp_path: Path, host: str) -> None:
+    with pytest.raises(ConfigError, match=r"without TLS .* --tls DIR .* --insecure"):
+        ControllerConfig(data_dir=tmp_path, host=host)
+    assert ControllerConfig(data_dir=tmp_path, host=host, insecure=True).insecure
+    tls = ControllerConfig(data_dir=tmp_path, host=host, tls_dir=tmp_path / "tls")
+    assert tls.tls_dir == (tmp_path / "tls").resolve()

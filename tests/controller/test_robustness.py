@@ -135,7 +135,7 @@ def test_an_unexpected_failure_is_internal_without_detail_and_logged(
 
 def test_controller_json_names_a_dialable_address(tmp_path: Path) -> None:
     async def body() -> None:
-        async with running_controller(tmp_path, host="0.0.0.0") as c:
+        async with running_controller(tmp_path, host="0.0.0.0", insecure=True) as c:
             info = json.loads(c.config.info_path.read_text())
             assert info["address"] == f"127.0.0.1:{c.server.port}"
 

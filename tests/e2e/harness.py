@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from artifact.tls import ENV_TLS, TlsBundle
 from protos import fleet_pb2, fleet_pb2_grpc
 
 T = TypeVar("T")
@@ -106,13 +107,18 @@ class Process:
 class Controller:
     data_dir: Path
     port: int = 0
+    tls: Path | None = None  # the controller's TLS directory: serve mutual TLS
+    admin_tls: Path | None = None  # the admin certificate this harness and `cli` dial with
     process: Process = field(init=False)
     address: str = ""
 
     def __post_init__(self) -> None:
+        argv = ["controller", "serve", "--data-dir", str(self.data_dir)]
+        if self.tls is not None:
+            argv += ["--tls", str(self.tls)]
         self.process = Process(
             "controller",
-            ["controller", "serve", "--data-dir", str(self.data_dir), "--port", str(self.port)],
+            [*argv, "--port", str(self.port)],
             self.data_dir.parent / "logs" / "controller.log",
         )
 
@@ -133,7 +139,10 @@ class Controller:
         return self.data_dir / "keys" / "signing.pub.pem"
 
     def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        if self.admin_tls is None:
+            return grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        credentials = TlsBundle.load(self.admin_tls).channel_credentials()
+        return grpc.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
 
     def admin(self) -> fleet_pb2_grpc.AdminServiceStub:
         return fleet_pb2_grpc.AdminServiceStub(self.channel())
@@ -148,6 +157,7 @@ class Controller:
             capture_output=True,
             text=True,
             timeout=120,
+            env={**os.environ, ENV_TLS: str(self.admin_tls or "")},
         )
 
     def events(self, kind_prefix: str = "") -> list[fleet_pb2.Event]:
@@ -216,6 +226,7 @@ class Agent:
     state_dir: Path
     controller_address: str
     trust_key: Path | None = None
+    tls: Path | None = None  # this device's TLS directory
     process: Process = field(init=False)
     local_api: str = ""
 
@@ -231,6 +242,8 @@ class Agent:
         ]  # fmt: skip
         if self.trust_key is not None:
             argv += ["--trust-key", str(self.trust_key)]
+        if self.tls is not None:
+            argv += ["--tls", str(self.tls)]
         self.process = Process(
             f"agent {self.device_id}",
             argv,

@@ -1,0 +1,208 @@
+"""`homefleet certs ...`: the HomeFleet CA and the certificates mutual TLS runs on.
+
+Offline (cryptography only). A typical setup:
+
+    homefleet certs ca ca/
+    homefleet certs controller tls/controller --ca ca/ --host fleet.example.org
+    homefleet certs device hub-livingroom tls/hub-livingroom --ca ca/
+    homefleet certs admin alice ~/.homefleet/alice --ca ca/
+
+then `homefleet controller serve --tls tls/controller`, `homefleet agent run --tls
+tls/hub-livingroom ...` on the device, and `HOMEFLEET_TLS=~/.homefleet/alice` for the
+operator commands. Keep ``ca/`` (it holds the CA's key) off the controller host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from artifact.tls import CRL_FILE, Role, TlsBundle, TlsError
+from controller.cli.errors import ExitCode
+
+if TYPE_CHECKING:
+    from controller.certs import Issued
+
+app = typer.Typer(
+    help="The HomeFleet CA and the certificates for mutual TLS (offline).",
+    no_args_is_help=True,
+)
+
+CaOption = Annotated[
+    Path, typer.Option("--ca", metavar="DIR", help="The CA directory `homefleet certs ca` made.")
+]
+DaysOption = Annotated[
+    int | None,
+    typer.Option(
+        "--days",
+        min=1,
+        help="Validity in days (default: CA 3650, controller and device 397, "
+        "admin 90; never past the CA's own).",
+    ),
+]
+ADMIN_DAYS = 90
+ReplaceOption = Annotated[
+    bool,
+    typer.Option("--replace", help="Replace a certificate and key already in the directory."),
+]
+
+
+def _usage_error(exc: TlsError) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(int(ExitCode.USAGE))
+
+
+def _report(issued: Issued, what: str) -> None:
+    typer.echo(
+        f"{what} {issued.name!r} ({issued.role.value}) in {issued.directory}, valid until "
+        f"{issued.not_after:%Y-%m-%d} (serial {issued.serial:x})"
+    )
+
+
+def _issue(
+    ca_dir: Path,
+    out_dir: Path,
+    name: str,
+    role: Role,
+    *,
+    hosts: tuple[str, ...] = (),
+    days: int | None,
+    replace: bool,
+) -> None:
+    from controller.certs import LEAF_DAYS, CertificateAuthority  # cryptography's x509: lazily
+
+    try:
+        issued = CertificateAuthority.load(ca_dir).issue(
+            out_dir, name, role, hosts=hosts, days=days or LEAF_DAYS, replace=replace
+        )
+    except TlsError as exc:
+        raise _usage_error(exc) from None
+    _report(issued, "issued")
+
+
+@app.command("ca")
+def ca(
+    directory: Annotated[Path, typer.Argument(help="Where to write ca.pem and ca.key.")],
+    name: Annotated[str, typer.Option("--name", help="The CA's common name.")] = "HomeFleet CA",
+    days: DaysOption = None,
+) -> None:
+    """Create the CA (refuses to replace one: every certificate it signed would stop working)."""
+    from controller.certs import CA_DAYS, create_ca
+
+    try:
+        issued = create_ca(directory, name=name, days=days or CA_DAYS)
+    except TlsError as exc:
+        raise _usage_error(exc) from None
+    _report(issued, "created CA")
+
+
+@app.command("controller")
+def controller(
+    out_dir: Annotated[Path, typer.Argument(help="The controller's TLS directory to write.")],
+    ca_dir: CaOption,
+    hosts: Annotated[
+        list[str],
+        typer.Option(
+            "--host", help="A DNS name or IP address agents and operators dial (repeatable)."
+        ),
+    ],
+    days: DaysOption = None,
+    replace: ReplaceOption = False,
+) -> None:
+    """A server certificate for `homefleet controller serve --tls OUT_DIR`."""
+    _issue(
+        ca_dir,
+        out_dir,
+        "homefleet-controller",
+        Role.CONTROLLER,
+        hosts=tuple(hosts),
+        days=days,
+        replace=replace,
+    )
+
+
+@app.command("device")
+def device(
+    device_id: Annotated[str, typer.Argument(help="The device id the agent runs as.")],
+    out_dir: Annotated[Path, typer.Argument(help="The device's TLS directory to write.")],
+    ca_dir: CaOption,
+    days: DaysOption = None,
+    replace: ReplaceOption = False,
+) -> None:
+    """A client certificate for one device: it may act as that device id and no other."""
+    _issue(ca_dir, out_dir, device_id, Role.DEVICE, days=days, replace=replace)
+
+
+@app.command("admin")
+def admin(
+    name: Annotated[str, typer.Argument(help="Who holds it (shown in the controller's log).")],
+    out_dir: Annotated[Path, typer.Argument(help="The operator's TLS directory to write.")],
+    ca_dir: CaOption,
+    days: DaysOption = None,
+    replace: ReplaceOption = False,
+) -> None:
+    """A client certificate for the operator commands (set HOMEFLEET_TLS=OUT_DIR)."""
+    _issue(ca_dir, out_dir, name, Role.ADMIN, days=days or ADMIN_DAYS, replace=replace)
+
+
+def _serial_of(target: str) -> int:
+    """A TLS directory's certificate serial, or a hexadecimal serial as printed by `issued`."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        return TlsBundle.load(path).identity.serial
+    try:
+        return int(target, 16)
+    except ValueError:
+        raise TlsError(
+            f"{target!r} is neither a TLS directory nor a hexadecimal certificate serial "
+            "(as `homefleet certs show` prints it)"
+        ) from None
+
+
+@app.command("revoke")
+def revoke(
+    target: Annotated[
+        str, typer.Argument(help="The TLS directory of the certificate, or its serial (hex).")
+    ],
+    ca_dir: CaOption,
+    crl: Annotated[
+        Path | None,
+        typer.Option("--crl", help="The revocation list to update (default: CA_DIR/crl.pem)."),
+    ] = None,
+) -> None:
+    """Revoke a certificate (a lost or stolen device): the controller refuses it once the
+    list is in its TLS directory as crl.pem (read again within seconds, no restart)."""
+    from controller.certs import CertificateAuthority
+
+    path = crl or Path(ca_dir).expanduser() / CRL_FILE
+    try:
+        serial = _serial_of(target)
+        revoked = CertificateAuthority.load(ca_dir).revoke(serial, path)
+    except TlsError as exc:
+        raise _usage_error(exc) from None
+    typer.echo(
+        f"revoked serial {serial:x}; {path} lists {len(revoked)} certificate(s): copy it to "
+        f"the controller's TLS directory as {CRL_FILE}"
+    )
+
+
+@app.command("show")
+def show(
+    directory: Annotated[Path, typer.Argument(help="A TLS directory (ca.pem, cert.pem, key.pem).")],
+) -> None:
+    """Check a TLS directory and say whose certificate it holds and until when."""
+    try:
+        bundle = TlsBundle.load(directory)
+    except TlsError as exc:
+        raise _usage_error(exc) from None
+    table = Table(show_header=False, box=None)
+    table.add_row("directory", str(bundle.directory))
+    table.add_row("name", bundle.identity.name)
+    table.add_row("role", bundle.identity.role.value)
+    table.add_row("serial", f"{bundle.identity.serial:x}")
+    table.add_row("valid until", f"{bundle.not_after:%Y-%m-%d %H:%M} UTC")
+    Console().print(table)
