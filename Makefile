@@ -29,9 +29,11 @@ bench: setup system-tools
 
 # The generic diff tools the delta tests and benchmark compare against, the browser the
 # dashboard test drives through Playwright (chromium is /usr/bin/chromium), and the
-# PostgreSQL server the store's tests start a private cluster of (Debian packages).
+# PostgreSQL server the store's tests start a private cluster of, and systemd-analyze for
+# the units in deploy/systemd (Debian packages).
 # Each entry is COMMAND:PACKAGE (the command proves the package is there).
-SYSTEM_TOOLS := zstd:zstd xdelta3:xdelta3 bsdiff:bsdiff chromium:chromium psql:postgresql
+SYSTEM_TOOLS := zstd:zstd xdelta3:xdelta3 bsdiff:bsdiff chromium:chromium psql:postgresql \
+	systemd-analyze:systemd
 system-tools:
 	@missing=""; for entry in $(SYSTEM_TOOLS); do \
 		command -v $${entry%%:*} >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; \

@@ -54,3 +54,12 @@ def test_plaintext_beyond_loopback_must_be_asked_for(tmp_path: Path, host: str) 
     assert ControllerConfig(data_dir=tmp_path, host=host, insecure=True).insecure
     tls = ControllerConfig(data_dir=tmp_path, host=host, tls_dir=tmp_path / "tls")
     assert tls.tls_dir == (tmp_path / "tls").resolve()
+
+
+def test_the_dashboard_listens_on_host_unless_told_otherwise(tmp_path: Path) -> None:
+    config = ControllerConfig(data_dir=tmp_path, host="0.0.0.0", insecure=True)
+    assert config.http_host == "0.0.0.0"
+    local = ControllerConfig(data_dir=tmp_path, host="0.0.0.0", insecure=True, metrics_host="::1")
+    assert local.http_host == "::1"
+    with pytest.raises(ConfigError, match="metrics_host"):
+        ControllerConfig(data_dir=tmp_path, metrics_host=" ")
