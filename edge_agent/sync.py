@@ -89,6 +89,8 @@ def describe_error(exc: BaseException) -> str:
     exc = first_leaf(exc)
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, AgentError):  # e.g. its TLS directory no longer holds a usable one
+        return exc.message
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -153,7 +155,7 @@ class SyncLoop:
                 raise
             except Exception as exc:
                 reason = describe_error(exc)
-                if not isinstance(first_leaf(exc), grpc.aio.AioRpcError | WatchEnded):
+                if not isinstance(first_leaf(exc), grpc.aio.AioRpcError | WatchEnded | AgentError):
                     log.error("sync session failed unexpectedly", exc_info=exc)
             finally:
                 self.connected.clear()

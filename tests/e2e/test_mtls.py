@@ -8,6 +8,7 @@ signed (none, another CA's, an expired one, plaintext) does not get past the han
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from artifact.tls import CA_FILE, CERT_FILE, CRL_FILE, KEY_FILE, TlsBundle
+from artifact.tls import CA_FILE, CERT_FILE, CRL_FILE, KEY_FILE, Role, TlsBundle
 from protos import fleet_pb2, fleet_pb2_grpc
 from tests.support.pki import Pki, make_pki
 
@@ -264,3 +265,35 @@ def test_a_revocation_list_from_another_ca_stops_the_controller_at_start(
     )  # fmt: skip
     assert done.returncode == 1
     assert "crl.pem is not signed by the CA this controller trusts" in done.stderr
+
+
+def registrations(controller: Controller, device_id: str) -> int:
+    return sum(
+        1
+        for e in controller.events("device.registered")
+        if json.loads(e.detail_json)["device_id"] == device_id
+    )
+
+
+def test_a_renewed_certificate_is_used_at_the_next_connection_without_a_restart(
+    tmp_path: Path, pki: Pki, controller: Controller
+) -> None:
+    tls = pki.device("hub-1")
+    hub = Agent(
+        "hub-1", "home-hub", tmp_path / "agents" / "hub-1", controller.address, tls=tls
+    ).start()
+    try:
+        wait_for("hub-1 to register", lambda: registrations(controller, "hub-1") or None)
+        old = TlsBundle.load(tls).identity.serial
+        pki.ca().issue(tls, "hub-1", Role.DEVICE, replace=True)  # renewed in place
+        pki.ca().revoke(old, pki.controller() / CRL_FILE)  # and the old one cut off
+        before = registrations(controller, "hub-1")
+        assert controller.stop() == 0, controller.process.log()
+        controller.start()  # the agent's connection dropped; it dials again, same port
+        wait_for(
+            "hub-1 to register again with its renewed certificate",
+            lambda: registrations(controller, "hub-1") > before or None,
+        )
+        assert hub.process.alive()
+    finally:
+        assert hub.stop() == 0, hub.process.log()
