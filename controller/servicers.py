@@ -57,6 +57,9 @@ class AgentServicer(fleet_pb2_grpc.AgentServiceServicer):
     @long_lived_rpc
     async def WatchAssignments(self, request: pb.WatchAssignmentsRequest, context: Context) -> None:
         async def send(desired: DesiredSet) -> None:
+            # again before every write (heartbeats included): a certificate revoked while
+            # its stream is open loses the stream within one heartbeat
+            self.authorize(request, context)
             await context.write(convert.desired_to_proto(desired, self._key_chain))
 
         await self._h.watch(request.device_id, send)

@@ -297,3 +297,22 @@ def test_a_renewed_certificate_is_used_at_the_next_connection_without_a_restart(
         assert hub.process.alive()
     finally:
         assert hub.stop() == 0, hub.process.log()
+
+
+def test_revocation_ends_a_watch_stream_that_is_already_open(
+    tmp_path: Path, pki: Pki, controller: Controller
+) -> None:
+    tls = pki.device("hub-1")
+    hub = Agent(
+        "hub-1", "home-hub", tmp_path / "agents" / "hub-1", controller.address, tls=tls
+    ).start()
+    try:
+        wait_for("hub-1 to register", lambda: registrations(controller, "hub-1") or None)
+        serial = TlsBundle.load(tls).identity.serial
+        pki.ca().revoke(serial, pki.controller() / CRL_FILE)
+        wait_for(
+            "the open stream to end and the agent to be refused",
+            lambda: "was revoked" in hub.process.log() or None,
+        )
+    finally:
+        assert hub.stop() == 0, hub.process.log()
