@@ -6,7 +6,7 @@ import hashlib
 import re
 from pathlib import Path
 
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # whole string: fullmatch
 _READ_BLOCK = 1 << 20
 
 
@@ -16,7 +16,7 @@ class InvalidDigestError(ValueError):
 
 def check_sha256(value: str, *, field: str = "sha256") -> str:
     """Return ``value`` if it is 64 lowercase hex characters, else raise saying so."""
-    if not SHA256_HEX.match(value):
+    if not SHA256_HEX.fullmatch(value):
         shown = value if len(value) <= 80 else value[:77] + "..."
         raise InvalidDigestError(
             f"{field} must be 64 lowercase hex characters (a sha256 digest), got {shown!r}"

@@ -85,11 +85,12 @@ def test_signature_verifies_and_any_change_is_refused(tmp_path: Path) -> None:
 def test_digests_and_names() -> None:
     digest = sha256_bytes(b"abc")
     assert check_sha256(digest) == digest
-    for bad in ("", "../../etc/passwd", digest.upper(), digest[:-1]):
+    for bad in ("", "../../etc/passwd", digest.upper(), digest[:-1], digest + "\n"):
         with pytest.raises(InvalidDigestError):
             check_sha256(bad)
     assert check_name("home-hub", field="device class") == "home-hub"
-    for bad in ("", "Hub", "a/b", "../x", "x" * 65):
+    # a trailing newline would spoof log lines and metric labels ("$" alone accepts one)
+    for bad in ("", "Hub", "a/b", "../x", "x" * 65, "hub-1\n", "hub-1\nfake log line"):
         with pytest.raises(InvalidNameError, match="device class"):
             check_name(bad, field="device class")
 
