@@ -189,9 +189,15 @@ class AgentHandlers:
         chunk_bytes = self._check_fetch(request)
         target = request.target_sha256
         await self._device(request.device_id)
-        artifact = await in_thread(self._store.find_artifact_by_sha256, target)
-        if artifact is None:
-            raise not_found(f"no artifact has sha256 {target}; fetch what WatchAssignments names")
+        desired = await in_thread(self._store.desired_set, request.device_id)
+        artifact = None
+        if any(a.sha256 == target for a in desired.assignments):
+            artifact = await in_thread(self._store.find_artifact_by_sha256, target)
+        if artifact is None:  # one answer for "no such artifact" and "not yours"
+            raise not_found(
+                f"no artifact with sha256 {target} is assigned to device {request.device_id}; "
+                "fetch what WatchAssignments names"
+            )
         try:
             payload = await self._payload(request)
         except FileNotFoundError as exc:

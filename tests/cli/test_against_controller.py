@@ -291,9 +291,11 @@ def test_refusals_only_a_device_meets_are_explained_the_same_way(
     """ALREADY_EXISTS and OUT_OF_RANGE come only from AgentService, never from a CLI call."""
     artifact_data = onnx_file(tmp_path / "m.onnx").read_bytes()
     live.add_model("motions", artifact_data)
-    sha = live.create_artifact("motions", "home-hub").sha256
+    artifact = live.create_artifact("motions", "home-hub")
+    sha = artifact.sha256
     with stubs(live.address) as (_, agent):
         register(agent, "hub-1", "home-hub")
+        live.assign(artifact.id, device_id="hub-1")  # a device fetches only its own
         with pytest.raises(grpc.RpcError) as taken:
             register(agent, "hub-1", "home-hub", arch="riscv64")
         request = fleet_pb2.FetchArtifactRequest(
@@ -372,6 +374,7 @@ def test_events_passes_filters_and_prints_json_only(
     live.add_model("n", n.read_bytes())
     with stubs(live.address) as (_, agent):
         register(agent, "hub-1", "home-hub")
+        live.assign(hub.id, device_id="hub-1")  # a device fetches only its own
         request = fleet_pb2.FetchArtifactRequest(device_id="hub-1", target_sha256=hub.sha256)
         assert b"".join(c.data for c in agent.FetchArtifact(request, timeout=10)) == m.read_bytes()
     for model in ("m", "n"):

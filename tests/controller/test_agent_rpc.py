@@ -303,7 +303,7 @@ def test_fetch_bad_input_gets_the_right_status_and_records_nothing(tmp_path: Pat
             await refused(
                 fetch_request(art, target_sha256=sha256(b"unknown")),
                 NOT_FOUND,
-                "no artifact has sha256",
+                "no artifact with sha256",
             )
             await refused(fetch_request(art, device_id="ghost"), NOT_FOUND, "register first")
             await refused(
@@ -470,6 +470,9 @@ def test_fetch_with_a_base_sends_a_delta_computed_once_and_resumable(tmp_path: P
             new_data = finetuned(old_data)
             await c.add_model("motions", new_data)
             new_art = await c.artifact("motions", "home-hub")
+            await c.admin.Assign(
+                pb.AssignRequest(artifact_id=new_art.id, device_class="home-hub"), timeout=10
+            )
 
             request = fetch_request(new_art, base_sha256=old_art.sha256)
             chunks = await collect(c.agent.FetchArtifact(request, timeout=60))
@@ -521,5 +524,29 @@ def test_fetch_with_a_base_sends_a_delta_computed_once_and_resumable(tmp_path: P
                 ("full", "", 0),
             ]
             assert details[0]["bytes_sent"] == total < details[0]["artifact_bytes"]
+
+    run(body())
+
+
+def test_a_device_fetches_only_what_is_assigned_to_it(tmp_path: Path) -> None:
+    """Another class's artifact gets the same answer as one that does not exist."""
+
+    async def body() -> None:
+        async with running_controller(tmp_path) as c:
+            _, hub_art = await deployed(c)
+            await c.add_model("doorbell", onnx_model(weights=1_000))
+            camera_art = await c.artifact("doorbell", "camera")
+            await c.admin.Assign(
+                pb.AssignRequest(artifact_id=camera_art.id, device_class="camera"), timeout=10
+            )
+            for target in (camera_art.sha256, sha256(b"no such artifact")):
+                await expect_status(
+                    collect(c.agent.FetchArtifact(fetch_request(camera_art, target_sha256=target))),
+                    NOT_FOUND,
+                    f"no artifact with sha256 {target} is assigned to device hub-1",
+                )
+            assert await c.events("artifact.fetch") == []  # nothing was sent
+            chunks = await collect(c.agent.FetchArtifact(fetch_request(hub_art), timeout=10))
+            assert chunks and chunks[-1].total_bytes == hub_art.size_bytes
 
     run(body())

@@ -525,9 +525,19 @@ def test_a_delta_that_does_not_rebuild_the_artifact_falls_back_to_the_full_one(
             old = await deploy(controller, agent, old_data)
             model = await controller.add_model("motions", new_data)
             new = await controller.create_artifact("motions", "home-hub", model.version)
-            # have the controller compute the delta, then damage its stored payload
+            # have the controller compute the delta (for another device of the class, which
+            # may fetch it: it is assigned there), then damage its stored payload
+            await controller.agent.Register(
+                fleet_pb2.RegisterRequest(
+                    device_id="prefetcher",
+                    device_class="home-hub",
+                    hardware=fleet_pb2.HardwareInfo(arch="x86_64", cpu_cores=1),
+                ),
+                timeout=30,
+            )
+            await controller.assign(new.id, device_id="prefetcher")
             request = fleet_pb2.FetchArtifactRequest(
-                device_id=DEVICE, target_sha256=new.sha256, base_sha256=old.sha256
+                device_id="prefetcher", target_sha256=new.sha256, base_sha256=old.sha256
             )
             chunks = [c async for c in controller.agent.FetchArtifact(request, timeout=60)]
             assert chunks[0].encoding == fleet_pb2.PAYLOAD_ENCODING_DELTA
