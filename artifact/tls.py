@@ -50,13 +50,20 @@ class TlsError(ValueError):
     """A TLS directory or certificate that cannot be used; the message says what to fix."""
 
 
+CLASS_URI = "homefleet:device-class:"  # a device certificate's SAN: the class it may join
+NAME_URI = "homefleet:{role}:"  # a client certificate's SAN: never a DNS name (so no
+# device named like a host could pass for the controller, even without the EKU check)
+
+
 @dataclass(frozen=True)
 class Identity:
-    """Who a certificate names: the common name and the role (and which certificate)."""
+    """Who a certificate names: the common name, the role, which certificate, and for a
+    device the class it was issued for."""
 
     name: str
     role: Role
     serial: int = 0
+    device_class: str | None = None
 
     @classmethod
     def of(cls, cert: x509.Certificate) -> Identity:
@@ -76,7 +83,26 @@ class Identity:
                 f"certificate for {names[0].value!r} has role (OU) {unit!r}; expected one of "
                 f"{', '.join(r.value for r in Role)}"
             ) from None
-        return cls(str(names[0].value), role, cert.serial_number)
+        name = str(names[0].value)
+        device_class = None
+        if role is Role.DEVICE:
+            classes = [u[len(CLASS_URI) :] for u in _uris(cert) if u.startswith(CLASS_URI)]
+            if len(classes) != 1:
+                raise TlsError(
+                    f"device certificate for {name!r} names {len(classes)} device classes; it "
+                    f"needs exactly one (a {CLASS_URI}NAME subject alternative name: issue it "
+                    "with `homefleet certs device ID DIR --class CLASS`)"
+                )
+            device_class = classes[0]
+        return cls(name, role, cert.serial_number, device_class)
+
+
+def _uris(cert: x509.Certificate) -> list[str]:
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(u) for u in names.get_values_for_type(x509.UniformResourceIdentifier)]
 
 
 def _read(directory: Path, name: str) -> bytes:

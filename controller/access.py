@@ -5,7 +5,8 @@ certificate the HomeFleet CA signed; here its subject decides:
 
 - AgentService: a *device* certificate, and only for the device it names — a request's
   ``device_id`` must equal the certificate's common name, so one home's device cannot
-  register, watch, fetch or report as another;
+  register, watch, fetch or report as another — and registering only in the device class
+  the certificate names, so a device cannot choose another class's models;
 - AdminService: an *admin* certificate;
 - and never a certificate the CA revoked (`revocation.py`).
 
@@ -52,8 +53,11 @@ class Access:
             )
         return identity
 
-    def check_agent(self, context: Context, device_id: str) -> None:
-        """An AgentService call for ``device_id``: only that device's own certificate."""
+    def check_agent(
+        self, context: Context, device_id: str, device_class: str | None = None
+    ) -> None:
+        """An AgentService call for ``device_id`` (registering in ``device_class``): only
+        that device's own certificate, and only in the class it was issued for."""
         if not self.mtls:
             return
         peer = self._peer(context)
@@ -65,6 +69,11 @@ class Access:
         if peer.name != device_id:
             raise _denied(
                 f"the certificate is device {peer.name!r}'s; it cannot act as device {device_id!r}"
+            )
+        if device_class is not None and device_class != peer.device_class:
+            raise _denied(
+                f"device {peer.name!r}'s certificate is for class {peer.device_class!r}; it "
+                f"cannot register in class {device_class!r}"
             )
 
     def check_admin(self, context: Context) -> None:

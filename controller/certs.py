@@ -24,7 +24,9 @@ from artifact.names import InvalidNameError, check_name
 from artifact.tls import (
     CA_FILE,
     CERT_FILE,
+    CLASS_URI,
     KEY_FILE,
+    NAME_URI,
     ORGANIZATION,
     Role,
     TlsError,
@@ -211,10 +213,16 @@ class CertificateAuthority:
         role: Role,
         *,
         hosts: tuple[str, ...] = (),
+        device_class: str | None = None,
         days: int = LEAF_DAYS,
         replace: bool = False,
     ) -> Issued:
-        """A key and certificate for ``name`` in ``role``, written as a TLS directory."""
+        """A key and certificate for ``name`` in ``role``, written as a TLS directory.
+
+        Who may use it is in its subject alternative names: a controller's the hosts
+        clients dial; a device's its id and the class it may register in (so a device
+        cannot pick another class's models); an admin's its name — never a DNS name.
+        """
         _check_days(days)
         if role is Role.CONTROLLER:
             if not hosts:
@@ -222,11 +230,19 @@ class CertificateAuthority:
                     "a controller certificate needs the names clients dial: --host NAME or "
                     "--host IP (repeatable), e.g. --host controller.example.org --host 127.0.0.1"
                 )
+            alt_names = [_general_name(h) for h in hosts]
         else:
-            try:
-                check_name(name, field=f"{role.value} name")
-            except InvalidNameError as exc:
-                raise TlsError(str(exc)) from None
+            _check_tls_name(name, f"{role.value} name")
+            uri = NAME_URI.format(role=role.value) + name
+            alt_names = [x509.UniformResourceIdentifier(uri)]
+            if role is Role.DEVICE:
+                if device_class is None:
+                    raise TlsError(
+                        f"a device certificate names the class {name!r} may register in: "
+                        "--class CLASS (e.g. --class home-hub)"
+                    )
+                _check_tls_name(device_class, "device class")
+                alt_names.append(x509.UniformResourceIdentifier(CLASS_URI + device_class))
         out_dir = Path(out_dir).expanduser()
         _refuse_overwrite([out_dir / CERT_FILE, out_dir / KEY_FILE], replace)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -246,22 +262,41 @@ class CertificateAuthority:
             .not_valid_before(now - BACKDATE)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_LEAF_KEY_USAGE, critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
             )
         )
-        if hosts:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([_general_name(h) for h in hosts]), critical=False
-            )
         cert = builder.sign(self.key, hashes.SHA256())
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out_dir / KEY_FILE, pem_private_key(key))
         atomic_write_bytes(out_dir / CERT_FILE, _pem_cert(cert))
         atomic_write_bytes(out_dir / CA_FILE, self.pem)
         return Issued(out_dir, name, role, cert.not_valid_after_utc, cert.serial_number)
+
+
+def _check_tls_name(value: str, field: str) -> None:
+    try:
+        check_name(value, field=field)
+    except InvalidNameError as exc:
+        raise TlsError(str(exc)) from None
+
+
+# an ECDHE handshake only signs with a leaf key: nothing else may be done with it
+_LEAF_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
 
 
 def _general_name(host: str) -> x509.GeneralName:

@@ -47,7 +47,12 @@ class AgentServicer(fleet_pb2_grpc.AgentServiceServicer):
 
     def authorize(self, request: object, context: Context) -> None:
         """Every AgentService request names its device (field 1): its own certificate only."""
-        self._access.check_agent(context, str(getattr(request, "device_id", "")))
+        device_class = getattr(request, "device_class", None)  # RegisterRequest only
+        self._access.check_agent(
+            context,
+            str(getattr(request, "device_id", "")),
+            None if device_class is None else str(device_class),
+        )
 
     @rpc
     async def Register(self, request: pb.RegisterRequest, context: Context) -> pb.RegisterResponse:

@@ -113,6 +113,13 @@ class AgentConfig:
                 f"{self.tls_dir} holds device {bundle.identity.name!r}'s certificate, but this "
                 f"agent runs as --device-id {self.device_id!r}: the controller would refuse it",
             )
+        if bundle.identity.device_class != self.device_class:
+            raise _invalid(
+                "--tls",
+                f"{self.tls_dir} holds a certificate for class "
+                f"{bundle.identity.device_class!r}, but this agent runs as --device-class "
+                f"{self.device_class!r}: the controller would refuse it",
+            )
         return bundle
 
     def __post_init__(self) -> None:

@@ -4,7 +4,7 @@ Offline (cryptography only). A typical setup:
 
     homefleet certs ca ca/
     homefleet certs controller tls/controller --ca ca/ --host fleet.example.org
-    homefleet certs device hub-livingroom tls/hub-livingroom --ca ca/
+    homefleet certs device hub-livingroom tls/hub-livingroom --ca ca/ --class home-hub
     homefleet certs admin alice ~/.homefleet/alice --ca ca/
 
 then `homefleet controller serve --tls tls/controller`, `homefleet agent run --tls
@@ -70,6 +70,7 @@ def _issue(
     role: Role,
     *,
     hosts: tuple[str, ...] = (),
+    device_class: str | None = None,
     days: int | None,
     replace: bool,
 ) -> None:
@@ -77,7 +78,13 @@ def _issue(
 
     try:
         issued = CertificateAuthority.load(ca_dir).issue(
-            out_dir, name, role, hosts=hosts, days=days or LEAF_DAYS, replace=replace
+            out_dir,
+            name,
+            role,
+            hosts=hosts,
+            device_class=device_class,
+            days=days or LEAF_DAYS,
+            replace=replace,
         )
     except TlsError as exc:
         raise _usage_error(exc) from None
@@ -130,11 +137,22 @@ def device(
     device_id: Annotated[str, typer.Argument(help="The device id the agent runs as.")],
     out_dir: Annotated[Path, typer.Argument(help="The device's TLS directory to write.")],
     ca_dir: CaOption,
+    device_class: Annotated[
+        str, typer.Option("--class", help="The device class it may register in (home-hub).")
+    ],
     days: DaysOption = None,
     replace: ReplaceOption = False,
 ) -> None:
-    """A client certificate for one device: it may act as that device id and no other."""
-    _issue(ca_dir, out_dir, device_id, Role.DEVICE, days=days, replace=replace)
+    """A client certificate for one device: it may act as that device id, in that class."""
+    _issue(
+        ca_dir,
+        out_dir,
+        device_id,
+        Role.DEVICE,
+        device_class=device_class,
+        days=days,
+        replace=replace,
+    )
 
 
 @app.command("admin")
@@ -203,6 +221,8 @@ def show(
     table.add_row("directory", str(bundle.directory))
     table.add_row("name", bundle.identity.name)
     table.add_row("role", bundle.identity.role.value)
+    if bundle.identity.device_class is not None:
+        table.add_row("device class", bundle.identity.device_class)
     table.add_row("serial", f"{bundle.identity.serial:x}")
     table.add_row("valid until", f"{bundle.not_after:%Y-%m-%d %H:%M} UTC")
     Console().print(table)

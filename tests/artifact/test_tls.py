@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from artifact.tls import CA_FILE, CERT_FILE, KEY_FILE, Role, TlsBundle, TlsError
 from controller.certs import CA_KEY_FILE, CertificateAuthority, create_ca
@@ -92,12 +93,12 @@ def test_the_ca_is_never_replaced(pki: Pki) -> None:
 def test_reissuing_needs_replace_and_then_makes_a_new_key(pki: Pki, tmp_path: Path) -> None:
     ca = CertificateAuthority.load(pki.ca_dir)
     out = tmp_path / "hub-2"
-    ca.issue(out, "hub-2", Role.DEVICE)
+    ca.issue(out, "hub-2", Role.DEVICE, device_class="home-hub")
     first = (out / KEY_FILE).read_bytes()
     with pytest.raises(TlsError, match=r"already exists: .* --replace"):
-        ca.issue(out, "hub-2", Role.DEVICE)
+        ca.issue(out, "hub-2", Role.DEVICE, device_class="home-hub")
     assert (out / KEY_FILE).read_bytes() == first
-    ca.issue(out, "hub-2", Role.DEVICE, replace=True)
+    ca.issue(out, "hub-2", Role.DEVICE, device_class="home-hub", replace=True)
     assert (out / KEY_FILE).read_bytes() != first
     assert TlsBundle.load(out).identity.name == "hub-2"
 
@@ -107,11 +108,32 @@ def test_bad_names_and_hosts_are_refused_before_anything_is_written(
 ) -> None:
     ca = CertificateAuthority.load(pki.ca_dir)
     with pytest.raises(TlsError, match="device name 'Hub 1' is not valid"):
-        ca.issue(tmp_path / "a", "Hub 1", Role.DEVICE)
+        ca.issue(tmp_path / "a", "Hub 1", Role.DEVICE, device_class="home-hub")
     with pytest.raises(TlsError, match="needs the names clients dial"):
         ca.issue(tmp_path / "b", "homefleet-controller", Role.CONTROLLER)
     with pytest.raises(TlsError, match="neither a DNS name nor an IP address"):
         ca.issue(tmp_path / "c", "homefleet-controller", Role.CONTROLLER, hosts=("a b",))
     with pytest.raises(TlsError, match="validity must be"):
-        ca.issue(tmp_path / "d", "hub-3", Role.DEVICE, days=0)
+        ca.issue(tmp_path / "d", "hub-3", Role.DEVICE, device_class="home-hub", days=0)
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_client_certificates_carry_uris_not_host_names_and_sign_only(pki: Pki) -> None:
+    cert = x509.load_pem_x509_certificate((pki.device("hub-1") / CERT_FILE).read_bytes())
+    alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert alt.get_values_for_type(x509.DNSName) == []  # cannot pass for a controller
+    assert alt.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "homefleet:device:hub-1",
+        "homefleet:device-class:home-hub",
+    ]
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.digital_signature
+    assert not (usage.value.key_cert_sign or usage.value.crl_sign)
+    assert TlsBundle.load(pki.device("hub-1")).identity.device_class == "home-hub"
+
+
+def test_a_device_certificate_must_name_its_class(pki: Pki, tmp_path: Path) -> None:
+    ca = CertificateAuthority.load(pki.ca_dir)
+    with pytest.raises(TlsError, match="--class CLASS"):
+        ca.issue(tmp_path / "x", "hub-5", Role.DEVICE)
+    assert not (tmp_path / "x").exists()

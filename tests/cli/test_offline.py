@@ -143,7 +143,7 @@ def test_certs_make_a_ca_and_the_three_kinds_of_tls_directory(
     assert made.exit_code == 0, made.output
     steps = [
         ["certs", "controller", str(tmp_path / "ctl"), "--ca", ca, "--host", "127.0.0.1"],
-        ["certs", "device", "hub-1", str(tmp_path / "hub-1"), "--ca", ca, "--days", "30"],
+        ["certs", "device", "hub-1", str(tmp_path / "hub-1"), "--ca", ca, "--class", "home-hub"],
         ["certs", "admin", "alice", str(tmp_path / "alice"), "--ca", ca],
     ]
     for args in steps:
@@ -159,9 +159,9 @@ def test_certs_make_a_ca_and_the_three_kinds_of_tls_directory(
     ("args", "message"),
     [
         (["certs", "ca", "{ca}"], "already exists"),  # never replaces a CA
-        (["certs", "device", "Hub 1", "{out}", "--ca", "{ca}"], "is not valid"),
+        (["certs", "device", "Hub 1", "{out}", "--ca", "{ca}", "--class", "hub"], "is not valid"),
         (["certs", "controller", "{out}", "--ca", "{ca}", "--host", "a b"], "neither a DNS"),
-        (["certs", "device", "hub-1", "{out}", "--ca", "{missing}"], "is missing"),
+        (["certs", "device", "hub-1", "{out}", "--ca", "{missing}", "--class", "x"], "missing"),
         (["certs", "show", "{missing}"], "not a directory"),
     ],
 )

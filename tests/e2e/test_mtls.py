@@ -145,6 +145,23 @@ def test_a_device_certificate_acts_only_as_its_own_device(pki: Pki, controller: 
     assert list_devices(controller.address, pki.admin("alice")) == ["hub-1"]  # no hub-2
 
 
+def test_a_device_certificate_registers_only_in_its_class(pki: Pki, controller: Controller) -> None:
+    camera_1 = pki.device("camera-1", device_class="camera")
+    with channel_as(controller.address, camera_1) as channel, pytest.raises(grpc.RpcError) as call:
+        fleet_pb2_grpc.AgentServiceStub(channel).Register(
+            fleet_pb2.RegisterRequest(
+                device_id="camera-1",
+                device_class="home-hub",  # where the models it wants would be
+                hardware=fleet_pb2.HardwareInfo(arch="x86_64", cpu_cores=2),
+            ),
+            timeout=10,
+        )
+    code, details = status_of(call.value)
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    assert "for class 'camera'" in details and "class 'home-hub'" in details
+    assert list_devices(controller.address, pki.admin("alice")) == []
+
+
 def test_an_admin_certificate_cannot_act_as_a_device(pki: Pki, controller: Controller) -> None:
     with pytest.raises(grpc.RpcError) as call:
         register(controller.address, pki.admin("alice"), "alice")
@@ -212,6 +229,12 @@ def test_an_agent_refuses_to_start_with_another_devices_certificate(
     assert done.returncode == 2
     assert "holds device 'hub-1''s certificate" in done.stderr
     assert "--device-id 'hub-2'" in done.stderr
+    other_class = homefleet(
+        "agent", "run", "--device-id", "hub-1", "--device-class", "camera",
+        "--state-dir", str(tmp_path / "state"), "--tls", str(pki.device("hub-1")),
+    )  # fmt: skip
+    assert other_class.returncode == 2
+    assert "certificate for class 'home-hub'" in other_class.stderr
     assert not (tmp_path / "state").exists()
 
 
@@ -285,7 +308,8 @@ def test_a_renewed_certificate_is_used_at_the_next_connection_without_a_restart(
     try:
         wait_for("hub-1 to register", lambda: registrations(controller, "hub-1") or None)
         old = TlsBundle.load(tls).identity.serial
-        pki.ca().issue(tls, "hub-1", Role.DEVICE, replace=True)  # renewed in place
+        # renewed in place
+        pki.ca().issue(tls, "hub-1", Role.DEVICE, device_class="home-hub", replace=True)
         pki.ca().revoke(old, pki.controller() / CRL_FILE)  # and the old one cut off
         before = registrations(controller, "hub-1")
         assert controller.stop() == 0, controller.process.log()

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from artifact.files import atomic_write_bytes
-from artifact.tls import CA_FILE, CERT_FILE, KEY_FILE, Role
+from artifact.tls import CA_FILE, CERT_FILE, CLASS_URI, KEY_FILE, Role
 from controller.certs import CertificateAuthority, create_ca, leaf_subject, pem_private_key
 
 
@@ -34,10 +34,10 @@ class Pki:
             self.ca().issue(out, "homefleet-controller", Role.CONTROLLER, hosts=("127.0.0.1",))
         return out
 
-    def device(self, device_id: str) -> Path:
+    def device(self, device_id: str, device_class: str = "home-hub") -> Path:
         out = self.root / "devices" / device_id
         if not (out / CERT_FILE).exists():
-            self.ca().issue(out, device_id, Role.DEVICE)
+            self.ca().issue(out, device_id, Role.DEVICE, device_class=device_class)
         return out
 
     def admin(self, name: str = "alice") -> Path:
@@ -63,6 +63,12 @@ class Pki:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=30))
             .not_valid_after(now - datetime.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(f"{CLASS_URI}home-hub")]
+                ),
+                critical=False,
+            )
             .sign(ca.key, hashes.SHA256())
         )
         atomic_write_bytes(out / KEY_FILE, pem_private_key(key))
