@@ -184,9 +184,10 @@ class CertificateAuthority:
     def revoke(self, serial: int, crl_path: Path) -> frozenset[int]:
         """Add ``serial`` to the CRL at ``crl_path`` (made when absent), re-signed; the
         revoked serials after."""
-        revoked: frozenset[int] = frozenset()
+        revoked, number = frozenset[int](), 0
         if crl_path.exists():
-            revoked = load_crl(crl_path.read_bytes(), self.cert, crl_path)
+            current = load_crl(crl_path.read_bytes(), self.cert, crl_path)
+            revoked, number = current.serials, current.number
         revoked |= {serial}
         now = _now()
         builder = (
@@ -194,6 +195,7 @@ class CertificateAuthority:
             .issuer_name(self.cert.subject)
             .last_update(now - BACKDATE)
             .next_update(now + datetime.timedelta(days=CRL_DAYS))
+            .add_extension(x509.CRLNumber(number + 1), critical=False)  # newer lists count up
         )
         for number in sorted(revoked):
             builder = builder.add_revoked_certificate(

@@ -145,6 +145,13 @@ class ControllerConfig:
             )
         if not 0 <= self.grace_seconds <= 600:
             raise ConfigError(f"grace_seconds must be 0..600, got {self.grace_seconds}")
+        if self.metrics_port is not None and not self.insecure and not is_loopback(self.http_host):
+            raise ConfigError(
+                f"the dashboard and /metrics are plain HTTP without client identities: serving "
+                f"them on {self.http_host} shows the fleet to anyone who reaches the port; pass "
+                "--metrics-host 127.0.0.1 (scrape there or through a proxy), or --insecure on a "
+                "network you trust"
+            )
         if self.tls_dir is not None:
             object.__setattr__(self, "tls_dir", Path(self.tls_dir).expanduser().resolve())
         elif not self.insecure and not is_loopback(self.host):

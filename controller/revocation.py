@@ -7,8 +7,9 @@ changed. gRPC's Python server cannot check a CRL during the handshake, so `Acces
 checks each call's certificate serial here.
 
 A CRL must be signed by the CA. One that is not (or cannot be parsed) is refused at
-start; appearing later, it is logged and the previous list stays in force — a broken
-file never silently lets a revoked device back in.
+start; appearing later, it is logged and the previous list stays in force, as it does
+when the file disappears or is replaced by an older list (a lower CRL number): no broken,
+missing or stale file silently lets a revoked device back in.
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ log = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 2.0
 
 
-def load_crl(data: bytes, ca: x509.Certificate, path: Path) -> frozenset[int]:
+@dataclass(frozen=True)
+class Crl:
+    """What a CRL says: the revoked serials, and its number (each new list counts up)."""
+
+    serials: frozenset[int]
+    number: int  # its CRLNumber extension; 0 when it has none
+
+
+def load_crl(data: bytes, ca: x509.Certificate, path: Path) -> Crl:
     """The revoked serials in a PEM CRL, after checking the CA signed it."""
     try:
         crl = x509.load_pem_x509_crl(data)
@@ -39,7 +48,11 @@ def load_crl(data: bytes, ca: x509.Certificate, path: Path) -> frozenset[int]:
     public = ca.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(public):
         raise TlsError(f"{path} is not signed by the CA this controller trusts")
-    return frozenset(revoked.serial_number for revoked in crl)
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = 0
+    return Crl(frozenset(revoked.serial_number for revoked in crl), number)
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,7 @@ class RevocationList:
         self._interval = check_interval_s
         self._lock = threading.Lock()
         self._serials: frozenset[int] = frozenset()
+        self._number: int | None = None  # the CRL number in force; None: no list yet
         self._seen: _Seen | None = None
         self._checked = 0.0
         self._reload(strict=True)
@@ -75,20 +89,34 @@ class RevocationList:
         self._checked = time.monotonic()
         if seen == self._seen:
             return
+        self._seen = seen  # a bad file is judged once, not on every call
         if seen is None:
-            serials: frozenset[int] = frozenset()
-        else:
-            try:
-                serials = load_crl(self.path.read_bytes(), self._ca, self.path)
-            except (TlsError, OSError) as exc:
-                if strict:
-                    raise TlsError(str(exc)) from None
-                log.error("keeping the previous revocation list (%d serials): %s", len(self), exc)
-                self._seen = seen  # do not retry a broken file every call
-                return
-        if seen is not None or self._serials:
-            log.info("revocation list %s: %d revoked certificate(s)", self.path, len(serials))
-        self._serials, self._seen = serials, seen
+            if self._number is not None:  # it was there: a deletion revokes nothing back
+                log.error(
+                    "%s disappeared; the %d revocation(s) it held stay in force (restart the "
+                    "controller without it to drop them)",
+                    self.path,
+                    len(self),
+                )
+            return
+        try:
+            crl = load_crl(self.path.read_bytes(), self._ca, self.path)
+        except (TlsError, OSError) as exc:
+            if strict:
+                raise TlsError(str(exc)) from None
+            log.error("keeping the previous revocation list (%d serials): %s", len(self), exc)
+            return
+        if self._number is not None and crl.number < self._number:
+            log.error(
+                "%s is revocation list number %d, older than number %d in force: ignored (an "
+                "old copy would let revoked certificates back in)",
+                self.path,
+                crl.number,
+                self._number,
+            )
+            return
+        log.info("revocation list %s: %d revoked certificate(s)", self.path, len(crl.serials))
+        self._serials, self._number = crl.serials, crl.number
 
     def __len__(self) -> int:
         return len(self._serials)

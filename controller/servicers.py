@@ -72,6 +72,7 @@ class AgentServicer(fleet_pb2_grpc.AgentServiceServicer):
     @rpc
     async def FetchArtifact(self, request: pb.FetchArtifactRequest, context: Context) -> None:
         async def send(chunk: Chunk) -> None:
+            self.authorize(request, context)  # a revoked device stops mid-download
             await context.write(convert.chunk_to_proto(chunk))
 
         await self._h.fetch(convert.fetch_from_proto(request), send)
@@ -205,6 +206,7 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
     @long_lived_rpc
     async def WatchCompressionJob(self, request: pb.CompressionJobRef, context: Context) -> None:
         async def send(job: CompressionJobRecord) -> None:
+            self.authorize(request, context)  # a revoked admin stops receiving updates
             await context.write(wire.job_to_proto(job))
 
         await self._jobs.watch(request.id, send)

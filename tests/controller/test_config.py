@@ -63,3 +63,16 @@ def test_the_dashboard_listens_on_host_unless_told_otherwise(tmp_path: Path) -> 
     assert local.http_host == "::1"
     with pytest.raises(ConfigError, match="metrics_host"):
         ControllerConfig(data_dir=tmp_path, metrics_host=" ")
+
+
+def test_a_public_dashboard_must_be_asked_for(tmp_path: Path) -> None:
+    tls = tmp_path / "tls"
+    with pytest.raises(ConfigError, match=r"plain HTTP .* --metrics-host 127\.0\.0\.1"):
+        ControllerConfig(data_dir=tmp_path, host="0.0.0.0", tls_dir=tls, metrics_port=9100)
+    local = ControllerConfig(
+        data_dir=tmp_path, host="0.0.0.0", tls_dir=tls, metrics_port=9100, metrics_host="127.0.0.1"
+    )
+    assert local.http_host == "127.0.0.1"
+    assert ControllerConfig(
+        data_dir=tmp_path, host="0.0.0.0", tls_dir=tls, metrics_port=9100, insecure=True
+    ).insecure

@@ -25,7 +25,23 @@ def test_follows_the_file_and_keeps_the_last_good_list(tmp_path: Path) -> None:
     crl.write_bytes(b"truncated by a bad copy")
     assert revoked.is_revoked(7) and revoked.is_revoked(8)  # still in force
     crl.unlink()
-    assert not revoked.is_revoked(7)  # the operator removed the list
+    assert revoked.is_revoked(7)  # a deleted list revokes nothing back
+    ca.revoke(9, crl)  # a new list (number 1, only 9): older than number 2 in force
+    assert revoked.is_revoked(7) and not revoked.is_revoked(9)
+    ca.revoke(10, crl)
+    ca.revoke(11, crl)  # number 3: newer, in force
+    assert revoked.is_revoked(11) and not revoked.is_revoked(7)
+
+
+def test_an_old_copy_of_the_list_does_not_let_revoked_devices_back(tmp_path: Path) -> None:
+    ca = make_pki(tmp_path / "pki").ca()
+    crl = tmp_path / "crl.pem"
+    ca.revoke(7, crl)
+    first = crl.read_bytes()
+    ca.revoke(8, crl)
+    revoked = RevocationList(crl, ca.cert, check_interval_s=0)
+    crl.write_bytes(first)  # restored from an old backup: number 1 < 2
+    assert revoked.is_revoked(8)
 
 
 def test_a_list_the_ca_did_not_sign_is_refused_at_start(tmp_path: Path) -> None:

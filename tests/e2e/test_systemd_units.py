@@ -93,22 +93,22 @@ def test_the_units_command_lines_serve_and_register_over_mutual_tls(tmp_path: Pa
         credentials = tmp_path / "credentials"  # what LoadCredential= puts in %d
         shutil.copytree(pki.device("hub-1"), credentials)
         shutil.copy(ctl.public_key, credentials / "signing.pub.pem")
-        runtime = tmp_path / "run"  # %t; RuntimeDirectory= makes %t/homefleet
-        (runtime / "homefleet").mkdir(parents=True)
-        agent_argv = expand(
-            exec_start(UNITS / "homefleet-agent.service"),
-            {"S": str(tmp_path / "device-var-lib"), "t": str(runtime), "d": str(credentials)},
-            {
-                "HOMEFLEET_CONTROLLER": ctl.address,
-                "HOMEFLEET_DEVICE_ID": "hub-1",
-                "HOMEFLEET_DEVICE_CLASS": "home-hub",
-            },
+        agent_argv = with_options(
+            expand(
+                exec_start(UNITS / "homefleet-agent.service"),
+                {"S": str(tmp_path / "device-var-lib"), "d": str(credentials)},
+                {
+                    "HOMEFLEET_CONTROLLER": ctl.address,
+                    "HOMEFLEET_DEVICE_ID": "hub-1",
+                    "HOMEFLEET_DEVICE_CLASS": "home-hub",
+                },
+            ),
+            {"--listen": "127.0.0.1:0"},  # the unit's fixed port may be taken here
         )
         agent = Process("agent hub-1", agent_argv, tmp_path / "logs" / "hub-1.log")
         agent.start()
         try:
             wait_for("hub-1 to register over mutual TLS", lambda: ctl.device("hub-1"))
-            assert (runtime / "homefleet" / "agent.sock").exists()
         finally:
             assert agent.stop(signal.SIGTERM) == 0, agent.log()
     finally:
