@@ -45,6 +45,12 @@ MAX_REASON = 4096
 MAX_WINDOWS_PER_BATCH = 1000
 MAX_ENERGY_SOURCE = 32
 LEASE_HEARTBEATS = 3  # a device stays ONLINE this many heartbeats past its last refresh
+# A window is the device's own account, so it is held to what a real one can say: it
+# cannot end in the future (beyond a device clock's drift), and it cannot count more
+# inferences than its length allows, or other than its histogram holds. One device could
+# otherwise fill its class's future budget slices, or outweigh every other device.
+MAX_CLOCK_AHEAD_MS = 5 * 60 * 1000
+MAX_INFERENCES_PER_MS = 1000  # a million a second: far above any device's real rate
 
 SendSet = Callable[[DesiredSet], Awaitable[None]]
 SendChunk = Callable[[Chunk], Awaitable[None]]
@@ -283,8 +289,9 @@ class AgentHandlers:
                 f"the batch has {len(windows)} windows; at most {MAX_WINDOWS_PER_BATCH} are "
                 "accepted per call: send smaller batches"
             )
+        latest_end = unix_ms() + MAX_CLOCK_AHEAD_MS
         for i, w in enumerate(windows):
-            _check_window(w, f"windows[{i}]")
+            _check_window(w, f"windows[{i}]", latest_end)
         return await self._telemetry.store(device_id, windows)
 
     async def close(self) -> None:
@@ -311,14 +318,21 @@ class AgentHandlers:
         await asyncio.shield(task)
 
 
-def _check_window(w: TelemetryWindow, at: str) -> None:
+def _check_window(w: TelemetryWindow, at: str, latest_end_unix_ms: int) -> None:
     validate.int_range(w.seq, f"{at}.seq", 0, validate.MAX_INT64)
     validate.name(w.model_name, f"{at}.model_name")
     validate.optional_digest(w.artifact_sha256, f"{at}.artifact_sha256")
     validate.int_range(w.start_unix_ms, f"{at}.start_unix_ms", 0, validate.MAX_INT64)
+    if w.end_unix_ms > latest_end_unix_ms:
+        raise invalid(
+            f"{at}.end_unix_ms {w.end_unix_ms} is in the future (more than "
+            f"{MAX_CLOCK_AHEAD_MS // 60_000} minutes ahead of the controller's clock): "
+            "set the device's clock (NTP)"
+        )
     validate.int_range(w.end_unix_ms, f"{at}.end_unix_ms", w.start_unix_ms, validate.MAX_INT64)
-    validate.int_range(w.count, f"{at}.count", 0, validate.MAX_INT64)
-    validate.int_range(w.errors, f"{at}.errors", 0, validate.MAX_INT64)
+    most = max(1, w.end_unix_ms - w.start_unix_ms) * MAX_INFERENCES_PER_MS
+    validate.int_range(w.count, f"{at}.count", 0, most)
+    validate.int_range(w.errors, f"{at}.errors", 0, w.count)
     validate.int_range(w.peak_memory_bytes, f"{at}.peak_memory_bytes", 0, validate.MAX_INT64)
     counts = w.latency_bucket_counts
     if counts and not (min(counts) >= 0 and max(counts) <= validate.MAX_INT64):
@@ -328,6 +342,11 @@ def _check_window(w: TelemetryWindow, at: str) -> None:
         histogram.check_counts(w.latency_bucket_counts, what=f"{at}.latency_bucket_counts")
     except histogram.HistogramError as exc:
         raise invalid(str(exc)) from exc
+    if sum(counts) != w.count:
+        raise invalid(
+            f"{at}.latency_bucket_counts hold {sum(counts)} inferences but count is {w.count}: "
+            "every inference of a window is in its histogram"
+        )
     validate.non_negative_float(w.cpu_seconds, f"{at}.cpu_seconds")
     validate.non_negative_float(w.joules, f"{at}.joules")
     validate.text(w.energy_source, f"{at}.energy_source", MAX_ENERGY_SOURCE)

@@ -13,6 +13,7 @@ from artifact import histogram
 from artifact.delta import apply_delta_bytes
 from artifact.delta.format import FORMAT_VERSION
 from artifact.manifest import Manifest
+from controller.clock import unix_ms
 from protos import fleet_pb2 as pb
 from tests.controller.helpers import (
     Harness,
@@ -446,6 +447,30 @@ def test_report_telemetry_is_idempotent_and_acks_the_highest_seq(tmp_path: Path)
                 INVALID,
                 "the shared histogram has",
             )
+            # what no real device can report: one device would outweigh its whole class
+            future = window(9)
+            future.start_unix_ms = unix_ms() + 3_600_000
+            future.end_unix_ms = future.start_unix_ms + 10_000
+            flood = window(10)
+            flood.count = 10**15  # a million inferences a millisecond is the limit
+            flood.latency_bucket_counts[0] += 10**15 - 100
+            hidden = window(11)
+            hidden.count = 200  # more than its histogram holds
+            too_many_errors = window(12)
+            too_many_errors.errors = 101
+            for bad_window, fragment in (
+                (future, "is in the future"),
+                (flood, "windows[0].count"),
+                (hidden, "count is 200"),
+                (too_many_errors, "windows[0].errors"),
+            ):
+                await expect_status(
+                    c.agent.ReportTelemetry(
+                        pb.TelemetryBatch(device_id="hub-1", windows=[bad_window]), timeout=10
+                    ),
+                    INVALID,
+                    fragment,
+                )
             assert c.snapshot() == before
 
     run(body())
