@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,17 @@ class TlsBundle:
             root_certificates=self.ca_pem,
             require_client_auth=True,
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP, IPv6 possibly in brackets) only accepts
+    connections from this machine: where plaintext without identities is acceptable."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _article(word: str) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from artifact.tls import is_loopback
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -67,16 +68,6 @@ class BudgetPolicy:
         if devices <= 1:
             return devices
         return min(max(1, round(devices * self.canary_share)), devices - 1)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,13 @@ def run(
             "--trust-key", help="Pinned ed25519 public key (PEM): refuse unsigned manifests."
         ),
     ] = None,
+    insecure_listen: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-listen",
+            help="Allow --listen beyond loopback (anyone who reaches it can run the models).",
+        ),
+    ] = False,
     tls: Annotated[
         Path | None,
         typer.Option(
@@ -132,6 +139,7 @@ def run(
             device_class=device_class,
             state_dir=state_dir,
             listen=ListenAddress(listen),
+            insecure_listen=insecure_listen,
             trust_key=trust_key,
             tls_dir=tls,
             threads=threads,

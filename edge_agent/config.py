@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from artifact.names import InvalidNameError, check_name
-from artifact.tls import Role, TlsBundle, TlsError
+from artifact.tls import Role, TlsBundle, TlsError, is_loopback
 from edge_agent.errors import AgentError, ErrorCode
 from edge_agent.meters import PowerModel
 
@@ -70,6 +70,8 @@ class AgentConfig:
     device_class: str
     state_dir: Path
     listen: ListenAddress = ListenAddress("127.0.0.1:0")
+    # The local inference API has no client identities: beyond loopback, only when asked.
+    insecure_listen: bool = False
     trust_key: Path | None = None
     tls_dir: Path | None = None  # mutual TLS: this device's certificate (artifact.tls)
     threads: int = 1
@@ -138,6 +140,17 @@ class AgentConfig:
             raise _invalid("--trust-key", f"{self.trust_key} is not a readable PEM file")
         if self.tls_dir is not None:
             self.device_tls()  # refuse a certificate that cannot work before dialing
+        if (
+            not self.listen.is_unix
+            and not self.insecure_listen
+            and not is_loopback(self.listen.text.rpartition(":")[0])
+        ):
+            raise _invalid(
+                "--listen",
+                f"{self.listen.text} would let anyone on the network run this device's models "
+                "(the local API has no client identities): listen on 127.0.0.1 or a unix "
+                "socket, or pass --insecure-listen on a network you trust",
+            )
         if not 1 <= self.threads <= 256:
             raise _invalid("--threads", f"expected 1..256, got {self.threads}")
         if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:

@@ -12,8 +12,9 @@ import grpc.aio
 import numpy as np
 import pytest
 
-from edge_agent.config import ListenAddress
+from edge_agent.config import AgentConfig, ListenAddress
 from edge_agent.convert import tensor_from_proto, tensor_to_proto
+from edge_agent.errors import AgentError
 from edge_agent.local_api import start_local_api
 from edge_agent.runtime import ModelRuntime
 from protos import fleet_pb2, fleet_pb2_grpc
@@ -219,3 +220,20 @@ def test_a_stale_socket_file_is_replaced_but_another_file_is_refused(
     with pytest.raises(AgentError, match="not a socket"):
         with_api(f"unix:{regular}", tmp_path, two_input_bytes, body)
     assert regular.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0", "192.168.1.20:8080", "hub.local:0"])
+def test_the_api_beyond_loopback_must_be_asked_for(tmp_path: Path, listen: str) -> None:
+    """The local API has no client identities: anyone who reaches it can run the models."""
+    fields: dict[str, Any] = {
+        "controller": "127.0.0.1:50051",
+        "device_id": "hub-1",
+        "device_class": "home-hub",
+        "state_dir": tmp_path,
+        "listen": ListenAddress(listen),
+    }
+    with pytest.raises(AgentError, match="--insecure-listen"):
+        AgentConfig(**fields)
+    assert AgentConfig(**fields, insecure_listen=True).insecure_listen
+    for local in ("127.0.0.1:0", "[::1]:0", "localhost:0", "unix:/run/agent.sock"):
+        AgentConfig(**(fields | {"listen": ListenAddress(local)}))
