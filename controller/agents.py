@@ -206,9 +206,10 @@ class AgentHandlers:
             )
         try:
             payload = await self._payload(request)
-        except FileNotFoundError as exc:
-            raise not_found(
-                f"the bytes of artifact {artifact.id} ({target}) are missing from the blob store"
+        except FileNotFoundError as exc:  # not NOT_FOUND: that says "not assigned to you"
+            raise FleetError(
+                ErrorCode.DATA_LOSS,
+                f"the bytes of artifact {artifact.id} ({target}) are missing from the blob store",
             ) from exc
         total = payload.size
         if request.offset > total:

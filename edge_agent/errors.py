@@ -34,6 +34,7 @@ class ErrorCode(enum.Enum):
     UNTRUSTED_MANIFEST = "untrusted_manifest"
     MANIFEST_MISMATCH = "manifest_mismatch"
     FETCH_FAILED = "fetch_failed"
+    NOT_ASSIGNED = "not_assigned"  # the controller no longer assigns it: superseded, not failed
     HASH_MISMATCH = "hash_mismatch"
     LOAD_FAILED = "load_failed"
     SELF_TEST_FAILED = "self_test_failed"
@@ -50,6 +51,7 @@ STATUS_OF: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.UNTRUSTED_MANIFEST: grpc.StatusCode.PERMISSION_DENIED,
     ErrorCode.MANIFEST_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.FETCH_FAILED: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.NOT_ASSIGNED: grpc.StatusCode.NOT_FOUND,
     ErrorCode.HASH_MISMATCH: grpc.StatusCode.DATA_LOSS,
     ErrorCode.LOAD_FAILED: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.SELF_TEST_FAILED: grpc.StatusCode.FAILED_PRECONDITION,

@@ -382,6 +382,13 @@ async def _fetch(stub: Any, download: _Download, backoff: Backoff) -> Payload:
                 failures += 1
                 if failures < plan.attempts:
                     continue
+            if code is grpc.StatusCode.NOT_FOUND:
+                # a device may fetch only what is assigned to it: the assignment changed
+                # while this download ran, and the new desired set is on its way
+                raise AgentError(
+                    ErrorCode.NOT_ASSIGNED,
+                    f"artifact {plan.sha256} is no longer assigned: {detail}",
+                ) from exc
             if code not in RETRYABLE:
                 raise _failed(
                     f"controller refused to send artifact {plan.sha256}: {code.name}: {detail}"

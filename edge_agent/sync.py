@@ -320,6 +320,9 @@ class SyncLoop:
         try:
             report = await self._deploy(stub, assignment)
         except AgentError as exc:
+            if exc.code is ErrorCode.NOT_ASSIGNED:  # superseded: nothing failed, nothing cached
+                log.info("stopped deploying %s=%s: %s", model, sha, exc.message)
+                return
             report = self._failure(model, sha, exc.message)
         except grpc.aio.AioRpcError:
             raise  # the controller went away: reconnect, then resume

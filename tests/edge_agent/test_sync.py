@@ -383,12 +383,12 @@ def test_a_fetch_the_controller_refuses_is_reported_not_retried(tmp_path: Path) 
     async def body(controller: Controller, state: Path) -> None:
         model = await controller.add_model("motions", data)
         artifact = await controller.create_artifact("motions", model_version=model.version)
-        controller.blob_path(artifact.sha256).unlink()  # NOT_FOUND: a refusal, not an outage
+        controller.blob_path(artifact.sha256).unlink()  # DATA_LOSS: a refusal, not an outage
         async with running_agent(state, controller.address) as agent:
             await controller.assign(artifact.id, device_class="home-hub")
             report = await wait_final(controller, artifact.sha256)
             assert report["outcome"] == "failed"
-            assert "NOT_FOUND" in report["reason"] and "missing" in report["reason"]
+            assert "DATA_LOSS" in report["reason"] and "missing" in report["reason"]
             assert agent.runtime.model_names() == []
             # one attempt, reported once: a refusal is not retried within the session
             outcomes = [r["outcome"] for r in await reports(controller, artifact.sha256)]
@@ -673,3 +673,37 @@ def test_a_fetch_the_controller_stops_answering_times_out_and_resumes(tmp_path: 
 
 async def _at_least(count: int, found: Awaitable[list[Report]]) -> bool:
     return len(await found) >= count
+
+
+def test_an_artifact_no_longer_assigned_is_skipped_not_failed(tmp_path: Path) -> None:
+    """A desired set the controller has moved past (the agent acts on it just as the
+    assignment changes): the fetch is refused, and the agent neither reports a failure nor
+    refuses the artifact later in the session when it is assigned after all."""
+
+    async def body(controller: Controller, state: Path) -> None:
+        async with running_agent(state, controller.address) as agent:
+            await eventually("the agent to register", lambda: registrations(controller))
+            await controller.agent.Register(
+                fleet_pb2.RegisterRequest(
+                    device_id="other",
+                    device_class="home-hub",
+                    hardware=fleet_pb2.HardwareInfo(arch="x86_64", cpu_cores=1),
+                ),
+                timeout=30,
+            )
+            model = await controller.add_model("motions", add_model(1.0))
+            artifact = await controller.create_artifact("motions", "home-hub", model.version)
+            await controller.assign(artifact.id, device_id="other")  # not to DEVICE
+            watch = controller.agent.WatchAssignments(
+                fleet_pb2.WatchAssignmentsRequest(device_id="other"), timeout=30
+            )
+            stale = await anext(aiter(watch))  # a desired set that is not DEVICE's
+            watch.cancel()
+            await agent.loop.apply(controller.agent, stale)  # a failure would be reported here
+            assert await final_report(controller, artifact.sha256) is None  # no "failed"
+
+            await controller.assign(artifact.id, device_class="home-hub")
+            report = await wait_final(controller, artifact.sha256)
+            assert report["outcome"] == "active", report
+
+    scenario(tmp_path, body)
