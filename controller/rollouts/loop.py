@@ -54,7 +54,7 @@ from controller.records import (
     NewEvent,
     TargetKind,
 )
-from controller.rollouts.check import BudgetCheck, check, slice_bounds
+from controller.rollouts.check import BudgetCheck, SliceVerdict, check, slice_bounds
 from controller.rollouts.records import NewRollout, RolloutChange, RolloutRecord, RolloutState
 from controller.rollouts.store import ClassAssignment, RolloutStore
 from controller.store import Store, all_devices
@@ -477,7 +477,7 @@ class RolloutLoop:
             if reference.improved_by(canary):
                 why = (
                     f"better than the baseline ({reference.describe(canary)}) though still "
-                    f"over budget ({'; '.join(canary.reasons)}); the next miss recompresses again"
+                    f"over budget ({over_budget(canary)}); the next miss recompresses again"
                 )
                 await self._finish(rollout, promote=True, canary=canary, rest=rest, why=why)
             else:
@@ -615,6 +615,13 @@ def recalibrated_speed(
 
 def _watched(budgets: Budgets) -> bool:
     return budgets.p95_latency_ms is not None or budgets.energy_per_inference_mj is not None
+
+
+def over_budget(verdict: BudgetCheck) -> str:
+    """What misses: the merged slices' reasons, or (when together they are within budget
+    and only some slice is not) how many slices missed."""
+    missed = verdict.verdicts.count(SliceVerdict.MISSED)
+    return "; ".join(verdict.reasons) or f"{missed} of {len(verdict.verdicts)} slices"
 
 
 # A canary over budget is kept only when it improves p95 by at least this factor (a

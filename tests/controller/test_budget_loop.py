@@ -28,7 +28,12 @@ from controller.dashboard.api import decisions
 from controller.db import make_engine
 from controller.device_classes import Budgets
 from controller.rollouts.check import SliceStats, SliceVerdict, check, slice_bounds
-from controller.rollouts.loop import CanaryReference, RolloutLoop, recalibrated_speed
+from controller.rollouts.loop import (
+    CanaryReference,
+    RolloutLoop,
+    over_budget,
+    recalibrated_speed,
+)
 from controller.rollouts.records import RolloutRecord, RolloutState
 from controller.sql_store import SqlStore
 from homefleet.cli import app
@@ -488,3 +493,11 @@ def test_a_canary_over_budget_is_kept_only_when_clearly_better() -> None:
     )
     assert alone.what == "the class before the rollout" and alone.p95_ms == 80.0
     assert alone.improved_by(check(BUDGETS, [stats(0.040, 60)] * 3, 50))
+
+
+def test_what_a_canary_misses_is_said_even_when_only_one_slice_misses() -> None:
+    slow = check(BUDGETS, [stats(SLOW, 60)] * 3, 50)
+    assert over_budget(slow) == "; ".join(slow.reasons) and "p95" in over_budget(slow)
+    one_slow_slice = check(BUDGETS, [stats(FAST, 600), stats(SLOW, 60), stats(FAST, 600)], 50)
+    assert not one_slow_slice.met and one_slow_slice.reasons == ()  # merged: within budget
+    assert over_budget(one_slow_slice) == "1 of 3 slices"
