@@ -298,15 +298,21 @@ def registrations(controller: Controller, device_id: str) -> int:
     )
 
 
+def registered_agent(tmp_path: Path, controller: Controller, tls: Path) -> Agent:
+    """Agent process hub-1 (home-hub) dialing with ``tls``, once it has registered."""
+    hub = Agent(
+        "hub-1", "home-hub", tmp_path / "agents" / "hub-1", controller.address, tls=tls
+    ).start()
+    wait_for("hub-1 to register", lambda: registrations(controller, "hub-1") or None)
+    return hub
+
+
 def test_a_renewed_certificate_is_used_at_the_next_connection_without_a_restart(
     tmp_path: Path, pki: Pki, controller: Controller
 ) -> None:
     tls = pki.device("hub-1")
-    hub = Agent(
-        "hub-1", "home-hub", tmp_path / "agents" / "hub-1", controller.address, tls=tls
-    ).start()
+    hub = registered_agent(tmp_path, controller, tls)
     try:
-        wait_for("hub-1 to register", lambda: registrations(controller, "hub-1") or None)
         old = TlsBundle.load(tls).identity.serial
         # renewed in place
         pki.ca().issue(tls, "hub-1", Role.DEVICE, device_class="home-hub", replace=True)
@@ -327,11 +333,8 @@ def test_revocation_ends_a_watch_stream_that_is_already_open(
     tmp_path: Path, pki: Pki, controller: Controller
 ) -> None:
     tls = pki.device("hub-1")
-    hub = Agent(
-        "hub-1", "home-hub", tmp_path / "agents" / "hub-1", controller.address, tls=tls
-    ).start()
+    hub = registered_agent(tmp_path, controller, tls)
     try:
-        wait_for("hub-1 to register", lambda: registrations(controller, "hub-1") or None)
         serial = TlsBundle.load(tls).identity.serial
         pki.ca().revoke(serial, pki.controller() / CRL_FILE)
         wait_for(

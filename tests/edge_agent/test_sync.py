@@ -128,6 +128,18 @@ async def registrations(controller: Controller) -> list[Report]:
     return [d for d in await controller.details("device.registered") if d["device_id"] == DEVICE]
 
 
+async def register_other(controller: Controller, device_id: str) -> None:
+    """Another home-hub device, registered by hand (no agent runs for it)."""
+    await controller.agent.Register(
+        fleet_pb2.RegisterRequest(
+            device_id=device_id,
+            device_class="home-hub",
+            hardware=fleet_pb2.HardwareInfo(arch="x86_64", cpu_cores=1),
+        ),
+        timeout=30,
+    )
+
+
 async def recorded_fetches(controller: Controller, sha: str) -> list[Report]:
     """The fetches of ``sha`` once the controller has recorded at least one (it records a
     call when the call ends, which can be just after the agent has reported on it)."""
@@ -527,14 +539,7 @@ def test_a_delta_that_does_not_rebuild_the_artifact_falls_back_to_the_full_one(
             new = await controller.create_artifact("motions", "home-hub", model.version)
             # have the controller compute the delta (for another device of the class, which
             # may fetch it: it is assigned there), then damage its stored payload
-            await controller.agent.Register(
-                fleet_pb2.RegisterRequest(
-                    device_id="prefetcher",
-                    device_class="home-hub",
-                    hardware=fleet_pb2.HardwareInfo(arch="x86_64", cpu_cores=1),
-                ),
-                timeout=30,
-            )
+            await register_other(controller, "prefetcher")
             await controller.assign(new.id, device_id="prefetcher")
             request = fleet_pb2.FetchArtifactRequest(
                 device_id="prefetcher", target_sha256=new.sha256, base_sha256=old.sha256
@@ -683,14 +688,7 @@ def test_an_artifact_no_longer_assigned_is_skipped_not_failed(tmp_path: Path) ->
     async def body(controller: Controller, state: Path) -> None:
         async with running_agent(state, controller.address) as agent:
             await eventually("the agent to register", lambda: registrations(controller))
-            await controller.agent.Register(
-                fleet_pb2.RegisterRequest(
-                    device_id="other",
-                    device_class="home-hub",
-                    hardware=fleet_pb2.HardwareInfo(arch="x86_64", cpu_cores=1),
-                ),
-                timeout=30,
-            )
+            await register_other(controller, "other")
             model = await controller.add_model("motions", add_model(1.0))
             artifact = await controller.create_artifact("motions", "home-hub", model.version)
             await controller.assign(artifact.id, device_id="other")  # not to DEVICE
