@@ -202,9 +202,10 @@ class ControllerServer:
         )
         self._health = AioHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (AGENT_SERVICE, ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
-        )
+        if tls is None:  # under mutual TLS reflection would bypass the access check
+            reflection.enable_server_reflection(
+                (AGENT_SERVICE, ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+            )
         where = bind_address(config.host, config.port)
         try:
             self.port = (

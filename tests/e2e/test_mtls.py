@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from artifact.tls import CA_FILE, CERT_FILE, CRL_FILE, KEY_FILE, Role, TlsBundle
 from protos import fleet_pb2, fleet_pb2_grpc
@@ -343,3 +344,13 @@ def test_revocation_ends_a_watch_stream_that_is_already_open(
         )
     finally:
         assert hub.stop() == 0, hub.process.log()
+
+
+def test_reflection_is_off_under_mutual_tls(pki: Pki, controller: Controller) -> None:
+    """Reflection is no AgentService or AdminService call: no access check would guard it."""
+    with channel_as(controller.address, pki.device("hub-1")) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.RpcError) as call:
+            list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+    assert status_of(call.value)[0] is grpc.StatusCode.UNIMPLEMENTED
