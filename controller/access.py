@@ -8,6 +8,7 @@ certificate the HomeFleet CA signed; here its subject decides:
   register, watch, fetch or report as another — and registering only in the device class
   the certificate names, so a device cannot choose another class's models;
 - AdminService: an *admin* certificate;
+- health checks: any certificate the CA issued (`health.py`);
 - and never a certificate the CA revoked (`revocation.py`).
 
 Without TLS (the embedded default on loopback, and tests) there is no identity to check
@@ -75,6 +76,11 @@ class Access:
                 f"device {peer.name!r}'s certificate is for class {peer.device_class!r}; it "
                 f"cannot register in class {device_class!r}"
             )
+
+    def check_peer(self, context: Context) -> None:
+        """A call any certificate the CA issued may make (health checks), unless revoked."""
+        if self.mtls:
+            self._peer(context)
 
     def check_admin(self, context: Context) -> None:
         """An AdminService call: only an admin certificate."""

@@ -18,9 +18,6 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-# The aio health servicer (grpc_health.v1.health.aio) is missing from the type stubs.
-from grpc_health.v1._async import HealthServicer as AioHealthServicer
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 
@@ -35,6 +32,7 @@ from controller.dashboard.http import DashboardServer, serve_dashboard
 from controller.db import create_schema, make_engine
 from controller.device_classes import DeviceClassError
 from controller.fleet_classes import DeviceClassRegistry
+from controller.health import GuardedHealthServicer
 from controller.jobs.handlers import CompressionHandlers
 from controller.jobs.runner import JobRunner
 from controller.jobs.watchers import JobWatchers
@@ -113,7 +111,7 @@ class ControllerServer:
         self.config = config
         self._server: grpc.aio.Server | None = None
         self._engine: Engine | None = None
-        self._health: AioHealthServicer | None = None
+        self._health: GuardedHealthServicer | None = None
         self._notifier = AssignmentNotifier()
         self._job_watchers = JobWatchers()
         self._jobs: JobRunner | None = None
@@ -200,7 +198,7 @@ class ControllerServer:
             AdminServicer(admin, compression, RolloutHandlers(rollout_store), limits, access),
             server,
         )
-        self._health = AioHealthServicer()
+        self._health = GuardedHealthServicer(limits, access)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if tls is None:  # under mutual TLS reflection would bypass the access check
             reflection.enable_server_reflection(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 
 from controller.config import ControllerConfig
@@ -69,6 +70,37 @@ def test_watch_streams_beyond_the_limit_are_refused(tmp_path: Path) -> None:
             second = c.agent.WatchAssignments(pb.WatchAssignmentsRequest(device_id="hub-1"))
             await expect_status(second.read(), grpc.StatusCode.RESOURCE_EXHAUSTED, "at most 1")
             first.cancel()
+
+    run(body())
+
+
+def test_health_watch_streams_share_the_watch_limit(tmp_path: Path) -> None:
+    """A health Watch holds a watch slot like an assignment stream: they cannot pile up."""
+
+    async def body() -> None:
+        async with running_controller(tmp_path, max_watch_streams=1) as c:
+            health = health_pb2_grpc.HealthStub(c.channel)
+            first = health.Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await first.read()).status == health_pb2.HealthCheckResponse.SERVING
+            second = health.Watch(health_pb2.HealthCheckRequest(service="anything"))
+            await expect_status(second.read(), grpc.StatusCode.RESOURCE_EXHAUSTED, "at most 1")
+            await c.register("hub-1")
+            agent = c.agent.WatchAssignments(pb.WatchAssignmentsRequest(device_id="hub-1"))
+            await expect_status(agent.read(), grpc.StatusCode.RESOURCE_EXHAUSTED, "at most 1")
+            first.cancel()
+            # the slot is free again once the health stream ends (checks never took one)
+            check = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            for _ in range(50):
+                agent = c.agent.WatchAssignments(pb.WatchAssignmentsRequest(device_id="hub-1"))
+                try:
+                    await agent.read()
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.1)  # the cancelled stream's slot is released
+            else:
+                raise AssertionError("the health stream's slot was never released")
+            agent.cancel()
 
     run(body())
 

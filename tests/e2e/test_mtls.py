@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from artifact.tls import CA_FILE, CERT_FILE, CRL_FILE, KEY_FILE, Role, TlsBundle
@@ -328,6 +329,31 @@ def test_a_renewed_certificate_is_used_at_the_next_connection_without_a_restart(
         assert hub.process.alive()
     finally:
         assert hub.stop() == 0, hub.process.log()
+
+
+def test_health_checks_need_a_certificate_that_is_not_revoked(
+    pki: Pki, controller: Controller
+) -> None:
+    """Health is open to any role the CA issued, but a revoked certificate is refused."""
+    request = health_pb2.HealthCheckRequest(service="")
+    for tls in (pki.device("hub-1"), pki.admin()):
+        with channel_as(controller.address, tls) as channel:
+            response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=10)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+    serial = TlsBundle.load(pki.device("hub-1")).identity.serial
+    pki.ca().revoke(serial, pki.controller() / CRL_FILE)
+
+    def refused() -> str | None:
+        with channel_as(controller.address, pki.device("hub-1")) as channel:
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(request, timeout=10)
+            except grpc.RpcError as exc:
+                code, details = status_of(exc)
+                assert code is grpc.StatusCode.PERMISSION_DENIED, details
+                return details
+        return None
+
+    assert "was revoked" in wait_for("the controller to read crl.pem", refused)
 
 
 def test_revocation_ends_a_watch_stream_that_is_already_open(
