@@ -161,4 +161,4 @@ def serve(
         serve_forever(config)
     except ControllerStartError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+        raise typer.Exit(2 if exc.configuration else 1) from exc

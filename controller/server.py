@@ -69,7 +69,20 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 
 
 class ControllerStartError(RuntimeError):
-    """The controller could not start (port in use, unreadable data directory, ...)."""
+    """The controller could not start (port in use, unreadable data directory, ...).
+
+    ``configuration`` marks what only an operator can fix (a broken device-class file, a
+    data directory that is a file, a bad certificate): `serve` exits 2 for it, which the
+    systemd unit does not restart, and 1 for what may pass (a port still in use).
+    """
+
+    def __init__(self, message: str, *, configuration: bool = False) -> None:
+        super().__init__(message)
+        self.configuration = configuration
+
+
+# A data directory that is a file, or one this user may not write: restarting won't help.
+_OPERATOR_FIXES = (FileExistsError, NotADirectoryError, PermissionError, IsADirectoryError)
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,7 @@ class ControllerServer:
         self.budget_loop: RolloutLoop | None = None
         self.port = 0
         self.info: ControllerInfo | None = None
+        self._previous_info: dict[str, object] | None = None  # a live controller's, kept
 
     @property
     def address(self) -> str:
@@ -138,10 +152,11 @@ class ControllerServer:
             chain = load_key_chain(config.key_dir)
         except OSError as exc:
             raise ControllerStartError(
-                f"cannot use data directory {config.data_dir}: {exc}"
+                f"cannot use data directory {config.data_dir}: {exc}",
+                configuration=isinstance(exc, _OPERATOR_FIXES),
             ) from exc
         except KeyStoreError as exc:
-            raise ControllerStartError(str(exc)) from exc
+            raise ControllerStartError(str(exc), configuration=True) from exc
         store = SqlStore(self._engine)
         resigned = await asyncio.to_thread(store.resign_artifacts, key.key_id, key.sign)
         backfilled = await asyncio.to_thread(store.backfill_telemetry_rollup)
@@ -182,7 +197,7 @@ class ControllerServer:
                 else DeviceClassRegistry()
             )
         except DeviceClassError as exc:
-            raise ControllerStartError(str(exc)) from exc
+            raise ControllerStartError(str(exc), configuration=True) from exc
         rollout_store = RolloutStore(self._engine)
         self.budget_loop = RolloutLoop(
             store,
@@ -247,6 +262,15 @@ class ControllerServer:
             ),
             tls_dir=str(tls.directory) if tls is not None else "",
         )
+        self._previous_info = _live_info(config.info_path)
+        if self._previous_info is not None:
+            log.warning(
+                "another controller (pid %s, %s) uses data directory %s: both share its "
+                "database and blobs; controller.json names this one until it stops",
+                self._previous_info.get("pid"),
+                self._previous_info.get("address"),
+                config.data_dir,
+            )
         atomic_write_bytes(config.info_path, self.info.to_json_bytes())
         log.info(
             "controller listening on %s (%s; data %s, key %s)",
@@ -282,7 +306,7 @@ class ControllerServer:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
-        _remove_info(self.config.info_path, os.getpid())
+        _remove_info(self.config.info_path, os.getpid(), self._previous_info)
         log.info("controller stopped")
 
     async def wait_for_termination(self) -> None:
@@ -299,13 +323,44 @@ def _load_tls(config: ControllerConfig) -> tuple[TlsBundle | None, RevocationLis
         ca = x509.load_pem_x509_certificate(bundle.ca_pem)
         return bundle, RevocationList(config.tls_dir / CRL_FILE, ca)
     except TlsError as exc:
-        raise ControllerStartError(f"cannot serve with TLS: {exc}") from exc
+        raise ControllerStartError(f"cannot serve with TLS: {exc}", configuration=True) from exc
 
 
-def _remove_info(path: Path, pid: int) -> None:
-    """Remove controller.json if it is still ours: its presence means 'listening'."""
+def _live_info(path: Path) -> dict[str, object] | None:
+    """controller.json as written by another controller process that still runs, if any."""
     try:
-        if json.loads(path.read_bytes()).get("pid") == pid:
+        info = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("pid") == os.getpid():
+        return None
+    return info if _running(info.get("pid")) else None
+
+
+def _running(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def _remove_info(path: Path, pid: int, previous: dict[str, object] | None) -> None:
+    """Remove controller.json if it is still ours: its presence means 'listening'. When
+    another controller on the same data directory wrote it before us and still runs,
+    its file is put back, so that controller stays findable."""
+    try:
+        if json.loads(path.read_bytes()).get("pid") != pid:
+            return
+        if previous is not None and _running(previous.get("pid")):
+            atomic_write_bytes(
+                path, json.dumps(previous, indent=2, sort_keys=True).encode() + b"\n"
+            )
+        else:
             path.unlink()
     except (OSError, ValueError):
         pass

@@ -168,6 +168,92 @@ def test_serve_command_refuses_bad_flags(tmp_path: Path) -> None:
     assert not (tmp_path / "homefleet.db").exists()  # refused before anything was made
 
 
+def test_start_errors_an_operator_must_fix_exit_2_and_transient_ones_exit_1(
+    tmp_path: Path,
+) -> None:
+    """The systemd unit restarts exit 1 and not exit 2: a typo must not loop forever."""
+    broken = tmp_path / "classes"
+    broken.mkdir()
+    (broken / "hub.yaml").write_text("name: [unclosed\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    for extra, message in (
+        (("--device-classes", str(broken)), b"hub.yaml"),
+        (("--device-classes", str(tmp_path / "missing")), b"is not a directory"),
+    ):
+        done = subprocess.run(
+            serve_command(tmp_path / "data", "--port", "0", *extra),
+            cwd=ROOT,
+            capture_output=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr, done.stderr
+    done = subprocess.run(
+        serve_command(a_file, "--port", "0"), cwd=ROOT, capture_output=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert b"cannot use data directory" in done.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        done = subprocess.run(
+            serve_command(tmp_path / "data", "--port", port),
+            cwd=ROOT,
+            capture_output=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    assert b"cannot listen on" in done.stderr
+
+
+def test_a_second_controller_on_one_data_dir_gives_controller_json_back_when_it_stops(
+    tmp_path: Path,
+) -> None:
+    """Replicas may share a data directory; the one that stops last must stay findable."""
+    data_dir = tmp_path / "data"
+    info_path = data_dir / "controller.json"
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            serve_command(data_dir, "--port", "0", "--log-level", "warning"),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        started.append(process)
+        deadline = time.monotonic() + 60
+        while not (info_path.exists() and json.loads(info_path.read_text())["pid"] == process.pid):
+            assert process.poll() is None, process.stderr.read()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "controller.json never named the new process"
+            time.sleep(0.05)
+        return process
+
+    try:
+        first = start()
+        first_info = json.loads(info_path.read_text())
+        second = start()
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0
+        assert b"another controller (pid %d" % first.pid in second.stderr.read()  # type: ignore[union-attr]
+        assert json.loads(info_path.read_text()) == first_info
+        with grpc.insecure_channel(first_info["address"]) as channel:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 0
+        assert not info_path.exists()
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
 def test_importing_the_cli_entry_points_stays_light() -> None:
     code = (
         "import sys, controller, controller.serve\n"
