@@ -6,11 +6,11 @@ server running (rotation must happen while it is stopped).
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import typer
+
+from controller.liveness import live_info
 
 app = typer.Typer(help="The controller's manifest-signing key.", no_args_is_help=True)
 
@@ -19,23 +19,6 @@ DATA_DIR = typer.Option(..., "--data-dir", help="The controller's data directory
 
 def _key_dir(data_dir: Path) -> Path:
     return data_dir / "keys"
-
-
-def _running_controller_pid(info: Path) -> int | None:
-    """The pid in controller.json when that process is alive (a stale file is ignored)."""
-    try:
-        pid = json.loads(info.read_bytes()).get("pid")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(pid, int) or pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid  # alive, owned by someone else
-    return pid
 
 
 @app.command("create")
@@ -81,8 +64,9 @@ def rotate(data_dir: Path = DATA_DIR) -> None:
     """Retire the current key; the old key endorses a new one (stop the controller first)."""
     from controller.keys import KeyStoreError, rotate_signing_key
 
-    pid = _running_controller_pid(data_dir / "controller.json")
-    if pid is not None:
+    running = live_info(data_dir / "controller.json")
+    if running is not None:
+        pid = running.get("pid")
         typer.echo(
             f"error: a controller (pid {pid}) is running on {data_dir}; stop it first (it "
             "loads the key at start), then rotate",

@@ -38,6 +38,7 @@ from controller.jobs.runner import JobRunner
 from controller.jobs.watchers import JobWatchers
 from controller.keys import KeyStoreError, load_key_chain, load_signing_key, public_key_path
 from controller.limits import RpcLimits
+from controller.liveness import live_info, process_running
 from controller.notify import AssignmentNotifier
 from controller.revocation import RevocationList
 from controller.rollouts.handlers import RolloutHandlers
@@ -262,7 +263,7 @@ class ControllerServer:
             ),
             tls_dir=str(tls.directory) if tls is not None else "",
         )
-        self._previous_info = _live_info(config.info_path)
+        self._previous_info = _another_controller(config.info_path)
         if self._previous_info is not None:
             log.warning(
                 "another controller (pid %s, %s) uses data directory %s: both share its "
@@ -326,27 +327,9 @@ def _load_tls(config: ControllerConfig) -> tuple[TlsBundle | None, RevocationLis
         raise ControllerStartError(f"cannot serve with TLS: {exc}", configuration=True) from exc
 
 
-def _live_info(path: Path) -> dict[str, object] | None:
-    """controller.json as written by another controller process that still runs, if any."""
-    try:
-        info = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or info.get("pid") == os.getpid():
-        return None
-    return info if _running(info.get("pid")) else None
-
-
-def _running(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
+def _another_controller(path: Path) -> dict[str, object] | None:
+    info = live_info(path)
+    return None if info is None or info.get("pid") == os.getpid() else info
 
 
 def _remove_info(path: Path, pid: int, previous: dict[str, object] | None) -> None:
@@ -356,7 +339,7 @@ def _remove_info(path: Path, pid: int, previous: dict[str, object] | None) -> No
     try:
         if json.loads(path.read_bytes()).get("pid") != pid:
             return
-        if previous is not None and _running(previous.get("pid")):
+        if previous is not None and process_running(previous.get("pid")):
             atomic_write_bytes(
                 path, json.dumps(previous, indent=2, sort_keys=True).encode() + b"\n"
             )
