@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +45,41 @@ from controller.store import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AddedModel:
+    """What AddModel did: the version, whether it is new (False: these bytes already
+    were the latest), and how its interface differs from the version before ("" same)."""
+
+    record: ModelRecord
+    created: bool
+    interface_change: str
+
+
+def _specs(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(
+        f"{s.name} {s.dtype}[{','.join('?' if d < 0 else str(d) for d in s.shape)}]" for s in specs
+    )
+
+
+def interface_change(previous: ModelRecord, new: ModelRecord) -> str:
+    """Why applications calling the previous version would break on the new one, if so."""
+    changes = [
+        f"{what} {_specs(old) or '-'} -> {_specs(now) or '-'}"
+        for what, old, now in (
+            ("inputs", previous.inputs, new.inputs),
+            ("outputs", previous.outputs, new.outputs),
+        )
+        if tuple(old) != tuple(now)
+    ]
+    if not changes:
+        return ""
+    return (
+        f"its interface differs from v{previous.version}'s ({'; '.join(changes)}): "
+        "applications written for the earlier version will get INVALID_ARGUMENT from it"
+    )
+
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -146,7 +181,7 @@ class AdminHandlers:
             )
         return upload
 
-    async def add_model(self, upload: ModelUpload, chunks: AsyncIterator[bytes]) -> ModelRecord:
+    async def add_model(self, upload: ModelUpload, chunks: AsyncIterator[bytes]) -> AddedModel:
         """Stage the bytes, check size, digest and ONNX validity, then store blob and row."""
         self.check_upload(upload)
         with self._blobs.staging(limit=upload.size_bytes) as staged:
@@ -181,6 +216,7 @@ class AdminHandlers:
         )
         try:
             async with self._version_locks.setdefault((new.name, ""), asyncio.Lock()):
+                previous = await in_thread(self._store.get_model, new.name)
                 record, created = await in_thread(self._store.add_model, new)
         except BaseException:
             if blob.created:
@@ -193,7 +229,10 @@ class AdminHandlers:
             "added" if created else "unchanged",
             record.sha256[:12],
         )
-        return record
+        change = interface_change(previous, record) if created and previous else ""
+        if change:
+            log.warning("model %s v%d: %s", record.name, record.version, change)
+        return AddedModel(record, created, change)
 
     async def list_models(self, page_size: int = 0, page_token: str = "") -> ModelPage:
         """One page of model versions in (name, version) order, and the next token."""
@@ -426,6 +465,22 @@ class AdminHandlers:
         result = await in_thread(self._store.assign, artifact, target)
         if result.changed:
             self._notifier.notify(target)
+        return result
+
+    async def unassign(self, model_name: str, device_id: str) -> AssignResult:
+        """The device's own assignment of ``model_name`` goes: it follows its class again."""
+        validate.name(model_name, "model_name")
+        validate.name(device_id, "device_id")
+        device = await in_thread(self._store.get_device, device_id)
+        if device is None:
+            raise not_found(f"device {device_id!r} is not registered")
+        result = await in_thread(self._store.unassign, model_name, device_id)
+        if result is None:
+            raise not_found(
+                f"device {device_id} has no assignment of its own for model {model_name!r}: "
+                f"it already follows class {device.device_class}"
+            )
+        self._notifier.notify(AssignTarget(TargetKind.DEVICE, device_id))
         return result
 
     async def _current_version_of(self, artifact: ArtifactRecord) -> ArtifactRecord:

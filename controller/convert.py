@@ -14,6 +14,7 @@ from controller.errors import invalid
 from controller.records import (
     ArtifactRecord,
     ArtifactRequest,
+    AssignResult,
     AssignTarget,
     Chunk,
     DesiredAssignment,
@@ -198,6 +199,16 @@ def device_model_to_proto(state: DeviceModelState) -> pb.DeviceModelState:
         last_reason=state.last_reason,
         bytes_received=state.bytes_received,
         encoding=encoding_to_proto(state.encoding),
+        own_assignment=state.own_assignment,
+    )
+
+
+def assign_result_to_proto(result: AssignResult) -> pb.AssignResponse:
+    return pb.AssignResponse(
+        devices_affected=result.devices_affected,
+        artifact_id=result.artifact_id,
+        devices_keeping_own_ids=list(result.keeping_own),
+        devices_keeping_own=result.keeping_own_count,
     )
 
 

@@ -109,6 +109,9 @@ class AssignResult:
     devices_affected: int
     changed: bool
     revision: int
+    artifact_id: str = ""  # what is assigned now ("" after an unassign)
+    keeping_own: tuple[str, ...] = ()  # class targets: devices with their own (some named)
+    keeping_own_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,7 @@ class DeviceModelState:
     last_reason: str = ""
     bytes_received: int = 0
     encoding: Encoding | None = None
+    own_assignment: bool = False  # desired comes from an assignment to the device itself
 
 
 @dataclass(frozen=True)

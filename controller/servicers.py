@@ -124,8 +124,11 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
                 "sha256 and description); the ONNX bytes follow in data messages"
             )
         upload = convert.upload_from_proto(first.header)
-        record = await self._h.add_model(upload, _data_parts(request_iterator))
-        return convert.model_to_proto(record)
+        added = await self._h.add_model(upload, _data_parts(request_iterator))
+        reply = convert.model_to_proto(added.record)
+        reply.unchanged = not added.created
+        reply.interface_change = added.interface_change
+        return reply
 
     @rpc
     async def ListModels(
@@ -161,7 +164,12 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
         result = await self._h.assign(
             request.artifact_id, convert.assign_target_from_proto(request)
         )
-        return pb.AssignResponse(devices_affected=result.devices_affected)
+        return convert.assign_result_to_proto(result)
+
+    @rpc
+    async def Unassign(self, request: pb.UnassignRequest, context: Context) -> pb.AssignResponse:
+        result = await self._h.unassign(request.model_name, request.device_id)
+        return convert.assign_result_to_proto(result)
 
     @rpc
     async def ListDevices(

@@ -308,8 +308,9 @@ class SqlStore(Store):
                     AssignmentRow.model_name == artifact.model_name,
                 )
             ).one_or_none()
+            own = _devices_with_own(session, artifact.model_name, target)
             if row is not None and row.artifact_id == artifact.id:
-                return AssignResult(devices_affected=0, changed=False, revision=row.revision)
+                return AssignResult(0, False, row.revision, artifact.id, *own)
             affected = _devices_governed(session, artifact.model_name, target)
             previous = row.artifact_id if row else ""
             event = self._event(
@@ -339,7 +340,52 @@ class SqlStore(Store):
             row.artifact_id = artifact.id
             row.revision = event.id
             row.updated_unix_ms = self._now()
-            return AssignResult(devices_affected=affected, changed=True, revision=event.id)
+            return AssignResult(affected, True, event.id, artifact.id, *own)
+
+        return self._retry(work)
+
+    def unassign(self, model_name: str, device_id: str) -> AssignResult | None:
+        """Remove the device's own assignment of ``model_name`` (it follows its class
+        again); None when it has none."""
+
+        def work(session: Session) -> AssignResult | None:
+            row = session.scalars(
+                select(AssignmentRow).where(
+                    AssignmentRow.target_kind == TargetKind.DEVICE.value,
+                    AssignmentRow.target == device_id,
+                    AssignmentRow.model_name == model_name,
+                )
+            ).one_or_none()
+            device = session.get(DeviceRow, device_id)
+            if row is None or device is None:
+                return None
+            follows = session.scalars(
+                select(AssignmentRow.artifact_id).where(
+                    AssignmentRow.target_kind == TargetKind.CLASS.value,
+                    AssignmentRow.target == device.device_class,
+                    AssignmentRow.model_name == model_name,
+                )
+            ).one_or_none()
+            then = f"now {follows}" if follows else "the class has none: it keeps what it runs"
+            event = self._event(
+                session,
+                NewEvent(
+                    "assignment.removed",
+                    device_id,
+                    f"device {device_id}: model {model_name} follows class "
+                    f"{device.device_class} again (was {row.artifact_id}; {then})",
+                    {
+                        "model_name": model_name,
+                        "target_kind": TargetKind.DEVICE.value,
+                        "target": device_id,
+                        "previous_artifact_id": row.artifact_id,
+                        "artifact_id": follows or "",
+                        "devices_affected": 1,
+                    },
+                ),
+            )
+            session.delete(row)
+            return AssignResult(1, True, event.id, follows or "")
 
         return self._retry(work)
 
@@ -1461,6 +1507,30 @@ def _devices_governed(session: Session, model_name: str, target: AssignTarget) -
     )
 
 
+MAX_NAMED_KEEPING_OWN = 20
+
+
+def _devices_with_own(
+    session: Session, model_name: str, target: AssignTarget
+) -> tuple[tuple[str, ...], int]:
+    """For a class target: its devices with an assignment of their own for the model
+    (which a class assignment does not change), the first few by id, and how many."""
+    if target.kind is TargetKind.DEVICE:
+        return (), 0
+    own = (
+        select(DeviceRow.device_id)
+        .join(AssignmentRow, AssignmentRow.target == DeviceRow.device_id)
+        .where(
+            DeviceRow.device_class == target.name,
+            AssignmentRow.target_kind == TargetKind.DEVICE.value,
+            AssignmentRow.model_name == model_name,
+        )
+    )
+    count = int(session.scalar(select(func.count()).select_from(own.subquery())) or 0)
+    names = session.scalars(own.order_by(DeviceRow.device_id).limit(MAX_NAMED_KEEPING_OWN))
+    return tuple(names), count
+
+
 def _choose(
     rows: Iterable[tuple[AssignmentRow, ArtifactRow]],
 ) -> dict[str, tuple[AssignmentRow, ArtifactRow]]:
@@ -1487,6 +1557,9 @@ def _model_states(
         serving_sha = have.serving_sha256 if have else ""
         states.append(
             DeviceModelState(
+                own_assignment=(
+                    name in desired and desired[name][0].target_kind == TargetKind.DEVICE.value
+                ),
                 model_name=name,
                 desired_sha256=want.sha256 if want else "",
                 desired_artifact_id=want.id if want else "",

@@ -151,6 +151,10 @@ class Store(abc.ABC):
     def assign(self, artifact: ArtifactRecord, target: AssignTarget) -> AssignResult:
         """Point ``target``'s copy of the artifact's model at the artifact."""
 
+    @abc.abstractmethod
+    def unassign(self, model_name: str, device_id: str) -> AssignResult | None:
+        """Remove the device's own assignment of the model; None when it has none."""
+
     # ---------------------------------------------------------------- devices
     @abc.abstractmethod
     def register_device(self, registration: DeviceRegistration) -> RegisterResult:

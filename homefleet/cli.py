@@ -5,7 +5,7 @@
   homefleet certs ...        the HomeFleet CA and mutual-TLS certificates (offline)
   homefleet artifact diff|patch   model deltas between local files (artifact.cli;
                              `patch` needs only the edge extra)
-  homefleet model|artifact|assign|devices|events|rollouts
+  homefleet model|artifact|assign|unassign|devices|events|rollouts
                              operator commands (controller.cli), which talk to a
                              controller's AdminService over gRPC
   homefleet compress|evaluate   compression on this machine (controller extra)
@@ -94,6 +94,7 @@ for commands in (artifacts.app, artifact_files.app):
 app.add_typer(artifact_app, name="artifact", rich_help_panel=OPERATE)
 app.add_typer(certs.app, name="certs", rich_help_panel=PROCESSES)
 app.command("assign", rich_help_panel=OPERATE)(assign.assign)
+app.command("unassign", rich_help_panel=OPERATE)(assign.unassign)
 app.command("devices", rich_help_panel=OPERATE)(devices.devices)
 app.command("events", rich_help_panel=OPERATE)(events.events)
 app.command("rollouts", rich_help_panel=OPERATE)(rollouts.rollouts)

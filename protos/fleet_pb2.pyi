@@ -285,7 +285,7 @@ class AddModelChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[AddModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "version", "sha256", "size_bytes", "inputs", "outputs", "description", "created_unix_ms")
+    __slots__ = ("name", "version", "sha256", "size_bytes", "inputs", "outputs", "description", "created_unix_ms", "unchanged", "interface_change")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -294,6 +294,8 @@ class Model(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    INTERFACE_CHANGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     sha256: str
@@ -302,7 +304,9 @@ class Model(_message.Message):
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     description: str
     created_unix_ms: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., description: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    unchanged: bool
+    interface_change: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., description: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., unchanged: _Optional[bool] = ..., interface_change: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
@@ -383,10 +387,24 @@ class AssignRequest(_message.Message):
     def __init__(self, artifact_id: _Optional[str] = ..., device_class: _Optional[str] = ..., device_id: _Optional[str] = ...) -> None: ...
 
 class AssignResponse(_message.Message):
-    __slots__ = ("devices_affected",)
+    __slots__ = ("devices_affected", "artifact_id", "devices_keeping_own_ids", "devices_keeping_own")
     DEVICES_AFFECTED_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_KEEPING_OWN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_KEEPING_OWN_FIELD_NUMBER: _ClassVar[int]
     devices_affected: int
-    def __init__(self, devices_affected: _Optional[int] = ...) -> None: ...
+    artifact_id: str
+    devices_keeping_own_ids: _containers.RepeatedScalarFieldContainer[str]
+    devices_keeping_own: int
+    def __init__(self, devices_affected: _Optional[int] = ..., artifact_id: _Optional[str] = ..., devices_keeping_own_ids: _Optional[_Iterable[str]] = ..., devices_keeping_own: _Optional[int] = ...) -> None: ...
+
+class UnassignRequest(_message.Message):
+    __slots__ = ("model_name", "device_id")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    device_id: str
+    def __init__(self, model_name: _Optional[str] = ..., device_id: _Optional[str] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("device_id", "device_class", "hardware", "status", "last_seen_unix_ms", "models")
@@ -405,7 +423,7 @@ class Device(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., device_class: _Optional[str] = ..., hardware: _Optional[_Union[HardwareInfo, _Mapping]] = ..., status: _Optional[_Union[DeviceStatus, str]] = ..., last_seen_unix_ms: _Optional[int] = ..., models: _Optional[_Iterable[_Union[DeviceModelState, _Mapping]]] = ...) -> None: ...
 
 class DeviceModelState(_message.Message):
-    __slots__ = ("model_name", "desired_sha256", "desired_artifact_id", "serving_sha256", "serving_artifact_id", "last_outcome", "last_reason", "bytes_received", "encoding")
+    __slots__ = ("model_name", "desired_sha256", "desired_artifact_id", "serving_sha256", "serving_artifact_id", "last_outcome", "last_reason", "bytes_received", "encoding", "own_assignment")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     DESIRED_SHA256_FIELD_NUMBER: _ClassVar[int]
     DESIRED_ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -415,6 +433,7 @@ class DeviceModelState(_message.Message):
     LAST_REASON_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    OWN_ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     desired_sha256: str
     desired_artifact_id: str
@@ -424,7 +443,8 @@ class DeviceModelState(_message.Message):
     last_reason: str
     bytes_received: int
     encoding: PayloadEncoding
-    def __init__(self, model_name: _Optional[str] = ..., desired_sha256: _Optional[str] = ..., desired_artifact_id: _Optional[str] = ..., serving_sha256: _Optional[str] = ..., serving_artifact_id: _Optional[str] = ..., last_outcome: _Optional[_Union[DeploymentOutcome, str]] = ..., last_reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., encoding: _Optional[_Union[PayloadEncoding, str]] = ...) -> None: ...
+    own_assignment: bool
+    def __init__(self, model_name: _Optional[str] = ..., desired_sha256: _Optional[str] = ..., desired_artifact_id: _Optional[str] = ..., serving_sha256: _Optional[str] = ..., serving_artifact_id: _Optional[str] = ..., last_outcome: _Optional[_Union[DeploymentOutcome, str]] = ..., last_reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., encoding: _Optional[_Union[PayloadEncoding, str]] = ..., own_assignment: _Optional[bool] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
     __slots__ = ("device_class", "page_size", "page_token")

@@ -314,6 +314,11 @@ class AdminServiceStub:
                 request_serializer=protos_dot_fleet__pb2.AssignRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet__pb2.AssignResponse.FromString,
                 _registered_method=True)
+        self.Unassign = channel.unary_unary(
+                '/homefleet.v1.AdminService/Unassign',
+                request_serializer=protos_dot_fleet__pb2.UnassignRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.AssignResponse.FromString,
+                _registered_method=True)
         self.ListDevices = channel.unary_unary(
                 '/homefleet.v1.AdminService/ListDevices',
                 request_serializer=protos_dot_fleet__pb2.ListDevicesRequest.SerializeToString,
@@ -388,6 +393,13 @@ class AdminServiceServicer:
 
     def Assign(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unassign(self, request, context):
+        """Removes one device's own assignment of a model: the device follows its class again.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -475,6 +487,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'Assign': grpc.unary_unary_rpc_method_handler(
                     servicer.Assign,
                     request_deserializer=protos_dot_fleet__pb2.AssignRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.AssignResponse.SerializeToString,
+            ),
+            'Unassign': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unassign,
+                    request_deserializer=protos_dot_fleet__pb2.UnassignRequest.FromString,
                     response_serializer=protos_dot_fleet__pb2.AssignResponse.SerializeToString,
             ),
             'ListDevices': grpc.unary_unary_rpc_method_handler(
@@ -654,6 +671,33 @@ class AdminService:
             target,
             '/homefleet.v1.AdminService/Assign',
             protos_dot_fleet__pb2.AssignRequest.SerializeToString,
+            protos_dot_fleet__pb2.AssignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unassign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/homefleet.v1.AdminService/Unassign',
+            protos_dot_fleet__pb2.UnassignRequest.SerializeToString,
             protos_dot_fleet__pb2.AssignResponse.FromString,
             options,
             channel_credentials,

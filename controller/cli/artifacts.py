@@ -61,8 +61,13 @@ def create(
     if as_json:
         output.print_json(artifact)
         return
+    source = (
+        f"model {artifact.manifest.model_name} v{artifact.manifest.model_version}, "
+        if artifact.manifest
+        else ""
+    )
     output.say(
-        f"created artifact {artifact.id} (sha256 {output.short_sha(artifact.sha256)}, "
+        f"created artifact {artifact.id} ({source}sha256 {output.short_sha(artifact.sha256)}, "
         f"{output.human_size(artifact.size_bytes)}, expires {_expires(artifact)})"
     )
 

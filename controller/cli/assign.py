@@ -1,4 +1,4 @@
-"""`homefleet assign`: make an artifact the desired one for a device class or one device."""
+"""`homefleet assign` and `unassign`: which artifact a device class or one device should run."""
 
 from __future__ import annotations
 
@@ -49,16 +49,66 @@ def assign(
     with session(controller, timeout) as client:
         reply = client.assign(request)
     result = views.AssignmentView(
-        artifact_id=artifact_id,
+        artifact_id=reply.artifact_id or artifact_id,
+        requested_artifact_id=artifact_id,
         device_class=device_class,
         device_id=device_id,
         devices_affected=reply.devices_affected,
+        devices_keeping_own=reply.devices_keeping_own,
+        devices_keeping_own_ids=list(reply.devices_keeping_own_ids),
     )
     if as_json:
         output.print_json(result)
         return
     affected = result.devices_affected
     output.say(
-        f"assigned {artifact_id} to {target}: "
+        f"assigned {result.artifact_id} to {target}: "
         f"{affected} device{'' if affected == 1 else 's'} affected"
     )
+    if result.artifact_id != artifact_id:
+        output.say(
+            f"  {result.artifact_id} re-releases {artifact_id}'s bytes under a new version: "
+            "agents refuse a manifest older than one they ran (a rollback needs a newer one)"
+        )
+    if result.devices_keeping_own:
+        named = ", ".join(result.devices_keeping_own_ids)
+        more = result.devices_keeping_own - len(result.devices_keeping_own_ids)
+        output.say(
+            f"  {result.devices_keeping_own} device(s) keep an assignment of their own: "
+            f"{named}{f' and {more} more' if more > 0 else ''} "
+            "(`homefleet unassign MODEL --device ID` makes one follow its class)"
+        )
+
+
+def unassign(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="The model's name.")],
+    device_id: Annotated[
+        str,
+        typer.Option("--device", metavar="DEVICE_ID", help="The device whose own assignment goes."),
+    ],
+    as_json: JsonOption = False,
+    controller: ControllerOption = DEFAULT_ADDRESS,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Remove a device's own assignment of MODEL: it follows its class's assignment again."""
+    request = fleet_pb2.UnassignRequest(model_name=model, device_id=device_id)
+    with session(controller, timeout) as client:
+        reply = client.unassign(request)
+    result = views.AssignmentView(
+        artifact_id=reply.artifact_id,
+        requested_artifact_id="",
+        device_class=None,
+        device_id=device_id,
+        devices_affected=reply.devices_affected,
+        devices_keeping_own=0,
+        devices_keeping_own_ids=[],
+    )
+    if as_json:
+        output.print_json(result)
+        return
+    follows = (
+        f"now {result.artifact_id}"
+        if result.artifact_id
+        else "its class has no assignment for it, so it keeps what it runs"
+    )
+    output.say(f"device {device_id} follows its class for {model} again: {follows}")

@@ -79,6 +79,7 @@ class _AdminStub(Protocol):
         fleet_pb2.ListArtifactsRequest, fleet_pb2.ListArtifactsResponse
     ]
     Assign: grpc.UnaryUnaryMultiCallable[fleet_pb2.AssignRequest, fleet_pb2.AssignResponse]
+    Unassign: grpc.UnaryUnaryMultiCallable[fleet_pb2.UnassignRequest, fleet_pb2.AssignResponse]
     ListDevices: grpc.UnaryUnaryMultiCallable[
         fleet_pb2.ListDevicesRequest, fleet_pb2.ListDevicesResponse
     ]
@@ -143,6 +144,9 @@ class AdminClient:
 
     def assign(self, request: fleet_pb2.AssignRequest) -> fleet_pb2.AssignResponse:
         return self._stub.Assign(request, timeout=self.timeout_s)
+
+    def unassign(self, request: fleet_pb2.UnassignRequest) -> fleet_pb2.AssignResponse:
+        return self._stub.Unassign(request, timeout=self.timeout_s)
 
     def list_devices(self, request: fleet_pb2.ListDevicesRequest) -> fleet_pb2.ListDevicesResponse:
         return self._stub.ListDevices(request, timeout=self.timeout_s)

@@ -29,10 +29,12 @@ def _artifact(artifact_id: str, sha256: str) -> str:
 
 
 def _desired(state: views.DeviceModelView) -> str:
-    """Shown only while it differs from what the device serves: that is the news."""
+    """Shown only while it differs from what the device serves: that is the news; and
+    always marked when it is the device's own assignment, which class assignments skip."""
+    own = " (own assignment)" if state.own_assignment else ""
     if state.desired_sha256 == state.serving_sha256:
-        return ""
-    return _artifact(state.desired_artifact_id, state.desired_sha256)
+        return own.strip(" ()")
+    return _artifact(state.desired_artifact_id, state.desired_sha256) + own
 
 
 def _outcome(state: views.DeviceModelView) -> str:

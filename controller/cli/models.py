@@ -88,8 +88,12 @@ def add(
                 ) from None
             raise
     model = views.model_from_proto(reply)
+    if reply.interface_change:
+        output.note(f"{model.name} v{model.version}: {reply.interface_change}")
     if as_json:
         output.print_json(model)
+    elif reply.unchanged:
+        output.say(f"unchanged: these bytes already are model {_describe(model)}")
     else:
         output.say(f"added model {_describe(model)}")
 

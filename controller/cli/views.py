@@ -69,6 +69,7 @@ class DeviceModelView(View):
     last_reason: str
     bytes_received: int
     encoding: str
+    own_assignment: bool  # assigned to this device itself: class assignments pass it by
 
 
 class DeviceView(View):
@@ -90,10 +91,13 @@ class EventView(View):
 
 
 class AssignmentView(View):
-    artifact_id: str
+    artifact_id: str  # what is assigned now (a re-release when going back to older bytes)
+    requested_artifact_id: str
     device_class: str | None
     device_id: str | None
     devices_affected: int
+    devices_keeping_own: int  # class targets: devices with an assignment of their own
+    devices_keeping_own_ids: list[str]  # the first few of them
 
 
 class ModelList(View):
@@ -172,6 +176,7 @@ def device_model_from_proto(state: fleet_pb2.DeviceModelState) -> DeviceModelVie
         last_reason=state.last_reason,
         bytes_received=state.bytes_received,
         encoding=enum_label(fleet_pb2.PayloadEncoding, state.encoding, "PAYLOAD_ENCODING_"),
+        own_assignment=state.own_assignment,
     )
 
 

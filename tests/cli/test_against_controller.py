@@ -207,6 +207,102 @@ def test_assign_targets_a_class_or_a_device(
     assert desired["hub-2"] == (["motions/home-hub/v1"] if kind == "class" else [])
 
 
+def test_model_add_says_when_nothing_changed_and_warns_of_a_new_interface(
+    runner: CliRunner, live: ControllerThread, tmp_path: Path
+) -> None:
+    path = onnx_file(tmp_path / "m.onnx")
+    assert cli(runner, live.address, "model", "add", "motions", str(path)).exit_code == 0
+    again = cli(runner, live.address, "model", "add", "motions", str(path))
+    assert again.exit_code == 0, again.output
+    assert "unchanged: these bytes already are model motions v1" in again.stdout
+    assert "added" not in again.stdout
+    same_interface = cli(
+        runner,
+        live.address,
+        "model",
+        "add",
+        "motions",
+        str(onnx_file(tmp_path / "2.onnx", scale=2)),
+    )
+    assert "added model motions v2" in same_interface.stdout
+    assert "interface" not in same_interface.output
+    wider = onnx_file(tmp_path / "3.onnx", padding=4)  # a second output
+    changed = cli(runner, live.address, "model", "add", "motions", str(wider))
+    assert changed.exit_code == 0, changed.output
+    assert "added model motions v3" in changed.stdout
+    assert (
+        "note: motions v3: its interface differs from v2's (outputs y float32[1,2] -> "
+        "y float32[1,2], pad_sum float32[])"
+    ) in changed.stderr
+
+
+def test_going_back_to_an_older_artifact_names_the_re_release(
+    runner: CliRunner, live: ControllerThread, tmp_path: Path
+) -> None:
+    with stubs(live.address) as (_, agent):
+        register(agent, "hub-1", "home-hub")
+    live.add_model("motions", onnx_file(tmp_path / "1.onnx").read_bytes())
+    live.create_artifact("motions", "home-hub")
+    live.add_model("motions", onnx_file(tmp_path / "2.onnx", scale=2).read_bytes())
+    live.create_artifact("motions", "home-hub")
+    created = cli(runner, live.address, "artifact", "create", "motions", "--class", "home-hub")
+    assert "created artifact motions/home-hub/v3 (model motions v2, sha256" in created.stdout
+    assigned = cli(runner, live.address, "assign", "motions/home-hub/v3", "--class", "home-hub")
+    assert assigned.exit_code == 0, assigned.output
+    back = cli(runner, live.address, "assign", "motions/home-hub/v1", "--class", "home-hub")
+    assert back.exit_code == 0, back.output
+    assert "assigned motions/home-hub/v4 to class home-hub: 1 device affected" in back.stdout
+    assert "motions/home-hub/v4 re-releases motions/home-hub/v1's bytes" in back.stdout
+    as_json = cli(
+        runner, live.address, "assign", "motions/home-hub/v1", "--class", "home-hub", "--json"
+    )
+    reply = json.loads(as_json.stdout)
+    assert (reply["artifact_id"], reply["requested_artifact_id"]) == (
+        "motions/home-hub/v4",
+        "motions/home-hub/v1",
+    )
+
+
+def test_a_device_with_its_own_assignment_is_shown_and_can_follow_its_class_again(
+    runner: CliRunner, live: ControllerThread, tmp_path: Path
+) -> None:
+    with stubs(live.address) as (_, agent):
+        register(agent, "hub-1", "home-hub")
+        register(agent, "hub-2", "home-hub")
+    live.add_model("motions", onnx_file(tmp_path / "1.onnx").read_bytes())
+    live.create_artifact("motions", "home-hub")
+    live.add_model("motions", onnx_file(tmp_path / "2.onnx", scale=2).read_bytes())
+    live.create_artifact("motions", "home-hub")
+    pinned = cli(runner, live.address, "assign", "motions/home-hub/v1", "--device", "hub-1")
+    assert pinned.exit_code == 0, pinned.output
+    to_class = cli(runner, live.address, "assign", "motions/home-hub/v2", "--class", "home-hub")
+    assert "to class home-hub: 1 device affected" in to_class.stdout
+    assert "1 device(s) keep an assignment of their own: hub-1 " in to_class.stdout
+    table = cli(runner, live.address, "devices")
+    [hub1] = [line for line in table.stdout.splitlines() if "hub-1" in line]
+    assert "motions/home-hub/v1 (own assignment)" in hub1
+
+    back = cli(runner, live.address, "unassign", "motions", "--device", "hub-1")
+    assert back.exit_code == 0, back.output
+    assert (
+        "device hub-1 follows its class for motions again: now motions/home-hub/v2" in back.stdout
+    )
+    with stubs(live.address) as (admin, _):
+        devices = admin.ListDevices(fleet_pb2.ListDevicesRequest(), timeout=10).devices
+    states = {d.device_id: d.models[0] for d in devices}
+    assert states["hub-1"].desired_artifact_id == "motions/home-hub/v2"
+    assert not states["hub-1"].own_assignment
+    [removed] = live.events("assignment.removed")
+    assert json.loads(removed.detail_json)["previous_artifact_id"] == "motions/home-hub/v1"
+
+    again = cli(runner, live.address, "unassign", "motions", "--device", "hub-1")
+    assert again.exit_code == ExitCode.REFUSED
+    assert "has no assignment of its own for model 'motions'" in again.output
+    unknown = cli(runner, live.address, "unassign", "motions", "--device", "nobody")
+    assert unknown.exit_code == ExitCode.REFUSED
+    assert "device 'nobody' is not registered" in unknown.output
+
+
 # ------------------------------------------------------------- how it fails
 
 
