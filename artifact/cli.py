@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -40,6 +41,31 @@ def _fail(message: str, code: ExitCode) -> typer.Exit:
     return typer.Exit(int(code))
 
 
+def _check_out(out: Path) -> None:
+    """-o names a file in a directory that exists: a typo must not create directories."""
+    if out.is_dir():
+        raise _fail(f"{out} is a directory; give -o a file name", ExitCode.USAGE)
+    if not out.parent.is_dir():
+        raise _fail(
+            f"directory {out.parent} does not exist; create it first or choose another -o",
+            ExitCode.USAGE,
+        )
+
+
+def _share(out: Path) -> None:
+    """Written files start private (0600, as for keys); a model or patch a person asked
+    for gets the usual permissions, as `cp` would give it (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    out.chmod(0o666 & ~umask)
+
+
+def _ratio(payload: int, target: int) -> str:
+    if payload <= target:
+        return f"{target / max(payload, 1):.1f}x smaller"
+    return f"{payload / max(target, 1):.1f}x larger than the file itself"
+
+
 def _human(size: int) -> str:
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -58,16 +84,19 @@ def diff(
     as_json: Annotated[bool, typer.Option("--json", help="Print the stats as JSON.")] = False,
 ) -> None:
     """Write the delta that turns OLD.onnx into NEW.onnx (any two files work; ONNX best)."""
+    _check_out(out)
     try:
         stats = write_delta(old, new, out, EncodeOptions(level=level))
+        _share(out)
     except OSError as exc:
         raise _fail(f"cannot read the models or write {out}: {exc}", ExitCode.USAGE) from None
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(stats), indent=2))
         return
+    what = "model" if stats.tensors else "file (no ONNX tensors in it: coded as plain bytes)"
     typer.echo(
-        f"wrote {out}: {_human(stats.payload_size)} for a {_human(stats.target_size)} model "
-        f"({stats.ratio:.1f}x smaller, {stats.mode})"
+        f"wrote {out}: {_human(stats.payload_size)} for a {_human(stats.target_size)} {what} "
+        f"({_ratio(stats.payload_size, stats.target_size)}, {stats.mode})"
     )
 
 
@@ -84,8 +113,10 @@ def patch(
     ] = None,
 ) -> None:
     """Rebuild the new model from OLD.onnx and PATCH, bit for bit, verified by sha256."""
+    _check_out(out)
     try:
         result = apply_delta(old, patch_file, out, expected_sha256=sha256)
+        _share(out)
     except InvalidDigestError as exc:
         raise _fail(str(exc), ExitCode.USAGE) from None
     except DeltaError as exc:

@@ -119,6 +119,42 @@ def test_a_corrupt_or_mismatched_patch_exits_1_with_a_message_and_writes_nothing
     ]
 
 
+def test_outputs_go_only_into_existing_directories_with_the_usual_permissions(
+    tmp_path: Path,
+) -> None:
+    old, new = _models(tmp_path)
+    missing = tmp_path / "no" / "such" / "update.hfd"
+    done = homefleet("artifact", "diff", old, new, "-o", missing)
+    assert done.returncode == 2
+    assert f"directory {missing.parent} does not exist" in done.stderr
+    assert not (tmp_path / "no").exists()
+    done = homefleet("artifact", "diff", old, new, "-o", tmp_path)
+    assert done.returncode == 2 and "is a directory" in done.stderr
+
+    umask = os.umask(0o022)
+    try:
+        patch, out = tmp_path / "update.hfd", tmp_path / "out.onnx"
+        assert homefleet("artifact", "diff", old, new, "-o", patch).returncode == 0
+        assert homefleet("artifact", "patch", old, patch, "-o", out).returncode == 0
+    finally:
+        os.umask(umask)
+    assert patch.stat().st_mode & 0o777 == 0o644  # as cp would make it, not 0600
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_diff_of_files_that_are_not_models_says_so(tmp_path: Path) -> None:
+    old, new = tmp_path / "a.txt", tmp_path / "b.txt"
+    old.write_bytes(b"hello\n")
+    new.write_bytes(b"world\n")
+    done = homefleet("artifact", "diff", old, new, "-o", tmp_path / "p.hfd")
+    assert done.returncode == 0, done.stderr
+    assert "no ONNX tensors in it" in done.stdout
+    assert "larger than the file itself" in done.stdout and "smaller" not in done.stdout
+    out = tmp_path / "b2.txt"
+    assert homefleet("artifact", "patch", old, tmp_path / "p.hfd", "-o", out).returncode == 0
+    assert out.read_bytes() == new.read_bytes()
+
+
 def test_the_codec_imports_neither_torch_nor_onnx() -> None:
     probe = (
         "import sys, json; import artifact.delta, artifact.cli; "
