@@ -91,6 +91,17 @@ class DeviceClass(BaseModel):
         return self.model_copy(update={"budgets": budgets})
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message without its '<unicode string>' source name: line, column, problem."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return str(problem)
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    return f"{where}: {problem}" + (f" ({context})" if context else "")
+
+
 def load_device_class(path: Path) -> DeviceClass:
     """Read and validate one YAML file; the error names the file and every bad field."""
     try:
@@ -98,7 +109,7 @@ def load_device_class(path: Path) -> DeviceClass:
     except OSError as exc:
         raise DeviceClassError(f"cannot read device class file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise DeviceClassError(f"{path} is not valid YAML: {exc}") from exc
+        raise DeviceClassError(f"{path} is not valid YAML: {yaml_problem(exc)}") from exc
     if not isinstance(raw, dict):
         raise DeviceClassError(f"{path} must hold a mapping with name, arch, cores, ... budgets")
     try:

@@ -104,7 +104,10 @@ def ca(
         issued = create_ca(directory, name=name, days=days or CA_DAYS)
     except TlsError as exc:
         raise _usage_error(exc) from None
-    _report(issued, "created CA")
+    typer.echo(
+        f"created CA {issued.name!r} in {issued.directory}, valid until "
+        f"{issued.not_after:%Y-%m-%d} (serial {issued.serial:x}); keep its key offline"
+    )
 
 
 @app.command("controller")

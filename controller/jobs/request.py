@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from controller.compression.calibration import check_calibration
 from controller.compression.errors import CalibrationMismatchError
-from controller.device_classes import DeviceClass
+from controller.device_classes import DeviceClass, yaml_problem
 from controller.errors import invalid
 from controller.records import BudgetOverrides
 
@@ -63,7 +63,7 @@ def parse_device_class(text: str) -> DeviceClass:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise invalid(f"device_class_yaml is not valid YAML: {exc}") from exc
+        raise invalid(f"the device-class file is not valid YAML: {yaml_problem(exc)}") from exc
     if not isinstance(raw, dict):
         raise invalid(
             "device_class_yaml must hold a mapping with name, arch, cores, relative_speed, "

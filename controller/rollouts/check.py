@@ -106,12 +106,24 @@ class BudgetCheck:
 
     def summary(self) -> str:
         p95, energy = self.merged.p95_ms, self.merged.energy_mj
-        marks = "".join({"met": "+", "missed": "x", "too_few": "."}[v.value] for v in self.verdicts)
         return (
             f"p95 {_fmt(p95, 'ms')}, {_fmt(energy, 'mJ')}/inference over "
-            f"{self.merged.count} inferences on {self.merged.devices} device(s) "
-            f"[{marks}]"
+            f"{self.merged.count} inferences on {self.merged.devices} device(s), "
+            f"{self.slice_counts()}"
         )
+
+    def slice_counts(self) -> str:
+        """'3 slices: 3 over budget', '3 slices: 2 within budget, 1 too few inferences'."""
+        parts = [
+            f"{count} {label}"
+            for verdict, label in (
+                (SliceVerdict.MISSED, "over budget"),
+                (SliceVerdict.MET, "within budget"),
+                (SliceVerdict.TOO_FEW, "too few inferences"),
+            )
+            if (count := sum(1 for v in self.verdicts if v is verdict))
+        ]
+        return f"{len(self.verdicts)} slices: {', '.join(parts) or 'none'}"
 
 
 def check(budgets: Budgets, slices: Sequence[SliceStats], min_samples: int) -> BudgetCheck:

@@ -34,7 +34,7 @@ def test_flags_tighten_budgets_for_one_run() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("name: [unclosed", "not valid YAML"),
+        ("name: [unclosed", "not valid YAML: line 1, column 16: expected ','"),
         ("- a list", "must hold a mapping"),
         ("name: Hub\n", "name"),
         (
