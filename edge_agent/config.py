@@ -19,8 +19,11 @@ MIN_CHUNK_BYTES = 64 * 1024
 MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_CHUNK_BYTES = 256 * 1024
 UNIX_PREFIX = "unix:"
-# Unix socket paths longer than this do not fit in sockaddr_un on Linux.
-MAX_UNIX_PATH = 107
+# The local API's socket is bound at a temporary name beside its path (BIND_PREFIX and 8
+# hex digits), then linked into place; sockaddr_un holds at most 107 characters on Linux,
+# and the temporary name may be 11 longer than the path.
+BIND_PREFIX = ".hf-"
+MAX_UNIX_PATH = 96
 
 
 def _invalid(field: str, message: str) -> AgentError:

@@ -29,6 +29,7 @@ class ErrorCode(enum.Enum):
     INVALID_CONFIG = "invalid_config"
     STATE_CORRUPT = "state_corrupt"
     STATE_LOCKED = "state_locked"
+    LISTEN_FAILED = "listen_failed"  # address in use: may pass, so exit 1 (retry), not 2
     # deployment of an assigned artifact
     INVALID_ASSIGNMENT = "invalid_assignment"
     UNTRUSTED_MANIFEST = "untrusted_manifest"
@@ -47,6 +48,7 @@ STATUS_OF: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.INVALID_CONFIG: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorCode.STATE_CORRUPT: grpc.StatusCode.DATA_LOSS,
     ErrorCode.STATE_LOCKED: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.LISTEN_FAILED: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.INVALID_ASSIGNMENT: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorCode.UNTRUSTED_MANIFEST: grpc.StatusCode.PERMISSION_DENIED,
     ErrorCode.MANIFEST_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,

@@ -124,7 +124,7 @@ def serve_metrics(metrics: AgentMetrics, listen: str) -> MetricsServer:
         server, thread = start_http_server(int(port), host.strip("[]"), metrics.registry)
     except OSError as exc:
         raise AgentError(
-            ErrorCode.INVALID_CONFIG, f"--metrics-listen: cannot listen on {listen}: {exc}"
+            ErrorCode.LISTEN_FAILED, f"--metrics-listen: cannot listen on {listen}: {exc}"
         ) from exc
     result = MetricsServer(server, thread)
     log.info("Prometheus metrics on http://%s:%d/metrics", host, result.port)

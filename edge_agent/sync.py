@@ -94,6 +94,25 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+PLAINTEXT_HINT = (
+    " -- the controller closed the connection before answering: if it serves mutual TLS, "
+    "start this agent with --tls DIR (this device's certificate, `homefleet certs device`)"
+)
+
+
+def closed_at_handshake(exc: BaseException) -> bool:
+    """Whether Register failed as a plaintext call to a TLS server does: the server hangs up.
+
+    gRPC gives no code for it, only UNAVAILABLE with its own (not the controller's)
+    wording; a hint that rests on that wording is all this is used for.
+    """
+    exc = first_leaf(exc)
+    if not isinstance(exc, grpc.aio.AioRpcError) or exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    details = (exc.details() or "").lower()
+    return "socket closed" in details or "handshake" in details
+
+
 async def until_first_ends(*coros: Coroutine[Any, Any, None]) -> None:
     """Run ``coros`` as tasks until one ends, cancel the rest, and raise what it raised.
 
@@ -141,13 +160,16 @@ class SyncLoop:
         self._pending: dict[str, fleet_pb2.StatusReport] = {}
         self._failed: dict[tuple[str, str], str] = {}
         self.connected = asyncio.Event()
+        self._registered = False  # in the current session
 
     # -- connection -------------------------------------------------------------------
 
     async def run(self) -> None:
         """Stay connected until cancelled; every lost session is retried after a backoff."""
         backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s, rng=self._rng)
+        hinted = False  # the TLS hint is given once per run: it is a guess, not news
         while True:
+            hint = ""
             try:
                 await self._session(backoff)
                 reason = "session ended"
@@ -157,15 +179,23 @@ class SyncLoop:
                 reason = describe_error(exc)
                 if not isinstance(first_leaf(exc), grpc.aio.AioRpcError | WatchEnded | AgentError):
                     log.error("sync session failed unexpectedly", exc_info=exc)
+                if (
+                    not hinted
+                    and not self._registered
+                    and self.config.tls_dir is None
+                    and closed_at_handshake(exc)
+                ):
+                    hinted, hint = True, PLAINTEXT_HINT
             finally:
                 self.connected.clear()
             delay = backoff.next_delay()
             log.warning(
-                "controller %s unreachable or stream broken (%s); reconnect attempt %d in %.2f s",
+                "controller %s unreachable or stream broken (%s); reconnect attempt %d in %.2f s%s",
                 self.config.controller,
                 reason,
                 backoff.attempt,
                 delay,
+                hint,
             )
             await asyncio.sleep(delay)
 
@@ -188,12 +218,14 @@ class SyncLoop:
         )
 
     async def _session(self, backoff: Backoff) -> None:
+        self._registered = False
         async with self._channel() as channel:
             stub: Any = fleet_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
             register = self.register_request()
             response: fleet_pb2.RegisterResponse = await stub.Register(
                 register, timeout=self.config.rpc_timeout_s
             )
+            self._registered = True  # the controller answered: it speaks this transport
             self._chunk_bytes = self._pick_chunk_bytes(response.max_chunk_bytes)
             self._heartbeat_s = response.heartbeat_seconds
             log.info(

@@ -1,7 +1,8 @@
 """The agent as a process: `python -m edge_agent run ...` against the real controller.
 
-Covers agent.json, the local API, SIGTERM -> exit 0, and a restart that serves the model
-it had without downloading it again, even while the controller is away.
+Covers agent.json, the local API, SIGTERM -> exit 0, a restart that serves the model it
+had without downloading it again, even while the controller is away, and a second agent
+on a served --listen address exiting 1 instead of sharing or taking it.
 """
 
 from __future__ import annotations
@@ -19,19 +20,19 @@ import numpy as np
 from edge_agent.convert import tensor_from_proto, tensor_to_proto
 from protos import fleet_pb2, fleet_pb2_grpc
 from tests.edge_agent.models import add_model
-from tests.support.controller import Controller, eventually, running_controller
+from tests.support.controller import Controller, eventually, reserve_port, running_controller
 
 ROOT = Path(__file__).resolve().parents[2]
 SAFETY_LIMIT_S = 60.0  # for a hung process, never a timing assertion
 
 
 async def start_agent(
-    state: Path, controller: str, listen: str, log: Path
+    state: Path, controller: str, listen: str, log: Path, device_id: str = "hub-1"
 ) -> asyncio.subprocess.Process:
     with log.open("ab") as out:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "edge_agent", "run",
-            "--controller", controller, "--device-id", "hub-1", "--device-class", "home-hub",
+            "--controller", controller, "--device-id", device_id, "--device-class", "home-hub",
             "--state-dir", str(state), "--listen", listen, "--log-level", "DEBUG",
             cwd=ROOT,
             stderr=out,
@@ -62,6 +63,15 @@ def read_log(log: Path) -> str:
 
 async def logged(log: Path, text: str) -> bool:
     return text in read_log(log)
+
+
+async def local_models(address: str) -> list[str]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = fleet_pb2_grpc.InferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        response: fleet_pb2.LocalModelsResponse = await stub.ListModels(
+            fleet_pb2.LocalModelsRequest(), timeout=30
+        )
+        return [m.model_name for m in response.models]
 
 
 async def predict(address: str) -> fleet_pb2.PredictResponse:
@@ -145,3 +155,57 @@ def test_bad_options_are_a_usage_error(tmp_path: Path) -> None:
         assert "--listen" in stderr and "HOST:PORT" in stderr
 
     asyncio.run(main())
+
+
+def test_a_second_agent_on_a_served_listen_address_exits_1_and_the_first_keeps_it(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    refusing = reserve_port()  # the controller is away: the local API serves regardless
+    controller = f"127.0.0.1:{refusing.getsockname()[1]}"
+    socket_file = short_dir / "agent.sock"
+    agents: list[asyncio.subprocess.Process] = []
+
+    async def start(name: str, listen: str) -> asyncio.subprocess.Process:
+        agent = await start_agent(
+            tmp_path / name, controller, listen, tmp_path / f"{name}.log", device_id=name
+        )
+        agents.append(agent)
+        return agent
+
+    async def check() -> None:
+        tcp = await start("hub-tcp", "127.0.0.1:0")
+        unix = await start("hub-unix", f"unix:{socket_file}")
+        tcp_address = (await agent_info(tmp_path / "hub-tcp", tcp))["local_api"]
+        await agent_info(tmp_path / "hub-unix", unix)
+        seconds = [
+            await start("hub-tcp-2", tcp_address),
+            await start("hub-unix-2", f"unix:{socket_file}"),
+        ]
+        codes = [await asyncio.wait_for(a.wait(), SAFETY_LIMIT_S) for a in seconds]
+        tcp_log, unix_log = (
+            read_log(tmp_path / "hub-tcp-2.log"),
+            read_log(tmp_path / "hub-unix-2.log"),
+        )
+        assert codes == [1, 1], (tcp_log, unix_log)  # could not start: systemd retries
+        assert f"error: --listen: {tcp_address} is already in use" in tcp_log
+        assert f"error: --listen: another process serves unix:{socket_file}" in unix_log
+        for address in (tcp_address, f"unix:{socket_file}"):
+            assert await local_models(address) == []  # the first agents still answer
+        for agent, name in ((tcp, "hub-tcp"), (unix, "hub-unix")):
+            code, log = await stop(agent, tmp_path / f"{name}.log")
+            assert code == 0, log
+        assert not socket_file.exists()
+
+    async def main() -> None:
+        try:
+            await check()
+        finally:
+            for agent in agents:  # only left running when the test failed
+                if agent.returncode is None:
+                    agent.kill()
+                    await agent.wait()
+
+    try:
+        asyncio.run(main())
+    finally:
+        refusing.close()

@@ -14,7 +14,7 @@ import pytest
 
 from edge_agent.config import AgentConfig, ListenAddress
 from edge_agent.convert import tensor_from_proto, tensor_to_proto
-from edge_agent.errors import AgentError
+from edge_agent.errors import AgentError, ErrorCode
 from edge_agent.local_api import start_local_api
 from edge_agent.runtime import ModelRuntime
 from protos import fleet_pb2, fleet_pb2_grpc
@@ -217,8 +217,9 @@ def test_a_stale_socket_file_is_replaced_but_another_file_is_refused(
     regular.write_text("keep me")
     from edge_agent.errors import AgentError
 
-    with pytest.raises(AgentError, match="not a socket"):
+    with pytest.raises(AgentError, match="not a socket") as err:
         with_api(f"unix:{regular}", tmp_path, two_input_bytes, body)
+    assert err.value.code is ErrorCode.INVALID_CONFIG  # exit 2: retrying cannot help
     assert regular.read_text() == "keep me"
 
 
