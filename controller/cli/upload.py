@@ -44,7 +44,12 @@ def read_model_file(path: Path) -> ModelFile:
     try:
         if not path.is_file():
             raise typer.BadParameter(f"{path} is not a regular file", param_hint=FILE_PARAM)
-        return ModelFile(path=path, size_bytes=path.stat().st_size, sha256=sha256_file(path))
+        size = path.stat().st_size
+        if size == 0:
+            raise typer.BadParameter(
+                f"{path} is empty; give an ONNX model file", param_hint=FILE_PARAM
+            )
+        return ModelFile(path=path, size_bytes=size, sha256=sha256_file(path))
     except OSError as exc:
         raise typer.BadParameter(
             f"cannot read {path}: {exc.strerror or exc}", param_hint=FILE_PARAM

@@ -116,6 +116,16 @@ def test_directory_instead_of_model_file_is_a_usage_error(
     assert "directory" in result.stderr
 
 
+def test_an_empty_model_file_is_a_usage_error_before_any_call(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty.onnx"
+    empty.touch()
+    result = runner.invoke(app, ["model", "add", "m", str(empty), "--controller", "127.0.0.1:9"])
+    assert result.exit_code == 2  # not 4: the unreachable controller was never called
+    assert "empty.onnx is empty" in result.stderr
+
+
 @pytest.mark.parametrize(
     "args",
     [
