@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import itertools
 import logging
 import tempfile
@@ -326,6 +327,33 @@ def prepare_for_quantization(source: Path, pre: Path, mode: quant_graph.Mode) ->
     return pre
 
 
+class _DemoteToDebug(logging.Filter):
+    """onnxruntime's quantizer warns on the root logger about what it handles anyway
+    (per-channel axis of a 1-D weight, ...): those go to our debug log instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        log.debug("onnxruntime: %s", record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime() -> Iterator[None]:
+    """Keep onnxruntime's prints ("Number of histogram bins : 128") and root-logger
+    warnings out of the operator's terminal and the controller's log."""
+    root = logging.getLogger()
+    demote = _DemoteToDebug()
+    root.addFilter(demote)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        root.removeFilter(demote)
+        for line in printed.getvalue().splitlines():
+            if line.strip() and "\x1b" not in line:  # not a progress bar's redraw
+                log.debug("onnxruntime: %s", line)
+
+
 def _build(job: _Job, kept: frozenset[str], index: int) -> Path:
     """Quantize the pre-processed model with ``kept`` (and the user's exclusions) in float."""
     target = job.work / f"trial-{index:03d}.onnx"
@@ -333,40 +361,8 @@ def _build(job: _Job, kept: frozenset[str], index: int) -> Path:
     step = job.step
     reduce_range = job.range_choice.reduce_range
     try:
-        if step.mode == "dynamic":
-            quantize_dynamic(
-                job.pre,
-                target,
-                per_channel=step.per_channel,
-                reduce_range=reduce_range,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=exclude,
-                # outputs of com.microsoft ops (a weight-only step's MatMulNBits) get no
-                # type from ONNX shape inference; every tensor dynamic mode reads is float
-                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-            )
-        elif step.mode == "static":
-            if job.calibration is None:  # refused up front; kept for the type checker
-                raise CompressionError("static quantization needs calibration=")
-            quantize_static(
-                job.pre,
-                target,
-                DictCalibrationReader(job.calibration, job.batch),
-                quant_format=QuantFormat.QDQ,
-                per_channel=step.per_channel,
-                reduce_range=reduce_range,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=exclude,
-                calibrate_method=CALIBRATION_METHODS[step.calibration],
-                calibration_providers=["CPUExecutionProvider"],
-            )
-        else:
-            model = convert_float_to_float16(
-                onnx.load(str(job.pre)), keep_io_types=True, node_block_list=exclude or None
-            )
-            quant_graph.topological_sort(model)
-            onnx.save(model, str(target))
+        with _quiet_onnxruntime():
+            _run_quantizer(job, step, target, exclude, reduce_range)
     except CompressionError:
         raise
     except Exception as exc:
@@ -374,6 +370,46 @@ def _build(job: _Job, kept: frozenset[str], index: int) -> Path:
             f"onnxruntime {step.mode} quantization failed: {type(exc).__name__}: {exc}"
         ) from exc
     return target
+
+
+def _run_quantizer(
+    job: _Job, step: Quantize, target: Path, exclude: list[str], reduce_range: bool
+) -> None:
+    """The onnxruntime call for ``step``: dynamic or static int8 (QDQ), or fp16."""
+    if step.mode == "dynamic":
+        quantize_dynamic(
+            job.pre,
+            target,
+            per_channel=step.per_channel,
+            reduce_range=reduce_range,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude,
+            # outputs of com.microsoft ops (a weight-only step's MatMulNBits) get no
+            # type from ONNX shape inference; every tensor dynamic mode reads is float
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    elif step.mode == "static":
+        if job.calibration is None:  # refused up front; kept for the type checker
+            raise CompressionError("static quantization needs calibration=")
+        quantize_static(
+            job.pre,
+            target,
+            DictCalibrationReader(job.calibration, job.batch),
+            quant_format=QuantFormat.QDQ,
+            per_channel=step.per_channel,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude,
+            calibrate_method=CALIBRATION_METHODS[step.calibration],
+            calibration_providers=["CPUExecutionProvider"],
+        )
+    else:
+        model = convert_float_to_float16(
+            onnx.load(str(job.pre)), keep_io_types=True, node_block_list=exclude or None
+        )
+        quant_graph.topological_sort(model)
+        onnx.save(model, str(target))
 
 
 def _check_something_quantized(path: Path, active: list[str]) -> None:

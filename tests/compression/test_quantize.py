@@ -7,6 +7,7 @@ other quantization and measurement tests.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -213,6 +214,20 @@ def test_static_inserts_qdq_with_one_scale_per_output_channel(
     assert output_names(out) == output_names(source)
     feeds = cnn_inputs(4, seed=7)
     assert cosine(run(out, feeds)[0], run(source, feeds)[0]) > 0.95
+
+
+def test_onnxruntimes_prints_and_root_warnings_stay_out_of_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The histogram calibrators print "Number of histogram bins"; a controller log or an
+    operator's terminal is no place for that (it goes to the debug log)."""
+    source = cnn_model(tmp_path / "cnn.onnx")
+    step = Quantize(mode="static", calibration="entropy", per_channel=True)
+    with caplog.at_level(logging.DEBUG):
+        quantize_onnx(source, tmp_path / "q.onnx", step, calibration=cnn_inputs(), progress=False)
+    assert "histogram bins" not in capsys.readouterr().out
+    assert not [r for r in caplog.records if r.name == "root"]
+    assert any("onnxruntime: Number of histogram bins" in r.getMessage() for r in caplog.records)
 
 
 def test_static_per_tensor_has_scalar_weight_scales(tmp_path: Path) -> None:
