@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,9 +75,23 @@ class Score:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-# Trained source models and exported FP32 files live here unless a caller names a directory
-# (repo-relative and git-ignored, so a second run reuses the first run's training).
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "homefleet" / "workloads"
+def default_cache_dir() -> Path:
+    """Where trained source models and exported FP32 files live unless a caller names a
+    directory: $HOMEFLEET_CACHE_DIR; else, in a source checkout, its git-ignored
+    `.cache/homefleet/workloads` (so `make demo` and `make test` share one training);
+    else the user's cache ($XDG_CACHE_HOME or ~/.cache)/homefleet/workloads, never next
+    to an installed package."""
+    override = os.environ.get("HOMEFLEET_CACHE_DIR")
+    if override:
+        return Path(override).expanduser() / "workloads"
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / ".cache" / "homefleet" / "workloads"
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return user_cache / "homefleet" / "workloads"
+
+
+DEFAULT_CACHE_DIR = default_cache_dir()
 
 
 class Workload(abc.ABC):

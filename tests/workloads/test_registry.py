@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from controller.workloads.base import TaskKind, Workload
+from controller.workloads.base import TaskKind, Workload, default_cache_dir
 from controller.workloads.registry import (
     WORKLOADS,
     UnknownWorkloadError,
@@ -80,3 +81,13 @@ def test_the_torch_free_name_list_is_the_registry_and_loads_no_torch() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
     )
     assert done.stdout.strip() == "False"
+
+
+def test_the_cache_dir_is_the_checkout_or_the_environment_never_site_packages(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("HOMEFLEET_CACHE_DIR", raising=False)
+    root = Path(__file__).resolve().parents[2]
+    assert default_cache_dir() == root / ".cache" / "homefleet" / "workloads"
+    monkeypatch.setenv("HOMEFLEET_CACHE_DIR", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "workloads"
