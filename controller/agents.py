@@ -111,7 +111,15 @@ class AgentHandlers:
                         "a device serves one artifact per model"
                     )
                 active.add(held.model_name)
-        return await in_thread(self._store.register_device, reg)
+        result = await in_thread(self._store.register_device, reg)
+        if result.watched:
+            log.warning(
+                "device %s registered while another connection still holds its watch lease: "
+                "an agent that restarted, or two agents sharing one device id (give each "
+                "machine its own --device-id; mutual TLS rules the second out)",
+                reg.device_id,
+            )
+        return result
 
     # ---------------------------------------------------------------- watch
     async def watch(self, device_id: str, send: SendSet) -> None:

@@ -145,6 +145,7 @@ class DeviceRecord:
 class RegisterResult:
     device: DeviceRecord
     re_registered: bool
+    watched: bool = False  # another connection still held the device's watch lease
 
 
 @dataclass(frozen=True)

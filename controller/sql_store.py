@@ -396,6 +396,7 @@ class SqlStore(Store):
             reg = registration
             row = session.get(DeviceRow, reg.device_id)
             re_registered = row is not None
+            watched = row is not None and (row.watch_lease_until_ms or 0) > now
             if row is None:
                 row = DeviceRow(
                     device_id=reg.device_id,
@@ -441,7 +442,7 @@ class SqlStore(Store):
                     },
                 ),
             )
-            return RegisterResult(_device(row), re_registered)
+            return RegisterResult(_device(row), re_registered, watched)
 
         return self._retry(work)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import grpc
 import numpy as np
 import onnx
+import pytest
 
 from artifact import histogram
 from artifact.delta import apply_delta_bytes
@@ -59,6 +61,26 @@ def test_register_and_reregister(tmp_path: Path) -> None:
             assert [json.loads(e.detail_json)["re_registered"] for e in registered] == [False, True]
 
     run(body())
+
+
+def test_registering_while_another_connection_watches_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two agents sharing a device id (plaintext) would fight over it: say so in the log."""
+
+    async def body() -> None:
+        async with running_controller(tmp_path) as c:
+            await c.register("hub-1")
+            assert "another connection" not in caplog.text  # a first registration
+            watch = c.agent.WatchAssignments(pb.WatchAssignmentsRequest(device_id="hub-1"))
+            await watch.read()
+            await c.register("hub-1")
+            watch.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="controller.agents"):
+        run(body())
+    [warning] = [r for r in caplog.records if "another connection" in r.getMessage()]
+    assert "device hub-1 registered while another connection still holds" in warning.getMessage()
 
 
 def test_register_bad_input_changes_nothing(tmp_path: Path) -> None:
