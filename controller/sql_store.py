@@ -950,8 +950,8 @@ class SqlStore(Store):
             raise FleetError(
                 ErrorCode.ALREADY_EXISTS,
                 f"compression job {active.id} for {new.model_name}/{new.device_class} is "
-                f"already {active.state.value}; wait for it to end (`homefleet jobs`) or "
-                f"cancel it, then start again",
+                f"already {active.state.value}; follow it (`homefleet jobs watch {active.id}`) "
+                f"or cancel it (`homefleet jobs cancel {active.id}`), then start again",
             ) from exc
 
     def compression_inputs(self, job_id: int) -> CompressionInputs | None:

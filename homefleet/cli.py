@@ -100,7 +100,8 @@ app.command("events", rich_help_panel=OPERATE)(events.events)
 app.command("rollouts", rich_help_panel=OPERATE)(rollouts.rollouts)
 app.command("compress", rich_help_panel=COMPRESS)(compress.compress)
 app.command("evaluate", rich_help_panel=COMPRESS)(compress.evaluate)
-app.command("jobs", rich_help_panel=COMPRESS)(jobs.jobs)
+# `homefleet jobs [--model ...]` lists; `homefleet jobs watch|cancel ID` follow or stop one.
+app.add_typer(jobs.app, name="jobs", rich_help_panel=COMPRESS)
 
 
 def main() -> None:

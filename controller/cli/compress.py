@@ -11,6 +11,10 @@ with the same exit codes; the result becomes a signed artifact there.
 --previous ARTIFACT.onnx (a static int8 artifact of an earlier release of this model)
 makes the first recipe reuse its quantization parameters, for a small delta to the
 devices that hold it; a controller finds that artifact itself.
+
+`evaluate` exits 2 too when onnxruntime cannot load the file (not an ONNX model) or
+cannot run it on the workload's inputs (a model made for another workload): one line
+naming the file and the inputs the workload feeds, never a traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from controller.cli.jobs import DEFAULT_WAIT_S, RemoteCompression, compress_on_c
 
 if TYPE_CHECKING:
     from controller.compression.planner import Trial
+    from controller.workloads.base import Workload
 
 EXIT_MET, EXIT_BAD_INPUT, EXIT_NOT_MET = ExitCode.OK, ExitCode.USAGE, ExitCode.BUDGET_NOT_MET
 err = Console(stderr=True)
@@ -37,7 +42,8 @@ out = Console()
 
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}")
+    """One unwrapped line (paths and messages are never read as markup), exit 2."""
+    typer.echo(f"error: {message}", err=True)
     return typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -157,7 +163,7 @@ def compress(
         raise _fail(f"--previous {previous} does not exist or is not a file")
 
     from controller.compression.errors import CompressionError
-    from controller.compression.job import compress_onnx, compress_workload
+    from controller.compression.job import check_out_dir, compress_onnx, compress_workload
     from controller.device_classes import DeviceClassError, load_device_class
     from controller.workloads.registry import UnknownWorkloadError, get_workload
 
@@ -170,18 +176,27 @@ def compress(
         )
     except (DeviceClassError, ValueError) as exc:
         raise _fail(str(exc)) from exc
+    try:
+        chosen = get_workload(workload) if workload is not None else None
+    except UnknownWorkloadError as exc:
+        raise _fail(str(exc)) from exc
+    if onnx_model is not None and not onnx_model.is_file():
+        raise _fail(f"--onnx {onnx_model} does not exist")
+    try:
+        check_out_dir(out_dir)
+    except CompressionError as exc:
+        raise _fail(str(exc)) from exc
     out.print(f"compressing for [bold]{dc.name}[/] into {out_dir}")
     try:
         if onnx_model is None or calib is None:
+            assert chosen is not None  # exactly one of --onnx / --workload, checked above
             outcome = compress_workload(
-                get_workload(workload or ""), dc, out_dir,
+                chosen, dc, out_dir,
                 max_size_ratio=max_size_ratio, on_trial=_show_trial, previous=previous,
             )  # fmt: skip
         else:
             from controller.workloads.fidelity import load_calibration
 
-            if not onnx_model.is_file():
-                raise _fail(f"--onnx {onnx_model} does not exist")
             name = re.sub(r"[^a-z0-9._-]", "-", onnx_model.stem.lower()).strip("-._") or "model"
             outcome = compress_onnx(
                 onnx_model, load_calibration(calib), dc, out_dir,
@@ -211,17 +226,45 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print JSON for scripts"),
 ) -> None:
     """Score any ONNX file on a workload's held-out split, with its own preprocessing."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
     from controller.compression.errors import CompressionError
     from controller.workloads.registry import UnknownWorkloadError, get_workload
+    from controller.workloads.training import WorkloadError
 
     if not model.is_file():
-        raise _fail(f"{model} does not exist")
+        raise _fail(f"{model} does not exist or is not a file")
     if split not in ("test", "val"):
         raise _fail(f"--split must be test or val, got {split!r}")
     try:
-        score = get_workload(workload).score_onnx(model, split=split)
-    except (CompressionError, UnknownWorkloadError, ValueError) as exc:
+        chosen = get_workload(workload)
+    except UnknownWorkloadError as exc:
         raise _fail(str(exc)) from exc
+    chosen.data()  # loaded (and kept) first: a failure below is the model's, not the data's
+    # What onnxruntime raises for a file it cannot load, and for a model it can load but
+    # not run on these inputs (wrong shapes, names or types; an operator it lacks).
+    unloadable = (
+        ort_errors.InvalidProtobuf,
+        ort_errors.InvalidGraph,
+        ort_errors.NoModel,
+        ort_errors.NoSuchFile,
+    )
+    unrunnable = (ort_errors.InvalidArgument, ort_errors.Fail, ort_errors.NotImplemented)
+    try:
+        score = chosen.score_onnx(model, split=split)
+    except CompressionError as exc:
+        raise _fail(str(exc)) from exc
+    except unloadable as exc:
+        raise _fail(
+            f"{model} is not an ONNX model onnxruntime can load ({_ort_text(exc)}): give the "
+            f".onnx file exported for {workload}"
+        ) from exc
+    except (*unrunnable, ValueError, WorkloadError) as exc:  # ValueError: a missing input
+        raise _fail(
+            f"{model} does not fit the {workload} workload: onnxruntime cannot run it "
+            f"({_ort_text(exc)}); {_expects(chosen, split)}: give a model exported for "
+            f"{workload}, or the --workload this one was made for"
+        ) from exc
     document = {
         "workload": workload,
         "model": str(model),
@@ -239,3 +282,23 @@ def evaluate(
         )
         for key, value in score.extra.items():
             out.print(f"  {key} = {value:.4f}")
+
+
+def _ort_text(exc: BaseException) -> str:
+    """onnxruntime's message on one line, without its "[ONNXRuntimeError] : 2 : NAME :"
+    prefix (the status is in the exception's type; the prefix is only noise here)."""
+    text = " ".join(str(exc).split())
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+
+
+def _expects(workload: Workload, split: str) -> str:
+    """What the workload feeds a model and reads from it, e.g. "basic-motions feeds
+    x float32[N,6,100] and reads logits"."""
+    from controller.workloads.training import select_split
+
+    inputs = select_split(workload.data(), split).inputs  # loaded already (evaluate)
+    feeds = ", ".join(
+        f"{name} {array.dtype}[{','.join(['N', *map(str, array.shape[1:])])}]"
+        for name, array in inputs.items()
+    )
+    return f"{workload.name} feeds {feeds} and reads {', '.join(workload.output_names)}"

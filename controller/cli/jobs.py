@@ -3,16 +3,22 @@
 `compress --controller HOST:PORT` sends the device-class file, the budget flags and the
 calibration arrays to StartCompression, then (unless --no-wait) follows the job's
 trials as the controller reports them and prints the artifact it published.
+`homefleet jobs` lists jobs; `homefleet jobs watch ID` follows any job the same way (a
+job started with --no-wait, or one whose follower was interrupted); `homefleet jobs
+cancel ID` stops one (a queued job at once, a running one after its current trial).
 
 Exit codes, as the local `homefleet compress`: 0 every budget holds; 5 no recipe met
 them (the best trial is still published as an artifact); 2 bad input (a local file, or
-the controller refused the request as invalid or naming an unknown model). Beyond
-those: 1 the controller refused otherwise (a job for the pair is already active), or
-the job failed or was cancelled; 4 the controller cannot be reached.
+the controller refused the request as invalid or naming an unknown model or job id).
+Beyond those: 1 the controller refused otherwise (a job for the pair is already active,
+a job to cancel has already ended), or the job failed or was cancelled; 4 the controller
+cannot be reached; 130 interrupted (Ctrl-C) while following: the job keeps running.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +31,13 @@ from controller.cli import output
 from controller.cli.client import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT_S,
+    ENV_CONTROLLER,
     ControllerOption,
     TimeoutOption,
     create_channel,
     upload_timeout,
 )
-from controller.cli.errors import ExitCode, explain, fail, rpc_errors
+from controller.cli.errors import ExitCode, Failure, explain, fail, rpc_errors
 from controller.cli.output import JsonOption
 from controller.cli.upload import CHUNK_BYTES
 from controller.cli.views import View, enum_label
@@ -42,6 +49,7 @@ BAD_INPUT_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
 DEFAULT_WAIT_S = 24 * 3600.0
 MAX_LIMIT = 1000  # the server's bound (fleet.proto: ListCompressionJobsRequest.limit)
 STATE_PREFIX = "COMPRESSION_JOB_STATE_"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for Ctrl-C
 
 
 class _JobsStub(Protocol):
@@ -53,6 +61,7 @@ class _JobsStub(Protocol):
     ListCompressionJobs: grpc.UnaryUnaryMultiCallable[
         pb.ListCompressionJobsRequest, pb.ListCompressionJobsResponse
     ]
+    CancelCompressionJob: grpc.UnaryUnaryMultiCallable[pb.CompressionJobRef, pb.CompressionJob]
 
 
 # -------------------------------------------------------------------- views
@@ -238,33 +247,83 @@ def compress_on_controller(
             failure = explain(error, address=address, timeout_s=timeout_s)
             if isinstance(error, grpc.Call) and error.code() in BAD_INPUT_CODES:
                 raise _bad_input(failure.message) from None
-            raise fail(failure) from None
+            raise fail(failure) from None  # ALREADY_EXISTS names the active job's commands
         view = job_from_proto(job)
-        _note(f"compression job {view.id} for {view.model_name}/{view.device_class}: {view.state}")
+        _note(_headline(view))
         if not wait:
             if as_json:
                 output.print_json(view)
             else:
                 output.say(f"job {view.id}")
             return
-        with rpc_errors(address=address, timeout_s=wait_timeout_s):
-            final = _follow(stub, view, wait_timeout_s)
-    _finish(final, as_json)
+        with _job_errors(address, wait_timeout_s), _keeps_running(view.id, address):
+            final = _follow(stub, view.id, wait_timeout_s, view)
+    _finish(final, as_json, address)
 
 
-def _follow(stub: _JobsStub, job: JobView, wait_timeout_s: float) -> JobView:
-    """Print each trial and state change as the controller reports it; the final job."""
-    shown, state = 0, job.state
+def _headline(job: JobView) -> str:
+    return f"compression job {job.id} for {job.model_name}/{job.device_class}: {job.state}"
+
+
+def _job_commands(job_id: int, address: str) -> tuple[str, str]:
+    """`homefleet jobs watch N` and `... cancel N`, with --controller when `homefleet jobs`
+    would not reach ``address`` by itself (`compress --controller` reads no environment)."""
+    implied = os.environ.get(ENV_CONTROLLER, DEFAULT_ADDRESS).strip()
+    where = "" if address == implied else f" --controller {address}"
+    return f"homefleet jobs watch {job_id}{where}", f"homefleet jobs cancel {job_id}{where}"
+
+
+@contextlib.contextmanager
+def _job_errors(address: str, timeout_s: float) -> Iterator[None]:
+    """`rpc_errors`, except that an unknown job id or an invalid request is bad input (2)."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        failure = explain(error, address=address, timeout_s=timeout_s)
+        if isinstance(error, grpc.Call) and error.code() in BAD_INPUT_CODES:
+            raise _bad_input(failure.message) from None
+        raise fail(failure) from None
+
+
+@contextlib.contextmanager
+def _keeps_running(job_id: int, address: str) -> Iterator[None]:
+    """Ctrl-C stops the follower, not the job: say so, and how to follow or stop it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        watch_cmd, cancel_cmd = _job_commands(job_id, address)
+        _note(
+            f"interrupted: compression job {job_id} keeps running on the controller; "
+            f"follow it with `{watch_cmd}` or stop it with `{cancel_cmd}`"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _follow(
+    stub: _JobsStub, job_id: int, wait_timeout_s: float, seen: JobView | None = None
+) -> JobView:
+    """Print each trial and state change as the controller reports it; the final job.
+
+    ``seen`` is the job as already shown (by StartCompression); without it the first
+    message gets the headline.
+    """
+    job, shown = seen, 0
     for message in stub.WatchCompressionJob(
-        pb.CompressionJobRef(id=job.id), timeout=wait_timeout_s
+        pb.CompressionJobRef(id=job_id), timeout=wait_timeout_s
     ):
-        job = job_from_proto(message)
-        if job.state != state:
-            state = job.state
-            _note(f"  {state}")
+        current = job_from_proto(message)
+        if job is None:
+            _note(_headline(current))
+        elif current.state != job.state:
+            _note(f"  {current.state}")
+        job = current
         for trial in job.trials[shown:]:
             _note(f"  {trial.summary}")
         shown = max(shown, len(job.trials))
+    if job is None:  # the controller always sends the job first; say so if it did not
+        raise fail(
+            Failure(ExitCode.REFUSED, f"the controller ended the stream of job {job_id} empty")
+        )
     return job
 
 
@@ -277,17 +336,18 @@ def _amount(budget: str, value: float) -> str:
     return f"{value:,.0f}" if budget.endswith("bytes") else f"{value:.4g}"
 
 
-def _finish(job: JobView, as_json: bool) -> None:
+def _finish(job: JobView, as_json: bool, address: str) -> None:
     if as_json:
         output.print_json(job)
     if job.state in ACTIVE_STATES:
+        watch_cmd, _ = _job_commands(job.id, address)
         _note(
             f"the controller ended the stream before job {job.id} finished; "
-            "follow it with `homefleet jobs`"
+            f"follow it again with `{watch_cmd}`"
         )
         raise typer.Exit(int(ExitCode.REFUSED))
     if job.state in ("failed", "cancelled"):
-        _note(f"compression job {job.id} {job.state}: {job.error}")
+        _note(f"compression job {job.id} {job.state}" + (f": {job.error}" if job.error else ""))
         raise typer.Exit(int(ExitCode.REFUSED))
     if not as_json:
         for v in job.verdicts:
@@ -306,10 +366,21 @@ def _finish(job: JobView, as_json: bool) -> None:
     _note(f"budget holds: {job.recipe} is artifact {job.artifact_id}")
 
 
-# -------------------------------------------------------------------- listing jobs
+# -------------------------------------------------------------------- `homefleet jobs`
+
+app = typer.Typer(name="jobs", no_args_is_help=False)
+
+JobIdArgument = Annotated[
+    int,
+    typer.Argument(
+        metavar="ID", min=1, help="The job's id (the first column of `homefleet jobs`)."
+    ),
+]
 
 
+@app.callback(invoke_without_command=True)
 def jobs(
+    ctx: typer.Context,
     model: Annotated[
         str, typer.Option("--model", metavar="NAME", help="Only jobs for this model or workload.")
     ] = "",
@@ -323,7 +394,10 @@ def jobs(
     controller: ControllerOption = DEFAULT_ADDRESS,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
 ) -> None:
-    """List compression jobs the controller ran or runs, newest first."""
+    """List compression jobs, newest first (no subcommand); follow or cancel one by id."""
+    if ctx.invoked_subcommand is not None:
+        _refuse_listing_options(ctx)
+        return
     request = pb.ListCompressionJobsRequest(
         model_name=model, device_class=device_class, limit=limit
     )
@@ -349,3 +423,77 @@ def jobs(
             j.error or j.recipe,
         )
     output.print_table(table)
+
+
+def _refuse_listing_options(ctx: typer.Context) -> None:
+    """`homefleet jobs --controller X watch 3` would silently drop X: the listing's options
+    belong to the listing, a subcommand takes its own after its name."""
+    # ParameterSource.COMMANDLINE by name: typer vendors click and does not export the enum
+    given = [
+        param.opts[0]
+        for param in ctx.command.params
+        if param.name is not None
+        and (source := ctx.get_parameter_source(param.name)) is not None
+        and source.name == "COMMANDLINE"
+    ]
+    if given:
+        sub = ctx.invoked_subcommand
+        raise typer.BadParameter(
+            ctx=ctx,
+            message=f"{', '.join(given)} before `{sub}` would be ignored: give the options "
+            f"after the subcommand, e.g. `homefleet jobs {sub} ID {given[0]} ...`",
+        )
+
+
+@app.command("watch")
+def watch(
+    job_id: JobIdArgument,
+    wait_timeout: Annotated[
+        float,
+        typer.Option(
+            "--wait-timeout", min=1.0, metavar="SECONDS", help="How long to follow the job."
+        ),
+    ] = DEFAULT_WAIT_S,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the finished job as JSON to stdout.")
+    ] = False,
+    controller: ControllerOption = DEFAULT_ADDRESS,
+) -> None:
+    """Follow a job until it ends, then print its artifact (as compress --controller).
+
+    Same output and exit codes as `homefleet compress --controller`; a job that has
+    already ended is shown at once. Ctrl-C stops following, not the job.
+    """
+    with create_channel(controller) as channel:
+        stub: _JobsStub = fleet_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
+        with _job_errors(controller, wait_timeout), _keeps_running(job_id, controller):
+            final = _follow(stub, job_id, wait_timeout)
+    _finish(final, as_json, controller)
+
+
+@app.command("cancel")
+def cancel(
+    job_id: JobIdArgument,
+    as_json: JsonOption = False,
+    controller: ControllerOption = DEFAULT_ADDRESS,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Cancel a job: a queued one at once, a running one after its current trial.
+
+    A job that has already ended is refused (exit 1); an unknown id is bad input (exit 2).
+    """
+    with create_channel(controller) as channel, _job_errors(controller, timeout):
+        stub: _JobsStub = fleet_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
+        job = job_from_proto(
+            stub.CancelCompressionJob(pb.CompressionJobRef(id=job_id), timeout=timeout)
+        )
+    if as_json:
+        output.print_json(job)
+    elif job.state == "cancelled":
+        output.say(f"compression job {job.id} cancelled")
+    else:
+        watch_cmd, _ = _job_commands(job.id, controller)
+        output.say(
+            f"compression job {job.id} is {job.state}: it stops after its current trial "
+            f"(`{watch_cmd}` shows it end)"
+        )

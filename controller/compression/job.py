@@ -54,10 +54,15 @@ class Outcome:
     manifest: dict[str, object]
 
 
-def _prepare_out(out_dir: Path) -> Path:
-    """Refuse an existing non-empty DIR; build in a temporary sibling."""
+def check_out_dir(out_dir: Path) -> None:
+    """--out must be new or an empty directory: a result never mixes with older files."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CompressionError(f"--out {out_dir} exists and is not empty; name a new directory")
+
+
+def _prepare_out(out_dir: Path) -> Path:
+    """Refuse an existing non-empty DIR; build in a temporary sibling."""
+    check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
 

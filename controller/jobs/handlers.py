@@ -87,8 +87,8 @@ class CompressionHandlers:
             raise FleetError(
                 ErrorCode.ALREADY_EXISTS,
                 f"compression job {active.id} for {name}/{plan.device_class.name} is already "
-                f"{active.state.value}; wait for it to end (`homefleet jobs`) or cancel it, "
-                "then start again",
+                f"{active.state.value}; follow it (`homefleet jobs watch {active.id}`) or "
+                f"cancel it (`homefleet jobs cancel {active.id}`), then start again",
             )
         if self._runner.active >= self._config.max_active_jobs:
             raise FleetError(

@@ -118,5 +118,16 @@ def test_bad_input_is_refused_and_nothing_is_written(
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert expected in result.stderr, (args, result.stderr)
         assert not out.exists()
+        if "known workloads" in expected:  # refused before anything is announced
+            assert "compressing for" not in result.stdout
+    taken = tmp_path / "taken"
+    (taken / "old").mkdir(parents=True)
+    result = homefleet(
+        "compress", "--workload", "basic-motions", "--device-class", str(CAMERA),
+        "--out", str(taken),
+    )  # fmt: skip
+    assert result.returncode == 2 and "exists and is not empty" in result.stderr
+    assert "compressing for" not in result.stdout
+    assert [p.name for p in taken.iterdir()] == ["old"]
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert leftovers == []
