@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +65,25 @@ def init_worker(threads: int, scratch_prefix: Path) -> None:
     scratch = scratch_prefix.with_name(f"{scratch_prefix.name}{os.getpid()}")
     scratch.mkdir(parents=True, exist_ok=True)
     os.chdir(scratch)
+    _exit_with(os.getppid())
+
+
+PARENT_POLL_S = 1.0
+
+
+def _exit_with(controller_pid: int) -> None:
+    """A controller killed with SIGKILL cannot stop its workers, and nothing else would:
+    the job is failed at its restart, but the orphan would go on computing (and holding
+    half a gigabyte) for as long as the job takes. A daemon thread watches the parent and
+    ends the process once it is gone (the worker is then re-parented)."""
+
+    def watch() -> None:
+        while os.getppid() == controller_pid:
+            time.sleep(PARENT_POLL_S)
+        log.warning("controller %d is gone: this compression worker exits", controller_pid)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="controller-watch", daemon=True).start()
 
 
 def summarize(trial: Trial) -> TrialRecord:
