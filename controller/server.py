@@ -20,6 +20,7 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
+from sqlalchemy.exc import DatabaseError
 
 from artifact.files import atomic_write_bytes
 from artifact.tls import CRL_FILE, Role, TlsBundle, TlsError
@@ -145,9 +146,20 @@ class ControllerServer:
         config = self.config
         try:
             config.data_dir.mkdir(parents=True, exist_ok=True)
+            fresh = _database_is_new(config)
             self._engine = make_engine(config.database_url)
             await asyncio.to_thread(create_schema, self._engine)
             blobs = BlobStore(config.blob_dir)
+            stored = len(blobs.digests()) if fresh else 0
+            if stored:
+                log.warning(
+                    "the database %s is new or empty, but the blob store %s holds %d blob(s): "
+                    "was the database deleted or truncated? Stop and restore it from a "
+                    "backup, or every model, artifact and assignment is forgotten",
+                    config.database_url,
+                    config.blob_dir,
+                    stored,
+                )
             blobs.remove_stale_temp_files()
             key = load_signing_key(config.key_dir)
             chain = load_key_chain(config.key_dir)
@@ -158,6 +170,12 @@ class ControllerServer:
             ) from exc
         except KeyStoreError as exc:
             raise ControllerStartError(str(exc), configuration=True) from exc
+        except DatabaseError as exc:
+            raise ControllerStartError(
+                f"the database {config.database_url} cannot be used ({exc.orig}): restore it "
+                "from a backup, or move it aside to start with an empty one",
+                configuration=True,
+            ) from exc
         store = SqlStore(self._engine)
         resigned = await asyncio.to_thread(store.resign_artifacts, key.key_id, key.sign)
         backfilled = await asyncio.to_thread(store.backfill_telemetry_rollup)
@@ -325,6 +343,14 @@ def _load_tls(config: ControllerConfig) -> tuple[TlsBundle | None, RevocationLis
         return bundle, RevocationList(config.tls_dir / CRL_FILE, ca)
     except TlsError as exc:
         raise ControllerStartError(f"cannot serve with TLS: {exc}", configuration=True) from exc
+
+
+def _database_is_new(config: ControllerConfig) -> bool:
+    """The embedded SQLite file is missing or empty (a PostgreSQL URL: never judged)."""
+    if config.db_url:
+        return False
+    path = config.data_dir / "homefleet.db"
+    return not path.exists() or path.stat().st_size == 0
 
 
 def _another_controller(path: Path) -> dict[str, object] | None:

@@ -78,6 +78,9 @@ _FAILED = _Explanation(
     ExitCode.REFUSED,
     "the controller at {address} failed ({code}): {details}; its log has the detail",
 )
+_FAILED_SAID_SO = _Explanation(
+    ExitCode.REFUSED, "the controller at {address} failed ({code}): {details}"
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ def explain(error: grpc.RpcError, *, address: str, timeout_s: float) -> Failure:
     else:  # not raised by a finished call: nothing to branch on
         code, details = grpc.StatusCode.UNKNOWN, str(error)
     explanation = _EXPLANATIONS.get(code, _FAILED)
+    if explanation is _FAILED and "log has the detail" in details:
+        explanation = _FAILED_SAID_SO  # the controller's own text already points at its log
     message = explanation.template.format(
         address=address,
         timeout=timeout_s,

@@ -421,6 +421,7 @@ def test_internal_errors_point_at_the_controller_log(
     result = cli(runner, live.address, "events")
     assert result.exit_code == 1
     assert "INTERNAL" in result.stderr and "log" in result.stderr
+    assert result.stderr.count("log has the detail") == 1  # said once, not twice
     assert "no such table" not in result.stderr  # the detail stays in the controller's log
     logged = [r for r in caplog.records if r.name == "controller.errors"]
     assert any("ListEvents failed unexpectedly" in r.getMessage() for r in logged)

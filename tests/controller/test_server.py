@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from artifact.signing import TrustedKey
 from controller.config import ControllerConfig
 from controller.server import ControllerServer, ControllerStartError
-from tests.controller.helpers import run, running_controller
+from tests.controller.helpers import onnx_model, run, running_controller
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,6 +86,27 @@ def test_start_writes_controller_json_and_keys_and_stop_removes_it(tmp_path: Pat
         assert info2.key_id == info.key_id
 
     run(body())
+
+
+def test_an_empty_database_beside_stored_blobs_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deleted or truncated homefleet.db would silently forget the whole fleet."""
+
+    async def body() -> None:
+        async with running_controller(tmp_path) as c:
+            await c.add_model("motions", onnx_model())
+        db = tmp_path / "data" / "homefleet.db"
+        db.write_bytes(b"")
+        for suffix in ("-wal", "-shm"):
+            db.with_name(f"homefleet.db{suffix}").unlink(missing_ok=True)
+        async with running_controller(tmp_path):
+            pass
+
+    with caplog.at_level(logging.WARNING, logger="controller.server"):
+        run(body())
+    [warning] = [r.getMessage() for r in caplog.records if "is new or empty" in r.getMessage()]
+    assert "holds 1 blob(s): was the database deleted or truncated?" in warning
 
 
 def test_a_port_in_use_is_a_clear_start_error(tmp_path: Path) -> None:
@@ -194,6 +216,15 @@ def test_start_errors_an_operator_must_fix_exit_2_and_transient_ones_exit_1(
     )
     assert done.returncode == 2, done.stderr
     assert b"cannot use data directory" in done.stderr
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    (garbled / "homefleet.db").write_bytes(bytes(range(256)) * 200)
+    done = subprocess.run(
+        serve_command(garbled, "--port", "0"), cwd=ROOT, capture_output=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert b"cannot be used (file is not a database): restore it from a backup" in done.stderr
+    assert b"Traceback" not in done.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
