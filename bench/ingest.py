@@ -42,6 +42,9 @@ CLIENT_PROCESSES = 2
 IN_FLIGHT_PER_CLIENT = 32  # 64 in all: the controller's default max_concurrent_rpcs
 DRIVE_SECONDS = 15.0
 WINDOW_MS = 10_000
+# Windows are numbered from a month ago: the controller refuses windows from before a
+# year ago (a device clock stuck in 1970) and after now.
+BASE_MS = int(time.time() * 1000) - 30 * 24 * 3600 * 1000
 MODEL = "ingest-bench"
 ARTIFACT_SHA = "ab" * 32
 START_TIMEOUT_S = 60.0
@@ -217,8 +220,8 @@ async def _client_main(job: _ClientJob, conn: Connection) -> None:
                     w = batch.windows.add()
                     w.CopyFrom(pool[seq % len(pool)])
                     w.seq = seq
-                    w.start_unix_ms = (seq - 1) * WINDOW_MS
-                    w.end_unix_ms = seq * WINDOW_MS
+                    w.start_unix_ms = BASE_MS + (seq - 1) * WINDOW_MS
+                    w.end_unix_ms = BASE_MS + seq * WINDOW_MS
                 sent = time.perf_counter()
                 ack = await agent.ReportTelemetry(batch, timeout=60)
                 latencies.append(time.perf_counter() - sent)

@@ -50,6 +50,10 @@ LEASE_HEARTBEATS = 3  # a device stays ONLINE this many heartbeats past its last
 # inferences than its length allows, or other than its histogram holds. One device could
 # otherwise fill its class's future budget slices, or outweigh every other device.
 MAX_CLOCK_AHEAD_MS = 5 * 60 * 1000
+# Nor can it start before a year ago: a device without a real-time clock that boots in
+# 1970 would otherwise report windows decades long, whose counts the per-millisecond
+# bound cannot limit and whose end falls in the current budget slice.
+MAX_WINDOW_AGE_MS = 365 * 24 * 3600 * 1000
 MAX_INFERENCES_PER_MS = 1000  # a million a second: far above any device's real rate
 
 SendSet = Callable[[DesiredSet], Awaitable[None]]
@@ -298,9 +302,9 @@ class AgentHandlers:
                 f"the batch has {len(windows)} windows; at most {MAX_WINDOWS_PER_BATCH} are "
                 "accepted per call: send smaller batches"
             )
-        latest_end = unix_ms() + MAX_CLOCK_AHEAD_MS
+        now = unix_ms()
         for i, w in enumerate(windows):
-            _check_window(w, f"windows[{i}]", latest_end)
+            _check_window(w, f"windows[{i}]", now)
         return await self._telemetry.store(device_id, windows)
 
     async def close(self) -> None:
@@ -327,12 +331,18 @@ class AgentHandlers:
         await asyncio.shield(task)
 
 
-def _check_window(w: TelemetryWindow, at: str, latest_end_unix_ms: int) -> None:
+def _check_window(w: TelemetryWindow, at: str, now_unix_ms: int) -> None:
     validate.int_range(w.seq, f"{at}.seq", 0, validate.MAX_INT64)
     validate.name(w.model_name, f"{at}.model_name")
     validate.optional_digest(w.artifact_sha256, f"{at}.artifact_sha256")
     validate.int_range(w.start_unix_ms, f"{at}.start_unix_ms", 0, validate.MAX_INT64)
-    if w.end_unix_ms > latest_end_unix_ms:
+    if w.start_unix_ms < now_unix_ms - MAX_WINDOW_AGE_MS:
+        raise invalid(
+            f"{at}.start_unix_ms {w.start_unix_ms} is more than "
+            f"{MAX_WINDOW_AGE_MS // (24 * 3600 * 1000)} days before the controller's clock: "
+            "set the device's clock (NTP); a device that boots in 1970 reports nonsense"
+        )
+    if w.end_unix_ms > now_unix_ms + MAX_CLOCK_AHEAD_MS:
         raise invalid(
             f"{at}.end_unix_ms {w.end_unix_ms} is in the future (more than "
             f"{MAX_CLOCK_AHEAD_MS // 60_000} minutes ahead of the controller's clock): "

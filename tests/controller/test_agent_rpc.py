@@ -423,8 +423,8 @@ def test_report_telemetry_is_idempotent_and_acks_the_highest_seq(tmp_path: Path)
                     seq=seq,
                     model_name="motions",
                     artifact_sha256=art.sha256,
-                    start_unix_ms=1_000,
-                    end_unix_ms=11_000,
+                    start_unix_ms=unix_ms() - 20_000,
+                    end_unix_ms=unix_ms() - 10_000,
                     count=100,
                     latency_bucket_counts=histogram.histogram([0.0004] * 90 + [0.002] * 10),
                     cpu_seconds=0.2,
@@ -480,8 +480,11 @@ def test_report_telemetry_is_idempotent_and_acks_the_highest_seq(tmp_path: Path)
             hidden.count = 200  # more than its histogram holds
             too_many_errors = window(12)
             too_many_errors.errors = 101
+            epoch = window(13)  # a device without a real-time clock, booted in 1970
+            epoch.start_unix_ms, epoch.end_unix_ms = 0, unix_ms()
             for bad_window, fragment in (
                 (future, "is in the future"),
+                (epoch, "more than 365 days before the controller's clock"),
                 (flood, "windows[0].count"),
                 (hidden, "count is 200"),
                 (too_many_errors, "windows[0].errors"),

@@ -22,6 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from artifact import histogram
+from controller.clock import unix_ms
 from controller.device_classes import DeviceClass
 from protos import fleet_pb2 as pb
 from tests.controller.helpers import onnx_model, run, running_controller
@@ -98,8 +99,8 @@ def exported(tmp_path: Path) -> tuple[set[str], set[str]]:
                 seq=1,
                 model_name="motions",
                 artifact_sha256=art.sha256,
-                start_unix_ms=0,
-                end_unix_ms=10_000,
+                start_unix_ms=unix_ms() - 20_000,
+                end_unix_ms=unix_ms() - 10_000,
                 count=10,
                 errors=1,
                 latency_bucket_counts=counts,

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import Engine
 
 from artifact import histogram
+from controller.clock import unix_ms
 from controller.db import create_schema, make_engine
 from controller.errors import ErrorCode, FleetError
 from controller.records import (
@@ -120,6 +121,14 @@ def test_job_leases_expire_and_free_the_pair(engine: Engine) -> None:
     store.create_compression_job(NewCompressionJob("clf", 1, "", "home-hub", "host:live"))
 
 
+def recent(w: TelemetryWindow) -> TelemetryWindow:
+    """The window moved to a day ago: through the RPC, windows from 1970 are refused."""
+    day_ago = unix_ms() - 24 * 3600 * 1000
+    return dataclasses.replace(
+        w, start_unix_ms=day_ago + w.start_unix_ms, end_unix_ms=day_ago + w.end_unix_ms
+    )
+
+
 def test_a_controller_on_postgresql_serves_and_ingests(
     postgres: PostgresCluster, tmp_path: Path
 ) -> None:
@@ -130,7 +139,7 @@ def test_a_controller_on_postgresql_serves_and_ingests(
             await c.register("hub-1")
             windows = [
                 pb.TelemetryWindow(**dataclasses.asdict(w) | {"artifact_sha256": art.sha256})
-                for w in (window(1), window(2))
+                for w in (recent(window(1)), recent(window(2)))
             ]
             ack = await c.agent.ReportTelemetry(
                 pb.TelemetryBatch(device_id="hub-1", windows=windows), timeout=10

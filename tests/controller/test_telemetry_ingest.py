@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from artifact import histogram
+from controller.clock import unix_ms
 from controller.db import create_schema, make_engine
 from controller.errors import ErrorCode, FleetError
 from controller.records import DeviceRegistration, Hardware, TelemetryTotals, TelemetryWindow
@@ -36,14 +37,17 @@ def counts_for(device: int, seq: int) -> list[int]:
     return histogram.histogram([0.0001 * (1 + device % 5)] * (seq % 7 + 1) + [0.01])
 
 
+BASE_MS = unix_ms() - 24 * 3600 * 1000  # a day ago: windows from 1970 are refused
+
+
 def window(device: int, seq: int) -> pb.TelemetryWindow:
     counts = counts_for(device, seq)
     return pb.TelemetryWindow(
         seq=seq,
         model_name="motions",
         artifact_sha256=SHA,
-        start_unix_ms=(seq - 1) * 10_000,
-        end_unix_ms=seq * 10_000,
+        start_unix_ms=BASE_MS + (seq - 1) * 10_000,
+        end_unix_ms=BASE_MS + seq * 10_000,
         count=sum(counts),
         latency_bucket_counts=counts,
         cpu_seconds=0.01 * seq,

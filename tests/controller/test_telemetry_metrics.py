@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from artifact import histogram
+from controller.clock import unix_ms
 from controller.config import ConfigError, ControllerConfig
 from controller.db import make_engine
 from controller.sql_store import SqlStore
@@ -27,6 +28,10 @@ UNKNOWN_SHA = "ab" * 32  # bytes the controller never built: shown by their shor
 HUB_A = histogram.histogram([0.00004] * 50 + [0.0004] * 45 + [0.003] * 5)
 HUB_B = histogram.histogram([0.0008] * 30 + [0.02] * 10)
 CAM = histogram.histogram([0.05] * 8 + [150.0] * 2)  # 150 s: the overflow bucket
+
+
+# windows ``end_ms`` after a day ago: the controller refuses windows from 1970
+BASE_MS = unix_ms() - 24 * 3600 * 1000
 
 
 def window(
@@ -45,8 +50,8 @@ def window(
         seq=seq,
         model_name=model,
         artifact_sha256=sha,
-        start_unix_ms=end_ms - 10_000,
-        end_unix_ms=end_ms,
+        start_unix_ms=BASE_MS + end_ms - 10_000,
+        end_unix_ms=BASE_MS + end_ms,
         count=sum(counts),
         errors=errors,
         latency_bucket_counts=counts,
@@ -173,8 +178,8 @@ def test_summary_merges_an_artifacts_windows_since_a_time(tmp_path: Path) -> Non
             try:
                 store = SqlStore(engine)
                 everything = store.telemetry_summary("home-hub", MODEL, 0)
-                recent = store.telemetry_summary("home-hub", MODEL, 15_000)
-                later = store.telemetry_summary("home-hub", MODEL, 30_001)
+                recent = store.telemetry_summary("home-hub", MODEL, BASE_MS + 15_000)
+                later = store.telemetry_summary("home-hub", MODEL, BASE_MS + 30_001)
                 camera = store.telemetry_summary("camera", MODEL, 0)
                 other_model = store.telemetry_summary("home-hub", "other", 0)
             finally:
