@@ -95,7 +95,10 @@ async def _status_on_error(
     try:
         yield
     except FleetError as exc:
-        log.info("%s refused: %s %s", name, exc.code.name, exc.message)
+        # DATA_LOSS is the controller's own fault (bytes missing from its blob store):
+        # an operator must hear of it; every other refusal is the caller's to fix.
+        level = logging.ERROR if exc.code is ErrorCode.DATA_LOSS else logging.INFO
+        log.log(level, "%s refused: %s %s", name, exc.code.name, exc.message)
         await context.abort(grpc_status(exc), exc.message)
     except grpc.aio.AbortError:
         raise

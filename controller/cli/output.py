@@ -6,6 +6,7 @@ can be piped as it is.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -25,8 +26,14 @@ JsonOption = Annotated[
 SHORT_SHA = 12
 
 
+PIPE_WIDTH = 1000  # tables piped to a file or `grep` keep whole rows, never folded
+
+
 def stdout() -> Console:
-    return Console(highlight=False)
+    """The terminal's width on a terminal; into a pipe, wide enough for any row (rich
+    would otherwise assume 80 columns and fold cells), unless $COLUMNS says otherwise."""
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(highlight=False, width=PIPE_WIDTH if piped else None)
 
 
 def stderr() -> Console:

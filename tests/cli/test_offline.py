@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from homefleet.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
 
 OPERATOR_COMMANDS = [
     ["model", "add", "m", "{file}"],
@@ -186,3 +191,20 @@ def test_certs_refuse_bad_input_with_exit_2_and_write_nothing(
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_tables_piped_elsewhere_keep_whole_rows() -> None:
+    """Rich assumes 80 columns without a terminal and folds cells: `| grep` then misses."""
+    code = (
+        "from controller.cli import output\n"
+        "t = output.table('device', 'note')\n"
+        "output.add_row(t, 'hub-' + 'x' * 120, 'y' * 120)\n"
+        "output.print_table(t)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    [row] = [line for line in done.stdout.splitlines() if "hub-" in line]
+    assert "hub-" + "x" * 120 in row and "y" * 120 in row
