@@ -671,10 +671,10 @@ class SqlStore(Store):
             serving.discard("")
             by_sha: dict[str, list[ArtifactRow]] = {}
             if serving:
-                for art in session.scalars(
+                for art in session.scalars(  # oldest first: see _serving_id
                     select(ArtifactRow)
                     .where(ArtifactRow.sha256.in_(serving))
-                    .order_by(ArtifactRow.created_unix_ms.desc())
+                    .order_by(ArtifactRow.created_unix_ms, ArtifactRow.id)
                 ):
                     by_sha.setdefault(art.sha256, []).append(art)
             views = []
@@ -1185,14 +1185,16 @@ def _artifact_ids(
     session: Session, keys: set[tuple[str, str, str]]
 ) -> dict[tuple[str, str, str], str]:
     """(class, model, sha256) -> the artifact id to show: the class's own artifact with
-    those bytes, else one of the model's, else the short sha256 (bytes we never built)."""
+    those bytes, else one of the model's, else the short sha256 (bytes we never built).
+    Of several (re-releases of the same bytes) the first: a label that never changes, so
+    a Prometheus series and a dashboard line keep their name across a rollback."""
     shas = {sha for _, _, sha in keys if sha}
     by_sha: dict[str, list[ArtifactRow]] = {}
     if shas:
         for art in session.scalars(
             select(ArtifactRow)
             .where(ArtifactRow.sha256.in_(shas))
-            .order_by(ArtifactRow.created_unix_ms.desc(), ArtifactRow.id)
+            .order_by(ArtifactRow.created_unix_ms, ArtifactRow.id)
         ):
             by_sha.setdefault(art.sha256, []).append(art)
     ids = {}
@@ -1582,7 +1584,9 @@ def _serving_id(
     desired: ArtifactRow | None,
     by_sha: dict[str, list[ArtifactRow]],
 ) -> str:
-    """Several artifacts can share bytes; prefer the desired one, then the device's class."""
+    """Several artifacts can share bytes (re-releases); prefer the desired one, then the
+    device's class, and of those the first release: a later re-release may never have
+    been sent to this device (it was offline), the first one is where the bytes began."""
     if not sha:
         return ""
     if desired is not None and desired.sha256 == sha:

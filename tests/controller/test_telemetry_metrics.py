@@ -170,6 +170,33 @@ def test_metrics_are_per_class_model_and_artifact_and_idempotent(tmp_path: Path)
     run(body())
 
 
+def test_a_re_release_keeps_the_label_its_bytes_were_first_reported_under(
+    tmp_path: Path,
+) -> None:
+    """A rollback re-signs old bytes as a new version: the series must not be renamed
+    (a Prometheus counter that changes labels restarts, and rate() breaks)."""
+
+    async def body() -> None:
+        async with running_controller(tmp_path, metrics_port=0) as c:
+            artifact_id, _ = await fleet(c)
+            await c.add_model(MODEL, onnx_model(seed=1))
+            newer = await c.artifact(MODEL, "home-hub")
+            for target in (newer.id, artifact_id):  # forward, then back: a re-release
+                await c.admin.Assign(
+                    pb.AssignRequest(artifact_id=target, device_class="home-hub"), timeout=10
+                )
+            arts = await c.admin.ListArtifacts(pb.ListArtifactsRequest(), timeout=10)
+            assert len({a.id for a in arts.artifacts}) == 3  # v1, v2, and v3 = v1's bytes
+            metrics = await scrape_controller(c)
+            inferences = values(
+                metrics["homefleet_inferences"], "homefleet_inferences_total", model=MODEL
+            )
+            assert (artifact_id, "home-hub") in inferences
+            assert not any("/v3" in key[0] for key in inferences)
+
+    run(body())
+
+
 def test_summary_merges_an_artifacts_windows_since_a_time(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_controller(tmp_path) as c:
