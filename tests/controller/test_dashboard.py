@@ -123,6 +123,22 @@ async def populate(c: Harness) -> Fleet:
             pb.TelemetryBatch(device_id=device_id, windows=windows), timeout=10
         )
         assert ack.highest_seq == len(windows)
+    # hub-1 serves the hub artifact it should; hub-2 was told to run the canary and failed
+    await c.admin.Assign(pb.AssignRequest(artifact_id=hub.id, device_class="home-hub"), timeout=10)
+    await c.admin.Assign(pb.AssignRequest(artifact_id=canary.id, device_id="hub-2"), timeout=10)
+    for device_id, sha, outcome in (
+        ("hub-1", hub.sha256, pb.DEPLOYMENT_OUTCOME_ACTIVE),
+        ("hub-2", hub.sha256, pb.DEPLOYMENT_OUTCOME_ACTIVE),
+        ("hub-2", canary.sha256, pb.DEPLOYMENT_OUTCOME_FAILED),
+    ):
+        reason = "self-test failed" if outcome == pb.DEPLOYMENT_OUTCOME_FAILED else ""
+        await c.agent.ReportStatus(
+            pb.StatusReport(
+                device_id=device_id, model_name=MODEL, artifact_sha256=sha, outcome=outcome,
+                serving_sha256=hub.sha256, reason=reason,
+            ),
+            timeout=10,
+        )  # fmt: skip
     return Fleet(hub.id, canary.id, speaker.id, now, expected)
 
 
@@ -445,6 +461,8 @@ DOM_PROBE = """() => {
     decisions: rows('decisions', 'data-kind'),
     rollouts: rows('rollouts', 'data-rollout'),
     fleet: rows('fleet', 'data-device'),
+    fleet_bad: [...document.querySelectorAll('#fleet tbody tr')].filter(
+      (tr) => tr.querySelector('td.bad')).map((tr) => tr.dataset.device),
     classes: rows('classes', 'data-none'),
     pager: {
       text: document.getElementById('fleet-page').textContent,
@@ -520,6 +538,9 @@ def test_page_renders_charts_tables_and_decisions_in_chromium(tmp_path: Path) ->
     assert list(fleet) == ["cam-1", "hub-1", "hub-2", "spk-1"]
     assert state["pager"] == {"text": f"devices 1{EN_DASH}4 of 4", "prev": False, "next": False}
     assert fleet["spk-1"][1] == "smart-speaker"
+    assert fleet["hub-1"][4] == f"{MODEL}: {f.hub_artifact}"  # as it should be: no news
+    assert fleet["hub-2"][4] == f"{MODEL}: {f.hub_artifact} → {f.hub_canary} (failed)"
+    assert state["fleet_bad"] == ["hub-2"]
     classes = {r["cells"][0]: r["cells"] for r in state["classes"]}
     assert classes["home-hub"][1:4] == ["2", "0", "20.0"]
     assert "4 devices, 3 series, 5 decisions" in state["status"]

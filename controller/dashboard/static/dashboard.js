@@ -142,12 +142,16 @@
       svg.append(line);
       points.forEach((p, j) => {
         const over = budget !== null && p[spec.value] > budget;
+        // over budget: a red ring around the series' own colour, so two artifacts'
+        // points stay apart exactly where the comparison matters
         const dot = svgEl("circle", {
           class: over ? "dot over" : "dot",
           cx: coords[j][0],
           cy: coords[j][1],
-          r: over ? 3.5 : 2.5,
-          fill: over ? "#dc2626" : color,
+          r: over ? 4 : 2.5,
+          fill: color,
+          stroke: over ? "#dc2626" : "none",
+          "stroke-width": over ? 2 : 0,
         });
         const label = `${seriesLabel(s)} at ${when(p.start_unix_ms)}: ${num(p[spec.value])} (${p.count} inferences)`;
         dot.append(svgEl("title", {}, label));
@@ -305,6 +309,14 @@
     );
     renderPager(fleet);
     const devices = fleet.devices;
+    // A device behind its desired artifact is the news: "serving → desired", and the
+    // last outcome when the update failed or was rolled back on the device.
+    const stuck = (m) => m.desired_artifact_id && m.desired_artifact_id !== m.serving_artifact_id;
+    const failed = (m) => m.last_outcome === "failed" || m.last_outcome === "rolled_back";
+    const modelText = (m) =>
+      `${m.model}: ${m.serving_artifact_id || "—"}` +
+      (stuck(m) ? ` → ${m.desired_artifact_id}` : "") +
+      (stuck(m) && m.last_outcome ? ` (${m.last_outcome.replace("_", " ")})` : "");
     fillTable(
       "fleet",
       devices.map((d) => [
@@ -312,7 +324,10 @@
         d.device_class,
         { text: d.online ? "online" : "offline", cls: d.online ? "good" : "" },
         when(d.last_seen_unix_ms),
-        d.models.map((m) => `${m.model}: ${m.serving_artifact_id || "—"}`).join("; ") || "—",
+        {
+          text: d.models.map(modelText).join("; ") || "—",
+          cls: d.models.some((m) => stuck(m) && failed(m)) ? "bad" : "",
+        },
         d.agent_version || "—",
       ]),
       "no devices registered",
