@@ -5,20 +5,27 @@ Each ``tick`` looks at every (device class, model) assigned to a whole class:
 1. **Judge** the class's artifact on the last K telemetry slices (``check``). K missed
    slices in a row start one rollout, recorded as a ``budget.miss`` decision with the
    numbers. Only telemetry sent after the artifact was assigned and after the previous
-   rollout ended counts, and a cool-down follows every rollout.
+   rollout ended counts, and a cool-down follows every rollout; it doubles with every
+   rollout in a row that was rolled back or failed (``backoff``), until a promotion or
+   the class meeting its budget again.
 2. **Recompress**: the job that made the artifact runs again from the same source and
    calibration data, with the class's latency model recalibrated (the planner predicts
-   ``measured / relative_speed``; the speed is scaled by predicted / observed p95) and
-   the p95 target tightened by the policy's margin (``rollout.recompress``).
+   ``measured / relative_speed``; the speed that job planned with is scaled by its
+   predicted / observed p95, so what earlier rollouts learned is kept) and the p95
+   target tightened by the policy's margin (``rollout.recompress``).
 3. **Canary**: the candidate goes to a share of the class's devices (per-device
-   assignments; ``rollout.canary``).
+   assignments; ``rollout.canary``). Bytes the loop already judged for the pair (the
+   baseline's, a candidate rolled back, a baseline that missed) are not canaried again:
+   the rollout fails saying which rollout judged them.
 4. **Promote** when the canary meets the budgets K slices in a row, or when it is
    still over budget but clearly better than the rest of the class on the same slices
    (p95 at least 10 % lower, energy no higher: an improvement is kept and the next miss
    recompresses again); **roll back** what is not better, or gives no verdict before
-   the timeout. A rollback re-assigns the baseline to the class, which re-releases it
-   under a new signed version (agents refuse older versions). Both are recorded with
-   the numbers.
+   the timeout. The rest of the class is the baseline on the devices that are not
+   canaries, after the canary started, with enough inferences in every slice; without
+   it the canary is compared with the numbers of the miss that started the rollout. A
+   rollback re-assigns the baseline to the class, which re-releases it under a new
+   signed version (agents refuse older versions). Both are recorded with the numbers.
 
 All state lives in the database (``RolloutStore``): a restarted controller, or another
 replica, carries a rollout on from where it stands.
@@ -54,6 +61,7 @@ from controller.records import (
     NewEvent,
     TargetKind,
 )
+from controller.rollouts.backoff import BUDGET_MET, HISTORY, Backoff
 from controller.rollouts.check import BudgetCheck, SliceVerdict, check, slice_bounds
 from controller.rollouts.records import NewRollout, RolloutChange, RolloutRecord, RolloutState
 from controller.rollouts.store import ClassAssignment, RolloutStore
@@ -76,6 +84,7 @@ class Recalibration:
     speed_after: float
     predicted_p95_ms: float | None
     observed_p95_ms: float | None
+    basis: str  # where speed_before comes from: "as job 5 planned", "as declared"
 
 
 class RolloutLoop:
@@ -148,9 +157,12 @@ class RolloutLoop:
         device_class = self._classes.get(assignment.device_class)
         if device_class is None or not _watched(device_class.budgets):
             return
-        latest = await in_thread(
-            self._rollouts.latest, assignment.model_name, assignment.device_class
+        history = await in_thread(
+            lambda: self._rollouts.list(
+                HISTORY, model_name=assignment.model_name, device_class=assignment.device_class
+            )
         )
+        latest = history[0] if history else None
         if latest is not None and latest.state.active:
             return
         fresh_from = assignment.updated_unix_ms
@@ -161,8 +173,11 @@ class RolloutLoop:
             and latest.baseline_artifact_id == assignment.artifact_id
         ):
             return  # not retried on the same artifact: the failure said what to do
+        backoff = Backoff.of(history, self._policy.cooldown_seconds)
+        waited_ms: int | None = None
         if latest is not None and latest.finished_unix_ms is not None:
-            if now - latest.finished_unix_ms < self._policy.cooldown_seconds * 1000:
+            waited_ms = now - latest.finished_unix_ms
+            if waited_ms < self._policy.cooldown_seconds * 1000:
                 return
             fresh_from = max(fresh_from, latest.finished_unix_ms)
         bounds = slice_bounds(now, self._policy.window_ms, self._policy.windows_in_a_row)
@@ -179,14 +194,23 @@ class RolloutLoop:
             bounds,
         )
         verdict = check(device_class.budgets, slices, self._policy.min_samples)
-        if verdict.missed:
+        if verdict.met and backoff.misses and latest is not None:
+            # within budget again: the rollouts that fixed nothing no longer count
+            await in_thread(self._rollouts.note, latest.id, {BUDGET_MET: now})
+            log.info(
+                "%s on %s meets its budget again: the back-off after rollout %d is reset",
+                assignment.model_name,
+                assignment.device_class,
+                latest.id,
+            )
+        elif verdict.missed and (waited_ms is None or waited_ms >= backoff.seconds * 1000):
             await self._start_rollout(device_class, artifact, verdict)
 
     async def _start_rollout(
         self, device_class: DeviceClass, artifact: ArtifactRecord, verdict: BudgetCheck
     ) -> None:
         job, made_it = await self._source_job(artifact)
-        recal = await self._recalibrate(device_class, artifact, job if made_it else None, verdict)
+        recal = await self._recalibrate(device_class, job, made_it, verdict)
         budget_ms = device_class.budgets.p95_latency_ms
         target = budget_ms * self._policy.latency_margin if budget_ms is not None else None
         subject = f"{device_class.name}/{artifact.model_name}"
@@ -246,8 +270,8 @@ class RolloutLoop:
                     "rollout.recompress",
                     subject,
                     f"recompressing {artifact.model_name} for {device_class.name} (job "
-                    f"{started.id}): relative speed {recal.speed_before:.4g} -> "
-                    f"{recal.speed_after:.4g} (observed/predicted p95 "
+                    f"{started.id}): relative speed {recal.speed_before:.4g} ({recal.basis}) "
+                    f"-> {recal.speed_after:.4g} (observed/predicted p95 "
                     f"{_fmt(recal.observed_p95_ms)} / {_fmt(recal.predicted_p95_ms)} ms), "
                     f"p95 target {_fmt(target)} ms",
                     {
@@ -256,6 +280,7 @@ class RolloutLoop:
                         "job_id": started.id,
                         "relative_speed_before": recal.speed_before,
                         "relative_speed_after": recal.speed_after,
+                        "relative_speed_basis": recal.basis,
                         "predicted_p95_ms": recal.predicted_p95_ms,
                         "observed_p95_ms": recal.observed_p95_ms,
                         "p95_target_ms": target,
@@ -293,22 +318,49 @@ class RolloutLoop:
     async def _recalibrate(
         self,
         device_class: DeviceClass,
-        artifact: ArtifactRecord,
         job: CompressionJobRecord | None,
+        made_it: bool,
         verdict: BudgetCheck,
     ) -> Recalibration:
-        """Scale the speed the artifact's planner assumed by predicted / observed p95."""
-        made_by = await in_thread(self._rollouts.by_candidate, artifact.id)
-        speed = made_by.relative_speed if made_by is not None else device_class.relative_speed
+        """Scale the speed the baseline was planned with by its predicted / observed p95.
+
+        The prediction and the speed come from the same plan: the job that made the
+        baseline predicted ``measured / speed`` with the speed in its own inputs (the
+        declared one, or one an earlier rollout learned). Pairing that prediction with
+        any other speed (the declared one, when a re-release hides which rollout made the
+        bytes) throws the learned slowdown away, and the loop ships the artifact that
+        started the miss again. Without a prediction (an artifact assigned by hand) the
+        speed the controller last compressed with is kept as it is.
+        """
+        if job is None:
+            declared = device_class.relative_speed
+            return Recalibration(declared, declared, None, None, "as declared")
+        speed, basis = await self._planned_speed(job, device_class)
         predicted = None
-        if job is not None:
+        if made_it:
             predicted = next(
                 (v.observed for v in job.verdicts if v.budget == "p95_latency_ms"), None
             )
         observed = verdict.merged.p95_ms
         return Recalibration(
-            speed, recalibrated_speed(speed, predicted, observed), predicted, observed
+            speed, recalibrated_speed(speed, predicted, observed), predicted, observed, basis
         )
+
+    async def _planned_speed(
+        self, job: CompressionJobRecord, device_class: DeviceClass
+    ) -> tuple[float, str]:
+        """The relative speed ``job`` planned with, and where that number comes from."""
+        inputs = await in_thread(self._store.compression_inputs, job.id)
+        if inputs is not None and inputs.device_class_yaml:
+            with contextlib.suppress(FleetError):
+                planned = parse_device_class(inputs.device_class_yaml)
+                return planned.relative_speed, f"as job {job.id} planned"
+        made_by = None
+        if job.artifact_id:
+            made_by = await in_thread(self._rollouts.by_candidate, job.artifact_id)
+        if made_by is not None:
+            return made_by.relative_speed, f"as rollout {made_by.id} planned"
+        return device_class.relative_speed, "as declared"
 
     async def _restart_job(
         self,
@@ -379,11 +431,32 @@ class RolloutLoop:
         if candidate is None or baseline is None:
             await self._fail(rollout, "the candidate or the baseline artifact is gone")
             return
+        # Bytes the loop has already judged are not canaried again: the same verdict would
+        # follow, and the loop would flip between two artifacts forever. The cause may pass
+        # (later observations recalibrate further), so a later miss may try again, after
+        # a cool-down that grows with every such failure.
         if candidate.sha256 == baseline.sha256:
             await self._fail(
                 rollout,
-                f"compression job {job.id} found nothing different from {baseline.id} "
-                "under the recalibrated latency model",
+                f"compression job {job.id} produced {candidate.id} ({candidate.sha256[:12]}), "
+                f"the same bytes as the baseline {baseline.id}: nothing different under the "
+                "recalibrated latency model, not canaried",
+                retry=True,
+            )
+            return
+        known = await in_thread(
+            self._rollouts.known_bytes,
+            rollout.model_name,
+            rollout.device_class,
+            candidate.sha256,
+            rollout.id,
+        )
+        if known is not None:
+            await self._fail(
+                rollout,
+                f"compression job {job.id} produced {candidate.id} ({candidate.sha256[:12]}), "
+                f"the same bytes as {known.describe()}: not canaried again",
+                retry=True,
             )
             return
         devices = await self._pick_canary(rollout)
@@ -457,40 +530,56 @@ class RolloutLoop:
         timed_out = now - since > self._policy.canary_timeout_seconds * 1000
         if bounds[0][0] < since and not timed_out:
             return  # not K whole slices since the canary started
+        # only what was sent after the canary started counts (a timed-out canary is
+        # judged on slices that may begin before it)
+        after = [(max(start, since), end) for start, end in bounds]
         budgets = device_class.budgets
         key = (rollout.device_class, rollout.model_name)
         canary = check(
             budgets,
-            await in_thread(self._rollouts.slices, *key, candidate.sha256, bounds),
+            await in_thread(self._rollouts.slices, *key, candidate.sha256, after),
             self._policy.min_samples,
         )
+        # The rest of the class: the baseline on the devices that are not canaries (a
+        # canary's own windows of the baseline, sent before it switched, are not), held
+        # to the same sample floor as any verdict.
         rest = check(
             budgets,
-            await in_thread(self._rollouts.slices, *key, baseline.sha256, bounds),
-            1,
+            await in_thread(
+                lambda: self._rollouts.slices(
+                    *key, baseline.sha256, after, excluding=rollout.canary_devices
+                )
+            ),
+            self._policy.min_samples,
         )
         whole = bounds[0][0] >= since  # K whole slices since the canary started
         reference = CanaryReference.of(rest, rollout)
         if whole and canary.met:
-            await self._finish(rollout, promote=True, canary=canary, rest=rest, why="within budget")
+            await self._finish(
+                rollout, promote=True, canary=canary, reference=reference, why="within budget"
+            )
         elif whole and canary.judged:
             if reference.improved_by(canary):
                 why = (
                     f"better than the baseline ({reference.describe(canary)}) though still "
                     f"over budget ({over_budget(canary)}); the next miss recompresses again"
                 )
-                await self._finish(rollout, promote=True, canary=canary, rest=rest, why=why)
+                await self._finish(
+                    rollout, promote=True, canary=canary, reference=reference, why=why
+                )
             else:
                 why = f"not better than the baseline ({reference.describe(canary)})"
                 if canary.reasons:
                     why += f"; {'; '.join(canary.reasons)}"
-                await self._finish(rollout, promote=False, canary=canary, rest=rest, why=why)
+                await self._finish(
+                    rollout, promote=False, canary=canary, reference=reference, why=why
+                )
         elif timed_out:
             await self._finish(
                 rollout,
                 promote=False,
                 canary=canary,
-                rest=rest,
+                reference=reference,
                 why=f"no verdict within {self._policy.canary_timeout_seconds} s",
             )
 
@@ -500,7 +589,7 @@ class RolloutLoop:
         *,
         promote: bool,
         canary: BudgetCheck,
-        rest: BudgetCheck,
+        reference: CanaryReference,
         why: str,
     ) -> None:
         keep = rollout.candidate_artifact_id if promote else rollout.baseline_artifact_id
@@ -513,15 +602,17 @@ class RolloutLoop:
         budget = device_class.budgets.p95_latency_ms if device_class is not None else None
         state = RolloutState.PROMOTED if promote else RolloutState.ROLLED_BACK
         verb = "promoted" if promote else "rolled back"
+        wait = "" if promote else await self._backoff_after(rollout)
+        reason = f"{verb}: {why}" + (f"; {wait}" if wait else "")
         message = (
             f"{verb} {rollout.candidate_artifact_id} on {rollout.device_class} ({why}): canary "
-            f"{canary.summary()}; rest of the class {rest.summary()}"
+            f"{canary.summary()}; {reference.summary()}" + (f". {wait}" if wait else "")
         )
         done = await in_thread(
             self._rollouts.advance,
             rollout.id,
             RolloutState.CANARY,
-            RolloutChange(state, f"{verb}: {why}"),
+            RolloutChange(state, reason),
             [
                 NewEvent(
                     "rollout.promote" if promote else "rollout.rollback",
@@ -535,11 +626,14 @@ class RolloutLoop:
                         "class_artifact_id": await in_thread(
                             self._rollouts.class_artifact, rollout.model_name, rollout.device_class
                         ),
-                        "baseline_p95_ms": rest.merged.p95_ms,
+                        # what the canary was compared with: the rest of the class, or
+                        # the miss that started the rollout ("baseline_from")
+                        "baseline_p95_ms": reference.p95_ms,
                         "canary_p95_ms": canary.merged.p95_ms,
                         "p95_budget_ms": budget,
-                        "baseline_energy_mj": rest.merged.energy_mj,
+                        "baseline_energy_mj": reference.energy_mj,
                         "canary_energy_mj": canary.merged.energy_mj,
+                        "baseline_from": reference.source,
                         "reason": why,
                     },
                 )
@@ -561,9 +655,13 @@ class RolloutLoop:
     ) -> None:
         """End ``rollout`` as failed; the class keeps its artifact, canaries go back to it.
 
-        ``retry``: the cause passes (a job cancelled or lost with its controller), so the
-        next sustained miss after the cool-down starts a new rollout; otherwise the same
-        artifact is not tried again until the operator changes something."""
+        ``retry``: the cause may pass (a job cancelled or lost with its controller, a
+        candidate the loop already judged), so a sustained miss after the cool-down (longer
+        with every rollout in a row that fixed nothing) starts a new rollout; otherwise the
+        same artifact is not tried again until the operator changes something."""
+        wait = await self._backoff_after(rollout) if retry else ""
+        if wait:
+            reason = f"{reason}; {wait}"
         done = await in_thread(
             self._rollouts.advance,
             rollout.id,
@@ -593,6 +691,18 @@ class RolloutLoop:
         if done is not None:
             self._notify_devices(done.canary_devices)
             log.warning("rollout %d failed: %s", rollout.id, reason)
+
+    async def _backoff_after(self, rollout: RolloutRecord) -> str:
+        """How long the pair waits once ``rollout`` ends rolled back or failed, said for
+        the decision that ends it ("" without a cool-down)."""
+        history = await in_thread(
+            lambda: self._rollouts.list(
+                HISTORY, model_name=rollout.model_name, device_class=rollout.device_class
+            )
+        )
+        earlier = [r for r in history if r.id != rollout.id]
+        backoff = Backoff.of(earlier, self._policy.cooldown_seconds).after_one_more()
+        return backoff.describe(rollout.model_name, rollout.device_class)
 
     def _notify_devices(self, devices: tuple[str, ...]) -> None:
         for device_id in devices:
@@ -631,24 +741,36 @@ IMPROVEMENT = 0.9
 
 @dataclass(frozen=True)
 class CanaryReference:
-    """What a canary is compared with: the rest of the class on the same slices, or, when
-    the whole class is the canary, the numbers of the miss that started the rollout."""
+    """What a canary is compared with: the rest of the class on the same slices (devices
+    that are not canaries, with enough inferences in every slice), or, when there is no
+    such telemetry, the numbers of the miss that started the rollout."""
 
     p95_ms: float | None
     energy_mj: float | None
     what: str
+    rest: BudgetCheck  # the rest of the class, whether or not it was usable
 
     @classmethod
     def of(cls, rest: BudgetCheck, rollout: RolloutRecord) -> CanaryReference:
-        if rest.merged.count:
-            return cls(rest.merged.p95_ms, rest.merged.energy_mj, "the rest of the class")
+        if rest.judged:
+            return cls(rest.merged.p95_ms, rest.merged.energy_mj, "the rest of the class", rest)
         miss = rollout.detail.get("miss", {})
         p95, energy = miss.get("p95_ms"), miss.get("energy_mj")
         return cls(
             float(p95) if isinstance(p95, int | float) else None,
             float(energy) if isinstance(energy, int | float) else None,
             "the class before the rollout",
+            rest,
         )
+
+    @property
+    def from_rest(self) -> bool:
+        return self.rest.judged
+
+    @property
+    def source(self) -> str:
+        """For scripts: ``rest_of_class`` or ``budget_miss``."""
+        return "rest_of_class" if self.from_rest else "budget_miss"
 
     def improved_by(self, canary: BudgetCheck) -> bool:
         """p95 at least ``IMPROVEMENT`` times the reference's, and energy no worse."""
@@ -658,7 +780,29 @@ class CanaryReference:
         return energy is None or self.energy_mj is None or energy <= self.energy_mj
 
     def describe(self, canary: BudgetCheck) -> str:
-        return f"p95 {_fmt(canary.merged.p95_ms)} ms against {_fmt(self.p95_ms)} ms on {self.what}"
+        said = f"p95 {_fmt(canary.merged.p95_ms)} ms against {_fmt(self.p95_ms)} ms on {self.what}"
+        if not self.from_rest:
+            said += " (the budget miss that started the rollout: no comparable telemetry from "
+            said += "the rest of the class)"
+        return said
+
+    def summary(self) -> str:
+        """The reference's numbers, for the decision's message."""
+        if self.from_rest:
+            return f"rest of the class {self.rest.summary()}"
+        merged = self.rest.merged
+        said = "no comparable telemetry from the rest of the class"
+        if merged.count:
+            said += (
+                f" ({merged.count} inferences on {merged.devices} other device(s), "
+                f"{self.rest.slice_counts()})"
+            )
+        numbers = [f"p95 {_fmt(self.p95_ms)} ms"]
+        if self.energy_mj is not None:
+            numbers.append(f"{_fmt(self.energy_mj)} mJ/inference")
+        return (
+            f"{said}; compared with the budget miss that started the rollout ({', '.join(numbers)})"
+        )
 
 
 def _numbers(budgets: Budgets, verdict: BudgetCheck) -> dict[str, float | int | None]:

@@ -60,3 +60,22 @@ class RolloutChange:
     job_id: int | None = None
     canary_devices: tuple[str, ...] | None = None
     detail: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class KnownBytes:
+    """A candidate's bytes the loop already tried for the same (model, class): the
+    candidate of a rollout that was rolled back, or the artifact a rollout started from
+    (it had missed its budget)."""
+
+    rollout_id: int
+    artifact_id: str
+    rolled_back: bool  # False: the bytes were the baseline that missed in that rollout
+
+    def describe(self) -> str:
+        if self.rolled_back:
+            return f"{self.artifact_id}, which was rolled back in rollout {self.rollout_id}"
+        return (
+            f"{self.artifact_id}, which missed its budget as the class's artifact in rollout "
+            f"{self.rollout_id}"
+        )

@@ -17,10 +17,23 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.clock import unix_ms
-from controller.db import AssignmentRow, DeviceRow, EventRow, RolloutRow, TelemetryWindowRow
+from controller.db import (
+    ArtifactRow,
+    AssignmentRow,
+    DeviceRow,
+    EventRow,
+    RolloutRow,
+    TelemetryWindowRow,
+)
 from controller.records import NewEvent, TargetKind
 from controller.rollouts.check import SliceStats
-from controller.rollouts.records import NewRollout, RolloutChange, RolloutRecord, RolloutState
+from controller.rollouts.records import (
+    KnownBytes,
+    NewRollout,
+    RolloutChange,
+    RolloutRecord,
+    RolloutState,
+)
 from controller.sql_store import _window_sums, _WindowSums
 
 MAX_LIST = 1000
@@ -81,16 +94,19 @@ class RolloutStore:
         model_name: str,
         artifact_sha256: str,
         bounds: Sequence[tuple[int, int]],
+        *,
+        excluding: Sequence[str] = (),
     ) -> list[SliceStats]:
         """Merged telemetry of one artifact on the class's devices, one row per slice.
 
-        A window belongs to the slice its end time falls in.
+        A window belongs to the slice its end time falls in. ``excluding``: devices whose
+        windows do not count (a canary's own windows are not "the rest of the class").
         """
         w = TelemetryWindowRow
         out = []
         with self._sessions() as session:
             for start, end in bounds:
-                row = session.execute(
+                query = (
                     select(func.count(func.distinct(w.device_id)), *_window_sums())
                     .join(DeviceRow, DeviceRow.device_id == w.device_id)
                     .where(
@@ -100,7 +116,10 @@ class RolloutStore:
                         w.end_unix_ms >= start,
                         w.end_unix_ms < end,
                     )
-                ).one()
+                )
+                if excluding:
+                    query = query.where(w.device_id.not_in(list(excluding)))
+                row = session.execute(query).one()
                 sums = _WindowSums.of(row[1:])
                 out.append(
                     SliceStats(
@@ -210,6 +229,44 @@ class RolloutStore:
         with self._sessions() as session:
             row = session.scalars(query).one_or_none()
             return _record(row) if row is not None else None
+
+    def known_bytes(
+        self, model_name: str, device_class: str, sha256: str, other_than: int
+    ) -> KnownBytes | None:
+        """Whether another rollout of (model, class) already tried these bytes: as a
+        candidate it rolled back (checked first), or as the baseline that missed."""
+        r, a = RolloutRow, ArtifactRow
+        pair = (r.model_name == model_name, r.device_class == device_class, r.id != other_than)
+        rolled_back = (
+            select(r.id, a.id)
+            .join(a, a.id == r.candidate_artifact_id)
+            .where(*pair, r.state == RolloutState.ROLLED_BACK.value, a.sha256 == sha256)
+            .order_by(r.id.desc())
+            .limit(1)
+        )
+        missed = (
+            select(r.id, a.id)
+            .join(a, a.id == r.baseline_artifact_id)
+            .where(*pair, a.sha256 == sha256)
+            .order_by(r.id.desc())
+            .limit(1)
+        )
+        with self._sessions() as session:
+            for query, was_rolled_back in ((rolled_back, True), (missed, False)):
+                found = session.execute(query).first()
+                if found is not None:
+                    return KnownBytes(int(found[0]), str(found[1]), was_rolled_back)
+        return None
+
+    def note(self, rollout_id: int, detail: dict[str, Any]) -> RolloutRecord | None:
+        """Add ``detail`` to a rollout without moving it (what the loop learned after it
+        ended, e.g. that the class met its budget again)."""
+        with self._sessions.begin() as session:
+            row = session.get(RolloutRow, rollout_id, with_for_update=True)
+            if row is None:
+                return None
+            row.detail = {**row.detail, **detail}
+            return _record(row)
 
     def by_candidate(self, artifact_id: str) -> RolloutRecord | None:
         """The rollout that made ``artifact_id`` (to know the speed its planner assumed)."""
