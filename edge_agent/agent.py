@@ -66,7 +66,7 @@ def restore_slots(store: StateStore, runtime: ModelRuntime) -> None:
         return
     changed = False
     for model, held in slots.models.items():
-        runtime.restore_floors(model, held.version_floor)
+        runtime.restore_floors(model, held.version_floor, held.floor_artifacts())
         active = _restore_one(store, runtime, model, held.active) if held.active else None
         previous = _restore_one(store, runtime, model, held.previous) if held.previous else None
         changed |= (held.active is not None and active is None) or (

@@ -1,9 +1,11 @@
 """`homefleet agent ...`: the device-side commands. Needs only the `edge` extra.
 
 Exit codes: 0 stopped cleanly (SIGTERM/SIGINT), 1 could not start for a reason that may
-pass (state directory, --listen or --metrics-listen address in use by another process),
-2 usage or configuration error that retrying cannot fix (bad option, trust key, TLS
-directory, a --listen path that is not a socket). The systemd unit retries 1, not 2.
+pass (state directory in use by another agent or out of space, --listen or
+--metrics-listen address in use by another process), 2 usage or configuration error that
+retrying cannot fix (bad option, trust key, TLS directory, a --listen path that is not a
+socket, a state directory the agent cannot write: read-only or not its user's). The
+systemd unit retries 1, not 2.
 """
 
 from __future__ import annotations

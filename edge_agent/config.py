@@ -84,6 +84,10 @@ class AgentConfig:
     rpc_timeout_s: float = 10.0
     fetch_timeout_s: float = 300.0
     fetch_attempts: int = 5
+    # a failed deployment that may pass by itself is tried again after this, doubling
+    # per failure up to the maximum (a reconnect starts over)
+    deploy_retry_initial_s: float = 30.0
+    deploy_retry_max_s: float = 900.0
     watch_renew_s: float = 3600.0
     max_concurrent_predicts: int = 8
     # telemetry: meters are read under sysfs_root (tests point it at a prepared tree)
@@ -163,6 +167,10 @@ class AgentConfig:
             )
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:
             raise _invalid("backoff", "expected 0 < backoff_initial_s <= backoff_max_s")
+        if not 0 < self.deploy_retry_initial_s <= self.deploy_retry_max_s:
+            raise _invalid(
+                "deploy_retry", "expected 0 < deploy_retry_initial_s <= deploy_retry_max_s"
+            )
         for field, seconds in (
             ("rpc_timeout_s", self.rpc_timeout_s),
             ("fetch_timeout_s", self.fetch_timeout_s),

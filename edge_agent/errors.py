@@ -8,6 +8,7 @@ message says what was wrong and what is accepted.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 from collections.abc import Awaitable
 from typing import Any, NoReturn, TypeVar
@@ -39,6 +40,7 @@ class ErrorCode(enum.Enum):
     HASH_MISMATCH = "hash_mismatch"
     LOAD_FAILED = "load_failed"
     SELF_TEST_FAILED = "self_test_failed"
+    STORAGE_FAILED = "storage_failed"  # the state directory refused a read or write (errno)
 
 
 STATUS_OF: dict[ErrorCode, grpc.StatusCode] = {
@@ -57,7 +59,28 @@ STATUS_OF: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.HASH_MISMATCH: grpc.StatusCode.DATA_LOSS,
     ErrorCode.LOAD_FAILED: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.SELF_TEST_FAILED: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.STORAGE_FAILED: grpc.StatusCode.UNAVAILABLE,
 }
+
+# Deployment failures that trying the same manifest again would only repeat: the agent
+# retries them only when the controller sends another manifest (or after a reconnect).
+# Every other failure (a fetch the controller refused, bytes that did not hash, a load,
+# the state directory) may pass by itself, and is retried with a backoff.
+SETTLED: frozenset[ErrorCode] = frozenset(
+    {
+        ErrorCode.INVALID_ASSIGNMENT,
+        ErrorCode.UNTRUSTED_MANIFEST,  # unsigned, tampered, expired, older, reused version
+        ErrorCode.MANIFEST_MISMATCH,
+        ErrorCode.SELF_TEST_FAILED,  # verified bytes, a fixed synthetic input: same result
+    }
+)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``path: Read-only file system (EROFS)``: the path and the errno, no traceback."""
+    name = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else "no errno"
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    return f"{where}{exc.strerror or exc} ({name})"
 
 
 class AgentError(Exception):

@@ -14,13 +14,14 @@ does not apply is thrown away and the full artifact fetched instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 import grpc.aio
@@ -97,6 +98,13 @@ class PayloadChanged(Exception):
 
 def _failed(message: str) -> AgentError:
     return AgentError(ErrorCode.FETCH_FAILED, message)
+
+
+def with_path(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming ``path`` (a failed write on an open file names none)."""
+    if exc.filename is not None or exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror, str(path))
 
 
 class _Download:
@@ -247,7 +255,7 @@ class _Download:
     async def one_stream(self, stub: Any, offset: int) -> int:
         """Request from ``offset``, append what arrives; return the offset reached."""
         call = stub.FetchArtifact(self._request(offset), timeout=self.plan.timeout_s)
-        out = None
+        out: BinaryIO | None = None
         try:
             chunk: fleet_pb2.ArtifactChunk
             async for chunk in call:
@@ -255,7 +263,10 @@ class _Download:
                 if out is None:
                     self.part().parent.mkdir(parents=True, exist_ok=True)
                     out = self.part().open("ab")
-                out.write(chunk.data)
+                try:
+                    out.write(chunk.data)
+                except OSError as exc:
+                    raise with_path(exc, self.part()) from exc
                 offset += len(chunk.data)
                 self.received += len(chunk.data)
                 if self.done(offset):
@@ -264,10 +275,19 @@ class _Download:
             if not call.done():
                 call.cancel()
             if out is not None:
-                out.flush()
-                os.fsync(out.fileno())
-                out.close()
+                self._close(out)
         return offset
+
+    def _close(self, out: BinaryIO) -> None:
+        """Flush and fsync the part file; a failure names it (a write error has no path)."""
+        try:
+            out.flush()
+            os.fsync(out.fileno())
+        except OSError as exc:
+            raise with_path(exc, self.part()) from exc
+        finally:
+            with contextlib.suppress(OSError):  # after a failed flush, close repeats it
+                out.close()
 
     # -- the end ------------------------------------------------------------------------
 

@@ -182,6 +182,7 @@ class ModelRuntime:
         self._active: dict[str, ModelSlot] = {}
         self._previous: dict[str, ModelSlot] = {}
         self._floors: dict[str, dict[str, int]] = {}  # model -> device class -> version
+        self._floor_shas: dict[str, dict[str, str]] = {}  # ... -> the sha it was accepted with
 
     def prepare(self, model_name: str, path: Path, record: SlotRecord) -> ModelSlot:
         """Load and self-test in a spare slot; blocking, so call it from a worker thread."""
@@ -234,20 +235,45 @@ class ModelRuntime:
             if previous is not None:
                 self._previous[active.model_name] = previous
 
+    def put_back(
+        self, model_name: str, active: ModelSlot | None, previous: ModelSlot | None
+    ) -> None:
+        """Undo a switch whose slot table could not be persisted: serve exactly these."""
+        with self._lock:
+            for slots, slot in ((self._active, active), (self._previous, previous)):
+                if slot is None:
+                    slots.pop(model_name, None)
+                else:
+                    slots[model_name] = slot
+
     def version_floor(self, model_name: str, device_class: str) -> int:
         """The highest manifest version activated for this model and class (0: none yet)."""
         with self._lock:
             return self._floors.get(model_name, {}).get(device_class, 0)
 
-    def raise_floor(self, model_name: str, device_class: str, version: int) -> None:
+    def floor_artifact(self, model_name: str, device_class: str) -> str:
+        """The artifact the floor version was accepted with ("": none recorded)."""
+        with self._lock:
+            return self._floor_shas.get(model_name, {}).get(device_class, "")
+
+    def raise_floor(self, model_name: str, device_class: str, version: int, sha256: str) -> None:
+        """Record that ``sha256`` was activated under ``version``; a lower version changes
+        nothing, and the floor version keeps the artifact it was first accepted with."""
         with self._lock:
             floors = self._floors.setdefault(model_name, {})
-            floors[device_class] = max(version, floors.get(device_class, 0))
+            shas = self._floor_shas.setdefault(model_name, {})
+            floor = floors.get(device_class, 0)
+            if version > floor or (version == floor and device_class not in shas):
+                floors[device_class] = version
+                shas[device_class] = sha256
 
-    def restore_floors(self, model_name: str, floors: Mapping[str, int]) -> None:
+    def restore_floors(
+        self, model_name: str, floors: Mapping[str, int], shas: Mapping[str, str]
+    ) -> None:
         if floors:
             with self._lock:
                 self._floors[model_name] = dict(floors)
+                self._floor_shas[model_name] = {c: s for c, s in shas.items() if c in floors}
 
     def get(self, model_name: str) -> ModelSlot:
         slot = self._active.get(model_name)
@@ -279,6 +305,7 @@ class ModelRuntime:
                         active=a.record if (a := self._active.get(name)) else None,
                         previous=p.record if (p := self._previous.get(name)) else None,
                         version_floor=dict(self._floors.get(name, {})),
+                        floor_sha256=dict(self._floor_shas.get(name, {})),
                     )
                     for name in names
                 }

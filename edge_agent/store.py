@@ -8,13 +8,16 @@ Layout under the state directory:
     agent.json                where the local API listens (written once it listens)
     agent.lock                held while an agent runs, so two never share a directory
 
-Only digests that passed check_sha256 ever become file names.
+Only digests that passed check_sha256 ever become file names. A state directory that
+cannot be written when the agent starts (read-only, no permission) is a configuration
+error that names the directory, not a traceback.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -28,8 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from artifact.digest import check_sha256, sha256_file
 from artifact.files import atomic_write_bytes, fsync_dir
+from artifact.manifest import InvalidManifestError, Manifest
 from artifact.names import check_name
-from edge_agent.errors import AgentError, ErrorCode
+from edge_agent.errors import AgentError, ErrorCode, describe_os_error
 from protos import fleet_pb2
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,15 @@ class SlotRecord(BaseModel):
     def activated_now(self) -> SlotRecord:
         return self.model_copy(update={"activated_unix_ms": int(time.time() * 1000)})
 
+    def manifest(self) -> Manifest | None:
+        """The manifest it was activated with (None: none kept, or unreadable)."""
+        if not self.manifest_json:
+            return None
+        try:
+            return Manifest.from_json_bytes(self.manifest_json.encode("utf-8"))
+        except InvalidManifestError:
+            return None
+
 
 class ModelSlots(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -82,6 +95,29 @@ class ModelSlots(BaseModel):
     # one is refused (a replayed old manifest is a rollback attack; the controller rolls
     # back by re-releasing older bytes under a new version).
     version_floor: dict[str, int] = Field(default_factory=dict)
+    # Per device class, the artifact the floor version was first accepted with: the same
+    # version naming other bytes is a reused version (refused), the same bytes again (an
+    # artifact lost on disk and fetched anew) are not. Files written before it lack it.
+    floor_sha256: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("floor_sha256")
+    @classmethod
+    def _floor_digests(cls, value: dict[str, str]) -> dict[str, str]:
+        return {device_class: check_sha256(sha) for device_class, sha in value.items()}
+
+    def floor_artifacts(self) -> dict[str, str]:
+        """``floor_sha256``, completed from the slots' own manifests for an older file."""
+        found = dict(self.floor_sha256)
+        for record in (self.active, self.previous):
+            manifest = record.manifest() if record is not None else None
+            if (
+                record is not None
+                and manifest is not None
+                and manifest.device_class not in found
+                and self.version_floor.get(manifest.device_class) == manifest.version
+            ):
+                found[manifest.device_class] = record.sha256
+        return found
 
 
 class SlotsFile(BaseModel):
@@ -107,6 +143,25 @@ class SlotsFile(BaseModel):
         return out
 
 
+# errnos that say the directory is not the agent's to write: fixing it takes a person
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+
+
+def unwritable(root: Path, exc: OSError) -> AgentError:
+    """The state directory refused a write at start: a configuration error when only a
+    person can fix it (exit 2), else one that may pass (a full disk: exit 1)."""
+    if exc.errno == errno.EROFS:
+        fix = "mount it read-write, or choose another --state-dir"
+    elif exc.errno in _NOT_WRITABLE:
+        fix = "give the agent's user write access to it, or choose another --state-dir"
+    else:
+        fix = "free space or repair its file system, then start the agent again"
+    return AgentError(
+        ErrorCode.INVALID_CONFIG if exc.errno in _NOT_WRITABLE else ErrorCode.STORAGE_FAILED,
+        f"--state-dir: the agent cannot write to {root} ({describe_os_error(exc)}): {fix}",
+    )
+
+
 class StateStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -115,15 +170,21 @@ class StateStore:
         self.slots_path = root / "slots.json"
         self.agent_info_path = root / "agent.json"
         self.lock_path = root / "agent.lock"
-        for directory in (self.root, self.artifacts_dir, self.partial_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+        try:
+            for directory in (self.root, self.artifacts_dir, self.partial_dir):
+                directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise unwritable(root, exc) from None
 
     # -- exclusive use ----------------------------------------------------------------
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold agent.lock for the life of the agent; a second agent is refused at once."""
-        handle: IO[bytes] = self.lock_path.open("a+b")
+        try:
+            handle: IO[bytes] = self.lock_path.open("a+b")
+        except OSError as exc:
+            raise unwritable(self.root, exc) from None
         try:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

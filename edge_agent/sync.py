@@ -3,17 +3,25 @@
 Per assignment whose digest differs from what is served: check the manifest (signature
 when a key is pinned, digest, device class, model, expiry), fetch, load into a spare
 slot, self-test, switch, persist, report. Any failure is reported FAILED with its reason
-and the old model keeps serving. When the controller is away the loop reconnects with
-exponential backoff and full jitter, and the local API keeps serving meanwhile.
+and the old model keeps serving. A failure that may pass by itself (a refused or broken
+fetch, a state directory that refused a write) is tried again with a capped exponential
+backoff per (model, artifact), checked each time the desired set arrives (every
+heartbeat); one that retrying the same manifest would only repeat (errors.SETTLED) waits
+for another manifest. A reconnect forgets every failure. When the controller is away the
+loop reconnects with exponential backoff and full jitter, and the local API keeps
+serving meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import logging
 import random
+import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -26,13 +34,13 @@ from artifact.signing import SignatureError, TrustedKey
 from edge_agent import __version__
 from edge_agent.backoff import Backoff
 from edge_agent.config import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, MIN_CHUNK_BYTES, AgentConfig
-from edge_agent.errors import AgentError, ErrorCode
+from edge_agent.errors import SETTLED, AgentError, ErrorCode, describe_os_error
 from edge_agent.fetch import CONNECTION_LOST, FetchPlan, fetch_artifact
 from edge_agent.hardware import HardwareFacts
-from edge_agent.runtime import ModelRuntime
+from edge_agent.runtime import ModelRuntime, ModelSlot
 from edge_agent.store import SlotRecord, StateStore
 from edge_agent.telemetry_queue import TelemetryQueue
-from edge_agent.telemetry_sender import SendPlan, send_forever
+from edge_agent.telemetry_sender import RefusalLog, SendPlan, send_forever
 from edge_agent.trust import TrustAnchor
 from protos import fleet_pb2, fleet_pb2_grpc
 
@@ -56,6 +64,23 @@ def channel_options() -> list[tuple[str, int]]:
 
 class WatchEnded(Exception):
     """The controller closed the assignment stream (it is probably shutting down)."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A deployment that failed in this session, and when the same manifest is tried again."""
+
+    reason: str
+    manifest: bytes  # digest of the signed manifest it failed with: another one is news
+    failures: int  # in a row, with that manifest
+    retry_at: float | None  # event-loop time; None: not until another manifest comes
+
+    def due(self, now: float) -> bool:
+        return self.retry_at is not None and now >= self.retry_at
+
+
+def manifest_digest(signed: fleet_pb2.SignedManifest) -> bytes:
+    return hashlib.sha256(signed.SerializeToString(deterministic=True)).digest()
 
 
 class _Latest:
@@ -148,6 +173,7 @@ class SyncLoop:
     ) -> None:
         self.config = config
         self.telemetry = telemetry  # sent while a session is up; None: no telemetry
+        self._refusals = RefusalLog()  # across sessions: a reconnect does not log anew
         self.store = store
         self.runtime = runtime
         self.hardware = hardware
@@ -158,7 +184,7 @@ class SyncLoop:
         self._heartbeat_s = 0
         self._revision: int | None = None
         self._pending: dict[str, fleet_pb2.StatusReport] = {}
-        self._failed: dict[tuple[str, str], str] = {}
+        self._failed: dict[tuple[str, str], Failure] = {}  # (model, sha): retried after
         self.connected = asyncio.Event()
         self._registered = False  # in the current session
 
@@ -310,7 +336,7 @@ class SyncLoop:
             poll_s=self.config.telemetry_poll_s,
             rpc_timeout_s=self.config.rpc_timeout_s,
         )
-        await send_forever(stub, self.telemetry, plan)
+        await send_forever(stub, self.telemetry, plan, self._refusals)
 
     async def _apply_forever(self, stub: Any, desired: _Latest) -> None:
         while True:
@@ -333,6 +359,9 @@ class SyncLoop:
         wanted = {a.artifact_sha256 for a in assignment_set.assignments}
         for removed in self.store.discard_partials_except(wanted):
             log.info("dropped the partial download of %s: it is no longer assigned", removed)
+        assigned = {(a.model_name, a.artifact_sha256) for a in assignment_set.assignments}
+        for key in [k for k in self._failed if k not in assigned]:
+            del self._failed[key]  # assigned again later, it is tried at once
         for assignment in assignment_set.assignments:
             await self._converge(stub, assignment)
 
@@ -344,10 +373,7 @@ class SyncLoop:
         model, sha = assignment.model_name, assignment.artifact_sha256
         if self._serving(model) == sha:
             return
-        if (model, sha) in self._failed:
-            log.debug(
-                "not retrying %s=%s in this session: %s", model, sha, self._failed[(model, sha)]
-            )
+        if not self._due(assignment):
             return
         try:
             report = await self._deploy(stub, assignment)
@@ -355,25 +381,89 @@ class SyncLoop:
             if exc.code is ErrorCode.NOT_ASSIGNED:  # superseded: nothing failed, nothing cached
                 log.info("stopped deploying %s=%s: %s", model, sha, exc.message)
                 return
-            report = self._failure(model, sha, exc.message)
+            report = self._failure(assignment, exc.message, exc.code)
         except grpc.aio.AioRpcError:
             raise  # the controller went away: reconnect, then resume
         except Exception as exc:
-            log.exception("deploying %s=%s failed unexpectedly", model, sha)
-            report = self._failure(
-                model, sha, f"internal error in the agent: {type(exc).__name__}: {exc}"
-            )
+            if isinstance(exc, OSError) and exc.errno is not None:
+                # read-only, full or failing storage: may pass (remounted, space freed)
+                reason = (
+                    f"storage error in the state directory {self.config.state_dir}: "
+                    f"{describe_os_error(exc)}"
+                )
+                report = self._failure(assignment, reason, ErrorCode.STORAGE_FAILED)
+            else:
+                log.exception("deploying %s=%s failed unexpectedly", model, sha)
+                reason = f"internal error in the agent: {type(exc).__name__}: {exc}"
+                report = self._failure(assignment, reason, None)
+        else:
+            self._failed.pop((model, sha), None)
         await self.report(stub, report)
 
-    def _failure(self, model: str, sha: str, reason: str) -> fleet_pb2.StatusReport:
-        self._failed[(model, sha)] = reason
+    def _due(self, assignment: fleet_pb2.Assignment) -> bool:
+        """Whether to try ``assignment`` now: never failed, its retry is due, or it comes
+        with another manifest than the one that failed (e.g. a re-release of its bytes)."""
+        model, sha = assignment.model_name, assignment.artifact_sha256
+        failed = self._failed.get((model, sha))
+        if failed is None:
+            return True
+        if failed.manifest != manifest_digest(assignment.manifest):
+            log.info(
+                "model %s: %s is now assigned with another manifest than the one that "
+                "failed; trying it",
+                model,
+                sha,
+            )
+            return True
+        if not failed.due(self._now()):
+            log.debug("not retrying %s=%s yet: %s", model, sha, failed.reason)
+            return False
+        log.info(
+            "retrying the deployment of %s=%s (retry %d; it failed: %s); if it fails again, "
+            "the next retry is in about %.3g s",
+            model,
+            sha,
+            failed.failures,
+            failed.reason,
+            self._retry_ceiling(failed.failures + 1),
+        )
+        return True
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _retry_ceiling(self, failures: int) -> float:
+        """Capped exponential: the initial delay after the first failure, doubling after."""
+        initial, most = self.config.deploy_retry_initial_s, self.config.deploy_retry_max_s
+        return min(most, initial * 2.0 ** min(failures - 1, 32))
+
+    def _failure(
+        self, assignment: fleet_pb2.Assignment, reason: str, code: ErrorCode | None
+    ) -> fleet_pb2.StatusReport:
+        model, sha = assignment.model_name, assignment.artifact_sha256
+        digest = manifest_digest(assignment.manifest)
+        before = self._failed.get((model, sha))
+        failures = before.failures + 1 if before and before.manifest == digest else 1
+        if code in SETTLED:
+            retry_at = None
+            then = "not retried until the controller sends another manifest for it"
+        else:
+            # a little jitter, so a fleet that failed together does not retry together
+            delay = self._retry_ceiling(failures) * self._rng.uniform(0.9, 1.0)
+            retry_at = self._now() + delay
+            then = (
+                f"next retry in {delay:.3g} s, at "
+                f"{time.strftime('%H:%M:%S', time.localtime(time.time() + delay))}"
+            )
+        self._failed[(model, sha)] = Failure(reason, digest, failures, retry_at)
         serving = self._serving(model)
         log.error(
-            "deployment of %s=%s FAILED: %s; %s",
+            "deployment of %s=%s FAILED: %s; %s; %s",
             model,
             sha,
             reason,
             f"still serving {serving}" if serving else "nothing served for this model",
+            then,
         )
         return self._status(model, sha, fleet_pb2.DEPLOYMENT_OUTCOME_FAILED, reason=reason)
 
@@ -457,12 +547,14 @@ class SyncLoop:
                 "already ran; refusing a rollback to an old manifest (the controller rolls "
                 "back by re-releasing older bytes under a new version)",
             )
-        active = self.runtime.active(model)
-        if manifest.version == floor and active is not None and active.sha256 != sha:
+        # The same version may name only the bytes it was first accepted with (fetching
+        # them again after losing them on disk is fine); other bytes mean a reused version.
+        first = self.runtime.floor_artifact(model, manifest.device_class)
+        if manifest.version == floor and first and first != sha:
             raise AgentError(
                 ErrorCode.UNTRUSTED_MANIFEST,
-                f"manifest {manifest.artifact_id} names {sha}, but this device runs "
-                f"{active.sha256} under the same version; refusing a reused version",
+                f"manifest {manifest.artifact_id} names {sha}, but this device accepted "
+                f"{first} under the same version v{floor}; refusing a reused version",
             )
         if self.trust is not None and signer is not None:
             self.trust.adopt(signer)  # a rotated key that signed a good manifest
@@ -474,9 +566,10 @@ class SyncLoop:
         active = fleet_pb2.DEPLOYMENT_OUTCOME_ACTIVE
         previous = self.runtime.previous(model)
         if previous is not None and previous.sha256 == sha:
+            serving = self.runtime.active(model)
             self.runtime.switch_back(model, SlotRecord.from_signed(sha, assignment.manifest))
-            self.runtime.raise_floor(model, manifest.device_class, manifest.version)
-            self._persist()
+            self.runtime.raise_floor(model, manifest.device_class, manifest.version, sha)
+            self._persist_or_put_back(model, serving, previous)
             log.info("model %s: switched back to the previous slot %s", model, sha)
             return self._status(model, sha, active)
         received, encoding = 0, int(FULL)
@@ -515,9 +608,10 @@ class SyncLoop:
         record = SlotRecord.from_signed(sha, assignment.manifest).activated_now()
         slot = await asyncio.to_thread(self.runtime.prepare, model, path, record)
         # switch and persist with no await in between: a cancellation cannot split them
+        before = self.runtime.active(model), self.runtime.previous(model)
         replaced = self.runtime.activate(slot)
-        self.runtime.raise_floor(model, manifest.device_class, manifest.version)
-        self._persist()
+        self.runtime.raise_floor(model, manifest.device_class, manifest.version, sha)
+        self._persist_or_put_back(model, *before)
         log.info(
             "model %s: now serving %s (%s)%s",
             model,
@@ -540,11 +634,27 @@ class SyncLoop:
         except FileNotFoundError:
             return 0
 
+    def _persist_or_put_back(
+        self, model: str, active: ModelSlot | None, previous: ModelSlot | None
+    ) -> None:
+        """Persist a switch; when slots.json cannot be written, undo it and raise: the old
+        model keeps serving, as a restart would (the raised floor stays, in memory only)."""
+        try:
+            self._persist()
+        except OSError:
+            self.runtime.put_back(model, active, previous)
+            raise
+
     def _persist(self) -> None:
         slots = self.runtime.snapshot()
         self.store.save_slots(slots)
-        for removed in self.store.collect_garbage(slots.referenced()):
-            log.info("removed artifact %s: no slot holds it any more", removed)
+        try:
+            removed = self.store.collect_garbage(slots.referenced())
+        except OSError as exc:  # the switch is saved; the next one collects again
+            log.warning("could not remove unused artifacts: %s", describe_os_error(exc))
+            return
+        for sha in removed:
+            log.info("removed artifact %s: no slot holds it any more", sha)
 
     # -- reporting --------------------------------------------------------------------
 

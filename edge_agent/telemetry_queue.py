@@ -15,11 +15,17 @@ merged per (model, artifact, energy source) into one summary window each, which 
 the highest seq of what it replaces; the histograms merge exactly. Windows that were
 handed to a send are never summarised (the controller may hold them already). The
 number of windows folded into summaries is kept and exported as a metric.
+
+A file SQLite finds corrupt (not a database, a malformed image) is moved aside under a
+timestamped name, as slots.json is, and an empty queue started: the device keeps serving,
+and the windows it held (telemetry not yet sent) are kept there for a person, not sent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -27,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.errors import AgentError, ErrorCode
+from edge_agent.errors import AgentError, ErrorCode, describe_os_error
 from edge_agent.telemetry import Window, merge_windows
 from protos import fleet_pb2
 
@@ -43,6 +49,8 @@ NEXT_SEQ = "next_seq"
 ATTEMPTED_THROUGH = "attempted_through"  # highest seq ever handed to a send
 SUMMARISED = "summarised_windows"  # windows folded into summaries, all time
 REJECTED = "rejected_windows"  # windows the controller refused as invalid, all time
+# What SQLite says of a file that is not (or no longer) a database: move it aside.
+_CORRUPT = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,29 @@ class TelemetryQueue:
         self.max_windows = max_windows
         self._lock = threading.Lock()
         try:
-            self._open(clock)
+            try:
+                self._open(clock)
+            except sqlite3.DatabaseError as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _CORRUPT:
+                    raise  # e.g. busy or read-only: the file itself may be fine
+                try:
+                    aside = self._set_aside()
+                except OSError as move:
+                    raise AgentError(
+                        ErrorCode.STATE_CORRUPT,
+                        f"telemetry queue {self.path} is corrupt ({exc}) and cannot be moved "
+                        f"aside ({describe_os_error(move)}); move or delete it to start an "
+                        "empty queue",
+                    ) from exc
+                log.warning(
+                    "telemetry queue %s is corrupt (%s): moved it to %s and started an empty "
+                    "queue; the telemetry queued in it (windows not yet sent) was set aside "
+                    "there and will not be sent",
+                    self.path,
+                    exc,
+                    aside,
+                )
+                self._open(clock)
         except sqlite3.Error as exc:
             raise AgentError(
                 ErrorCode.STATE_CORRUPT,
@@ -77,18 +107,35 @@ class TelemetryQueue:
                 "an empty queue (its unsent windows are then lost)",
             ) from exc
 
+    def _set_aside(self) -> Path:
+        """Move the corrupt file (and its write-ahead log) aside; drop its shared-memory index."""
+        aside = self.path.with_name(f"{FILE_NAME}.corrupt-{int(time.time())}")
+        os.replace(self.path, aside)
+        wal = self.path.with_name(f"{FILE_NAME}-wal")
+        if wal.exists():  # never replayed into the new file: it belongs to the old one
+            os.replace(wal, aside.with_name(f"{aside.name}-wal"))
+        self.path.with_name(f"{FILE_NAME}-shm").unlink(missing_ok=True)
+        return aside
+
     def _open(self, clock: Callable[[], float]) -> None:
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a window is on disk once append returns
-        with self._transaction():
-            for statement in _SCHEMA:
-                self._db.execute(statement)
-            self._db.execute(
-                "INSERT OR IGNORE INTO meta VALUES (?, ?)", (NEXT_SEQ, int(clock() * 1000) * 1000)
-            )
-            for key in (ATTEMPTED_THROUGH, SUMMARISED, REJECTED):
-                self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, 0)", (key,))
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a window is on disk once append returns
+            with _Transaction(db):
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES (?, ?)",
+                    (NEXT_SEQ, int(clock() * 1000) * 1000),
+                )
+                for key in (ATTEMPTED_THROUGH, SUMMARISED, REJECTED):
+                    db.execute("INSERT OR IGNORE INTO meta VALUES (?, 0)", (key,))
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()  # the file may have to be moved aside: let go of it
+            raise
+        self._db = db
 
     def close(self) -> None:
         with self._lock:

@@ -1,14 +1,17 @@
 """The agent as a process: `python -m edge_agent run ...` against the real controller.
 
 Covers agent.json, the local API, SIGTERM -> exit 0, a restart that serves the model it
-had without downloading it again, even while the controller is away, and a second agent
-on a served --listen address exiting 1 instead of sharing or taking it.
+had without downloading it again, even while the controller is away, a second agent
+on a served --listen address exiting 1 instead of sharing or taking it, a corrupt
+telemetry queue set aside while serving goes on, and a read-only state directory
+refused in one line with exit 2.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import signal
 import sys
 from pathlib import Path
@@ -17,9 +20,12 @@ from typing import Any
 import grpc.aio
 import numpy as np
 
+from artifact.digest import sha256_bytes
 from edge_agent.convert import tensor_from_proto, tensor_to_proto
+from edge_agent.store import ModelSlots, SlotRecord, SlotsFile, StateStore
 from protos import fleet_pb2, fleet_pb2_grpc
 from tests.edge_agent.models import add_model
+from tests.edge_agent.readonly import read_only_prefix
 from tests.support.controller import Controller, eventually, reserve_port, running_controller
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -209,3 +215,67 @@ def test_a_second_agent_on_a_served_listen_address_exits_1_and_the_first_keeps_i
         asyncio.run(main())
     finally:
         refusing.close()
+
+
+def served_state(state: Path) -> str:
+    """A state directory as a previous run left it: model "motions" active; its digest."""
+    store = StateStore(state)
+    data = add_model(1.0)
+    sha = sha256_bytes(data)
+    store.artifact_path(sha).write_bytes(data)
+    store.save_slots(SlotsFile(models={"motions": ModelSlots(active=SlotRecord(sha256=sha))}))
+    return sha
+
+
+def test_a_corrupt_telemetry_queue_is_set_aside_and_the_agent_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    state, log = tmp_path / "state", tmp_path / "agent.log"
+    sha = served_state(state)
+    garbage = random.Random(3).randbytes(50_000)  # `head -c 50000 /dev/urandom > ...`
+    (state / "telemetry.db").write_bytes(garbage)
+    refusing = reserve_port()  # the controller is away: serving does not need it
+
+    async def main() -> None:
+        agent = await start_agent(
+            state, f"127.0.0.1:{refusing.getsockname()[1]}", "127.0.0.1:0", log
+        )
+        try:
+            info = await agent_info(state, agent)
+            assert (await predict(info["local_api"])).artifact_sha256 == sha
+        finally:
+            code, text = await stop(agent, log)
+        assert code == 0, text
+        assert "WARNING edge_agent.telemetry_queue" in text and "set aside" in text, text
+        (aside,) = state.glob("telemetry.db.corrupt-*")
+        assert aside.read_bytes() == garbage
+        assert str(aside) in text
+
+    try:
+        asyncio.run(main())
+    finally:
+        refusing.close()
+
+
+def test_a_read_only_state_directory_is_a_one_line_configuration_error(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    served_state(state)
+
+    async def main() -> tuple[int, str]:
+        prefix = read_only_prefix(state)
+        agent = await asyncio.create_subprocess_exec(
+            *prefix, sys.executable, "-m", "edge_agent", "run",
+            "--controller", "127.0.0.1:1", "--device-id", "hub-1", "--device-class", "home-hub",
+            "--state-dir", str(state),
+            cwd=ROOT,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, stderr = await asyncio.wait_for(agent.communicate(), SAFETY_LIMIT_S)
+        return await agent.wait(), stderr.decode(errors="replace")
+
+    code, stderr = asyncio.run(main())
+    assert code == 2, stderr  # bad configuration: systemd does not restart it
+    (line,) = stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"error: --state-dir: the agent cannot write to {state} "), line
+    assert "(EROFS)" in line or "(EACCES)" in line, line
+    assert "read-write" in line or "write access" in line, line

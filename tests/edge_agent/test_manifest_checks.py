@@ -9,6 +9,7 @@ real controller in test_sync.py.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from tests.edge_agent.models import add_model
 KEY = SigningKey.generate()
 DATA = add_model(1.0)
 SHA = sha256_bytes(DATA)
+OTHER = sha256_bytes(add_model(2.0))
 
 
 def manifest(**over: Any) -> Manifest:
@@ -139,14 +141,14 @@ def test_a_rotated_key_is_trusted_only_through_a_valid_endorsement(agent: SyncLo
 
 
 def test_a_manifest_older_than_one_the_device_ran_is_refused(agent: SyncLoop) -> None:
-    agent.runtime.raise_floor("motions", "home-hub", 3)
+    agent.runtime.raise_floor("motions", "home-hub", 3, OTHER)
     error = refusal(agent, assignment(manifest(version=2)))
     assert error.code == ErrorCode.UNTRUSTED_MANIFEST
     assert "older than v3" in error.message
     newer = manifest(version=4)
     assert agent.check_manifest(assignment(newer)) == newer
     # the floor is per device class: another class's versions do not count here
-    agent.runtime.raise_floor("motions", "camera", 9)
+    agent.runtime.raise_floor("motions", "camera", 9, OTHER)
     assert agent.check_manifest(assignment(newer)) == newer
 
 
@@ -156,7 +158,7 @@ def test_the_version_floor_survives_a_restart_even_when_the_artifact_is_lost(
     agent.store.artifacts_dir.mkdir(parents=True, exist_ok=True)
     path, _ = write_model(agent.store.artifacts_dir, DATA)
     agent.runtime.activate(agent.runtime.prepare("motions", path, SlotRecord(sha256=SHA)))
-    agent.runtime.raise_floor("motions", "home-hub", 5)
+    agent.runtime.raise_floor("motions", "home-hub", 5, SHA)
     agent.store.save_slots(agent.runtime.snapshot())
 
     restarted = ModelRuntime(threads=1)
@@ -170,3 +172,60 @@ def test_the_version_floor_survives_a_restart_even_when_the_artifact_is_lost(
     assert again.active("motions") is None
     assert again.version_floor("motions", "home-hub") == 5
     assert agent.store.load_slots().models["motions"].version_floor == {"home-hub": 5}
+
+
+def test_a_reused_version_is_refused_only_for_other_bytes_than_it_was_accepted_with(
+    agent: SyncLoop,
+) -> None:
+    """The device accepted SHA under v2, lost it on disk, and serves its older slot: the
+    same v2 manifest is the way back (not a reused version); other bytes under v2 are."""
+    agent.store.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    path, older = write_model(agent.store.artifacts_dir, add_model(3.0))
+    agent.runtime.activate(agent.runtime.prepare("motions", path, SlotRecord(sha256=older)))
+    agent.runtime.raise_floor("motions", "home-hub", 2, SHA)
+
+    same = manifest(version=2)
+    assert agent.check_manifest(assignment(same)) == same
+    reused = manifest(version=2, sha256=OTHER)
+    error = refusal(agent, assignment(reused))
+    assert error.code == ErrorCode.UNTRUSTED_MANIFEST
+    assert "reused version" in error.message and SHA in error.message and OTHER in error.message
+    # the first bytes stay the floor's, also when others are activated under it later
+    agent.runtime.raise_floor("motions", "home-hub", 2, OTHER)
+    assert agent.runtime.floor_artifact("motions", "home-hub") == SHA
+
+
+def test_a_slots_file_that_predates_floor_artifacts_loads_and_completes_them(
+    agent: SyncLoop,
+) -> None:
+    """slots.json as an older agent wrote it (no floor_sha256), after the v2 artifact was
+    lost on disk: the agent falls back to v1 and still knows v2's bytes."""
+    artifacts = agent.store.artifacts_dir
+    artifacts.mkdir(parents=True, exist_ok=True)
+    _, older = write_model(artifacts, add_model(3.0))
+    v1, v2 = manifest(version=1, sha256=older), manifest(version=2)
+
+    def record(m: Manifest) -> dict[str, Any]:
+        raw = m.to_json_bytes()
+        signed = fleet_pb2.SignedManifest(manifest_json=raw, signature=KEY.sign(raw))
+        return SlotRecord.from_signed(m.sha256, signed).model_dump(mode="json")
+
+    legacy = {
+        "schema_version": 1,
+        "models": {
+            "motions": {
+                "active": record(v2),  # its artifact is gone: never written in this test
+                "previous": record(v1),
+                "version_floor": {"home-hub": 2},
+            }
+        },
+    }
+    agent.store.slots_path.write_text(json.dumps(legacy))
+
+    runtime = ModelRuntime(threads=1)
+    restore_slots(agent.store, runtime)
+    assert runtime.get("motions").sha256 == older  # fell back to the previous slot
+    assert runtime.floor_artifact("motions", "home-hub") == SHA
+    held = agent.store.load_slots().models["motions"]  # rewritten: v2's slot is gone
+    assert held.active is not None and held.active.sha256 == older and held.previous is None
+    assert (held.version_floor, held.floor_sha256) == ({"home-hub": 2}, {"home-hub": SHA})

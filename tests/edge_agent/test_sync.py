@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from artifact.digest import sha256_bytes
 from artifact.signing import SigningKey, TrustedKey
 from controller.keys import rotate_signing_key
@@ -113,6 +115,16 @@ async def final_report(controller: Controller, sha: str) -> Report | None:
 
 async def wait_final(controller: Controller, sha: str) -> Report:
     return await eventually(f"a final report on {sha[:12]}", lambda: final_report(controller, sha))
+
+
+async def wait_active(controller: Controller, sha: str) -> Report:
+    """The agent's ACTIVE report on ``sha``, once it comes (after failures, for example)."""
+
+    async def active() -> Report | None:
+        report = await final_report(controller, sha)
+        return report if report is not None and report["outcome"] == "active" else None
+
+    return await eventually(f"{sha[:12]} to be active", active)
 
 
 async def fetches(controller: Controller, sha: str | None = None) -> list[Report]:
@@ -389,22 +401,49 @@ def test_after_a_key_rotation_the_agent_follows_the_endorsement_and_drops_the_ol
     asyncio.run(main())
 
 
-def test_a_fetch_the_controller_refuses_is_reported_not_retried(tmp_path: Path) -> None:
+def test_a_fetch_the_controller_refuses_is_retried_after_a_backoff_without_a_reconnect(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A blob missing on the controller (DATA_LOSS) may be restored: the agent tries again
+    with a backoff on a stable link. A model that failed its self-test is not tried again:
+    the same bytes would fail the same way."""
+    caplog.set_level(logging.INFO, logger="edge_agent.sync")
     data = add_model(1.0)
 
     async def body(controller: Controller, state: Path) -> None:
-        model = await controller.add_model("motions", data)
-        artifact = await controller.create_artifact("motions", model_version=model.version)
-        controller.blob_path(artifact.sha256).unlink()  # DATA_LOSS: a refusal, not an outage
-        async with running_agent(state, controller.address) as agent:
+        async with running_agent(
+            state, controller.address, deploy_retry_initial_s=0.1, deploy_retry_max_s=0.2
+        ) as agent:
+            broken = (await controller.release("broken", add_model(float("nan")))).sha256
+            assert (await wait_final(controller, broken))["outcome"] == "failed"
+
+            model = await controller.add_model("motions", data)
+            artifact = await controller.create_artifact("motions", model_version=model.version)
+            blob = controller.blob_path(artifact.sha256)
+            blob.unlink()  # DATA_LOSS: a refusal, not an outage
             await controller.assign(artifact.id, device_class="home-hub")
-            report = await wait_final(controller, artifact.sha256)
-            assert report["outcome"] == "failed"
-            assert "DATA_LOSS" in report["reason"] and "missing" in report["reason"]
-            assert agent.runtime.model_names() == []
-            # one attempt, reported once: a refusal is not retried within the session
-            outcomes = [r["outcome"] for r in await reports(controller, artifact.sha256)]
+
+            async def failed_twice() -> list[Report] | None:
+                found = await reports(controller, artifact.sha256)
+                failed = [r for r in found if r["outcome"] == "failed"]
+                return failed if len(failed) >= 2 else None
+
+            first, _ = (await eventually("a retry that fails again", failed_twice))[:2]
+            assert "DATA_LOSS" in first["reason"] and "missing" in first["reason"]
+            assert "motions" not in agent.runtime.model_names()
+
+            blob.write_bytes(data)  # restored on the controller: the next retry works
+            await wait_active(controller, artifact.sha256)
+            assert agent.runtime.get("motions").sha256 == artifact.sha256
+            assert len(await registrations(controller)) == 1  # no reconnect needed
+            # tried once: every retry pass above considered it too
+            outcomes = [r["outcome"] for r in await reports(controller, broken)]
             assert outcomes == ["downloading", "failed"]
+        retries = [m for m in caplog.messages if m.startswith("retrying the deployment")]
+        assert retries and all(artifact.sha256 in m for m in retries)
+        assert all("the next retry is in about" in m for m in retries)
+        assert any("not retried until the controller sends another manifest" in m
+                   for m in caplog.messages)  # fmt: skip
 
     scenario(tmp_path, body)
 

@@ -13,14 +13,16 @@ import contextlib
 import json
 import random
 import sqlite3
+import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc.aio
 import numpy as np
+import pytest
 
 from edge_agent.agent import run_agent
 from edge_agent.config import AgentConfig, ListenAddress
@@ -34,6 +36,7 @@ from edge_agent.store import StateStore
 from edge_agent.sync import SyncLoop
 from edge_agent.telemetry import Sample, Telemetry, Window
 from edge_agent.telemetry_queue import TelemetryQueue
+from edge_agent.telemetry_sender import RefusalLog, SendPlan, send_forever
 from protos import fleet_pb2, fleet_pb2_grpc
 from tests.edge_agent.conftest import load
 from tests.edge_agent.models import add_model
@@ -276,3 +279,92 @@ def test_metrics_endpoint_shows_latency_inferences_joules_queue_and_model(
     assert "homefleet_agent_telemetry_queue_windows 1.0" in text
     assert "homefleet_agent_telemetry_summarised_windows_total 0.0" in text
     assert f'homefleet_agent_model_info{{artifact_sha256="{sha}",model="motions"}} 1.0' in text
+
+
+def ahead(n: int) -> list[Window]:
+    """Windows from a device whose clock runs an hour ahead: the controller refuses each."""
+    telemetry = Telemetry(NoMeter(), clock=lambda: time.time() + 3600)
+    result = []
+    for _ in range(n):
+        telemetry.record(Sample("motions", SHA, 0.002, 0.001, 0.0, 1 << 20, ok=True))
+        result.extend(telemetry.close_windows())
+    return result
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture) -> tuple[list[str], list[str]]:
+    """(first refusals, summaries) the sender logged."""
+    messages = [r.getMessage() for r in caplog.records if r.name == "edge_agent.telemetry_sender"]
+    return (
+        [m for m in messages if m.startswith("controller refused telemetry window")],
+        [m for m in messages if "more telemetry windows refused" in m],
+    )
+
+
+def test_windows_refused_for_a_clock_ahead_are_logged_once_then_counted_a_minute_at_a_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sender's minute is a clock the test turns (no waiting): first refusal logged,
+    the rest counted into one line a minute, and every dropped window in the metric."""
+
+    async def main() -> None:
+        async with running_controller(tmp_path / "controller") as controller:
+            await controller.agent.Register(
+                fleet_pb2.RegisterRequest(
+                    device_id=DEVICE, device_class="home-hub", hardware=collect().to_proto()
+                ),
+                timeout=10,
+            )
+            queue = TelemetryQueue(tmp_path / "agent")
+            minute = [0.0]
+            refusals = RefusalLog(interval_s=60.0, clock=lambda: minute[0] * 60.0)
+            plan = SendPlan(device_id=DEVICE, batch=3, poll_s=0.02, rpc_timeout_s=10)
+            sender = asyncio.create_task(send_forever(controller.agent, queue, plan, refusals))
+            try:
+                await asyncio.to_thread(queue.append, ahead(5))
+                await eventually("the refused windows to be dropped", lambda: drained(queue))
+                firsts, summaries = refusal_lines(caplog)
+                assert len(firsts) == 1 and summaries == []
+                assert "in the future" in firsts[0] and "NTP" in firsts[0]
+
+                minute[0] = 1.0  # a minute on: the count comes, without a new refusal
+                await eventually("a summary", lambda: _some(lambda: refusal_lines(caplog)[1]))
+                await asyncio.to_thread(queue.append, ahead(3))
+                await eventually("the next ones to be dropped", lambda: drained(queue))
+                assert len(refusal_lines(caplog)[1]) == 1  # within that minute: no new line
+                minute[0] = 2.0
+                await eventually(
+                    "a second summary", lambda: _some(lambda: refusal_lines(caplog)[1][1:])
+                )
+            finally:
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
+            firsts, summaries = refusal_lines(caplog)
+            assert len(firsts) == 1
+            assert summaries[0].startswith("4 more telemetry windows refused for the same reason")
+            assert summaries[1].startswith("3 more telemetry windows refused for the same reason")
+            assert queue.stats().rejected_windows == 8  # the metric counts every one
+            assert stored(controller.data_dir) == []
+            queue.close()
+
+    asyncio.run(main())
+
+
+async def _some(found: Callable[[], list[str]]) -> list[str] | None:
+    return found() or None
+
+
+def test_the_sync_loop_logs_a_run_of_refused_windows_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        async with (
+            running_controller(tmp_path / "controller") as controller,
+            sync_loop(tmp_path / "agent", controller.address) as queue,
+        ):
+            await asyncio.to_thread(queue.append, ahead(6))
+            await eventually("the refused windows to be dropped", lambda: drained(queue))
+            assert queue.stats().rejected_windows == 6
+        firsts, _ = refusal_lines(caplog)
+        assert len(firsts) == 1, firsts
+
+    asyncio.run(main())

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import random
 from pathlib import Path
+
+import pytest
 
 from artifact import histogram
 from edge_agent.meters import NoMeter
@@ -82,3 +86,23 @@ def test_windows_handed_to_a_send_are_never_summarised(tmp_path: Path) -> None:
     assert all(w.count == 1 for w in stored[:3]) and sum(w.count for w in stored) == 9
     assert queue.acknowledge(in_flight[-1].seq) == 3
     assert queue.windows() == stored[3:]
+
+
+def test_a_corrupt_queue_file_is_moved_aside_and_an_empty_queue_started(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = TelemetryQueue(tmp_path)
+    queue.append([window("m", SHA_A, [0.001], 1000)])
+    queue.close()
+    garbage = random.Random(7).randbytes(50_000)  # `head -c 50000 /dev/urandom > ...`
+    (tmp_path / "telemetry.db").write_bytes(garbage)
+
+    fresh = TelemetryQueue(tmp_path)
+    assert fresh.windows() == [] and fresh.stats().depth == 0
+    seqs = fresh.append([window("m", SHA_A, [0.002], 2000)])  # and it works
+    assert [w.seq for w in fresh.windows()] == seqs
+    fresh.close()
+    (aside,) = tmp_path.glob("telemetry.db.corrupt-*")
+    assert aside.read_bytes() == garbage  # kept for a person, not deleted
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(aside) in warning.getMessage() and "set aside" in warning.getMessage()
