@@ -78,6 +78,16 @@ def all_met(verdicts: tuple[Verdict, ...]) -> bool:
     return all(v.met for v in verdicts)
 
 
+# Budgets a device measures (the planner only predicts them from its latency model and
+# the class's power model); size, accuracy and fidelity are known before shipping.
+MEASURED_ON_DEVICE = frozenset({"p95_latency_ms", "energy_per_inference_mj"})
+
+
+def misses_a_known_budget(verdicts: tuple[Verdict, ...]) -> bool:
+    """Over size, or short of accuracy or fidelity: what no device could prove wrong."""
+    return any(not v.met and v.budget not in MEASURED_ON_DEVICE for v in verdicts)
+
+
 def shortfall(verdicts: tuple[Verdict, ...]) -> float:
     """A scale-free measure of how far a candidate is from its budgets (0 = meets all).
 

@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from controller.compression.budgets import Observed, Verdict, all_met, judge, shortfall
+from controller.compression.budgets import (
+    Observed,
+    Verdict,
+    all_met,
+    judge,
+    misses_a_known_budget,
+    shortfall,
+)
 from controller.compression.errors import CompressionError
 from controller.compression.recipe import LearnedQuantize, Quantize, Recipe
 from controller.device_classes import DeviceClass
@@ -120,12 +127,21 @@ class Plan:
 
     @property
     def best(self) -> Trial:
-        """The first trial that meets every budget, else the one closest to doing so."""
+        """The first trial that meets every budget, else the one closest to doing so,
+        preferring one within size, accuracy and fidelity: its latency and energy are
+        predictions a canary can still prove wrong, a size or accuracy miss is certain."""
         for trial in self.trials:
             if trial.met:
                 return trial
         usable = [t for t in self.trials if not t.error] or [self.baseline]
-        return min(usable, key=lambda t: (shortfall(t.verdicts), t.artifact_bytes))
+        return min(
+            usable,
+            key=lambda t: (
+                misses_a_known_budget(t.verdicts),
+                shortfall(t.verdicts),
+                t.artifact_bytes,
+            ),
+        )
 
 
 TrialCallback = Callable[[Trial], None]

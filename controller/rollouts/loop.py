@@ -44,6 +44,7 @@ from artifact.manifest import Manifest
 from controller.admin import AdminHandlers, in_thread
 from controller.blobstore import BlobStore
 from controller.clock import unix_ms
+from controller.compression.budgets import MEASURED_ON_DEVICE
 from controller.config import BudgetPolicy
 from controller.device_classes import Budgets, DeviceClass
 from controller.errors import FleetError
@@ -72,7 +73,7 @@ log = logging.getLogger(__name__)
 # Verdicts a device measures; a candidate that misses only these may still be tried on a
 # canary (the planner's latency model is an estimate, the canary measures). A candidate
 # missing accuracy, fidelity or size is never shipped.
-DEVICE_BUDGETS = frozenset({"p95_latency_ms", "energy_per_inference_mj"})
+DEVICE_BUDGETS = MEASURED_ON_DEVICE
 MIN_SPEED, MAX_SPEED = 1e-4, 100.0
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from controller.compression.budgets import paired_drop
+from controller.compression.budgets import Verdict, paired_drop
 from controller.compression.errors import CompressionError
 from controller.compression.executor import OnnxSource
 from controller.compression.measure import measure_onnx
-from controller.compression.planner import Timing, plan, size_floor
+from controller.compression.planner import Plan, Timing, Trial, plan, size_floor
 from controller.compression.recipe import Distill, Quantize, Recipe
 from controller.device_classes import DeviceClass, load_device_class
 from tests.compression.test_training import TinyCNN, onnx_outputs, synthetic_split
@@ -101,3 +101,23 @@ def test_only_quantization_only_recipes_have_a_size_floor() -> None:
     assert size_floor(Recipe(), 1000) is None
     distilled = Recipe(steps=(Distill(student="ds-cnn1d"), Quantize(mode="static")))
     assert size_floor(distilled, 1000) is None
+
+
+def test_with_no_trial_within_budget_the_best_is_within_size_and_accuracy_if_any() -> None:
+    """A size or accuracy miss is certain; a predicted latency miss a canary may refute,
+    so a rollout can still try it (and never ships the other)."""
+
+    def trial(index: int, *missed: tuple[str, float]) -> Trial:
+        verdicts = (
+            *(Verdict(budget, 1.0, 1.0 + gap, False, gap) for budget, gap in missed),
+            Verdict("min_fidelity", 0.9, 0.95, True, 0.0),
+        )
+        return Trial(index, Recipe(steps=()), None, 1000 + index, None, None, verdicts, 0.1)
+
+    hub = load_device_class(ROOT / "deploy" / "device-classes" / "home-hub.yaml")
+    over_size = trial(1, ("max_artifact_bytes", 0.05))  # the nearest by total shortfall
+    slow = trial(2, ("p95_latency_ms", 0.5), ("energy_per_inference_mj", 0.2))
+    slower = trial(3, ("p95_latency_ms", 0.9))
+    baseline = trial(0, ("p95_latency_ms", 2.0))
+    assert Plan(hub, baseline, [over_size, slower, slow]).best is slow
+    assert Plan(hub, baseline, [over_size]).best is over_size  # nothing better to offer
