@@ -25,6 +25,7 @@ from artifact.tls import (
     CA_FILE,
     CERT_FILE,
     CLASS_URI,
+    CRL_FILE,
     KEY_FILE,
     NAME_URI,
     ORGANIZATION,
@@ -155,6 +156,7 @@ class CertificateAuthority:
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
     pem: bytes
+    directory: Path | None = None  # where it was loaded from: its own crl.pem lives there
 
     @classmethod
     def load(cls, directory: Path) -> CertificateAuthority:
@@ -179,15 +181,28 @@ class CertificateAuthority:
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise TlsError(f"{directory / CA_KEY_FILE} is not an ECDSA key")
         check_validity(cert, f"the CA certificate {directory / CA_FILE}")
-        return cls(cert, key, pem)
+        return cls(cert, key, pem, directory)
 
     def revoke(self, serial: int, crl_path: Path) -> frozenset[int]:
         """Add ``serial`` to the CRL at ``crl_path`` (made when absent), re-signed; the
-        revoked serials after."""
+        revoked serials after.
+
+        The CA's own ``crl.pem`` is the record of every revocation: the new list holds
+        its serials and those of ``crl_path`` with a number above both, and is written to
+        both. Two lists kept apart (one beside the CA, one in the controller's directory)
+        would each miss the other's revocations, and copying one over the other would
+        let a revoked device back in.
+        """
         revoked, number = frozenset[int](), 0
-        if crl_path.exists():
-            current = load_crl(crl_path.read_bytes(), self.cert, crl_path)
-            revoked, number = current.serials, current.number
+        paths = [crl_path]
+        if self.directory is not None and (self.directory / CRL_FILE).resolve() != (
+            crl_path.resolve()
+        ):
+            paths.append(self.directory / CRL_FILE)
+        for path in paths:
+            if path.exists():
+                current = load_crl(path.read_bytes(), self.cert, path)
+                revoked, number = revoked | current.serials, max(number, current.number)
         revoked |= {serial}
         now = _now()
         builder = (
@@ -197,15 +212,16 @@ class CertificateAuthority:
             .next_update(now + datetime.timedelta(days=CRL_DAYS))
             .add_extension(x509.CRLNumber(number + 1), critical=False)  # newer lists count up
         )
-        for number in sorted(revoked):
+        for revoked_serial in sorted(revoked):
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder()
-                .serial_number(number)
+                .serial_number(revoked_serial)
                 .revocation_date(now - BACKDATE)
                 .build()
             )
         crl = builder.sign(self.key, hashes.SHA256())
-        atomic_write_bytes(crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        for path in paths:
+            atomic_write_bytes(path, crl.public_bytes(serialization.Encoding.PEM))
         return revoked
 
     def issue(

@@ -8,8 +8,9 @@ checks each call's certificate serial here.
 
 A CRL must be signed by the CA. One that is not (or cannot be parsed) is refused at
 start; appearing later, it is logged and the previous list stays in force, as it does
-when the file disappears or is replaced by an older list (a lower CRL number): no broken,
-missing or stale file silently lets a revoked device back in.
+when the file disappears, is replaced by an older list (a lower CRL number), or by one
+that no longer names a certificate revoked before: no broken, missing, stale or partial
+file silently lets a revoked device back in.
 """
 
 from __future__ import annotations
@@ -113,6 +114,18 @@ class RevocationList:
                 self.path,
                 crl.number,
                 self._number,
+            )
+            return
+        dropped = self._serials - crl.serials
+        if dropped:
+            log.error(
+                "%s (number %d) no longer lists %d certificate(s) revoked before (serials %s): "
+                "ignored, a revocation is for good. Revoke with `homefleet certs revoke --ca "
+                "CA_DIR`, which keeps every revocation in the CA's own crl.pem, and copy that",
+                self.path,
+                crl.number,
+                len(dropped),
+                ", ".join(f"{s:x}" for s in sorted(dropped)[:5]),
             )
             return
         log.info("revocation list %s: %d revoked certificate(s)", self.path, len(crl.serials))

@@ -205,10 +205,14 @@ def revoke(
         revoked = CertificateAuthority.load(ca_dir).revoke(serial, path)
     except TlsError as exc:
         raise _usage_error(exc) from None
-    typer.echo(
-        f"revoked serial {serial:x}; {path} lists {len(revoked)} certificate(s): copy it to "
-        f"the controller's TLS directory as {CRL_FILE}"
+    master = Path(ca_dir).expanduser() / CRL_FILE
+    also = "" if path.resolve() == master.resolve() else f" (and the CA's own {master})"
+    copy = (
+        ""
+        if path.name == CRL_FILE and path.resolve() != master.resolve()
+        else f": copy it to the controller's TLS directory as {CRL_FILE}"
     )
+    typer.echo(f"revoked serial {serial:x}; {path}{also} lists {len(revoked)} certificate(s){copy}")
 
 
 @app.command("show")
