@@ -215,6 +215,21 @@ def revoke(
     typer.echo(f"revoked serial {serial:x}; {path}{also} lists {len(revoked)} certificate(s){copy}")
 
 
+def _hosts(cert_pem: bytes) -> list[str]:
+    """The DNS names and IP addresses a certificate is valid for (clients dial these)."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [
+        *names.get_values_for_type(x509.DNSName),
+        *(str(ip) for ip in names.get_values_for_type(x509.IPAddress)),
+    ]
+
+
 @app.command("show")
 def show(
     directory: Annotated[Path, typer.Argument(help="A TLS directory (ca.pem, cert.pem, key.pem).")],
@@ -230,6 +245,9 @@ def show(
     table.add_row("role", bundle.identity.role.value)
     if bundle.identity.device_class is not None:
         table.add_row("device class", bundle.identity.device_class)
+    hosts = _hosts(bundle.cert_pem)
+    if hosts:  # a controller's: the names clients may dial
+        table.add_row("hosts", ", ".join(hosts))
     table.add_row("serial", f"{bundle.identity.serial:x}")
     table.add_row("valid until", f"{bundle.not_after:%Y-%m-%d %H:%M} UTC")
     Console().print(table)

@@ -44,6 +44,13 @@ _UNREACHABLE = _Explanation(
     "set --controller or HOMEFLEET_CONTROLLER; if it serves mutual TLS (--tls), set "
     "HOMEFLEET_TLS to an admin certificate's directory\n  (gRPC said: {details})",
 )
+_WRONG_HOST = _Explanation(
+    ExitCode.UNREACHABLE,
+    "the controller at {address} answered with a certificate that does not name that "
+    "host: dial one of the names it was issued for (`homefleet certs show` of the "
+    "controller's TLS directory lists them), or issue it again with `homefleet certs "
+    "controller ... --host HOST --replace` and restart the controller\n  (gRPC said: {details})",
+)
 _REFUSED = _Explanation(ExitCode.REFUSED, "{details}")
 
 _EXPLANATIONS: Mapping[grpc.StatusCode, _Explanation] = {
@@ -98,6 +105,8 @@ def explain(error: grpc.RpcError, *, address: str, timeout_s: float) -> Failure:
     else:  # not raised by a finished call: nothing to branch on
         code, details = grpc.StatusCode.UNKNOWN, str(error)
     explanation = _EXPLANATIONS.get(code, _FAILED)
+    if code == grpc.StatusCode.UNAVAILABLE and "Hostname Verification" in details:
+        explanation = _WRONG_HOST  # TLS is set up; the name dialed is not in the certificate
     if explanation is _FAILED and "log has the detail" in details:
         explanation = _FAILED_SAID_SO  # the controller's own text already points at its log
     message = explanation.template.format(

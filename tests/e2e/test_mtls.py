@@ -219,6 +219,14 @@ def test_the_operator_cli_uses_the_admin_certificate_in_homefleet_tls(
     usage = wrong_role.cli("devices")
     assert usage.returncode == 2
     assert "is a device certificate" in usage.stderr and "needs an admin one" in usage.stderr
+    # a name the controller's certificate does not carry: said so, not "is it running?"
+    misnamed = Controller(controller.data_dir, admin_tls=pki.admin("alice"))
+    misnamed.address = controller.address.replace("127.0.0.1", "localhost")
+    wrong_host = misnamed.cli("devices")
+    assert wrong_host.returncode == 4
+    assert "certificate that does not name that host" in wrong_host.stderr
+    shown = homefleet("certs", "show", str(pki.controller()))
+    assert shown.returncode == 0 and "127.0.0.1" in shown.stdout and "hosts" in shown.stdout
 
 
 def test_an_agent_refuses_to_start_with_another_devices_certificate(
