@@ -30,7 +30,12 @@ from rich.table import Table
 
 from controller.cli.client import DEFAULT_TIMEOUT_S
 from controller.cli.errors import ExitCode
-from controller.cli.jobs import DEFAULT_WAIT_S, RemoteCompression, compress_on_controller
+from controller.cli.jobs import (
+    DEFAULT_WAIT_S,
+    RemoteCompression,
+    budget_amount,
+    compress_on_controller,
+)
 
 if TYPE_CHECKING:
     from controller.compression.planner import Trial
@@ -57,7 +62,8 @@ def _show_trial(trial: Trial) -> None:
     timing = (
         f"p95 {trial.timing.p95_ms:.2f} ms, {trial.timing.energy_mj:.2f} mJ" if trial.timing else ""
     )
-    state = "[green]meets budget[/]" if trial.met else "[dim]misses[/]"
+    missed = ", ".join(v.budget for v in trial.verdicts if not v.met)
+    state = "[green]meets budget[/]" if trial.met else f"[dim]misses {missed}[/]"
     out.print(
         f"  trial {trial.index:2d} {state} {trial.recipe.describe()}: "
         f"{trial.artifact_bytes:,} B, {quality}, {timing} [dim]({trial.seconds:.1f} s)[/]"
@@ -72,11 +78,36 @@ def compress(
     onnx_model: Path | None = typer.Option(None, "--onnx", help="ONNX model (post-training only)"),
     calib: Path | None = typer.Option(None, "--calib", help=".npz of inputs, named after them"),
     workload: str | None = typer.Option(None, "--workload", help="reference workload name"),
-    min_fidelity: float | None = typer.Option(None, "--min-fidelity", min=0.0, max=1.0),
-    max_accuracy_drop: float | None = typer.Option(None, "--max-accuracy-drop", min=0.0, max=1.0),
-    max_bytes: int | None = typer.Option(None, "--max-bytes", min=1),
-    max_size_ratio: float | None = typer.Option(None, "--max-size-ratio", min=0.0, max=1.0),
-    p95_ms: float | None = typer.Option(None, "--p95-ms", min=0.0),
+    min_fidelity: float | None = typer.Option(
+        None,
+        "--min-fidelity",
+        min=0.0,
+        max=1.0,
+        help="least cosine similarity of outputs to the source's (models without labels)",
+    ),
+    max_accuracy_drop: float | None = typer.Option(
+        None,
+        "--max-accuracy-drop",
+        min=0.0,
+        max=1.0,
+        help="most accuracy lost against the source, as a fraction (0.005 = half a point)",
+    ),
+    max_bytes: int | None = typer.Option(
+        None, "--max-bytes", min=1, help="largest artifact file, in bytes"
+    ),
+    max_size_ratio: float | None = typer.Option(
+        None,
+        "--max-size-ratio",
+        min=0.0,
+        max=1.0,
+        help="largest artifact as a fraction of the source's bytes (0.1 = 10x smaller)",
+    ),
+    p95_ms: float | None = typer.Option(
+        None,
+        "--p95-ms",
+        min=0.0,
+        help="p95 latency budget in ms, predicted for the class's speed",
+    ),
     previous: Path | None = typer.Option(
         None,
         "--previous",
@@ -210,9 +241,15 @@ def compress(
     for column in ("budget", "limit", "observed", "verdict"):
         table.add_column(column)
     for v in outcome.chosen.verdicts:
-        verdict = "[green]ok[/]" if v.met else f"[red]missed by {v.gap:.4g}[/]"
-        table.add_row(v.budget, f"{v.limit:.4g}", f"{v.observed:.4g}", verdict)
+        gap = budget_amount(v.budget, v.gap)
+        verdict = "[green]ok[/]" if v.met else f"[red]missed by {gap}[/]"
+        limit, observed = (budget_amount(v.budget, x) for x in (v.limit, v.observed))
+        table.add_row(v.budget, limit, observed, verdict)
     out.print(table)
+    out.print(
+        "[dim]p95 and energy are predicted for the class (measured here, scaled by its "
+        "relative_speed and power model); devices report what they observe[/]"
+    )
     if not outcome.met:
         err.print("[red]no recipe meets every budget[/]; the best trial is in " + str(out_dir))
         raise typer.Exit(EXIT_NOT_MET)

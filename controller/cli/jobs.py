@@ -332,8 +332,9 @@ def _note(line: str) -> None:
     typer.echo(line, err=True)
 
 
-def _amount(budget: str, value: float) -> str:
-    return f"{value:,.0f}" if budget.endswith("bytes") else f"{value:.4g}"
+def budget_amount(budget: str, value: float) -> str:
+    """Bytes as bytes (395,365 B, not 3.954e+05); other budgets to four digits."""
+    return f"{value:,.0f} B" if budget.endswith("bytes") else f"{value:.4g}"
 
 
 def _finish(job: JobView, as_json: bool, address: str) -> None:
@@ -351,10 +352,10 @@ def _finish(job: JobView, as_json: bool, address: str) -> None:
         raise typer.Exit(int(ExitCode.REFUSED))
     if not as_json:
         for v in job.verdicts:
-            verdict = "ok" if v.met else f"missed by {_amount(v.budget, v.gap)}"
+            verdict = "ok" if v.met else f"missed by {budget_amount(v.budget, v.gap)}"
             _note(
-                f"  {v.budget}: {_amount(v.budget, v.observed)} "
-                f"(limit {_amount(v.budget, v.limit)}) {verdict}"
+                f"  {v.budget}: {budget_amount(v.budget, v.observed)} "
+                f"(limit {budget_amount(v.budget, v.limit)}) {verdict}"
             )
         output.say(job.artifact_id)
     if job.state == "not_met":

@@ -76,6 +76,8 @@ def test_an_impossible_budget_exits_3_with_the_best_trial_and_the_gap(tmp_path: 
     size = next(v for v in manifest["budgets"] if v["budget"] == "max_artifact_bytes")
     assert size["met"] is False and size["gap"] == size["observed"] - 100
     assert len(json.loads((out / "trials.json").read_text())) > 3  # it searched before giving up
+    assert "misses max_artifact_bytes" in result.stdout  # each trial says what it missed
+    assert f"missed by {size['gap']:,.0f} B" in result.stdout  # bytes, not 3.954e+05
 
 
 def test_onnx_alone_is_compressed_by_fidelity_without_labels(
