@@ -8,7 +8,6 @@ events (AdminService.ListEvents) and its Prometheus endpoint, as an operator wou
 from __future__ import annotations
 
 import json
-import math
 import time
 import urllib.request
 from collections import defaultdict
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.markup import escape
 from rich.table import Table
 
+from artifact import histogram
 from demo.operator import Operator, OperatorError
 
 DECISION_KINDS = ("budget.", "rollout.")
@@ -86,7 +86,7 @@ class ArtifactNumbers:
     device_class: str
     artifact_id: str
     inferences: int
-    p95_ms: float | None  # upper bound of the bucket holding the 95th percentile
+    p95_ms: float | None  # from the merged histogram, interpolated as the controller does
     energy_mj: float | None
 
 
@@ -126,12 +126,15 @@ def scrape_numbers(metrics_address: str, model_name: str) -> list[ArtifactNumber
 
 
 def _p95_ms(cumulative: list[tuple[float, float]], count: float) -> float | None:
-    if not count:
+    """The p95 the controller's decisions quote: /metrics gives cumulative buckets (le),
+    which become the shared histogram's counts, then `histogram.percentile` (a bucket's
+    upper bound alone would read 5.62 or 31.62 ms for anything in its range)."""
+    if not count or len(cumulative) != len(histogram.empty()):
         return None
-    for bound, seen in cumulative:
-        if seen >= 0.95 * count:
-            return bound * 1000 if math.isfinite(bound) else math.inf
-    return None
+    seen = [int(value) for _, value in cumulative]
+    counts = [b - a for a, b in zip([0, *seen[:-1]], seen, strict=True)]
+    p95 = histogram.percentile(counts, 0.95)
+    return None if p95 is None else p95 * 1000
 
 
 def timeline_table(decisions: list[Decision]) -> Table:
