@@ -35,7 +35,15 @@ class LoopResult:
 
 
 def results_table(results: list[DeviceResult], test_set: str) -> Table:
-    table = Table(title=f"Local inference on every device — {test_set}", title_justify="left")
+    table = Table(
+        title=f"Local inference on every device — {test_set}",
+        title_justify="left",
+        caption=(
+            "p50/p95: each Predict call's round trip as an app on this machine sees it; an "
+            "agent's --emulate-slowdown scales only the latency it reports to the controller"
+        ),
+        caption_justify="left",
+    )
     table.add_column("device", overflow="fold")
     table.add_column("class", overflow="fold")
     table.add_column("threads", justify="right")

@@ -333,7 +333,8 @@ class JobRunner:
             await asyncio.to_thread(self._store.finish_compression_job, job_id, result)
         except Exception:
             log.exception("compression job %d: recording its end failed", job_id)
-        log.info("compression job %d ended: %s %s", job_id, result.state.value, result.error)
+        why = f": {result.error}" if result.error else ""
+        log.info("compression job %d ended %s%s", job_id, result.state.value, why)
         self._jobs.pop(job_id, None)
         self._watchers.notify(job_id)
 
