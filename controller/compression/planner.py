@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 from controller.compression.budgets import (
+    MEASURED_ON_DEVICE,
     Observed,
     Verdict,
     all_met,
@@ -128,8 +129,9 @@ class Plan:
     @property
     def best(self) -> Trial:
         """The first trial that meets every budget, else the one closest to doing so,
-        preferring one within size, accuracy and fidelity: its latency and energy are
-        predictions a canary can still prove wrong, a size or accuracy miss is certain."""
+        preferring one within size, accuracy and fidelity (its latency and energy are
+        predictions a canary can still prove wrong, a size or accuracy miss is certain),
+        then one that misses fewer of those, then the smallest total relative gap."""
         for trial in self.trials:
             if trial.met:
                 return trial
@@ -138,6 +140,7 @@ class Plan:
             usable,
             key=lambda t: (
                 misses_a_known_budget(t.verdicts),
+                sum(not v.met and v.budget not in MEASURED_ON_DEVICE for v in t.verdicts),
                 shortfall(t.verdicts),
                 t.artifact_bytes,
             ),

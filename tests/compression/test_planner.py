@@ -121,3 +121,7 @@ def test_with_no_trial_within_budget_the_best_is_within_size_and_accuracy_if_any
     baseline = trial(0, ("p95_latency_ms", 2.0))
     assert Plan(hub, baseline, [over_size, slower, slow]).best is slow
     assert Plan(hub, baseline, [over_size]).best is over_size  # nothing better to offer
+    # all over size: the one that also loses accuracy is not "closer" for being smaller
+    tiny_but_worse = trial(4, ("max_artifact_bytes", 10.0), ("max_accuracy_drop", 0.5))
+    big_but_exact = trial(5, ("max_artifact_bytes", 22.0))
+    assert Plan(hub, baseline, [tiny_but_worse, big_but_exact]).best is big_but_exact
