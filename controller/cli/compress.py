@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import rich
 import typer
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from controller.cli.client import DEFAULT_TIMEOUT_S
@@ -43,7 +47,9 @@ if TYPE_CHECKING:
 
 EXIT_MET, EXIT_BAD_INPUT, EXIT_NOT_MET = ExitCode.OK, ExitCode.USAGE, ExitCode.BUDGET_NOT_MET
 err = Console(stderr=True)
-out = Console()
+# The global console: training's epoch bars (controller.workloads.training) draw on it,
+# and live displays nest only on one console.
+out = rich.get_console()
 
 
 def _fail(message: str) -> typer.Exit:
@@ -68,6 +74,32 @@ def _show_trial(trial: Trial) -> None:
         f"  trial {trial.index:2d} {state} {trial.recipe.describe()}: "
         f"{trial.artifact_bytes:,} B, {quality}, {timing} [dim]({trial.seconds:.1f} s)[/]"
     )
+
+
+class _Activity:
+    """A spinner line with the time spent, saying what compress is doing now."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._task: TaskID | None = None
+
+    def __call__(self, text: str) -> None:
+        if self._task is None:
+            self._task = self._progress.add_task(text, total=None)
+        else:
+            self._progress.reset(self._task, description=text)
+        self._progress.refresh()  # at once: a trial may end before the next tick
+
+
+@contextmanager
+def _activity() -> Iterator[_Activity | None]:
+    """On a terminal, the spinner (gone when compress ends); in a pipe, nothing."""
+    if not out.is_terminal:
+        yield None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=out, transient=True) as progress:
+        yield _Activity(progress)
 
 
 def compress(
@@ -219,21 +251,23 @@ def compress(
         raise _fail(str(exc)) from exc
     out.print(f"compressing for [bold]{dc.name}[/] into {out_dir}")
     try:
-        if onnx_model is None or calib is None:
-            assert chosen is not None  # exactly one of --onnx / --workload, checked above
-            outcome = compress_workload(
-                chosen, dc, out_dir,
-                max_size_ratio=max_size_ratio, on_trial=_show_trial, previous=previous,
-            )  # fmt: skip
-        else:
-            from controller.workloads.fidelity import load_calibration
+        with _activity() as activity:
+            if onnx_model is None or calib is None:
+                assert chosen is not None  # exactly one of --onnx / --workload, checked above
+                outcome = compress_workload(
+                    chosen, dc, out_dir,
+                    max_size_ratio=max_size_ratio, on_trial=_show_trial, previous=previous,
+                    on_activity=activity, show_progress=activity is not None,
+                )  # fmt: skip
+            else:
+                from controller.workloads.fidelity import load_calibration
 
-            name = re.sub(r"[^a-z0-9._-]", "-", onnx_model.stem.lower()).strip("-._") or "model"
-            outcome = compress_onnx(
-                onnx_model, load_calibration(calib), dc, out_dir,
-                name=name, max_size_ratio=max_size_ratio, on_trial=_show_trial,
-                previous=previous,
-            )  # fmt: skip
+                name = re.sub(r"[^a-z0-9._-]", "-", onnx_model.stem.lower()).strip("-._") or "model"
+                outcome = compress_onnx(
+                    onnx_model, load_calibration(calib), dc, out_dir,
+                    name=name, max_size_ratio=max_size_ratio, on_trial=_show_trial,
+                    previous=previous, on_activity=activity,
+                )  # fmt: skip
     except (CompressionError, UnknownWorkloadError) as exc:
         raise _fail(str(exc)) from exc
 

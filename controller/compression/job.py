@@ -37,12 +37,23 @@ from controller.compression.measure import measure_onnx
 from controller.compression.planner import CandidateBuilder, Plan, Timing, Trial, plan
 from controller.compression.recipe import Recipe
 from controller.compression.requantize import check_previous
+from controller.compression.training import TrainOptions
 from controller.device_classes import DeviceClass
 from controller.workloads.base import TaskKind, Workload
 
 log = logging.getLogger(__name__)
 
 MEASURE_SAMPLES = 16
+
+# What the job is doing now, in a few words, before work that can take minutes (training
+# the source on first use, building a trial): for a spinner or a log line.
+ActivityCallback = Callable[[str], None]
+
+
+def _trial_activity(index: int, recipe: Recipe) -> str:
+    if index == 0:
+        return "trial 0: scoring and timing the source model"
+    return f"trial {index}: building {recipe.describe()}"
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,10 @@ def _previous_digest(previous: Path | None, source_onnx: Path, *, required: bool
     return sha256_file(previous)
 
 
+def _ignore(_activity: str) -> None:
+    """The activity callback when nobody listens."""
+
+
 def _write_json(path: Path, document: object) -> None:
     path.write_text(json.dumps(document, indent=2, default=str) + "\n")
 
@@ -126,10 +141,17 @@ def _run(
     staging: Path,
     extra_metrics: Callable[[Path], dict[str, float]],
     on_trial: Callable[[Trial], None] | None,
+    on_activity: ActivityCallback,
 ) -> Outcome:
     started = time.perf_counter()
     result = plan(
-        recipes, builder, _measurer(samples), device_class, staging / "trials", on_trial=on_trial
+        recipes,
+        builder,
+        _measurer(samples),
+        device_class,
+        staging / "trials",
+        on_trial=on_trial,
+        on_start=lambda index, recipe: on_activity(_trial_activity(index, recipe)),
     )
     chosen = result.best
     if chosen.onnx_path is None:
@@ -153,6 +175,7 @@ def _run(
             "source_p95_ms": result.baseline.timing.p95_ms,
             "source_single_thread_p50_ms": result.baseline.timing.single_thread_p50_ms,
         }
+    on_activity(f"scoring the chosen model (trial {chosen.index}) on the test split")
     metrics |= extra_metrics(staging / "model.onnx")
     met = chosen.met
     manifest: dict[str, object] = {
@@ -185,10 +208,18 @@ def compress_workload(
     on_trial: Callable[[Trial], None] | None = None,
     previous: Path | None = None,
     previous_required: bool = True,
+    on_activity: ActivityCallback | None = None,
+    show_progress: bool = False,
 ) -> Outcome:
-    """Compress a workload's PyTorch source model for ``device_class``."""
+    """Compress a workload's PyTorch source model for ``device_class``.
+
+    ``show_progress``: rich progress bars over the epochs of every training (the source
+    on first use, fine-tunes, distillation), for a terminal."""
+    activity = on_activity or _ignore
     staging = _prepare_out(out_dir)
     try:
+        activity(f"preparing the {workload.name} source model (trained on first use, then cached)")
+        workload.show_progress = show_progress
         model = workload.source_model()
         (staging / "trials").mkdir()
         source_onnx = workload.export_onnx(model, staging / "trials" / "source.onnx")
@@ -199,6 +230,7 @@ def compress_workload(
             workload,
             model,
             max_accuracy_drop=budgets.max_accuracy_drop,
+            options=TrainOptions(show_progress=show_progress),
             previous=previous if reuse else None,
         )
         if workload.kind is TaskKind.CLASSIFICATION:
@@ -223,7 +255,7 @@ def compress_workload(
 
         return _run(
             workload.name, builder, source_onnx, recipes, device_class, samples,
-            out_dir, staging, test_metrics, on_trial,
+            out_dir, staging, test_metrics, on_trial, activity,
         )  # fmt: skip
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -241,8 +273,10 @@ def compress_onnx(
     on_trial: Callable[[Trial], None] | None = None,
     previous: Path | None = None,
     previous_required: bool = True,
+    on_activity: ActivityCallback | None = None,
 ) -> Outcome:
     """Compress an ONNX file alone: post-training steps, judged by fidelity."""
+    activity = on_activity or _ignore
     staging = _prepare_out(out_dir)
     try:
         reuse = _previous_digest(previous, source, required=previous_required)
@@ -257,7 +291,7 @@ def compress_onnx(
         recipes = candidates.with_previous(candidates.post_training_recipes(), reuse)
         return _run(
             name, builder, source, recipes, device_class, samples,
-            out_dir, staging, lambda _path: {}, on_trial,
+            out_dir, staging, lambda _path: {}, on_trial, activity,
         )  # fmt: skip
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

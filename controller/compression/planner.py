@@ -148,6 +148,7 @@ class Plan:
 
 
 TrialCallback = Callable[[Trial], None]
+StartCallback = Callable[[int, Recipe], None]  # a trial's index and recipe, before it is built
 
 # The least share of its source's bytes a model quantized in this mode can have: weights
 # take 1 (int8) or 2 (fp16) bytes instead of 4, and scales, zero points and Q/DQ nodes
@@ -209,8 +210,14 @@ def plan(
     work_dir: Path,
     *,
     on_trial: TrialCallback | None = None,
+    on_start: StartCallback | None = None,
 ) -> Plan:
-    """Try ``candidates`` in order (cheapest first) and stop at the first that fits."""
+    """Try ``candidates`` in order (cheapest first) and stop at the first that fits.
+
+    ``on_start`` hears of each trial before it is built (building can take minutes),
+    ``on_trial`` of each when it is judged or skipped."""
+    if on_start:
+        on_start(0, Recipe())
     baseline = run_trial(0, Recipe(), builder, measure, device_class, None, work_dir)
     if baseline.error or baseline.quality is None:
         raise CompressionError(f"the source model itself cannot be evaluated: {baseline.error}")
@@ -229,6 +236,8 @@ def plan(
             )
             trial = Trial(index, recipe, None, 0, None, None, (), 0.0, reason)
         else:
+            if on_start:
+                on_start(index, recipe)
             trial = run_trial(
                 index, recipe, builder, measure, device_class, baseline.quality, work_dir
             )

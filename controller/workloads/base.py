@@ -101,6 +101,7 @@ class Workload(abc.ABC):
     kind: TaskKind
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
+    show_progress: bool = False  # progress bars while the source model trains (a terminal)
 
     @abc.abstractmethod
     def data(self) -> WorkloadData:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +97,39 @@ def test_onnx_alone_is_compressed_by_fidelity_without_labels(
     fidelity = next(v for v in manifest["budgets"] if v["budget"] == "min_fidelity")
     assert fidelity["observed"] >= 0.95
     assert all(step["kind"] == "quantize" for step in manifest["recipe"])
+    assert "building" not in result.stdout  # the live activity line is for terminals only
+
+
+def test_on_a_terminal_compress_says_what_it_is_building(
+    tmp_path: Path, source_and_calibration: tuple[Path, Path]
+) -> None:
+    """Building a trial can take minutes: a terminal shows which one, as it starts."""
+    source, calib = source_and_calibration
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "homefleet", "compress", "--onnx", str(source),
+            "--calib", str(calib), "--device-class", str(CAMERA), "--min-fidelity", "0.95",
+            "--max-size-ratio", "0.3", "--out", str(tmp_path / "out"),
+        ],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
+    )  # fmt: skip
+    os.close(follower)
+    screen = bytearray()
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    assert process.wait(timeout=900) == 0, screen.decode(errors="replace")
+    text = screen.decode(errors="replace")
+    assert "trial 0: scoring and timing the source model" in text
+    assert "trial 2: building quantize(mode=dynamic)" in text  # fp16 (trial 1) is skipped
+    assert "budget holds" in text
 
 
 def test_bad_input_is_refused_and_nothing_is_written(

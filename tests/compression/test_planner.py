@@ -95,6 +95,30 @@ def test_quantization_only_recipes_that_cannot_fit_are_recorded_unbuilt(
     assert not built.error and built.onnx_path is not None and built.artifact_bytes < size
 
 
+def test_each_built_trial_is_announced_before_it_is_built(
+    tiny_onnx: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    """`compress` shows what it is building while it builds (it can take minutes), so
+    ``on_start`` comes before that trial's ``on_trial``; a skipped recipe is not built."""
+    source, inputs = tiny_onnx
+    size = source.stat().st_size
+    builder = OnnxSource(source, inputs, min_fidelity=0.5)
+    dc = load_device_class(CAMERA).with_budgets(max_artifact_bytes=size * 3 // 10)
+    events: list[tuple[str, int]] = []
+    recipes = [Recipe(steps=(Quantize(mode="fp16"),)), Recipe(steps=(Quantize(mode="static"),))]
+    plan(
+        recipes,
+        builder,
+        _measure(inputs),
+        dc,
+        tmp_path / "announced",
+        on_start=lambda index, recipe: events.append(("start", index)),
+        on_trial=lambda trial: events.append(("done", trial.index)),
+    )
+    # fp16 cannot get under 30 % of the source: skipped, not announced
+    assert events == [("start", 0), ("done", 0), ("done", 1), ("start", 2), ("done", 2)]
+
+
 def test_only_quantization_only_recipes_have_a_size_floor() -> None:
     assert size_floor(Recipe(steps=(Quantize(mode="static"),)), 1000) == 200
     assert size_floor(Recipe(steps=(Quantize(mode="fp16"),)), 1000) == 400
