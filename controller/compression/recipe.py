@@ -8,7 +8,7 @@ the only ones available when the source is an ONNX file alone).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
@@ -17,6 +17,9 @@ from artifact.manifest import RecipeStep
 
 class _Step(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+    # Parameters `Recipe.describe` always shows, defaults included: those that tell two
+    # recipes of the candidate lists apart (a distilled student's width, a step's bits).
+    SHOWN: ClassVar[tuple[str, ...]] = ()
 
     def to_manifest(self) -> RecipeStep:
         params = self.model_dump(mode="json", exclude={"kind"})
@@ -78,6 +81,8 @@ class Distill(_Step):
     teacher and the labels distilled better than T=4, alpha=0.7.
     """
 
+    SHOWN: ClassVar[tuple[str, ...]] = ("student", "width")
+
     kind: Literal["distill"] = "distill"
     student: str = Field(min_length=1, max_length=64, description="name in the student zoo")
     width: float = Field(default=0.5, gt=0, le=4)
@@ -94,6 +99,8 @@ class Distill(_Step):
 
 class Quantize(_Step):
     """onnxruntime quantization; with ``max_accuracy_drop`` sensitive nodes stay float."""
+
+    SHOWN: ClassVar[tuple[str, ...]] = ("mode",)
 
     kind: Literal["quantize"] = "quantize"
     mode: Literal["dynamic", "static", "fp16"] = "static"
@@ -138,6 +145,8 @@ class WeightOnlyQuantize(_Step):
     weight elements, those whose rounding moves the outputs least on calibration inputs;
     the rest stay float for a following ``Quantize(mode="dynamic")``.
     """
+
+    SHOWN: ClassVar[tuple[str, ...]] = ("bits",)
 
     kind: Literal["quantize.weight_only"] = "quantize.weight_only"
     bits: Literal[4, 8] = 4
@@ -192,6 +201,8 @@ class CodebookQuantize(_Step):
     With calibration inputs, ``error_feedback`` assigns indices GPTQ's way and ``share``
     < 1 leaves the weights whose codebook moves the outputs most (measured) as they were.
     """
+
+    SHOWN: ClassVar[tuple[str, ...]] = ("bits",)
 
     kind: Literal["quantize.codebook"] = "quantize.codebook"
     bits: int = Field(default=4, description="index bits, 2 to 8: 2**bits levels per codebook")
@@ -266,6 +277,8 @@ class LearnedQuantize(_Step):
     ranges); 8-bit ones as INT8 within 7 bits (learned.py). It trains and exports in
     one, so it is a recipe's last step, after any torch steps.
     """
+
+    SHOWN: ClassVar[tuple[str, ...]] = ("weight_bits",)
 
     kind: Literal["quantize.learned"] = "quantize.learned"
     weight_bits: int = Field(
@@ -352,14 +365,15 @@ class Recipe(BaseModel):
         return any(isinstance(step, TORCH_STEPS + EXPORT_STEPS) for step in self.steps)
 
     def describe(self) -> str:
-        """Short human form: each step with the parameters that differ from defaults."""
+        """Short human form: each step with the parameters that differ from defaults, and
+        those it always shows (``SHOWN``)."""
         if not self.steps:
             return "fp32"
         parts = []
         for step in self.steps:
-            params = step.model_dump(mode="json", exclude_defaults=True, exclude={"kind"})
-            if isinstance(step, Quantize):
-                params = {"mode": step.mode, **params}
+            shown = step.model_dump(mode="json", include=set(step.SHOWN))
+            params = {k: shown[k] for k in step.SHOWN}
+            params |= step.model_dump(mode="json", exclude_defaults=True, exclude={"kind"})
             if isinstance(step, RequantizeLike):  # the manifest keeps the whole digest
                 params["previous_sha256"] = step.previous_sha256[:12]
             parts.append(f"{step.kind}({', '.join(f'{k}={v}' for k, v in params.items())})")

@@ -24,6 +24,20 @@ def test_a_recipe_round_trips_through_json_and_into_the_manifest() -> None:
     assert recipe.describe() == "prune.structured(ratio=0.5) → quantize(mode=static)"
 
 
+def test_descriptions_tell_the_candidate_recipes_apart() -> None:
+    """Defaults are left out, except those that distinguish two candidates: a student's
+    width (1.0 and the default 0.5 are both tried) and a quantizer's bits."""
+    from controller.compression import candidates
+
+    recipes = [*candidates.torch_classifier_recipes(), *candidates.embedding_recipes()]
+    by_text: dict[str, set[str]] = {}
+    for recipe in recipes:
+        by_text.setdefault(recipe.describe(), set()).add(recipe.model_dump_json())
+    assert all(len(same) == 1 for same in by_text.values()), by_text
+    assert "distill(student=ds-cnn1d, width=0.5)" in by_text
+    assert "quantize.learned(weight_bits=4)" in by_text
+
+
 @pytest.mark.parametrize(
     ("raw", "field"),
     [
