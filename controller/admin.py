@@ -99,6 +99,15 @@ RETRY_PAUSE_S = 0.02  # upper bound of the jittered pause between lost races (ot
 COPY_CHUNK_BYTES = 1024 * 1024
 
 
+@dataclass(frozen=True)
+class EventPage:
+    """Events oldest first, and whether more match beyond them (older ones when the
+    newest were asked for, later ones otherwise)."""
+
+    events: list[EventRecord]
+    more: bool
+
+
 async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run blocking store or file work off the event loop."""
     return await asyncio.to_thread(fn, *args, **kwargs)
@@ -539,10 +548,17 @@ class AdminHandlers:
         views = await in_thread(self._store.list_devices, cls, after=after, limit=size + 1)
         return DevicePage(*cut_page(views, size, cls or "", lambda v: (v.device.device_id,)))
 
-    async def list_events(self, after_id: int, limit: int, kind_prefix: str) -> list[EventRecord]:
+    async def list_events(
+        self, after_id: int, limit: int, kind_prefix: str, *, newest: bool = False
+    ) -> EventPage:
         validate.int_range(after_id, "after_id", 0, validate.MAX_INT64)
         validate.int_range(limit, "limit", 0, MAX_EVENT_LIMIT)
         validate.text(kind_prefix, "kind_prefix", MAX_KIND_PREFIX)
-        return await in_thread(
-            self._store.list_events, after_id, limit or DEFAULT_EVENT_LIMIT, kind_prefix
+        size = limit or DEFAULT_EVENT_LIMIT
+        # one more than asked: whether more events match, without another call
+        found = await in_thread(
+            self._store.list_events, after_id, size + 1, kind_prefix, newest=newest
         )
+        if len(found) <= size:
+            return EventPage(found, more=False)
+        return EventPage(found[1:] if newest else found[:size], more=True)

@@ -187,8 +187,12 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
     async def ListEvents(
         self, request: pb.ListEventsRequest, context: Context
     ) -> pb.ListEventsResponse:
-        events = await self._h.list_events(request.after_id, request.limit, request.kind_prefix)
-        return pb.ListEventsResponse(events=[convert.event_to_proto(e) for e in events])
+        page = await self._h.list_events(
+            request.after_id, request.limit, request.kind_prefix, newest=request.newest
+        )
+        return pb.ListEventsResponse(
+            events=[convert.event_to_proto(e) for e in page.events], more=page.more
+        )
 
     @rpc
     async def StartCompression(

@@ -898,12 +898,16 @@ class SqlStore(Store):
         with self._sessions.begin() as session:
             return _event_record(self._event(session, new))
 
-    def list_events(self, after_id: int, limit: int, kind_prefix: str = "") -> list[EventRecord]:
+    def list_events(
+        self, after_id: int, limit: int, kind_prefix: str = "", *, newest: bool = False
+    ) -> list[EventRecord]:
         query = select(EventRow).where(EventRow.id > after_id)
         if kind_prefix:
             query = query.where(EventRow.kind.startswith(kind_prefix, autoescape=True))
-        query = query.order_by(EventRow.id).limit(min(limit, MAX_LIST))
-        return self._read(lambda s: [_event_record(r) for r in s.scalars(query)])
+        order = EventRow.id.desc() if newest else EventRow.id
+        query = query.order_by(order).limit(min(limit, MAX_LIST))
+        found = self._read(lambda s: [_event_record(r) for r in s.scalars(query)])
+        return found[::-1] if newest else found
 
     # ---------------------------------------------------------------- compression jobs
     def create_compression_job(self, new: NewCompressionJob) -> CompressionJobRecord:

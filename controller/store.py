@@ -234,8 +234,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_events(
-        self, after_id: int, limit: int, kind_prefix: str = ""
-    ) -> list[EventRecord]: ...
+        self, after_id: int, limit: int, kind_prefix: str = "", *, newest: bool = False
+    ) -> list[EventRecord]:
+        """Events with ids above ``after_id`` (a kind prefix taken literally), oldest first:
+        the first ``limit`` of them, or with ``newest`` the last ``limit``."""
 
     # ---------------------------------------------------------------- compression jobs
     @abc.abstractmethod

@@ -481,20 +481,24 @@ class Event(_message.Message):
     def __init__(self, id: _Optional[int] = ..., unix_ms: _Optional[int] = ..., kind: _Optional[str] = ..., subject: _Optional[str] = ..., message: _Optional[str] = ..., detail_json: _Optional[str] = ...) -> None: ...
 
 class ListEventsRequest(_message.Message):
-    __slots__ = ("after_id", "limit", "kind_prefix")
+    __slots__ = ("after_id", "limit", "kind_prefix", "newest")
     AFTER_ID_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     KIND_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_FIELD_NUMBER: _ClassVar[int]
     after_id: int
     limit: int
     kind_prefix: str
-    def __init__(self, after_id: _Optional[int] = ..., limit: _Optional[int] = ..., kind_prefix: _Optional[str] = ...) -> None: ...
+    newest: bool
+    def __init__(self, after_id: _Optional[int] = ..., limit: _Optional[int] = ..., kind_prefix: _Optional[str] = ..., newest: _Optional[bool] = ...) -> None: ...
 
 class ListEventsResponse(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "more")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
-    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+    more: bool
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version")

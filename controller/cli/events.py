@@ -1,4 +1,9 @@
-"""`homefleet events`: what happened in the fleet, oldest first."""
+"""`homefleet events`: what happened in the fleet, oldest first.
+
+Without --after it lists the newest events (as `tail` would); with --after ID the ones
+that follow ID, a page at a time. When more events match than were listed, a note on
+stderr says how to see them (`--json` carries it as ``more``).
+"""
 
 from __future__ import annotations
 
@@ -31,17 +36,28 @@ def events(
         int, typer.Option("--limit", min=1, max=MAX_LIMIT, metavar="N", help="At most N events.")
     ] = 100,
     after: Annotated[
-        int, typer.Option("--after", min=0, metavar="ID", help="Only events after this id.")
-    ] = 0,
+        int | None,
+        typer.Option(
+            "--after",
+            min=0,
+            metavar="ID",
+            help="The events after this id, oldest first (default: the newest N).",
+        ),
+    ] = None,
     as_json: JsonOption = False,
     controller: ControllerOption = DEFAULT_ADDRESS,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
 ) -> None:
     """List controller events: models added, artifacts created, assignments, device reports."""
-    request = fleet_pb2.ListEventsRequest(after_id=after, limit=limit, kind_prefix=kind)
+    newest = after is None
+    request = fleet_pb2.ListEventsRequest(
+        after_id=after or 0, limit=limit, kind_prefix=kind, newest=newest
+    )
     with session(controller, timeout) as client:
         reply = client.list_events(request)
-    listed = views.EventList(events=[views.event_from_proto(e) for e in reply.events])
+    listed = views.EventList(
+        events=[views.event_from_proto(e) for e in reply.events], more=reply.more
+    )
     if as_json:
         output.print_json(listed)
         return
@@ -49,3 +65,11 @@ def events(
     for e in listed.events:
         output.add_row(table, str(e.id), output.local_time(e.unix_ms), e.kind, e.subject, e.message)
     output.print_table(table)
+    if reply.more and listed.events:
+        if newest:
+            output.note(
+                f"these are the newest {len(listed.events)}; older events exist: a larger "
+                f"--limit (at most {MAX_LIMIT}), or page from the start with `--after 0`"
+            )
+        else:
+            output.note(f"more events follow: `--after {listed.events[-1].id}`")

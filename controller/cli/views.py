@@ -114,6 +114,7 @@ class DeviceList(View):
 
 class EventList(View):
     events: list[EventView]
+    more: bool = False  # more events match than were listed
 
 
 def enum_label(enum: EnumTypeWrapper, value: int, prefix: str) -> str:

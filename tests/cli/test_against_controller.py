@@ -504,6 +504,16 @@ def test_events_passes_filters_and_prints_json_only(
     [fetch] = [e["detail"] for e in shown if e["kind"] == "artifact.fetch"]
     assert (fetch["device_id"], fetch["offset"], fetch["completed"]) == ("hub-1", 0, True)
     assert fetch["total_bytes"] == m.stat().st_size  # an integer, parsed from the detail
+    assert json.loads(result.stdout)["more"] is True
+
+    # without --after: the newest, oldest first, and a note that older ones exist
+    result = cli(runner, live.address, "events", "--kind", "artifact.", "--limit", "3")
+    assert result.exit_code == 0, result.output
+    newest = [e for e in everything if e.kind.startswith("artifact.")][-3:]
+    rows = (re.match(r"\W*(\d+)\W", line) for line in result.stdout.splitlines())
+    listed = [row.group(1) for row in rows if row]
+    assert listed == [str(e.id) for e in newest]
+    assert "older events exist" in result.stderr and "--after 0" in result.stderr
 
 
 def test_events_table_shows_server_text_as_it_is(runner: CliRunner, live: ControllerThread) -> None:

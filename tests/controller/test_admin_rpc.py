@@ -424,11 +424,18 @@ def test_list_devices_and_events(tmp_path: Path) -> None:
             status_event = (await c.events("device.status"))[0]
             assert "self-test passed" in status_event.message
             page = await c.admin.ListEvents(pb.ListEventsRequest(limit=2), timeout=10)
-            assert [e.kind for e in page.events] == kinds[:2]
+            assert [e.kind for e in page.events] == kinds[:2] and page.more
             rest = await c.admin.ListEvents(
                 pb.ListEventsRequest(after_id=page.events[-1].id), timeout=10
             )
-            assert [e.kind for e in rest.events] == kinds[2:]
+            assert [e.kind for e in rest.events] == kinds[2:] and not rest.more
+            # the newest ones, still oldest first; older ones exist
+            latest = await c.admin.ListEvents(
+                pb.ListEventsRequest(limit=2, newest=True), timeout=10
+            )
+            assert [e.kind for e in latest.events] == kinds[-2:] and latest.more
+            whole = await c.admin.ListEvents(pb.ListEventsRequest(newest=True), timeout=10)
+            assert [e.kind for e in whole.events] == kinds and not whole.more
             devices = await c.admin.ListEvents(
                 pb.ListEventsRequest(kind_prefix="device."), timeout=10
             )
