@@ -21,6 +21,7 @@ from controller import validate
 from controller.blobstore import BlobRef, BlobSizeError, BlobStore
 from controller.config import ControllerConfig
 from controller.errors import ErrorCode, FleetError, invalid, not_found
+from controller.fleet_classes import DeviceClassRegistry
 from controller.notify import AssignmentNotifier
 from controller.onnx_inspect import inspect_onnx
 from controller.paging import PageToken, cut_page
@@ -165,12 +166,14 @@ class AdminHandlers:
         key: SigningKey,
         config: ControllerConfig,
         notifier: AssignmentNotifier,
+        classes: DeviceClassRegistry | None = None,
     ) -> None:
         self._store = store
         self._blobs = blobs
         self._key = key
         self._config = config
         self._notifier = notifier
+        self._classes = classes or DeviceClassRegistry()
         # Writers in this process take turns per (model, class); the unique constraint
         # and the retry below only have to settle races with other controller replicas.
         self._version_locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -268,6 +271,32 @@ class AdminHandlers:
             request.device_class,
             lambda version: self._build(model, request.device_class, version, days),
         )
+
+    def size_warning(self, artifact: ArtifactRecord) -> str:
+        """Why ``artifact`` may not suit its class ("" when it may, or when this
+        controller does not know the class): CreateArtifact signs the model as it is,
+        uncompressed, for whichever class an operator names."""
+        device_class, size_bytes = artifact.device_class, artifact.size_bytes
+        known = self._classes.get(device_class)
+        if known is None:
+            return ""
+        fix = (
+            f"`homefleet compress --controller ADDRESS --model {artifact.model_name} "
+            f"--device-class FILE.yaml` with {device_class}'s class file makes one that fits"
+        )
+        if size_bytes > known.model_storage_bytes:
+            return (
+                f"{size_bytes:,} B is more than a {device_class} device can store "
+                f"(model_storage_bytes {known.model_storage_bytes:,}): its devices will fail "
+                f"to install it; {fix}"
+            )
+        limit = known.budgets.max_artifact_bytes
+        if limit is not None and size_bytes > limit:
+            return (
+                f"{size_bytes:,} B is over {device_class}'s max_artifact_bytes budget "
+                f"({limit:,}); {fix}"
+            )
+        return ""
 
     async def _insert_next_version(
         self, model_name: str, device_class: str, build: Callable[[int], ArtifactRecord]

@@ -200,15 +200,6 @@ class ControllerServer:
             ),
             server,
         )
-        admin = AdminHandlers(store, blobs, key, config, self._notifier)
-        runner = JobRunner(store, config, admin, self._job_watchers)
-        try:
-            await asyncio.to_thread(runner.recover)
-        except OSError as exc:
-            raise ControllerStartError(f"cannot use {config.jobs_dir}: {exc}") from exc
-        self._jobs = runner
-        runner.start_leases()
-        compression = CompressionHandlers(store, blobs, config, runner, self._job_watchers)
         try:
             classes = (
                 DeviceClassRegistry.load(config.device_classes_dir)
@@ -217,6 +208,15 @@ class ControllerServer:
             )
         except DeviceClassError as exc:
             raise ControllerStartError(str(exc), configuration=True) from exc
+        admin = AdminHandlers(store, blobs, key, config, self._notifier, classes)
+        runner = JobRunner(store, config, admin, self._job_watchers)
+        try:
+            await asyncio.to_thread(runner.recover)
+        except OSError as exc:
+            raise ControllerStartError(f"cannot use {config.jobs_dir}: {exc}") from exc
+        self._jobs = runner
+        runner.start_leases()
+        compression = CompressionHandlers(store, blobs, config, runner, self._job_watchers)
         rollout_store = RolloutStore(self._engine)
         self.budget_loop = RolloutLoop(
             store,

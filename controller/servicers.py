@@ -145,7 +145,9 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
         self, request: pb.CreateArtifactRequest, context: Context
     ) -> pb.Artifact:
         record = await self._h.create_artifact(convert.artifact_request_from_proto(request))
-        return convert.artifact_to_proto(record)
+        reply = convert.artifact_to_proto(record)
+        reply.warning = self._h.size_warning(record)
+        return reply
 
     @rpc
     async def ListArtifacts(

@@ -337,7 +337,7 @@ class CreateArtifactRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., device_class: _Optional[str] = ..., expires_in_days: _Optional[int] = ...) -> None: ...
 
 class Artifact(_message.Message):
-    __slots__ = ("id", "model_name", "device_class", "version", "sha256", "size_bytes", "manifest", "created_unix_ms")
+    __slots__ = ("id", "model_name", "device_class", "version", "sha256", "size_bytes", "manifest", "created_unix_ms", "warning")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
@@ -346,6 +346,7 @@ class Artifact(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     id: str
     model_name: str
     device_class: str
@@ -354,7 +355,8 @@ class Artifact(_message.Message):
     size_bytes: int
     manifest: SignedManifest
     created_unix_ms: int
-    def __init__(self, id: _Optional[str] = ..., model_name: _Optional[str] = ..., device_class: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., manifest: _Optional[_Union[SignedManifest, _Mapping]] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    warning: str
+    def __init__(self, id: _Optional[str] = ..., model_name: _Optional[str] = ..., device_class: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., manifest: _Optional[_Union[SignedManifest, _Mapping]] = ..., created_unix_ms: _Optional[int] = ..., warning: _Optional[str] = ...) -> None: ...
 
 class ListArtifactsRequest(_message.Message):
     __slots__ = ("model_name", "device_class", "page_size", "page_token")

@@ -70,6 +70,8 @@ def create(
         f"created artifact {artifact.id} ({source}sha256 {output.short_sha(artifact.sha256)}, "
         f"{output.human_size(artifact.size_bytes)}, expires {_expires(artifact)})"
     )
+    if artifact.warning:
+        output.note(artifact.warning)
 
 
 PAGE_SIZE = pages.PAGE_SIZE  # artifacts asked for per ListArtifacts call

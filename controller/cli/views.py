@@ -49,6 +49,7 @@ class ArtifactView(View):
     key_id: str
     signed: bool
     manifest: Manifest | None  # None when the controller sent no (valid) manifest
+    warning: str = ""  # set when just created: why it may not suit its class
 
 
 class HardwareView(View):
@@ -161,6 +162,7 @@ def artifact_from_proto(artifact: fleet_pb2.Artifact) -> ArtifactView:
         key_id=artifact.manifest.key_id,
         signed=bool(artifact.manifest.signature),
         manifest=manifest,
+        warning=artifact.warning,
     )
 
 

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 import onnx
 import pytest
+import yaml
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
@@ -38,6 +39,7 @@ from tests.cli.conftest import StartController
 from tests.support.controller import ControllerThread
 from tests.support.proxy import FaultProxy
 
+ROOT = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
 
 
@@ -234,6 +236,42 @@ def test_model_add_says_when_nothing_changed_and_warns_of_a_new_interface(
         "note: motions v3: its interface differs from v2's (outputs y float32[1,2] -> "
         "y float32[1,2], pad_sum float32[])"
     ) in changed.stderr
+
+
+def test_an_artifact_too_large_for_its_class_is_created_with_a_warning(
+    runner: CliRunner, start_controller: StartController, tmp_path: Path
+) -> None:
+    """CreateArtifact signs the model as it is: over the class's size budget, or over
+    what its devices can store, the operator hears so (and how to get one that fits)."""
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    camera = yaml.safe_load((ROOT / "deploy" / "device-classes" / "camera.yaml").read_text())
+    padded = onnx_file(tmp_path / "m.onnx", padding=2000)
+    size = padded.stat().st_size
+    for name, storage, budget in (
+        ("roomy", 10 * size, None),
+        ("tight", 10 * size, size // 2),
+        ("full", size // 2, size // 4),
+    ):
+        camera_class = camera | {"name": name, "model_storage_bytes": storage}
+        camera_class["budgets"] = camera["budgets"] | {"max_artifact_bytes": budget}
+        (classes / f"{name}.yaml").write_text(yaml.safe_dump(camera_class))
+    live = start_controller(device_classes_dir=classes)
+    live.add_model("m", padded.read_bytes())
+
+    roomy = cli(runner, live.address, "artifact", "create", "m", "--class", "roomy")
+    assert roomy.exit_code == 0 and roomy.stderr == "", roomy.output
+    tight = cli(runner, live.address, "artifact", "create", "m", "--class", "tight")
+    assert tight.exit_code == 0, tight.output
+    assert "created artifact m/tight/v1" in tight.stdout
+    assert f"{size:,} B is over tight's max_artifact_bytes budget ({size // 2:,})" in tight.stderr
+    assert "homefleet compress --controller" in tight.stderr
+    full = cli(runner, live.address, "artifact", "create", "m", "--class", "full", "--json")
+    assert full.exit_code == 0, full.output
+    warning = json.loads(full.stdout)["warning"]
+    assert f"more than a full device can store (model_storage_bytes {size // 2:,})" in warning
+    unknown = cli(runner, live.address, "artifact", "create", "m", "--class", "unlisted")
+    assert unknown.exit_code == 0 and unknown.stderr == ""  # a class it has no file for
 
 
 def test_going_back_to_an_older_artifact_names_the_re_release(
