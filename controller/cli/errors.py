@@ -57,8 +57,9 @@ _EXPLANATIONS: Mapping[grpc.StatusCode, _Explanation] = {
     grpc.StatusCode.UNAVAILABLE: _UNREACHABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED: _Explanation(
         ExitCode.UNREACHABLE,
-        "the controller at {address} did not answer within {timeout:g} s: "
-        "is it overloaded, or the link slow? retry with a larger --timeout",
+        "the controller at {address} did not answer within {timeout:g} s: it may be "
+        "overloaded, waiting on its database (another process holding a lock on it), or "
+        "behind a slow link. Retry with a larger --timeout",
     ),
     grpc.StatusCode.INVALID_ARGUMENT: _REFUSED,
     grpc.StatusCode.NOT_FOUND: _REFUSED,
