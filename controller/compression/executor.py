@@ -35,7 +35,7 @@ from controller.compression.distillation import distill
 from controller.compression.errors import CompressionError, UnsupportedModelError
 from controller.compression.learned import learned_quantize
 from controller.compression.lowrank import decompose
-from controller.compression.planner import Quality
+from controller.compression.planner import Quality, SizeFloor, quantized_share
 from controller.compression.pruning import prune_layers, prune_structured, prune_unstructured
 from controller.compression.quantize import quantize_onnx
 from controller.compression.recipe import (
@@ -53,6 +53,7 @@ from controller.compression.recipe import (
     WeightOnlyQuantize,
 )
 from controller.compression.requantize import requantize_like
+from controller.compression.students import build_student
 from controller.compression.training import TrainOptions
 from controller.compression.weight_only import quantize_weight_only
 from controller.workloads.base import TaskKind, Workload
@@ -219,6 +220,34 @@ class TorchSource:
     def _evaluate_value(self, path: Path) -> float:
         return self.quality(path).value
 
+    def size_floor(self, recipe: Recipe) -> SizeFloor | None:
+        """A distilled student's floor, from its weights before it trains: 4 bytes each
+        in float, at least a fifth of that after int8 (biases, batch norms, the graph and
+        a preprocessing front only add); unknown for any other recipe."""
+        first, rest = (recipe.steps[0], recipe.steps[1:]) if recipe.steps else (None, ())
+        if not isinstance(first, Distill) or not all(isinstance(s, Quantize) for s in rest):
+            return None
+        if self.workload.kind is not TaskKind.CLASSIFICATION:
+            return None
+        data = self.workload.data()
+        sample = next(iter(data.train.inputs.values()))
+        try:
+            student = build_student(
+                first.student, tuple(sample.shape[1:]), len(data.class_names), first.width
+            )
+        except (CompressionError, ValueError, RuntimeError):
+            return None  # the build itself will say what is wrong
+        weights = sum(
+            module.weight.numel()
+            for module in student.modules()
+            if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Linear)
+        )
+        share = quantized_share(s for s in rest if isinstance(s, Quantize))
+        floor = int(4 * weights * share)
+        return SizeFloor(
+            floor, f"the {first.student} student has {weights} weights: at least {floor} bytes"
+        )
+
     def quality(self, onnx_path: Path) -> Quality:
         cached = self._scores.get(onnx_path)
         if cached is None:
@@ -260,6 +289,10 @@ class OnnxSource:
         final = out_dir / "model.onnx"
         shutil.copyfile(current, final)
         return final
+
+    def size_floor(self, recipe: Recipe) -> SizeFloor | None:
+        """None: an ONNX file's recipes are quantization, whose floors the planner knows."""
+        return None
 
     def quality(self, onnx_path: Path) -> Quality:
         from controller.workloads.fidelity import fidelity

@@ -20,7 +20,9 @@ the planner, gives the number to report (the job records it beside the verdict).
 
 Recipes whose size cannot reach the byte budget are not built: quantization alone
 shrinks a model at most 4x (int8) or 2x (fp16), so when the source is more than that
-over budget those recipes are recorded as skipped.
+over budget those recipes are recorded as skipped; a builder may know more floors
+(``CandidateBuilder.size_floor``: a distilled student's weights are known before it
+trains), so an impossible byte budget ends the search in seconds, not an hour.
 """
 
 from __future__ import annotations
@@ -65,12 +67,23 @@ class Timing:
     energy_mj: float
 
 
+@dataclass(frozen=True)
+class SizeFloor:
+    """Bytes a recipe's artifact surely stays above, and why (for the skipped trial)."""
+
+    bytes: int
+    why: str
+
+
 class CandidateBuilder(Protocol):
     def build(self, recipe: Recipe, out_dir: Path) -> Path:
         """Execute ``recipe`` on the source model and write the ONNX artifact."""
 
     def quality(self, onnx_path: Path) -> Quality:
         """Score the artifact (accuracy on held-out data, or fidelity to the source)."""
+
+    def size_floor(self, recipe: Recipe) -> SizeFloor | None:
+        """A floor this builder knows without building (None: none known)."""
 
 
 Measurer = Callable[[Path, DeviceClass], Timing]
@@ -165,8 +178,22 @@ def size_floor(recipe: Recipe, source_bytes: int) -> int | None:
         return int(source_bytes * LEARNED_SIZE_FLOOR[recipe.steps[0].weight_bits])
     if not recipe.steps or not all(isinstance(step, Quantize) for step in recipe.steps):
         return None
-    modes = [step.mode for step in recipe.steps if isinstance(step, Quantize)]
-    return int(source_bytes * min(QUANTIZED_SIZE_FLOOR[mode] for mode in modes))
+    return int(source_bytes * quantized_share(s for s in recipe.steps if isinstance(s, Quantize)))
+
+
+def quantized_share(steps: Iterable[Quantize]) -> float:
+    """The least share of its bytes a model keeps through these quantization steps."""
+    return min((QUANTIZED_SIZE_FLOOR[step.mode] for step in steps), default=1.0)
+
+
+def _floor(recipe: Recipe, source_bytes: int, builder: CandidateBuilder) -> SizeFloor | None:
+    floor = size_floor(recipe, source_bytes)
+    if floor is not None:
+        return SizeFloor(
+            floor,
+            f"quantization alone leaves at least {floor} of the source's {source_bytes} bytes",
+        )
+    return builder.size_floor(recipe)
 
 
 def run_trial(
@@ -228,12 +255,9 @@ def plan(
         return result
     limit = device_class.budgets.max_artifact_bytes
     for index, recipe in enumerate(candidates, start=1):
-        floor = size_floor(recipe, baseline.artifact_bytes)
-        if limit is not None and floor is not None and floor > limit:
-            reason = (
-                f"cannot meet max_artifact_bytes {limit}: quantization alone leaves at least "
-                f"{floor} of the source's {baseline.artifact_bytes} bytes"
-            )
+        floor = None if limit is None else _floor(recipe, baseline.artifact_bytes, builder)
+        if limit is not None and floor is not None and floor.bytes > limit:
+            reason = f"cannot meet max_artifact_bytes {limit}: {floor.why}"
             trial = Trial(index, recipe, None, 0, None, None, (), 0.0, reason)
         else:
             if on_start:
