@@ -397,6 +397,9 @@ class CompressionJobRecord:
     recipe: str
     verdicts: tuple[BudgetVerdictRecord, ...]
     trials: tuple[TrialRecord, ...] = ()  # empty in lists
+    # What a running job is doing now, e.g. "trial 3: building distill(...)": kept in the
+    # memory of the controller running it, not stored ("" from any other replica).
+    activity: str = ""
 
 
 # -------------------------------------------------------------------- telemetry aggregates

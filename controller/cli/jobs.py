@@ -105,6 +105,7 @@ class JobView(View):
     artifact_id: str
     recipe: str
     verdicts: list[VerdictView]
+    activity: str = ""  # a running job: what it works on now
 
 
 class JobList(View):
@@ -124,6 +125,7 @@ def job_from_proto(job: pb.CompressionJob) -> JobView:
         started_unix_ms=job.started_unix_ms,
         finished_unix_ms=job.finished_unix_ms,
         trials_done=job.trials_done,
+        activity=job.activity,
         trials=[
             TrialView(
                 index=t.index,
@@ -307,7 +309,7 @@ def _follow(
     ``seen`` is the job as already shown (by StartCompression); without it the first
     message gets the headline.
     """
-    job, shown = seen, 0
+    job, shown, doing = seen, 0, ""
     for message in stub.WatchCompressionJob(
         pb.CompressionJobRef(id=job_id), timeout=wait_timeout_s
     ):
@@ -320,6 +322,9 @@ def _follow(
         for trial in job.trials[shown:]:
             _note(f"  {trial.summary}")
         shown = max(shown, len(job.trials))
+        if job.activity and job.activity != doing:
+            _note(f"  … {job.activity}")
+        doing = job.activity
     if job is None:  # the controller always sends the job first; say so if it did not
         raise fail(
             Failure(ExitCode.REFUSED, f"the controller ended the stream of job {job_id} empty")

@@ -10,6 +10,7 @@ parameters (a small delta for the devices that hold it; see compression/requanti
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -217,6 +218,8 @@ class CompressionHandlers:
         job = await in_thread(self._store.get_compression_job, job_id)
         if job is None:
             raise not_found(f"compression job {job_id} does not exist; list them: `homefleet jobs`")
+        if job.state.active:
+            return dataclasses.replace(job, activity=self._runner.activity(job_id))
         return job
 
     async def watch(

@@ -1,6 +1,7 @@
 """How a worker process tells the controller what it is doing: JSON lines in a file.
 
-The worker appends one line per event (it started, a trial finished) and flushes; the
+The worker appends one line per event (it started, what it works on now, a trial
+finished) and flushes; the
 controller reads complete lines from where it stopped. A file needs no extra process
 (a multiprocessing manager would) and nothing is lost if the controller reads late.
 """
@@ -22,6 +23,13 @@ class _Line(BaseModel):
 class Started(_Line):
     kind: Literal["started"] = "started"
     pid: int
+
+
+class Activity(_Line):
+    """What the job works on now, before work that takes long (a trial's build)."""
+
+    kind: Literal["activity"] = "activity"
+    text: str
 
 
 class TrialDone(_Line):
@@ -46,8 +54,8 @@ class TrialDone(_Line):
         return cls(**trial.__dict__)
 
 
-ProgressLine = Annotated[Started | TrialDone, Field(discriminator="kind")]
-_LINE: TypeAdapter[Started | TrialDone] = TypeAdapter(ProgressLine)
+ProgressLine = Annotated[Started | Activity | TrialDone, Field(discriminator="kind")]
+_LINE: TypeAdapter[Started | Activity | TrialDone] = TypeAdapter(ProgressLine)
 
 
 class ProgressWriter:
@@ -56,7 +64,7 @@ class ProgressWriter:
     def __init__(self, path: Path) -> None:
         self._path = path
 
-    def write(self, line: Started | TrialDone) -> None:
+    def write(self, line: Started | Activity | TrialDone) -> None:
         with self._path.open("a", encoding="utf-8") as f:
             f.write(line.model_dump_json() + "\n")
             f.flush()
@@ -69,7 +77,7 @@ class ProgressReader:
         self._path = path
         self._offset = 0
 
-    def read_new(self) -> list[Started | TrialDone]:
+    def read_new(self) -> list[Started | Activity | TrialDone]:
         try:
             with self._path.open("rb") as f:
                 f.seek(self._offset)

@@ -33,7 +33,7 @@ from artifact.manifest import RecipeStep
 from controller.config import ControllerConfig
 from controller.device_classes import DeviceClass
 from controller.errors import FleetError
-from controller.jobs.progress import ProgressReader, Started
+from controller.jobs.progress import Activity, ProgressReader, Started
 from controller.jobs.watchers import JobWatchers
 from controller.jobs.worker import WorkerResult, WorkerSpec, init_worker, run_job
 from controller.records import (
@@ -142,6 +142,7 @@ class _Job:
     task: asyncio.Task[None] | None = None
     pid: int | None = None
     cancel_requested: bool = False
+    activity: str = ""
 
 
 class JobRunner:
@@ -244,6 +245,11 @@ class JobRunner:
     @property
     def active(self) -> int:
         return len(self._jobs)
+
+    def activity(self, job_id: int) -> str:
+        """What job ``job_id`` works on now, if this runner runs it ("" otherwise)."""
+        job = self._jobs.get(job_id)
+        return "" if job is None else job.activity
 
     def incoming_dir(self) -> Path:
         """A fresh directory for a request being received (before the job has an id)."""
@@ -383,6 +389,8 @@ class JobRunner:
             if isinstance(line, Started):
                 job.pid = line.pid
                 await asyncio.to_thread(self._store.start_compression_job, job.record.id)
+            elif isinstance(line, Activity):
+                job.activity = line.text
             else:
                 await asyncio.to_thread(
                     self._store.add_compression_trial, job.record.id, line.record()

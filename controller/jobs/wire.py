@@ -95,4 +95,5 @@ def job_to_proto(job: CompressionJobRecord) -> pb.CompressionJob:
         artifact_id=job.artifact_id,
         recipe=job.recipe,
         verdicts=[verdict_to_proto(v) for v in job.verdicts],
+        activity=job.activity,
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controller.jobs.progress import ProgressWriter, Started, TrialDone
+from controller.jobs.progress import Activity, ProgressWriter, Started, TrialDone
 from controller.records import TrialRecord
 
 if TYPE_CHECKING:
@@ -146,6 +146,9 @@ def _run(spec: WorkerSpec, progress: ProgressWriter) -> WorkerResult:
         if spec.cancel_path.exists():
             raise JobCancelledError
 
+    def on_activity(text: str) -> None:
+        progress.write(Activity(text=text))
+
     if spec.workload:
         from controller.workloads.registry import get_workload
 
@@ -155,6 +158,7 @@ def _run(spec: WorkerSpec, progress: ProgressWriter) -> WorkerResult:
             spec.out_dir,
             max_size_ratio=spec.max_size_ratio,
             on_trial=on_trial,
+            on_activity=on_activity,
             previous=spec.previous,
             previous_required=False,
         )
@@ -171,6 +175,7 @@ def _run(spec: WorkerSpec, progress: ProgressWriter) -> WorkerResult:
             name=spec.name,
             max_size_ratio=spec.max_size_ratio,
             on_trial=on_trial,
+            on_activity=on_activity,
             previous=spec.previous,
             previous_required=False,
         )

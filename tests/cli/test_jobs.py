@@ -132,22 +132,23 @@ class Follower:
             self.proc.wait()
 
 
-def stop_worker_once_started(live: ControllerThread, job_id: int) -> int:
-    """SIGSTOP the worker process of ``job_id`` as soon as it reports its start (it
-    writes its pid first, then imports the compression stack); returns the pid."""
+def stop_worker_once_building(live: ControllerThread, job_id: int) -> int:
+    """SIGSTOP the worker process of ``job_id`` as soon as it reports building a trial
+    (its pid is its first line); returns the pid."""
     progress = live.controller.config.jobs_dir / str(job_id) / "progress.jsonl"
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         try:
-            first = progress.read_text().partition("\n")[0]
+            complete = progress.read_text().rpartition("\n")[0]  # never a half-written line
+            lines = [json.loads(line) for line in complete.splitlines()]
         except FileNotFoundError:
-            first = ""
-        if first:
-            pid = int(json.loads(first)["pid"])
+            lines = []
+        if any(line["kind"] == "activity" and "building" in line["text"] for line in lines):
+            pid = int(lines[0]["pid"])
             os.kill(pid, signal.SIGSTOP)
             return pid
         time.sleep(POLL_S)
-    raise AssertionError(f"job {job_id} never started: no {progress}")
+    raise AssertionError(f"job {job_id} never built a trial: {progress}")
 
 
 def test_ctrl_c_leaves_the_job_running_and_cancel_ends_it(
@@ -157,8 +158,10 @@ def test_ctrl_c_leaves_the_job_running_and_cancel_ends_it(
     worker = 0
     try:
         job_id = int(follower.wait_for(r"^compression job (\d+) for clf/home-hub: ").group(1))
-        worker = stop_worker_once_started(live, job_id)
+        worker = stop_worker_once_building(live, job_id)
         follower.wait_for(r"^  running$")
+        # what the job works on now, from the controller running it
+        follower.wait_for(r"^  … trial \d+: building ")
 
         # Ctrl-C stops the follower, says what became of the job and how to reach it
         follower.proc.send_signal(signal.SIGINT)
