@@ -729,19 +729,22 @@ def _activation_moments(
     )
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(
-            probe.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:
-        raise CompressionError(f"the activation statistics model does not load: {exc}") from exc
+    session: ort.InferenceSession | None = None
+    if outputs:  # else every activation wanted is a graph input: nothing to run
+        try:
+            session = ort.InferenceSession(
+                probe.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise CompressionError(f"the activation statistics model does not load: {exc}") from exc
     batch = batch_size(model)
     total = len(next(iter(calibration.values())))
     sums: dict[str, NDArray[np.float64]] = {}
     counts: dict[str, int] = {}
     for start in range(0, total, batch):
         feed = {k: np.asarray(v)[start : start + batch] for k, v in calibration.items()}
-        values = dict(zip(outputs, session.run(outputs, feed), strict=True))
+        run = session.run(outputs, feed) if session is not None else []
+        values = dict(zip(outputs, run, strict=True))
         values.update({name: feed[name] for name in wanted if name in graph_inputs})
         for name, axis in wanted.items():
             array = np.moveaxis(np.asarray(values[name], dtype=np.float64), axis, -1)

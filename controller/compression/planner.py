@@ -205,7 +205,11 @@ def run_trial(
     baseline_quality: Quality | None,
     work_dir: Path,
 ) -> Trial:
-    """Build, score, time and judge one recipe; a recipe that fails is a recorded trial."""
+    """Build, score, time and judge one recipe; a recipe that fails is a recorded trial.
+
+    Not only CompressionError: a library may fail on a model nobody tried it on (an
+    onnxruntime kernel, a quantizer's assumption), and one recipe failing must not cost
+    the job the others. The traceback goes to the log."""
     started = time.perf_counter()
     out_dir = work_dir / f"trial-{index:03d}"
     try:
@@ -217,6 +221,10 @@ def run_trial(
         return Trial(
             index, recipe, None, 0, None, None, (), time.perf_counter() - started, str(exc)
         )
+    except Exception as exc:
+        log.exception("trial %d (%s) failed unexpectedly", index, recipe.describe())
+        reason = f"failed unexpectedly ({type(exc).__name__}: {_first_line(exc)})"
+        return Trial(index, recipe, None, 0, None, None, (), time.perf_counter() - started, reason)
     size = path.stat().st_size
     if quality.labelled:
         reference = baseline_quality.value if baseline_quality else quality.value
@@ -227,6 +235,12 @@ def run_trial(
     return Trial(
         index, recipe, path, size, quality, timing, verdicts, time.perf_counter() - started
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message without onnxruntime's '[ONNXRuntimeError] : 2 : X :' prefix."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text.rsplit("] : ", 1)[-1].split(" : ", 2)[-1] if "[ONNXRuntimeError]" in text else text
 
 
 def plan(
@@ -247,7 +261,7 @@ def plan(
         on_start(0, Recipe())
     baseline = run_trial(0, Recipe(), builder, measure, device_class, None, work_dir)
     if baseline.error or baseline.quality is None:
-        raise CompressionError(f"the source model itself cannot be evaluated: {baseline.error}")
+        raise CompressionError(f"cannot score the source model (trial 0): {baseline.error}")
     result = Plan(device_class, baseline, [baseline])
     if on_trial:
         on_trial(baseline)

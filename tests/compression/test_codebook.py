@@ -295,6 +295,30 @@ def test_error_feedback_lowers_the_layers_output_error() -> None:
     assert error["feedback"] < 0.7 * error["nearest"]
 
 
+def test_error_feedback_works_when_every_weight_reads_a_graph_input(tmp_path: Path) -> None:
+    """Statistics of activations that are all graph inputs need no inference run (it
+    had no output to ask for, and onnxruntime refused)."""
+    rng = np.random.default_rng(4)
+    weight = rng.normal(0, 0.1, (256, 64)).astype(np.float32)
+    source = _save(
+        tmp_path / "one-layer.onnx",
+        helper.make_graph(
+            [helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")],
+            "one-layer",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+            [numpy_helper.from_array(weight, "W")],
+        ),
+    )
+    step = CodebookQuantize(bits=4, error_feedback=True)
+    result = quantize_codebook(source, tmp_path / "codebook.onnx", step, calibration=_x())
+    assert [t.name for t in result.tensors] == ["W_quantized"]
+    feed = _x(8)
+    reference = feed["x"] @ weight
+    error = np.linalg.norm(_run(result.out, feed) - reference) / np.linalg.norm(reference)
+    assert error < 0.25  # 4-bit codebooks of Gaussian weights: about 12 %
+
+
 def test_a_share_keeps_the_weight_whose_codebook_harms_most_in_int8(tmp_path: Path) -> None:
     # equal sizes; W1 holds 4 distinct values per column (a 2-bit codebook is exact for
     # it), W2 is Gaussian: half the elements means W1 alone

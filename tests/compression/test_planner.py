@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -117,6 +118,27 @@ def test_each_built_trial_is_announced_before_it_is_built(
     )
     # fp16 cannot get under 30 % of the source: skipped, not announced
     assert events == [("start", 0), ("done", 0), ("done", 1), ("start", 2), ("done", 2)]
+
+
+def test_a_recipe_that_crashes_a_library_is_a_failed_trial_and_the_search_goes_on(
+    tiny_onnx: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    """onnxruntime's dynamic quantizer writes a graph its own runtime refuses for an fp16
+    model (DynamicQuantizeLinear takes float32 only): that recipe fails, not the job."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    source, inputs = tiny_onnx
+    half = tmp_path / "fp16.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=False), str(half))
+    half_inputs = {k: v.astype(np.float16) for k, v in inputs.items()}
+    builder = OnnxSource(half, half_inputs, min_fidelity=0.5)
+    dc = load_device_class(CAMERA).with_budgets(max_artifact_bytes=half.stat().st_size - 1)
+    recipes = [Recipe(steps=(Quantize(mode="dynamic"),)), Recipe(steps=(Quantize(mode="static"),))]
+    result = plan(recipes, builder, _measure(half_inputs), dc, tmp_path / "half")
+    crashed, after = result.trials[1:]
+    assert crashed.error.startswith("failed unexpectedly (InvalidGraph: ")
+    assert "DynamicQuantizeLinear" in crashed.error and "[ONNXRuntimeError]" not in crashed.error
+    assert not after.error and after.onnx_path is not None  # the next recipe still ran
 
 
 def test_only_quantization_only_recipes_have_a_size_floor() -> None:
