@@ -276,8 +276,23 @@ class DeviceClass(BaseModel):
             )
         return self
 
+    def loosened_by(self, **overrides: float | int | None) -> list[str]:
+        """The overrides that would loosen a budget of this class ('p95_latency_ms 30 >
+        the class's 20'), for a note: a flag may loosen a class for one run, knowingly."""
+        budgets = self.budgets
+        looser = []
+        for name, value in overrides.items():
+            current = getattr(budgets, name)
+            if value is None or current is None:
+                continue
+            lower_is_tighter = name != "min_fidelity"
+            if (value > current) if lower_is_tighter else (value < current):
+                relation = ">" if lower_is_tighter else "<"
+                looser.append(f"{name} {value:g} {relation} the class's {current:g}")
+        return looser
+
     def with_budgets(self, **overrides: float | int | None) -> DeviceClass:
-        """A copy whose budgets are tightened for one run (CLI flags); None keeps a budget.
+        """A copy whose budgets are replaced for one run (CLI flags); None keeps a budget.
 
         The copy is validated as a whole class, so an override that contradicts it (an
         artifact larger than the device can store) is refused like the same value in YAML.

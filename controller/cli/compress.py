@@ -76,6 +76,34 @@ def _show_trial(trial: Trial) -> None:
     )
 
 
+def _check_quality_flags(
+    labelled: bool, min_fidelity: float | None, max_accuracy_drop: float | None
+) -> None:
+    """A quality flag of the other kind would be ignored: refuse it instead."""
+    if labelled and min_fidelity is not None:
+        raise _fail(
+            "--min-fidelity is for models without labels; a classifier workload is judged by "
+            "its accuracy: use --max-accuracy-drop (a fraction: 0.01 = one point)"
+        )
+    if not labelled and max_accuracy_drop is not None:
+        raise _fail(
+            "--max-accuracy-drop needs labelled data (a classifier --workload); this model "
+            "is judged by fidelity to its source's outputs: use --min-fidelity (e.g. 0.99)"
+        )
+
+
+def _note_looser(looser: list[str], device_class: Path) -> None:
+    """Budget flags replace the class's budgets for this run; loosening one is allowed
+    (to see what a looser budget buys) but said, since the result may then miss the
+    class's own budget."""
+    if looser:
+        typer.echo(
+            f"note: these flags loosen {device_class} for this run: {'; '.join(looser)}; "
+            "the result may miss the class's own budgets",
+            err=True,
+        )
+
+
 class _Activity:
     """A spinner line with the time spent, saying what compress is doing now."""
 
@@ -115,7 +143,13 @@ def compress(
         "--min-fidelity",
         min=0.0,
         max=1.0,
-        help="least cosine similarity of outputs to the source's (models without labels)",
+        help=(
+            "least agreement with the source's outputs on the --calib inputs (models without "
+            "labels): class scores [N, C], share of samples with the same top-1 class; "
+            "binary [N] or [N, 1], share on the same side of 0.5 (probabilities) or 0 "
+            "(logits); embeddings (task metadata 'embedding', or rank 3 and up), mean "
+            "cosine similarity"
+        ),
     ),
     max_accuracy_drop: float | None = typer.Option(
         None,
@@ -184,6 +218,22 @@ def compress(
             )
         if max_bytes is not None and max_size_ratio is not None:
             raise _fail("give --max-bytes or --max-size-ratio, not both")
+        from controller.workloads.names import UNLABELLED_WORKLOADS
+
+        labelled = workload is not None and workload not in UNLABELLED_WORKLOADS
+        _check_quality_flags(labelled, min_fidelity, max_accuracy_drop)
+        from controller.device_classes import DeviceClassError, load_device_class
+
+        try:
+            looser = load_device_class(device_class).loosened_by(
+                max_artifact_bytes=max_bytes,
+                p95_latency_ms=p95_ms,
+                min_fidelity=min_fidelity,
+                max_accuracy_drop=max_accuracy_drop,
+            )
+        except DeviceClassError as exc:
+            raise _fail(str(exc)) from exc
+        _note_looser(looser, device_class)
         if previous is not None:
             raise _fail(
                 "--previous is for compressing on this machine: a controller reuses the "
@@ -225,18 +275,31 @@ def compress(
     if previous is not None and not previous.is_file():
         raise _fail(f"--previous {previous} does not exist or is not a file")
 
+    from pydantic import ValidationError
+
     from controller.compression.errors import CompressionError
     from controller.compression.job import check_out_dir, compress_onnx, compress_workload
-    from controller.device_classes import DeviceClassError, load_device_class
+    from controller.device_classes import (
+        DeviceClassError,
+        load_device_class,
+        validation_problems,
+    )
     from controller.workloads.registry import UnknownWorkloadError, get_workload
 
+    flags = {
+        "max_artifact_bytes": max_bytes,
+        "p95_latency_ms": p95_ms,
+        "min_fidelity": min_fidelity,
+        "max_accuracy_drop": max_accuracy_drop,
+    }
     try:
-        dc = load_device_class(device_class).with_budgets(
-            max_artifact_bytes=max_bytes,
-            p95_latency_ms=p95_ms,
-            min_fidelity=min_fidelity,
-            max_accuracy_drop=max_accuracy_drop,
-        )
+        declared = load_device_class(device_class)
+        _note_looser(declared.loosened_by(**flags), device_class)
+        dc = declared.with_budgets(**flags)
+    except ValidationError as exc:  # a flag the class cannot take (over its storage)
+        raise _fail(
+            f"the budget flags do not fit {device_class}: {validation_problems(exc)}"
+        ) from exc
     except (DeviceClassError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     try:
@@ -245,6 +308,15 @@ def compress(
         raise _fail(str(exc)) from exc
     if onnx_model is not None and not onnx_model.is_file():
         raise _fail(f"--onnx {onnx_model} does not exist")
+    from controller.compression.budgets import quality_budget_problem
+    from controller.workloads.base import TaskKind
+
+    labelled = chosen is not None and chosen.kind is TaskKind.CLASSIFICATION
+    _check_quality_flags(labelled, min_fidelity, max_accuracy_drop)
+    source = f"workload {chosen.name}" if chosen is not None else f"the ONNX model {onnx_model}"
+    problem = quality_budget_problem(dc.budgets, labelled=labelled, source=source)
+    if problem is not None:
+        raise _fail(f"{problem} (device class {dc.name})")
     try:
         check_out_dir(out_dir)
     except CompressionError as exc:

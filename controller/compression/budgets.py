@@ -54,6 +54,29 @@ def _lower(budget: str, limit: float | None, observed: float) -> Verdict | None:
     return Verdict(budget, float(limit), float(observed), observed >= limit, gap)
 
 
+def quality_budget_problem(budgets: Budgets, *, labelled: bool, source: str) -> str | None:
+    """Why a run on ``source`` would choose an artifact whose quality nobody judged, as
+    a message that says what to set; None when its quality budget is there.
+
+    A labelled classifier is judged by its accuracy drop, anything else (an ONNX file
+    alone, an embedding encoder) by fidelity to the source; the other kind of budget
+    does not apply, and without the right one the smallest candidate would win unseen.
+    """
+    if labelled and budgets.max_accuracy_drop is None:
+        return (
+            f"{source} is judged by its accuracy on labelled data, and no max_accuracy_drop "
+            "budget is set: pass --max-accuracy-drop (a fraction: 0.01 = one point) or add "
+            "budgets.max_accuracy_drop to the device-class file"
+        )
+    if not labelled and budgets.min_fidelity is None:
+        return (
+            f"{source} has no labels, so it is judged by fidelity to the source model's "
+            "outputs, and no min_fidelity budget is set: pass --min-fidelity (e.g. 0.99) or "
+            "add budgets.min_fidelity to the device-class file"
+        )
+    return None
+
+
 def judge(budgets: Budgets, observed: Observed) -> tuple[Verdict, ...]:
     """One verdict per budget that applies to what was observed."""
     verdicts = [

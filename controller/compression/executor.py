@@ -267,6 +267,13 @@ class OnnxSource:
     min_fidelity: float | None = None
     previous: Path | None = None  # the class's earlier static int8 artifact (RequantizeLike)
 
+    def __post_init__(self) -> None:
+        from controller.workloads.fidelity import warn_few_samples
+
+        counts = {np.shape(array)[0] for array in self.calibration.values() if np.ndim(array)}
+        if len(counts) == 1:  # bad ranks or unequal counts are refused, named, when scored
+            warn_few_samples(counts.pop(), self.min_fidelity)
+
     def build(self, recipe: Recipe, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         current = self.path

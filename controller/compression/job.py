@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 
 from artifact.digest import sha256_file
 from controller.compression import candidates
+from controller.compression.budgets import quality_budget_problem
 from controller.compression.errors import CompressionError
 from controller.compression.executor import OnnxSource, TorchSource
 from controller.compression.measure import measure_onnx
@@ -120,6 +121,13 @@ def _previous_digest(previous: Path | None, source_onnx: Path, *, required: bool
         log.warning("not reusing the parameters of %s: %s", previous, exc)
         return None
     return sha256_file(previous)
+
+
+def _check_quality_budget(device_class: DeviceClass, *, labelled: bool, source: str) -> None:
+    """Refuse, before any work, a run whose chosen artifact's quality nobody would judge."""
+    problem = quality_budget_problem(device_class.budgets, labelled=labelled, source=source)
+    if problem is not None:
+        raise CompressionError(f"{problem} (device class {device_class.name})")
 
 
 def _ignore(_activity: str) -> None:
@@ -215,6 +223,8 @@ def compress_workload(
 
     ``show_progress``: rich progress bars over the epochs of every training (the source
     on first use, fine-tunes, distillation), for a terminal."""
+    labelled = workload.kind is TaskKind.CLASSIFICATION
+    _check_quality_budget(device_class, labelled=labelled, source=f"workload {workload.name}")
     activity = on_activity or _ignore
     staging = _prepare_out(out_dir)
     try:
@@ -276,9 +286,13 @@ def compress_onnx(
     on_activity: ActivityCallback | None = None,
 ) -> Outcome:
     """Compress an ONNX file alone: post-training steps, judged by fidelity."""
+    _check_quality_budget(device_class, labelled=False, source=f"the ONNX model {source.name}")
     activity = on_activity or _ignore
     staging = _prepare_out(out_dir)
     try:
+        from controller.workloads.fidelity import check_self_contained
+
+        check_self_contained(source)  # a weights file beside it would not follow it
         reuse = _previous_digest(previous, source, required=previous_required)
         device_class = _apply_size_ratio(device_class, source.stat().st_size, max_size_ratio)
         builder = OnnxSource(

@@ -19,8 +19,10 @@ from artifact.manifest import InvalidManifestError, Manifest
 from controller import validate
 from controller.admin import in_thread, stored_model
 from controller.blobstore import BlobStore
+from controller.compression.budgets import quality_budget_problem
 from controller.compression.recipe import made_static_int8
 from controller.config import ControllerConfig
+from controller.device_classes import DeviceClass
 from controller.errors import ErrorCode, FleetError, invalid, not_found
 from controller.jobs.request import (
     apply_overrides,
@@ -37,7 +39,7 @@ from controller.records import (
     NewCompressionJob,
 )
 from controller.store import Store, all_artifacts
-from controller.workloads.names import WORKLOAD_NAMES
+from controller.workloads.names import UNLABELLED_WORKLOADS, WORKLOAD_NAMES
 
 DEFAULT_JOB_LIMIT = 100
 MAX_JOB_LIMIT = 1000
@@ -156,6 +158,11 @@ class CompressionHandlers:
                     f"unknown workload {request.workload!r}; known workloads: "
                     f"{', '.join(WORKLOAD_NAMES)}"
                 )
+            _check_quality_budget(
+                budgeted.device_class,
+                labelled=request.workload not in UNLABELLED_WORKLOADS,
+                source=f"workload {request.workload}",
+            )
             previous = await in_thread(
                 previous_static_int8,
                 self._store,
@@ -172,6 +179,9 @@ class CompressionHandlers:
                 previous,
             )
         validate.name(request.model_name, "model.name")
+        _check_quality_budget(
+            budgeted.device_class, labelled=False, source=f"model {request.model_name}"
+        )
         if request.model_version is not None:
             validate.int_range(request.model_version, "model.version", 1, 2**31 - 1)
         if request.calibration_bytes == 0:
@@ -273,3 +283,10 @@ def _chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
     with path.open("rb") as f:
         while chunk := f.read(size):
             yield chunk
+
+
+def _check_quality_budget(device_class: DeviceClass, *, labelled: bool, source: str) -> None:
+    """INVALID_ARGUMENT for a job whose chosen artifact's quality nobody would judge."""
+    problem = quality_budget_problem(device_class.budgets, labelled=labelled, source=source)
+    if problem is not None:
+        raise invalid(f"{problem} (device class {device_class.name})")

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from controller.compression.calibration import check_calibration
 from controller.compression.errors import CalibrationMismatchError
-from controller.device_classes import DeviceClass, yaml_problem
+from controller.device_classes import DeviceClass, read_yaml, validation_problems, yaml_problem
 from controller.errors import invalid
 from controller.records import BudgetOverrides
 
@@ -40,13 +40,6 @@ class Budgeted:
     max_size_ratio: float | None
 
 
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
-        for err in exc.errors()
-    )
-
-
 def parse_device_class(text: str) -> DeviceClass:
     """The operator's device-class YAML, validated like `homefleet compress` validates a file."""
     if not text.strip():
@@ -61,7 +54,7 @@ def parse_device_class(text: str) -> DeviceClass:
             "are accepted"
         )
     try:
-        raw = yaml.safe_load(text)
+        raw = read_yaml(text)  # a duplicate key is refused, not silently the last
     except yaml.YAMLError as exc:
         raise invalid(f"the device-class file is not valid YAML: {yaml_problem(exc)}") from exc
     if not isinstance(raw, dict):
@@ -72,7 +65,9 @@ def parse_device_class(text: str) -> DeviceClass:
     try:
         return DeviceClass.model_validate(raw)
     except ValidationError as exc:
-        raise invalid(f"device_class_yaml is not a valid device class: {_problems(exc)}") from exc
+        raise invalid(
+            f"device_class_yaml is not a valid device class: {validation_problems(exc)}"
+        ) from exc
 
 
 def device_class_yaml(device_class: DeviceClass) -> str:
@@ -90,7 +85,7 @@ def _check_fraction(value: float | None, field: str, *, zero_ok: bool) -> None:
 
 
 def apply_overrides(device_class: DeviceClass, budgets: BudgetOverrides) -> Budgeted:
-    """Tighten the class's budgets for one job; a bad or contradictory override is refused."""
+    """Replace the class's budgets for one job; a bad or contradictory override is refused."""
     _check_fraction(budgets.min_fidelity, "min_fidelity", zero_ok=False)
     _check_fraction(budgets.max_accuracy_drop, "max_accuracy_drop", zero_ok=True)
     _check_fraction(budgets.max_size_ratio, "max_size_ratio", zero_ok=False)
@@ -109,7 +104,9 @@ def apply_overrides(device_class: DeviceClass, budgets: BudgetOverrides) -> Budg
         )
         DeviceClass.model_validate(tightened.model_dump())  # re-run the cross-field checks
     except ValidationError as exc:
-        raise invalid(f"the budget overrides do not fit device class: {_problems(exc)}") from exc
+        raise invalid(
+            f"the budget overrides do not fit device class: {validation_problems(exc)}"
+        ) from exc
     return Budgeted(tightened, budgets.max_size_ratio)
 
 

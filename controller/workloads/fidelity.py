@@ -7,9 +7,12 @@ on calibration inputs. The metric follows what the output means:
 - ``top1_agreement`` — classifiers, output [N, C] with C > 1: the share of samples
   whose arg-max class is the same.
 - ``threshold_agreement`` — binary outputs, [N] or [N, 1]: the share of samples on the
-  same side of ``threshold``. The default 0.0 treats the output as a logit, which is
-  the same decision as 0.5 after a sigmoid (sigmoid(x) > 0.5 exactly when x > 0); pass
-  ``threshold=0.5`` for a model that already outputs probabilities.
+  same side of a threshold. Unless ``threshold`` is given it follows from the reference:
+  0.5 for probabilities (the output comes from a Sigmoid, through shape-only ops such as
+  Reshape or Squeeze, or every reference output on the calibration inputs lies in
+  [0, 1]), else 0.0 for logits (the same decision: sigmoid(x) > 0.5 exactly when
+  x > 0). A fixed 0.0 on probabilities would put every sample on the same side and
+  score any candidate 1.0. The threshold used is in ``Score.extra["threshold"]``.
 - ``cosine`` — embeddings: the mean cosine similarity of each sample's output vector
   (flattened) with the reference's.
 
@@ -20,13 +23,23 @@ threshold, [N, C>1] → top-1, rank 3 or more → cosine.
 
 Calibration arrays are keyed by input name with samples on axis 0 (``INPUTS.npz``
 holds one array per model input); they are checked against both models' inputs before
-anything runs, and a mismatch raises ``CalibrationMismatchError`` naming the input.
+anything runs, and a mismatch raises ``CalibrationMismatchError`` naming the input. So
+does a reference (source) model that onnxruntime cannot run on the values themselves
+(token ids past an embedding's end, say): that is the input file's problem, said in one
+line. ``warn_few_samples`` logs when there are too few samples for a fidelity budget to
+be resolved at all (one sample moves an agreement by 1/n).
+
+Models must be self-contained: ``check_self_contained`` refuses one that keeps its
+weights in external data files, which would not follow the model into trial directories.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import logging
+import math
+import re
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -35,16 +48,35 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from numpy.typing import NDArray
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from controller.compression.calibration import check_calibration, input_specs
 from controller.compression.errors import CalibrationMismatchError, CompressionError
 from controller.workloads.base import Score
 from controller.workloads.sessions import session as onnx_session
 
+log = logging.getLogger(__name__)
+
 Calibration = Mapping[str, NDArray[np.generic]]
 DEFAULT_BATCH = 64
 _REFERENCE_CACHE_SIZE = 8
+LOGIT_THRESHOLD = 0.0
+PROBABILITY_THRESHOLD = 0.5
+# Fewer samples than this make any fidelity a coin toss, whatever the budget.
+MIN_SAMPLES = 20
+# Ops that pass values through unchanged (only reshaped or retyped): a Sigmoid behind
+# them still makes the output a probability.
+_SHAPE_ONLY_OPS = frozenset({"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast"})
+_PROBABILITY_OPS = frozenset({"Sigmoid", "HardSigmoid"})
+# What onnxruntime raises from InferenceSession.run for values a model cannot take.
+_ORT_RUN_ERRORS = (
+    ort_errors.InvalidArgument,
+    ort_errors.Fail,
+    ort_errors.RuntimeException,
+    ort_errors.NotImplemented,
+)
 
 
 class FidelityMetric(enum.StrEnum):
@@ -76,15 +108,85 @@ def load_calibration(path: Path) -> dict[str, NDArray[np.generic]]:
     return arrays
 
 
-def _load_model(path: Path, role: str) -> onnx.ModelProto:
+def warn_few_samples(samples: int, min_fidelity: float | None) -> None:
+    """Log when ``samples`` cannot resolve the fidelity budget (one sample moves an
+    agreement by 1/n): fewer than ``MIN_SAMPLES``, or so few that a single disagreement
+    already costs more than ``1 - min_fidelity``. Nothing stops: the caller chose them."""
+    allowed = None if min_fidelity is None else 1.0 - min_fidelity
+    # The 1e-9 keeps float noise (1 - 0.9 = 0.0999...) from warning at exactly n = 1/allowed.
+    needed = MIN_SAMPLES
+    if allowed is not None and allowed > 0:
+        needed = max(needed, math.ceil(1.0 / allowed - 1e-9))
+    if samples < 1 or samples >= needed:
+        return  # none at all is refused elsewhere
+    step = 1.0 / samples
+    if allowed is not None and samples * allowed < 1.0 - 1e-9:
+        why = (
+            f"one disagreeing sample moves fidelity by {step:.3g}, more than the "
+            f"{allowed:.3g} that min_fidelity {min_fidelity:g} allows"
+        )
+    else:
+        why = f"one sample moves fidelity by {step:.3g}, too coarse to judge a model"
+    log.warning(
+        "the calibration file holds only %d sample(s): %s; give at least %d "
+        "(ten times that to measure fidelity reliably)",
+        samples,
+        why,
+        needed,
+    )
+
+
+def _parse_model(path: Path, role: str) -> onnx.ModelProto:
+    """The graph without its external data (the checker reads that from beside the file)."""
     if not path.is_file():
         raise CompressionError(f"{role} model {path} does not exist")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(model)
-    except Exception as exc:  # onnx raises DecodeError, ValidationError, ...
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, ValueError, ...
+        raise CompressionError(f"{role} model {path} is not a valid ONNX model: {exc}") from exc
+
+
+def _load_model(path: Path, role: str) -> onnx.ModelProto:
+    model = _parse_model(path, role)
+    try:
+        # Checked by path, so external data resolves beside the model, not in the cwd.
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx raises ValidationError, ...
         raise CompressionError(f"{role} model {path} is not a valid ONNX model: {exc}") from exc
     return model
+
+
+def _external_tensors(graph: onnx.GraphProto) -> list[str]:
+    """Names of tensors (initializers, Constant values, subgraphs') stored outside the file."""
+    names = [t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    for node in graph.node:
+        for attr in node.attribute:
+            tensors = [attr.t] if attr.HasField("t") else list(attr.tensors)
+            names += [
+                t.name or f"{node.name or node.op_type}.{attr.name}"
+                for t in tensors
+                if t.data_location == onnx.TensorProto.EXTERNAL
+            ]
+            subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+            for subgraph in subgraphs:
+                names += _external_tensors(subgraph)
+    return names
+
+
+def check_self_contained(path: Path) -> None:
+    """Refuse a model whose weights live in external data files beside it.
+
+    Compression copies the model into trial directories and ships one file; a separate
+    ``.data`` file would be left behind, and the failure would surface later as a
+    confusing load error or traceback.
+    """
+    external = _external_tensors(_parse_model(path, "source").graph)
+    if external:
+        raise CompressionError(
+            f"source model {path}: tensors {external[:3]} keep their data in external files; "
+            "give one self-contained .onnx file (onnx.save(onnx.load(PATH), NEW_PATH) "
+            "writes one, for models under 2 GB)"
+        )
 
 
 def _check_same_inputs(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
@@ -126,15 +228,52 @@ def run_output(
     batch_size: int = DEFAULT_BATCH,
 ) -> NDArray[np.float64]:
     """One output over all calibration samples, in batches (the static batch if any)."""
-    session = onnx_session(path)
+    return _run_session(onnx_session(path), model, calibration, output, batch_size)
+
+
+def _run_session(
+    session: ort.InferenceSession,
+    model: onnx.ModelProto,
+    calibration: Calibration,
+    output: str,
+    batch_size: int,
+) -> NDArray[np.float64]:
     batch = _static_batch(model) or batch_size
     n = len(next(iter(calibration.values())))
+    # A failing run raises with the whole message; onnxruntime's own log line of it
+    # (severity ERROR) would only print the same text again, unformatted, on stderr.
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # FATAL only
     outs = []
     for start in range(0, n, batch):
         feed = {k: np.ascontiguousarray(v[start : start + batch]) for k, v in calibration.items()}
-        (out,) = session.run([output], feed)
+        (out,) = session.run([output], feed, quiet)
         outs.append(np.asarray(out, dtype=np.float64))
     return np.concatenate(outs)
+
+
+def _run_reference(
+    path: Path, model: onnx.ModelProto, calibration: Calibration, output: str, batch_size: int
+) -> NDArray[np.float64]:
+    """The reference's outputs; a run failure is the calibration file's problem.
+
+    The inputs already passed the name/dtype/shape checks, so when the source model
+    itself cannot run on them it is the values (token ids past an embedding's end, ...)
+    that are wrong. Loading errors stay as they are: they are not about the inputs.
+    """
+    session = onnx_session(path)
+    try:
+        return _run_session(session, model, calibration, output, batch_size)
+    except _ORT_RUN_ERRORS as exc:
+        raise CalibrationMismatchError(
+            f"the source model cannot run on the calibration inputs: {_ort_text(exc)}"
+        ) from exc
+
+
+def _ort_text(exc: BaseException) -> str:
+    """onnxruntime's message on one line, without its "[ONNXRuntimeError] : 2 : NAME :"."""
+    text = " ".join(str(exc).split())
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
 
 
 @dataclass(frozen=True)
@@ -167,7 +306,7 @@ def _reference_outputs(
     key = _RefKey(str(path.resolve()), stat.st_mtime_ns, stat.st_size, output, digest)
     cached = _reference_cache.get(key)
     if cached is None:
-        cached = run_output(path, model, calibration, output, batch_size)
+        cached = _run_reference(path, model, calibration, output, batch_size)
         _reference_cache[key] = cached
         while len(_reference_cache) > _REFERENCE_CACHE_SIZE:
             _reference_cache.popitem(last=False)
@@ -193,6 +332,34 @@ def choose_metric(model: onnx.ModelProto, output_shape: tuple[int, ...]) -> Fide
             f"classification output has shape {list(output_shape)}; expected [N, C] or [N]"
         )
     return FidelityMetric.COSINE
+
+
+def choose_threshold(model: onnx.ModelProto, output: str, reference: NDArray[np.float64]) -> float:
+    """0.5 when the reference outputs probabilities, 0.0 when it outputs logits.
+
+    Probabilities: the output comes from a Sigmoid (through shape-only ops), or every
+    reference value on the calibration inputs lies in [0, 1].
+    """
+    if _produced_by_sigmoid(model.graph, output):
+        return PROBABILITY_THRESHOLD
+    if reference.size and bool(((reference >= 0.0) & (reference <= 1.0)).all()):
+        return PROBABILITY_THRESHOLD
+    return LOGIT_THRESHOLD
+
+
+def _produced_by_sigmoid(graph: onnx.GraphProto, output: str) -> bool:
+    producers = {name: node for node in graph.node for name in node.output if name}
+    name = output
+    for _ in range(len(graph.node)):  # a graph is acyclic; the bound only guards bad files
+        node = producers.get(name)
+        if node is None:
+            return False
+        if node.op_type in _PROBABILITY_OPS and node.domain in ("", "ai.onnx"):
+            return True
+        if node.op_type not in _SHAPE_ONLY_OPS or not node.input:
+            return False
+        name = node.input[0]
+    return False
 
 
 def top1_agreement(reference: NDArray[np.float64], candidate: NDArray[np.float64]) -> float:
@@ -231,16 +398,17 @@ def fidelity(
     *,
     metric: FidelityMetric | str | None = None,
     output: str | None = None,
-    threshold: float = 0.0,
+    threshold: float | None = None,
     batch_size: int = DEFAULT_BATCH,
 ) -> Score:
     """How faithfully ``candidate`` reproduces ``reference`` on the calibration inputs.
 
     ``output`` defaults to the reference's first output; ``metric`` to the one its
-    task metadata or output shape implies (see the module docstring). The Score's
-    ``extra`` holds the worst sample's cosine ("cosine_min") for embeddings, the
-    threshold used for binary outputs, and the largest absolute output difference
-    ("max_abs_diff") for every metric.
+    task metadata or output shape implies, ``threshold`` to the one its outputs imply
+    (see the module docstring). The Score's ``extra`` holds the worst sample's cosine
+    ("cosine_min") for embeddings, the threshold used for binary outputs
+    ("threshold"), and the largest absolute output difference ("max_abs_diff") for
+    every metric.
     """
     if batch_size < 1:
         raise CompressionError(f"batch_size must be >= 1, got {batch_size}")
@@ -271,8 +439,9 @@ def fidelity(
             raise CompressionError(
                 f"threshold_agreement needs [N] or [N, 1] outputs; {name!r} is {list(want.shape)}"
             )
-        value = threshold_agreement(want, got, threshold)
-        extra["threshold"] = threshold
+        used = choose_threshold(ref_model, name, want) if threshold is None else threshold
+        value = threshold_agreement(want, got, used)
+        extra["threshold"] = used
     else:
         cosines = cosine_per_sample(want, got)
         value = float(cosines.mean())

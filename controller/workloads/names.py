@@ -14,3 +14,7 @@ WORKLOAD_NAMES: tuple[str, ...] = (
     "minilm",
     "plaid",
 )
+# Those without labels, judged by fidelity to their source (min_fidelity); the others
+# are classifiers judged by accuracy (max_accuracy_drop). tests/workloads/test_registry.py
+# checks this against each workload's kind.
+UNLABELLED_WORKLOADS: frozenset[str] = frozenset({"minilm"})

@@ -45,9 +45,11 @@ def test_workload_compression_meets_an_easy_budget(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = homefleet(
         "compress", "--workload", "basic-motions", "--device-class", str(CAMERA),
-        "--max-size-ratio", "0.5", "--out", str(out),
+        "--max-size-ratio", "0.5", "--p95-ms", "100", "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+    # a flag may loosen the class for a run, and says so (camera's p95 budget is 50 ms)
+    assert "p95_latency_ms 100 > the class's 50" in result.stderr
     assert {p.name for p in out.iterdir()} == OUTPUTS
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["met"] is True
@@ -143,19 +145,44 @@ def test_on_a_terminal_compress_says_what_it_is_building(
 def test_bad_input_is_refused_and_nothing_is_written(
     tmp_path: Path, source_and_calibration: tuple[Path, Path]
 ) -> None:
-    source, _ = source_and_calibration
+    source, calib = source_and_calibration
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, not_an_input=np.zeros((4, 6, 100), np.float32))
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
     broken_class = tmp_path / "broken.yaml"
     broken_class.write_text("name: camera\ncores: zero\n")
+    no_fidelity = tmp_path / "no-fidelity.yaml"  # the demo's classes are like this
+    no_fidelity.write_text(CAMERA.read_text().replace("  min_fidelity: 0.95\n", ""))
+    onnx_only = ["--onnx", str(source), "--calib", str(calib)]
     cases = [
         (["--onnx", str(source), "--calib", str(wrong), "--device-class", str(CAMERA)], "x"),
         (["--onnx", str(junk), "--calib", str(wrong), "--device-class", str(CAMERA)], "junk"),
         (["--workload", "basic-motions", "--device-class", str(broken_class)], "cores"),
         (["--workload", "no-such", "--device-class", str(CAMERA)], "known workloads"),
         (["--onnx", str(source), "--device-class", str(CAMERA)], "--calib"),
+        # the quality budget that applies must be there, and a flag of the other kind
+        # would be ignored: nothing is judged then, so nothing runs
+        ([*onnx_only, "--device-class", str(no_fidelity)], "no min_fidelity budget is set"),
+        (
+            [*onnx_only, "--device-class", str(CAMERA), "--max-accuracy-drop", "0.01"],
+            "--max-accuracy-drop needs labelled data",
+        ),
+        (
+            ["--workload", "basic-motions", "--device-class", str(CAMERA), "--min-fidelity", "1"],
+            "--min-fidelity is for models without labels",
+        ),
+        (
+            [
+                "--workload",
+                "basic-motions",
+                "--device-class",
+                str(CAMERA),
+                "--max-bytes",
+                "999999999",
+            ],
+            "the budget flags do not fit",
+        ),
     ]
     for index, (args, expected) in enumerate(cases):
         out = tmp_path / f"out-{index}"
@@ -163,8 +190,8 @@ def test_bad_input_is_refused_and_nothing_is_written(
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert expected in result.stderr, (args, result.stderr)
         assert not out.exists()
-        if "known workloads" in expected:  # refused before anything is announced
-            assert "compressing for" not in result.stdout
+        if index >= 3:  # refused before anything is announced
+            assert "compressing for" not in result.stdout  # refused before announcing
     taken = tmp_path / "taken"
     (taken / "old").mkdir(parents=True)
     result = homefleet(

@@ -343,6 +343,25 @@ def test_bad_requests_are_refused_and_leave_nothing_behind(tmp_path: Path) -> No
                 ({"max_bytes": 10**12}, invalid, "model_storage_bytes"),
                 ({"workload": "basic-motions"}, invalid, "calibration_bytes must be 0"),
                 ({"workload": "nosuch", "calibration": b""}, invalid, "known workloads"),
+                # no quality budget of the kind that applies: nobody would judge quality
+                (
+                    {
+                        "device_class": HOME_HUB.replace("min_fidelity: 0.98", ""),
+                        "max_size_ratio": 0.6,  # and no min_fidelity override
+                    },
+                    invalid,
+                    "model clf has no labels, so it is judged by fidelity",
+                ),
+                (
+                    {
+                        "workload": "plaid",
+                        "calibration": b"",
+                        "device_class": HOME_HUB.replace("max_accuracy_drop: 0.01", ""),
+                        "max_size_ratio": 0.6,
+                    },
+                    invalid,
+                    "workload plaid is judged by its accuracy on labelled data",
+                ),
                 (
                     {"calibration": npz(**inputs(samples=300))},
                     grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -69,9 +69,13 @@ def test_calibration_inputs_cover_every_class_of_a_sorted_split() -> None:
 
 
 def test_the_torch_free_name_list_is_the_registry_and_loads_no_torch() -> None:
-    from controller.workloads.names import WORKLOAD_NAMES
+    from controller.workloads.base import TaskKind
+    from controller.workloads.names import UNLABELLED_WORKLOADS, WORKLOAD_NAMES
 
     assert workload_names() == WORKLOAD_NAMES
+    for name in WORKLOAD_NAMES:
+        labelled = get_workload(name).kind is TaskKind.CLASSIFICATION
+        assert labelled == (name not in UNLABELLED_WORKLOADS), name
     # the controller checks a job's workload name in the server process: no torch there
     probe = (
         "import sys, controller.server, controller.jobs.handlers, controller.workloads.names;"
