@@ -366,9 +366,10 @@ class Recipe(BaseModel):
 
     def describe(self) -> str:
         """Short human form: each step with the parameters that differ from defaults, and
-        those it always shows (``SHOWN``)."""
+        those it always shows (``SHOWN``). No steps: the source as it is (which need not
+        be FP32: a model may arrive in fp16 or already quantized)."""
         if not self.steps:
-            return "fp32"
+            return "source"
         parts = []
         for step in self.steps:
             shown = step.model_dump(mode="json", include=set(step.SHOWN))

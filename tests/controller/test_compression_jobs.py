@@ -196,7 +196,7 @@ def test_a_job_publishes_a_signed_smaller_artifact_with_its_recipe(tmp_path: Pat
                 for u in updates[:-1]
             )
             assert final.trials_done == len(final.trials) >= 2
-            assert final.trials[0].recipe == "fp32" and final.trials[-1].met
+            assert final.trials[0].recipe == "source" and final.trials[-1].met
             assert all(t.summary.startswith(f"trial {t.index}: ") for t in final.trials)
             assert final.verdicts and all(v.met for v in final.verdicts)
             assert final.started_unix_ms >= final.created_unix_ms > 0
@@ -272,7 +272,7 @@ def test_the_store_keeps_one_active_job_per_pair_and_fails_only_its_owners(
     assert store.start_compression_job(ours.id) is not None
     assert store.start_compression_job(ours.id) is None  # already running
     trial = TrialRecord(
-        index=0, summary="trial 0: fp32", recipe="fp32", met=False, artifact_bytes=9
+        index=0, summary="trial 0: source", recipe="source", met=False, artifact_bytes=9
     )
     store.add_compression_trial(ours.id, trial)
     store.add_compression_trial(ours.id, trial)  # reported twice, stored once
