@@ -98,7 +98,8 @@ def summarize(trial: Trial) -> TrialRecord:
         if trial.timing:
             parts.append(f"p95 {trial.timing.p95_ms:.3g} ms")
             parts.append(f"{trial.timing.energy_mj:.3g} mJ")
-        verdict = "meets every budget" if trial.met else "misses the budget"
+        missed = ", ".join(v.budget for v in trial.verdicts if not v.met)
+        verdict = "meets every budget" if trial.met else f"misses {missed}"
         summary = f"trial {trial.index}: {recipe}: {', '.join(parts)}: {verdict}"
     return TrialRecord(
         index=trial.index,
