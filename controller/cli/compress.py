@@ -2,8 +2,9 @@
 
 Exit codes: 0 every budget holds; 5 no recipe meets the budget (the best trial is
 written, with the gap per budget); 2 bad input (file, device class, calibration,
-flags), with nothing written to --out. The heavy stack (torch, onnx, onnxruntime) is
-imported inside the commands, so the rest of the CLI starts without it.
+flags), with nothing written to --out; 130 interrupted (Ctrl-C), nothing written. The
+heavy stack (torch, onnx, onnxruntime) is imported inside the commands, so the rest of
+the CLI starts without it.
 
 With --controller the same job runs on a controller instead (controller.cli.jobs),
 with the same exit codes; the result becomes a signed artifact there.
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +39,7 @@ from controller.cli.client import DEFAULT_TIMEOUT_S
 from controller.cli.errors import ExitCode
 from controller.cli.jobs import (
     DEFAULT_WAIT_S,
+    EXIT_INTERRUPTED,
     RemoteCompression,
     budget_amount,
     compress_on_controller,
@@ -102,6 +106,39 @@ def _note_looser(looser: list[str], device_class: Path) -> None:
             "the result may miss the class's own budgets",
             err=True,
         )
+
+
+class _Interrupts:
+    """Ctrl-C during a search. onnxruntime and torch call back into Python from C, where
+    a KeyboardInterrupt can be swallowed ("Exception ignored in ..."); the flag stops the
+    run at the next trial boundary even then."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: object = None
+
+    def __enter__(self) -> _Interrupts:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
+        sys.unraisablehook = self._hook
+
+    def _unraisable(self, unraisable: sys.UnraisableHookArgs) -> None:
+        """The swallowed interrupt is not news to the person who pressed Ctrl-C."""
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            self._hook(unraisable)
+
+    def _handle(self, _signum: int, _frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
 
 
 class _Activity:
@@ -323,13 +360,23 @@ def compress(
         raise _fail(str(exc)) from exc
     out.print(f"compressing for [bold]{dc.name}[/] into {out_dir}")
     try:
-        with _activity() as activity:
+        with _activity() as spinner, _Interrupts() as interrupts:
+
+            def on_trial(trial: Trial) -> None:
+                interrupts.check()
+                _show_trial(trial)
+
+            def activity(text: str) -> None:
+                interrupts.check()
+                if spinner is not None:
+                    spinner(text)
+
             if onnx_model is None or calib is None:
                 assert chosen is not None  # exactly one of --onnx / --workload, checked above
                 outcome = compress_workload(
                     chosen, dc, out_dir,
-                    max_size_ratio=max_size_ratio, on_trial=_show_trial, previous=previous,
-                    on_activity=activity, show_progress=activity is not None,
+                    max_size_ratio=max_size_ratio, on_trial=on_trial, previous=previous,
+                    on_activity=activity, show_progress=spinner is not None,
                 )  # fmt: skip
             else:
                 from controller.workloads.fidelity import load_calibration
@@ -337,11 +384,18 @@ def compress(
                 name = re.sub(r"[^a-z0-9._-]", "-", onnx_model.stem.lower()).strip("-._") or "model"
                 outcome = compress_onnx(
                     onnx_model, load_calibration(calib), dc, out_dir,
-                    name=name, max_size_ratio=max_size_ratio, on_trial=_show_trial,
+                    name=name, max_size_ratio=max_size_ratio, on_trial=on_trial,
                     previous=previous, on_activity=activity,
                 )  # fmt: skip
     except (CompressionError, UnknownWorkloadError) as exc:
         raise _fail(str(exc)) from exc
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: nothing was written to {out_dir} (a source model that finished "
+            "training stays cached for the next run)",
+            err=True,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
     table = Table(title=f"budgets for {dc.name}: {outcome.chosen.recipe.describe()}")
     for column in ("budget", "limit", "observed", "verdict"):
@@ -357,7 +411,20 @@ def compress(
         "relative_speed and power model); devices report what they observe[/]"
     )
     if not outcome.met:
-        err.print("[red]no recipe meets every budget[/]; the best trial is in " + str(out_dir))
+        from controller.compression.budgets import misses_a_known_budget
+
+        best = outcome.chosen
+        why = (
+            "it misses only budgets a device measures (predicted p95 or energy), which a canary "
+            "may refute"
+            if not misses_a_known_budget(best.verdicts)
+            else "no trial is within size and quality: it misses fewest of those, then by least"
+        )
+        typer.echo(  # one unwrapped line, like every message a script may grep
+            f"no recipe meets every budget; the best trial, {best.index} "
+            f"({best.recipe.describe()}), is in {out_dir}: {why}",
+            err=True,
+        )
         raise typer.Exit(EXIT_NOT_MET)
     out.print(f"[green]budget holds[/]: {out_dir / 'model.onnx'}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,30 @@ def test_an_impossible_budget_exits_3_with_the_best_trial_and_the_gap(tmp_path: 
         assert trial["seconds"] == 0.0
     assert "misses max_artifact_bytes" in result.stdout  # each trial says what it missed
     assert f"missed by {size['gap']:,.0f} B" in result.stdout  # bytes, not 3.954e+05
+    # which trial was kept, and why that one
+    assert "the best trial, " in result.stderr
+    assert "no trial is within size and quality" in result.stderr
+
+
+def test_ctrl_c_says_nothing_was_written(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "homefleet", "compress", "--workload", "basic-motions",
+            "--device-class", str(CAMERA), "--max-bytes", "100", "--out", str(out),
+        ],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    for line in process.stdout:  # interrupted while the search runs
+        if "trial  0" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert f"interrupted: nothing was written to {out}" in stderr
+    assert "Traceback" not in stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
 def test_onnx_alone_is_compressed_by_fidelity_without_labels(
