@@ -24,7 +24,7 @@ from controller.errors import ErrorCode, FleetError, invalid, not_found
 from controller.fleet_classes import DeviceClassRegistry
 from controller.notify import AssignmentNotifier
 from controller.onnx_inspect import inspect_onnx
-from controller.paging import PageToken, cut_page
+from controller.paging import PageToken, cut_page, within_bytes
 from controller.records import (
     ArtifactRecord,
     ArtifactRequest,
@@ -588,6 +588,10 @@ class AdminHandlers:
         found = await in_thread(
             self._store.list_events, after_id, size + 1, kind_prefix, newest=newest
         )
-        if len(found) <= size:
-            return EventPage(found, more=False)
-        return EventPage(found[1:] if newest else found[:size], more=True)
+        more = len(found) > size
+        found = (found[1:] if newest else found[:size]) if more else found
+        if newest:  # the newest that fit in one message: cut from the oldest side
+            fits = within_bytes(found[::-1])
+            return EventPage(found[len(found) - fits :], more=more or fits < len(found))
+        fits = within_bytes(found)
+        return EventPage(found[:fits], more=more or fits < len(found))

@@ -176,12 +176,17 @@ class AgentHandlers:
             )
         return request.chunk_bytes or self._config.chunk_bytes
 
-    async def _payload(self, request: FetchRequest) -> Payload:
-        """Full artifact, or a delta against the base the device holds (computed once)."""
+    async def _payload(self, request: FetchRequest, model_name: str) -> Payload:
+        """Full artifact, or a delta against the base the device holds (computed once).
+
+        The base must be an artifact of the same model: a delta from any other blob would
+        cost CPU for nothing and, by its answer, tell a device which digests exist."""
         target, base = request.target_sha256, request.base_sha256
         if request.encoding is Encoding.FULL or not base or base == target:
             return self._deltas.full(target)
-        if not await in_thread(self._blobs.exists, base):
+        held = await in_thread(self._store.find_artifact_by_sha256, base)
+        usable = held is not None and held.model_name == model_name
+        if not usable or not await in_thread(self._blobs.exists, base):
             if request.encoding is Encoding.DELTA:
                 raise FleetError(
                     ErrorCode.FAILED_PRECONDITION,
@@ -217,7 +222,7 @@ class AgentHandlers:
                 "fetch what WatchAssignments names"
             )
         try:
-            payload = await self._payload(request)
+            payload = await self._payload(request, artifact.model_name)
         except FileNotFoundError as exc:  # not NOT_FOUND: that says "not assigned to you"
             raise FleetError(
                 ErrorCode.DATA_LOSS,

@@ -70,10 +70,34 @@ class PageToken:
         return cls(scope=value[1], after=tuple(value[2]))
 
 
+# A page's items may add up to this many bytes (about: see ``approx_bytes``), half of
+# gRPC's 8 MiB message limit; a page of long items ends early, with a token for the rest.
+MAX_PAGE_BYTES = 4 << 20
+
+
+def approx_bytes(item: object) -> int:
+    """About how large ``item`` is on the wire: its repr (field names included, so never
+    less than the protobuf, which writes numbers for them)."""
+    return len(repr(item))
+
+
+def within_bytes(items: list[T], budget: int = MAX_PAGE_BYTES) -> int:
+    """How many leading ``items`` fit in ``budget`` bytes (at least one)."""
+    total = 0
+    for index, item in enumerate(items):
+        total += approx_bytes(item)
+        if total > budget and index > 0:
+            return index
+    return len(items)
+
+
 def cut_page(items: list[T], size: int, scope: str, key: Callable[[T], Key]) -> tuple[list[T], str]:
     """``items`` (fetched ``size`` + 1 at most) cut to one page, and the token for the
-    next page ("" when the extra item is not there: this was the last page)."""
-    if len(items) <= size:
+    next page ("" when the extra item is not there: this was the last page). A page
+    whose items exceed MAX_PAGE_BYTES ends early (a device with many long status
+    reasons would otherwise make a page too large to send)."""
+    fits = within_bytes(items[:size])
+    if len(items) <= size and fits == len(items):
         return items, ""
-    page = items[:size]
+    page = items[: min(size, fits)]
     return page, PageToken(scope, key(page[-1])).encode()

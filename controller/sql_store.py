@@ -499,6 +499,14 @@ class SqlStore(Store):
             device.last_seen_unix_ms = now
             row = session.get(DeviceModelRow, (status.device_id, status.model_name))
             if row is None:
+                # a row per model a device names: only registered ones, or one device could
+                # add rows without end (and make its ListDevices page too large to send)
+                known = select(ModelRow.id).where(ModelRow.name == status.model_name).limit(1)
+                if session.scalar(known) is None:
+                    raise not_found(
+                        f"model {status.model_name!r} is not registered on this controller: a "
+                        "device reports the status of models it was assigned"
+                    )
                 row = DeviceModelRow(device_id=status.device_id, model_name=status.model_name)
                 session.add(row)
             row.serving_sha256 = status.serving_sha256

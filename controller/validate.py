@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 from artifact.digest import InvalidDigestError, check_sha256
 from artifact.names import InvalidNameError, check_name
@@ -34,9 +35,21 @@ def optional_digest(value: str, field: str) -> str:
     return digest(value, field) if value else ""
 
 
+# Control characters other than tab and line breaks: an escape sequence in a device's
+# status reason would restyle the operator's terminal or forge lines in `homefleet
+# devices` and `homefleet events`.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 def text(value: str, field: str, max_chars: int) -> str:
     if len(value) > max_chars:
         raise invalid(f"{field} is {len(value)} characters long; at most {max_chars} are accepted")
+    if found := _CONTROL.search(value):
+        raise invalid(
+            f"{field} holds the control character U+{ord(found.group()):04X} at position "
+            f"{found.start()}; send text without control characters (tabs and line breaks "
+            "are fine)"
+        )
     return value
 
 

@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import logging
 import random
+import re
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -482,7 +483,9 @@ class SyncLoop:
             model_name=model,
             artifact_sha256=sha,
             outcome=outcome,  # type: ignore[arg-type]
-            reason=reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "...",
+            reason=_printable(
+                reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
+            ),
             bytes_received=bytes_received,
             encoding=encoding,  # type: ignore[arg-type]
             serving_sha256=self._serving(model),
@@ -676,3 +679,12 @@ class SyncLoop:
             log.error("controller refused a status report (%s); dropping it", describe_error(exc))
         if self._pending.get(report.model_name) is report:
             del self._pending[report.model_name]
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _printable(reason: str) -> str:
+    """The controller refuses control characters in a reason (they would restyle an
+    operator's terminal); a library's message carrying one is sent with it replaced."""
+    return _CONTROL.sub("?", reason)

@@ -554,7 +554,10 @@ def test_events_passes_filters_and_prints_json_only(
     assert "older events exist" in result.stderr and "--after 0" in result.stderr
 
 
-def test_events_table_shows_server_text_as_it_is(runner: CliRunner, live: ControllerThread) -> None:
+def test_events_table_shows_server_text_as_it_is(
+    runner: CliRunner, live: ControllerThread, tmp_path: Path
+) -> None:
+    live.add_model("motions", onnx_file(tmp_path / "m.onnx").read_bytes())
     with stubs(live.address) as (_, agent):
         register(agent, "hub-1", "home-hub")
         report(
@@ -628,7 +631,8 @@ def test_devices_table_shows_serving_desired_and_outcome(
     assert "delta 43.9 KiB" in intents_line  # what the last update cost on the wire
 
 
-def test_devices_json(runner: CliRunner, live: ControllerThread) -> None:
+def test_devices_json(runner: CliRunner, live: ControllerThread, tmp_path: Path) -> None:
+    live.add_model("motions", onnx_file(tmp_path / "m.onnx").read_bytes())
     rolled_back = fleet_pb2.DEPLOYMENT_OUTCOME_ROLLED_BACK
     with stubs(live.address) as (_, agent):
         register(agent, "hub-1", "home-hub")

@@ -408,6 +408,21 @@ def test_report_status_records_outcome_and_reason(tmp_path: Path) -> None:
             await expect_status(
                 c.agent.ReportStatus(status(art, reason="x" * 5000), timeout=10), INVALID, "reason"
             )
+            # an escape sequence would restyle the operator's terminal or forge a line
+            await expect_status(
+                c.agent.ReportStatus(
+                    status(art, reason="ok\n\x1b[31mFAKE LINE\x1b[0m"), timeout=10
+                ),
+                INVALID,
+                "reason holds the control character U+001B at position 3",
+            )
+            # a row per model a device names: only registered ones (a device inventing
+            # names made its ListDevices page too large to send)
+            await expect_status(
+                c.agent.ReportStatus(status(art, model_name="invented-1"), timeout=10),
+                NOT_FOUND,
+                "model 'invented-1' is not registered",
+            )
             assert c.snapshot() == before
 
     run(body())
@@ -566,9 +581,27 @@ def test_fetch_with_a_base_sends_a_delta_computed_once_and_resumable(tmp_path: P
             full = await collect(c.agent.FetchArtifact(unknown, timeout=60))
             assert {ch.encoding for ch in full} == {pb.PAYLOAD_ENCODING_FULL}
             assert b"".join(ch.data for ch in full) == new_data
+            # a base that is another model's artifact (a blob the controller holds): the
+            # same answer as an unknown one, and no delta computed from it
+            other = await c.add_model("other", onnx_model(weights=60_000, seed=5))
+            other_art = await c.artifact("other", "home-hub")
+            assert other.sha256 != old_art.sha256
+            foreign = fetch_request(new_art, base_sha256=other_art.sha256)
+            deltas_before = sorted((c.config.blob_dir / "deltas").rglob("*"))
+            full = await collect(c.agent.FetchArtifact(foreign, timeout=60))
+            assert {ch.encoding for ch in full} == {pb.PAYLOAD_ENCODING_FULL}
+            assert sorted((c.config.blob_dir / "deltas").rglob("*")) == deltas_before
+            resume = fetch_request(
+                new_art, base_sha256=other_art.sha256, offset=1, encoding=pb.PAYLOAD_ENCODING_DELTA
+            )
+            await expect_status(
+                collect(c.agent.FetchArtifact(resume, timeout=60)),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this controller no longer holds base {other_art.sha256}",
+            )
 
             details = [json.loads(e.detail_json) for e in await c.events("artifact.fetch")]
-            assert [(d["encoding"], d["base_sha256"], d["offset"]) for d in details] == [
+            assert [(d["encoding"], d["base_sha256"], d["offset"]) for d in details][:3] == [
                 ("delta", old_art.sha256, 0),
                 ("delta", old_art.sha256, half),
                 ("full", "", 0),
@@ -598,5 +631,42 @@ def test_a_device_fetches_only_what_is_assigned_to_it(tmp_path: Path) -> None:
             assert await c.events("artifact.fetch") == []  # nothing was sent
             chunks = await collect(c.agent.FetchArtifact(fetch_request(hub_art), timeout=10))
             assert chunks and chunks[-1].total_bytes == hub_art.size_bytes
+
+    run(body())
+
+
+def test_long_status_reasons_never_make_a_listing_too_large_to_send(tmp_path: Path) -> None:
+    """1,100 devices report 4,000-character reasons: a page of 1,000 events or devices
+    would pass gRPC's 8 MiB limit. Every listing still answers, in smaller pages."""
+
+    async def body() -> None:
+        async with running_controller(tmp_path) as c:
+            _, art = await deployed(c)
+            reason = "r" * 4000
+            devices = [f"hub-{i:04d}" for i in range(1100)]
+            for device in devices:
+                await c.register(device)
+            for device in devices:
+                await c.agent.ReportStatus(status(art, device_id=device, reason=reason), timeout=30)
+            events = await c.admin.ListEvents(
+                pb.ListEventsRequest(kind_prefix="device.status", limit=1000), timeout=30
+            )
+            assert 0 < len(events.events) < 1000 and events.more
+            newest = await c.admin.ListEvents(
+                pb.ListEventsRequest(kind_prefix="device.status", limit=1000, newest=True),
+                timeout=30,
+            )
+            assert newest.more and newest.events[-1].id > events.events[-1].id
+            seen: list[str] = []
+            token = ""
+            while True:  # every device, in pages that fit
+                page = await c.admin.ListDevices(
+                    pb.ListDevicesRequest(page_size=1000, page_token=token), timeout=30
+                )
+                seen += [d.device_id for d in page.devices]
+                token = page.next_page_token
+                if not token:
+                    break
+            assert sorted(seen) == sorted(["hub-1", *devices])
 
     run(body())
