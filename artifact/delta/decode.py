@@ -3,9 +3,11 @@
 The base is memory-mapped, the payload read record by record, and the new file written
 front to back while its sha256 is computed. Held in memory at once: the table, the
 skeleton (the new file's non-tensor bytes), the parameters (scales, zero points) and
-one block (at most BLOCK_WORDS words and its prediction). The output goes to a
-temporary file renamed over ``out`` only when the rebuilt bytes hash to the target
-digest: a wrong base, a damaged payload or a bug yields an error and leaves nothing.
+one block (at most BLOCK_WORDS words and its prediction); while the skeleton is decoded
+with ZSTD_QDQ, also a model rebuilt from the base (at most MAX_QDQ_BASE bytes of it).
+The output goes to a temporary file renamed over ``out`` only when the rebuilt bytes
+hash to the target digest: a wrong base, a damaged payload or a bug yields an error and
+leaves nothing.
 """
 
 from __future__ import annotations
@@ -54,7 +56,12 @@ from artifact.delta.frames import (
     decompress_exact,
     unpack_frames,
 )
-from artifact.delta.skeleton import decode_skeleton
+from artifact.delta.skeleton import (
+    SkeletonMethod,
+    decode_skeleton,
+    predicted_skeleton,
+    unpack_meta,
+)
 from artifact.delta.table import Table, old_tensors, unpack_table
 from artifact.delta.whole import decode_whole, unpack_whole_meta
 from artifact.delta.words import words_to_bytes
@@ -225,14 +232,17 @@ def _decode_records(
     if table_len > MAX_TABLE:
         raise CorruptPatchError("the delta's table is impossibly large")
     table = unpack_table(decompress_exact(first.data, table_len), old_tensors(old_view))
-    _check_layout(table, header)
+    covered = _check_layout(table, header)
     second = read_record(stream, 1, max_data)
-    if second.kind is not Kind.SKELETON or len(second.meta) != 1:
+    if second.kind is not Kind.SKELETON:
         raise CorruptPatchError("the delta's second record is not its skeleton")
-    skeleton = decode_skeleton(
-        second.data, second.meta[0], table.skeleton_len, _old_skeleton(old_view, table.old_cuts)
-    )
-    del second
+    method, decisions = unpack_meta(second.meta)
+    predicted = None
+    if method == SkeletonMethod.ZSTD_QDQ:
+        predicted = predicted_skeleton(old_view, decisions, covered, header.target_size)
+    old_skeleton = _old_skeleton(old_view, table.old_cuts)
+    skeleton = decode_skeleton(second.data, method, table.skeleton_len, old_skeleton, predicted)
+    del second, predicted, old_skeleton
     old = OldModel(old_view)
     payloads = _Payloads(stream, 2, header.record_count, max_data)
     params: list[Param] = []

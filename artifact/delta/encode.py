@@ -2,10 +2,11 @@
 
 The tensors are planned by plan.py (each new initializer gets the cheapest of its
 candidate predictions, block by block); the bytes between tensors (the skeleton) are
-zstd'd against the old file's skeleton (skeleton.py); table, skeleton and payloads are framed as
-format.py says. The result is compared with the whole new file stored, zstd'd, and
-zstd'd with the old file as dictionary (what `zstd --patch-from` sends), and the
-smallest is kept: a payload is never larger than those.
+zstd'd against the old file's skeleton, or against the skeleton predicted from the old
+file when the new one is its canonical QDQ quantization (skeleton.py); table, skeleton
+and payloads are framed as format.py says. The result is compared with the whole new
+file stored, zstd'd, and zstd'd with the old file as dictionary (what `zstd
+--patch-from` sends), and the smallest is kept: a payload is never larger than those.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from artifact.delta.decode import apply_delta_bytes
 from artifact.delta.errors import DeltaError
 from artifact.delta.format import Flags, Header, Kind, Mode, pack_record
 from artifact.delta.plan import TensorStat, plan_tensors
-from artifact.delta.skeleton import compress_with_dict, encode_skeleton
+from artifact.delta.skeleton import (
+    MAX_QDQ_BASE,
+    QdqPrediction,
+    compress_with_dict,
+    cut,
+    encode_skeleton,
+    pack_meta,
+    predicted_skeleton,
+)
 from artifact.delta.table import Table, old_tensors, pack_table
 from artifact.delta.whole import WholeMethod, pack_whole_meta, window_log_for
 from artifact.digest import sha256_bytes
@@ -45,6 +54,7 @@ class EncodeOptions:
     min_tensor_bytes: int = 64  # smaller initializers stay in the skeleton
     verify: bool = True  # decode the delta before offering it (see `encode`)
     probe_above: int = 8 << 20  # bytes; larger files probe the whole-file fallback first
+    qdq_skeleton: bool = True  # try ZSTD_QDQ when the new file may be the old one quantized
 
     def __post_init__(self) -> None:
         if not 1 <= self.level <= 22:
@@ -61,7 +71,8 @@ class DeltaStats:
     payload_size: int
     candidates: tuple[tuple[str, int], ...]  # every mode tried, with its size
     skeleton_raw: int = 0
-    skeleton_coded: int = 0
+    skeleton_coded: int = 0  # the SKELETON record's data (and ZSTD_QDQ's decisions)
+    skeleton_method: str = ""  # SkeletonMethod name
     table_coded: int = 0
     tensors: tuple[TensorStat, ...] = ()  # how the model-aware delta coded each tensor
     delta_error: str | None = None  # set when the model-aware delta failed its own check
@@ -82,14 +93,23 @@ def _read(source: bytes | Path) -> bytes:
     return source if isinstance(source, bytes) else Path(source).read_bytes()
 
 
-def _skeleton(data: bytes, ranges: list[tuple[int, int]]) -> bytes:
-    parts = []
-    pos = 0
-    for offset, length in sorted(ranges):
-        parts.append(data[pos:offset])
-        pos = offset + length
-    parts.append(data[pos:])
-    return b"".join(parts)
+def _qdq_prediction(old: bytes, new: bytes, covered: list[tuple[int, int]]) -> QdqPrediction | None:
+    """ZSTD_QDQ's inputs when ``new`` is the canonical QDQ form of ``old``, else None.
+
+    Tried only when the bytes suggest it (the new file dequantizes, the old one does not
+    quantize). Finding the decisions needs onnx, which only the controller has; any
+    failure just means the method is not offered.
+    """
+    if len(old) > MAX_QDQ_BASE or b"DequantizeLinear" not in new or b"QuantizeLinear" in old:
+        return None
+    try:
+        from artifact.delta.qdq.analyse import exact_decisions
+
+        decisions = exact_decisions(old, new)
+        return QdqPrediction(decisions, predicted_skeleton(old, decisions, covered, len(new)))
+    except Exception as exc:  # onnx missing, not canonical, a bug: all mean "not offered"
+        log.debug("skeleton method ZSTD_QDQ not offered: %s: %s", type(exc).__name__, exc)
+        return None
 
 
 def _chunks(payloads: list[bytes]) -> list[bytes]:
@@ -117,17 +137,19 @@ def _uint(value: int) -> bytes:
 
 def _records_delta(old: bytes, new: bytes, options: EncodeOptions) -> tuple[bytes, DeltaStats]:
     plan = plan_tensors(old, new, level=options.level, min_tensor_bytes=options.min_tensor_bytes)
-    covered = [(b.out_offset, b.out_nbytes) for b in (*plan.params, *plan.blocks)]
-    skeleton = _skeleton(new, covered)
-    old_skeleton = _skeleton(old, list(plan.old_cuts))
+    covered = sorted((b.out_offset, b.out_nbytes) for b in (*plan.params, *plan.blocks))
+    skeleton = cut(new, covered)
+    old_skeleton = cut(old, sorted(plan.old_cuts))
     table = Table(len(skeleton), plan.old_cuts, plan.params, plan.blocks)
     table_raw = pack_table(table, old_tensors(old))
     table_packed = zstandard.ZstdCompressor(level=options.level).compress(table_raw)
-    method, skeleton_data = encode_skeleton(skeleton, old_skeleton, options.level)
+    qdq = _qdq_prediction(old, new, covered) if options.qdq_skeleton else None
+    method, skeleton_data = encode_skeleton(skeleton, old_skeleton, options.level, qdq)
+    skeleton_meta = pack_meta(method, qdq)
     chunks = _chunks(list(plan.payloads))
     records = [
         pack_record(Kind.TABLE, _uint(len(table_raw)), table_packed),
-        pack_record(Kind.SKELETON, bytes([method]), skeleton_data),
+        pack_record(Kind.SKELETON, skeleton_meta, skeleton_data),
         *(pack_record(Kind.CHUNK, b"", chunk) for chunk in chunks),
     ]
     header = Header(
@@ -147,7 +169,8 @@ def _records_delta(old: bytes, new: bytes, options: EncodeOptions) -> tuple[byte
         len(payload),
         (),
         skeleton_raw=len(skeleton),
-        skeleton_coded=len(skeleton_data),
+        skeleton_coded=len(skeleton_meta) - 1 + len(skeleton_data),
+        skeleton_method=method.name,
         table_coded=len(table_packed),
         tensors=plan.stats,
     )

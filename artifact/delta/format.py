@@ -9,14 +9,16 @@ Layout (little-endian)::
             | crc32 of kind..data u32   (format 3 and before: lengths u32, u64)
 
 Mode ``RECORDS`` (a model-aware delta): a TABLE record (the blocks, zstd'd), a SKELETON
-record (the bytes between tensors, zstd'd against the old file's: skeleton.py), then
+record (meta: the skeleton method u8, then for ZSTD_QDQ the packed QDQ decisions; data:
+the bytes between tensors, coded against what the old file predicts: skeleton.py), then
 CHUNK records carrying the blocks' payloads in table order. Mode ``WHOLE``: one WHOLE record, the
 new file stored or zstd'd (optionally with the old file as dictionary), decoded as a
 stream.
 
 The checksums catch damage early and say where; the rebuilt file's sha256, checked
 before anything is written in place, is what guarantees a wrong model never appears.
-A reader given a newer format version refuses it rather than guessing.
+A reader given a newer format version refuses it rather than guessing; it reads every
+version from OLDEST_READABLE on (each later one only added methods).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from typing import BinaryIO
 from artifact.delta.errors import CorruptPatchError, UnsupportedPatchError
 
 MAGIC = b"\x89HFDELT\n"
-FORMAT_VERSION = 4  # 2: QDQ-names skeleton dictionary; 3: the table indexes old tensors;
-# 4: Rice-coded residual layouts (RICE, SPARSE), varint record lengths
+FORMAT_VERSION = 5  # 2: QDQ-names skeleton dictionary; 3: the table indexes old tensors;
+# 4: Rice-coded residual layouts (RICE, SPARSE), varint record lengths;
+# 5: skeleton method ZSTD_QDQ (a version 4 payload is a valid version 5 one: still read)
+OLDEST_READABLE = 4
 MAX_META = 1 << 20
 READ_CHUNK = 1 << 20
 
@@ -114,10 +118,11 @@ def read_header(stream: BinaryIO) -> Header:
     _, version, mode, flags, base_size, base_sha, target_size, target_sha, count = _HEADER.unpack(
         body
     )
-    if version != FORMAT_VERSION:
+    if not OLDEST_READABLE <= version <= FORMAT_VERSION:
         raise UnsupportedPatchError(
-            f"delta format version {version} is not supported by this HomeFleet "
-            f"(it reads version {FORMAT_VERSION}): upgrade the agent or ask for a full artifact"
+            f"delta format version {version} is not supported by this HomeFleet (it reads "
+            f"versions {OLDEST_READABLE} to {FORMAT_VERSION}): upgrade the agent or ask for "
+            "a full artifact"
         )
     try:
         header_mode = Mode(mode)

@@ -12,20 +12,32 @@ encoder keeps whichever method is smaller, and the rebuilt file is sha256-checke
 Names are found by a byte scan for protobuf strings (a length byte, then printable
 bytes): no onnx import, the same on both sides. The synthetic part is capped at
 ``MAX_SYNTHETIC`` bytes, which bounds the decoder's memory.
+
+``ZSTD_QDQ`` goes further when the new file is the canonical QDQ form of the old FP32
+model (artifact/delta/qdq): the record carries the few bytes of quantization decisions,
+both sides rebuild the new file from the old one with every tensor payload zero-filled
+(same layout, since no size depends on a value), cut the same tensor ranges out of it,
+and use that predicted skeleton (then the old skeleton) as the dictionary. What remains
+to send is the small tensors' and activation scales' bytes. The decoder rebuilds a model
+in memory for it, so the method is offered and accepted only for bases of at most
+``MAX_QDQ_BASE`` bytes.
 """
 
 from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import zstandard
 
-from artifact.delta.errors import CorruptPatchError
+from artifact.delta.errors import CorruptPatchError, UnsupportedPatchError
 from artifact.delta.frames import decompress_exact
 from artifact.delta.whole import window_log_for
 
 MAX_SYNTHETIC = 8 << 20
+MAX_QDQ_BASE = 64 << 20  # bytes; ZSTD_QDQ's decoder holds about three times this
 MIN_NAME = 3
 
 _PRINTABLE = re.compile(rb"[\x20-\x7e]{3,}")
@@ -54,6 +66,26 @@ class SkeletonMethod(enum.IntEnum):
     ZSTD = 1  # against the old skeleton
     ZERO = 2  # no skeleton bytes at all
     ZSTD_NAMES = 3  # against the synthetic QDQ names, then the old skeleton
+    ZSTD_QDQ = 4  # against the skeleton the QDQ decisions predict, then the old skeleton
+
+
+@dataclass(frozen=True)
+class QdqPrediction:
+    """What ZSTD_QDQ needs: the packed decisions (sent) and the skeleton they predict."""
+
+    decisions: bytes
+    skeleton: bytes
+
+
+def cut(data: bytes | memoryview, ranges: Sequence[tuple[int, int]]) -> bytes:
+    """``data`` without the (offset, length) ranges, which must be sorted and disjoint."""
+    parts = []
+    pos = 0
+    for offset, length in ranges:
+        parts.append(data[pos:offset])
+        pos = offset + length
+    parts.append(data[pos:])
+    return b"".join(parts)
 
 
 def old_names(old_skeleton: bytes | memoryview) -> list[bytes]:
@@ -126,10 +158,60 @@ def synthetic_dictionary(old_skeleton: bytes | memoryview) -> bytes:
     return b"".join(parts)
 
 
-def _dictionary(method: SkeletonMethod, old_skeleton: bytes) -> bytes:
+def _dictionary(method: SkeletonMethod, old_skeleton: bytes, predicted: bytes | None) -> bytes:
     if method is SkeletonMethod.ZSTD_NAMES:
         return synthetic_dictionary(old_skeleton) + old_skeleton
+    if method is SkeletonMethod.ZSTD_QDQ:
+        if predicted is None:
+            raise CorruptPatchError("a ZSTD_QDQ skeleton without its predicted skeleton")
+        return predicted + old_skeleton
     return old_skeleton
+
+
+def pack_meta(method: SkeletonMethod, qdq: QdqPrediction | None) -> bytes:
+    """The SKELETON record's meta: the method, then (ZSTD_QDQ only) the packed decisions."""
+    if method is SkeletonMethod.ZSTD_QDQ:
+        if qdq is None:
+            raise ValueError("ZSTD_QDQ needs its decisions")
+        return bytes([method]) + qdq.decisions
+    return bytes([method])
+
+
+def unpack_meta(meta: bytes) -> tuple[int, bytes]:
+    """(method, packed decisions) from a SKELETON record's meta."""
+    if not meta:
+        raise CorruptPatchError("the delta's skeleton record has no method")
+    method, decisions = meta[0], meta[1:]
+    if (method == SkeletonMethod.ZSTD_QDQ) != bool(decisions):
+        raise CorruptPatchError("the delta's skeleton method and its decisions do not agree")
+    return method, decisions
+
+
+def predicted_skeleton(
+    old_file: bytes | memoryview,
+    decisions: bytes,
+    covered: Sequence[tuple[int, int]],
+    target_size: int,
+) -> bytes:
+    """The skeleton ``decisions`` predict from the old file, cut like the new file's.
+
+    Raises UnsupportedPatchError for a base over MAX_QDQ_BASE (the encoder never offers
+    it) and CorruptPatchError when the decisions do not fit the base.
+    """
+    if len(old_file) > MAX_QDQ_BASE:
+        raise UnsupportedPatchError(
+            f"the delta predicts its skeleton from a {len(old_file)}-byte base, over this "
+            f"build's limit of {MAX_QDQ_BASE} bytes: ask for a full artifact"
+        )
+    from artifact.delta.qdq.build import predict  # protobuf: only for this method
+
+    try:
+        predicted = predict(old_file, decisions)
+    except ValueError as exc:
+        raise CorruptPatchError(f"the delta's QDQ decisions do not fit its base: {exc}") from exc
+    if len(predicted) != target_size:
+        raise CorruptPatchError("the delta's QDQ decisions predict a file of the wrong size")
+    return cut(predicted, covered)
 
 
 def compress_with_dict(data: bytes, dictionary: bytes, level: int) -> bytes:
@@ -148,21 +230,38 @@ def compress_with_dict(data: bytes, dictionary: bytes, level: int) -> bytes:
 
 
 def encode_skeleton(
-    skeleton: bytes, old_skeleton: bytes, level: int
+    skeleton: bytes, old_skeleton: bytes, level: int, qdq: QdqPrediction | None = None
 ) -> tuple[SkeletonMethod, bytes]:
-    """The smallest coding of ``skeleton`` given the old one."""
+    """The smallest coding of ``skeleton`` given the old one (and the QDQ prediction).
+
+    ZSTD_QDQ's size includes its decisions, which travel in the record's meta.
+    """
     if not skeleton:
         return SkeletonMethod.ZERO, b""
     best = (SkeletonMethod.STORED, skeleton)
-    for method in (SkeletonMethod.ZSTD, SkeletonMethod.ZSTD_NAMES):
-        coded = compress_with_dict(skeleton, _dictionary(method, old_skeleton), level)
-        if len(coded) < len(best[1]):
-            best = (method, coded)
+    best_size = len(skeleton)
+    methods: list[tuple[SkeletonMethod, QdqPrediction | None]] = [
+        (SkeletonMethod.ZSTD, None),
+        (SkeletonMethod.ZSTD_NAMES, None),
+    ]
+    if qdq is not None:
+        methods.append((SkeletonMethod.ZSTD_QDQ, qdq))
+    for method, prediction in methods:
+        predicted = prediction.skeleton if prediction else None
+        coded = compress_with_dict(skeleton, _dictionary(method, old_skeleton, predicted), level)
+        size = len(coded) + (len(prediction.decisions) if prediction else 0)
+        if size < best_size:
+            best, best_size = (method, coded), size
     return best
 
 
-def decode_skeleton(data: bytes, method: int, size: int, old_skeleton: bytes) -> bytes:
-    """The new skeleton, exactly ``size`` bytes, or CorruptPatchError."""
+def decode_skeleton(
+    data: bytes, method: int, size: int, old_skeleton: bytes, predicted: bytes | None = None
+) -> bytes:
+    """The new skeleton, exactly ``size`` bytes, or CorruptPatchError.
+
+    ``predicted``: `predicted_skeleton`'s result, needed by ZSTD_QDQ only.
+    """
     if method == SkeletonMethod.ZERO:
         if size or data:
             raise CorruptPatchError("an empty skeleton with content")
@@ -171,6 +270,7 @@ def decode_skeleton(data: bytes, method: int, size: int, old_skeleton: bytes) ->
         if len(data) != size:
             raise CorruptPatchError("the stored skeleton has the wrong size")
         return data
-    if method not in (SkeletonMethod.ZSTD, SkeletonMethod.ZSTD_NAMES):
+    if method not in SkeletonMethod.__members__.values():
         raise CorruptPatchError(f"unknown skeleton method {method}")
-    return decompress_exact(data, size, _dictionary(SkeletonMethod(method), old_skeleton))
+    dictionary = _dictionary(SkeletonMethod(method), old_skeleton, predicted)
+    return decompress_exact(data, size, dictionary)

@@ -8,6 +8,10 @@ Node names (``exclude_nodes``, trials) refer to the pre-processed graph; an
 optimiser-fused node is also matched by its original name (``mm`` matches
 ``mm/MatMulAddFusion``).
 
+A static int8 output is written in the canonical QDQ form (canonical_qdq.py: rebuilt by
+a device from ``source`` and a few bytes) whenever that form runs bit-identically to
+onnxruntime's file on the calibration inputs; otherwise onnxruntime's file is shipped.
+
 Bad requests are refused before any work, naming the argument. The output appears at
 ``out`` only when complete and checked (it loads in onnxruntime with the source's
 output names); on any failure nothing is written there.
@@ -46,6 +50,7 @@ from controller.compression.calibration import (
     batch_size,
     check_calibration,
 )
+from controller.compression.canonical_qdq import CanonicalResult, canonicalize
 from controller.compression.cpu_features import RangeChoice, host_reduce_range
 from controller.compression.errors import CompressionError, UnsupportedModelError
 from controller.compression.recipe import Quantize
@@ -92,6 +97,7 @@ class QuantizeResult:
     per_channel: bool
     calibration_method: str | None  # static only
     calibration_samples: int
+    canonical: CanonicalResult | None = None  # static: whether ``out`` is the canonical form
 
     @property
     def drop(self) -> float | None:
@@ -176,8 +182,11 @@ def quantize_onnx(
             else:
                 best, ranking = full, ()
                 met = max_drop is None or fits(full, max_drop)
-        quant_graph.verify_result(runner.path_of(best), source, "the quantized model")
-        quant_graph.publish(runner.path_of(best), out)
+        chosen = runner.path_of(best)
+        canonical = _canonicalize(job, chosen, source)
+        quant_graph.verify_result(chosen, source, "the quantized model")
+        size = chosen.stat().st_size
+        quant_graph.publish(chosen, out)
     fallback_nodes = best.kept_float
     log.info(
         "quantized %s (%s) → %s: %d → %d bytes, %d node(s) kept float, met=%s",
@@ -185,13 +194,13 @@ def quantize_onnx(
         step.mode,
         out,
         source_bytes,
-        best.bytes,
+        size,
         len(user_excluded) + len(fallback_nodes),
         met,
     )
     return QuantizeResult(
         out=out,
-        bytes=best.bytes,
+        bytes=size,
         source_bytes=source_bytes,
         mode=step.mode,
         quantizable_nodes=candidates,
@@ -209,6 +218,7 @@ def quantize_onnx(
         per_channel=step.per_channel and step.mode != "fp16",
         calibration_method=step.calibration if step.mode == "static" else None,
         calibration_samples=samples,
+        canonical=None if canonical is None else dataclasses.replace(canonical, out=out),
     )
 
 
@@ -410,6 +420,16 @@ def _run_quantizer(
         )
         quant_graph.topological_sort(model)
         onnx.save(model, str(target))
+
+
+def _canonicalize(job: _Job, path: Path, source: Path) -> CanonicalResult | None:
+    """Static int8: rewrite the chosen file in place into the canonical form devices that
+    hold ``source`` rebuild from a few bytes of decisions (canonical_qdq.py), when it
+    runs bit-identically on the calibration inputs. The search scored onnxruntime's
+    file; the planner scores the file it ships again."""
+    if job.step.mode != "static" or job.calibration is None:
+        return None
+    return canonicalize(path, source, job.calibration, path)
 
 
 def _check_something_quantized(path: Path, active: list[str]) -> None:

@@ -26,12 +26,20 @@ instead of 0.5; whether that is acceptable is the accuracy budget's call.
 The previous artifact must be a static QDQ model made (by ``quantize.py``) from this
 architecture: node names, operators and attributes of the pre-processed new model must
 be those of the artifact's non-Q/DQ nodes (onnxruntime folds Relu and Clip into the
-quantizer before them, so those may be missing). Anything else is refused, naming the
-first differences. The output appears at ``out`` only when complete and checked.
+quantizer before them, so those may be missing). A canonical artifact (canonical_qdq.py)
+holds the nodes of the float model as exported instead (constants as Constant nodes, no
+attributes onnxruntime added): it is matched against the new model as given when the
+pre-processed one does not match. Anything else is refused, naming the first differences
+(against the pre-processed model).
+
+Given calibration inputs, the output is rewritten into the canonical form too (the
+devices that hold the new float model rebuild it from a few bytes), when that runs
+bit-identically. The output appears at ``out`` only when complete and checked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -50,6 +58,7 @@ from onnxruntime.quantization.quant_utils import compute_data_quant_params, get_
 from artifact.digest import sha256_file
 from controller.compression import quant_graph
 from controller.compression.calibration import DictCalibrationReader, batch_size, check_calibration
+from controller.compression.canonical_qdq import CanonicalResult, canonicalize
 from controller.compression.errors import CompressionError
 from controller.compression.quantize import prepare_for_quantization
 
@@ -94,6 +103,7 @@ class RequantizeReport:
     choices: tuple[TensorChoice, ...]
     float_nodes: tuple[str, ...]  # compute nodes the previous artifact (and this one) keep float
     activations_checked: bool  # False: no calibration inputs, activation parameters reused as-is
+    canonical: CanonicalResult | None = None  # None: no calibration inputs to check it with
 
     def _with(self, outcome: Outcome) -> tuple[str, ...]:
         return tuple(c.tensor for c in self.choices if c.outcome == outcome)
@@ -344,13 +354,28 @@ def _float_nodes(model: onnx.ModelProto) -> tuple[str, ...]:
     )
 
 
+def _reference(old: onnx.ModelProto, source: Path, pre: Path) -> tuple[Path, _Match]:
+    """The float model whose nodes the artifact holds, and the match with it.
+
+    onnxruntime's file holds the pre-processed model's nodes; a canonical artifact holds
+    those of the float model as exported. The pre-processed model is tried first, and its
+    differences are the ones reported when neither matches."""
+    try:
+        return pre, _match(old, onnx.load(str(pre)))
+    except NotReusableError as first:
+        try:
+            return source, _match(old, onnx.load(str(source)))
+        except NotReusableError:
+            raise first from None
+
+
 def check_previous(previous: Path, source: Path) -> None:
     """Refuse (NotReusableError) a previous artifact whose parameters ``source`` cannot reuse."""
     old = load_previous(previous)
     quant_graph.load_model(Path(source))
     with tempfile.TemporaryDirectory(prefix="homefleet-requantize-") as tmp:
         pre = prepare_for_quantization(Path(source), Path(tmp) / "pre.onnx", "static")
-        _match(old, onnx.load(str(pre)))
+        _reference(old, Path(source), pre)
 
 
 # ------------------------------------------------------------------ the arithmetic
@@ -733,14 +758,14 @@ def requantize_like(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         work = Path(tmp)
         pre = prepare_for_quantization(source, work / "pre.onnx", "static")
-        new = onnx.load(str(pre))
-        match = _match(old, new)
+        reference, match = _reference(old, source, pre)
+        new = onnx.load(str(reference))
         old_inits = {t.name: t for t in old.graph.initializer}
         new_inits = {t.name: t for t in new.graph.initializer}
         stats = (
             None
             if calibration is None
-            else _activation_stats(pre, match.groups, old_inits, calibration)
+            else _activation_stats(reference, match.groups, old_inits, calibration)
         )
         builder = _Builder(
             old_inits,
@@ -763,6 +788,9 @@ def requantize_like(
         target = work / "requantized.onnx"
         onnx.save(result, str(target))
         quant_graph.verify_result(target, source, "the requantized model")
+        canonical = (
+            None if calibration is None else canonicalize(target, source, calibration, target)
+        )
         size = target.stat().st_size
         quant_graph.publish(target, out)
     return RequantizeReport(
@@ -772,6 +800,7 @@ def requantize_like(
         choices=tuple(builder.choices),
         float_nodes=match.float_nodes,
         activations_checked=calibration is not None,
+        canonical=None if canonical is None else dataclasses.replace(canonical, out=out),
     )
 
 

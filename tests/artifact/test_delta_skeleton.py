@@ -140,14 +140,19 @@ def test_an_unrelated_skeleton_keeps_the_plain_methods() -> None:
 def test_every_method_round_trips(method: SkeletonMethod) -> None:
     old = _fp32()[:3000]
     new = b"\x0a\x13/layers.0/weight_scale" * 20 if method is not SkeletonMethod.ZERO else b""
+    predicted = new[:100] if method is SkeletonMethod.ZSTD_QDQ else None
     if method is SkeletonMethod.STORED:
         coded = new
     elif method is SkeletonMethod.ZERO:
         coded = b""
     else:
-        dictionary = old if method is SkeletonMethod.ZSTD else synthetic_dictionary(old) + old
+        dictionary = {
+            SkeletonMethod.ZSTD: old,
+            SkeletonMethod.ZSTD_NAMES: synthetic_dictionary(old) + old,
+            SkeletonMethod.ZSTD_QDQ: new[:100] + old,
+        }[method]
         coded = compress_with_dict(new, dictionary, 3)
-    assert decode_skeleton(coded, method, len(new), old) == new
+    assert decode_skeleton(coded, method, len(new), old, predicted) == new
 
 
 def test_an_unknown_skeleton_method_is_refused() -> None:
@@ -158,7 +163,7 @@ def test_an_unknown_skeleton_method_is_refused() -> None:
 def test_a_version_1_delta_is_refused_by_name(pair: tuple[bytes, bytes]) -> None:
     payload = encode(*pair).payload
     header = read_header(io.BytesIO(payload))
-    assert header.version == FORMAT_VERSION == 4
+    assert header.version == FORMAT_VERSION == 5
     older = replace(header, version=1).pack() + payload[len(header.pack()) :]
     with pytest.raises(UnsupportedPatchError, match="format version 1 is not supported"):
         apply_delta_bytes(pair[0], older)

@@ -1,0 +1,317 @@
+"""Build the canonical QDQ model from the FP32 model and the decisions (no onnx import).
+
+One function for both sides: the controller calls `build` with the real tensor values
+to make the artifact it ships; the edge agent calls `predict` (``values=None``: every
+payload zero-filled) to get a file that matches the shipped one byte for byte
+everywhere except inside tensor payloads. Uses protobuf and a vendored compiled copy
+of onnx.proto (package ``hfonnx``, so it never collides with onnx's own descriptors).
+
+Canonical form (what `build` writes):
+- model: FP32's ir_version, domain, model_version, doc_string, opset imports, graph
+  name/doc/inputs/outputs; onnxruntime's producer and "onnx.infer" metadata key when
+  ``ort_metadata``, its "onnx.quant.pre_process" key when ``pre_processed``; metadata
+  sorted by key; no value_info.
+- nodes: FP32 order, FP32 attributes, dropped nodes removed (their input renamed to
+  their output); each quantized initializer's DequantizeLinear right before its first
+  consumer; each Q/DQ'd value's QuantizeLinear + DequantizeLinear right after its
+  producer (graph inputs first), reading the value's own scale and zero point or, when
+  it shares them, its source's. Names as onnxruntime writes them.
+- initializers: FP32 order, each quantized one replaced by its three derived tensors,
+  then every activation's own (scale, zero point) in value order. Every tensor raw_data.
+
+The decisions may come off the wire: whatever they say, `build` raises ValueError or
+returns a model no larger than a few times the FP32 one (quantized initializers must
+be float raw_data, so their derived tensors are bounded by the bytes already held).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import cast
+
+from google.protobuf.message import DecodeError
+
+from artifact.delta.qdq import hf_onnx_pb2 as pb
+from artifact.delta.qdq.decisions import Decisions, InitKind, unpack
+
+FLOAT, INT32 = 1, 6
+# TensorProto data type → bytes an element (the fixed-width types a QDQ model uses)
+WIDTH = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+ORT_PRODUCER = ("onnx.quantize", "0.1.0")
+ORT_INFER = ("onnx.infer", "onnxruntime.quant")
+ORT_PRE_PROCESS = ("onnx.quant.pre_process", "onnxruntime.quant")
+ORT_METADATA = (ORT_INFER, ORT_PRE_PROCESS)
+_WEIGHT_SUFFIXES = ("_quantized", "_scale", "_zero_point")
+_BIAS_SUFFIXES = ("_quantized", "_quantized_scale", "_quantized_zero_point")
+
+
+def derived_names(name: str, kind: InitKind) -> tuple[str, str, str]:
+    """The (quantized, scale, zero point) initializers onnxruntime derives from ``name``."""
+    suffixes = _WEIGHT_SUFFIXES if kind is InitKind.WEIGHT else _BIAS_SUFFIXES
+    q, scale, zp = (name + s for s in suffixes)
+    return q, scale, zp
+
+
+def param_dims(dims: list[int], kind: InitKind, axis: int | None) -> tuple[list[int], list[int]]:
+    """The shapes of a quantized initializer's scale and zero point, as onnxruntime makes
+    them: one per channel along ``axis``; scalars per tensor, except a bias's scale ([1])."""
+    if axis is not None:
+        return [dims[axis]], [dims[axis]]
+    return ([1] if kind is InitKind.BIAS else []), []
+
+
+def value_names(model: pb.ModelProto) -> list[str]:
+    """The FP32 values the qdq bitmap indexes: graph inputs (not initializers), node outputs."""
+    inits = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    names += [o for n in model.graph.node for o in n.output if o]
+    return names
+
+
+def _count(dims: list[int]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def _width(dtype: int) -> int:
+    width = WIDTH.get(dtype)
+    if width is None:
+        raise ValueError(f"data type {dtype} is not a fixed-width tensor type")
+    return width
+
+
+class _Builder:
+    def __init__(
+        self, fp32: pb.ModelProto, d: Decisions, values: Mapping[str, bytes] | None
+    ) -> None:
+        self.fp32 = fp32
+        self.d = d
+        self.values = values
+        g = fp32.graph
+        self.names = value_names(fp32)
+        if len(d.qdq) != len(self.names) or len(d.inits) != len(g.initializer):
+            raise ValueError("the decisions do not fit this FP32 model")
+        self.qdq = {n for n, q in zip(self.names, d.qdq, strict=True) if q}
+        self.shared = self._shared()
+        self.outputs = {o.name for o in g.output}
+        self.choices = {t.name: c for t, c in zip(g.initializer, d.inits, strict=True)}
+        self.raw_reads = set(d.raw_reads)
+        self.dropped = set(d.dropped)
+        self.rename: dict[str, str] = {}
+        for index in sorted(self.dropped):
+            if index >= len(g.node):
+                raise ValueError(f"dropped node {index} is not in the FP32 model")
+            node = g.node[index]
+            if len(node.input) != 1 or len(node.output) != 1:
+                raise ValueError(f"dropped node {node.name} must have one input and one output")
+            self.rename[node.input[0]] = node.output[0]
+
+    def _shared(self) -> dict[str, str]:
+        """Q/DQ'd value → the Q/DQ'd value whose (own) scale and zero point it uses."""
+        shared: dict[str, str] = {}
+        for value_index, source_index in self.d.shared:
+            if max(value_index, source_index) >= len(self.names):
+                raise ValueError(f"shared scale {value_index} → {source_index}: no such value")
+            shared[self.names[value_index]] = self.names[source_index]
+        for value, source in shared.items():
+            if value == source or value not in self.qdq or source not in self.qdq:
+                raise ValueError(f"{value} shares the scale of {source}: both need Q/DQ pairs")
+            if source in shared:
+                raise ValueError(f"{value} shares the scale of {source}, which shares another's")
+        return shared
+
+    # ---------------------------------------------------------------- tensors
+
+    def _tensor(self, name: str, dtype: int, dims: list[int]) -> pb.TensorProto:
+        t = pb.TensorProto()
+        t.dims.extend(dims)
+        t.data_type = dtype
+        t.name = name
+        nbytes = _count(dims) * _width(dtype)
+        if self.values is None:
+            t.raw_data = bytes(nbytes)
+        else:
+            raw = self.values.get(name)
+            if raw is None or len(raw) != nbytes:
+                got = "nothing" if raw is None else f"{len(raw)} bytes"
+                raise ValueError(f"tensor {name}: {got} given, {nbytes} bytes expected")
+            t.raw_data = raw
+        return t
+
+    def _derived(self, w: pb.TensorProto) -> list[pb.TensorProto]:
+        choice = self.choices[w.name]
+        dims = list(w.dims)
+        if w.data_type != FLOAT or len(w.raw_data) != _count(dims) * 4:
+            raise ValueError(f"quantized initializer {w.name} is not float raw_data")
+        if choice.axis is not None and not 0 <= choice.axis < len(dims):
+            raise ValueError(f"axis {choice.axis} of {w.name} is out of range")
+        scale_dims, zp_dims = param_dims(dims, choice.kind, choice.axis)
+        q, scale, zp = derived_names(w.name, choice.kind)
+        dtype = choice.dtype if choice.kind is InitKind.WEIGHT else INT32
+        return [
+            self._tensor(q, dtype, dims),
+            self._tensor(scale, FLOAT, scale_dims),
+            self._tensor(zp, dtype, zp_dims),
+        ]
+
+    def initializers(self) -> list[pb.TensorProto]:
+        out: list[pb.TensorProto] = []
+        for w in self.fp32.graph.initializer:
+            if self.choices[w.name].kind is InitKind.FLOAT:
+                out.append(w)
+            else:
+                out += self._derived(w)
+        for name in self.names:
+            if name in self.qdq and name not in self.shared:
+                out.append(self._tensor(name + "_scale", FLOAT, []))
+                out.append(self._tensor(name + "_zero_point", self.d.activation_type, []))
+        return out
+
+    # ---------------------------------------------------------------- nodes
+
+    @staticmethod
+    def _node(
+        op: str, inputs: list[str], output: str, name: str, axis: int | None = None
+    ) -> pb.NodeProto:
+        n = pb.NodeProto()
+        n.input.extend(inputs)
+        n.output.append(output)
+        n.name = name
+        n.op_type = op
+        if axis is not None:
+            a = n.attribute.add()
+            a.name = "axis"
+            a.i = axis
+            a.type = pb.AttributeProto.INT
+        return n
+
+    def _qdq(self, t: str) -> list[pb.NodeProto]:
+        graph_out = t in self.outputs
+        q_in = t + "_QuantizeLinear_Input" if graph_out else t
+        q_out = t + "_QuantizeLinear_Output"
+        dq_out = t if graph_out else t + "_DequantizeLinear_Output"
+        source = self.shared.get(t, t)
+        scale, zp = source + "_scale", source + "_zero_point"
+        return [
+            self._node("QuantizeLinear", [q_in, scale, zp], q_out, t + "_QuantizeLinear"),
+            self._node("DequantizeLinear", [q_out, scale, zp], dq_out, t + "_DequantizeLinear"),
+        ]
+
+    def _weight_dq(self, w: str) -> pb.NodeProto:
+        choice = self.choices[w]
+        out = w + "_DequantizeLinear_Output" if choice.kind is InitKind.WEIGHT else w
+        inputs = list(derived_names(w, choice.kind))
+        return self._node("DequantizeLinear", inputs, out, w + "_DequantizeLinear", choice.axis)
+
+    def _kept(self, index: int, node: pb.NodeProto, emitted: set[str]) -> list[pb.NodeProto]:
+        """An FP32 node rewired to the dequantized tensors, with the Q/DQ nodes around it."""
+        out: list[pb.NodeProto] = []
+        new = pb.NodeProto()
+        new.CopyFrom(node)
+        del new.input[:]
+        del new.output[:]
+        for slot, original in enumerate(node.input):
+            name = self.rename.get(original, original)
+            choice = self.choices.get(name)
+            if choice is not None and choice.kind is not InitKind.FLOAT:
+                if name not in emitted:
+                    emitted.add(name)
+                    out.append(self._weight_dq(name))
+                if choice.kind is InitKind.WEIGHT:
+                    name += "_DequantizeLinear_Output"
+            elif name in self.qdq and (index, slot) not in self.raw_reads:
+                name = name if name in self.outputs else name + "_DequantizeLinear_Output"
+            new.input.append(name)
+        produced = []
+        for original in node.output:
+            name = self.rename.get(original, original)
+            if name in self.qdq:
+                produced.append(name)
+                if name in self.outputs:
+                    name += "_QuantizeLinear_Input"
+            new.output.append(name)
+        out.append(new)
+        for name in produced:
+            out += self._qdq(name)
+        return out
+
+    def nodes(self) -> list[pb.NodeProto]:
+        out: list[pb.NodeProto] = []
+        inits = {t.name for t in self.fp32.graph.initializer}
+        for i in self.fp32.graph.input:
+            if i.name not in inits and i.name in self.qdq:
+                out += self._qdq(i.name)
+        emitted: set[str] = set()
+        for index, node in enumerate(self.fp32.graph.node):
+            if index not in self.dropped:
+                out += self._kept(index, node, emitted)
+        return out
+
+    def model(self) -> pb.ModelProto:
+        src = self.fp32
+        m = pb.ModelProto()
+        m.ir_version = src.ir_version
+        if self.d.ort_metadata:
+            m.producer_name, m.producer_version = ORT_PRODUCER
+        else:
+            m.producer_name, m.producer_version = src.producer_name, src.producer_version
+        if src.HasField("domain"):
+            m.domain = src.domain
+        if src.HasField("model_version"):
+            m.model_version = src.model_version
+        if src.HasField("doc_string"):
+            m.doc_string = src.doc_string
+        g = m.graph
+        g.name = src.graph.name
+        if src.graph.HasField("doc_string"):
+            g.doc_string = src.graph.doc_string
+        g.node.extend(self.nodes())
+        g.initializer.extend(self.initializers())
+        g.input.extend(src.graph.input)
+        g.output.extend(src.graph.output)
+        m.opset_import.extend(src.opset_import)
+        meta = {e.key: e.value for e in src.metadata_props}
+        if self.d.ort_metadata:
+            meta.update([ORT_INFER])
+        if self.d.pre_processed:
+            meta.update([ORT_PRE_PROCESS])
+        for key in sorted(meta):
+            e = m.metadata_props.add()
+            e.key, e.value = key, meta[key]
+        m.functions.extend(src.functions)
+        return m
+
+
+def parse(fp32: bytes | memoryview) -> pb.ModelProto:
+    """The FP32 model as the vendored ModelProto, or ValueError."""
+    model = pb.ModelProto()
+    try:
+        model.ParseFromString(cast(bytes, fp32))  # upb parses any buffer: no copy of a mapping
+    except DecodeError as exc:
+        raise ValueError(f"not an ONNX model: {exc}") from exc
+    return model
+
+
+def build(fp32: bytes, d: Decisions, values: Mapping[str, bytes] | None = None) -> bytes:
+    """The canonical model's bytes (``values=None``: every derived tensor zero-filled)."""
+    return _Builder(parse(fp32), d, values).model().SerializeToString()
+
+
+def predict(fp32: bytes | memoryview, packed: bytes) -> bytes:
+    """The canonical model with zero payloads, from the FP32 model and packed decisions.
+
+    What the edge agent runs: ValueError when ``packed`` does not fit ``fp32``.
+    """
+    model = parse(fp32)
+    d = unpack(packed, len(value_names(model)), len(model.graph.initializer))
+    predicted = _Builder(model, d, None).model()
+    del model  # before serializing: the peak is then the new model and its bytes
+    return predicted.SerializeToString()
+
+
+def counts(fp32: bytes) -> tuple[int, int]:
+    """(values, initializers) of the FP32 model: what `decisions.unpack` needs."""
+    model = parse(fp32)
+    return len(value_names(model)), len(model.graph.initializer)
