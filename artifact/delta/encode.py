@@ -22,11 +22,20 @@ import zstandard
 from artifact.delta import varint
 from artifact.delta.decode import apply_delta_bytes
 from artifact.delta.errors import DeltaError
-from artifact.delta.format import Flags, Header, Kind, Mode, pack_record
+from artifact.delta.format import (
+    FORMAT_VERSION,
+    WITHOUT_QDQ_VERSION,
+    Flags,
+    Header,
+    Kind,
+    Mode,
+    pack_record,
+)
 from artifact.delta.plan import TensorStat, plan_tensors
 from artifact.delta.skeleton import (
     MAX_QDQ_BASE,
     QdqPrediction,
+    SkeletonMethod,
     compress_with_dict,
     cut,
     encode_skeleton,
@@ -160,6 +169,7 @@ def _records_delta(old: bytes, new: bytes, options: EncodeOptions) -> tuple[byte
         len(new),
         sha256_bytes(new),
         len(records),
+        FORMAT_VERSION if method is SkeletonMethod.ZSTD_QDQ else WITHOUT_QDQ_VERSION,
     )
     payload = header.pack() + b"".join(records)
     stats = DeltaStats(
@@ -188,7 +198,16 @@ def _whole(old: bytes, new: bytes, method: WholeMethod, level: int) -> bytes:
         data = compress_with_dict(new, old, level)
     flags = Flags.NEEDS_BASE if method is WholeMethod.ZSTD_DICT else Flags.NONE
     record = pack_record(Kind.WHOLE, pack_whole_meta(method, window_log), data)
-    header = Header(Mode.WHOLE, flags, len(old), sha256_bytes(old), len(new), sha256_bytes(new), 1)
+    header = Header(
+        Mode.WHOLE,
+        flags,
+        len(old),
+        sha256_bytes(old),
+        len(new),
+        sha256_bytes(new),
+        1,
+        WITHOUT_QDQ_VERSION,
+    )
     return header.pack() + record
 
 

@@ -37,6 +37,9 @@ FORMAT_VERSION = 5  # 2: QDQ-names skeleton dictionary; 3: the table indexes old
 # 4: Rice-coded residual layouts (RICE, SPARSE), varint record lengths;
 # 5: skeleton method ZSTD_QDQ (a version 4 payload is a valid version 5 one: still read)
 OLDEST_READABLE = 4
+# The version a payload without ZSTD_QDQ is written as: agents that read only version 4
+# (not yet upgraded) still apply every delta that does not need the new method.
+WITHOUT_QDQ_VERSION = 4
 MAX_META = 1 << 20
 READ_CHUNK = 1 << 20
 

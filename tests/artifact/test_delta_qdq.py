@@ -269,10 +269,14 @@ def test_the_device_decodes_it_without_onnx_or_torch(models: Models, tmp_path: P
     assert out.read_bytes() == models.canonical
 
 
-def test_a_version_4_payload_still_decodes(models: Models) -> None:
-    """Version 5 only added ZSTD_QDQ: a delta of any other method is a valid version 4 one."""
-    payload = encode(models.fp32, models.int8).payload
+def test_only_a_zstd_qdq_delta_is_written_as_version_5(models: Models) -> None:
+    """Version 5 only added ZSTD_QDQ: a delta of any other method is written as version 4,
+    so agents not yet upgraded still apply it; both versions decode."""
+    payload = encode(models.fp32, models.int8).payload  # onnxruntime's file: no ZSTD_QDQ
     header = read_header(io.BytesIO(payload))
-    assert header.version == FORMAT_VERSION == 5
-    older = replace(header, version=4).pack() + payload[HEADER_SIZE:]
-    assert apply_delta_bytes(models.fp32, older) == models.int8
+    assert header.version == 4 and FORMAT_VERSION == 5
+    assert apply_delta_bytes(models.fp32, payload) == models.int8
+    newer = replace(header, version=5).pack() + payload[HEADER_SIZE:]
+    assert apply_delta_bytes(models.fp32, newer) == models.int8
+    qdq = encode(models.fp32, models.canonical).payload
+    assert read_header(io.BytesIO(qdq)).version == 5
