@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from artifact import histogram
 from artifact.delta import DeltaError
@@ -19,6 +20,7 @@ from controller.clock import unix_ms
 from controller.config import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, ControllerConfig
 from controller.deltas import DeltaCache, Payload
 from controller.errors import ErrorCode, FleetError, invalid, not_found
+from controller.limits import DownloadPool
 from controller.notify import AssignmentNotifier
 from controller.records import (
     Chunk,
@@ -43,7 +45,13 @@ MAX_SHORT_TEXT = 64
 MAX_OS_TEXT = 256
 MAX_REASON = 4096
 MAX_WINDOWS_PER_BATCH = 1000
-MAX_ENERGY_SOURCE = 32
+# The energy meters an agent names (edge_agent/meters.py), and no others: each value is a
+# rollup row and a Prometheus series per class and artifact.
+ENERGY_SOURCES = ("estimate", "hwmon", "none", "rapl")
+# An agent run with --emulate-slowdown F (demos, tests) reports "<meter>*F" and latency,
+# CPU time and energy F times what it measured. F is above 1 and at most 100 there; one
+# decimal place at most here, which keeps the values a device can make up few.
+MAX_EMULATED_SLOWDOWN = 100.0
 LEASE_HEARTBEATS = 3  # a device stays ONLINE this many heartbeats past its last refresh
 # A window is the device's own account, so it is held to what a real one can say: it
 # cannot end in the future (beyond a device clock's drift), and it cannot count more
@@ -55,9 +63,28 @@ MAX_CLOCK_AHEAD_MS = 5 * 60 * 1000
 # bound cannot limit and whose end falls in the current budget slice.
 MAX_WINDOW_AGE_MS = 365 * 24 * 3600 * 1000
 MAX_INFERENCES_PER_MS = 1000  # a million a second: far above any device's real rate
+# Its CPU time and energy are held to what hardware can spend over the window, or two
+# windows of 1e308 joules make the fleet's running sum +Inf for good. An agent opens a
+# window when an inference ends, so that first inference ran before the start: the span
+# allowed is the window's length plus the longest latency the histogram resolves.
+MAX_CORES = 256  # CPU seconds per second: more cores than any edge device has
+MAX_WATTS = 10_000.0  # joules per second: a home device draws under 1 kW; 10 kW is a rack
+FIRST_INFERENCE_MS = 100_000  # artifact.histogram's last bucket bound (100 s)
 
 SendSet = Callable[[DesiredSet], Awaitable[None]]
 SendChunk = Callable[[Chunk], Awaitable[None]]
+
+
+class _WatchStream:
+    """A device's current WatchAssignments stream, which a newer one may replace."""
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.replaced = False
+
+    def replace(self) -> None:
+        self.replaced = True
+        self.task.cancel()
 
 
 class AgentHandlers:
@@ -74,6 +101,12 @@ class AgentHandlers:
         self._notifier = notifier
         self._deltas = DeltaCache(blobs)
         self._open_watches: dict[str, int] = {}
+        self._watch_streams: dict[str, _WatchStream] = {}  # the one current stream per device
+        self._downloads = DownloadPool(
+            config.max_fetch_streams,
+            config.max_fetches_per_device,
+            config.fetch_write_timeout_seconds,
+        )
         self._bookkeeping: set[asyncio.Task[None]] = set()  # held: the loop keeps weak refs
         self._telemetry = TelemetryIngest(store)  # group commit: many calls, one transaction
 
@@ -127,9 +160,39 @@ class AgentHandlers:
 
     # ---------------------------------------------------------------- watch
     async def watch(self, device_id: str, send: SendSet) -> None:
-        """Send the desired set now, on every change, and every heartbeat as a keepalive."""
+        """Send the desired set now, on every change, and every heartbeat as a keepalive.
+
+        One stream per device: a new one ends the one before (CANCELLED), so an agent that
+        reconnects takes over at once, before its old stream has noticed the broken link,
+        and one device id cannot hold many streams.
+        """
         validate.name(device_id, "device_id")
         device = await self._device(device_id)
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - gRPC runs every call in a task
+            raise RuntimeError("AgentHandlers.watch must run in an asyncio task")
+        stream = _WatchStream(task)
+        previous = self._watch_streams.get(device_id)
+        self._watch_streams[device_id] = stream
+        if previous is not None:
+            previous.replace()
+        try:
+            await self._watch(device, send)
+        except asyncio.CancelledError:
+            if stream.replaced and task.uncancel() == 0:  # not also cancelled by its client
+                raise FleetError(
+                    ErrorCode.CANCELLED,
+                    f"a newer WatchAssignments stream for device {device_id} replaced this one "
+                    "(one stream per device; if two agents share this device id, give each its "
+                    "own)",
+                ) from None
+            raise
+        finally:
+            if self._watch_streams.get(device_id) is stream:
+                del self._watch_streams[device_id]
+
+    async def _watch(self, device: DeviceRecord, send: SendSet) -> None:
+        device_id = device.device_id
         beat = float(self._config.heartbeat_seconds)
         lease_ms = int(LEASE_HEARTBEATS * beat * 1000)
         loop = asyncio.get_running_loop()
@@ -208,8 +271,22 @@ class AgentHandlers:
         return payload
 
     async def fetch(self, request: FetchRequest, send: SendChunk) -> None:
-        """Stream the artifact's bytes from ``offset``; record the attempt however it ends."""
+        """Stream the artifact's bytes from ``offset``; record the attempt however it ends.
+
+        Downloads hold a slot of the download pool (a few per device), never a short-call
+        slot; a chunk the client does not take within ``fetch_write_timeout_seconds`` ends
+        the download, so a reader that stopped cannot keep the slot.
+        """
         chunk_bytes = self._check_fetch(request)
+        with self._downloads.lease(request.device_id) as lease:
+
+            async def send_within(chunk: Chunk) -> None:
+                what = f"the {len(chunk.data)} bytes at offset {chunk.offset}"
+                await lease.write(asyncio.ensure_future(send(chunk)), what)
+
+            await self._fetch(request, chunk_bytes, send_within)
+
+    async def _fetch(self, request: FetchRequest, chunk_bytes: int, send: SendChunk) -> None:
         target = request.target_sha256
         await self._device(request.device_id)
         desired = await in_thread(self._store.desired_set, request.device_id)
@@ -371,6 +448,36 @@ def _check_window(w: TelemetryWindow, at: str, now_unix_ms: int) -> None:
             f"{at}.latency_bucket_counts hold {sum(counts)} inferences but count is {w.count}: "
             "every inference of a window is in its histogram"
         )
-    validate.non_negative_float(w.cpu_seconds, f"{at}.cpu_seconds")
-    validate.non_negative_float(w.joules, f"{at}.joules")
-    validate.text(w.energy_source, f"{at}.energy_source", MAX_ENERGY_SOURCE)
+    factor = _emulated_factor(w.energy_source, f"{at}.energy_source")
+    span_s = (w.end_unix_ms - w.start_unix_ms + FIRST_INFERENCE_MS) / 1000
+    for field, value, per_s, what in (
+        ("cpu_seconds", w.cpu_seconds, float(MAX_CORES), "cores busy"),
+        ("joules", w.joules, MAX_WATTS, "watts drawn"),
+    ):
+        validate.non_negative_float(value, f"{at}.{field}")
+        bound = span_s * per_s * factor
+        if value > bound:
+            emulated = f", times the emulated slowdown {factor:g}" if factor != 1 else ""
+            raise invalid(
+                f"{at}.{field} is {value:g}, above its bound {bound:g}: {per_s:g} {what} for "
+                f"the window's {w.end_unix_ms - w.start_unix_ms} ms plus "
+                f"{FIRST_INFERENCE_MS // 1000} s (its first inference){emulated}"
+            )
+
+
+def _emulated_factor(source: str, at: str) -> float:
+    """1 for a meter's own name; F for "<meter>*F" from an agent emulating a slower device."""
+    meter, star, factor = source.partition("*")
+    if meter in ENERGY_SOURCES and not star:
+        return 1.0
+    if meter in ENERGY_SOURCES and factor.replace(".", "", 1).isdigit():
+        value = float(factor)
+        canonical = f"{value:g}" == factor and len(factor.partition(".")[2]) <= 1
+        if canonical and 1 < value <= MAX_EMULATED_SLOWDOWN:
+            return value
+    raise invalid(
+        f"{at} {source[:40]!r} is not an energy source this controller accepts: send one of "
+        f"{', '.join(ENERGY_SOURCES)}, or '<source>*<factor>' from an agent run with "
+        f"--emulate-slowdown (a factor above 1, at most {MAX_EMULATED_SLOWDOWN:g}, with at "
+        "most one decimal place, written as '2.5' or '10')"
+    )

@@ -83,6 +83,18 @@ class ControllerConfig:
     heartbeat_seconds: int = 5
     max_concurrent_rpcs: int = 64
     max_watch_streams: int = 10_000
+    # Artifact downloads have a pool of their own (they last as long as their client
+    # reads, so they must not hold short-call slots), with a cap per device.
+    max_fetch_streams: int = 128
+    max_fetches_per_device: int = 4
+    # A chunk the client does not take within this long ends its download
+    # (DEADLINE_EXCEEDED): a reader that stopped cannot hold a download slot for good.
+    fetch_write_timeout_seconds: float = 60.0
+    # An upload (AddModel, StartCompression) that sends nothing for this long is ended
+    # (DEADLINE_EXCEEDED) and nothing is stored.
+    upload_idle_timeout_seconds: float = 60.0
+    # Health Watch streams one client (certificate, or address without TLS) may hold.
+    max_health_watches_per_peer: int = 4
     grace_seconds: float = 5.0
     # Compression jobs run in a process pool of this many workers (each loads torch).
     compression_workers: int = 1
@@ -123,6 +135,11 @@ class ControllerConfig:
         _check_range("heartbeat_seconds", self.heartbeat_seconds, 1, 300)
         _check_range("max_concurrent_rpcs", self.max_concurrent_rpcs, 1, 100_000)
         _check_range("max_watch_streams", self.max_watch_streams, 1, 1_000_000)
+        _check_range("max_fetch_streams", self.max_fetch_streams, 1, 100_000)
+        _check_range("max_fetches_per_device", self.max_fetches_per_device, 1, 64)
+        _check_seconds("fetch_write_timeout_seconds", self.fetch_write_timeout_seconds)
+        _check_seconds("upload_idle_timeout_seconds", self.upload_idle_timeout_seconds)
+        _check_range("max_health_watches_per_peer", self.max_health_watches_per_peer, 1, 1_000)
         _check_range("compression_workers", self.compression_workers, 1, 64)
         _check_range("compression_threads", self.compression_threads, 0, 256)
         _check_range("max_active_jobs", self.max_active_jobs, 1, 10_000)
@@ -184,3 +201,9 @@ class ControllerConfig:
 def _check_range(field: str, value: int, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"{field} must be an integer in {low}..{high}, got {value!r}")
+
+
+def _check_seconds(field: str, value: float, high: float = 3600.0) -> None:
+    """A timeout: a positive number of seconds (0 would end every stream at once)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= high:
+        raise ConfigError(f"{field} must be a number of seconds in (0, {high:g}], got {value!r}")

@@ -26,8 +26,10 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     text,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAME = 64
@@ -210,7 +212,12 @@ class TelemetryRollupRow(Base):
 
 class TelemetryReportingRow(Base):
     """When each device last sent windows of a (model, artifact): "devices reporting"
-    counts these rows (one per device and artifact), not the windows."""
+    counts these rows (one per device and artifact), not the windows.
+
+    ``max_end_unix_ms`` is the latest end of any window of the (model, artifact) the
+    device stored, whatever its seq: ingest refuses a window of the model that starts well
+    before it (overlap), so the device's windows cannot count one time twice. 0 is
+    "unknown" (a row an older controller wrote): no window is held against it."""
 
     __tablename__ = "telemetry_reporting"
 
@@ -218,6 +225,40 @@ class TelemetryReportingRow(Base):
     model_name: Mapped[str] = mapped_column(String(NAME), primary_key=True)
     artifact_sha256: Mapped[str] = mapped_column(String(DIGEST), primary_key=True)
     received_unix_ms: Mapped[int] = mapped_column(BigInteger)
+    # a default, so an older controller's insert (no such column) still works beside this
+    max_end_unix_ms: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+
+
+def _add_reporting_max_end(engine: Engine) -> None:
+    """Give a telemetry_reporting table from before max_end_unix_ms that column, filled
+    from the windows stored: create_all adds no column to a table that exists, and ingest
+    reads it. Runs at every start; several processes may run it at once."""
+    table, column = TelemetryReportingRow.__tablename__, "max_end_unix_ms"
+
+    def present() -> bool:
+        return column in {c["name"] for c in inspect(engine).get_columns(table)}
+
+    if present():
+        return
+    guard = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(f"ALTER TABLE {table} ADD COLUMN {guard}{column} BIGINT NOT NULL DEFAULT 0")
+            )
+    except DBAPIError:
+        if not present():  # not another process adding it first (SQLite has no IF NOT EXISTS)
+            raise
+    windows = TelemetryWindowRow.__tablename__
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                f"UPDATE {table} SET {column} = COALESCE((SELECT max(w.end_unix_ms) "
+                f"FROM {windows} w WHERE w.device_id = {table}.device_id "
+                f"AND w.model_name = {table}.model_name "
+                f"AND w.artifact_sha256 = {table}.artifact_sha256), 0) WHERE {column} = 0"
+            )
+        )
 
 
 ACTIVE_JOB_STATES_SQL = "state IN ('queued', 'running')"
@@ -372,5 +413,7 @@ def make_engine(url: str) -> Engine:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create missing tables (no migrations yet: the schema is new)."""
+    """Create missing tables (no migrations yet: the schema is new), and add the one
+    column added to an existing table since (``_add_reporting_max_end``)."""
     Base.metadata.create_all(engine)
+    _add_reporting_max_end(engine)

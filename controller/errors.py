@@ -29,6 +29,8 @@ class ErrorCode(enum.Enum):
     FAILED_PRECONDITION = "failed_precondition"
     OUT_OF_RANGE = "out_of_range"
     RESOURCE_EXHAUSTED = "resource_exhausted"
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the client stopped sending or reading
+    CANCELLED = "cancelled"  # the controller ended the stream (a newer one replaced it)
     PERMISSION_DENIED = "permission_denied"
     UNAVAILABLE = "unavailable"
     DATA_LOSS = "data_loss"  # stored bytes the controller should have are gone
@@ -42,6 +44,8 @@ GRPC_STATUS: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
     ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorCode.CANCELLED: grpc.StatusCode.CANCELLED,
     ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.DATA_LOSS: grpc.StatusCode.DATA_LOSS,
@@ -107,15 +111,23 @@ async def _status_on_error(
         await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
 
-def _guard(method: Method[S, Req, Resp], *, long_lived: bool) -> Method[S, Req, Resp]:
+class _Slot(enum.Enum):
+    SHORT = "short"
+    WATCH = "watch"
+    NONE = "none"
+
+
+def _guard(method: Method[S, Req, Resp], slot: _Slot) -> Method[S, Req, Resp]:
     name = method.__name__
 
     @functools.wraps(method)
     async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         async with _status_on_error(name, context):
             self.authorize(request, context)
-            slot = self.limits.watch_slot() if long_lived else self.limits.slot()
-            async with slot:
+            if slot is _Slot.NONE:
+                return await method(self, request, context)
+            held = self.limits.watch_slot() if slot is _Slot.WATCH else self.limits.slot()
+            async with held:
                 return await method(self, request, context)
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
@@ -124,7 +136,7 @@ def _guard(method: Method[S, Req, Resp], *, long_lived: bool) -> Method[S, Req, 
 
 def rpc(method: Method[S, Req, Resp]) -> Method[S, Req, Resp]:
     """For every unary, client-streaming and short server-streaming RPC (writes via context)."""
-    return _guard(method, long_lived=False)
+    return _guard(method, _Slot.SHORT)
 
 
 def long_lived_rpc(method: Method[S, Req, Resp]) -> Method[S, Req, Resp]:
@@ -133,4 +145,14 @@ def long_lived_rpc(method: Method[S, Req, Resp]) -> Method[S, Req, Resp]:
     It writes through ``context.write`` and returns None; it takes a watch slot, not a
     short-call slot, so open streams never starve short calls.
     """
-    return _guard(method, long_lived=True)
+    return _guard(method, _Slot.WATCH)
+
+
+def unqueued_rpc(method: Method[S, Req, Resp]) -> Method[S, Req, Resp]:
+    """For an RPC that must not wait behind short calls, and takes no slot from them.
+
+    FetchArtifact: its handler holds a download slot of its own (a download lasts as
+    long as its client reads). Health Check: answered from memory at once, so a load
+    balancer probing a busy controller still gets its answer.
+    """
+    return _guard(method, _Slot.NONE)

@@ -1,25 +1,60 @@
-"""Concurrency bounds the controller enforces itself (grpc.aio's own limit can be bypassed)."""
+"""Concurrency bounds the controller enforces itself (grpc.aio's own limit can be bypassed).
+
+Each kind of call has a pool of its own, so one kind held open cannot starve another:
+short calls queue for a fixed number of slots; watch streams (assignment and health) are
+counted apart, with a cap per health client; downloads have their own pool with a cap
+per device (``DownloadPool``, held by the fetch handler); health ``Check`` takes no slot
+at all, so a load balancer probing a busy controller still gets its answer.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
 
 from controller.errors import ErrorCode, FleetError
+
+if TYPE_CHECKING:
+    from controller.config import ControllerConfig
+
+
+def _exhausted(message: str) -> FleetError:
+    return FleetError(ErrorCode.RESOURCE_EXHAUSTED, message)
 
 
 class RpcLimits:
     """Short RPCs queue for one of a fixed number of slots; watch streams are counted apart.
 
     A watch stream lives as long as its device is online, so it must not hold a slot that
-    short calls wait for; past ``max_watch_streams`` a new stream is refused at once.
+    short calls wait for; past ``max_watch_streams`` a new stream is refused at once, and
+    past ``max_health_watches_per_peer`` from one health client too.
     """
 
-    def __init__(self, max_concurrent_rpcs: int, max_watch_streams: int) -> None:
+    def __init__(
+        self,
+        max_concurrent_rpcs: int,
+        max_watch_streams: int,
+        *,
+        max_health_watches_per_peer: int,
+        upload_idle_seconds: float,
+    ) -> None:
         self._slots = asyncio.Semaphore(max_concurrent_rpcs)
         self._max_watch = max_watch_streams
         self._watching = 0
+        self._max_per_peer = max_health_watches_per_peer
+        self._peer_watches: dict[str, int] = {}
+        self.upload_idle_seconds = upload_idle_seconds
+
+    @classmethod
+    def from_config(cls, config: ControllerConfig) -> RpcLimits:
+        return cls(
+            config.max_concurrent_rpcs,
+            config.max_watch_streams,
+            max_health_watches_per_peer=config.max_health_watches_per_peer,
+            upload_idle_seconds=config.upload_idle_timeout_seconds,
+        )
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -29,10 +64,10 @@ class RpcLimits:
     @contextlib.asynccontextmanager
     async def watch_slot(self) -> AsyncIterator[None]:
         if self._watching >= self._max_watch:
-            raise FleetError(
-                ErrorCode.RESOURCE_EXHAUSTED,
+            raise _exhausted(
                 f"this controller already serves {self._watching} watch streams "
-                f"(at most {self._max_watch}); retry later or use another replica",
+                f"(at most {self._max_watch}, max_watch_streams); retry later or use another "
+                "replica"
             )
         self._watching += 1
         try:
@@ -40,6 +75,115 @@ class RpcLimits:
         finally:
             self._watching -= 1
 
+    @contextlib.contextmanager
+    def health_watch_slot(self, peer: str) -> Iterator[None]:
+        """One of ``peer``'s few health Watch streams (a load balancer needs one or two)."""
+        held = self._peer_watches.get(peer, 0)
+        if held >= self._max_per_peer:
+            raise _exhausted(
+                f"this client already holds {held} health Watch streams (at most "
+                f"{self._max_per_peer}, max_health_watches_per_peer); reuse one, or use Check"
+            )
+        self._peer_watches[peer] = held + 1
+        try:
+            yield
+        finally:
+            left = self._peer_watches[peer] - 1
+            if left:
+                self._peer_watches[peer] = left
+            else:
+                del self._peer_watches[peer]
+
     @property
     def watch_streams(self) -> int:
         return self._watching
+
+
+class DownloadPool:
+    """Artifact downloads: at most ``max_streams`` at once, ``max_per_device`` per device,
+    and no chunk write waiting more than ``write_seconds`` for its client.
+
+    Refused at once past either (an agent retries with backoff), never queued: a download
+    lasts as long as its client reads, so a queue would wait behind stalled readers.
+    A stream whose chunk write timed out frees its pool slot when its handler ends, but
+    still counts for its device until the transport lets go of that chunk (the client
+    reads again, cancels, or its connection closes): gRPC keeps the unsent chunk in
+    memory until then, and the per-device cap keeps that memory bounded per device.
+    """
+
+    def __init__(self, max_streams: int, max_per_device: int, write_seconds: float) -> None:
+        self._max_streams = max_streams
+        self._write_seconds = write_seconds
+        self._max_per_device = max_per_device
+        self._streams = 0
+        self._per_device: dict[str, int] = {}
+        self._pending: set[asyncio.Future[Any]] = set()  # held: the loop keeps weak refs
+
+    @contextlib.contextmanager
+    def lease(self, device_id: str) -> Iterator[DownloadLease]:
+        held = self._per_device.get(device_id, 0)
+        if held >= self._max_per_device:
+            raise _exhausted(
+                f"device {device_id} already has {held} downloads open (at most "
+                f"{self._max_per_device}, max_fetches_per_device; a stream whose reader "
+                "stopped counts until it is cancelled or its connection closes); finish or "
+                "cancel one, then retry"
+            )
+        if self._streams >= self._max_streams:
+            raise _exhausted(
+                f"this controller already serves {self._streams} downloads (at most "
+                f"{self._max_streams}, max_fetch_streams); retry later or use another replica"
+            )
+        self._streams += 1
+        self._per_device[device_id] = held + 1
+        lease = DownloadLease(self._write_seconds)
+        try:
+            yield lease
+        finally:
+            self._streams -= 1
+            if lease.unsent is None:
+                self._release_device(device_id)
+            else:  # run soon if the chunk went out meanwhile
+                self._pending.add(lease.unsent)
+                lease.unsent.add_done_callback(lambda unsent: self._unsent_done(unsent, device_id))
+
+    def _unsent_done(self, unsent: asyncio.Future[Any], device_id: str) -> None:
+        self._pending.discard(unsent)
+        if not unsent.cancelled():
+            unsent.exception()  # retrieved: the transport's failure is expected here
+        self._release_device(device_id)
+
+    def _release_device(self, device_id: str) -> None:
+        left = self._per_device[device_id] - 1
+        if left:
+            self._per_device[device_id] = left
+        else:
+            del self._per_device[device_id]
+
+
+class DownloadLease:
+    """One download's hold on the pool; ``unsent`` is a write that outlived its timeout."""
+
+    def __init__(self, write_seconds: float) -> None:
+        self._write_seconds = write_seconds
+        self.unsent: asyncio.Future[Any] | None = None
+
+    async def write(self, sending: asyncio.Future[Any], what: str) -> None:
+        """Wait a limited time for ``sending`` (one chunk handed to the client).
+
+        Past it the download ends with DEADLINE_EXCEEDED; the write itself is left to the
+        transport (cancelling it would not free the chunk) and keeps the device's count.
+        """
+        try:
+            await asyncio.wait_for(asyncio.shield(sending), self._write_seconds)
+        except TimeoutError:
+            self.unsent = sending
+            raise FleetError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"the client took no data for {self._write_seconds:g} s "
+                f"(fetch_write_timeout_seconds) while {what} waited to be sent: the download "
+                "was ended; resume it from the last byte received",
+            ) from None
+        except BaseException:
+            sending.cancel()  # the call is going away (cancelled, revoked): drop the write
+            raise

@@ -185,7 +185,7 @@ class ControllerServer:
             log.info(
                 "re-signed %d artifact manifest(s) with the current key %s", resigned, key.key_id
             )
-        limits = RpcLimits(config.max_concurrent_rpcs, config.max_watch_streams)
+        limits = RpcLimits.from_config(config)
         tls, revoked = _load_tls(config)
         access = Access(mtls=tls is not None, revoked=revoked)
 

@@ -1,13 +1,15 @@
 """gRPC servicers: turn messages into records, call a handler, turn the result back.
 
-No logic lives here; every method is wrapped by ``rpc``/``long_lived_rpc``, which maps
-FleetError to its status and bounds concurrency.
+No logic lives here; every method is wrapped by ``rpc``/``long_lived_rpc``/``unqueued_rpc``,
+which maps FleetError to its status and bounds concurrency. Client-streamed uploads are
+read through ``_receive``, which ends an upload that goes quiet.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -16,7 +18,7 @@ from controller.access import OPEN, Access
 from controller.admin import AdminHandlers
 from controller.agents import AgentHandlers
 from controller.config import MAX_CHUNK_BYTES
-from controller.errors import invalid, long_lived_rpc, rpc
+from controller.errors import ErrorCode, FleetError, invalid, long_lived_rpc, rpc, unqueued_rpc
 from controller.jobs import wire
 from controller.jobs.handlers import CompressionHandlers
 from controller.limits import RpcLimits
@@ -26,6 +28,7 @@ from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+M = TypeVar("M")
 
 
 class AgentServicer(fleet_pb2_grpc.AgentServiceServicer):
@@ -69,11 +72,18 @@ class AgentServicer(fleet_pb2_grpc.AgentServiceServicer):
 
         await self._h.watch(request.device_id, send)
 
-    @rpc
+    @unqueued_rpc  # the handler holds a download slot instead (AgentHandlers.fetch)
     async def FetchArtifact(self, request: pb.FetchArtifactRequest, context: Context) -> None:
         async def send(chunk: Chunk) -> None:
             self.authorize(request, context)  # a revoked device stops mid-download
-            await context.write(convert.chunk_to_proto(chunk))
+            try:
+                await context.write(convert.chunk_to_proto(chunk))
+            except Exception as exc:
+                # gRPC fails a write only once the call is over (the client cancelled, left
+                # or passed its deadline), and cancels the call's task right after; the write
+                # runs in a task of its own (AgentHandlers.fetch bounds its wait), so its
+                # failure can arrive first: end as that cancellation, not as a bug.
+                raise asyncio.CancelledError("the download's call ended mid-write") from exc
 
         await self._h.fetch(convert.fetch_from_proto(request), send)
 
@@ -117,14 +127,15 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
     async def AddModel(
         self, request_iterator: AsyncIterator[pb.AddModelChunk], context: Context
     ) -> pb.Model:
-        first = await anext(request_iterator, None)
+        idle = self._limits.upload_idle_seconds
+        first = await _receive(request_iterator, idle, "AddModel")
         if first is None or first.WhichOneof("part") != "header":
             raise invalid(
                 "the first AddModel message must carry the header (name, size_bytes, optional "
                 "sha256 and description); the ONNX bytes follow in data messages"
             )
         upload = convert.upload_from_proto(first.header)
-        added = await self._h.add_model(upload, _data_parts(request_iterator))
+        added = await self._h.add_model(upload, _data_parts(request_iterator, idle))
         reply = convert.model_to_proto(added.record)
         reply.unchanged = not added.created
         reply.interface_change = added.interface_change
@@ -200,14 +211,15 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
     async def StartCompression(
         self, request_iterator: AsyncIterator[pb.StartCompressionChunk], context: Context
     ) -> pb.CompressionJob:
-        first = await anext(request_iterator, None)
+        idle = self._limits.upload_idle_seconds
+        first = await _receive(request_iterator, idle, "StartCompression")
         if first is None or first.WhichOneof("part") != "header":
             raise invalid(
                 "the first StartCompression message must carry the header (model or workload, "
                 "device_class_yaml, budgets, calibration_bytes); calibration bytes follow"
             )
         job = await self._jobs.start(
-            wire.start_from_proto(first.header), _calibration_parts(request_iterator)
+            wire.start_from_proto(first.header), _calibration_parts(request_iterator, idle)
         )
         return wire.job_to_proto(job)
 
@@ -248,17 +260,33 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
         return pb.ListRolloutsResponse(rollouts=[rollout_to_proto(r) for r in rollouts])
 
 
-async def _data_parts(messages: AsyncIterator[pb.AddModelChunk]) -> AsyncIterator[bytes]:
-    async for message in messages:
+async def _receive(messages: AsyncIterator[M], idle: float, rpc_name: str) -> M | None:
+    """The next message of a client stream (None at its end), waiting at most ``idle``
+    seconds: an upload that goes quiet would otherwise hold a short-call slot for good."""
+    try:
+        async with asyncio.timeout(idle):
+            return await anext(messages, None)
+    except TimeoutError:
+        raise FleetError(
+            ErrorCode.DEADLINE_EXCEEDED,
+            f"the {rpc_name} stream sent nothing for {idle:g} s (upload_idle_timeout_seconds): "
+            "the upload was ended and nothing was stored; send the messages without pausing",
+        ) from None
+
+
+async def _data_parts(
+    messages: AsyncIterator[pb.AddModelChunk], idle: float
+) -> AsyncIterator[bytes]:
+    while (message := await _receive(messages, idle, "AddModel")) is not None:
         if message.WhichOneof("part") != "data":
             raise invalid("only the first AddModel message may carry a header; send data after it")
         yield message.data
 
 
 async def _calibration_parts(
-    messages: AsyncIterator[pb.StartCompressionChunk],
+    messages: AsyncIterator[pb.StartCompressionChunk], idle: float
 ) -> AsyncIterator[bytes]:
-    async for message in messages:
+    while (message := await _receive(messages, idle, "StartCompression")) is not None:
         if message.WhichOneof("part") != "data":
             raise invalid(
                 "only the first StartCompression message may carry a header; send data after it"

@@ -8,6 +8,7 @@ without locks held in any one process.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
+    Connection,
     Engine,
     and_,
     case,
@@ -32,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from artifact import histogram
 from artifact.manifest import TensorSpec
+from controller import validate
 from controller.clock import unix_ms
 from controller.db import (
     ArtifactRow,
@@ -48,7 +51,7 @@ from controller.db import (
     TelemetryRollupRow,
     TelemetryWindowRow,
 )
-from controller.errors import ErrorCode, FleetError, not_found
+from controller.errors import ErrorCode, FleetError, invalid, not_found
 from controller.records import (
     ArtifactRecord,
     AssignResult,
@@ -582,7 +585,11 @@ class SqlStore(Store):
     ) -> dict[str, int]:
         """One transaction for many devices: a bulk insert that skips (device, seq) pairs
         already stored, so a resent batch is stored once without reading it back first;
-        the windows it did store are added to the rollup the scrape reads."""
+        the windows it did store are added to the rollup the scrape reads.
+
+        The new windows are held to what one device can report (``_check_continuity``,
+        ``_add_to_rollup``): INVALID_ARGUMENT naming the device rolls the whole
+        transaction back, and the group commit then retries the other devices without it."""
 
         def work(session: Session) -> dict[str, int]:
             now = self._now()
@@ -601,6 +608,9 @@ class SqlStore(Store):
                 for device_id in known
                 for w in {w.seq: w for w in batches[device_id]}.values()
             ]
+            # read after the devices update: on PostgreSQL that row lock orders two
+            # transactions of one device, so the second sees what the first stored
+            before = _stored_state(session, known, {(d, w.model_name) for d, w in windows})
             rows = [
                 (
                     device_id,
@@ -620,20 +630,15 @@ class SqlStore(Store):
                 )
                 for device_id, w in windows
             ]
+            highest = {d: before.highest_seq.get(d, 0) for d in known}
             if rows:
                 inserted = _insert_new_windows(session, rows)
                 stored = [(d, w) for d, w in windows if (d, w.seq) in inserted]
+                _check_continuity(stored, before)
                 _add_to_rollup(session, stored, classes)
                 _mark_reporting(session, stored, now)
-            w = TelemetryWindowRow
-            highest: dict[str, int] = dict.fromkeys(known, 0)
-            for chunk in _chunks(known):
-                for device_id, seq in session.execute(
-                    select(w.device_id, func.max(w.seq))
-                    .where(w.device_id.in_(chunk))
-                    .group_by(w.device_id)
-                ):
-                    highest[device_id] = int(seq)
+                for d, w in stored:
+                    highest[d] = max(highest[d], w.seq)
             return highest
 
         return self._retry(work)
@@ -1332,12 +1337,8 @@ _PLACEHOLDERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
 ROWS_PER_INSERT = 500  # 7,000 parameters: under SQLite's and PostgreSQL's limits
 
 
-def _insert_new_windows(session: Session, rows: Sequence[tuple[Any, ...]]) -> set[tuple[str, int]]:
-    """Multi-row INSERT ... ON CONFLICT (device_id, seq) DO NOTHING RETURNING, rows in
-    ``_WINDOW_COLUMNS`` order handed straight to the driver (on the ingest hot path
-    SQLAlchemy's per-row parameter processing cost more than the database's own work).
-    Returns the (device_id, seq) pairs actually inserted: what the rollup may count."""
-    connection = session.connection()
+def _driver_mark(connection: Connection) -> str:
+    """The driver's parameter mark, for the ingest SQL written as text."""
     dialect = connection.dialect
     mark = _PLACEHOLDERS.get(str(dialect.paramstyle))
     if dialect.name not in ("sqlite", "postgresql") or mark is None:
@@ -1345,7 +1346,16 @@ def _insert_new_windows(session: Session, rows: Sequence[tuple[Any, ...]]) -> se
             f"telemetry ingest supports SQLite and PostgreSQL drivers with ?/%s parameters, "
             f"not {dialect.name} with {dialect.paramstyle}"
         )
-    group = "(" + ", ".join([mark] * len(_WINDOW_COLUMNS)) + ")"
+    return mark
+
+
+def _insert_new_windows(session: Session, rows: Sequence[tuple[Any, ...]]) -> set[tuple[str, int]]:
+    """Multi-row INSERT ... ON CONFLICT (device_id, seq) DO NOTHING RETURNING, rows in
+    ``_WINDOW_COLUMNS`` order handed straight to the driver (on the ingest hot path
+    SQLAlchemy's per-row parameter processing cost more than the database's own work).
+    Returns the (device_id, seq) pairs actually inserted: what the rollup may count."""
+    connection = session.connection()
+    group = "(" + ", ".join([_driver_mark(connection)] * len(_WINDOW_COLUMNS)) + ")"
     inserted: set[tuple[str, int]] = set()
     for i in range(0, len(rows), ROWS_PER_INSERT):
         chunk = rows[i : i + ROWS_PER_INSERT]
@@ -1357,6 +1367,95 @@ def _insert_new_windows(session: Session, rows: Sequence[tuple[Any, ...]]) -> se
         )
         inserted.update((str(device_id), int(seq)) for device_id, seq in result)
     return inserted
+
+
+# A device's windows of one model may overlap by this much: its clock set back by as
+# much as the controller lets it run ahead (agents.MAX_CLOCK_AHEAD_MS), or the two
+# windows an agent closes together when a model's artifact changed mid-window.
+MAX_WINDOW_OVERLAP_MS = 5 * 60 * 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class _StoredState:
+    """What ingest checks new windows against, read in one statement per chunk."""
+
+    highest_seq: dict[str, int]  # device -> highest seq stored (absent: none)
+    max_end: dict[tuple[str, str], int]  # (device, model) -> latest end of a stored window
+
+
+def _stored_state(
+    session: Session, devices: Sequence[str], pairs: Iterable[tuple[str, str]]
+) -> _StoredState:
+    """Per device its highest stored seq (the acknowledgement), per (device, model) the
+    latest end of any window stored, whatever its seq (``telemetry_reporting``, kept at
+    ingest by ``_mark_reporting``): index lookups in the (device_id, seq) and reporting
+    keys, so the cost does not grow with a device's history. ``""`` stands for "no model"
+    (a device whose call sends no windows still needs its highest seq).
+
+    Handed to the driver as text, as the insert is: SQLAlchemy compiles a VALUES list
+    afresh for every call, which cost more than the whole query."""
+    keys = sorted(set(pairs) | {(d, "") for d in devices})
+    connection = session.connection()
+    mark = _driver_mark(connection)
+    windows, reporting = TelemetryWindowRow.__tablename__, TelemetryReportingRow.__tablename__
+    highest: dict[str, int] = {}
+    max_end: dict[tuple[str, str], int] = {}
+    for i in range(0, len(keys), IN_CHUNK):
+        chunk = keys[i : i + IN_CHUNK]
+        rows = ", ".join([f"({mark}, {mark})"] * len(chunk))
+        result = connection.exec_driver_sql(
+            # WITH k(...) AS (VALUES ...): SQLite has no column list on a VALUES alias
+            f"WITH k (device_id, model_name) AS (VALUES {rows}) "
+            "SELECT k.device_id, k.model_name, "
+            f"(SELECT max(w.seq) FROM {windows} w WHERE w.device_id = k.device_id), "
+            f"(SELECT max(r.max_end_unix_ms) FROM {reporting} r "
+            "WHERE r.device_id = k.device_id AND r.model_name = k.model_name) "
+            "FROM k",
+            tuple(value for key in chunk for value in key),
+        )
+        for device_id, model_name, seq, end_ms in result:
+            if seq is not None:
+                highest[str(device_id)] = int(seq)
+            if end_ms:  # None: never sent the model; 0: a row from before the column
+                max_end[(str(device_id), str(model_name))] = int(end_ms)
+    return _StoredState(highest, max_end)
+
+
+def _check_continuity(stored: Sequence[tuple[str, TelemetryWindow]], before: _StoredState) -> None:
+    """Refuse new windows a device could only send to be counted twice: a window of a
+    model that starts more than MAX_WINDOW_OVERLAP_MS before the latest end of the
+    device's windows of that model, stored or earlier (by seq) in this batch. Without it,
+    overlapping windows, each within the per-window rate bound, could claim any count and
+    overflow the class rollup.
+
+    Held against the latest end, not the end of the highest-seq window: a new window with
+    a seq below the device's highest (a gap in its numbering) that re-covers old time is
+    refused too. The seq itself is not checked: an agent that lost its state directory
+    numbers afresh under the same device id, and its windows (current times) are stored
+    whatever their numbers; those whose (device, seq) is already stored are skipped by the
+    insert, and the acknowledgement's highest seq tells the agent to number above it."""
+    max_end = dict(before.max_end)
+    previous: dict[tuple[str, str], int] = {}  # seq of the latest-ending window in this batch
+    for device_id, w in sorted(stored, key=lambda dw: (dw[0], dw[1].seq)):
+        key = (device_id, w.model_name)
+        end = max_end.get(key)
+        if end is not None and w.start_unix_ms < end - MAX_WINDOW_OVERLAP_MS:
+            before_seq = previous.get(key)
+            which = (
+                "the latest end of its stored windows"
+                if before_seq is None
+                else f"the end of its window seq {before_seq}"
+            )
+            raise invalid(
+                f"device {device_id}: window seq {w.seq} of model {w.model_name} starts at "
+                f"{w.start_unix_ms}, {end - w.start_unix_ms} ms before {which} of that model "
+                f"({end}); a device's windows of one model may overlap by at most "
+                f"{MAX_WINDOW_OVERLAP_MS // 60_000} minutes (clock adjustments), so one time "
+                "is never counted twice"
+            )
+        if end is None or w.end_unix_ms > end:
+            max_end[key] = w.end_unix_ms
+            previous[key] = w.seq
 
 
 def _window_record(row: TelemetryWindowRow) -> TelemetryWindow:
@@ -1385,9 +1484,11 @@ def _add_to_rollup(
     on PostgreSQL the rows are locked; two replicas adding the same new key race on its
     unique constraint and the loser's transaction is retried whole."""
     groups: dict[tuple[str, str, str, str], list[TelemetryWindow]] = {}
+    senders: dict[tuple[str, str, str, str], set[str]] = {}
     for device_id, w in stored:
         key = (classes[device_id], w.model_name, w.artifact_sha256, w.energy_source)
         groups.setdefault(key, []).append(w)
+        senders.setdefault(key, set()).add(device_id)
     if not groups:
         return
     r = TelemetryRollupRow
@@ -1398,52 +1499,104 @@ def _add_to_rollup(
         )
     }
     for key, ws in groups.items():
-        buckets = [sum(col) for col in zip(*(w.latency_bucket_counts for w in ws), strict=True)]
         row = existing.get(key)
+        buckets = [sum(col) for col in zip(*(w.latency_bucket_counts for w in ws), strict=True)]
+        was = _WindowSums(buckets=[0] * len(buckets)) if row is None else _rollup_sums(row)
+        sums = _WindowSums(
+            windows=was.windows + len(ws),
+            count=was.count + sum(w.count for w in ws),
+            errors=was.errors + sum(w.errors for w in ws),
+            cpu_seconds=was.cpu_seconds + sum(w.cpu_seconds for w in ws),
+            joules=was.joules + sum(w.joules for w in ws),
+            buckets=[a + b for a, b in zip(was.buckets, buckets, strict=True)],
+        )
+        _check_rollup_fits(sums, key, senders[key])
         if row is None:
-            session.add(
-                TelemetryRollupRow(
-                    device_class=key[0],
-                    model_name=key[1],
-                    artifact_sha256=key[2],
-                    energy_source=key[3],
-                    windows=len(ws),
-                    count=sum(w.count for w in ws),
-                    errors=sum(w.errors for w in ws),
-                    cpu_seconds=sum(w.cpu_seconds for w in ws),
-                    joules=sum(w.joules for w in ws),
-                    latency_bucket_counts=buckets,
-                )
+            row = TelemetryRollupRow(
+                device_class=key[0],
+                model_name=key[1],
+                artifact_sha256=key[2],
+                energy_source=key[3],
             )
-            continue
-        row.windows += len(ws)
-        row.count += sum(w.count for w in ws)
-        row.errors += sum(w.errors for w in ws)
-        row.cpu_seconds += sum(w.cpu_seconds for w in ws)
-        row.joules += sum(w.joules for w in ws)
-        row.latency_bucket_counts = [
-            int(a) + b for a, b in zip(row.latency_bucket_counts, buckets, strict=True)
-        ]
+            session.add(row)
+        row.windows = sums.windows
+        row.count = sums.count
+        row.errors = sums.errors
+        row.cpu_seconds = sums.cpu_seconds
+        row.joules = sums.joules
+        row.latency_bucket_counts = sums.buckets
+
+
+def _rollup_sums(row: TelemetryRollupRow) -> _WindowSums:
+    return _WindowSums(
+        windows=int(row.windows),
+        count=int(row.count),
+        errors=int(row.errors),
+        cpu_seconds=float(row.cpu_seconds),
+        joules=float(row.joules),
+        buckets=[int(b) for b in row.latency_bucket_counts],
+    )
+
+
+def _check_rollup_fits(
+    sums: _WindowSums, key: tuple[str, str, str, str], devices: set[str]
+) -> None:
+    """Refuse windows that would carry a running sum past what its column holds (a signed
+    64-bit integer; a finite float): one device's windows must not overflow the rollup
+    and so fail every later ingest of the key, for every device of the class."""
+    counters = {"windows": sums.windows, "count": sums.count, "errors": sums.errors}
+    over = [name for name, value in counters.items() if value > validate.MAX_INT64]
+    if max(sums.buckets, default=0) > validate.MAX_INT64:
+        over.append("latency_bucket_counts")
+    floats = {"cpu_seconds": sums.cpu_seconds, "joules": sums.joules}
+    over += [name for name, value in floats.items() if not math.isfinite(value)]
+    if over:
+        device_class, model_name, sha256, source = key
+        names = sorted(devices)
+        who = f"device {names[0]}" if len(names) == 1 else f"devices {', '.join(names[:5])}"
+        who += f" and {len(names) - 5} more" if len(names) > 5 else ""
+        raise invalid(
+            f"{who}: these windows would carry the fleet's running {', '.join(over)} of class "
+            f"{device_class}, model {model_name}, artifact {_short(sha256)}, energy source "
+            f"{source!r} past what it can hold (2^63-1 for counts, a finite number for "
+            "seconds and joules); no device serves that much: check what it reports"
+        )
 
 
 def _mark_reporting(
     session: Session, stored: Sequence[tuple[str, TelemetryWindow]], now: int
 ) -> None:
-    """Upsert when each device last sent windows of each (model, artifact)."""
-    keys = sorted({(d, w.model_name, w.artifact_sha256) for d, w in stored})  # lock order
-    if not keys:
+    """Upsert when each device last sent windows of each (model, artifact), and the latest
+    end of those windows (``_check_continuity`` holds the next ones against it)."""
+    ends: dict[tuple[str, str, str], int] = {}
+    for d, w in stored:
+        key = (d, w.model_name, w.artifact_sha256)
+        ends[key] = max(ends.get(key, 0), w.end_unix_ms)
+    if not ends:
         return
+    r = TelemetryReportingRow
     dialect = session.get_bind().dialect.name
-    insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
-    statement = insert(TelemetryReportingRow).on_conflict_do_update(
+    insert = sqlite.insert(r) if dialect == "sqlite" else postgresql.insert(r)
+    # SQLite's max() of two arguments is PostgreSQL's greatest()
+    latest = func.max if dialect == "sqlite" else func.greatest
+    statement = insert.on_conflict_do_update(
         index_elements=["device_id", "model_name", "artifact_sha256"],
-        set_={"received_unix_ms": now},
+        set_={
+            "received_unix_ms": now,
+            "max_end_unix_ms": latest(r.max_end_unix_ms, insert.excluded.max_end_unix_ms),
+        },
     )
     session.connection().execute(
         statement,
         [
-            {"device_id": d, "model_name": m, "artifact_sha256": sha, "received_unix_ms": now}
-            for d, m, sha in keys
+            {
+                "device_id": d,
+                "model_name": m,
+                "artifact_sha256": sha,
+                "received_unix_ms": now,
+                "max_end_unix_ms": end,
+            }
+            for (d, m, sha), end in sorted(ends.items())  # lock order
         ],
     )
 

@@ -8,6 +8,11 @@ answered with its device's highest stored seq only after that commit, so an ack 
 means "on disk" and at-least-once delivery across a controller restart holds. While a
 commit runs the next calls queue up, so commits grow with load without a timer adding
 latency when the fleet is quiet.
+
+A commit that fails (one device's windows refused, say) is retried in halves until each
+failing caller stands alone: the others are stored and acknowledged, and only the caller
+whose own batch fails hears why. k failing callers among n cost O(k log n) transactions,
+not n, so a device that keeps sending refused batches cannot take group commit away.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from controller.errors import not_found
+from controller.errors import FleetError, not_found
 from controller.records import TelemetryWindow
 from controller.store import Store
 
@@ -82,11 +87,21 @@ class TelemetryIngest:
             batches.setdefault(pending.device_id, []).extend(pending.windows)
         try:
             highest = await asyncio.to_thread(self._store.store_telemetry_batches, batches)
-        except Exception as exc:  # every caller of the failed transaction hears why
-            log.warning("storing telemetry of %d device(s) failed: %s", len(batches), exc)
-            for pending in group:
-                if not pending.done.done():
-                    pending.done.set_exception(exc)
+        except Exception as exc:
+            if len(group) > 1:  # find whose batch fails: the rest must not fail with it
+                log.debug(
+                    "storing telemetry of %d device(s) failed (%s); retrying in halves",
+                    len(batches),
+                    exc,
+                )
+                half = len(group) // 2
+                await self._commit(group[:half])
+                await self._commit(group[half:])
+                return
+            if not isinstance(exc, FleetError):  # a refusal is the caller's to hear
+                log.warning("storing telemetry of device %s failed: %s", group[0].device_id, exc)
+            if not group[0].done.done():
+                group[0].done.set_exception(exc)
             return
         self.commits += 1
         for pending in group:

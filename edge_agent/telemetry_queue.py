@@ -8,7 +8,12 @@ or below the controller's acknowledged ``highest_seq``; the controller stores a
 
 Numbering starts at unix milliseconds times 1000 when the queue file is new: an agent whose
 state directory was wiped keeps numbering above everything it sent before (the
-controller would otherwise ignore the reused numbers as already stored).
+controller would otherwise ignore the reused numbers as already stored). That fails
+when the clock was behind as the file was made (no RTC, before NTP: numbering from about
+0) or when the directory was restored from a backup, so the controller's highest seq
+for the device has the last word (``number_above``; the sender asks for it as each
+session starts, and every acknowledgement carries it): one this queue never sent that
+reaches its numbering moves the numbering past it, windows not yet sent renumbered.
 
 Bounded: above ``max_windows`` the oldest windows that were never handed to a send are
 merged per (model, artifact, energy source) into one summary window each, which keeps
@@ -49,6 +54,7 @@ NEXT_SEQ = "next_seq"
 ATTEMPTED_THROUGH = "attempted_through"  # highest seq ever handed to a send
 SUMMARISED = "summarised_windows"  # windows folded into summaries, all time
 REJECTED = "rejected_windows"  # windows the controller refused as invalid, all time
+MAX_SEQ = 2**63 - 1  # SQLite's INTEGER, and the controller's bound on a seq
 # What SQLite says of a file that is not (or no longer) a database: move it aside.
 _CORRUPT = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
@@ -129,8 +135,9 @@ class TelemetryQueue:
                     "INSERT OR IGNORE INTO meta VALUES (?, ?)",
                     (NEXT_SEQ, int(clock() * 1000) * 1000),
                 )
-                for key in (ATTEMPTED_THROUGH, SUMMARISED, REJECTED):
-                    db.execute("INSERT OR IGNORE INTO meta VALUES (?, 0)", (key,))
+                # -1: none yet, as a first seq may be 0 (a clock at 1970)
+                for key, value in ((ATTEMPTED_THROUGH, -1), (SUMMARISED, 0), (REJECTED, 0)):
+                    db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 db.close()  # the file may have to be moved aside: let go of it
@@ -226,10 +233,58 @@ class TelemetryQueue:
             return batch
 
     def acknowledge(self, highest_seq: int) -> int:
-        """Delete every window at or below ``highest_seq``; returns how many were deleted."""
+        """Delete every window at or below ``highest_seq``; returns how many were deleted.
+
+        First, as ``number_above``: windows not yet sent that the controller's older
+        seqs reach are renumbered above them, not deleted. Windows already sent at or
+        below ``highest_seq`` are deleted as acknowledged: the controller stored them, or
+        skipped them as duplicates of its older windows with those seqs, and resending
+        one it stored under a new seq would count it twice."""
         with self._lock, self._transaction():
+            moved = self._number_above(highest_seq)
             cursor = self._db.execute("DELETE FROM windows WHERE seq <= ?", (highest_seq,))
-            return cursor.rowcount
+            deleted = cursor.rowcount
+        if moved is not None:
+            _log_jump(highest_seq, moved, deleted)
+        return deleted
+
+    def number_above(self, highest_seq: int) -> None:
+        """Take the controller's highest stored seq for this device (the sender asks for
+        it as a session starts; every acknowledgement carries it too).
+
+        Above every seq this queue handed to a send, it is not one of ours: this device
+        id numbered windows before its state directory was lost or restored from a
+        backup, and a new window with one of those seqs would be skipped as already
+        stored. So when it reaches a queued window not yet sent, or the next seq, the
+        windows not yet sent are renumbered from ``highest_seq + 1`` (in order) and new
+        ones follow them; a warning says so."""
+        with self._lock, self._transaction():
+            moved = self._number_above(highest_seq)
+        if moved is not None:
+            _log_jump(highest_seq, moved, 0)
+
+    def _number_above(self, highest_seq: int) -> int | None:
+        """How many windows were renumbered above ``highest_seq``; None: nothing to do."""
+        attempted = self._meta(ATTEMPTED_THROUGH)
+        if highest_seq <= attempted:  # ours (the usual acknowledgement), or below ours
+            return None
+        next_seq = self._meta(NEXT_SEQ)
+        rows = self._db.execute(
+            "SELECT seq, body FROM windows WHERE seq > ? ORDER BY seq", (attempted,)
+        ).fetchall()
+        reached = highest_seq >= next_seq or (bool(rows) and rows[0][0] <= highest_seq)
+        if not reached or highest_seq + 1 + len(rows) > MAX_SEQ:
+            return None
+        renumbered = []
+        for seq, (_, body) in enumerate(rows, start=highest_seq + 1):
+            window = fleet_pb2.TelemetryWindow.FromString(body)
+            window.seq = seq
+            renumbered.append((seq, window.SerializeToString()))
+        # out and back in: a new seq may be one an unsent window still holds
+        self._db.execute("DELETE FROM windows WHERE seq > ?", (attempted,))
+        self._db.executemany("INSERT INTO windows VALUES (?, ?)", renumbered)
+        self._set_meta(NEXT_SEQ, max(highest_seq + 1 + len(rows), next_seq))
+        return len(rows)
 
     def reject(self, seqs: list[int]) -> None:
         """Drop windows the controller refused as invalid (resending cannot help); counted."""
@@ -255,6 +310,21 @@ class TelemetryQueue:
         with self._lock:
             rows = self._db.execute("SELECT body FROM windows ORDER BY seq").fetchall()
         return [fleet_pb2.TelemetryWindow.FromString(body) for (body,) in rows]
+
+
+def _log_jump(highest_seq: int, renumbered: int, deleted: int) -> None:
+    log.warning(
+        "the controller holds telemetry windows of this device id up to seq %d, which this "
+        "agent never sent: this device numbered them before its state directory was lost, "
+        "replaced or restored from a backup (or another agent uses the same device id: give "
+        "each its own). Numbering windows above %d so they are not taken for those: %d "
+        "queued windows not yet sent renumbered; %d sent ones at or below it deleted as "
+        "acknowledged (stored, or skipped as duplicates)",
+        highest_seq,
+        highest_seq,
+        renumbered,
+        deleted,
+    )
 
 
 class _Transaction:

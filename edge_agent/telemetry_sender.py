@@ -5,6 +5,12 @@ connection ends the session (the sync loop reconnects with backoff and the windo
 queued); a batch the controller refuses as invalid is retried one window at a time so
 only the window at fault is dropped, and the drop is counted (telemetry_queue).
 
+Each session starts by asking the controller for the highest seq it holds of this device
+(an empty batch): an agent whose state directory was lost or restored from a backup may
+give its windows seqs the controller holds from before, and they would be skipped as
+duplicates. The queue then numbers above it (TelemetryQueue.number_above); every
+acknowledgement is held to the same test, should those seqs overtake ours later.
+
 Refusals are logged sparingly (RefusalLog): a device whose clock runs ahead has every
 window refused, and one ERROR per window forever would bury the rest of its log. The
 first refusal of a kind is logged, then at most one line a minute with how many more.
@@ -122,6 +128,7 @@ async def send_forever(
 ) -> None:
     """Drain the queue, then look again every ``poll_s``; raises when the connection is lost."""
     refusals = refusals if refusals is not None else RefusalLog()
+    await number_above_controller(stub, queue, plan)
     limit = plan.batch
     while True:
         refusals.flush()
@@ -132,6 +139,29 @@ async def send_forever(
             limit = 1 if limit > 1 else plan.batch
         elif outcome is Outcome.IDLE:
             await asyncio.sleep(plan.poll_s)
+
+
+async def number_above_controller(stub: Any, queue: TelemetryQueue, plan: SendPlan) -> None:
+    """Ask for the highest seq the controller holds of this device (an empty batch stores
+    nothing) and let the queue number above it if it is above ours; raises when the
+    connection is lost. Any other error is only logged: the sends then go on as before
+    (a duplicate of an older seq is caught at its acknowledgement, losing that batch)."""
+    request = fleet_pb2.TelemetryBatch(device_id=plan.device_id)
+    try:
+        ack: fleet_pb2.TelemetryAck = await stub.ReportTelemetry(
+            request, timeout=plan.rpc_timeout_s
+        )
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in CONNECTION_LOST:
+            raise
+        log.warning(
+            "could not ask the controller for the highest telemetry seq it holds of this "
+            "device (%s: %s); sending without",
+            exc.code().name,
+            exc.details(),
+        )
+        return
+    await asyncio.to_thread(queue.number_above, ack.highest_seq)
 
 
 async def send_batch(
