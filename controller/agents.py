@@ -7,6 +7,7 @@ download (or ends a device's online lease) wraps the very awaits a cancel interr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from controller.clock import unix_ms
 from controller.config import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, ControllerConfig
 from controller.deltas import DeltaCache, Payload
 from controller.errors import ErrorCode, FleetError, invalid, not_found
+from controller.fleet_classes import DeviceClassRegistry
 from controller.limits import DownloadPool
 from controller.notify import AssignmentNotifier
 from controller.records import (
@@ -94,7 +96,9 @@ class AgentHandlers:
         blobs: BlobStore,
         config: ControllerConfig,
         notifier: AssignmentNotifier,
+        classes: DeviceClassRegistry | None = None,
     ) -> None:
+        self._classes = classes or DeviceClassRegistry()
         self._store = store
         self._blobs = blobs
         self._config = config
@@ -149,6 +153,15 @@ class AgentHandlers:
                     )
                 active.add(held.model_name)
         result = await in_thread(self._store.register_device, reg)
+        declared = self._classes.names()
+        if declared and reg.device_class not in declared:
+            warning = (
+                f"device class {reg.device_class!r} is declared by no device-class file on this "
+                f"controller (it has {', '.join(declared)}): no budgets are watched for it and "
+                "no class assignment names it; a typo in --device-class?"
+            )
+            log.warning("device %s registered: %s", reg.device_id, warning)
+            result = dataclasses.replace(result, warning=warning)
         if result.watched:
             log.warning(
                 "device %s registered while another connection still holds its watch lease: "

@@ -243,6 +243,7 @@ def register_to_proto(
         device_id=result.device.device_id,
         heartbeat_seconds=heartbeat_seconds,
         max_chunk_bytes=max_chunk_bytes,
+        warning=result.warning,
     )
 
 

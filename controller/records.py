@@ -146,6 +146,7 @@ class RegisterResult:
     device: DeviceRecord
     re_registered: bool
     watched: bool = False  # another connection still held the device's watch lease
+    warning: str = ""  # for the device's operator, e.g. a class no device-class file declares
 
 
 @dataclass(frozen=True)

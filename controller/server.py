@@ -190,7 +190,15 @@ class ControllerServer:
         access = Access(mtls=tls is not None, revoked=revoked)
 
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        self._agents = AgentHandlers(store, blobs, config, self._notifier)
+        try:
+            classes = (
+                DeviceClassRegistry.load(config.device_classes_dir)
+                if config.device_classes_dir is not None
+                else DeviceClassRegistry()
+            )
+        except DeviceClassError as exc:
+            raise ControllerStartError(str(exc), configuration=True) from exc
+        self._agents = AgentHandlers(store, blobs, config, self._notifier, classes)
         fleet_pb2_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
             AgentServicer(
                 self._agents,
@@ -200,14 +208,6 @@ class ControllerServer:
             ),
             server,
         )
-        try:
-            classes = (
-                DeviceClassRegistry.load(config.device_classes_dir)
-                if config.device_classes_dir is not None
-                else DeviceClassRegistry()
-            )
-        except DeviceClassError as exc:
-            raise ControllerStartError(str(exc), configuration=True) from exc
         admin = AdminHandlers(store, blobs, key, config, self._notifier, classes)
         runner = JobRunner(store, config, admin, self._job_watchers)
         try:

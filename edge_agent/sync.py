@@ -253,6 +253,8 @@ class SyncLoop:
                 register, timeout=self.config.rpc_timeout_s
             )
             self._registered = True  # the controller answered: it speaks this transport
+            if response.warning:
+                log.warning("controller: %s", response.warning)
             self._chunk_bytes = self._pick_chunk_bytes(response.max_chunk_bytes)
             self._heartbeat_s = response.heartbeat_seconds
             log.info(

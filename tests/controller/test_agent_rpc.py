@@ -670,3 +670,21 @@ def test_long_status_reasons_never_make_a_listing_too_large_to_send(tmp_path: Pa
             assert sorted(seen) == sorted(["hub-1", *devices])
 
     run(body())
+
+
+def test_a_class_no_device_class_file_declares_is_registered_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    """A typo in an agent's --device-class would leave it without models and no word."""
+    classes = Path(__file__).resolve().parents[2] / "deploy" / "device-classes"
+
+    async def body() -> None:
+        async with running_controller(tmp_path, device_classes_dir=classes) as c:
+            known = await c.register("cam-1", "camera")
+            assert known.warning == ""
+            typo = await c.register("cam-2", "camrea")
+            assert "device class 'camrea' is declared by no device-class file" in typo.warning
+            assert "camera, home-hub, smart-speaker" in typo.warning
+            assert (await c.device("cam-2")).device_class == "camrea"  # still registered
+
+    run(body())
