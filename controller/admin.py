@@ -274,10 +274,17 @@ class AdminHandlers:
 
     def size_warning(self, artifact: ArtifactRecord) -> str:
         """Why ``artifact`` may not suit its class ("" when it may, or when this
-        controller does not know the class): CreateArtifact signs the model as it is,
-        uncompressed, for whichever class an operator names."""
+        controller declares no classes): CreateArtifact signs the model as it is,
+        uncompressed, for whichever class an operator names (a typo included)."""
         device_class, size_bytes = artifact.device_class, artifact.size_bytes
         known = self._classes.get(device_class)
+        declared = self._classes.names()
+        if known is None and declared:
+            return (
+                f"no device-class file on this controller declares class {device_class!r} "
+                f"(it has {', '.join(declared)}): a typo? Only devices registered with "
+                "exactly this class can receive the artifact"
+            )
         if known is None:
             return ""
         fix = (
@@ -287,8 +294,8 @@ class AdminHandlers:
         if size_bytes > known.model_storage_bytes:
             return (
                 f"{size_bytes:,} B is more than a {device_class} device can store "
-                f"(model_storage_bytes {known.model_storage_bytes:,}): its devices will fail "
-                f"to install it; {fix}"
+                f"(model_storage_bytes {known.model_storage_bytes:,}, the class file's "
+                f"figure): its devices may run out of space installing it; {fix}"
             )
         limit = known.budgets.max_artifact_bytes
         if limit is not None and size_bytes > limit:

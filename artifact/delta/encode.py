@@ -113,7 +113,14 @@ def _qdq_prediction(old: bytes, new: bytes, covered: list[tuple[int, int]]) -> Q
         return None
     try:
         from artifact.delta.qdq.analyse import exact_decisions
-
+    except ImportError as exc:  # an edge-only install: say why the patch may be larger
+        log.warning(
+            "%s: a FP32 -> int8 patch made here does not predict the int8 graph (install "
+            "HomeFleet's full package for patches as small as the controller sends)",
+            exc,
+        )
+        return None
+    try:
         decisions = exact_decisions(old, new)
         return QdqPrediction(decisions, predicted_skeleton(old, decisions, covered, len(new)))
     except Exception as exc:  # onnx missing, not canonical, a bug: all mean "not offered"

@@ -418,7 +418,8 @@ def compress(
             "it misses only budgets a device measures (predicted p95 or energy), which a canary "
             "may refute"
             if not misses_a_known_budget(best.verdicts)
-            else "no trial is within size and quality: it misses fewest of those, then by least"
+            else "none is within size and quality, so it is the one that misses the fewest of "
+            "those budgets, by the least"
         )
         typer.echo(  # one unwrapped line, like every message a script may grep
             f"no recipe meets every budget; the best trial, {best.index} "

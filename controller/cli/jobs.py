@@ -50,6 +50,11 @@ DEFAULT_WAIT_S = 24 * 3600.0
 MAX_LIMIT = 1000  # the server's bound (fleet.proto: ListCompressionJobsRequest.limit)
 STATE_PREFIX = "COMPRESSION_JOB_STATE_"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for Ctrl-C
+# Budgets a device's telemetry measures (controller.compression.budgets.MEASURED_ON_DEVICE,
+# repeated here: the CLI does not import the compression stack)
+MEASURED_ON_DEVICE = frozenset(
+    {"p95_latency_ms", "energy_per_inference_mj"}
+)  # 128 + SIGINT: what a shell reports for Ctrl-C
 
 
 class _JobsStub(Protocol):
@@ -364,9 +369,17 @@ def _finish(job: JobView, as_json: bool, address: str) -> None:
             )
         output.say(job.artifact_id)
     if job.state == "not_met":
+        device_only = all(v.met or v.budget in MEASURED_ON_DEVICE for v in job.verdicts)
+        why = (
+            "it misses only budgets a device measures (predicted p95 or energy), which a "
+            "canary may refute"
+            if device_only
+            else "none is within size and quality, so it is the one that misses the fewest "
+            "of those budgets, by the least"
+        )
         _note(
             f"no recipe met every budget; the best trial ({job.recipe}) is artifact "
-            f"{job.artifact_id}"
+            f"{job.artifact_id}: {why}"
         )
         raise typer.Exit(EXIT_NOT_MET)
     _note(f"budget holds: {job.recipe} is artifact {job.artifact_id}")

@@ -183,7 +183,6 @@ def _run(
             "source_p95_ms": result.baseline.timing.p95_ms,
             "source_single_thread_p50_ms": result.baseline.timing.single_thread_p50_ms,
         }
-    on_activity(f"scoring the chosen model (trial {chosen.index}) on the test split")
     metrics |= extra_metrics(staging / "model.onnx")
     met = chosen.met
     manifest: dict[str, object] = {
@@ -254,6 +253,7 @@ def compress_workload(
         samples = workload.data().test.take(MEASURE_SAMPLES).inputs
 
         def test_metrics(path: Path) -> dict[str, float]:
+            activity("scoring the chosen model and the source on the test split")
             chosen = workload.score_onnx(path, split="test")
             source = workload.score_onnx(source_onnx, split="test")
             out = {

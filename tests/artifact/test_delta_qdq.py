@@ -267,6 +267,13 @@ def test_the_device_decodes_it_without_onnx_or_torch(models: Models, tmp_path: P
     done = homefleet("artifact", "patch", old, patch, "-o", out)  # heavy imports blocked
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == models.canonical
+    # `diff` without onnx still works, but cannot find the decisions: it says so
+    new, again = tmp_path / "canonical.onnx", tmp_path / "again.hfd"
+    new.write_bytes(models.canonical)
+    made = homefleet("artifact", "diff", old, new, "-o", again)
+    assert made.returncode == 0, made.stderr
+    assert "does not predict the int8 graph" in made.stderr
+    assert again.stat().st_size > len(encoded.payload)
 
 
 def test_only_a_zstd_qdq_delta_is_written_as_version_5(models: Models) -> None:

@@ -239,6 +239,7 @@ def test_watch_follows_a_job_and_shows_an_ended_one_with_its_exit_code(
     assert ended.exit_code == EXIT_NOT_MET, ended.output
     assert "no recipe met every budget" in ended.stderr and ended.stdout.strip()
     assert ": misses max_artifact_bytes" in ended.stderr  # each trial names what it missed
+    assert "none is within size and quality, so it is the one that misses" in ended.stderr
 
 
 def test_the_listing_options_belong_before_no_subcommand(runner: CliRunner) -> None:

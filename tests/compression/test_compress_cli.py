@@ -93,7 +93,7 @@ def test_an_impossible_budget_exits_3_with_the_best_trial_and_the_gap(tmp_path: 
     assert f"missed by {size['gap']:,.0f} B" in result.stdout  # bytes, not 3.954e+05
     # which trial was kept, and why that one
     assert "the best trial, " in result.stderr
-    assert "no trial is within size and quality" in result.stderr
+    assert "none is within size and quality" in result.stderr
 
 
 def test_ctrl_c_says_nothing_was_written(tmp_path: Path) -> None:
