@@ -7,12 +7,14 @@ download (or ends a device's online lease) wraps the very awaits a cancel interr
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from artifact import histogram
+from artifact import energy_sources, histogram
 from artifact.delta import DeltaError
 from controller import validate
 from controller.admin import in_thread
@@ -48,13 +50,21 @@ MAX_OS_TEXT = 256
 MAX_REASON = 4096
 MAX_WINDOWS_PER_BATCH = 1000
 # The energy meters an agent names (edge_agent/meters.py), and no others: each value is a
-# rollup row and a Prometheus series per class and artifact.
-ENERGY_SOURCES = ("estimate", "hwmon", "none", "rapl")
-# An agent run with --emulate-slowdown F (demos, tests) reports "<meter>*F" and latency,
-# CPU time and energy F times what it measured. F is above 1 and at most 100 there; one
-# decimal place at most here, which keeps the values a device can make up few.
-MAX_EMULATED_SLOWDOWN = 100.0
+# rollup row and a Prometheus series per class and artifact. An agent run with
+# --emulate-slowdown F (demos, tests) names "<meter>*F" and reports latency, CPU time and
+# energy F times what it measured; artifact.energy_sources holds the rule both sides use.
+ENERGY_SOURCES = energy_sources.METERS
+MAX_EMULATED_SLOWDOWN = energy_sources.MAX_EMULATED_SLOWDOWN
 LEASE_HEARTBEATS = 3  # a device stays ONLINE this many heartbeats past its last refresh
+# Two agents sharing one device id (a cloned device image: its certificate is cloned too)
+# take the device's watch stream from each other for good. More than CONFLICT_REPLACEMENTS
+# replacements within CONFLICT_WINDOW_S record one CONFLICT_EVENT, at most one per
+# CONFLICT_EVENT_INTERVAL_S; meanwhile a re-registration adds no event
+# (sql_store.register_device reads the event's quiet_until_unix_ms) and logs no warning.
+CONFLICT_EVENT = "device.conflict"
+CONFLICT_REPLACEMENTS = 3
+CONFLICT_WINDOW_S = 60.0
+CONFLICT_EVENT_INTERVAL_S = 600.0
 # A window is the device's own account, so it is held to what a real one can say: it
 # cannot end in the future (beyond a device clock's drift), and it cannot count more
 # inferences than its length allows, or other than its histogram holds. One device could
@@ -89,6 +99,27 @@ class _WatchStream:
         self.task.cancel()
 
 
+class _Handovers:
+    """When a device's watch stream was last replaced, and its conflict last recorded."""
+
+    def __init__(self) -> None:
+        self.times: collections.deque[float] = collections.deque(maxlen=CONFLICT_REPLACEMENTS + 1)
+        self.recorded_at: float | None = None  # time.monotonic() of the last conflict event
+
+    def quiet(self, now: float) -> bool:
+        """Whether a conflict event recorded lately already says what each stream would."""
+        return self.recorded_at is not None and now - self.recorded_at < CONFLICT_EVENT_INTERVAL_S
+
+    def replaced(self, now: float) -> bool:
+        """Count a replacement; True when it makes a conflict to record now."""
+        self.times.append(now)
+        flapping = len(self.times) == self.times.maxlen and now - self.times[0] <= CONFLICT_WINDOW_S
+        if not flapping or self.quiet(now):
+            return False
+        self.recorded_at = now
+        return True
+
+
 class AgentHandlers:
     def __init__(
         self,
@@ -106,6 +137,7 @@ class AgentHandlers:
         self._deltas = DeltaCache(blobs)
         self._open_watches: dict[str, int] = {}
         self._watch_streams: dict[str, _WatchStream] = {}  # the one current stream per device
+        self._handovers: dict[str, _Handovers] = {}  # devices whose stream was ever replaced
         self._downloads = DownloadPool(
             config.max_fetch_streams,
             config.max_fetches_per_device,
@@ -163,10 +195,14 @@ class AgentHandlers:
             log.warning("device %s registered: %s", reg.device_id, warning)
             result = dataclasses.replace(result, warning=warning)
         if result.watched:
-            log.warning(
+            handovers = self._handovers.get(reg.device_id)
+            quiet = handovers is not None and handovers.quiet(time.monotonic())
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,  # its device.conflict said it
                 "device %s registered while another connection still holds its watch lease: "
-                "an agent that restarted, or two agents sharing one device id (give each "
-                "machine its own --device-id; mutual TLS rules the second out)",
+                "an agent that restarted or lost its link, or two agents sharing one device "
+                "id (a cloned device image, certificate included: give each machine its own "
+                "--device-id and certificate)",
                 reg.device_id,
             )
         return result
@@ -177,7 +213,8 @@ class AgentHandlers:
 
         One stream per device: a new one ends the one before (CANCELLED), so an agent that
         reconnects takes over at once, before its old stream has noticed the broken link,
-        and one device id cannot hold many streams.
+        and one device id cannot hold many streams. Two agents sharing the id take it from
+        each other again and again: that is recorded once, as a device.conflict event.
         """
         validate.name(device_id, "device_id")
         device = await self._device(device_id)
@@ -189,6 +226,7 @@ class AgentHandlers:
         self._watch_streams[device_id] = stream
         if previous is not None:
             previous.replace()
+            self._replaced(device_id)
         try:
             await self._watch(device, send)
         except asyncio.CancelledError:
@@ -203,6 +241,42 @@ class AgentHandlers:
         finally:
             if self._watch_streams.get(device_id) is stream:
                 del self._watch_streams[device_id]
+
+    def _replaced(self, device_id: str) -> None:
+        """Count a replaced stream; record a device.conflict event when they flap.
+
+        Not awaited: the new stream must count itself in ``_open_watches`` before the old
+        one's end runs, or that end would release the device's watch lease.
+        """
+        handovers = self._handovers.setdefault(device_id, _Handovers())
+        if not handovers.replaced(time.monotonic()):
+            return
+        message = (
+            f"device {device_id}: its WatchAssignments stream was taken over "
+            f"{len(handovers.times)} times within {CONFLICT_WINDOW_S:g} s: two agents share "
+            "this device id (a cloned device image?); give each machine its own --device-id "
+            f"(and certificate). For {CONFLICT_EVENT_INTERVAL_S / 60:g} minutes its "
+            "re-registrations add no event each"
+        )
+        log.warning("%s", message)
+        quiet_until = unix_ms() + int(CONFLICT_EVENT_INTERVAL_S * 1000)
+        detail = {
+            "device_id": device_id,
+            "replacements": len(handovers.times),
+            "within_seconds": CONFLICT_WINDOW_S,
+            "quiet_until_unix_ms": quiet_until,
+        }
+        event = NewEvent(CONFLICT_EVENT, device_id, message, detail)
+
+        async def record() -> None:
+            try:
+                await in_thread(self._store.add_event, event)
+            except Exception:
+                log.exception("recording device %s's conflict event failed", device_id)
+
+        task = asyncio.ensure_future(record())
+        self._bookkeeping.add(task)
+        task.add_done_callback(self._bookkeeping.discard)
 
     async def _watch(self, device: DeviceRecord, send: SendSet) -> None:
         device_id = device.device_id
@@ -480,17 +554,12 @@ def _check_window(w: TelemetryWindow, at: str, now_unix_ms: int) -> None:
 
 def _emulated_factor(source: str, at: str) -> float:
     """1 for a meter's own name; F for "<meter>*F" from an agent emulating a slower device."""
-    meter, star, factor = source.partition("*")
-    if meter in ENERGY_SOURCES and not star:
-        return 1.0
-    if meter in ENERGY_SOURCES and factor.replace(".", "", 1).isdigit():
-        value = float(factor)
-        canonical = f"{value:g}" == factor and len(factor.partition(".")[2]) <= 1
-        if canonical and 1 < value <= MAX_EMULATED_SLOWDOWN:
-            return value
-    raise invalid(
-        f"{at} {source[:40]!r} is not an energy source this controller accepts: send one of "
-        f"{', '.join(ENERGY_SOURCES)}, or '<source>*<factor>' from an agent run with "
-        f"--emulate-slowdown (a factor above 1, at most {MAX_EMULATED_SLOWDOWN:g}, with at "
-        "most one decimal place, written as '2.5' or '10')"
-    )
+    try:
+        return energy_sources.parse_energy_source(source).slowdown
+    except energy_sources.EnergySourceError:
+        raise invalid(
+            f"{at} {source[:40]!r} is not an energy source this controller accepts: send one "
+            f"of {', '.join(ENERGY_SOURCES)}, or '<source>*<factor>' from an agent run with "
+            f"--emulate-slowdown (a factor above 1, at most {MAX_EMULATED_SLOWDOWN:g}, with at "
+            "most one decimal place, written as '2.5' or '10')"
+        ) from None

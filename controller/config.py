@@ -90,9 +90,21 @@ class ControllerConfig:
     # A chunk the client does not take within this long ends its download
     # (DEADLINE_EXCEEDED): a reader that stopped cannot hold a download slot for good.
     fetch_write_timeout_seconds: float = 60.0
-    # An upload (AddModel, StartCompression) that sends nothing for this long is ended
-    # (DEADLINE_EXCEEDED) and nothing is stored.
+    # Client-streamed uploads (AddModel, StartCompression) have a pool of their own too
+    # (they last as long as their client sends), with a cap per client: its certificate
+    # under mutual TLS, else its IP address (so on a plaintext loopback controller every
+    # local client shares it).
+    max_upload_streams: int = 8
+    max_uploads_per_peer: int = 6
+    # An upload that sends nothing for this long is ended (DEADLINE_EXCEEDED) and nothing
+    # is stored.
     upload_idle_timeout_seconds: float = 60.0
+    # ...and so is one that, after its first ``upload_rate_grace_seconds``, has received
+    # fewer than ``upload_min_bytes_per_second`` bytes per second since then on average:
+    # an upload of N bytes lasts at most grace + N / rate (a 1 GiB model at 64 KiB/s:
+    # 4.6 h), so a client sending a byte every 59 s cannot hold a slot for ever.
+    upload_min_bytes_per_second: int = 64 * KIB
+    upload_rate_grace_seconds: float = 60.0
     # Health Watch streams one client (certificate, or address without TLS) may hold.
     max_health_watches_per_peer: int = 4
     grace_seconds: float = 5.0
@@ -138,7 +150,11 @@ class ControllerConfig:
         _check_range("max_fetch_streams", self.max_fetch_streams, 1, 100_000)
         _check_range("max_fetches_per_device", self.max_fetches_per_device, 1, 64)
         _check_seconds("fetch_write_timeout_seconds", self.fetch_write_timeout_seconds)
+        _check_range("max_upload_streams", self.max_upload_streams, 1, 10_000)
+        _check_range("max_uploads_per_peer", self.max_uploads_per_peer, 1, 10_000)
         _check_seconds("upload_idle_timeout_seconds", self.upload_idle_timeout_seconds)
+        _check_range("upload_min_bytes_per_second", self.upload_min_bytes_per_second, 1, GIB)
+        _check_seconds("upload_rate_grace_seconds", self.upload_rate_grace_seconds)
         _check_range("max_health_watches_per_peer", self.max_health_watches_per_peer, 1, 1_000)
         _check_range("compression_workers", self.compression_workers, 1, 64)
         _check_range("compression_threads", self.compression_threads, 0, 256)

@@ -135,7 +135,8 @@ def _guard(method: Method[S, Req, Resp], slot: _Slot) -> Method[S, Req, Resp]:
 
 
 def rpc(method: Method[S, Req, Resp]) -> Method[S, Req, Resp]:
-    """For every unary, client-streaming and short server-streaming RPC (writes via context)."""
+    """For every unary and short server-streaming RPC (writes via context); client-streamed
+    uploads use ``unqueued_rpc`` and an upload slot, since they last as long as their client."""
     return _guard(method, _Slot.SHORT)
 
 
@@ -152,7 +153,9 @@ def unqueued_rpc(method: Method[S, Req, Resp]) -> Method[S, Req, Resp]:
     """For an RPC that must not wait behind short calls, and takes no slot from them.
 
     FetchArtifact: its handler holds a download slot of its own (a download lasts as
-    long as its client reads). Health Check: answered from memory at once, so a load
-    balancer probing a busy controller still gets its answer.
+    long as its client reads). AddModel and StartCompression: their handlers hold an
+    upload slot of their own (an upload lasts as long as its client sends). Health Check:
+    answered from memory at once, so a load balancer probing a busy controller still gets
+    its answer.
     """
     return _guard(method, _Slot.NONE)

@@ -21,10 +21,9 @@ from grpc_health.v1 import health_pb2
 # The aio health servicer (grpc_health.v1.health.aio) is missing from the type stubs.
 from grpc_health.v1._async import HealthServicer as AioHealthServicer
 
-from artifact.tls import peer_identity
 from controller.access import Access
 from controller.errors import invalid, long_lived_rpc, not_found, unqueued_rpc
-from controller.limits import RpcLimits
+from controller.limits import RpcLimits, peer_key
 from protos import fleet_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -78,21 +77,8 @@ class GuardedHealthServicer(AioHealthServicer):  # type: ignore[misc]
     @long_lived_rpc
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
         self._check_service(request.service)
-        with self._limits.health_watch_slot(_peer_key(context, self._access)):
+        with self._limits.health_watch_slot(peer_key(context, self._access)):
             await super().Watch(request, _CheckedWrites(context, self._access))
-
-
-def _peer_key(context: Context, access: Access) -> str:
-    """Who is asking, for the per-client cap: the certificate under mutual TLS, else the
-    client's address without its port (each connection has a port of its own)."""
-    if access.mtls:
-        identity = peer_identity(context.auth_context())
-        if identity is not None:  # authorize() already refused a missing or revoked one
-            return f"certificate {identity.serial:x}"
-    kind, _, address = str(context.peer()).partition(":")
-    if kind in ("ipv4", "ipv6"):
-        address = address.rpartition(":")[0]
-    return f"{kind}:{address}"
 
 
 class _CheckedWrites:

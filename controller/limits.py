@@ -3,8 +3,10 @@
 Each kind of call has a pool of its own, so one kind held open cannot starve another:
 short calls queue for a fixed number of slots; watch streams (assignment and health) are
 counted apart, with a cap per health client; downloads have their own pool with a cap
-per device (``DownloadPool``, held by the fetch handler); health ``Check`` takes no slot
-at all, so a load balancer probing a busy controller still gets its answer.
+per device (``DownloadPool``, held by the fetch handler); client-streamed uploads
+(AddModel, StartCompression) have theirs with a cap per client and a bound on how long
+one may last (``UploadPool``, held by the upload handlers); health ``Check`` takes no
+slot at all, so a load balancer probing a busy controller still gets its answer.
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import grpc
+
+from artifact.tls import peer_identity
+from controller.access import Access
 from controller.errors import ErrorCode, FleetError
 
 if TYPE_CHECKING:
     from controller.config import ControllerConfig
+
+M = TypeVar("M")
 
 
 def _exhausted(message: str) -> FleetError:
@@ -38,14 +46,14 @@ class RpcLimits:
         max_watch_streams: int,
         *,
         max_health_watches_per_peer: int,
-        upload_idle_seconds: float,
+        uploads: UploadPool,
     ) -> None:
         self._slots = asyncio.Semaphore(max_concurrent_rpcs)
         self._max_watch = max_watch_streams
         self._watching = 0
         self._max_per_peer = max_health_watches_per_peer
         self._peer_watches: dict[str, int] = {}
-        self.upload_idle_seconds = upload_idle_seconds
+        self.uploads = uploads
 
     @classmethod
     def from_config(cls, config: ControllerConfig) -> RpcLimits:
@@ -53,7 +61,13 @@ class RpcLimits:
             config.max_concurrent_rpcs,
             config.max_watch_streams,
             max_health_watches_per_peer=config.max_health_watches_per_peer,
-            upload_idle_seconds=config.upload_idle_timeout_seconds,
+            uploads=UploadPool(
+                config.max_upload_streams,
+                config.max_uploads_per_peer,
+                idle_seconds=config.upload_idle_timeout_seconds,
+                min_bytes_per_second=config.upload_min_bytes_per_second,
+                grace_seconds=config.upload_rate_grace_seconds,
+            ),
         )
 
     @contextlib.asynccontextmanager
@@ -187,3 +201,135 @@ class DownloadLease:
         except BaseException:
             sending.cancel()  # the call is going away (cancelled, revoked): drop the write
             raise
+
+
+def peer_key(context: grpc.aio.ServicerContext[Any, Any], access: Access) -> str:
+    """Who is calling, for a per-client cap: the certificate under mutual TLS, else the
+    client's address without its port (each connection has a port of its own)."""
+    if access.mtls:
+        identity = peer_identity(context.auth_context())
+        if identity is not None:  # authorize() already refused a missing or revoked one
+            return f"certificate {identity.serial:x}"
+    kind, _, address = str(context.peer()).partition(":")
+    if kind in ("ipv4", "ipv6"):
+        address = address.rpartition(":")[0]
+    return f"{kind}:{address}"
+
+
+class UploadPool:
+    """Client-streamed uploads (AddModel, StartCompression): at most ``max_streams`` at
+    once, ``max_per_peer`` per client, each bounded in time by its ``UploadLease``.
+
+    Refused at once past either cap, never queued: an upload lasts as long as its client
+    sends, so a queue would wait behind stalled senders. Uploads used to hold short-call
+    slots, so 64 clients that sent a header and then nothing stopped every Register and
+    listing for as long as they stayed open; here they hold only slots of this pool.
+    """
+
+    def __init__(
+        self,
+        max_streams: int,
+        max_per_peer: int,
+        *,
+        idle_seconds: float,
+        min_bytes_per_second: int,
+        grace_seconds: float,
+    ) -> None:
+        self._max_streams = max_streams
+        self._max_per_peer = max_per_peer
+        self._idle_seconds = idle_seconds
+        self._min_bytes_per_second = min_bytes_per_second
+        self._grace_seconds = grace_seconds
+        self._streams = 0
+        self._per_peer: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def lease(self, peer: str, rpc_name: str) -> Iterator[UploadLease]:
+        held = self._per_peer.get(peer, 0)
+        if held >= self._max_per_peer:
+            raise _exhausted(
+                f"this client ({peer}) already has {held} uploads open (at most "
+                f"{self._max_per_peer}, max_uploads_per_peer); let one finish or cancel it, "
+                "then retry"
+            )
+        if self._streams >= self._max_streams:
+            raise _exhausted(
+                f"this controller already receives {self._streams} uploads (at most "
+                f"{self._max_streams}, max_upload_streams); retry later or use another replica"
+            )
+        self._streams += 1
+        self._per_peer[peer] = held + 1
+        try:
+            yield UploadLease(
+                rpc_name, self._idle_seconds, self._min_bytes_per_second, self._grace_seconds
+            )
+        finally:
+            self._streams -= 1
+            left = self._per_peer[peer] - 1
+            if left:
+                self._per_peer[peer] = left
+            else:
+                del self._per_peer[peer]
+
+    @property
+    def streams(self) -> int:
+        return self._streams
+
+
+class UploadLease:
+    """One upload's hold on the pool, and the pace its client must keep.
+
+    Each message must come within ``idle_seconds`` of asking for it, and once
+    ``grace_seconds`` have passed the bytes received must keep up with
+    ``min_bytes_per_second`` on average: by ``grace + n / rate`` seconds after the start,
+    ``n`` bytes must have arrived. The idle bound alone let a client that sends one byte
+    every 59 s keep its upload open for ever; with both, an upload of N bytes lasts at most
+    ``grace + N / rate`` seconds however it paces its messages.
+    """
+
+    def __init__(
+        self, rpc_name: str, idle_seconds: float, min_bytes_per_second: int, grace_seconds: float
+    ) -> None:
+        self._rpc_name = rpc_name
+        self._idle_seconds = idle_seconds
+        self._min_bytes_per_second = min_bytes_per_second
+        self._grace_seconds = grace_seconds
+        self._started = asyncio.get_running_loop().time()
+        self.received = 0
+
+    def count(self, size: int) -> None:
+        """``size`` more bytes of the upload arrived (they move its rate deadline on)."""
+        self.received += size
+
+    async def next(self, messages: AsyncIterator[M]) -> M | None:
+        """The next message of the client stream (None at its end), within both bounds."""
+        loop = asyncio.get_running_loop()
+        due = self._started + self._grace_seconds + self.received / self._min_bytes_per_second
+        until_due = due - loop.time()
+        rate_bound = until_due < self._idle_seconds
+        if until_due <= 0:
+            raise self._too_slow(loop.time())
+        try:
+            async with asyncio.timeout(min(until_due, self._idle_seconds)):
+                return await anext(messages, None)
+        except TimeoutError:
+            raise (self._too_slow(loop.time()) if rate_bound else self._quiet()) from None
+
+    def _quiet(self) -> FleetError:
+        return FleetError(
+            ErrorCode.DEADLINE_EXCEEDED,
+            f"the {self._rpc_name} stream sent nothing for {self._idle_seconds:g} s "
+            "(upload_idle_timeout_seconds): the upload was ended and nothing was stored; "
+            "send the messages without pausing",
+        )
+
+    def _too_slow(self, now: float) -> FleetError:
+        return FleetError(
+            ErrorCode.DEADLINE_EXCEEDED,
+            f"the {self._rpc_name} stream sent {self.received} bytes in "
+            f"{now - self._started:.0f} s, slower than upload_min_bytes_per_second "
+            f"({self._min_bytes_per_second} bytes/s on average once the first "
+            f"{self._grace_seconds:g} s, upload_rate_grace_seconds, have passed): the upload "
+            "was ended and nothing was stored; send the bytes without pausing (an operator "
+            "on a slow link can lower upload_min_bytes_per_second)",
+        )

@@ -1,15 +1,16 @@
 """gRPC servicers: turn messages into records, call a handler, turn the result back.
 
 No logic lives here; every method is wrapped by ``rpc``/``long_lived_rpc``/``unqueued_rpc``,
-which maps FleetError to its status and bounds concurrency. Client-streamed uploads are
-read through ``_receive``, which ends an upload that goes quiet.
+which maps FleetError to its status and bounds concurrency. Client-streamed uploads take
+no short-call slot: each holds a slot of the upload pool (``UploadPool``) instead, and is
+read through its lease, which ends an upload that goes quiet or trickles.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -18,17 +19,16 @@ from controller.access import OPEN, Access
 from controller.admin import AdminHandlers
 from controller.agents import AgentHandlers
 from controller.config import MAX_CHUNK_BYTES
-from controller.errors import ErrorCode, FleetError, invalid, long_lived_rpc, rpc, unqueued_rpc
+from controller.errors import invalid, long_lived_rpc, rpc, unqueued_rpc
 from controller.jobs import wire
 from controller.jobs.handlers import CompressionHandlers
-from controller.limits import RpcLimits
+from controller.limits import RpcLimits, UploadLease, peer_key
 from controller.records import Chunk, CompressionJobRecord, DesiredSet
 from controller.rollouts.handlers import RolloutHandlers, rollout_to_proto
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
-M = TypeVar("M")
 
 
 class AgentServicer(fleet_pb2_grpc.AgentServiceServicer):
@@ -123,19 +123,19 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
     def authorize(self, request: object, context: Context) -> None:
         self._access.check_admin(context)
 
-    @rpc
+    @unqueued_rpc  # holds an upload slot instead: an upload lasts as long as its client sends
     async def AddModel(
         self, request_iterator: AsyncIterator[pb.AddModelChunk], context: Context
     ) -> pb.Model:
-        idle = self._limits.upload_idle_seconds
-        first = await _receive(request_iterator, idle, "AddModel")
-        if first is None or first.WhichOneof("part") != "header":
-            raise invalid(
-                "the first AddModel message must carry the header (name, size_bytes, optional "
-                "sha256 and description); the ONNX bytes follow in data messages"
-            )
-        upload = convert.upload_from_proto(first.header)
-        added = await self._h.add_model(upload, _data_parts(request_iterator, idle))
+        with self._limits.uploads.lease(peer_key(context, self._access), "AddModel") as lease:
+            first = await lease.next(request_iterator)
+            if first is None or first.WhichOneof("part") != "header":
+                raise invalid(
+                    "the first AddModel message must carry the header (name, size_bytes, "
+                    "optional sha256 and description); the ONNX bytes follow in data messages"
+                )
+            upload = convert.upload_from_proto(first.header)
+            added = await self._h.add_model(upload, _data_parts(request_iterator, lease))
         reply = convert.model_to_proto(added.record)
         reply.unchanged = not added.created
         reply.interface_change = added.interface_change
@@ -207,20 +207,22 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
             events=[convert.event_to_proto(e) for e in page.events], more=page.more
         )
 
-    @rpc
+    @unqueued_rpc  # holds an upload slot instead, like AddModel
     async def StartCompression(
         self, request_iterator: AsyncIterator[pb.StartCompressionChunk], context: Context
     ) -> pb.CompressionJob:
-        idle = self._limits.upload_idle_seconds
-        first = await _receive(request_iterator, idle, "StartCompression")
-        if first is None or first.WhichOneof("part") != "header":
-            raise invalid(
-                "the first StartCompression message must carry the header (model or workload, "
-                "device_class_yaml, budgets, calibration_bytes); calibration bytes follow"
+        peer = peer_key(context, self._access)
+        with self._limits.uploads.lease(peer, "StartCompression") as lease:
+            first = await lease.next(request_iterator)
+            if first is None or first.WhichOneof("part") != "header":
+                raise invalid(
+                    "the first StartCompression message must carry the header (model or "
+                    "workload, device_class_yaml, budgets, calibration_bytes); calibration "
+                    "bytes follow"
+                )
+            job = await self._jobs.start(
+                wire.start_from_proto(first.header), _calibration_parts(request_iterator, lease)
             )
-        job = await self._jobs.start(
-            wire.start_from_proto(first.header), _calibration_parts(request_iterator, idle)
-        )
         return wire.job_to_proto(job)
 
     @rpc
@@ -260,35 +262,23 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
         return pb.ListRolloutsResponse(rollouts=[rollout_to_proto(r) for r in rollouts])
 
 
-async def _receive(messages: AsyncIterator[M], idle: float, rpc_name: str) -> M | None:
-    """The next message of a client stream (None at its end), waiting at most ``idle``
-    seconds: an upload that goes quiet would otherwise hold a short-call slot for good."""
-    try:
-        async with asyncio.timeout(idle):
-            return await anext(messages, None)
-    except TimeoutError:
-        raise FleetError(
-            ErrorCode.DEADLINE_EXCEEDED,
-            f"the {rpc_name} stream sent nothing for {idle:g} s (upload_idle_timeout_seconds): "
-            "the upload was ended and nothing was stored; send the messages without pausing",
-        ) from None
-
-
 async def _data_parts(
-    messages: AsyncIterator[pb.AddModelChunk], idle: float
+    messages: AsyncIterator[pb.AddModelChunk], lease: UploadLease
 ) -> AsyncIterator[bytes]:
-    while (message := await _receive(messages, idle, "AddModel")) is not None:
+    while (message := await lease.next(messages)) is not None:
         if message.WhichOneof("part") != "data":
             raise invalid("only the first AddModel message may carry a header; send data after it")
+        lease.count(len(message.data))
         yield message.data
 
 
 async def _calibration_parts(
-    messages: AsyncIterator[pb.StartCompressionChunk], idle: float
+    messages: AsyncIterator[pb.StartCompressionChunk], lease: UploadLease
 ) -> AsyncIterator[bytes]:
-    while (message := await _receive(messages, idle, "StartCompression")) is not None:
+    while (message := await lease.next(messages)) is not None:
         if message.WhichOneof("part") != "data":
             raise invalid(
                 "only the first StartCompression message may carry a header; send data after it"
             )
+        lease.count(len(message.data))
         yield message.data

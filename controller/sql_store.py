@@ -104,6 +104,7 @@ T = TypeVar("T")
 RETRIES = 10
 RETRY_PAUSE_S = 0.02  # upper bound of the jittered pause after losing a race
 MAX_LIST = 10_000  # every list the store returns is bounded
+DEVICE_CONFLICT = "device.conflict"  # controller.agents.CONFLICT_EVENT
 
 
 class SqlStore(Store):
@@ -425,6 +426,10 @@ class SqlStore(Store):
                 row.agent_version = reg.agent_version
                 row.last_seen_unix_ms = now
             _record_held(session, reg, now)
+            if watched and _conflict_quiet(session, reg.device_id, now):
+                # two agents share the id and take turns: their device.conflict event
+                # says so once, not one event per turn
+                return RegisterResult(_device(row), re_registered, watched)
             self._event(
                 session,
                 NewEvent(
@@ -1624,6 +1629,19 @@ def _differences(row: DeviceRow, reg: DeviceRegistration) -> list[str]:
                 f"hardware.{key} (registered {known[key]!r}, this request {asked[key]!r})"
             )
     return differences
+
+
+def _conflict_quiet(session: Session, device_id: str, now: int) -> bool:
+    """Whether the device's latest device.conflict event (controller.agents records it
+    when two agents sharing its id keep taking its watch stream) still covers ``now``."""
+    row = session.scalars(
+        select(EventRow)
+        .where(EventRow.kind == DEVICE_CONFLICT, EventRow.subject == device_id)
+        .order_by(EventRow.id.desc())
+        .limit(1)
+    ).first()
+    until = row.detail.get("quiet_until_unix_ms") if row is not None else None
+    return isinstance(until, int) and until > now
 
 
 def _record_held(session: Session, reg: DeviceRegistration, now: int) -> None:

@@ -107,7 +107,8 @@ def run(
         typer.Option(
             "--emulate-slowdown",
             help="Demos and tests only: report latency, CPU time and energy FACTOR times what "
-            "was measured, as a slower device would (1-100; the energy source is marked).",
+            "was measured, as a slower device would (1, or up to 100 with at most one decimal "
+            "place, e.g. 2.5; the energy source is marked).",
         ),
     ] = 1.0,
     telemetry_window_seconds: Annotated[

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from artifact.energy_sources import EnergySourceError, check_slowdown
 from artifact.names import InvalidNameError, check_name
 from artifact.tls import Role, TlsBundle, TlsError, is_loopback
 from edge_agent.errors import AgentError, ErrorCode
@@ -209,11 +210,10 @@ class AgentConfig:
             raise _invalid(
                 "telemetry_max_windows", f"expected at least 2, got {self.telemetry_max_windows}"
             )
-        if not 1.0 <= self.emulate_slowdown <= 100.0:
-            raise _invalid(
-                "--emulate-slowdown",
-                f"expected a factor from 1 (a real device) to 100, got {self.emulate_slowdown}",
-            )
+        try:  # the controller's rule: a factor it refuses loses every telemetry window
+            check_slowdown(self.emulate_slowdown)
+        except EnergySourceError as exc:
+            raise _invalid("--emulate-slowdown", str(exc)) from None
         if not 1 <= self.telemetry_batch <= 1000:
             raise _invalid("telemetry_batch", f"expected 1..1000, got {self.telemetry_batch}")
         if self.metrics_listen is not None:

@@ -9,7 +9,9 @@ backoff per (model, artifact), checked each time the desired set arrives (every
 heartbeat); one that retrying the same manifest would only repeat (errors.SETTLED) waits
 for another manifest. A reconnect forgets every failure. When the controller is away the
 loop reconnects with exponential backoff and full jitter, and the local API keeps
-serving meanwhile.
+serving meanwhile. A session whose stream worked starts the backoff over, unless another
+agent with the same device id took the stream over: the two would otherwise take turns
+several times a second.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 FULL = fleet_pb2.PAYLOAD_ENCODING_FULL
 MAX_REASON = 2000  # a reason is for people; the controller bounds it too
 CERT_RENEW_WARNING = datetime.timedelta(days=30)  # warn at each connection from then on
+TAKEOVER_LOG_INTERVAL_S = 600.0  # "another agent took over" is logged at most this often
 Outcome = int  # fleet_pb2.DeploymentOutcome
 
 
@@ -65,6 +68,12 @@ def channel_options() -> list[tuple[str, int]]:
 
 class WatchEnded(Exception):
     """The controller closed the assignment stream (it is probably shutting down)."""
+
+
+class WatchReplaced(WatchEnded):
+    """The controller ended the stream (CANCELLED) because a newer one for this device id
+    took it over: another agent runs with this id. Reconnecting at once would only take it
+    back, so the reconnect backoff is not reset by the stream having worked."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,8 @@ class SyncLoop:
         self._failed: dict[tuple[str, str], Failure] = {}  # (model, sha): retried after
         self.connected = asyncio.Event()
         self._registered = False  # in the current session
+        self._watched = False  # the current session's stream delivered a desired set
+        self._takeover_logged_at: float | None = None  # time.monotonic()
 
     # -- connection -------------------------------------------------------------------
 
@@ -197,13 +208,15 @@ class SyncLoop:
         hinted = False  # the TLS hint is given once per run: it is a guess, not news
         while True:
             hint = ""
+            replaced = False
             try:
-                await self._session(backoff)
+                await self._session()
                 reason = "session ended"
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 reason = describe_error(exc)
+                replaced = isinstance(first_leaf(exc), WatchReplaced)
                 if not isinstance(first_leaf(exc), grpc.aio.AioRpcError | WatchEnded | AgentError):
                     log.error("sync session failed unexpectedly", exc_info=exc)
                 if (
@@ -215,6 +228,10 @@ class SyncLoop:
                     hinted, hint = True, PLAINTEXT_HINT
             finally:
                 self.connected.clear()
+            if replaced:
+                self._log_takeover()
+            elif self._watched:
+                backoff.reset()  # the link worked: the next outage starts the backoff over
             delay = backoff.next_delay()
             log.warning(
                 "controller %s unreachable or stream broken (%s); reconnect attempt %d in %.2f s%s",
@@ -225,6 +242,20 @@ class SyncLoop:
                 hint,
             )
             await asyncio.sleep(delay)
+
+    def _log_takeover(self) -> None:
+        """Once per TAKEOVER_LOG_INTERVAL_S: two agents sharing an id take turns forever."""
+        now = time.monotonic()
+        last = self._takeover_logged_at
+        if last is not None and now - last < TAKEOVER_LOG_INTERVAL_S:
+            return
+        self._takeover_logged_at = now
+        log.warning(
+            "another agent with device id %s took over the stream: two agents share this id? "
+            "(a cloned device image: give each machine its own --device-id and certificate); "
+            "reconnecting with a growing backoff meanwhile",
+            self.config.device_id,
+        )
 
     def _channel(self) -> grpc.aio.Channel:
         """Plaintext, or mutual TLS with this device's certificate (read afresh each time)."""
@@ -244,8 +275,9 @@ class SyncLoop:
             self.config.controller, tls.channel_credentials(), options=channel_options()
         )
 
-    async def _session(self, backoff: Backoff) -> None:
+    async def _session(self) -> None:
         self._registered = False
+        self._watched = False
         async with self._channel() as channel:
             stub: Any = fleet_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
             register = self.register_request()
@@ -269,7 +301,7 @@ class SyncLoop:
             self.connected.set()
             desired = _Latest()
             await until_first_ends(
-                self._watch(stub, desired, backoff),
+                self._watch(stub, desired),
                 self._apply_forever(stub, desired),
                 self._send_telemetry(stub),
             )
@@ -299,11 +331,13 @@ class SyncLoop:
             agent_version=__version__,
         )
 
-    async def _watch(self, stub: Any, desired: _Latest, backoff: Backoff) -> None:
+    async def _watch(self, stub: Any, desired: _Latest) -> None:
         """Feed every AssignmentSet to ``desired``; a silent stream counts as a lost one.
 
         The controller re-sends the set every heartbeat, so nothing for three heartbeats
         means the link is dead even if TCP has not noticed (a partition, a stuck proxy).
+        The controller keeps one stream per device and ends the older one CANCELLED, the
+        only way it ends a watch stream with that code: WatchReplaced.
         """
         request = fleet_pb2.WatchAssignmentsRequest(device_id=self.config.device_id)
         idle = 3.0 * self._heartbeat_s + self.config.rpc_timeout_s if self._heartbeat_s else None
@@ -322,11 +356,13 @@ class SyncLoop:
                         ) from None
                     if not isinstance(message, fleet_pb2.AssignmentSet):  # grpc.aio.EOF
                         raise WatchEnded("controller closed the assignment stream")
-                    backoff.reset()
+                    self._watched = True
                     desired.publish(message)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     continue  # the watch is renewed on purpose; nothing is wrong
+                if exc.code() == grpc.StatusCode.CANCELLED:
+                    raise WatchReplaced(f"CANCELLED: {exc.details()}") from exc
                 raise
 
     async def _send_telemetry(self, stub: Any) -> None:

@@ -24,6 +24,7 @@ from typing import Protocol
 import psutil
 
 from artifact import histogram
+from artifact.energy_sources import format_energy_source
 from edge_agent.convert import Array
 from edge_agent.errors import AgentError
 from edge_agent.meters import EnergyMeter
@@ -179,9 +180,6 @@ class WindowSink(Protocol):
     def append(self, windows: list[Window]) -> list[int]: ...
 
 
-MAX_SLOWDOWN = 100.0
-
-
 def _unix_ms(clock: Callable[[], float]) -> int:
     return int(clock() * 1000)
 
@@ -203,12 +201,11 @@ class Telemetry:
         # Emulation for demos and tests (--emulate-slowdown): latency, CPU time and energy
         # are reported ``slowdown`` times what was measured, as a slower device at the
         # same power would see them; the source says so ("rapl*3"). Real devices: 1.
-        if not 1.0 <= slowdown <= MAX_SLOWDOWN:
-            raise ValueError(f"slowdown must be 1..{MAX_SLOWDOWN:g}, got {slowdown}")
+        # artifact.energy_sources refuses (ValueError) what the controller would refuse
+        self.source = format_energy_source(meter.source, slowdown)
         self.slowdown = slowdown
         self._wall = wall_clock
         self._cpu = cpu_clock
-        self.source = meter.source if slowdown == 1.0 else f"{meter.source}*{slowdown:g}"
         self._observer = observer
         self._clock = clock
         self._lock = threading.Lock()

@@ -19,6 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from artifact.tls import TlsBundle
 from controller.config import ConfigError, ControllerConfig
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc
@@ -32,6 +33,7 @@ from tests.controller.helpers import (
     run,
     running_controller,
 )
+from tests.support.pki import make_pki
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -233,25 +235,214 @@ def test_an_upload_that_goes_quiet_is_ended_and_stores_nothing(tmp_path: Path) -
     run(body())
 
 
+def quiet_upload(admin: Any, rpc_name: str) -> Any:
+    """An upload that is accepted and then sends nothing (AddModel after its header)."""
+    if rpc_name == "AddModel":
+        header = pb.AddModelHeader(name="idle", size_bytes=3 * CHUNK)
+        return admin.AddModel(quiet_after(pb.AddModelChunk(header=header)), timeout=TEST_TIMEOUT)
+    return admin.StartCompression(quiet_after(), timeout=TEST_TIMEOUT)
+
+
+async def until_uploads_are_refused(admin: Any, limit: str) -> None:
+    """Wait until an upload from ``admin``'s client is refused for ``limit``: the uploads
+    opened before have all taken their slots."""
+
+    async def refused() -> bool:
+        try:
+            await admin.AddModel(iter([]), timeout=10)  # taken: INVALID_ARGUMENT at once
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == EXHAUSTED:
+                assert limit in (exc.details() or ""), exc
+                return True
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
+            return False
+        raise AssertionError("an AddModel without a header cannot succeed")
+
+    await eventually(refused)
+
+
+async def nothing_stored(c: Harness) -> None:
+    """No model, artifact or compression job, and no file under blobs/ (temporaries
+    included: a cancelled upload removes its own once its handler has ended)."""
+    jobs = await c.admin.ListCompressionJobs(pb.ListCompressionJobsRequest(), timeout=10)
+    assert list(jobs.jobs) == []
+
+    async def clean() -> bool:
+        counts = c.counts()
+        return counts["models"] == counts["artifacts"] == 0 and c.blob_files() == []
+
+    await eventually(clean)
+
+
+async def short_calls_answer(c: Harness, device_id: str) -> None:
+    assert (await c.register(device_id)).device_id == device_id
+    devices = await c.admin.ListDevices(pb.ListDevicesRequest(), timeout=10)
+    assert device_id in [d.device_id for d in devices.devices]
+    events = await c.admin.ListEvents(pb.ListEventsRequest(limit=10), timeout=10)
+    assert "device.registered" in [e.kind for e in events.events], events
+
+
+def test_uploads_held_open_take_no_short_call_slot(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_controller(tmp_path, max_concurrent_rpcs=1, max_upload_streams=2) as c:
+            held = [quiet_upload(c.admin, "AddModel"), quiet_upload(c.admin, "StartCompression")]
+            await until_uploads_are_refused(c.admin, "max_upload_streams")
+            # both uploads are open, and the controller's one short-call slot is not theirs
+            await short_calls_answer(c, "hub-1")
+            assert not any(call.done() for call in held)
+            for call in held:
+                call.cancel()
+            await nothing_stored(c)
+
+    run(body())
+
+
+def test_64_idle_uploads_leave_register_and_listings_answering(tmp_path: Path) -> None:
+    """As many uploads that send a header (or nothing) and then stop as there are
+    short-call slots: the few the upload pool takes stay open, the rest are refused at
+    once, and agents and operators are answered meanwhile."""
+
+    async def body() -> None:
+        async with running_controller(tmp_path) as c:
+            assert c.config.max_concurrent_rpcs == 64
+            calls = [
+                quiet_upload(c.admin, "AddModel" if i % 2 else "StartCompression")
+                for i in range(64)
+            ]
+            taken = c.config.max_uploads_per_peer  # every call comes from 127.0.0.1
+
+            async def the_rest_refused() -> bool:
+                ended = sum(bool(call.done()) for call in calls)
+                return ended == len(calls) - taken
+
+            await eventually(the_rest_refused)
+            held = [call for call in calls if not call.done()]
+            for call in calls:
+                if call.done():
+                    await expect_status(call, EXHAUSTED, "max_uploads_per_peer", "127.0.0.1")
+            await short_calls_answer(c, "hub-1")
+            assert not any(call.done() for call in held)
+            for call in held:
+                call.cancel()
+            await nothing_stored(c)
+
+            # their slots come back once they are gone
+            async def added() -> bool:
+                try:
+                    await c.add_model("m", onnx_model())
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == EXHAUSTED, exc
+                    return False
+                return True
+
+            await eventually(added)
+
+    run(body())
+
+
+def test_uploads_are_capped_per_client_certificate(tmp_path: Path) -> None:
+    """Under mutual TLS the per-client cap counts each certificate apart: one admin's
+    stalled uploads do not hold back another's, up to the pool's total."""
+    pki = make_pki(tmp_path / "pki")
+
+    def admin_stub(channel: grpc.aio.Channel) -> Any:
+        return fleet_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
+
+    async def body() -> None:
+        async with running_controller(
+            tmp_path, tls_dir=pki.controller(), max_upload_streams=3, max_uploads_per_peer=2
+        ) as c:
+            channels = [
+                grpc.aio.secure_channel(
+                    c.server.address,
+                    TlsBundle.load(pki.admin(name)).channel_credentials(),
+                    options=CHANNEL_OPTIONS,
+                )
+                for name in ("alice", "bob")
+            ]
+            alice, bob = (admin_stub(channel) for channel in channels)
+            alices = [quiet_upload(alice, "AddModel"), quiet_upload(alice, "StartCompression")]
+            await until_uploads_are_refused(alice, "max_uploads_per_peer")
+            bobs = quiet_upload(bob, "AddModel")  # another certificate: still accepted...
+            await until_uploads_are_refused(bob, "max_upload_streams")  # ...up to the total
+            assert not any(call.done() for call in [*alices, bobs])
+            alices[0].cancel()
+
+            async def bob_adds_a_model() -> bool:
+                data = onnx_model()
+                header = pb.AddModelHeader(name="m", size_bytes=len(data))
+                messages = [pb.AddModelChunk(header=header), pb.AddModelChunk(data=data)]
+                try:
+                    await bob.AddModel(iter(messages), timeout=30)
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == EXHAUSTED, exc
+                    return False
+                return True
+
+            await eventually(bob_adds_a_model)
+            for call in (alices[1], bobs):
+                call.cancel()
+
+            async def only_bobs_model() -> bool:  # and no temporary of the stalled uploads
+                return c.counts()["models"] == 1 and len(c.blob_files()) == 1
+
+            await eventually(only_bobs_model)
+            for channel in channels:
+                await channel.close(None)
+
+    run(body())
+
+
+def test_an_upload_that_trickles_is_ended_and_stores_nothing(tmp_path: Path) -> None:
+    """A byte now and then passes the idle check for ever; the rate bound ends it."""
+
+    async def trickle() -> AsyncIterator[pb.AddModelChunk]:
+        yield pb.AddModelChunk(header=pb.AddModelHeader(name="slow", size_bytes=CHUNK))
+        while True:  # well inside upload_idle_timeout_seconds (60) each time
+            await asyncio.sleep(0.05)
+            yield pb.AddModelChunk(data=b"x")
+
+    async def body() -> None:
+        async with running_controller(tmp_path, upload_rate_grace_seconds=1.0) as c:
+            before = c.snapshot()
+            await expect_status(
+                c.admin.AddModel(trickle(), timeout=TEST_TIMEOUT),
+                DEADLINE,
+                "AddModel",
+                "upload_min_bytes_per_second",
+                "nothing was stored",
+            )
+            # a compression upload that never sends its header is ended by the same bound
+            # (not by the 60 s idle timeout)
+            await expect_status(
+                c.admin.StartCompression(quiet_after(), timeout=TEST_TIMEOUT),
+                DEADLINE,
+                "StartCompression",
+                "upload_min_bytes_per_second",
+            )
+            assert c.snapshot() == before
+            await nothing_stored(c)
+
+    run(body())
+
+
 # ------------------------------------------------------------------- health (S5, S6)
 
 
 def test_health_check_answers_while_every_short_call_slot_is_busy(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_controller(tmp_path, max_concurrent_rpcs=1) as c:
-            header = pb.AddModelHeader(name="slow", size_bytes=CHUNK)
-            upload = c.admin.AddModel(
-                quiet_after(pb.AddModelChunk(header=header)), timeout=TEST_TIMEOUT
-            )
-            # the upload holds the one slot: a short call now waits behind it (past its
-            # deadline)...
-            register = pb.RegisterRequest(device_id="hub-1", device_class="home-hub")
-            await expect_status(c.agent.Register(register, timeout=1), DEADLINE)
-            # ...a health probe does not
-            health = health_pb2_grpc.HealthStub(c.channel)
-            check = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
-            assert check.status == SERVING
-            upload.cancel()
+            # no client can hold a short-call slot for long any more (uploads have a pool
+            # of their own): the test holds the controller's one slot itself
+            assert c.server._health is not None
+            async with c.server._health.limits.slot():
+                # a short call now waits behind it (past its deadline)...
+                register = pb.RegisterRequest(device_id="hub-1", device_class="home-hub")
+                await expect_status(c.agent.Register(register, timeout=1), DEADLINE)
+                # ...a health probe does not
+                health = health_pb2_grpc.HealthStub(c.channel)
+                check = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert check.status == SERVING
 
     run(body())
 
@@ -357,6 +548,11 @@ def test_a_new_watch_stream_for_a_device_replaces_the_old_one(tmp_path: Path) ->
         ("fetch_write_timeout_seconds", float("nan")),
         ("upload_idle_timeout_seconds", -1.0),
         ("upload_idle_timeout_seconds", True),
+        ("max_upload_streams", 0),
+        ("max_uploads_per_peer", 0),
+        ("upload_min_bytes_per_second", 0),
+        ("upload_min_bytes_per_second", 1.5),
+        ("upload_rate_grace_seconds", 0),
         ("max_health_watches_per_peer", 0),
     ],
 )
