@@ -11,7 +11,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,17 +243,33 @@ def quiet_upload(admin: Any, rpc_name: str) -> Any:
     return admin.StartCompression(quiet_after(), timeout=TEST_TIMEOUT)
 
 
-async def until_uploads_are_refused(admin: Any, limit: str) -> None:
-    """Wait until an upload from ``admin``'s client is refused for ``limit``: the uploads
-    opened before have all taken their slots."""
+class Held:
+    """A quiet upload kept open: one a probe beat to the last slot is opened again."""
+
+    def __init__(self, admin: Any, rpc_name: str) -> None:
+        self.admin, self.rpc_name = admin, rpc_name
+        self.call = quiet_upload(admin, rpc_name)
+
+    def reopened(self) -> bool:
+        if not self.call.done():
+            return False
+        self.call = quiet_upload(self.admin, self.rpc_name)
+        return True
+
+
+async def until_uploads_are_refused(admin: Any, limit: str, held: Sequence[Held]) -> None:
+    """Wait until an upload from ``admin``'s client is refused for ``limit`` while every
+    ``held`` upload is open: they have all taken their slots."""
 
     async def refused() -> bool:
+        if any([h.reopened() for h in held]):
+            return False
         try:
             await admin.AddModel(iter([]), timeout=10)  # taken: INVALID_ARGUMENT at once
         except grpc.aio.AioRpcError as exc:
             if exc.code() == EXHAUSTED:
                 assert limit in (exc.details() or ""), exc
-                return True
+                return True  # every slot is a held upload's: none can be refused now
             assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
             return False
         raise AssertionError("an AddModel without a header cannot succeed")
@@ -285,13 +301,13 @@ async def short_calls_answer(c: Harness, device_id: str) -> None:
 def test_uploads_held_open_take_no_short_call_slot(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_controller(tmp_path, max_concurrent_rpcs=1, max_upload_streams=2) as c:
-            held = [quiet_upload(c.admin, "AddModel"), quiet_upload(c.admin, "StartCompression")]
-            await until_uploads_are_refused(c.admin, "max_upload_streams")
+            held = [Held(c.admin, "AddModel"), Held(c.admin, "StartCompression")]
+            await until_uploads_are_refused(c.admin, "max_upload_streams", held)
             # both uploads are open, and the controller's one short-call slot is not theirs
             await short_calls_answer(c, "hub-1")
-            assert not any(call.done() for call in held)
-            for call in held:
-                call.cancel()
+            assert not any(h.call.done() for h in held)
+            for h in held:
+                h.call.cancel()
             await nothing_stored(c)
 
     run(body())
@@ -361,12 +377,12 @@ def test_uploads_are_capped_per_client_certificate(tmp_path: Path) -> None:
                 for name in ("alice", "bob")
             ]
             alice, bob = (admin_stub(channel) for channel in channels)
-            alices = [quiet_upload(alice, "AddModel"), quiet_upload(alice, "StartCompression")]
-            await until_uploads_are_refused(alice, "max_uploads_per_peer")
-            bobs = quiet_upload(bob, "AddModel")  # another certificate: still accepted...
-            await until_uploads_are_refused(bob, "max_upload_streams")  # ...up to the total
-            assert not any(call.done() for call in [*alices, bobs])
-            alices[0].cancel()
+            alices = [Held(alice, "AddModel"), Held(alice, "StartCompression")]
+            await until_uploads_are_refused(alice, "max_uploads_per_peer", alices)
+            bobs = Held(bob, "AddModel")  # another certificate: still accepted...
+            await until_uploads_are_refused(bob, "max_upload_streams", [bobs])  # ...to the total
+            assert not any(h.call.done() for h in [*alices, bobs])
+            alices[0].call.cancel()
 
             async def bob_adds_a_model() -> bool:
                 data = onnx_model()
@@ -380,8 +396,8 @@ def test_uploads_are_capped_per_client_certificate(tmp_path: Path) -> None:
                 return True
 
             await eventually(bob_adds_a_model)
-            for call in (alices[1], bobs):
-                call.cancel()
+            for h in (alices[1], bobs):
+                h.call.cancel()
 
             async def only_bobs_model() -> bool:  # and no temporary of the stalled uploads
                 return c.counts()["models"] == 1 and len(c.blob_files()) == 1
