@@ -46,7 +46,6 @@ WINDOW_MS = 10_000
 # year ago (a device clock stuck in 1970) and after now.
 BASE_MS = int(time.time() * 1000) - 30 * 24 * 3600 * 1000
 MODEL = "ingest-bench"
-ARTIFACT_SHA = "ab" * 32
 START_TIMEOUT_S = 60.0
 
 
@@ -76,6 +75,7 @@ class _ClientJob:
     in_flight: int
     batch_windows: int
     seed: int
+    artifact_sha256: str  # the controller accepts telemetry of its own artifacts only
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,36 @@ def _start_controller(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
         time.sleep(0.05)
     process.kill()
     raise RuntimeError(f"the controller did not write {info} within {START_TIMEOUT_S:.0f} s")
+
+
+def _release_model(address: str) -> str:
+    """Add a tiny model and build its artifact for home-hub; return the artifact's sha256.
+
+    Through the admin API like an operator: the controller takes telemetry only of the
+    models it registered and the artifacts it built."""
+    import grpc
+    import onnx
+    from onnx import TensorProto, helper
+
+    from protos import fleet_pb2 as pb
+    from protos import fleet_pb2_grpc
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        MODEL,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    raw = data.SerializeToString()
+    onnx.checker.check_model(data)
+    with grpc.insecure_channel(address) as channel:
+        admin: Any = fleet_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
+        header = pb.AddModelHeader(name=MODEL, size_bytes=len(raw))
+        admin.AddModel(iter([pb.AddModelChunk(header=header), pb.AddModelChunk(data=raw)]))
+        request = pb.CreateArtifactRequest(model_name=MODEL, device_class="home-hub")
+        artifact = admin.CreateArtifact(request, timeout=60)
+    return str(artifact.sha256)
 
 
 def _stop_controller(process: subprocess.Popen[bytes]) -> None:
@@ -187,7 +217,7 @@ async def _client_main(job: _ClientJob, conn: Connection) -> None:
                 windows.append(
                     pb.TelemetryWindow(
                         model_name=MODEL,
-                        artifact_sha256=ARTIFACT_SHA,
+                        artifact_sha256=job.artifact_sha256,
                         count=len(samples),
                         errors=int(rng.integers(0, 2)),
                         latency_bucket_counts=histogram.histogram(samples.tolist()),
@@ -253,11 +283,12 @@ def measure(
         clients: list[tuple[Any, Connection]] = []
         try:
             ids = [f"dev-{i:05d}" for i in range(devices)]
+            sha = _release_model(address)
             registered = time.perf_counter()
             total_in_flight = 0
             for k in range(client_processes):
                 mine = tuple(ids[k::client_processes])
-                job = _ClientJob(address, mine, min(in_flight, len(mine)), batch_windows, k)
+                job = _ClientJob(address, mine, min(in_flight, len(mine)), batch_windows, k, sha)
                 total_in_flight += job.in_flight
                 parent, child = spawn.Pipe()
                 process = spawn.Process(target=_client, args=(job, child), daemon=True)

@@ -613,6 +613,7 @@ class SqlStore(Store):
                 for device_id in known
                 for w in {w.seq: w for w in batches[device_id]}.values()
             ]
+            _check_known_artifacts(session, windows)
             # read after the devices update: on PostgreSQL that row lock orders two
             # transactions of one device, so the second sees what the first stored
             before = _stored_state(session, known, {(d, w.model_name) for d, w in windows})
@@ -1424,6 +1425,46 @@ def _stored_state(
             if end_ms:  # None: never sent the model; 0: a row from before the column
                 max_end[(str(device_id), str(model_name))] = int(end_ms)
     return _StoredState(highest, max_end)
+
+
+def _check_known_artifacts(
+    session: Session, windows: Sequence[tuple[str, TelemetryWindow]]
+) -> None:
+    """Refuse windows of a model this controller never registered, or of bytes that are
+    none of that model's artifacts (an empty digest: nothing served yet, is accepted).
+
+    Each (class, model, artifact) names a rollup row and a Prometheus series: without
+    this, one device sending made-up names or digests would add rows and series without
+    end. A real agent only serves artifacts this controller sent it, and models and
+    artifacts are never deleted, so no honest window is refused."""
+    models = {w.model_name for _, w in windows}
+    digests = {(w.model_name, w.artifact_sha256) for _, w in windows if w.artifact_sha256}
+    known_models: set[str] = set()
+    known: set[tuple[str, str]] = set()
+    for chunk in _chunks(sorted(models)):
+        known_models.update(session.scalars(select(ModelRow.name).where(ModelRow.name.in_(chunk))))
+    for chunk in _chunks(sorted({sha for _, sha in digests})):
+        known.update(
+            (model, sha)
+            for model, sha in session.execute(
+                select(ArtifactRow.model_name, ArtifactRow.sha256)
+                .where(ArtifactRow.sha256.in_(chunk))
+                .distinct()
+            )
+        )
+    for device_id, w in windows:
+        if w.model_name not in known_models:
+            raise invalid(
+                f"device {device_id}: window seq {w.seq} is of model {w.model_name!r}, which "
+                "is not registered on this controller: a device reports telemetry of the "
+                "models it was assigned"
+            )
+        if w.artifact_sha256 and (w.model_name, w.artifact_sha256) not in known:
+            raise invalid(
+                f"device {device_id}: window seq {w.seq} names artifact_sha256 "
+                f"{w.artifact_sha256}, which is none of model {w.model_name!r}'s artifacts on "
+                "this controller: report the sha256 of the artifact being served"
+            )
 
 
 def _check_continuity(stored: Sequence[tuple[str, TelemetryWindow]], before: _StoredState) -> None:

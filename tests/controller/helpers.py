@@ -15,9 +15,11 @@ import numpy as np
 import onnx
 import onnx.helper
 import onnx.numpy_helper
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy.orm import Session
 
 from controller.config import MAX_MESSAGE_BYTES, ControllerConfig
+from controller.db import ArtifactRow, ModelRow
 from controller.server import ControllerServer
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc
@@ -76,6 +78,65 @@ def onnx_model(*, width: int = 4, weights: int = 0, seed: int = 0, opset: int = 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def catalogue(
+    database: Engine | str, model: str, *artifact_sha256: str, device_class: str = "home-hub"
+) -> dict[str, str]:
+    """Make ``model`` and artifacts of it with these digests known to the controller;
+    return each digest's artifact id.
+
+    Telemetry is accepted only for registered models and their artifacts' bytes; tests
+    of ingest that do not care what the model is record it in the database directly
+    (placeholder manifests: nothing here is ever fetched)."""
+    engine = create_engine(database) if isinstance(database, str) else database
+    try:
+        with Session(engine) as session, session.begin():
+            if session.scalar(select(ModelRow.id).where(ModelRow.name == model)) is None:
+                session.add(
+                    ModelRow(
+                        name=model,
+                        version=1,
+                        sha256="0" * 64,
+                        size_bytes=1,
+                        inputs=[],
+                        outputs=[],
+                        created_unix_ms=0,
+                    )
+                )
+            ids = {
+                sha: id_
+                for sha, id_ in session.execute(
+                    select(ArtifactRow.sha256, ArtifactRow.id).where(
+                        ArtifactRow.model_name == model
+                    )
+                )
+            }
+            version = len(ids)
+            for digest in artifact_sha256:
+                if digest in ids:
+                    continue
+                version += 1
+                ids[digest] = f"{model}-{device_class}-t{version}"
+                session.add(
+                    ArtifactRow(
+                        id=ids[digest],
+                        model_name=model,
+                        model_version=1,
+                        device_class=device_class,
+                        version=version,
+                        sha256=digest,
+                        size_bytes=1,
+                        manifest_json=b"{}",
+                        signature=b"",
+                        key_id="",
+                        created_unix_ms=0,
+                    )
+                )
+        return {sha: ids[sha] for sha in artifact_sha256}
+    finally:
+        if isinstance(database, str):
+            engine.dispose()
 
 
 def hardware(**overrides: Any) -> pb.HardwareInfo:

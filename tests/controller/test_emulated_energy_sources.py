@@ -20,8 +20,8 @@ from edge_agent.errors import AgentError
 from edge_agent.meters import NoMeter
 from edge_agent.telemetry import Telemetry
 from protos import fleet_pb2 as pb
-from tests.controller.helpers import Harness, expect_status, run, running_controller
-from tests.controller.test_telemetry_abuse import window
+from tests.controller.helpers import Harness, catalogue, expect_status, run, running_controller
+from tests.controller.test_telemetry_abuse import SHA, window
 
 WINDOW_MS = 10_000
 # values people type, the QA's two, and the edges of the rule
@@ -71,6 +71,7 @@ def test_every_slowdown_the_agent_accepts_the_controller_accepts(tmp_path: Path)
     async def body() -> None:
         async with running_controller(tmp_path / "controller") as c:
             await c.register("hub-1")
+            catalogue(c.config.database_url, "motions", SHA)
             start = unix_ms() - (len(sources) + 10) * WINDOW_MS
             windows = [
                 window(seq, start + seq * WINDOW_MS, start + (seq + 1) * WINDOW_MS, source=s)

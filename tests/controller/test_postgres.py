@@ -30,7 +30,7 @@ from controller.rollouts.store import RolloutStore
 from controller.sql_store import SqlStore
 from controller.store import JOB_LEASE_MS, MAX_SERIES
 from protos import fleet_pb2 as pb
-from tests.controller.helpers import onnx_model, run, running_controller
+from tests.controller.helpers import catalogue, onnx_model, run, running_controller
 from tests.support.postgres import PostgresCluster
 
 SHA = "cd" * 32
@@ -59,6 +59,7 @@ def window(seq: int, end_ms: int = 10_000) -> TelemetryWindow:
 
 def test_ingest_stores_each_window_once_and_keeps_the_rollup(engine: Engine) -> None:
     store = SqlStore(engine)
+    catalogue(engine, "motions", SHA)
     for d in ("a", "b"):
         store.register_device(registration(d))
     acks = store.store_telemetry_batches({"a": [window(1), window(2)], "b": [window(1)]})
@@ -173,6 +174,7 @@ def test_series_keep_the_busiest_and_count_the_rest(either_engine: Engine) -> No
     store.register_device(registration("a"))
     extra = 3
     shas = [f"{i:02x}" * 32 for i in range(MAX_SERIES + extra)]
+    ids = catalogue(either_engine, "motions", *shas)
     # Artifact i served i + 1 inferences: the `extra` quietest do not fit in an answer.
     windows = [
         dataclasses.replace(window(i + 1), artifact_sha256=sha, count=i + 1)
@@ -183,7 +185,7 @@ def test_series_keep_the_busiest_and_count_the_rest(either_engine: Engine) -> No
     assert selection.omitted == extra
     drawn = {s.artifact_id for s in selection.series}
     assert len(drawn) == MAX_SERIES
-    assert not any(sha[:12] in drawn for sha in shas[:extra])  # the quietest are left out
+    assert not any(ids[sha] in drawn for sha in shas[:extra])  # the quietest are left out
     assert sum(p.count for s in selection.series for p in s.points) == sum(
         range(extra + 1, len(shas) + 1)
     )

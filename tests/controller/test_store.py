@@ -212,6 +212,8 @@ class StoreContract:
 
     def test_telemetry_is_stored_once_per_seq(self, store: Store) -> None:
         store.register_device(registration())
+        store.add_model(new_model())
+        store.insert_artifact(make_artifact("motions", "home-hub", 1))
         assert store.store_telemetry("hub-1", [window(1), window(2)]) == 2
         assert store.store_telemetry("hub-1", [window(2), window(3)]) == 3
         assert store.store_telemetry("hub-1", []) == 3

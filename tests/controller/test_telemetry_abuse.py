@@ -10,9 +10,10 @@ text up to 32 characters was a new energy source (a new rollup row and series).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -32,7 +33,13 @@ from edge_agent.telemetry import Sample, Telemetry, Window
 from edge_agent.telemetry_queue import TelemetryQueue
 from edge_agent.telemetry_sender import Outcome, SendPlan, send_batch
 from protos import fleet_pb2 as pb
-from tests.controller.helpers import Harness, expect_status, run, running_controller
+from tests.controller.helpers import (
+    Harness,
+    catalogue,
+    expect_status,
+    run,
+    running_controller,
+)
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 SHA = "ab" * 32
@@ -41,7 +48,17 @@ MINUTE = 60_000
 DAY = 24 * 60 * MINUTE
 MAX_INT64 = 2**63 - 1
 BUCKET = 20  # the histogram bucket every inference of these windows falls in
+MODELS = ("motions", "doorbell", "radar")  # each with artifacts SHA and OTHER_SHA
 BOOT_SEQ = 12_000_000  # an agent queue made 12 s after 1970 numbers from unix ms x 1000
+
+
+@contextlib.asynccontextmanager
+async def catalogued_controller(tmp_path: Path) -> AsyncIterator[Harness]:
+    """A running controller that knows MODELS and their artifacts' digests."""
+    async with running_controller(tmp_path) as c:
+        for model in MODELS:
+            catalogue(c.config.database_url, model, SHA, OTHER_SHA)
+        yield c
 
 
 def counts(n: int) -> list[int]:
@@ -98,7 +115,7 @@ def rollup(c: Harness) -> list[tuple[str, str, str, int, int, float]]:
 
 def test_a_device_cannot_report_the_same_time_of_a_model_twice(tmp_path: Path) -> None:
     async def body() -> None:
-        async with running_controller(tmp_path) as c:
+        async with catalogued_controller(tmp_path) as c:
             await c.register("lab-2", "lab")
             now = unix_ms()
             year = 364 * DAY
@@ -165,7 +182,7 @@ def test_a_device_cannot_report_the_same_time_of_a_model_twice(tmp_path: Path) -
 
 def test_what_an_honest_agent_sends_still_goes_through(tmp_path: Path) -> None:
     async def body() -> None:
-        async with running_controller(tmp_path) as c:
+        async with catalogued_controller(tmp_path) as c:
             await c.register("hub-1")
             t = unix_ms() - 30 * MINUTE
             windows = [
@@ -184,6 +201,33 @@ def test_what_an_honest_agent_sends_still_goes_through(tmp_path: Path) -> None:
             assert await send(c, "hub-1", *windows[3:]) == 6
             assert await send(c, "hub-1", *windows) == 6  # a resend after a lost ack
             assert c.counts()["telemetry_windows"] == 6
+
+    run(body())
+
+
+def test_made_up_models_and_digests_add_no_rollup_rows_or_series(tmp_path: Path) -> None:
+    """Every (class, model, artifact) is a rollup row and a Prometheus series: a device
+    naming models or bytes this controller never made would add them without end."""
+
+    async def body() -> None:
+        async with catalogued_controller(tmp_path) as c:
+            await c.register("hub-1")
+            t = unix_ms() - 30 * MINUTE
+            assert await send(c, "hub-1", window(1, t, t + 10_000)) == 1
+            before = rollup(c)
+            made_up = [
+                (window(2, t + 10_000, t + 20_000, model="ghost"), "'ghost', which is not"),
+                (window(2, t + 10_000, t + 20_000, sha="ef" * 32), "none of model 'motions'"),
+                # a real artifact's bytes, but of another model
+                (window(2, t + 10_000, t + 20_000, model="ghost", sha=SHA), "not registered"),
+            ]
+            for bad, says in made_up:
+                await expect_status(send(c, "hub-1", bad), INVALID, says)
+            assert rollup(c) == before
+            assert c.counts()["telemetry_windows"] == 1
+            # an empty digest (nothing served yet) and the other artifact still go through
+            assert await send(c, "hub-1", window(2, t + 10_000, t + 20_000, sha="")) == 2
+            assert await send(c, "hub-1", window(3, t + 20_000, t + 30_000, sha=OTHER_SHA)) == 3
 
     run(body())
 
@@ -219,7 +263,7 @@ def test_a_re_provisioned_device_is_heard_whatever_its_seqs(tmp_path: Path) -> N
     highest seq, above the agent's own, moves its numbering past them."""
 
     async def body() -> None:
-        async with running_controller(tmp_path) as c:
+        async with catalogued_controller(tmp_path) as c:
             await c.register("hub-9")
             t = unix_ms() - 60 * MINUTE
             # its first queue, made 12 s after 1970 (no RTC, before NTP)
@@ -283,7 +327,7 @@ def test_a_rollup_count_that_would_overflow_refuses_only_the_device_carrying_it(
     tmp_path: Path,
 ) -> None:
     async def body() -> None:
-        async with running_controller(tmp_path) as c:
+        async with catalogued_controller(tmp_path) as c:
             await c.register("lab-0", "lab")
             await c.register("hub-1")
             t = unix_ms() - 30 * MINUTE
@@ -312,6 +356,8 @@ def engine(database_url: str | None, tmp_path: Path) -> Iterator[Engine]:
     """A fresh schema on SQLite, then on PostgreSQL (the ingest SQL differs by dialect)."""
     created = make_engine(database_url or f"sqlite:///{tmp_path / 'homefleet.db'}")
     create_schema(created)
+    for model in MODELS:
+        catalogue(created, model, SHA, OTHER_SHA)
     yield created
     created.dispose()
 
@@ -426,7 +472,7 @@ def test_a_database_from_before_the_latest_end_column_is_given_it_filled(
 
 def test_cpu_time_and_energy_are_bounded_by_the_window(tmp_path: Path) -> None:
     async def body() -> None:
-        async with running_controller(tmp_path) as c:
+        async with catalogued_controller(tmp_path) as c:
             await c.register("hub-2")
             t = unix_ms() - 30 * MINUTE
             before = c.snapshot()
@@ -464,7 +510,7 @@ def test_only_the_energy_sources_agents_send_are_accepted(tmp_path: Path) -> Non
     assert emulated == ["none*2.5", "none*10", "none*100"]
 
     async def body() -> None:
-        async with running_controller(tmp_path) as c:
+        async with catalogued_controller(tmp_path) as c:
             await c.register("hub-2")
             t = unix_ms() - 30 * MINUTE
             accepted = sorted(meters) + emulated

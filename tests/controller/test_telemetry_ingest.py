@@ -24,7 +24,7 @@ from controller.records import DeviceRegistration, Hardware, TelemetryTotals, Te
 from controller.sql_store import SqlStore
 from controller.telemetry_ingest import TelemetryIngest
 from protos import fleet_pb2 as pb
-from tests.controller.helpers import Harness, expect_status, run, running_controller
+from tests.controller.helpers import Harness, catalogue, expect_status, run, running_controller
 
 DEVICES = 12
 ROUNDS = 6
@@ -69,6 +69,7 @@ def stored(c: Harness) -> list[tuple[str, int, int]]:
 def test_concurrent_reports_with_duplicates_store_each_window_once(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_controller(tmp_path) as c:
+            catalogue(c.config.database_url, "motions", SHA)
             for d in range(DEVICES):
                 await c.register(f"dev-{d:02d}")
 
@@ -130,6 +131,7 @@ def test_concurrent_reports_with_duplicates_store_each_window_once(tmp_path: Pat
 def store(tmp_path: Path) -> Iterator[SqlStore]:
     engine = make_engine(f"sqlite:///{tmp_path / 'homefleet.db'}")
     create_schema(engine)
+    catalogue(engine, "motions", SHA)
     yield SqlStore(engine)
     engine.dispose()
 

@@ -24,7 +24,6 @@ from protos import fleet_pb2 as pb
 from tests.controller.helpers import Harness, onnx_model, run, running_controller
 
 MODEL = "motions"
-UNKNOWN_SHA = "ab" * 32  # bytes the controller never built: shown by their short sha
 HUB_A = histogram.histogram([0.00004] * 50 + [0.0004] * 45 + [0.003] * 5)
 HUB_B = histogram.histogram([0.0008] * 30 + [0.02] * 10)
 CAM = histogram.histogram([0.05] * 8 + [150.0] * 2)  # 150 s: the overflow bucket
@@ -69,7 +68,8 @@ async def report(c: Harness, device_id: str, *windows: pb.TelemetryWindow) -> in
 
 
 async def fleet(c: Harness) -> tuple[str, dict[str, list[pb.TelemetryWindow]]]:
-    """Two hubs (one artifact, two meters) and a camera running bytes we never built."""
+    """Two hubs (one artifact, two meters) and a camera running the hubs' artifact (by a
+    device assignment): its series carry the class it runs in and that artifact's id."""
     await c.add_model(MODEL, onnx_model())
     art = await c.artifact(MODEL, "home-hub")
     for device_id, device_class in (("hub-1", "home-hub"), ("hub-2", "home-hub")):
@@ -81,7 +81,7 @@ async def fleet(c: Harness) -> tuple[str, dict[str, list[pb.TelemetryWindow]]]:
             window(2, art.sha256, HUB_A, end_ms=20_000, cpu=0.5, joules=2.0),
         ],
         "hub-2": [window(1, art.sha256, HUB_B, end_ms=30_000, joules=4.25, source="rapl")],
-        "cam-1": [window(7, UNKNOWN_SHA, CAM, errors=3, cpu=1.0, joules=8.0, source="hwmon")],
+        "cam-1": [window(7, art.sha256, CAM, errors=3, cpu=1.0, joules=8.0, source="hwmon")],
     }
     for device_id, windows in batches.items():
         assert await report(c, device_id, *windows) == windows[-1].seq
@@ -118,7 +118,7 @@ def test_metrics_are_per_class_model_and_artifact_and_idempotent(tmp_path: Path)
             metrics = await scrape_controller(c)
 
             hub = {"device_class": "home-hub", "model": MODEL, "artifact_id": artifact_id}
-            cam = {"device_class": "camera", "model": MODEL, "artifact_id": UNKNOWN_SHA[:12]}
+            cam = {"device_class": "camera", "model": MODEL, "artifact_id": artifact_id}
             latency = metrics["homefleet_inference_latency_seconds"]
             for labels, counts in (
                 (hub, histogram.merge(HUB_A, HUB_A, HUB_B)),
@@ -200,7 +200,7 @@ def test_a_re_release_keeps_the_label_its_bytes_were_first_reported_under(
 def test_summary_merges_an_artifacts_windows_since_a_time(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_controller(tmp_path) as c:
-            artifact_id, _ = await fleet(c)
+            artifact_id, batches = await fleet(c)
             engine = make_engine(c.config.database_url)
             try:
                 store = SqlStore(engine)
@@ -231,7 +231,10 @@ def test_summary_merges_an_artifacts_windows_since_a_time(tmp_path: Path) -> Non
         assert later == [] and other_model == []
 
         (cam,) = camera
-        assert (cam.artifact_id, cam.artifact_sha256) == (UNKNOWN_SHA[:12], UNKNOWN_SHA)
+        assert (cam.artifact_id, cam.artifact_sha256) == (
+            artifact_id,
+            batches["cam-1"][0].artifact_sha256,
+        )
         overflow = histogram.UPPER_BOUNDS[-1]  # 100 s: what a p95 in the overflow bucket is
         assert cam.p95_seconds == histogram.percentile(CAM, 0.95) == overflow
         assert cam.devices == 1 and cam.count == sum(CAM)

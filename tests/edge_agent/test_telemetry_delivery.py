@@ -38,6 +38,7 @@ from edge_agent.telemetry import Sample, Telemetry, Window
 from edge_agent.telemetry_queue import TelemetryQueue
 from edge_agent.telemetry_sender import RefusalLog, SendPlan, send_forever
 from protos import fleet_pb2, fleet_pb2_grpc
+from tests.controller.helpers import catalogue
 from tests.edge_agent.conftest import load
 from tests.edge_agent.models import add_model
 from tests.edge_agent.test_telemetry_meters import rapl_zone
@@ -129,6 +130,7 @@ def test_windows_reach_the_controller_and_a_batch_sent_twice_is_stored_once(
 ) -> None:
     async def main() -> None:
         async with running_controller(tmp_path / "controller") as controller:
+            catalogue(controller.config.database_url, "motions", SHA)
             async with sync_loop(tmp_path / "agent", controller.address) as queue:
                 seqs = await asyncio.to_thread(queue.append, windows(7))
                 await eventually("the queue to drain", lambda: drained(queue))
@@ -158,6 +160,7 @@ def test_a_controller_restart_and_an_agent_restart_lose_no_window_and_store_none
         sock.close()
         address = f"127.0.0.1:{port}"
         controller: Controller | None = await open_controller(data, port=port)
+        catalogue(controller.config.database_url, "motions", SHA)
         expected: list[int] = []
         try:
             async with sync_loop(state, address) as queue:
@@ -308,6 +311,7 @@ def test_windows_refused_for_a_clock_ahead_are_logged_once_then_counted_a_minute
 
     async def main() -> None:
         async with running_controller(tmp_path / "controller") as controller:
+            catalogue(controller.config.database_url, "motions", SHA)
             await controller.agent.Register(
                 fleet_pb2.RegisterRequest(
                     device_id=DEVICE, device_class="home-hub", hardware=collect().to_proto()
