@@ -22,7 +22,15 @@ from edge_agent.hardware import collect
 from edge_agent.telemetry_queue import TelemetryQueue
 from edge_agent.telemetry_sender import SendPlan, send_forever
 from protos import fleet_pb2
-from tests.edge_agent.test_telemetry_delivery import DEVICE, drained, stored, sync_loop, windows
+from tests.controller.helpers import catalogue
+from tests.edge_agent.test_telemetry_delivery import (
+    DEVICE,
+    SHA,
+    drained,
+    stored,
+    sync_loop,
+    windows,
+)
 from tests.support.controller import Controller, eventually, running_controller
 
 BOOT_SEQ = 12_000_000  # the first seq of a queue made 12 s after 1970 (unix ms x 1000)
@@ -54,6 +62,7 @@ def test_a_re_provisioned_agent_has_every_window_stored_though_its_seqs_were_tak
 
     async def main() -> None:
         async with running_controller(tmp_path / "controller") as controller:
+            catalogue(controller.config.database_url, "motions", SHA)
             await controller.agent.Register(
                 fleet_pb2.RegisterRequest(
                     device_id=DEVICE, device_class="home-hub", hardware=collect().to_proto()
@@ -94,6 +103,7 @@ def test_a_state_directory_restored_from_a_backup_numbers_above_what_was_sent_si
 
     async def main() -> None:
         async with running_controller(tmp_path / "controller") as controller:
+            catalogue(controller.config.database_url, "motions", SHA)
             async with sync_loop(state, controller.address) as queue:
                 sent = await asyncio.to_thread(queue.append, windows(3))
                 await eventually("the first windows to be sent", lambda: drained(queue))
