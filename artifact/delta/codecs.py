@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -46,6 +47,8 @@ from artifact.delta.words import (
     values_to_words,
     words_to_values,
 )
+
+_Operands = tuple[NDArray[Any], Values]  # see `_by_channel`
 
 BLOCK_WORDS = 1 << 20  # bounds the decoder's working memory per block (~8 bytes a word)
 
@@ -93,6 +96,18 @@ class Channels:
         counts[0] -= start - first * self.inner
         counts[-1] -= (last + 1) * self.inner - (start + n)
         return np.repeat(values[runs % self.count], counts)
+
+    def grid(self, start: int, n: int) -> tuple[int, int, int] | None:
+        """Words ``start .. start+n`` as (outer, count, inner), when they are whole periods.
+
+        A block that starts and ends on a multiple of ``count * inner`` words (any
+        tensor that fits one block) can then meet its per-channel values by
+        broadcasting, with no expanded copy of them; None when it does not.
+        """
+        period = self.count * self.inner
+        if start % period or n % period:
+            return None
+        return (n // period, self.count, self.inner)
 
 
 PER_TENSOR = Channels(1, 1)
@@ -274,29 +289,59 @@ class Param:
         return words_to_values(self.words, self.etype, self.storage)
 
 
-def _scalar_or_channels(values: Values, channels: Channels, start: int, n: int) -> Values:
+def _by_channel(x: NDArray[Any], values: Values, channels: Channels, start: int) -> _Operands:
+    """``x`` (a block's words, flat and contiguous) and its per-channel ``values``, shaped
+    so that an elementwise ufunc with ``out=`` the first updates ``x`` in place.
+
+    Word i meets ``values[(start + i) // inner % count]``. Per tensor: a scalar. A block
+    of whole periods: a (outer, count, inner) view of ``x`` and ``values`` as a column,
+    broadcast. Otherwise the values expanded word by word (`Channels.expand`). Each
+    element gets the same operation on the same two numbers either way: exact.
+    """
     if channels.count == 1:
         if values.size != 1:
             raise CorruptPatchError(f"a per-tensor parameter has {values.size} values")
-        return values.reshape(())
+        return x, values.reshape(())
     if values.size != channels.count:
         raise CorruptPatchError(
             f"a per-channel parameter has {values.size} values for {channels.count} channels"
         )
-    return channels.expand(values.reshape(-1), start, n)
+    grid = channels.grid(start, x.size)
+    if grid is None:
+        return x, channels.expand(values.reshape(-1), start, x.size)
+    return x.reshape(grid, copy=False), values.reshape(channels.count, 1)  # a view of x
 
 
 def _dequantize(q: Values, dq: Dequant, old: OldModel, start: int) -> NDArray[np.float32]:
-    """ORT DequantizeLinear: ``(q - zero_point) * scale`` in float32."""
-    n = q.size
+    """ORT DequantizeLinear: ``(q - zero_point) * scale`` in float32 (a fresh array).
+
+    The difference is taken exactly (in int64), then rounded once to float32. For 8- and
+    16-bit tensors (nearly all) it is taken in float32 instead: both operands and their
+    difference (under 2**17) are exact there, so the bits are the same, without an
+    int64 copy of the block eight bytes a word wide.
+    """
     scale_ref = dq.scale
     scale = to_float(old.values(scale_ref, 0, 1 << 62), element_type(scale_ref.dtype), np.float32)
-    s = _scalar_or_channels(scale, dq.channels, start, n)
-    centred = q.astype(np.int64)
-    if dq.zero_point is not None:
-        zp = old.values(dq.zero_point, 0, 1 << 62).astype(np.int64)
-        centred = centred - np.asarray(_scalar_or_channels(zp, dq.channels, start, n), np.int64)
-    return centred.astype(np.float32) * s.astype(np.float32)
+    zp = None if dq.zero_point is None else old.values(dq.zero_point, 0, 1 << 62)
+    if _narrow_int(q) and (zp is None or _narrow_int(zp)):
+        out = q.astype(np.float32)
+        if zp is not None:
+            view, zp_by_word = _by_channel(out, zp.astype(np.float32), dq.channels, start)
+            np.subtract(view, zp_by_word, out=view)
+    else:
+        centred = q.astype(np.int64)
+        if zp is not None:
+            view, zp_by_word = _by_channel(centred, zp.astype(np.int64), dq.channels, start)
+            np.subtract(view, zp_by_word, out=view)
+        out = centred.astype(np.float32)
+    view, s = _by_channel(out, scale, dq.channels, start)
+    np.multiply(view, s.astype(np.float32), out=view)
+    return out
+
+
+def _narrow_int(values: Values) -> bool:
+    """An integer array of at most 16 bits: exact in float32, and so are differences."""
+    return values.dtype.kind in "iu" and values.dtype.itemsize <= 2
 
 
 def quantize_prediction(
@@ -318,16 +363,16 @@ def quantize_prediction(
     if q.dequant is not None:
         if not src_type.is_integer:
             raise CorruptPatchError("requantization from a non-integer tensor")
-        x = _dequantize(src, q.dequant, old, start).astype(dtype)
+        x = _dequantize(src, q.dequant, old, start).astype(dtype, copy=False)
     elif src_type.is_float and src_type.lanes == 1:
         x = to_float(src, src_type, dtype)
     else:
         raise CorruptPatchError(f"quantized prediction from a {src_type.name} tensor")
     scale = _param(params, q.scale)
-    s = _scalar_or_channels(to_float(scale.values, scale.etype, dtype), q.channels, start, n)
-    y = x  # a fresh array (astype copies): safe to work in place
+    y = x  # a fresh array (astype copies, and so does _dequantize): safe to work in place
+    view, s = _by_channel(y, to_float(scale.values, scale.etype, dtype), q.channels, start)
     with np.errstate(all="ignore"):
-        np.divide(y, s, out=y)
+        np.divide(view, s, out=view)
     np.rint(y, out=y)
     nan = np.isnan(y)
     if nan.any():
@@ -336,7 +381,8 @@ def quantize_prediction(
         zp = _param(params, q.zero_point)
         if not zp.etype.is_integer:
             raise CorruptPatchError("a zero point that is not an integer tensor")
-        y += _scalar_or_channels(zp.values.astype(dtype), q.channels, start, n)
+        view, zp_by_word = _by_channel(y, zp.values.astype(dtype), q.channels, start)
+        np.add(view, zp_by_word, out=view)
     np.clip(y, q.lo, q.hi, out=y)
     out: Values = y.astype(target.numpy)  # exact: integral and within the type's range
     return out

@@ -54,6 +54,7 @@ from artifact.delta.frames import (
     Transform,
     apply_residual,
     decompress_exact,
+    exact_prediction,
     unpack_frames,
 )
 from artifact.delta.skeleton import (
@@ -165,18 +166,30 @@ class _Payloads:
             raise CorruptPatchError("the delta has payload bytes its table does not account for")
 
 
-def _decode_block(block: Block, payload: memoryview, old: OldModel, params: list[Param]) -> bytes:
+def _decode_block(
+    block: Block, payload: memoryview, old: OldModel, params: list[Param]
+) -> bytes | memoryview:
+    """The block's bytes in the new file; a copy is a view of the base (no copy made)."""
     block.check()
     if block.predictor is Predictor.COPY:
         if block.transform is not Transform.NONE or len(payload):
             raise CorruptPatchError("a copied block carries a payload")
-        return bytes(old.span(block.copy_from, block.out_nbytes))
+        return old.span(block.copy_from, block.out_nbytes)
     if block.word_count > BLOCK_WORDS:
         raise CorruptPatchError(f"a block of {block.word_count} words (limit {BLOCK_WORDS})")
     predicted = predict(block, old, params)
-    grouping = exponent_grouping(block, predicted) if block.layout is Layout.GROUPED else None
-    res = unpack_frames(payload, block.word_count, block.word_dtype, block.layout, grouping)
-    words = apply_residual(res, predicted, block.transform)
+    word_dtype = block.word_dtype
+    if (
+        predicted is not None
+        and predicted.dtype == word_dtype
+        and predicted.size == block.word_count
+        and exact_prediction(payload, block.layout, block.transform, word_dtype.itemsize)
+    ):
+        words = predicted  # what a zero residual would give back (see exact_prediction)
+    else:
+        grouping = exponent_grouping(block, predicted) if block.layout is Layout.GROUPED else None
+        res = unpack_frames(payload, block.word_count, word_dtype, block.layout, grouping)
+        words = apply_residual(res, predicted, block.transform)
     out = words_to_bytes(words, block.storage)
     if len(out) != block.out_nbytes:
         raise CorruptPatchError("a block decodes to the wrong number of bytes")
@@ -246,7 +259,7 @@ def _decode_records(
     old = OldModel(old_view)
     payloads = _Payloads(stream, 2, header.record_count, max_data)
     params: list[Param] = []
-    placed: dict[int, bytes] = {}
+    placed: dict[int, bytes | memoryview] = {}
     for block in table.params:
         data = _decode_block(block, payloads.take(block.payload_len), old, params)
         if block.storage is Storage.VARINT:
@@ -284,7 +297,7 @@ class _Assembler:
         self._used = 0  # skeleton bytes written
         self._pos = 0  # file bytes written
 
-    def put(self, offset: int, data: bytes) -> None:
+    def put(self, offset: int, data: bytes | memoryview) -> None:
         gap = offset - self._pos
         self._sink.write(self._skeleton[self._used : self._used + gap])
         self._sink.write(data)

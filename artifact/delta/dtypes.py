@@ -12,6 +12,7 @@ Types the codec does not understand element-wise (4-bit packed, float8, strings)
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +41,10 @@ class ElementType:
     width: int  # bytes per word (lane); 1 for opaque
     lanes: int = 1  # words per element (2 for complex)
 
-    @property
+    # Cached: the decoder asks for these a few times per block, and np.dtype("<f4") costs
+    # a microsecond each time (the cache lives in the instance's __dict__, which a frozen
+    # dataclass still has; equality and hashing look at the fields only).
+    @functools.cached_property
     def numpy(self) -> np.dtype[np.generic]:
         """The numpy dtype of one word's value (bfloat16 and opaque: its bit pattern)."""
         if self.kind is Kind.FLOAT:
@@ -49,7 +53,7 @@ class ElementType:
             return np.dtype(f"<i{self.width}")
         return np.dtype(f"<u{self.width}")
 
-    @property
+    @functools.cached_property
     def word(self) -> np.dtype[np.unsignedinteger]:
         return np.dtype(f"<u{self.width}")
 

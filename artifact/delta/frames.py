@@ -71,7 +71,13 @@ def _zigzag(d: Words) -> Words:
 
 
 def _unzigzag(z: Words) -> Words:
-    return (z >> z.dtype.type(1)) ^ (z.dtype.type(0) - (z & z.dtype.type(1)))
+    """The inverse of `_zigzag`, as a fresh array (two block-sized temporaries, not four)."""
+    one = z.dtype.type(1)
+    out = z >> one
+    sign = z & one
+    np.negative(sign, out=sign)  # unsigned: 0 - 1 wraps to all ones
+    out ^= sign
+    return out
 
 
 def residual(new: Words, predicted: Words | None, transform: Transform) -> Words:
@@ -87,9 +93,13 @@ def apply_residual(res: Words, predicted: Words | None, transform: Transform) ->
         return res
     if predicted is None:
         raise CorruptPatchError(f"residual transform {transform.name} without a prediction")
+    if predicted.dtype != res.dtype or predicted.shape != res.shape:
+        raise CorruptPatchError("a block's prediction does not match its residual")
     if transform is Transform.XOR:
         return res ^ predicted
-    return _unzigzag(res) + predicted
+    words = _unzigzag(res)
+    words += predicted  # in place (wrapping, like +): one block-sized array less
+    return words
 
 
 def _planes(words: Words, layout: Layout) -> list[NDArray[np.uint8]]:
@@ -236,6 +246,26 @@ def unpack_frames(
     return words
 
 
+def exact_prediction(payload: memoryview, layout: Layout, transform: Transform, width: int) -> bool:
+    """Whether ``payload`` only says "the prediction was exact": its residual is all-zero
+    frames (one per byte plane) under XOR or SUB, which leave the prediction unchanged.
+
+    A fast path for the decoder, which then skips building a zero residual and
+    combining it with the prediction: most blocks of a re-quantized or re-released
+    model (their scales, zero points and many weights) are predicted exactly.
+    `unpack_frames` would accept the same payload, so the result is the same.
+    """
+    if transform is Transform.NONE:
+        return False
+    if layout is Layout.INTERLEAVED:
+        frames = 1
+    elif layout is Layout.PLANES:
+        frames = width
+    else:
+        return False
+    return len(payload) == frames and payload.tobytes() == bytes([Frame.ZERO]) * frames
+
+
 def _read_words(
     reader: _PayloadReader, count: int, dtype: np.dtype[np.unsignedinteger], layout: Layout
 ) -> Words:
@@ -378,32 +408,50 @@ def rice_decode(reader: _PayloadReader, count: int) -> NDArray[np.uint64]:
         step = min(_UNARY_CHUNK, 2 * step)
         if not len(chunk):
             raise CorruptPatchError("a Rice code ends before its last word")
-        ones = np.flatnonzero(np.unpackbits(np.frombuffer(chunk, dtype=np.uint8)))
-        ones = ones[: count - found] + base
-        if ones.size:
-            out[found : found + ones.size] = np.diff(ones, prepend=last) - 1
-            last = int(ones[-1])
-            found += ones.size
+        bits = np.unpackbits(np.frombuffer(chunk, dtype=np.uint8))
+        ones = np.flatnonzero(bits.view(np.bool_))  # 0/1 bytes: a bool view scans faster
+        ends = ones[: count - found]  # where each code's terminating one is
+        ends += base
+        if ends.size:
+            # the quotient is the number of zeros since the previous code's one
+            quotients = out[found : found + ends.size]
+            quotients[0] = int(ends[0]) - last - 1
+            np.subtract(ends[1:], ends[:-1], out=quotients[1:], casting="unsafe")
+            quotients[1:] -= np.uint64(1)
+            last = int(ends[-1])
+            found += ends.size
         base += len(chunk) * 8
     reader.skip(last // 8 + 1)
     if k:
         shift = np.uint64(k)
         for start in range(0, count, _RICE_CHUNK):
             n = min(_RICE_CHUNK, count - start)
-            raw = reader.take(-(-n * k // 8))
-            bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[: n * k].reshape(n, k)
-            rem = np.zeros(n, dtype=np.uint64)
-            for i in range(k):
-                rem = (rem << np.uint64(1)) | bits[:, i].astype(np.uint64)
+            rem = _remainders(reader.take(-(-n * k // 8)), n, k)
             part = out[start : start + n]
-            if (part >> np.uint64(64 - k)).any():
+            if int(part.max()) >> (64 - k):
                 raise CorruptPatchError("a Rice code overflows 64 bits")
-            out[start : start + n] = (part << shift) | rem
+            np.left_shift(part, shift, out=part)
+            np.bitwise_or(part, rem, out=part)
     return out
 
 
+def _remainders(raw: memoryview, n: int, k: int) -> NDArray[np.uint64]:
+    """``n`` k-bit numbers packed MSB first in ``raw``, as uint64.
+
+    Each number's bits are right-aligned in a row of 8, 16, 32 or 64 zero bits, and
+    the rows packed back into big-endian integers: a fixed handful of numpy passes
+    whatever ``k`` is (shifting in one bit column at a time took ``2k`` passes).
+    """
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=n * k).reshape(n, k)
+    width = next(w for w in (8, 16, 32, 64) if k <= w)
+    rows = np.zeros((n, width), dtype=np.uint8)
+    rows[:, width - k :] = bits
+    packed = np.packbits(rows.reshape(-1)).view(f">u{width // 8}")
+    return packed.astype(np.uint64)
+
+
 def _fit(u: NDArray[np.uint64], dtype: np.dtype[np.unsignedinteger]) -> Words:
-    if u.size and int(u.max()) > int(np.iinfo(dtype).max):
+    if u.size and int(u.max()) >> (8 * dtype.itemsize):
         raise CorruptPatchError(f"a decoded word does not fit {dtype.name}")
     return u.astype(dtype)
 

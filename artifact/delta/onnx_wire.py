@@ -62,6 +62,8 @@ class TensorSpan:
 
 
 def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    if pos < end and buf[pos] < 0x80:  # one byte: most lengths, dims and types
+        return buf[pos], pos + 1
     result = 0
     shift = 0
     while True:
@@ -77,18 +79,20 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
             raise WireError("varint longer than 10 bytes")
 
 
-@dataclass(frozen=True)
-class _Field:
-    number: int
-    wire: int
-    value: int  # the varint / fixed value, or the payload length for LEN fields
-    start: int  # first byte of the value (LEN: of the payload)
-    end: int
+# One field of a message: (number, wire type, value, start, end). ``value`` is the varint
+# or fixed value, or the payload length of a LEN field; ``start`` is the first byte of the
+# value (LEN: of the payload). A plain tuple: the decoder walks a few fields per tensor
+# of the base, and a tuple costs a fraction of a dataclass or named tuple to make.
+_Field = tuple[int, int, int, int, int]
 
 
 def _fields(buf: memoryview, pos: int, end: int) -> Iterator[_Field]:
     while pos < end:
-        key, pos = _varint(buf, pos, end)
+        key = buf[pos]
+        if key < 0x80:  # field numbers below 16: every field this module reads
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos, end)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise WireError("field number 0")
@@ -106,7 +110,7 @@ def _fields(buf: memoryview, pos: int, end: int) -> Iterator[_Field]:
             raise WireError(f"unsupported wire type {wire}")
         if pos > end:
             raise WireError("field runs past the end of its message")
-        yield _Field(number, wire, value, start, pos)
+        yield number, wire, value, start, pos
 
 
 def _packed_varints(buf: memoryview, start: int, end: int) -> list[int]:
@@ -128,55 +132,55 @@ def _tensor(buf: memoryview, start: int, end: int) -> TensorSpan | None:
     name = ""
     payloads: list[_Field] = []
     for field in _fields(buf, start, end):
-        n = field.number
+        n, wire, value, first, last = field
         if n == 1:
-            if field.wire == _WIRE_VARINT:
-                dims.append(_signed64(field.value))
-            elif field.wire == _WIRE_LEN:
-                dims.extend(_signed64(v) for v in _packed_varints(buf, field.start, field.end))
-        elif n == 2 and field.wire == _WIRE_VARINT:
-            data_type = field.value
-        elif n == 8 and field.wire == _WIRE_LEN:
-            name = bytes(buf[field.start : field.end]).decode("utf-8", errors="replace")
-        elif n in _NOT_INLINE or (n == _DATA_LOCATION and field.value != 0):
+            if wire == _WIRE_VARINT:
+                dims.append(_signed64(value))
+            elif wire == _WIRE_LEN:
+                dims.extend(_signed64(v) for v in _packed_varints(buf, first, last))
+        elif n == 2 and wire == _WIRE_VARINT:
+            data_type = value
+        elif n == 8 and wire == _WIRE_LEN:
+            name = str(buf[first:last], "utf-8", "replace")
+        elif n in _NOT_INLINE or (n == _DATA_LOCATION and value != 0):
             return None
         elif n == _RAW_DATA or n in _PACKED_FIXED or n in _PACKED_VARINT:
-            if field.wire != _WIRE_LEN:
+            if wire != _WIRE_LEN:
                 return None  # unpacked repeated values: not one contiguous range
             payloads.append(field)
-    if len(payloads) != 1 or any(d < 0 for d in dims):
+    if len(payloads) != 1 or min(dims, default=0) < 0:
         return None
-    payload = payloads[0]
+    field_number, _, _, payload_start, payload_end = payloads[0]
     etype = element_type(data_type)
     elements = math.prod(dims)
-    nbytes = payload.end - payload.start
+    nbytes = payload_end - payload_start
     if nbytes == 0:
         return None
-    if payload.number == _RAW_DATA:
+    if field_number == _RAW_DATA:
         storage = Storage.RAW
         count = elements * etype.lanes
         if etype.kind is Kind.OPAQUE or nbytes != count * etype.width:
             etype = ElementType(data_type, f"opaque({data_type})", Kind.OPAQUE, 1)
             count = nbytes
-    elif payload.number in _PACKED_FIXED:
-        if data_type not in _PACKED_FIXED[payload.number]:
+    elif field_number in _PACKED_FIXED:
+        if data_type not in _PACKED_FIXED[field_number]:
             return None
         storage = Storage.RAW
         count = elements * etype.lanes
         if nbytes != count * etype.width:
             return None
     else:
-        if data_type not in _PACKED_VARINT[payload.number]:
+        if data_type not in _PACKED_VARINT[field_number]:
             return None
         storage = Storage.VARINT
         count = elements
-    return TensorSpan(name, etype, tuple(dims), payload.start, nbytes, storage, count)
+    return TensorSpan(name, etype, tuple(dims), payload_start, nbytes, storage, count)
 
 
 def _initializers(buf: memoryview, start: int, end: int) -> Iterator[TensorSpan]:
-    for field in _fields(buf, start, end):
-        if field.number == _GRAPH_INITIALIZER and field.wire == _WIRE_LEN:
-            span = _tensor(buf, field.start, field.end)
+    for number, wire, _, first, last in _fields(buf, start, end):
+        if number == _GRAPH_INITIALIZER and wire == _WIRE_LEN:
+            span = _tensor(buf, first, last)
             if span is not None:
                 yield span
 
@@ -186,9 +190,9 @@ def find_tensors(data: bytes | memoryview) -> list[TensorSpan]:
     buf = memoryview(data).cast("B")
     try:
         spans: list[TensorSpan] = []
-        for field in _fields(buf, 0, len(buf)):
-            if field.number == _MODEL_GRAPH and field.wire == _WIRE_LEN:
-                spans.extend(_initializers(buf, field.start, field.end))
+        for number, wire, _, first, last in _fields(buf, 0, len(buf)):
+            if number == _MODEL_GRAPH and wire == _WIRE_LEN:
+                spans.extend(_initializers(buf, first, last))
         return sorted(spans, key=lambda s: s.offset)
     except WireError:
         return []
@@ -203,14 +207,14 @@ def model_metadata(data: bytes | memoryview) -> dict[str, str]:
     buf = memoryview(data).cast("B")
     found: dict[str, str] = {}
     try:
-        for field in _fields(buf, 0, len(buf)):
-            if field.number != _MODEL_METADATA or field.wire != _WIRE_LEN:
+        for number, wire, _, first, last in _fields(buf, 0, len(buf)):
+            if number != _MODEL_METADATA or wire != _WIRE_LEN:
                 continue
             entry: dict[int, str] = {}
-            for part in _fields(buf, field.start, field.end):
-                if part.number in (1, 2) and part.wire == _WIRE_LEN:
-                    raw = bytes(buf[part.start : part.end])
-                    entry[part.number] = raw.decode("utf-8", errors="replace")
+            for part, part_wire, _, part_first, part_last in _fields(buf, first, last):
+                if part in (1, 2) and part_wire == _WIRE_LEN:
+                    raw = bytes(buf[part_first:part_last])
+                    entry[part] = raw.decode("utf-8", errors="replace")
             found[entry.get(1, "")] = entry.get(2, "")
     except WireError:
         return {}

@@ -16,7 +16,6 @@ an IndexError deep in numpy.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -173,13 +172,24 @@ def _source(b: Block) -> OldRef | None:
 
 def _anchor(b: Block) -> int | None:
     """Where the block would start if the new file kept the old one's layout."""
-    if b.predictor is Predictor.COPY:
-        return b.copy_from
-    source = _source(b)
+    return _anchor_of(b.predictor, b.copy_from, _source(b), b.storage, b.dtype, b.word_start)
+
+
+def _anchor_of(
+    predictor: Predictor,
+    copy_from: int,
+    source: OldRef | None,
+    storage: Storage,
+    dtype: int,
+    word_start: int,
+) -> int | None:
+    """`_anchor` from a block's fields: the reader places a block before it builds it."""
+    if predictor is Predictor.COPY:
+        return copy_from
     if source is None:
         return None
-    if b.storage is Storage.RAW:
-        return source.offset + b.word_start * element_type(b.dtype).width
+    if storage is Storage.RAW:
+        return source.offset + word_start * element_type(dtype).width
     return source.offset
 
 
@@ -357,14 +367,30 @@ def _read_copy(r: _Readers) -> int:
     return r.old[index].offset + r[_Col.ARGS].uint(_BIG)
 
 
+# Every KIND code (see `_write_block`) as its (predictor, transform, layout), decoded
+# once here rather than through three enum constructors per block; None: no predictor.
+_KIND_CODES: tuple[tuple[Predictor, Transform, Layout] | None, ...] = tuple(
+    (
+        Predictor(code % _PREDICTORS),
+        Transform(code // _PREDICTORS % len(Transform)),
+        Layout(code // _PREDICTORS // len(Transform)),
+    )
+    if code % _PREDICTORS in set(Predictor)
+    else None
+    for code in range(len(Layout) * len(Transform) * _PREDICTORS)
+)
+_STORAGES = tuple(Storage)  # by value: RAW, VARINT
+
+
 def _read_block(r: _Readers, prev_end: int) -> Block:
     kind = r[_Col.KIND]
     dtype = kind.uint(1 << 16)
-    storage = Storage(kind.uint(1))
-    code = kind.uint(len(Layout) * len(Transform) * _PREDICTORS - 1)
-    predictor = Predictor(code % _PREDICTORS)
-    transform = Transform(code // _PREDICTORS % len(Transform))
-    layout = Layout(code // _PREDICTORS // len(Transform))
+    storage = _STORAGES[kind.uint(len(_STORAGES) - 1)]
+    code = kind.uint(len(_KIND_CODES) - 1)
+    decoded = _KIND_CODES[code]
+    if decoded is None:
+        raise CorruptPatchError(f"a block with unknown predictor {code % _PREDICTORS}")
+    predictor, transform, layout = decoded
     size, args = r[_Col.SIZE], r[_Col.ARGS]
     word_start, word_count, copy_from = 0, 0, 0
     if predictor is Predictor.COPY:
@@ -376,8 +402,9 @@ def _read_block(r: _Readers, prev_end: int) -> Block:
         if out_nbytes < 0:
             raise CorruptPatchError("a block of negative size")
     values, quant, scale_fit, product, decay = None, None, None, None, None
+    source: OldRef | None = None  # what the block is predicted from (see `_source`)
     if predictor is Predictor.VALUES:
-        values = r.ref()
+        values = source = r.ref()
     elif predictor is Predictor.QUANT:
         source = r.ref()
         dequant = None
@@ -405,9 +432,29 @@ def _read_block(r: _Readers, prev_end: int) -> Block:
     elif predictor is Predictor.PRODUCT:
         product = Product(args.uint(MAX_ENTRIES), args.uint(MAX_ENTRIES))
     elif predictor is Predictor.DECAY:
-        decay = Decay(r.ref(), args.uint(1 << 32), args.uint(1 << 16))
-    block = Block(
-        0,
+        source = r.ref()
+        decay = Decay(source, args.uint(1 << 32), args.uint(1 << 16))
+    payload_len = 0 if predictor is Predictor.COPY else r[_Col.LEN].uint(_BIG)
+    # The position comes last: it may be relative to the block's own old tensor, so
+    # it is resolved from the fields above and the block built once, already placed.
+    pos = r[_Col.POS].uint(_BIG)
+    delta = _unzigzag(pos >> 2)
+    place = pos & 3
+    if place == _Place.SOURCE:
+        anchor = _anchor_of(predictor, copy_from, source, storage, dtype, word_start)
+        if anchor is None:
+            raise CorruptPatchError("a block placed relative to an old tensor it does not use")
+        out_offset = anchor + delta
+    elif place == _Place.OLD_TENSOR:
+        out_offset = r.ref().offset + delta
+    elif place == _Place.AFTER:
+        out_offset = prev_end + delta
+    else:
+        raise CorruptPatchError(f"a block with unknown placement {place}")
+    if out_offset < 0:
+        raise CorruptPatchError("a block starts before the beginning of the file")
+    return Block(
+        out_offset,
         out_nbytes,
         dtype,
         storage,
@@ -422,25 +469,8 @@ def _read_block(r: _Readers, prev_end: int) -> Block:
         decay,
         transform,
         layout,
-        0 if predictor is Predictor.COPY else r[_Col.LEN].uint(_BIG),
+        payload_len,
     )
-    pos = r[_Col.POS].uint(_BIG)
-    delta = _unzigzag(pos >> 2)
-    place = pos & 3
-    if place == _Place.SOURCE:
-        anchor = _anchor(block)
-        if anchor is None:
-            raise CorruptPatchError("a block placed relative to an old tensor it does not use")
-        out_offset = anchor + delta
-    elif place == _Place.OLD_TENSOR:
-        out_offset = r.ref().offset + delta
-    elif place == _Place.AFTER:
-        out_offset = prev_end + delta
-    else:
-        raise CorruptPatchError(f"a block with unknown placement {place}")
-    if out_offset < 0:
-        raise CorruptPatchError("a block starts before the beginning of the file")
-    return dataclasses.replace(block, out_offset=out_offset)
 
 
 def unpack_table(data: bytes, old: Sequence[OldRef]) -> Table:

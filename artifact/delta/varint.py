@@ -99,6 +99,17 @@ class Reader:
         self._pos = 0
 
     def uint(self, limit: int = 1 << 64) -> int:
+        pos = self._pos
+        if pos < len(self._data):
+            # Fast path: most table fields (kinds, counts, small deltas) are one byte,
+            # and a table has ten or so per block.
+            byte = self._data[pos]
+            if byte < 0x80 and byte <= limit:
+                self._pos = pos + 1
+                return byte
+        return self._uint_slow(limit)
+
+    def _uint_slow(self, limit: int) -> int:
         result = 0
         shift = 0
         while True:

@@ -27,7 +27,7 @@ be float raw_data, so their derived tensors are bounded by the bytes already hel
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from google.protobuf.message import DecodeError
 
@@ -43,6 +43,12 @@ ORT_PRE_PROCESS = ("onnx.quant.pre_process", "onnxruntime.quant")
 ORT_METADATA = (ORT_INFER, ORT_PRE_PROCESS)
 _WEIGHT_SUFFIXES = ("_quantized", "_scale", "_zero_point")
 _BIAS_SUFFIXES = ("_quantized", "_quantized_scale", "_quantized_zero_point")
+
+if TYPE_CHECKING:  # the containers messages are added to (``graph.node`` and friends)
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+
+    _Nodes = RepeatedCompositeFieldContainer[pb.NodeProto]
+    _Tensors = RepeatedCompositeFieldContainer[pb.TensorProto]
 
 
 def derived_names(name: str, kind: InitKind) -> tuple[str, str, str]:
@@ -123,24 +129,26 @@ class _Builder:
         return shared
 
     # ---------------------------------------------------------------- tensors
+    # Every message is made in place in its container (``add()``): building it apart and
+    # extending the graph with it would copy it again (upb copies on extend).
 
-    def _tensor(self, name: str, dtype: int, dims: list[int]) -> pb.TensorProto:
-        t = pb.TensorProto()
+    def _tensor(self, into: _Tensors, name: str, dtype: int, dims: list[int]) -> None:
+        nbytes = _count(dims) * _width(dtype)
+        if self.values is None:
+            raw = bytes(nbytes)
+        else:
+            given = self.values.get(name)
+            if given is None or len(given) != nbytes:
+                got = "nothing" if given is None else f"{len(given)} bytes"
+                raise ValueError(f"tensor {name}: {got} given, {nbytes} bytes expected")
+            raw = given
+        t = into.add()
         t.dims.extend(dims)
         t.data_type = dtype
         t.name = name
-        nbytes = _count(dims) * _width(dtype)
-        if self.values is None:
-            t.raw_data = bytes(nbytes)
-        else:
-            raw = self.values.get(name)
-            if raw is None or len(raw) != nbytes:
-                got = "nothing" if raw is None else f"{len(raw)} bytes"
-                raise ValueError(f"tensor {name}: {got} given, {nbytes} bytes expected")
-            t.raw_data = raw
-        return t
+        t.raw_data = raw
 
-    def _derived(self, w: pb.TensorProto) -> list[pb.TensorProto]:
+    def _derived(self, into: _Tensors, w: pb.TensorProto) -> None:
         choice = self.choices[w.name]
         dims = list(w.dims)
         if w.data_type != FLOAT or len(w.raw_data) != _count(dims) * 4:
@@ -150,32 +158,28 @@ class _Builder:
         scale_dims, zp_dims = param_dims(dims, choice.kind, choice.axis)
         q, scale, zp = derived_names(w.name, choice.kind)
         dtype = choice.dtype if choice.kind is InitKind.WEIGHT else INT32
-        return [
-            self._tensor(q, dtype, dims),
-            self._tensor(scale, FLOAT, scale_dims),
-            self._tensor(zp, dtype, zp_dims),
-        ]
+        self._tensor(into, q, dtype, dims)
+        self._tensor(into, scale, FLOAT, scale_dims)
+        self._tensor(into, zp, dtype, zp_dims)
 
-    def initializers(self) -> list[pb.TensorProto]:
-        out: list[pb.TensorProto] = []
+    def initializers(self, into: _Tensors) -> None:
         for w in self.fp32.graph.initializer:
             if self.choices[w.name].kind is InitKind.FLOAT:
-                out.append(w)
+                into.add().CopyFrom(w)
             else:
-                out += self._derived(w)
+                self._derived(into, w)
         for name in self.names:
             if name in self.qdq and name not in self.shared:
-                out.append(self._tensor(name + "_scale", FLOAT, []))
-                out.append(self._tensor(name + "_zero_point", self.d.activation_type, []))
-        return out
+                self._tensor(into, name + "_scale", FLOAT, [])
+                self._tensor(into, name + "_zero_point", self.d.activation_type, [])
 
     # ---------------------------------------------------------------- nodes
 
     @staticmethod
     def _node(
-        op: str, inputs: list[str], output: str, name: str, axis: int | None = None
-    ) -> pb.NodeProto:
-        n = pb.NodeProto()
+        into: _Nodes, op: str, inputs: list[str], output: str, name: str, axis: int | None = None
+    ) -> None:
+        n = into.add()
         n.input.extend(inputs)
         n.output.append(output)
         n.name = name
@@ -185,45 +189,41 @@ class _Builder:
             a.name = "axis"
             a.i = axis
             a.type = pb.AttributeProto.INT
-        return n
 
-    def _qdq(self, t: str) -> list[pb.NodeProto]:
+    def _qdq(self, into: _Nodes, t: str) -> None:
         graph_out = t in self.outputs
         q_in = t + "_QuantizeLinear_Input" if graph_out else t
         q_out = t + "_QuantizeLinear_Output"
         dq_out = t if graph_out else t + "_DequantizeLinear_Output"
         source = self.shared.get(t, t)
         scale, zp = source + "_scale", source + "_zero_point"
-        return [
-            self._node("QuantizeLinear", [q_in, scale, zp], q_out, t + "_QuantizeLinear"),
-            self._node("DequantizeLinear", [q_out, scale, zp], dq_out, t + "_DequantizeLinear"),
-        ]
+        self._node(into, "QuantizeLinear", [q_in, scale, zp], q_out, t + "_QuantizeLinear")
+        self._node(into, "DequantizeLinear", [q_out, scale, zp], dq_out, t + "_DequantizeLinear")
 
-    def _weight_dq(self, w: str) -> pb.NodeProto:
+    def _weight_dq(self, into: _Nodes, w: str) -> None:
         choice = self.choices[w]
         out = w + "_DequantizeLinear_Output" if choice.kind is InitKind.WEIGHT else w
         inputs = list(derived_names(w, choice.kind))
-        return self._node("DequantizeLinear", inputs, out, w + "_DequantizeLinear", choice.axis)
+        self._node(into, "DequantizeLinear", inputs, out, w + "_DequantizeLinear", choice.axis)
 
-    def _kept(self, index: int, node: pb.NodeProto, emitted: set[str]) -> list[pb.NodeProto]:
-        """An FP32 node rewired to the dequantized tensors, with the Q/DQ nodes around it."""
-        out: list[pb.NodeProto] = []
-        new = pb.NodeProto()
-        new.CopyFrom(node)
-        del new.input[:]
-        del new.output[:]
+    def _kept(self, into: _Nodes, index: int, node: pb.NodeProto, emitted: set[str]) -> None:
+        """An FP32 node rewired to the dequantized tensors, with the Q/DQ nodes around it:
+        its weights' DequantizeLinear nodes first (not yet emitted), then the node, then a
+        QuantizeLinear + DequantizeLinear pair for each of its outputs that has one."""
+        inputs: list[str] = []
         for slot, original in enumerate(node.input):
             name = self.rename.get(original, original)
             choice = self.choices.get(name)
             if choice is not None and choice.kind is not InitKind.FLOAT:
                 if name not in emitted:
                     emitted.add(name)
-                    out.append(self._weight_dq(name))
+                    self._weight_dq(into, name)
                 if choice.kind is InitKind.WEIGHT:
                     name += "_DequantizeLinear_Output"
             elif name in self.qdq and (index, slot) not in self.raw_reads:
                 name = name if name in self.outputs else name + "_DequantizeLinear_Output"
-            new.input.append(name)
+            inputs.append(name)
+        outputs: list[str] = []
         produced = []
         for original in node.output:
             name = self.rename.get(original, original)
@@ -231,23 +231,25 @@ class _Builder:
                 produced.append(name)
                 if name in self.outputs:
                     name += "_QuantizeLinear_Input"
-            new.output.append(name)
-        out.append(new)
+            outputs.append(name)
+        new = into.add()
+        new.CopyFrom(node)
+        del new.input[:]
+        del new.output[:]
+        new.input.extend(inputs)
+        new.output.extend(outputs)
         for name in produced:
-            out += self._qdq(name)
-        return out
+            self._qdq(into, name)
 
-    def nodes(self) -> list[pb.NodeProto]:
-        out: list[pb.NodeProto] = []
+    def nodes(self, into: _Nodes) -> None:
         inits = {t.name for t in self.fp32.graph.initializer}
         for i in self.fp32.graph.input:
             if i.name not in inits and i.name in self.qdq:
-                out += self._qdq(i.name)
+                self._qdq(into, i.name)
         emitted: set[str] = set()
         for index, node in enumerate(self.fp32.graph.node):
             if index not in self.dropped:
-                out += self._kept(index, node, emitted)
-        return out
+                self._kept(into, index, node, emitted)
 
     def model(self) -> pb.ModelProto:
         src = self.fp32
@@ -267,8 +269,8 @@ class _Builder:
         g.name = src.graph.name
         if src.graph.HasField("doc_string"):
             g.doc_string = src.graph.doc_string
-        g.node.extend(self.nodes())
-        g.initializer.extend(self.initializers())
+        self.nodes(g.node)
+        self.initializers(g.initializer)
         g.input.extend(src.graph.input)
         g.output.extend(src.graph.output)
         m.opset_import.extend(src.opset_import)
