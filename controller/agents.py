@@ -18,20 +18,22 @@ from artifact import energy_sources, histogram
 from artifact.delta import DeltaError
 from controller import validate
 from controller.admin import in_thread
-from controller.blobstore import BlobStore
+from controller.blobstore import BlobStore, CorruptBlobError
 from controller.clock import unix_ms
 from controller.config import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, ControllerConfig
-from controller.deltas import DeltaCache, Payload
+from controller.deltas import DeltaCache, DroppedDelta, Payload
 from controller.errors import ErrorCode, FleetError, invalid, not_found
 from controller.fleet_classes import DeviceClassRegistry
 from controller.limits import DownloadPool
 from controller.notify import AssignmentNotifier
 from controller.records import (
+    ArtifactRecord,
     Chunk,
     DesiredSet,
     DeviceRecord,
     DeviceRegistration,
     Encoding,
+    FetchOutcome,
     FetchRequest,
     NewEvent,
     Outcome,
@@ -65,6 +67,13 @@ CONFLICT_EVENT = "device.conflict"
 CONFLICT_REPLACEMENTS = 3
 CONFLICT_WINDOW_S = 60.0
 CONFLICT_EVENT_INTERVAL_S = 600.0
+# Stored bytes that no longer hash to their digest (agents.AgentHandlers._fetch): one
+# event when a blob is found corrupt, none for each fetch refused while it stays so.
+CORRUPT_EVENT = "blob.corrupt"
+CHECK_DISK = (
+    "check the controller's disk: it lost bytes (bit rot, a failing disk, or a file "
+    "edited under the blob store)"
+)
 # A window is the device's own account, so it is held to what a real one can say: it
 # cannot end in the future (beyond a device clock's drift), and it cannot count more
 # inferences than its length allows, or other than its histogram holds. One device could
@@ -266,13 +275,16 @@ class AgentHandlers:
             "within_seconds": CONFLICT_WINDOW_S,
             "quiet_until_unix_ms": quiet_until,
         }
-        event = NewEvent(CONFLICT_EVENT, device_id, message, detail)
+        self._record_soon(NewEvent(CONFLICT_EVENT, device_id, message, detail))
+
+    def _record_soon(self, event: NewEvent) -> None:
+        """Record an event without waiting for it (from code that must not await)."""
 
         async def record() -> None:
             try:
                 await in_thread(self._store.add_event, event)
             except Exception:
-                log.exception("recording device %s's conflict event failed", device_id)
+                log.exception("recording the %s event of %s failed", event.kind, event.subject)
 
         task = asyncio.ensure_future(record())
         self._bookkeeping.add(task)
@@ -326,17 +338,24 @@ class AgentHandlers:
             )
         return request.chunk_bytes or self._config.chunk_bytes
 
-    async def _payload(self, request: FetchRequest, model_name: str) -> Payload:
+    async def _payload(self, request: FetchRequest, artifact: ArtifactRecord) -> Payload:
         """Full artifact, or a delta against the base the device holds (computed once).
 
         The base must be an artifact of the same model: a delta from any other blob would
-        cost CPU for nothing and, by its answer, tell a device which digests exist."""
+        cost CPU for nothing and, by its answer, tell a device which digests exist. A base
+        whose stored bytes are corrupt is no base (the device gets the full artifact);
+        CorruptBlobError when the target's are."""
         target, base = request.target_sha256, request.base_sha256
         if request.encoding is Encoding.FULL or not base or base == target:
             return self._deltas.full(target)
         held = await in_thread(self._store.find_artifact_by_sha256, base)
-        usable = held is not None and held.model_name == model_name
-        if not usable or not await in_thread(self._blobs.exists, base):
+        usable = (
+            held is not None
+            and held.model_name == artifact.model_name
+            and await in_thread(self._blobs.exists, base)
+            and await in_thread(self._blobs.known_corrupt, base) is None
+        )
+        if held is None or not usable:
             if request.encoding is Encoding.DELTA:
                 raise FleetError(
                     ErrorCode.FAILED_PRECONDITION,
@@ -344,10 +363,20 @@ class AgentHandlers:
                     "resumed; fetch the full artifact (encoding FULL) from offset 0",
                 )
             return self._deltas.full(target)
+
+        def dropped(d: DroppedDelta) -> None:
+            self._delta_dropped(request, artifact, d)
+
         try:
-            payload = await self._deltas.payload(base, target)
+            payload = await self._deltas.payload(base, target, dropped)
         except DeltaError as exc:
             log.warning("no delta %s -> %s (%s); sending the full artifact", base, target, exc)
+            payload = self._deltas.full(target)
+        except CorruptBlobError as exc:
+            if exc.sha256 != base:
+                raise  # the target's own bytes: nothing can be sent (_fetch says so)
+            refused = await self._corrupt_artifact(request, held, exc, "computing a delta")
+            log.error("%s (device %s gets the full artifact)", refused.message, request.device_id)
             payload = self._deltas.full(target)
         if request.encoding is Encoding.DELTA and payload.encoding is not Encoding.DELTA:
             raise FleetError(
@@ -386,12 +415,14 @@ class AgentHandlers:
                 "fetch what WatchAssignments names"
             )
         try:
-            payload = await self._payload(request, artifact.model_name)
+            payload = await self._payload(request, artifact)
         except FileNotFoundError as exc:  # not NOT_FOUND: that says "not assigned to you"
             raise FleetError(
                 ErrorCode.DATA_LOSS,
                 f"the bytes of artifact {artifact.id} ({target}) are missing from the blob store",
             ) from exc
+        except CorruptBlobError as exc:  # found hashing the target to encode a delta
+            raise await self._corrupt_artifact(request, artifact, exc, "computing a delta") from exc
         total = payload.size
         if request.offset > total:
             raise FleetError(
@@ -399,6 +430,10 @@ class AgentHandlers:
                 f"offset {request.offset} is past the end of the payload: it has {total} bytes, "
                 f"so resume from an offset in 0..{total}",
             )
+        if payload.encoding is Encoding.FULL:
+            known = await in_thread(self._blobs.known_corrupt, payload.sha256)
+            if known is not None:  # said once (its event); not streamed again to fail again
+                raise FleetError(ErrorCode.DATA_LOSS, await self._corrupt_message(artifact, known))
 
         def chunk(position: int, data: bytes) -> Chunk:
             return Chunk(
@@ -408,13 +443,14 @@ class AgentHandlers:
         sent = 0
         completed = False
         try:
-            with await in_thread(self._blobs.open, payload.sha256) as f:
-                await in_thread(f.seek, request.offset)
+            # Hashed from byte 0 (the prefix of a resumed fetch is read, not sent); the
+            # read that reaches the end checks the digest, so a corrupt blob's last chunk
+            # is never sent and no device is handed all of its bytes.
+            with await in_thread(self._blobs.open_verified, payload.sha256, total) as reader:
+                await in_thread(reader.skip_to, request.offset)
                 position = request.offset
                 while position < total:
-                    data = await in_thread(f.read, min(chunk_bytes, total - position))
-                    if not data:
-                        break
+                    data = await in_thread(reader.read, chunk_bytes)
                     await send(chunk(position, data))
                     position += len(data)
                     sent += len(data)
@@ -422,9 +458,22 @@ class AgentHandlers:
                     # Nothing left to send: one empty chunk still tells size and digest.
                     await send(chunk(position, b""))
             completed = position == total
+        except CorruptBlobError as exc:
+            if payload.encoding is Encoding.DELTA:
+                raise await self._corrupt_delta(request, artifact, payload, exc) from exc
+            raise await self._corrupt_artifact(request, artifact, exc, "sending it") from exc
         finally:
+            outcome = FetchOutcome(
+                request.device_id,
+                artifact.model_name,
+                artifact.id,
+                artifact.size_bytes,
+                payload.encoding,
+                sent,
+                completed,
+            )
             await self._quietly(
-                self._store.add_event,
+                self._store.record_fetch,
                 NewEvent(
                     "artifact.fetch",
                     request.device_id,
@@ -450,7 +499,102 @@ class AgentHandlers:
                         "completed": completed,
                     },
                 ),
+                outcome,
             )
+
+    # ---------------------------------------------------------------- corrupt blobs
+    async def _corrupt_artifact(
+        self,
+        request: FetchRequest,
+        artifact: ArtifactRecord,
+        error: CorruptBlobError,
+        doing: str,
+    ) -> FleetError:
+        """An artifact's stored bytes are corrupt: say so once, and refuse it from now on.
+
+        The blob stays (rows name it, and it is the evidence) and is recorded corrupt, so
+        later fetches are refused at once instead of streaming it again to fail at the
+        end; storing the same bytes again replaces it (BlobStore.commit).
+        """
+        message = await self._corrupt_message(artifact, error)
+        if await in_thread(self._blobs.mark_corrupt, error):
+            detail = self._corrupt_detail(request, artifact, error, "artifact")
+            detail.update(found_while=doing, action="refused until the blob is replaced")
+            await self._quietly(
+                self._store.add_event, NewEvent(CORRUPT_EVENT, artifact.id, message, detail)
+            )
+        return FleetError(ErrorCode.DATA_LOSS, message)
+
+    async def _corrupt_message(self, artifact: ArtifactRecord, error: CorruptBlobError) -> str:
+        model = await in_thread(self._store.get_model, artifact.model_name, artifact.model_version)
+        if model is not None and model.sha256 == artifact.sha256:
+            fix = (
+                f"add model {model.name} v{model.version}'s file again (`homefleet model add "
+                f"{model.name} FILE`; the same bytes replace the corrupt copy, which is kept "
+                "under blobs/corrupt/)"
+            )
+        else:
+            fix = (
+                f"make a new artifact for {artifact.device_class} (run the compression again, "
+                "`homefleet compress`, or `homefleet artifact create`) and assign it"
+            )
+        return (
+            f"artifact {artifact.id}: its stored bytes are corrupt on the controller "
+            f"({_found(error)}), so it cannot be sent; no device gets its last chunk, and "
+            f"the controller refuses it until the blob is replaced: {fix}; and {CHECK_DISK}"
+        )
+
+    async def _corrupt_delta(
+        self,
+        request: FetchRequest,
+        artifact: ArtifactRecord,
+        payload: Payload,
+        error: CorruptBlobError,
+    ) -> FleetError:
+        """A cached delta went corrupt while it was sent: drop it; the next fetch gets a
+        fresh one (the bytes already sent cannot be taken back, so this call fails)."""
+        await in_thread(self._deltas.drop, payload.base_sha256, artifact.sha256, payload.sha256)
+        message = (
+            f"artifact {artifact.id}: the cached delta from base {payload.base_sha256} is "
+            f"corrupt on the controller ({_found(error)}); it was removed from the cache and "
+            f"the next fetch computes it again: fetch again from offset 0; {CHECK_DISK}"
+        )
+        detail = self._corrupt_detail(request, artifact, error, "delta")
+        detail.update(action="removed from the delta cache; the next fetch computes it again")
+        await self._quietly(
+            self._store.add_event, NewEvent(CORRUPT_EVENT, artifact.id, message, detail)
+        )
+        return FleetError(ErrorCode.DATA_LOSS, message)
+
+    def _delta_dropped(
+        self, request: FetchRequest, artifact: ArtifactRecord, dropped: DroppedDelta
+    ) -> None:
+        """A cached delta was found corrupt before any byte of it went out, and computed
+        again: the device never notices, the operator still hears of the disk."""
+        message = (
+            f"artifact {artifact.id}: the cached delta from base {dropped.base_sha256} was "
+            f"corrupt on the controller ({_found(dropped.error)}); it was removed and "
+            f"computed again, so device {request.device_id} got a sound one; {CHECK_DISK}"
+        )
+        detail = self._corrupt_detail(request, artifact, dropped.error, "delta")
+        detail.update(base_sha256=dropped.base_sha256, action="removed and computed again")
+        self._record_soon(NewEvent(CORRUPT_EVENT, artifact.id, message, detail))
+
+    @staticmethod
+    def _corrupt_detail(
+        request: FetchRequest, artifact: ArtifactRecord, error: CorruptBlobError, blob: str
+    ) -> dict[str, Any]:
+        return {
+            "artifact_id": artifact.id,
+            "blob": blob,  # "artifact": the operator's bytes; "delta": a cached payload
+            "expected_sha256": error.sha256,
+            "actual_sha256": error.actual_sha256,
+            "bytes_found": error.size,
+            "target_sha256": request.target_sha256,
+            "base_sha256": request.base_sha256,
+            "device_id": request.device_id,
+            "offset": request.offset,
+        }
 
     # ---------------------------------------------------------------- reports
     async def report_status(self, status: StatusUpdate) -> None:
@@ -498,6 +642,13 @@ class AgentHandlers:
         self._bookkeeping.add(task)
         task.add_done_callback(self._bookkeeping.discard)
         await asyncio.shield(task)
+
+
+def _found(error: CorruptBlobError) -> str:
+    return (
+        f"sha256 mismatch: the {error.size} bytes of blob {error.sha256} hash to "
+        f"{error.actual_sha256}"
+    )
 
 
 def _check_window(w: TelemetryWindow, at: str, now_unix_ms: int) -> None:

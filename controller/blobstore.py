@@ -3,28 +3,69 @@
 Layout: ``blobs/sha256/<first 2 hex>/<digest>``; uploads are staged in ``blobs/tmp/``
 (same file system, so the final rename is atomic) and fsynced before the rename. A
 digest string is checked with ``check_sha256`` before it becomes part of any path.
+
+A stored blob can still rot (a failing disk, a bad copy, an edit under the store), so
+readers that hand bytes on check them: ``open_verified`` hashes everything it reads from
+byte 0 and checks the digest before it returns the last bytes. A blob found corrupt is
+recorded in ``blobs/corrupt/<digest>.json`` (``mark_corrupt``; ``known_corrupt`` answers
+from it at once while the file is unchanged), and storing the same bytes again repairs
+it: ``commit`` checks the copy it would keep, and replaces a corrupt one, which it moves
+to ``blobs/corrupt/`` as evidence.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import BinaryIO
 
-from artifact.digest import check_sha256
-from artifact.files import fsync_dir
+from artifact.digest import check_sha256, sha256_file
+from artifact.files import atomic_write_bytes, fsync_dir
+
+log = logging.getLogger(__name__)
 
 STALE_TEMP_SECONDS = 24 * 3600
+READ_BLOCK = 1 << 20  # hashing a prefix that is not sent: memory stays flat
 
 
 class BlobSizeError(ValueError):
     """More bytes arrived than the staged blob may hold."""
+
+
+class CorruptBlobError(Exception):
+    """A stored blob whose bytes no longer hash to its name."""
+
+    def __init__(self, sha256: str, actual_sha256: str, size: int) -> None:
+        super().__init__(
+            f"blob {sha256} is corrupt: its {size} stored bytes hash to {actual_sha256}"
+        )
+        self.sha256 = sha256
+        self.actual_sha256 = actual_sha256
+        self.size = size  # the bytes found (fewer than expected when the file was cut short)
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file a corruption record is about: a changed file is checked again."""
+
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileIdentity:
+        st = path.stat()
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -32,6 +73,65 @@ class BlobRef:
     sha256: str
     size: int
     created: bool  # False when the store already held these bytes
+    repaired: bool = False  # the held copy was corrupt and these bytes replaced it
+
+
+class VerifiedReader:
+    """A blob's first ``size`` bytes, read from any offset and hashed from byte 0.
+
+    ``skip_to`` reads and hashes the bytes a resumed download does not send; the read (or
+    skip) that reaches ``size`` checks the digest before it returns, so a caller that
+    sends what it reads never sends the last bytes of a corrupt blob, and a client that
+    checks the digest itself never receives all of them. A file shorter than ``size`` is
+    corrupt too. Blocking: call it in a thread.
+    """
+
+    def __init__(self, file: BinaryIO, sha256: str, size: int) -> None:
+        self._file = file
+        self._sha256 = sha256
+        self._size = size
+        self._hash = hashlib.sha256()
+        self.position = 0
+
+    def __enter__(self) -> VerifiedReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._file.close()
+
+    def skip_to(self, offset: int) -> None:
+        """Hash the bytes before ``offset`` (at most ``size``) without returning them."""
+        until = min(offset, self._size)
+        while self.position < until:
+            self._take(min(READ_BLOCK, until - self.position))
+        self._check_at_end()
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` bytes at most (b"" at ``size``), hashed on the way."""
+        data = self._take(min(n, self._size - self.position))
+        self._check_at_end()
+        return data
+
+    def _take(self, n: int) -> bytes:
+        if n <= 0:
+            return b""
+        data = self._file.read(n)
+        if not data:  # the file ends before the size it should have
+            raise CorruptBlobError(self._sha256, self._hash.hexdigest(), self.position)
+        self._hash.update(data)
+        self.position += len(data)
+        return data
+
+    def _check_at_end(self) -> None:
+        if self.position == self._size:
+            actual = self._hash.hexdigest()
+            if actual != self._sha256:
+                raise CorruptBlobError(self._sha256, actual, self.position)
 
 
 class StagedBlob:
@@ -68,7 +168,8 @@ class StagedBlob:
         self._file.flush()
 
     def commit(self) -> BlobRef:
-        """fsync, then rename into place; if the digest is already stored, keep the old copy."""
+        """fsync, then rename into place; if the digest is already stored and sound, keep
+        that copy (a corrupt one is replaced, and kept under ``corrupt/``)."""
         if self.committed is not None:
             return self.committed
         self._file.flush()
@@ -78,13 +179,23 @@ class StagedBlob:
         final = self._store.path_for(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         created = not final.exists()
-        if created:
+        # The same bytes stored again are the repair of a held copy that rotted: reading
+        # the held copy costs less than receiving these did.
+        try:
+            repaired = not created and sha256_file(final) != digest
+        except FileNotFoundError:  # deleted meanwhile (an undone commit): store these
+            created, repaired = True, False
+        if created or repaired:
             os.chmod(self.path, 0o444)
+            if repaired:
+                self._store.keep_as_evidence(digest)
             os.replace(self.path, final)
             fsync_dir(final.parent)
+            if repaired:
+                self._store.clear_corrupt(digest)
         else:
             self.path.unlink(missing_ok=True)
-        self.committed = BlobRef(digest, self.size, created)
+        self.committed = BlobRef(digest, self.size, created, repaired)
         return self.committed
 
 
@@ -93,6 +204,7 @@ class BlobStore:
         self.root = root
         self._objects = root / "sha256"
         self._tmp = root / "tmp"
+        self.corrupt_dir = root / "corrupt"  # records of corrupt blobs, and replaced copies
         self._objects.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
 
@@ -115,6 +227,102 @@ class BlobStore:
     def read(self, sha256: str) -> bytes:
         with self.open(sha256) as f:
             return f.read()
+
+    def open_verified(self, sha256: str, size: int) -> VerifiedReader:
+        """Open a blob to hand on its first ``size`` bytes, checked (see VerifiedReader)."""
+        return VerifiedReader(self.open(sha256), sha256, size)
+
+    def verify(self, sha256: str, size: int | None = None) -> None:
+        """Hash the blob (its first ``size`` bytes, as a reader would hand them on);
+        CorruptBlobError if they do not hash to its name, FileNotFoundError if absent."""
+        if size is None:
+            size = self.size(sha256)
+        with self.open_verified(sha256, size) as reader:
+            reader.skip_to(size)
+
+    # ---------------------------------------------------------------- corruption
+    def _corrupt_record(self, sha256: str) -> Path:
+        return self.corrupt_dir / f"{check_sha256(sha256)}.json"
+
+    def mark_corrupt(self, error: CorruptBlobError) -> bool:
+        """Record that a blob was found corrupt; True unless it was recorded already.
+
+        The record names the file as it was found, so ``known_corrupt`` can refuse it at
+        once for as long as nobody replaces it. The blob itself stays where it is: rows
+        name it, and it is the evidence.
+        """
+        record = self._corrupt_record(error.sha256)
+        new = not record.exists()
+        try:
+            identity = asdict(FileIdentity.of(self.path_for(error.sha256)))
+        except FileNotFoundError:
+            return False  # gone meanwhile: a fetch says "missing" from now on
+        body = {
+            "sha256": error.sha256,
+            "actual_sha256": error.actual_sha256,
+            "size_found": error.size,
+            "found_unix_ms": int(time.time() * 1000),
+            "file": identity,
+        }
+        self.corrupt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(record, (json.dumps(body) + "\n").encode())
+        return new
+
+    def known_corrupt(self, sha256: str) -> CorruptBlobError | None:
+        """The corruption recorded for this blob, if its file is still the one found corrupt.
+
+        A file that changed since (replaced by hand, say) is hashed again: the record
+        goes if it is sound now, and is renewed if not. Cheap when nothing is recorded.
+        """
+        record = self._corrupt_record(sha256)
+        try:
+            raw = json.loads(record.read_bytes())
+            found = FileIdentity(**raw["file"])
+            error = CorruptBlobError(sha256, str(raw["actual_sha256"]), int(raw["size_found"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable corruption record %s: %s", record, exc)
+            return None
+        try:
+            if FileIdentity.of(self.path_for(sha256)) == found:
+                return error
+            self.verify(sha256)
+        except FileNotFoundError:
+            record.unlink(missing_ok=True)
+            return None
+        except CorruptBlobError as still:
+            self.mark_corrupt(still)
+            return still
+        log.info("blob %s was recorded corrupt; its file changed and is sound now", sha256)
+        record.unlink(missing_ok=True)
+        return None
+
+    def clear_corrupt(self, sha256: str) -> None:
+        self._corrupt_record(sha256).unlink(missing_ok=True)
+
+    def keep_as_evidence(self, sha256: str) -> Path | None:
+        """Keep a corrupt blob's file under ``corrupt/`` before sound bytes replace it.
+
+        A second name (a hard link; a copy where links are refused), so the blob's own
+        path never goes missing for a reader while the replacement is renamed over it.
+        """
+        source = self.path_for(sha256)
+        kept = self.corrupt_dir / f"{sha256}.{int(time.time() * 1000)}.blob"
+        self.corrupt_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, kept)
+        except FileNotFoundError:
+            return None
+        except OSError:  # a file system without hard links
+            shutil.copyfile(source, kept)
+        log.warning(
+            "blob %s was corrupt; the same bytes were stored again and replace it. The "
+            "corrupt copy is kept at %s: compare it, check the disk, then delete it",
+            sha256,
+            kept,
+        )
+        return kept
 
     def delete(self, sha256: str) -> None:
         """Remove a blob (used to undo a commit whose metadata row could not be written)."""

@@ -210,6 +210,30 @@ class TelemetryRollupRow(Base):
     latency_bucket_counts: Mapped[list[Any]] = mapped_column(JSON)
 
 
+class DownloadRollupRow(Base):
+    """Running sums of FetchArtifact calls per (class, model, artifact, encoding), added as
+    each call ends (with its ``artifact.fetch`` event): what updates cost on the wire and
+    what deltas saved, for /metrics, in rows that grow with artifacts, not with fetches.
+    The class is the device's when it fetched."""
+
+    __tablename__ = "download_rollup"
+    __table_args__ = (
+        UniqueConstraint(
+            "device_class", "model_name", "artifact_id", "encoding", name="uq_download_rollup_key"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_class: Mapped[str] = mapped_column(String(NAME))
+    model_name: Mapped[str] = mapped_column(String(NAME))
+    artifact_id: Mapped[str] = mapped_column(String(3 * NAME))
+    encoding: Mapped[str] = mapped_column(String(8))
+    calls: Mapped[int] = mapped_column(BigInteger)
+    completed: Mapped[int] = mapped_column(BigInteger)
+    bytes_sent: Mapped[int] = mapped_column(BigInteger)
+    full_bytes: Mapped[int] = mapped_column(BigInteger)  # artifact size per completed call
+
+
 class TelemetryReportingRow(Base):
     """When each device last sent windows of a (model, artifact): "devices reporting"
     counts these rows (one per device and artifact), not the windows.

@@ -9,6 +9,16 @@ version is part of the path, so an upgraded controller never serves a payload in
 its agents no longer read). A delta that would not be smaller than the artifact is recorded
 as "full", so it is not computed again either. Replicas sharing the blob volume share
 the cache; two computing the same pair at once write identical bytes.
+
+A cached payload is the controller's own work, not the operator's data, so a corrupt one
+is never worth an error: taking a delta from the cache hashes its blob (a delta is small
+beside its artifact, and reading it costs far less than sending it), and a corrupt one
+is dropped (blob and record) and computed again, in the same call, before any byte of it
+is sent; the drop is reported (``on_dropped``) so the operator still hears that the
+disk lost bytes. A payload that rots after that check is caught while it is streamed
+(``BlobStore.open_verified``): the fetch then ends DATA_LOSS, and the caller drops it
+(``drop``) so the next fetch gets a fresh one. Before encoding, the base and the target
+are hashed as well: a delta made from corrupt bytes would rebuild corrupt bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +36,7 @@ from artifact.delta import write_delta
 from artifact.delta.format import FORMAT_VERSION
 from artifact.digest import check_sha256
 from artifact.files import atomic_write_bytes
-from controller.blobstore import BlobStore
+from controller.blobstore import BlobStore, CorruptBlobError
 from controller.records import Encoding
 
 log = logging.getLogger(__name__)
@@ -42,6 +53,18 @@ class Payload:
     encode_seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class DroppedDelta:
+    """A cached delta payload found corrupt and removed from the cache."""
+
+    base_sha256: str
+    target_sha256: str
+    error: CorruptBlobError
+
+
+OnDropped = Callable[[DroppedDelta], None]
+
+
 class DeltaCache:
     def __init__(self, blobs: BlobStore) -> None:
         self._blobs = blobs
@@ -53,6 +76,39 @@ class DeltaCache:
 
     def full(self, target: str) -> Payload:
         return Payload(Encoding.FULL, target, self._blobs.size(target))
+
+    def drop(self, base: str, target: str, payload_sha256: str) -> None:
+        """Forget a cached delta (its record, then its blob): the next fetch computes it."""
+        self._record_path(base, target).unlink(missing_ok=True)
+        self._blobs.delete(payload_sha256)
+
+    def _take(self, base: str, target: str) -> tuple[Payload | None, DroppedDelta | None]:
+        """The cached payload, its delta blob checked; a corrupt one is dropped instead."""
+        payload = self._cached(base, target)
+        if payload is None or payload.encoding is not Encoding.DELTA:
+            return payload, None  # a "full" record: the artifact is checked as it streams
+        try:
+            self._blobs.verify(payload.sha256, payload.size)
+        except FileNotFoundError:
+            return None, None
+        except CorruptBlobError as exc:
+            log.error(
+                "cached delta %s -> %s is corrupt (%s); removing it and computing it again",
+                base[:12],
+                target[:12],
+                exc,
+            )
+            self.drop(base, target, payload.sha256)
+            return None, DroppedDelta(base, target, exc)
+        return payload, None
+
+    async def _take_reporting(
+        self, base: str, target: str, on_dropped: OnDropped | None
+    ) -> Payload | None:
+        cached, dropped = await asyncio.to_thread(self._take, base, target)
+        if dropped is not None and on_dropped is not None:
+            on_dropped(dropped)
+        return cached
 
     def _cached(self, base: str, target: str) -> Payload | None:
         try:
@@ -73,19 +129,26 @@ class DeltaCache:
             return None  # the payload blob went away: compute it again
         return payload
 
-    async def payload(self, base: str, target: str) -> Payload:
-        """The payload for a device holding ``base`` that wants ``target`` (base known)."""
-        cached = self._cached(base, target)
+    async def payload(self, base: str, target: str, on_dropped: OnDropped | None = None) -> Payload:
+        """The payload for a device holding ``base`` that wants ``target`` (base known).
+
+        A corrupt cached delta is computed again instead, and handed to ``on_dropped``
+        (on the event loop); CorruptBlobError when the base or the target itself is
+        corrupt, as nothing is encoded from them (see the module docstring).
+        """
+        cached = await self._take_reporting(base, target, on_dropped)
         if cached is not None:
             return cached
         lock = self._locks.setdefault((base, target), asyncio.Lock())
         async with lock:
-            cached = self._cached(base, target)
+            cached = await self._take_reporting(base, target, on_dropped)
             if cached is None:
                 cached = await asyncio.to_thread(self._compute, base, target)
             return cached
 
     def _compute(self, base: str, target: str) -> Payload:
+        for sha in (base, target):  # raises CorruptBlobError: no delta of rotten bytes
+            self._blobs.verify(sha)
         started = time.perf_counter()
         tmp_dir = self._blobs.root / "tmp"
         with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="delta-") as work:

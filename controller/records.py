@@ -425,6 +425,36 @@ class TelemetryTotals:
 
 
 @dataclass(frozen=True)
+class FetchOutcome:
+    """One FetchArtifact call as it ended, added to the download sums (DownloadTotals)."""
+
+    device_id: str
+    model_name: str
+    artifact_id: str
+    artifact_bytes: int  # the artifact's size: what a full download sends
+    encoding: Encoding
+    bytes_sent: int
+    completed: bool  # the payload's last byte was sent
+
+
+@dataclass(frozen=True)
+class DownloadTotals:
+    """Every FetchArtifact call of one (device class, model, artifact, encoding) summed:
+    what updates cost on the wire, exported by /metrics. ``full_bytes`` is the artifact's
+    size for each completed call: what those updates would have cost sent in full, so
+    full_bytes - bytes_sent over the delta rows is what deltas saved."""
+
+    device_class: str
+    model_name: str
+    artifact_id: str
+    encoding: Encoding
+    calls: int
+    completed: int
+    bytes_sent: int
+    full_bytes: int
+
+
+@dataclass(frozen=True)
 class TelemetrySummary:
     """One artifact of a (device class, model) over a sliding window: what a budget is
     checked against. None where nothing was measured (no inference in the window)."""

@@ -19,7 +19,7 @@ from controller.access import OPEN, Access
 from controller.admin import AdminHandlers
 from controller.agents import AgentHandlers
 from controller.config import MAX_CHUNK_BYTES
-from controller.errors import invalid, long_lived_rpc, rpc, unqueued_rpc
+from controller.errors import FleetError, invalid, long_lived_rpc, rpc, unqueued_rpc
 from controller.jobs import wire
 from controller.jobs.handlers import CompressionHandlers
 from controller.limits import RpcLimits, UploadLease, peer_key
@@ -74,8 +74,14 @@ class AgentServicer(fleet_pb2_grpc.AgentServiceServicer):
 
     @unqueued_rpc  # the handler holds a download slot instead (AgentHandlers.fetch)
     async def FetchArtifact(self, request: pb.FetchArtifactRequest, context: Context) -> None:
+        writing: set[asyncio.Future[Any]] = set()  # writes gRPC has not finished
+
         async def send(chunk: Chunk) -> None:
             self.authorize(request, context)  # a revoked device stops mid-download
+            this = asyncio.current_task()  # AgentHandlers.fetch runs each send as a task
+            if this is None:  # pragma: no cover - it always does
+                raise RuntimeError("FetchArtifact's send must run in an asyncio task")
+            writing.add(this)
             try:
                 await context.write(convert.chunk_to_proto(chunk))
             except Exception as exc:
@@ -84,8 +90,14 @@ class AgentServicer(fleet_pb2_grpc.AgentServiceServicer):
                 # runs in a task of its own (AgentHandlers.fetch bounds its wait), so its
                 # failure can arrive first: end as that cancellation, not as a bug.
                 raise asyncio.CancelledError("the download's call ended mid-write") from exc
+            finally:
+                writing.discard(this)
 
-        await self._h.fetch(convert.fetch_from_proto(request), send)
+        try:
+            await self._h.fetch(convert.fetch_from_proto(request), send)
+        except FleetError:
+            await _after_unsent(writing)
+            raise
 
     @rpc
     async def ReportStatus(self, request: pb.StatusReport, context: Context) -> pb.StatusAck:
@@ -260,6 +272,30 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
             request.model_name, request.device_class, request.active_only, request.limit
         )
         return pb.ListRolloutsResponse(rollouts=[rollout_to_proto(r) for r in rollouts])
+
+
+UNSENT_WAIT_SECONDS = 10.0
+
+
+async def _after_unsent(writing: set[asyncio.Future[Any]]) -> None:
+    """Before a download whose write timed out is given its status: wait for that write.
+
+    gRPC sends a call's status after its messages, so the status waits behind the unsent
+    chunk anyway, and if the client then leaves (cancels, its deadline passes, its link
+    drops) instead of reading on, sending the status fails inside gRPC
+    (ExecuteBatchError), which grpc.aio logged with a traceback whenever that failure
+    was handled before it had noted the client's cancellation. Cancelling the write task
+    does not help (gRPC still holds the chunk, and the status still queues behind it);
+    waiting for the write does: once it fails, the call is over, so the download ends as
+    that cancellation and no status is sent; once it is sent, the status follows at once.
+    The wait is bounded (UNSENT_WAIT_SECONDS): the download's slot is already free, and a
+    client that neither reads nor leaves must not keep handlers waiting without end.
+    """
+    if not writing:
+        return
+    done, _ = await asyncio.wait(writing, timeout=UNSENT_WAIT_SECONDS)
+    if any(w.cancelled() or w.exception() is not None for w in done):
+        raise asyncio.CancelledError("the download's call ended while a chunk waited")
 
 
 async def _data_parts(

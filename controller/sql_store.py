@@ -45,6 +45,7 @@ from controller.db import (
     CompressionTrialRow,
     DeviceModelRow,
     DeviceRow,
+    DownloadRollupRow,
     EventRow,
     ModelRow,
     TelemetryReportingRow,
@@ -66,8 +67,10 @@ from controller.records import (
     DeviceRecord,
     DeviceRegistration,
     DeviceView,
+    DownloadTotals,
     Encoding,
     EventRecord,
+    FetchOutcome,
     Hardware,
     JobResult,
     JobState,
@@ -913,6 +916,72 @@ class SqlStore(Store):
         return self._read(work)
 
     # ---------------------------------------------------------------- events
+    def record_fetch(self, event: NewEvent, outcome: FetchOutcome) -> None:
+        def work(session: Session) -> None:
+            self._event(session, event)
+            device_class = session.scalar(
+                select(DeviceRow.device_class).where(DeviceRow.device_id == outcome.device_id)
+            )
+            if device_class is None:  # a device is registered before it may fetch
+                return
+            r = DownloadRollupRow
+            key = and_(
+                r.device_class == device_class,
+                r.model_name == outcome.model_name,
+                r.artifact_id == outcome.artifact_id,
+                r.encoding == outcome.encoding.value,
+            )
+            completed = 1 if outcome.completed else 0
+            full = outcome.artifact_bytes * completed
+            # an increment in SQL: two replicas' calls for one key never lose a sum
+            added = session.execute(
+                update(r)
+                .where(key)
+                .values(
+                    calls=r.calls + 1,
+                    completed=r.completed + completed,
+                    bytes_sent=r.bytes_sent + outcome.bytes_sent,
+                    full_bytes=r.full_bytes + full,
+                )
+            )
+            if getattr(added, "rowcount", 0) == 0:  # the key's first call (a race: retried)
+                session.add(
+                    DownloadRollupRow(
+                        device_class=device_class,
+                        model_name=outcome.model_name,
+                        artifact_id=outcome.artifact_id,
+                        encoding=outcome.encoding.value,
+                        calls=1,
+                        completed=completed,
+                        bytes_sent=outcome.bytes_sent,
+                        full_bytes=full,
+                    )
+                )
+
+        self._retry(work)
+
+    def download_totals(self) -> list[DownloadTotals]:
+        def work(session: Session) -> list[DownloadTotals]:
+            r = DownloadRollupRow
+            rows = session.scalars(
+                select(r).order_by(r.device_class, r.model_name, r.artifact_id, r.encoding)
+            )
+            return [
+                DownloadTotals(
+                    device_class=row.device_class,
+                    model_name=row.model_name,
+                    artifact_id=row.artifact_id,
+                    encoding=Encoding(row.encoding),
+                    calls=row.calls,
+                    completed=row.completed,
+                    bytes_sent=row.bytes_sent,
+                    full_bytes=row.full_bytes,
+                )
+                for row in rows
+            ]
+
+        return self._read(work)
+
     def add_event(self, new: NewEvent) -> EventRecord:
         with self._sessions.begin() as session:
             return _event_record(self._event(session, new))

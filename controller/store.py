@@ -22,7 +22,9 @@ from controller.records import (
     DeviceRecord,
     DeviceRegistration,
     DeviceView,
+    DownloadTotals,
     EventRecord,
+    FetchOutcome,
     JobResult,
     ModelRecord,
     NewCompressionJob,
@@ -227,6 +229,16 @@ class Store(abc.ABC):
         quieter ones were left out is part of the answer, never silently dropped. Callers
         ask for at most MAX_SERIES_BUCKETS buckets, so the answer is bounded.
         """
+
+    # ---------------------------------------------------------------- downloads
+    @abc.abstractmethod
+    def record_fetch(self, event: NewEvent, outcome: FetchOutcome) -> None:
+        """Record a finished FetchArtifact call: its event, and its bytes added to the
+        download sums, in one transaction (so the two never disagree)."""
+
+    @abc.abstractmethod
+    def download_totals(self) -> list[DownloadTotals]:
+        """The download sums per (class, model, artifact, encoding), for /metrics."""
 
     # ---------------------------------------------------------------- events
     @abc.abstractmethod

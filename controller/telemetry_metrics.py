@@ -35,7 +35,7 @@ from prometheus_client.utils import floatToGoString
 from artifact import histogram
 from controller.clock import unix_ms
 from controller.device_classes import Budgets, DeviceClass
-from controller.records import TelemetryTotals
+from controller.records import DownloadTotals, TelemetryTotals
 from controller.store import Store
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,53 @@ class TelemetryCollector(Collector):
         for t in totals:
             reporting.add_metric(_labels(t), t.devices_reporting)
         yield reporting
+
+
+DOWNLOAD_LABELS = [*LABELS, "encoding"]
+
+
+class DownloadCollector(Collector):
+    """What updates cost on the wire, per class, model, artifact and encoding (full or
+    delta), read from the download sums the store keeps as each FetchArtifact call ends.
+
+    ``homefleet_update_full_bytes_total`` is the artifact's size for each completed
+    download: next to ``homefleet_update_bytes_sent_total`` it shows what deltas saved
+    (``sum(full_bytes) - sum(bytes_sent)`` over ``encoding="delta"``)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def collect(self) -> Iterable[Metric]:
+        totals = self._store.download_totals()
+        measures: list[tuple[str, str, Callable[[DownloadTotals], int]]] = [
+            (
+                "update_fetches",
+                "FetchArtifact calls (a resumed download is one call per resumption).",
+                lambda t: t.calls,
+            ),
+            (
+                "updates_completed",
+                "FetchArtifact calls that sent the payload's last byte.",
+                lambda t: t.completed,
+            ),
+            (
+                "update_bytes_sent",
+                "Payload bytes sent to devices, interrupted downloads included.",
+                lambda t: t.bytes_sent,
+            ),
+            (
+                "update_full_bytes",
+                "The artifact's size for each completed download: what it would have cost "
+                "sent in full.",
+                lambda t: t.full_bytes,
+            ),
+        ]
+        for name, documentation, value in measures:
+            family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=DOWNLOAD_LABELS)
+            for t in totals:
+                labels = [t.device_class, t.model_name, t.artifact_id, t.encoding.value]
+                family.add_metric(labels, float(value(t)))
+            yield family
 
 
 class BudgetCollector(Collector):

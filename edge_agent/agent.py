@@ -117,7 +117,7 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
                 close_windows_forever(telemetry, queue, config.telemetry_window_s), name="windows"
             )
             telemetry_stack.push_async_callback(_persist_last_windows, windows)
-            await _serve(config, store, runtime, trusted, api, queue, stop)
+            await _serve(config, store, runtime, trusted, api, queue, metrics, stop)
 
 
 async def _persist_last_windows(windows: asyncio.Task[None]) -> None:
@@ -133,13 +133,22 @@ async def _serve(
     trusted: TrustedKey | None,
     api: LocalApi,
     queue: TelemetryQueue,
+    metrics: AgentMetrics,
     stop: asyncio.Event,
 ) -> None:
     sync_task: asyncio.Task[None] | None = None
     try:
         store.write_agent_info(api.address, config.device_id)
         facts = await asyncio.to_thread(hardware.collect)
-        sync = SyncLoop(config, store, runtime, facts, trusted, telemetry=queue)
+        sync = SyncLoop(
+            config,
+            store,
+            runtime,
+            facts,
+            trusted,
+            telemetry=queue,
+            on_update=metrics.observe_update,
+        )
         sync_task = asyncio.create_task(sync.run(), name="sync")
         stop_task = asyncio.create_task(stop.wait(), name="stop")
         await asyncio.wait({sync_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)

@@ -7,8 +7,9 @@ chunk says which. Bytes go to a part file as they arrive — ``partial/<sha256>.
 the artifact itself, ``partial/<sha256>.delta`` (described by ``.delta.json``) for a
 delta — and after any break the next request resumes from the part file's size, also
 after a restart of the agent. A finished delta is applied to the base and the result
-checked against the manifest's sha256 before it moves into ``artifacts/``; a delta that
-does not apply is thrown away and the full artifact fetched instead.
+checked against the manifest's sha256 before it moves into ``artifacts/`` (with the mode a
+full download gets); a delta that does not apply is thrown away and the full artifact
+fetched instead, and the result says so (the operator sees it in the status report).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import json
 import logging
 import os
 import shutil
+import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,7 +31,7 @@ import grpc.aio
 
 from artifact.delta import DeltaError, apply_delta
 from artifact.digest import InvalidDigestError, check_sha256, sha256_file
-from artifact.files import atomic_write_bytes
+from artifact.files import atomic_write_bytes, fsync_dir
 from edge_agent.backoff import Backoff
 from edge_agent.errors import AgentError, ErrorCode
 from edge_agent.store import StateStore
@@ -70,12 +73,43 @@ class FetchPlan:
 
 
 @dataclass(frozen=True)
+class DiscardedDelta:
+    """A finished delta that did not rebuild the artifact: the operator hears of it, since
+    its bytes were paid for (a metered home link) and the full artifact came after it."""
+
+    base_sha256: str
+    why: str  # DeltaNotApplied's message
+    bytes_received: int  # the delta's bytes over the network (those resumed from included)
+
+    def describe(self) -> str:
+        """For a StatusReport's reason: which delta, what it cost, and why it went."""
+        return (
+            f"delta from {self.base_sha256[:12]} discarded ({self.bytes_received} bytes "
+            f"received): {self.why}"
+        )
+
+
+@dataclass(frozen=True)
 class FetchResult:
     path: Path
     total_bytes: int  # size of the payload that travelled (the delta's, for a delta)
     resumed_from: int  # bytes already on disk when this fetch began
     received: int  # bytes that came over the network during this fetch
     encoding: int  # fleet_pb2.PayloadEncoding
+    discarded_delta: DiscardedDelta | None = None  # a delta fetched first, then thrown away
+
+    @property
+    def bytes_received(self) -> int:
+        """What this update took over the network: StatusReport.bytes_received.
+
+        The operator reads it as the update's cost on the wire (`homefleet devices`, "last
+        download"), so it is neither the payload's size nor only this call's bytes: it is
+        the bytes received in this fetch, every one (a discarded delta, a payload that
+        changed and started over) plus those an earlier attempt left in the part file
+        this fetch resumed from. Bytes an earlier attempt received and then threw away are
+        not known here and not counted.
+        """
+        return self.resumed_from + self.received
 
 
 @dataclass(frozen=True)
@@ -302,21 +336,30 @@ class _Download:
             raise DeltaNotApplied(
                 f"the delta payload hashes to {actual}, the controller said {self.payload.sha256}"
             )
-        target = self.store.artifact_path(self.plan.sha256)
-        self.store.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        # Rebuilt beside the part file, then given the part file's mode and moved into
+        # artifacts/ as a full download is: apply_delta writes through a temporary file
+        # made private (0600), while a part file is made by open() under the agent's umask
+        # (0644 with the usual 022), and other local processes may read the model.
+        rebuilt = self.store.partial_path(self.plan.sha256).with_suffix(".rebuilt")
         try:
             apply_delta(
                 self.store.artifact_path(self.payload.base_sha256),
                 part,
-                target,
+                rebuilt,
                 expected_sha256=self.plan.sha256,
             )
         except (DeltaError, OSError) as exc:
             raise DeltaNotApplied(f"the delta does not apply: {exc}") from exc
-        if sha256_file(target) != self.plan.sha256:  # apply_delta checks too; never trust one
-            target.unlink(missing_ok=True)
+        if sha256_file(rebuilt) != self.plan.sha256:  # apply_delta checks too; never trust one
+            rebuilt.unlink(missing_ok=True)
             raise DeltaNotApplied("the rebuilt artifact does not match the manifest's sha256")
+        os.chmod(rebuilt, stat.S_IMODE(part.stat().st_mode))
+        target = self.store.artifact_path(self.plan.sha256)
+        self.store.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        os.replace(rebuilt, target)
+        fsync_dir(self.store.artifacts_dir)
         self.store.discard_delta_partial(self.plan.sha256)
+        fsync_dir(self.store.partial_dir)
         return target
 
 
@@ -325,34 +368,54 @@ class DeltaNotApplied(Exception):
 
 
 async def fetch_artifact(
-    stub: Any, store: StateStore, plan: FetchPlan, backoff: Backoff
+    stub: Any,
+    store: StateStore,
+    plan: FetchPlan,
+    backoff: Backoff,
+    on_delta_discarded: Callable[[DiscardedDelta], Awaitable[None]] | None = None,
 ) -> FetchResult:
     """Fetch ``plan.sha256`` into artifacts/ and return where it is.
 
-    With a base, a delta is tried first; a delta that does not apply is reported in the
-    log and the full artifact fetched. Retryable stream errors resume from the part
-    file's size; after ``plan.attempts`` failures in a row without progress, a lost
-    connection is re-raised (the caller reconnects) and anything else becomes
-    FETCH_FAILED. A full download whose digest does not match raises HASH_MISMATCH with
-    "sha256 mismatch: expected X got Y".
+    With a base, a delta is tried first; a delta that does not apply is logged, handed to
+    ``on_delta_discarded`` (the caller tells the controller) before the full artifact is
+    fetched, and named in the result (and in an AgentError from the full fetch). Retryable
+    stream errors resume from the part file's size; after ``plan.attempts`` failures in a
+    row without progress, a lost connection is re-raised (the caller reconnects) and
+    anything else becomes FETCH_FAILED. A full download whose digest does not match raises
+    HASH_MISMATCH with "sha256 mismatch: expected X got Y".
     """
     if plan.base_sha256 and not store.verify_artifact(plan.base_sha256):
         plan = _without_base(plan)
     download = _Download(store, plan)
     start = download.offset()
     received = 0
+    discarded: DiscardedDelta | None = None
     try:
         result = await _fetch(stub, download, backoff)
         received = download.received
         path = await asyncio.to_thread(download.finish)
     except DeltaNotApplied as exc:
-        log.error("artifact %s: %s; fetching the full artifact instead", plan.sha256, exc)
+        discarded = DiscardedDelta(plan.base_sha256, str(exc), start + download.received)
+        log.error(
+            "artifact %s: %s; fetching the full artifact instead (%d bytes of delta wasted)",
+            plan.sha256,
+            exc,
+            discarded.bytes_received,
+        )
         await asyncio.to_thread(download.restart)
+        if on_delta_discarded is not None:
+            await on_delta_discarded(discarded)
         received = download.received
         download = _Download(store, _without_base(plan))
-        result = await _fetch(stub, download, backoff)
-        received += download.received
-        path = await asyncio.to_thread(download.finish)
+        try:
+            result = await _fetch(stub, download, backoff)
+            received += download.received
+            path = await asyncio.to_thread(download.finish)
+        except AgentError as failed:  # the full artifact failed too: say both
+            raise AgentError(
+                failed.code,
+                f"{failed.message} (fetching the full artifact: {discarded.describe()})",
+            ) from failed
     if start:
         log.info("artifact %s: resumed at byte %d, received %d bytes", plan.sha256, start, received)
     return FetchResult(
@@ -361,6 +424,7 @@ async def fetch_artifact(
         resumed_from=start,
         received=received,
         encoding=result.encoding,
+        discarded_delta=discarded,
     )
 
 
@@ -402,6 +466,11 @@ async def _fetch(stub: Any, download: _Download, backoff: Backoff) -> Payload:
                 failures += 1
                 if failures < plan.attempts:
                     continue
+            if code is grpc.StatusCode.DATA_LOSS:
+                # the controller's stored bytes are corrupt (or gone): those received may
+                # be the corrupt ones, so the next attempt (a deployment retry, after its
+                # backoff) starts from byte 0; the controller refuses at once until fixed
+                download.restart()
             if code is grpc.StatusCode.NOT_FOUND:
                 # a device may fetch only what is assigned to it: the assignment changed
                 # while this download ran, and the new desired set is on its way

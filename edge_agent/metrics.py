@@ -21,9 +21,11 @@ from prometheus_client.registry import Collector
 
 from artifact import histogram
 from edge_agent.errors import AgentError, ErrorCode
+from edge_agent.fetch import FetchResult
 from edge_agent.runtime import ModelRuntime
 from edge_agent.telemetry import Sample
 from edge_agent.telemetry_queue import TelemetryQueue
+from protos import fleet_pb2
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,34 @@ class AgentMetrics:
             ["model", "source"],
             registry=self.registry,
         )
+        self._updates = Counter(
+            f"{PREFIX}_updates",
+            "Artifacts downloaded, by how they arrived (encoding full or delta).",
+            ["model", "encoding"],
+            registry=self.registry,
+        )
+        self._update_bytes = Counter(
+            f"{PREFIX}_update_bytes_received",
+            "Bytes downloads took on the wire, a discarded delta's included (by the "
+            "encoding the artifact finally arrived in).",
+            ["model", "encoding"],
+            registry=self.registry,
+        )
+        self._discarded = Counter(
+            f"{PREFIX}_deltas_discarded",
+            "Deltas that did not rebuild the artifact, so the full artifact was fetched.",
+            ["model"],
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(runtime, queue))
+
+    def observe_update(self, model: str, result: FetchResult) -> None:
+        """A finished download: what it cost, and whether a delta was thrown away."""
+        encoding = "delta" if result.encoding == fleet_pb2.PAYLOAD_ENCODING_DELTA else "full"
+        self._updates.labels(model, encoding).inc()
+        self._update_bytes.labels(model, encoding).inc(result.bytes_received)
+        if result.discarded_delta is not None:
+            self._discarded.labels(model).inc()
 
     def observe(self, sample: Sample, energy_source: str) -> None:
         self._latency.labels(sample.model_name).observe(sample.wall_s)

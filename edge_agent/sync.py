@@ -23,7 +23,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,13 @@ from edge_agent import __version__
 from edge_agent.backoff import Backoff
 from edge_agent.config import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, MIN_CHUNK_BYTES, AgentConfig
 from edge_agent.errors import SETTLED, AgentError, ErrorCode, describe_os_error
-from edge_agent.fetch import CONNECTION_LOST, FetchPlan, fetch_artifact
+from edge_agent.fetch import (
+    CONNECTION_LOST,
+    DiscardedDelta,
+    FetchPlan,
+    FetchResult,
+    fetch_artifact,
+)
 from edge_agent.hardware import HardwareFacts
 from edge_agent.runtime import ModelRuntime, ModelSlot
 from edge_agent.store import SlotRecord, StateStore
@@ -50,6 +56,7 @@ from protos import fleet_pb2, fleet_pb2_grpc
 log = logging.getLogger(__name__)
 
 FULL = fleet_pb2.PAYLOAD_ENCODING_FULL
+DELTA = fleet_pb2.PAYLOAD_ENCODING_DELTA
 MAX_REASON = 2000  # a reason is for people; the controller bounds it too
 CERT_RENEW_WARNING = datetime.timedelta(days=30)  # warn at each connection from then on
 TAKEOVER_LOG_INTERVAL_S = 600.0  # "another agent took over" is logged at most this often
@@ -180,9 +187,11 @@ class SyncLoop:
         trusted: TrustedKey | None = None,
         rng: random.Random | None = None,
         telemetry: TelemetryQueue | None = None,
+        on_update: Callable[[str, FetchResult], None] | None = None,
     ) -> None:
         self.config = config
         self.telemetry = telemetry  # sent while a session is up; None: no telemetry
+        self._on_update = on_update  # each finished download (the agent's /metrics)
         self._refusals = RefusalLog()  # across sessions: a reconnect does not log anew
         self.store = store
         self.runtime = runtime
@@ -613,39 +622,15 @@ class SyncLoop:
             self._persist_or_put_back(model, serving, previous)
             log.info("model %s: switched back to the previous slot %s", model, sha)
             return self._status(model, sha, active)
-        received, encoding = 0, int(FULL)
+        received, encoding, note = 0, int(FULL), ""
         if await asyncio.to_thread(self.store.verify_artifact, sha):
             path = self.store.artifact_path(sha)
             log.info("model %s: artifact %s is already on disk; not downloading", model, sha)
         else:
-            resume_at = self.store.partial_size(sha) + self._delta_partial_size(sha)
-            await self.report(
-                stub,
-                self._status(
-                    model, sha, fleet_pb2.DEPLOYMENT_OUTCOME_DOWNLOADING, bytes_received=resume_at
-                ),
-            )
-            log.info(
-                "model %s: fetching %s (%d bytes%s)",
-                model,
-                manifest.artifact_id,
-                manifest.size_bytes,
-                f", resuming at byte {resume_at}" if resume_at else "",
-            )
-            plan = FetchPlan(
-                device_id=self.config.device_id,
-                sha256=sha,
-                size_bytes=manifest.size_bytes,
-                chunk_bytes=self._chunk_bytes,
-                timeout_s=self.config.fetch_timeout_s,
-                attempts=self.config.fetch_attempts,
-                base_sha256=self._delta_base(model),
-            )
-            backoff = Backoff(
-                self.config.backoff_initial_s, self.config.backoff_max_s, rng=self._rng
-            )
-            result = await fetch_artifact(stub, self.store, plan, backoff)
-            path, received, encoding = result.path, result.total_bytes, result.encoding
+            result = await self._download(stub, model, sha, manifest)
+            path, received, encoding = result.path, result.bytes_received, result.encoding
+            if result.discarded_delta is not None:
+                note = f"{result.discarded_delta.describe()}; fetched the full artifact"
         record = SlotRecord.from_signed(sha, assignment.manifest).activated_now()
         slot = await asyncio.to_thread(self.runtime.prepare, model, path, record)
         # switch and persist with no await in between: a cancellation cannot split them
@@ -660,7 +645,62 @@ class SyncLoop:
             sha,
             f"; previous slot keeps {replaced.sha256}" if replaced else "",
         )
-        return self._status(model, sha, active, bytes_received=received, encoding=encoding)
+        return self._status(
+            model, sha, active, reason=note, bytes_received=received, encoding=encoding
+        )
+
+    async def _download(self, stub: Any, model: str, sha: str, manifest: Manifest) -> FetchResult:
+        """Fetch the artifact (a delta when a base is held), telling the controller as it
+        goes: DOWNLOADING first, and again should a delta be discarded for the full one."""
+        resume_at = self.store.partial_size(sha) + self._delta_partial_size(sha)
+        downloading = fleet_pb2.DEPLOYMENT_OUTCOME_DOWNLOADING
+        await self.report(stub, self._status(model, sha, downloading, bytes_received=resume_at))
+        plan = FetchPlan(
+            device_id=self.config.device_id,
+            sha256=sha,
+            size_bytes=manifest.size_bytes,
+            chunk_bytes=self._chunk_bytes,
+            timeout_s=self.config.fetch_timeout_s,
+            attempts=self.config.fetch_attempts,
+            base_sha256=self._delta_base(model),
+        )
+        base = plan.base_sha256[:12]
+        if self.store.partial_size(sha):  # fetch.py resumes a full download as one
+            how = f"; resuming the full download at byte {resume_at}"
+        elif base:
+            how = f"; asking for a delta against {base}"
+            how += f", resuming at byte {resume_at}" if resume_at else ""
+        else:
+            how = ""
+        log.info(
+            "model %s: fetching %s (%d bytes in full%s)",
+            model,
+            manifest.artifact_id,
+            manifest.size_bytes,
+            how,
+        )
+
+        async def discarded(delta: DiscardedDelta) -> None:
+            """Said at once: the full download may take long, or break."""
+            reason = f"{delta.describe()}; fetching the full artifact"
+            status = self._status(
+                model, sha, downloading, reason=reason, bytes_received=delta.bytes_received
+            )
+            await self.report(stub, status)
+
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s, rng=self._rng)
+        result = await fetch_artifact(stub, self.store, plan, backoff, discarded)
+        log.info(
+            "model %s: %s arrived as %s; %d bytes received%s",
+            model,
+            manifest.artifact_id,
+            f"a delta against {base}" if result.encoding == DELTA else "the full artifact",
+            result.bytes_received,
+            ", a discarded delta's included" if result.discarded_delta else "",
+        )
+        if self._on_update is not None:
+            self._on_update(model, result)
+        return result
 
     def _delta_base(self, model: str) -> str:
         """The artifact to receive a delta against: the one served (else the previous)."""

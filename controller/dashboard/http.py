@@ -38,7 +38,7 @@ from controller.clock import unix_ms
 from controller.dashboard import api
 from controller.device_classes import DeviceClass
 from controller.store import Store
-from controller.telemetry_metrics import BudgetCollector, TelemetryCollector
+from controller.telemetry_metrics import BudgetCollector, DownloadCollector, TelemetryCollector
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class DashboardApp:
     def __post_init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(TelemetryCollector(self.store, self.clock))
+        self.registry.register(DownloadCollector(self.store))
         self.registry.register(BudgetCollector(self.classes))
         folder = resources.files("controller.dashboard") / "static"
         self._static = {name: (folder / name).read_bytes() for name, _ in STATIC.values()}

@@ -111,6 +111,12 @@ def exported(tmp_path: Path) -> tuple[set[str], set[str]]:
             await c.agent.ReportTelemetry(
                 pb.TelemetryBatch(device_id="hub-1", windows=[window]), timeout=10
             )
+            # and a download, for the update counters
+            await c.admin.Assign(
+                pb.AssignRequest(artifact_id=art.id, device_class="home-hub"), timeout=10
+            )
+            fetch = pb.FetchArtifactRequest(device_id="hub-1", target_sha256=art.sha256)
+            assert [chunk async for chunk in c.agent.FetchArtifact(fetch, timeout=10)]
             address = json.loads(c.config.info_path.read_text())["metrics_address"]
 
             def scrape() -> str:

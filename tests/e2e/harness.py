@@ -109,11 +109,12 @@ class Controller:
     port: int = 0
     tls: Path | None = None  # the controller's TLS directory: serve mutual TLS
     admin_tls: Path | None = None  # the admin certificate this harness and `cli` dial with
+    extra_args: tuple[str, ...] = ()  # more `controller serve` options
     process: Process = field(init=False)
     address: str = ""
 
     def __post_init__(self) -> None:
-        argv = ["controller", "serve", "--data-dir", str(self.data_dir)]
+        argv = ["controller", "serve", "--data-dir", str(self.data_dir), *self.extra_args]
         if self.tls is not None:
             argv += ["--tls", str(self.tls)]
         self.process = Process(
@@ -227,6 +228,7 @@ class Agent:
     controller_address: str
     trust_key: Path | None = None
     tls: Path | None = None  # this device's TLS directory
+    extra_args: tuple[str, ...] = ()  # more `agent run` options
     process: Process = field(init=False)
     local_api: str = ""
 
@@ -239,6 +241,7 @@ class Agent:
             "--state-dir", str(self.state_dir),
             "--listen", "127.0.0.1:0",
             "--threads", "1",
+            *self.extra_args,
         ]  # fmt: skip
         if self.trust_key is not None:
             argv += ["--trust-key", str(self.trust_key)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -311,14 +312,16 @@ def test_a_hash_mismatch_fails_with_the_digests_and_keeps_the_old_model(tmp_path
     async def body(controller: Controller, state: Path) -> None:
         async with running_agent(state, controller.address) as agent:
             old = (await deploy(controller, agent, add_model(1.0))).sha256
-            model = await controller.add_model("motions", add_model(2.0))
+            data = add_model(2.0)
+            model = await controller.add_model("motions", data)
             artifact = await controller.create_artifact("motions", model_version=model.version)
             sha = artifact.sha256
-            # bit rot in the controller's blob store: same length, other bytes
-            blob = controller.blob_path(sha)
-            corrupt = bytearray(blob.read_bytes())
-            corrupt[len(corrupt) // 2] ^= 0xFF
-            blob.write_bytes(bytes(corrupt))
+            # bit rot on the device: the part file an earlier attempt left holds other bytes
+            # (the controller checks its own blobs, so it never sends corrupt ones)
+            corrupt = bytearray(data)
+            corrupt[len(corrupt) // 4] ^= 0xFF
+            agent.store.partial_dir.mkdir(parents=True, exist_ok=True)
+            agent.store.partial_path(sha).write_bytes(bytes(corrupt[: len(corrupt) // 2]))
             await controller.assign(artifact.id, device_class="home-hub")
 
             reason = await expect_failure(controller, agent, old, sha)
@@ -577,7 +580,9 @@ def test_a_delta_that_does_not_rebuild_the_artifact_falls_back_to_the_full_one(
             model = await controller.add_model("motions", new_data)
             new = await controller.create_artifact("motions", "home-hub", model.version)
             # have the controller compute the delta (for another device of the class, which
-            # may fetch it: it is assigned there), then damage its stored payload
+            # may fetch it: it is assigned there), then leave a damaged first half of it in
+            # the agent's part files, as an earlier attempt on a failing disk would (the
+            # controller checks its own blobs, so it never sends a corrupt payload)
             await register_other(controller, "prefetcher")
             await controller.assign(new.id, device_id="prefetcher")
             request = fleet_pb2.FetchArtifactRequest(
@@ -585,18 +590,24 @@ def test_a_delta_that_does_not_rebuild_the_artifact_falls_back_to_the_full_one(
             )
             chunks = [c async for c in controller.agent.FetchArtifact(request, timeout=60)]
             assert chunks[0].encoding == fleet_pb2.PAYLOAD_ENCODING_DELTA
-            blob = controller.blob_path(chunks[0].payload_sha256)
-            blob.chmod(0o644)
-            damaged = bytearray(blob.read_bytes())
-            damaged[len(damaged) // 2] ^= 0x10
-            blob.write_bytes(bytes(damaged))
+            damaged = bytearray(b"".join(c.data for c in chunks))
+            damaged[len(damaged) // 4] ^= 0x10
+            info = {
+                "sha256": chunks[0].payload_sha256,
+                "total": len(damaged),
+                "base_sha256": old.sha256,
+            }
+            agent.store.partial_dir.mkdir(parents=True, exist_ok=True)
+            agent.store.delta_info_path(new.sha256).write_text(json.dumps(info))
+            agent.store.delta_partial_path(new.sha256).write_bytes(damaged[: len(damaged) // 2])
 
             with LogWatch("edge_agent.fetch", "fetching the full artifact instead") as watch:
                 await controller.assign(new.id, device_class="home-hub")
                 report = await wait_final(controller, new.sha256)
                 await watch.wait()
             assert (report["outcome"], report["encoding"]) == ("active", "full")
-            assert report["bytes_received"] == len(new_data)
+            # the whole delta (half of it left by the earlier attempt), then the artifact
+            assert report["bytes_received"] == len(damaged) + len(new_data)
             assert agent.store.artifact_path(new.sha256).read_bytes() == new_data
             assert "hashes to" in watch.messages[0]
 
