@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -57,6 +58,9 @@ from controller.compression.students import build_student
 from controller.compression.training import TrainOptions
 from controller.compression.weight_only import quantize_weight_only
 from controller.workloads.base import TaskKind, Workload
+
+if TYPE_CHECKING:  # fidelity imports onnxruntime: only where ONNX sources are used
+    from controller.workloads.fidelity import CalibrationSplit
 
 log = logging.getLogger(__name__)
 
@@ -260,19 +264,22 @@ class TorchSource:
 
 @dataclass
 class OnnxSource:
-    """An ONNX model alone: post-training steps, judged by fidelity to the original."""
+    """An ONNX model alone: post-training steps, judged by fidelity to the original.
+
+    The calibration inputs are split (fidelity.split_holdout): the quantizers calibrate
+    and steer their searches on one part, and candidates are judged on the other, so a
+    static int8 model is not scored on the very inputs its ranges were fitted to."""
 
     path: Path
     calibration: Mapping[str, NDArray[np.generic]]
     min_fidelity: float | None = None
     previous: Path | None = None  # the class's earlier static int8 artifact (RequantizeLike)
+    split: CalibrationSplit = field(init=False)
 
     def __post_init__(self) -> None:
-        from controller.workloads.fidelity import warn_few_samples
+        from controller.workloads.fidelity import split_holdout
 
-        counts = {np.shape(array)[0] for array in self.calibration.values() if np.ndim(array)}
-        if len(counts) == 1:  # bad ranks or unequal counts are refused, named, when scored
-            warn_few_samples(counts.pop(), self.min_fidelity)
+        self.split = split_holdout(self.calibration, self.min_fidelity)
 
     def build(self, recipe: Recipe, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -288,8 +295,8 @@ class OnnxSource:
                 step,
                 current,
                 out_dir / f"step-{index}-quantized.onnx",
-                self.calibration,
-                lambda p: self.quality(p).value,
+                self.split.fit,
+                self._fit_fidelity,
                 None if self.min_fidelity is None else 1.0 - self.min_fidelity,
                 self.previous,
             )
@@ -302,7 +309,15 @@ class OnnxSource:
         return None
 
     def quality(self, onnx_path: Path) -> Quality:
+        """Fidelity on the held-out samples: what the planner judges a candidate by."""
         from controller.workloads.fidelity import fidelity
 
-        score = fidelity(self.path, onnx_path, self.calibration)
+        score = fidelity(self.path, onnx_path, self.split.judge)
         return Quality(score.metric, score.value, labelled=False)
+
+    def _fit_fidelity(self, onnx_path: Path) -> float:
+        """Fidelity on the calibration part: what a step's own search (which nodes stay
+        float) may look at, so the held-out samples stay unseen until judging."""
+        from controller.workloads.fidelity import fidelity
+
+        return fidelity(self.path, onnx_path, self.split.fit).value

@@ -303,9 +303,13 @@ def compress_onnx(
         )
         samples = {k: v[:MEASURE_SAMPLES] for k, v in calibration.items()}
         recipes = candidates.with_previous(candidates.post_training_recipes(), reuse)
+        split = {
+            "calibration_samples": float(builder.split.fit_samples),
+            "fidelity_samples": float(builder.split.judge_samples),  # held out, when it can be
+        }
         return _run(
             name, builder, source, recipes, device_class, samples,
-            out_dir, staging, lambda _path: {}, on_trial, activity,
+            out_dir, staging, lambda _path: split, on_trial, activity,
         )  # fmt: skip
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

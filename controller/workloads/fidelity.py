@@ -26,8 +26,9 @@ holds one array per model input); they are checked against both models' inputs b
 anything runs, and a mismatch raises ``CalibrationMismatchError`` naming the input. So
 does a reference (source) model that onnxruntime cannot run on the values themselves
 (token ids past an embedding's end, say): that is the input file's problem, said in one
-line. ``warn_few_samples`` logs when there are too few samples for a fidelity budget to
-be resolved at all (one sample moves an agreement by 1/n).
+line. ``split_holdout`` keeps part of the samples out of calibration to judge candidates
+on, and ``warn_few_samples`` logs when too few are judged for a fidelity budget to be
+resolved at all (one sample moves an agreement by 1/n).
 
 Models must be self-contained: ``check_self_contained`` refuses one that keeps its
 weights in external data files, which would not follow the model into trial directories.
@@ -108,15 +109,85 @@ def load_calibration(path: Path) -> dict[str, NDArray[np.generic]]:
     return arrays
 
 
-def warn_few_samples(samples: int, min_fidelity: float | None) -> None:
+def samples_needed(min_fidelity: float | None) -> int:
+    """How many judged samples resolve ``min_fidelity``: one disagreement must cost no
+    more than ``1 - min_fidelity``, and never fewer than ``MIN_SAMPLES``."""
+    allowed = None if min_fidelity is None else 1.0 - min_fidelity
+    # The 1e-9 keeps float noise (1 - 0.9 = 0.0999...) from asking for 11 at 0.9.
+    if allowed is not None and allowed > 0:
+        return max(MIN_SAMPLES, math.ceil(1.0 / allowed - 1e-9))
+    return MIN_SAMPLES
+
+
+@dataclass(frozen=True)
+class CalibrationSplit:
+    """The calibration inputs in two disjoint parts: ``fit`` calibrates the quantizers
+    and steers their own searches, ``judge`` scores the candidates. Static int8 fits its
+    activation ranges to the inputs it sees, so judging it on those same inputs flatters
+    it; with too few samples to spare (``held_out`` False) both are every sample."""
+
+    fit: Calibration
+    judge: Calibration
+    held_out: bool
+
+    @property
+    def judge_samples(self) -> int:
+        return _count(self.judge)
+
+    @property
+    def fit_samples(self) -> int:
+        return _count(self.fit)
+
+
+def split_holdout(calibration: Calibration, min_fidelity: float | None) -> CalibrationSplit:
+    """Hold out what resolves the budget (``samples_needed``; at least a quarter, at most
+    half of the samples), chosen by a fixed-seed permutation, so files sorted by class
+    give both parts every class and the same file always splits the same way. Under
+    2 x ``MIN_SAMPLES`` nothing is held out, and that is logged. Too few judged samples for
+    the budget are logged too (``warn_few_samples``). Arrays of unequal lengths are not
+    split: check_calibration names them when they are used."""
+    n = _count(calibration)
+    judge_n = min(max(samples_needed(min_fidelity), math.ceil(n / 4)), n // 2)
+    if n < 1 or judge_n < MIN_SAMPLES:
+        if n >= 1:
+            log.warning(
+                "the calibration file holds %d sample(s), too few to hold any out: fidelity "
+                "is judged on the inputs static quantization calibrates on, which flatters "
+                "it; give at least %d samples (a quarter or more is then held out to judge)",
+                n,
+                2 * MIN_SAMPLES,
+            )
+        warn_few_samples(n, min_fidelity)
+        return CalibrationSplit(calibration, calibration, held_out=False)
+    order = np.random.default_rng(0).permutation(n)
+    judge = np.sort(order[:judge_n])
+    fit = np.sort(order[judge_n:])
+    split = CalibrationSplit(
+        {k: v[fit] for k, v in calibration.items()},
+        {k: v[judge] for k, v in calibration.items()},
+        held_out=True,
+    )
+    log.info(
+        "calibration inputs: %d calibrate the quantizers, %d held out to judge fidelity",
+        n - judge_n,
+        judge_n,
+    )
+    warn_few_samples(judge_n, min_fidelity, what=f"{judge_n} held-out sample(s) of {n}")
+    return split
+
+
+def _count(calibration: Calibration) -> int:
+    """The samples every array holds (axis 0); 0 when they disagree or there are none."""
+    counts = {np.shape(a)[0] for a in calibration.values() if np.ndim(a)}
+    return counts.pop() if len(counts) == 1 else 0
+
+
+def warn_few_samples(samples: int, min_fidelity: float | None, *, what: str = "") -> None:
     """Log when ``samples`` cannot resolve the fidelity budget (one sample moves an
     agreement by 1/n): fewer than ``MIN_SAMPLES``, or so few that a single disagreement
     already costs more than ``1 - min_fidelity``. Nothing stops: the caller chose them."""
     allowed = None if min_fidelity is None else 1.0 - min_fidelity
-    # The 1e-9 keeps float noise (1 - 0.9 = 0.0999...) from warning at exactly n = 1/allowed.
-    needed = MIN_SAMPLES
-    if allowed is not None and allowed > 0:
-        needed = max(needed, math.ceil(1.0 / allowed - 1e-9))
+    needed = samples_needed(min_fidelity)
     if samples < 1 or samples >= needed:
         return  # none at all is refused elsewhere
     step = 1.0 / samples
@@ -128,9 +199,9 @@ def warn_few_samples(samples: int, min_fidelity: float | None) -> None:
     else:
         why = f"one sample moves fidelity by {step:.3g}, too coarse to judge a model"
     log.warning(
-        "the calibration file holds only %d sample(s): %s; give at least %d "
+        "fidelity is judged on only %s: %s; give at least %d judged samples "
         "(ten times that to measure fidelity reliably)",
-        samples,
+        what or f"the calibration file's {samples} sample(s)",
         why,
         needed,
     )

@@ -31,14 +31,17 @@ def homefleet(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def source_and_calibration(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The BasicMotions FP32 model as a plain ONNX file plus unlabelled inputs."""
+    """The BasicMotions FP32 model as a plain ONNX file plus unlabelled inputs (all 80:
+    enough that a quarter is held out to judge fidelity)."""
     from controller.workloads.registry import get_workload
 
     workload = get_workload("basic-motions")
     base = tmp_path_factory.mktemp("onnx-only")
     source = workload.export_onnx(workload.source_model(), base / "motions.onnx")
     calib = base / "inputs.npz"
-    np.savez(calib, **workload.data().train.inputs)
+    data = workload.data()
+    splits = (data.train, data.val, data.test)
+    np.savez(calib, **{k: np.concatenate([s.inputs[k] for s in splits]) for k in data.train.inputs})
     return source, calib
 
 
@@ -132,6 +135,13 @@ def test_onnx_alone_is_compressed_by_fidelity_without_labels(
     fidelity = next(v for v in manifest["budgets"] if v["budget"] == "min_fidelity")
     assert fidelity["observed"] >= 0.95
     assert all(step["kind"] == "quantize" for step in manifest["recipe"])
+    # judged on samples held out of calibration, and the manifest says how many
+    samples = len(next(iter(np.load(calib).values())))
+    judged, fitted = (
+        manifest["metrics"]["fidelity_samples"],
+        manifest["metrics"]["calibration_samples"],
+    )
+    assert judged + fitted == samples and 20 <= judged <= samples // 2
     assert "building" not in result.stdout  # the live activity line is for terminals only
 
 

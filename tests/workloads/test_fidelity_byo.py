@@ -104,9 +104,10 @@ def test_sigmoid_output_is_judged_at_half_not_zero(tmp_path: Path) -> None:
     assert fidelity(ref, binary_model(tmp_path / "same.onnx", ["Sigmoid"]), features()).value == 1.0
     # What a person sees in the trial line and the manifest's metric names.
     assert score.extra["threshold"] == 0.5
-    quality = OnnxSource(ref, features(), min_fidelity=0.9).quality(constant)
+    source = OnnxSource(ref, features(), min_fidelity=0.9)
+    quality = source.quality(constant)
     assert quality.metric == "threshold_agreement"  # a stable manifest key
-    assert quality.value == pytest.approx(score.value)
+    assert quality.value == fidelity(ref, constant, source.split.judge).value
 
 
 def test_sigmoid_behind_shape_only_ops_decides_by_the_graph(tmp_path: Path) -> None:
@@ -234,35 +235,94 @@ def test_calibration_values_the_source_cannot_run_on_are_one_line(tmp_path: Path
 # ------------------------------------------------------------------ 5: too few samples
 
 
+def fidelity_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "controller.workloads.fidelity" and r.levelno == logging.WARNING
+    ]
+
+
 @pytest.mark.parametrize(
-    ("samples", "min_fidelity", "needed"),
-    [(10, 0.99, 100), (50, 0.99, 100), (10, None, 20), (19, 0.5, 20), (10, 0.9, 20)],
+    ("samples", "min_fidelity", "judged", "needed"),
+    [
+        (10, 0.99, "the calibration file's 10 sample(s)", 100),
+        (50, 0.99, "25 held-out sample(s) of 50", 100),  # half may be held out, no more
+        (10, None, "the calibration file's 10 sample(s)", 20),
+        (19, 0.5, "the calibration file's 19 sample(s)", 20),
+        (10, 0.9, "the calibration file's 10 sample(s)", 20),
+    ],
 )
-def test_too_few_calibration_samples_are_warned_about(
+def test_too_few_judged_samples_are_warned_about(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     samples: int,
     min_fidelity: float | None,
+    judged: str,
     needed: int,
 ) -> None:
     ref = binary_model(tmp_path / "ref.onnx", ["Sigmoid"])
     with caplog.at_level(logging.WARNING, logger="controller.workloads.fidelity"):
         OnnxSource(ref, features(samples), min_fidelity=min_fidelity)
-    (record,) = [r for r in caplog.records if r.name == "controller.workloads.fidelity"]
-    assert record.levelno == logging.WARNING
-    text = record.getMessage()
-    assert f"holds only {samples} sample(s)" in text
-    assert f"give at least {needed} " in text
+    (few,) = [m for m in fidelity_warnings(caplog) if m.startswith("fidelity is judged on only")]
+    assert f"only {judged}: " in few
+    assert f"give at least {needed} judged samples" in few
 
 
-@pytest.mark.parametrize(("samples", "min_fidelity"), [(100, 0.99), (20, 0.95), (20, None)])
-def test_enough_calibration_samples_are_not_warned_about(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, samples: int, min_fidelity: float | None
+@pytest.mark.parametrize("samples", [10, 39])
+def test_too_few_samples_to_hold_any_out_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, samples: int
 ) -> None:
     ref = binary_model(tmp_path / "ref.onnx", ["Sigmoid"])
     with caplog.at_level(logging.WARNING, logger="controller.workloads.fidelity"):
-        OnnxSource(ref, features(samples), min_fidelity=min_fidelity)
-    assert not [r for r in caplog.records if r.name == "controller.workloads.fidelity"]
+        source = OnnxSource(ref, features(samples), min_fidelity=0.95)
+    assert not source.split.held_out
+    assert source.split.judge_samples == source.split.fit_samples == samples
+    (note,) = [m for m in fidelity_warnings(caplog) if "too few to hold any out" in m]
+    assert f"holds {samples} sample(s)" in note and "give at least 40 samples" in note
+
+
+@pytest.mark.parametrize(
+    ("samples", "min_fidelity", "judged"), [(400, 0.99, 100), (40, 0.95, 20), (40, None, 20)]
+)
+def test_enough_samples_are_split_and_not_warned_about(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    samples: int,
+    min_fidelity: float | None,
+    judged: int,
+) -> None:
+    ref = binary_model(tmp_path / "ref.onnx", ["Sigmoid"])
+    with caplog.at_level(logging.WARNING, logger="controller.workloads.fidelity"):
+        source = OnnxSource(ref, features(samples), min_fidelity=min_fidelity)
+    assert not fidelity_warnings(caplog)
+    assert source.split.held_out
+    assert (source.split.judge_samples, source.split.fit_samples) == (judged, samples - judged)
+
+
+def test_candidates_are_judged_on_samples_the_quantizers_never_saw(tmp_path: Path) -> None:
+    """Static int8 fits its activation ranges to the calibration inputs: judged on them
+    too, it looks better than it is. The split is disjoint, covers every sample, is the
+    same every run, and mixes a file sorted by class into both parts."""
+    ref = binary_model(tmp_path / "ref.onnx", ["Sigmoid"])
+    calibration = features(200)
+    split = OnnxSource(ref, calibration, min_fidelity=0.95).split
+    (x,) = calibration.values()
+    fit, judge = (next(iter(part.values())) for part in (split.fit, split.judge))
+    rows = {tuple(r) for r in x}
+    assert len(rows) == 200  # distinct samples, so rows identify them
+    fit_rows, judge_rows = {tuple(r) for r in fit}, {tuple(r) for r in judge}
+    assert not fit_rows & judge_rows and fit_rows | judge_rows == rows
+    assert len(judge_rows) == 50  # a quarter (20 resolve 0.95)
+    again = OnnxSource(ref, calibration, min_fidelity=0.95).split
+    assert np.array_equal(next(iter(again.judge.values())), judge)
+    order = np.argsort(x[:, 0])  # sorted by a feature, as a file sorted by class would be
+    first_half = {tuple(r) for r in x[order[:100]]}
+    assert 0 < len(judge_rows & first_half) < 50  # both halves are judged
+    # and what the planner sees is the judged part's fidelity, not the whole file's
+    constant = binary_model(tmp_path / "const.onnx", ["Sigmoid"], constant=0.5)
+    source = OnnxSource(ref, calibration, min_fidelity=0.95)
+    assert source.quality(constant).value == fidelity(ref, constant, split.judge).value
 
 
 # ------------------------------------------------------------------ 4: what --min-fidelity means
