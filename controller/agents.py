@@ -27,6 +27,10 @@ from controller.fleet_classes import DeviceClassRegistry
 from controller.limits import DownloadPool
 from controller.notify import AssignmentNotifier
 from controller.records import (
+    REFUSED_BOUNDS,
+    REFUSED_CLOCK,
+    REFUSED_ENERGY_SOURCE,
+    REFUSED_MALFORMED,
     ArtifactRecord,
     Chunk,
     DesiredSet,
@@ -39,6 +43,7 @@ from controller.records import (
     Outcome,
     RegisterResult,
     StatusUpdate,
+    TelemetryRefusal,
     TelemetryWindow,
 )
 from controller.store import Store
@@ -67,6 +72,11 @@ CONFLICT_EVENT = "device.conflict"
 CONFLICT_REPLACEMENTS = 3
 CONFLICT_WINDOW_S = 60.0
 CONFLICT_EVENT_INTERVAL_S = 600.0
+# Refused telemetry (AgentHandlers._refused): every call counted, one event an hour per
+# device and reason; the rate limiter remembers this many (device, reason) pairs at most.
+REFUSAL_EVENT = "telemetry.refused"
+REFUSAL_EVENT_INTERVAL_S = 3600.0
+MAX_REFUSAL_KEYS = 100_000
 # Stored bytes that no longer hash to their digest (agents.AgentHandlers._fetch): one
 # event when a blob is found corrupt, none for each fetch refused while it stays so.
 CORRUPT_EVENT = "blob.corrupt"
@@ -154,6 +164,10 @@ class AgentHandlers:
         )
         self._bookkeeping: set[asyncio.Task[None]] = set()  # held: the loop keeps weak refs
         self._telemetry = TelemetryIngest(store)  # group commit: many calls, one transaction
+        # (device, reason) -> when its last telemetry.refused event was recorded
+        self._refusal_events: collections.OrderedDict[tuple[str, str], float] = (
+            collections.OrderedDict()
+        )
 
     @property
     def heartbeat_seconds(self) -> int:
@@ -615,10 +629,40 @@ class AgentHandlers:
                 f"the batch has {len(windows)} windows; at most {MAX_WINDOWS_PER_BATCH} are "
                 "accepted per call: send smaller batches"
             )
-        now = unix_ms()
-        for i, w in enumerate(windows):
-            _check_window(w, f"windows[{i}]", now)
-        return await self._telemetry.store(device_id, windows)
+        try:
+            now = unix_ms()
+            for i, w in enumerate(windows):
+                _check_window(w, f"windows[{i}]", now)
+            return await self._telemetry.store(device_id, windows)
+        except FleetError as exc:
+            if exc.code is ErrorCode.INVALID_ARGUMENT:
+                reason = exc.reason or REFUSED_MALFORMED
+                await self._refused(TelemetryRefusal(device_id, reason, exc.message))
+            raise
+
+    async def _refused(self, refusal: TelemetryRefusal) -> None:
+        """Count a refused call (per class and reason, for /metrics) and, at most once an
+        hour per device and reason, record a ``telemetry.refused`` event naming the device:
+        the agent drops what is refused, so without this only its own log would know."""
+        key = (refusal.device_id, refusal.reason)
+        now = time.monotonic()
+        last = self._refusal_events.get(key)
+        event = None
+        if last is None or now - last >= REFUSAL_EVENT_INTERVAL_S:
+            self._refusal_events[key] = now
+            self._refusal_events.move_to_end(key)
+            while len(self._refusal_events) > MAX_REFUSAL_KEYS:
+                self._refusal_events.popitem(last=False)
+            event = NewEvent(
+                REFUSAL_EVENT,
+                refusal.device_id,
+                f"device {refusal.device_id}: telemetry refused ({refusal.reason}): "
+                f"{refusal.message} (its agent drops such windows; at most one event an hour "
+                "per device and reason, every refusal counted in "
+                "homefleet_telemetry_refusals_total)",
+                {"device_id": refusal.device_id, "reason": refusal.reason},
+            )
+        await self._quietly(self._store.record_telemetry_refusal, refusal, event)
 
     async def close(self) -> None:
         """Finish the telemetry commit in progress (after the server's calls ended)."""
@@ -660,13 +704,15 @@ def _check_window(w: TelemetryWindow, at: str, now_unix_ms: int) -> None:
         raise invalid(
             f"{at}.start_unix_ms {w.start_unix_ms} is more than "
             f"{MAX_WINDOW_AGE_MS // (24 * 3600 * 1000)} days before the controller's clock: "
-            "set the device's clock (NTP); a device that boots in 1970 reports nonsense"
+            "set the device's clock (NTP); a device that boots in 1970 reports nonsense",
+            reason=REFUSED_CLOCK,
         )
     if w.end_unix_ms > now_unix_ms + MAX_CLOCK_AHEAD_MS:
         raise invalid(
             f"{at}.end_unix_ms {w.end_unix_ms} is in the future (more than "
             f"{MAX_CLOCK_AHEAD_MS // 60_000} minutes ahead of the controller's clock): "
-            "set the device's clock (NTP)"
+            "set the device's clock (NTP)",
+            reason=REFUSED_CLOCK,
         )
     validate.int_range(w.end_unix_ms, f"{at}.end_unix_ms", w.start_unix_ms, validate.MAX_INT64)
     most = max(1, w.end_unix_ms - w.start_unix_ms) * MAX_INFERENCES_PER_MS
@@ -699,7 +745,8 @@ def _check_window(w: TelemetryWindow, at: str, now_unix_ms: int) -> None:
             raise invalid(
                 f"{at}.{field} is {value:g}, above its bound {bound:g}: {per_s:g} {what} for "
                 f"the window's {w.end_unix_ms - w.start_unix_ms} ms plus "
-                f"{FIRST_INFERENCE_MS // 1000} s (its first inference){emulated}"
+                f"{FIRST_INFERENCE_MS // 1000} s (its first inference){emulated}",
+                reason=REFUSED_BOUNDS,
             )
 
 
@@ -712,5 +759,6 @@ def _emulated_factor(source: str, at: str) -> float:
             f"{at} {source[:40]!r} is not an energy source this controller accepts: send one "
             f"of {', '.join(ENERGY_SOURCES)}, or '<source>*<factor>' from an agent run with "
             f"--emulate-slowdown (a factor above 1, at most {MAX_EMULATED_SLOWDOWN:g}, with at "
-            "most one decimal place, written as '2.5' or '10')"
+            "most one decimal place, written as '2.5' or '10')",
+            reason=REFUSED_ENERGY_SOURCE,
         ) from None

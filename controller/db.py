@@ -234,6 +234,20 @@ class DownloadRollupRow(Base):
     full_bytes: Mapped[int] = mapped_column(BigInteger)  # artifact size per completed call
 
 
+class TelemetryRefusalRow(Base):
+    """Refused ReportTelemetry calls per (device class, reason): a fleet whose clocks
+    drift, or an agent that misbehaves, shows in /metrics without reading device logs."""
+
+    __tablename__ = "telemetry_refusals"
+    __table_args__ = (UniqueConstraint("device_class", "reason", name="uq_telemetry_refusals_key"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_class: Mapped[str] = mapped_column(String(NAME))
+    reason: Mapped[str] = mapped_column(String(32))
+    calls: Mapped[int] = mapped_column(BigInteger)
+    last_unix_ms: Mapped[int] = mapped_column(BigInteger)
+
+
 class TelemetryReportingRow(Base):
     """When each device last sent windows of a (model, artifact): "devices reporting"
     counts these rows (one per device and artifact), not the windows.

@@ -58,14 +58,15 @@ INTERNAL_MESSAGE = "internal controller error; the controller log has the detail
 class FleetError(Exception):
     """An expected failure: bad input, a missing object, a conflict. Carries its code."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason  # a short fixed word for counting refusals of a kind ("clock")
 
 
-def invalid(message: str) -> FleetError:
-    return FleetError(ErrorCode.INVALID_ARGUMENT, message)
+def invalid(message: str, reason: str = "") -> FleetError:
+    return FleetError(ErrorCode.INVALID_ARGUMENT, message, reason)
 
 
 def not_found(message: str) -> FleetError:

@@ -424,6 +424,37 @@ class TelemetryTotals:
     devices_reporting: int  # distinct devices heard from since the caller's cut-off
 
 
+# Why a telemetry window was refused (FleetError.reason), one word each: counted per
+# device class and reason, so an operator sees a fleet's clocks drift or an agent
+# misbehave without reading every device's log.
+REFUSED_CLOCK = "clock"  # too old for the controller's clock, or in its future
+REFUSED_OVERLAP = "overlap"  # re-covers time the device already reported
+REFUSED_BOUNDS = "bounds"  # more CPU, energy or inferences than the window allows
+REFUSED_ENERGY_SOURCE = "energy_source"
+REFUSED_UNKNOWN_MODEL = "unknown_model"
+REFUSED_UNKNOWN_ARTIFACT = "unknown_artifact"
+REFUSED_MALFORMED = "malformed"  # any other field out of range
+
+
+@dataclass(frozen=True)
+class TelemetryRefusal:
+    """A ReportTelemetry call refused as invalid: who, why (a REFUSED_* word), and the
+    controller's message (what the device was told)."""
+
+    device_id: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RefusalTotals:
+    """Refused ReportTelemetry calls of one (device class, reason), for /metrics."""
+
+    device_class: str
+    reason: str
+    calls: int
+
+
 @dataclass(frozen=True)
 class FetchOutcome:
     """One FetchArtifact call as it ended, added to the download sums (DownloadTotals)."""

@@ -48,12 +48,17 @@ from controller.db import (
     DownloadRollupRow,
     EventRow,
     ModelRow,
+    TelemetryRefusalRow,
     TelemetryReportingRow,
     TelemetryRollupRow,
     TelemetryWindowRow,
 )
 from controller.errors import ErrorCode, FleetError, invalid, not_found
 from controller.records import (
+    REFUSED_BOUNDS,
+    REFUSED_OVERLAP,
+    REFUSED_UNKNOWN_ARTIFACT,
+    REFUSED_UNKNOWN_MODEL,
     ArtifactRecord,
     AssignResult,
     AssignTarget,
@@ -79,9 +84,11 @@ from controller.records import (
     NewEvent,
     NewModel,
     Outcome,
+    RefusalTotals,
     RegisterResult,
     StatusUpdate,
     TargetKind,
+    TelemetryRefusal,
     TelemetrySummary,
     TelemetryTotals,
     TelemetryWindow,
@@ -982,6 +989,37 @@ class SqlStore(Store):
 
         return self._read(work)
 
+    def record_telemetry_refusal(self, refusal: TelemetryRefusal, event: NewEvent | None) -> None:
+        def work(session: Session) -> None:
+            device_class = session.scalar(
+                select(DeviceRow.device_class).where(DeviceRow.device_id == refusal.device_id)
+            )
+            if device_class is None:
+                return
+            if event is not None:
+                self._event(session, event)
+            r = TelemetryRefusalRow
+            now = self._now()
+            key = and_(r.device_class == device_class, r.reason == refusal.reason)
+            counted = session.execute(
+                update(r).where(key).values(calls=r.calls + 1, last_unix_ms=now)
+            )
+            if getattr(counted, "rowcount", 0) == 0:  # the first of its kind (a race: retried)
+                session.add(
+                    TelemetryRefusalRow(
+                        device_class=device_class, reason=refusal.reason, calls=1, last_unix_ms=now
+                    )
+                )
+
+        self._retry(work)
+
+    def refusal_totals(self) -> list[RefusalTotals]:
+        r = TelemetryRefusalRow
+        query = select(r.device_class, r.reason, r.calls).order_by(r.device_class, r.reason)
+        return self._read(
+            lambda s: [RefusalTotals(c, reason, n) for c, reason, n in s.execute(query)]
+        )
+
     def add_event(self, new: NewEvent) -> EventRecord:
         with self._sessions.begin() as session:
             return _event_record(self._event(session, new))
@@ -1526,13 +1564,15 @@ def _check_known_artifacts(
             raise invalid(
                 f"device {device_id}: window seq {w.seq} is of model {w.model_name!r}, which "
                 "is not registered on this controller: a device reports telemetry of the "
-                "models it was assigned"
+                "models it was assigned",
+                reason=REFUSED_UNKNOWN_MODEL,
             )
         if w.artifact_sha256 and (w.model_name, w.artifact_sha256) not in known:
             raise invalid(
                 f"device {device_id}: window seq {w.seq} names artifact_sha256 "
                 f"{w.artifact_sha256}, which is none of model {w.model_name!r}'s artifacts on "
-                "this controller: report the sha256 of the artifact being served"
+                "this controller: report the sha256 of the artifact being served",
+                reason=REFUSED_UNKNOWN_ARTIFACT,
             )
 
 
@@ -1566,7 +1606,8 @@ def _check_continuity(stored: Sequence[tuple[str, TelemetryWindow]], before: _St
                 f"{w.start_unix_ms}, {end - w.start_unix_ms} ms before {which} of that model "
                 f"({end}); a device's windows of one model may overlap by at most "
                 f"{MAX_WINDOW_OVERLAP_MS // 60_000} minutes (clock adjustments), so one time "
-                "is never counted twice"
+                "is never counted twice",
+                reason=REFUSED_OVERLAP,
             )
         if end is None or w.end_unix_ms > end:
             max_end[key] = w.end_unix_ms
@@ -1674,7 +1715,8 @@ def _check_rollup_fits(
             f"{who}: these windows would carry the fleet's running {', '.join(over)} of class "
             f"{device_class}, model {model_name}, artifact {_short(sha256)}, energy source "
             f"{source!r} past what it can hold (2^63-1 for counts, a finite number for "
-            "seconds and joules); no device serves that much: check what it reports"
+            "seconds and joules); no device serves that much: check what it reports",
+            reason=REFUSED_BOUNDS,
         )
 
 

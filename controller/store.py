@@ -30,8 +30,10 @@ from controller.records import (
     NewCompressionJob,
     NewEvent,
     NewModel,
+    RefusalTotals,
     RegisterResult,
     StatusUpdate,
+    TelemetryRefusal,
     TelemetrySummary,
     TelemetryTotals,
     TelemetryWindow,
@@ -239,6 +241,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def download_totals(self) -> list[DownloadTotals]:
         """The download sums per (class, model, artifact, encoding), for /metrics."""
+
+    # ---------------------------------------------------------------- refused telemetry
+    @abc.abstractmethod
+    def record_telemetry_refusal(self, refusal: TelemetryRefusal, event: NewEvent | None) -> None:
+        """Count a refused ReportTelemetry call under the device's class (nothing for a
+        device that is not registered), and record ``event`` with it when given."""
+
+    @abc.abstractmethod
+    def refusal_totals(self) -> list[RefusalTotals]:
+        """Refused calls per (device class, reason), for /metrics."""
 
     # ---------------------------------------------------------------- events
     @abc.abstractmethod

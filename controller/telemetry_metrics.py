@@ -101,6 +101,16 @@ class TelemetryCollector(Collector):
         for t in totals:
             reporting.add_metric(_labels(t), t.devices_reporting)
         yield reporting
+        refused = CounterMetricFamily(
+            f"{PREFIX}_telemetry_refusals",
+            "ReportTelemetry calls refused as invalid, by reason (clock, overlap, bounds, "
+            "energy_source, unknown_model, unknown_artifact, malformed); agents drop what is "
+            "refused, one window per call once they retry window by window.",
+            labels=["device_class", "reason"],
+        )
+        for r in self._store.refusal_totals():
+            refused.add_metric([r.device_class, r.reason], float(r.calls))
+        yield refused
 
 
 DOWNLOAD_LABELS = [*LABELS, "encoding"]

@@ -181,6 +181,18 @@ class Harness:
     def snapshot(self) -> tuple[dict[str, int], list[str]]:
         return self.counts(), self.blob_files()
 
+    def new_event_kinds(self, since: tuple[dict[str, int], list[str]]) -> set[str]:
+        """Kinds of the events recorded after the ``since`` snapshot."""
+        engine = create_engine(self.config.database_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    text("SELECT kind FROM events WHERE id > :n"), {"n": since[0]["events"]}
+                )
+                return {str(kind) for (kind,) in rows}
+        finally:
+            engine.dispose()
+
     # ---------------------------------------------------------------- calls
     async def add_model(
         self,
@@ -236,6 +248,15 @@ class Harness:
                 found: pb.Device = device
                 return found
         raise LookupError(device_id)
+
+
+def assert_nothing_stored(c: Harness, before: tuple[dict[str, int], list[str]]) -> None:
+    """Refused telemetry changes no data: only telemetry.refused events may be new."""
+    counts, blobs = c.snapshot()
+    assert blobs == before[1]
+    others = {k: n for k, n in counts.items() if k != "events"}
+    assert others == {k: n for k, n in before[0].items() if k != "events"}
+    assert c.new_event_kinds(before) <= {"telemetry.refused"}
 
 
 @contextlib.asynccontextmanager

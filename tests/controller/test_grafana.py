@@ -10,6 +10,7 @@ label matchers, ranges, grouping clauses, functions and keywords are removed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import urllib.request
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,6 +33,9 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "homefleet.json"
 DEVICE_CLASSES = DEPLOY / "device-classes"
 BUDGET_METRIC = "homefleet_class_budget_"  # per class: a budget holds for all its models
+# Metrics with no model label: a budget holds for all of a class's models, and a refused
+# window may name no model the controller knows.
+PER_CLASS_METRICS = (BUDGET_METRIC, "homefleet_telemetry_refusals_total")
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or"}
 KEYWORDS |= {"unless", "bool", "offset", "inf", "nan"}
 IDENTIFIER = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
@@ -111,6 +116,15 @@ def exported(tmp_path: Path) -> tuple[set[str], set[str]]:
             await c.agent.ReportTelemetry(
                 pb.TelemetryBatch(device_id="hub-1", windows=[window]), timeout=10
             )
+            # a window refused (a clock set back 400 days), for the refusal counter
+            stale = pb.TelemetryWindow()
+            stale.CopyFrom(window)
+            stale.start_unix_ms -= 400 * 24 * 3600 * 1000
+            stale.end_unix_ms -= 400 * 24 * 3600 * 1000
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await c.agent.ReportTelemetry(
+                    pb.TelemetryBatch(device_id="hub-1", windows=[stale]), timeout=10
+                )
             # and a download, for the update counters
             await c.admin.Assign(
                 pb.AssignRequest(artifact_id=art.id, device_class="home-hub"), timeout=10
@@ -152,7 +166,7 @@ def test_dashboard_uses_only_metrics_and_labels_the_controller_exports(tmp_path:
             legends.append(target.get("legendFormat", ""))
             # Every panel follows the class and model the viewer picked.
             assert 'device_class=~"$device_class"' in target["expr"], panel["title"]
-            if BUDGET_METRIC not in target["expr"]:
+            if not any(m in target["expr"] for m in PER_CLASS_METRICS):
                 assert 'model=~"$model"' in target["expr"], panel["title"]
     for variable in variables.values():
         assert variable["datasource"]["uid"] == "${DS_PROMETHEUS}"
