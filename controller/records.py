@@ -432,7 +432,6 @@ REFUSED_OVERLAP = "overlap"  # re-covers time the device already reported
 REFUSED_BOUNDS = "bounds"  # more CPU, energy or inferences than the window allows
 REFUSED_ENERGY_SOURCE = "energy_source"
 REFUSED_UNKNOWN_MODEL = "unknown_model"
-REFUSED_UNKNOWN_ARTIFACT = "unknown_artifact"
 REFUSED_MALFORMED = "malformed"  # any other field out of range
 
 

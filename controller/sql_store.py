@@ -57,7 +57,6 @@ from controller.errors import ErrorCode, FleetError, invalid, not_found
 from controller.records import (
     REFUSED_BOUNDS,
     REFUSED_OVERLAP,
-    REFUSED_UNKNOWN_ARTIFACT,
     REFUSED_UNKNOWN_MODEL,
     ArtifactRecord,
     AssignResult,
@@ -623,7 +622,7 @@ class SqlStore(Store):
                 for device_id in known
                 for w in {w.seq: w for w in batches[device_id]}.values()
             ]
-            _check_known_artifacts(session, windows)
+            windows = _with_known_artifacts(session, windows)
             # read after the devices update: on PostgreSQL that row lock orders two
             # transactions of one device, so the second sees what the first stored
             before = _stored_state(session, known, {(d, w.model_name) for d, w in windows})
@@ -1534,16 +1533,19 @@ def _stored_state(
     return _StoredState(highest, max_end)
 
 
-def _check_known_artifacts(
+def _with_known_artifacts(
     session: Session, windows: Sequence[tuple[str, TelemetryWindow]]
-) -> None:
-    """Refuse windows of a model this controller never registered, or of bytes that are
-    none of that model's artifacts (an empty digest: nothing served yet, is accepted).
+) -> list[tuple[str, TelemetryWindow]]:
+    """Refuse windows of a model this controller never registered; a window naming bytes
+    that are none of that model's artifacts is kept with no artifact (``""``, shown as
+    "unknown").
 
-    Each (class, model, artifact) names a rollup row and a Prometheus series: without
-    this, one device sending made-up names or digests would add rows and series without
-    end. A real agent only serves artifacts this controller sent it, and models and
-    artifacts are never deleted, so no honest window is refused."""
+    Each (class, model, artifact) names a rollup row and a Prometheus series, and each
+    (device, model, artifact) a reporting row: without this, one device sending made-up
+    names or digests would add rows and series without end. An honest agent can hold
+    bytes this controller never built — it was pointed at a fresh or restored
+    controller — and its windows still count for the model once the model is added; a
+    model the controller does not know has no budget or series to count them under."""
     models = {w.model_name for _, w in windows}
     digests = {(w.model_name, w.artifact_sha256) for _, w in windows if w.artifact_sha256}
     known_models: set[str] = set()
@@ -1559,21 +1561,20 @@ def _check_known_artifacts(
                 .distinct()
             )
         )
+    kept = []
     for device_id, w in windows:
         if w.model_name not in known_models:
             raise invalid(
                 f"device {device_id}: window seq {w.seq} is of model {w.model_name!r}, which "
                 "is not registered on this controller: a device reports telemetry of the "
-                "models it was assigned",
+                "models it was assigned (an agent moved to a new controller is heard once "
+                "its models are added there)",
                 reason=REFUSED_UNKNOWN_MODEL,
             )
         if w.artifact_sha256 and (w.model_name, w.artifact_sha256) not in known:
-            raise invalid(
-                f"device {device_id}: window seq {w.seq} names artifact_sha256 "
-                f"{w.artifact_sha256}, which is none of model {w.model_name!r}'s artifacts on "
-                "this controller: report the sha256 of the artifact being served",
-                reason=REFUSED_UNKNOWN_ARTIFACT,
-            )
+            w = dataclasses.replace(w, artifact_sha256="")
+        kept.append((device_id, w))
+    return kept
 
 
 def _check_continuity(stored: Sequence[tuple[str, TelemetryWindow]], before: _StoredState) -> None:

@@ -104,7 +104,7 @@ class TelemetryCollector(Collector):
         refused = CounterMetricFamily(
             f"{PREFIX}_telemetry_refusals",
             "ReportTelemetry calls refused as invalid, by reason (clock, overlap, bounds, "
-            "energy_source, unknown_model, unknown_artifact, malformed); agents drop what is "
+            "energy_source, unknown_model, malformed); agents drop what is "
             "refused, one window per call once they retry window by window.",
             labels=["device_class", "reason"],
         )
