@@ -234,6 +234,28 @@ class DownloadRollupRow(Base):
     full_bytes: Mapped[int] = mapped_column(BigInteger)  # artifact size per completed call
 
 
+class AppliedUpdateRow(Base):
+    """Updates devices applied (their first ACTIVE report after a download), summed per
+    (class, model, artifact, encoding) with the bytes they reported receiving and the
+    artifacts' size: what deltas saved, by the devices' own count."""
+
+    __tablename__ = "applied_updates"
+    __table_args__ = (
+        UniqueConstraint(
+            "device_class", "model_name", "artifact_id", "encoding", name="uq_applied_updates_key"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_class: Mapped[str] = mapped_column(String(NAME))
+    model_name: Mapped[str] = mapped_column(String(NAME))
+    artifact_id: Mapped[str] = mapped_column(String(3 * NAME))
+    encoding: Mapped[str] = mapped_column(String(8))
+    updates: Mapped[int] = mapped_column(BigInteger)
+    bytes_received: Mapped[int] = mapped_column(BigInteger)
+    full_bytes: Mapped[int] = mapped_column(BigInteger)
+
+
 class TelemetryRefusalRow(Base):
     """Refused ReportTelemetry calls per (device class, reason): a fleet whose clocks
     drift, or an agent that misbehaves, shows in /metrics without reading device logs."""

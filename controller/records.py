@@ -468,6 +468,23 @@ class FetchOutcome:
 
 
 @dataclass(frozen=True)
+class AppliedUpdateTotals:
+    """Updates devices applied, per (device class, model, artifact, encoding), as the
+    devices reported them: ``bytes_received`` is what the updates cost on the wire by
+    the devices' count (a discarded delta's bytes included, under the encoding the
+    artifact finally arrived in), ``full_bytes`` the artifacts' size, so full_bytes -
+    bytes_received is what deltas saved, never overstated by a delta a device threw away."""
+
+    device_class: str
+    model_name: str
+    artifact_id: str
+    encoding: Encoding
+    updates: int
+    bytes_received: int
+    full_bytes: int
+
+
+@dataclass(frozen=True)
 class DownloadTotals:
     """Every FetchArtifact call of one (device class, model, artifact, encoding) summed:
     what updates cost on the wire, exported by /metrics. ``full_bytes`` is the artifact's

@@ -37,6 +37,7 @@ from artifact.manifest import TensorSpec
 from controller import validate
 from controller.clock import unix_ms
 from controller.db import (
+    AppliedUpdateRow,
     ArtifactRow,
     AssignmentRow,
     CompressionInputRow,
@@ -58,6 +59,7 @@ from controller.records import (
     REFUSED_BOUNDS,
     REFUSED_OVERLAP,
     REFUSED_UNKNOWN_MODEL,
+    AppliedUpdateTotals,
     ArtifactRecord,
     AssignResult,
     AssignTarget,
@@ -526,6 +528,14 @@ class SqlStore(Store):
                     )
                 row = DeviceModelRow(device_id=status.device_id, model_name=status.model_name)
                 session.add(row)
+            applied = (
+                status.outcome is Outcome.ACTIVE
+                and status.bytes_received > 0  # downloaded, not found on disk or switched back
+                and not (
+                    row.last_outcome == Outcome.ACTIVE.value
+                    and row.reported_sha256 == status.artifact_sha256
+                )  # a report sent again (a reconnect) is one update
+            )
             row.serving_sha256 = status.serving_sha256
             row.reported_sha256 = status.artifact_sha256
             row.last_outcome = status.outcome.value
@@ -533,6 +543,8 @@ class SqlStore(Store):
             row.bytes_received = status.bytes_received
             row.encoding = status.encoding.value if status.encoding else ""
             row.updated_unix_ms = now
+            if applied:  # after the row is complete: the lookup flushes it
+                _add_applied_update(session, device.device_class, status)
             message = (
                 f"device {status.device_id} model {status.model_name}: {status.outcome.value} "
                 f"{status.artifact_sha256[:12]}"
@@ -965,6 +977,27 @@ class SqlStore(Store):
                 )
 
         self._retry(work)
+
+    def applied_update_totals(self) -> list[AppliedUpdateTotals]:
+        def work(session: Session) -> list[AppliedUpdateTotals]:
+            r = AppliedUpdateRow
+            rows = session.scalars(
+                select(r).order_by(r.device_class, r.model_name, r.artifact_id, r.encoding)
+            )
+            return [
+                AppliedUpdateTotals(
+                    device_class=row.device_class,
+                    model_name=row.model_name,
+                    artifact_id=row.artifact_id,
+                    encoding=Encoding(row.encoding),
+                    updates=row.updates,
+                    bytes_received=row.bytes_received,
+                    full_bytes=row.full_bytes,
+                )
+                for row in rows
+            ]
+
+        return self._read(work)
 
     def download_totals(self) -> list[DownloadTotals]:
         def work(session: Session) -> list[DownloadTotals]:
@@ -1531,6 +1564,56 @@ def _stored_state(
             if end_ms:  # None: never sent the model; 0: a row from before the column
                 max_end[(str(device_id), str(model_name))] = int(end_ms)
     return _StoredState(highest, max_end)
+
+
+def _add_applied_update(session: Session, device_class: str, status: StatusUpdate) -> None:
+    """Add an update a device applied (its first ACTIVE report of those bytes after a
+    download) to the sums per (class, model, artifact, encoding): what it cost the device
+    on the wire, as the device counted it (a discarded delta's bytes included), against
+    the artifact's size. Bytes this controller did not build are not counted."""
+    candidates = list(
+        session.scalars(
+            select(ArtifactRow)
+            .where(
+                ArtifactRow.sha256 == status.artifact_sha256,
+                ArtifactRow.model_name == status.model_name,
+            )
+            .order_by(ArtifactRow.created_unix_ms, ArtifactRow.id)
+        )
+    )
+    own = [a for a in candidates if a.device_class == device_class]
+    if not (own or candidates):
+        return
+    artifact = (own or candidates)[0]
+    encoding = status.encoding.value if status.encoding else Encoding.FULL.value
+    r = AppliedUpdateRow
+    key = and_(
+        r.device_class == device_class,
+        r.model_name == status.model_name,
+        r.artifact_id == artifact.id,
+        r.encoding == encoding,
+    )
+    added = session.execute(
+        update(r)
+        .where(key)
+        .values(
+            updates=r.updates + 1,
+            bytes_received=r.bytes_received + status.bytes_received,
+            full_bytes=r.full_bytes + artifact.size_bytes,
+        )
+    )
+    if getattr(added, "rowcount", 0) == 0:  # the key's first update (a race: retried)
+        session.add(
+            AppliedUpdateRow(
+                device_class=device_class,
+                model_name=status.model_name,
+                artifact_id=artifact.id,
+                encoding=encoding,
+                updates=1,
+                bytes_received=status.bytes_received,
+                full_bytes=artifact.size_bytes,
+            )
+        )
 
 
 def _with_known_artifacts(

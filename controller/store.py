@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from controller.records import (
+    AppliedUpdateTotals,
     ArtifactRecord,
     AssignResult,
     AssignTarget,
@@ -237,6 +238,10 @@ class Store(abc.ABC):
     def record_fetch(self, event: NewEvent, outcome: FetchOutcome) -> None:
         """Record a finished FetchArtifact call: its event, and its bytes added to the
         download sums, in one transaction (so the two never disagree)."""
+
+    @abc.abstractmethod
+    def applied_update_totals(self) -> list[AppliedUpdateTotals]:
+        """Updates devices applied, per (class, model, artifact, encoding), for /metrics."""
 
     @abc.abstractmethod
     def download_totals(self) -> list[DownloadTotals]:

@@ -35,7 +35,7 @@ from prometheus_client.utils import floatToGoString
 from artifact import histogram
 from controller.clock import unix_ms
 from controller.device_classes import Budgets, DeviceClass
-from controller.records import DownloadTotals, TelemetryTotals
+from controller.records import AppliedUpdateTotals, DownloadTotals, TelemetryTotals
 from controller.store import Store
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,9 @@ class DownloadCollector(Collector):
 
     ``homefleet_update_full_bytes_total`` is the artifact's size for each completed
     download: next to ``homefleet_update_bytes_sent_total`` it shows what deltas saved
-    (``sum(full_bytes) - sum(bytes_sent)`` over ``encoding="delta"``)."""
+    (``sum(full_bytes) - sum(bytes_sent)`` over ``encoding="delta"``), as the controller
+    saw the calls; the ``homefleet_updates_applied_total`` family counts what devices
+    reported applying, which a delta a device threw away cannot inflate."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -157,6 +159,33 @@ class DownloadCollector(Collector):
             for t in totals:
                 labels = [t.device_class, t.model_name, t.artifact_id, t.encoding.value]
                 family.add_metric(labels, float(value(t)))
+            yield family
+        applied = self._store.applied_update_totals()
+        by_devices: list[tuple[str, str, Callable[[AppliedUpdateTotals], int]]] = [
+            (
+                "updates_applied",
+                "Updates devices applied (their first ACTIVE report after a download), by "
+                "the encoding the artifact arrived in.",
+                lambda t: t.updates,
+            ),
+            (
+                "update_bytes_received",
+                "Bytes those updates took on the wire, as the devices counted them (a "
+                "discarded delta's included).",
+                lambda t: t.bytes_received,
+            ),
+            (
+                "update_applied_full_bytes",
+                "The artifacts' size for each applied update: minus "
+                "update_bytes_received, what deltas saved.",
+                lambda t: t.full_bytes,
+            ),
+        ]
+        for name, documentation, amount in by_devices:
+            family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=DOWNLOAD_LABELS)
+            for u in applied:
+                labels = [u.device_class, u.model_name, u.artifact_id, u.encoding.value]
+                family.add_metric(labels, float(amount(u)))
             yield family
 
 

@@ -130,7 +130,17 @@ def exported(tmp_path: Path) -> tuple[set[str], set[str]]:
                 pb.AssignRequest(artifact_id=art.id, device_class="home-hub"), timeout=10
             )
             fetch = pb.FetchArtifactRequest(device_id="hub-1", target_sha256=art.sha256)
-            assert [chunk async for chunk in c.agent.FetchArtifact(fetch, timeout=10)]
+            chunks = [chunk async for chunk in c.agent.FetchArtifact(fetch, timeout=10)]
+            applied = pb.StatusReport(
+                device_id="hub-1",
+                model_name="motions",
+                artifact_sha256=art.sha256,
+                outcome=pb.DEPLOYMENT_OUTCOME_ACTIVE,
+                bytes_received=sum(len(chunk.data) for chunk in chunks),
+                encoding=pb.PAYLOAD_ENCODING_FULL,
+                serving_sha256=art.sha256,
+            )
+            await c.agent.ReportStatus(applied, timeout=10)
             address = json.loads(c.config.info_path.read_text())["metrics_address"]
 
             def scrape() -> str:

@@ -218,6 +218,30 @@ class StoreContract:
         assert store.store_telemetry("hub-1", [window(2), window(3)]) == 3
         assert store.store_telemetry("hub-1", []) == 3
 
+    def test_an_applied_update_is_counted_once_by_its_first_active_report(
+        self, store: Store
+    ) -> None:
+        store.register_device(registration())
+        store.add_model(new_model())
+        artifact = make_artifact("motions", "home-hub", 1)
+        store.insert_artifact(artifact)
+
+        def report(outcome: Outcome, received: int, encoding: Encoding | None) -> None:
+            sha = artifact.sha256
+            store.report_status(
+                StatusUpdate("hub-1", "motions", sha, outcome, "", received, encoding, sha)
+            )
+
+        report(Outcome.DOWNLOADING, 0, None)
+        report(Outcome.ACTIVE, 700, Encoding.DELTA)
+        report(Outcome.ACTIVE, 700, Encoding.DELTA)  # sent again after a reconnect
+        report(Outcome.ACTIVE, 0, Encoding.FULL)  # found on disk: nothing downloaded
+        (applied,) = store.applied_update_totals()
+        assert (applied.artifact_id, applied.encoding, applied.updates) == (
+            artifact.id, Encoding.DELTA, 1,
+        )  # fmt: skip
+        assert (applied.bytes_received, applied.full_bytes) == (700, artifact.size_bytes)
+
     def test_events_page_and_filter_by_literal_prefix(self, store: Store) -> None:
         for kind in ("a.one", "a.two", "b.one", "a%x", "a_y"):
             store.add_event(NewEvent(kind, "s", f"{kind} happened", {"k": kind}))

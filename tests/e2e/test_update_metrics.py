@@ -95,6 +95,14 @@ def test_both_sides_count_update_bytes_by_encoding_and_what_deltas_saved(tmp_pat
             assert seen["homefleet_update_fetches_total", v2_delta] == 1, when
             # what the delta saved: the artifact in full, against what was sent
             assert seen["homefleet_update_full_bytes_total", v2_delta] == second.size_bytes
+            # and as the device reported applying them (its own count of the bytes)
+            assert seen["homefleet_updates_applied_total", v1_full] == 1, when
+            assert seen["homefleet_updates_applied_total", v2_delta] == 1, when
+            received = "homefleet_update_bytes_received_total"
+            assert seen[received, v1_full] == first.size_bytes, when
+            assert seen[received, v2_delta] == delta_bytes, when
+            applied_full = "homefleet_update_applied_full_bytes_total"
+            assert seen[applied_full, v2_delta] == second.size_bytes, when
             if when == "running":
                 assert ctl.stop() == 0, ctl.process.log()
                 ctl.start()
