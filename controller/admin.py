@@ -22,6 +22,7 @@ from controller.blobstore import BlobRef, BlobSizeError, BlobStore
 from controller.config import ControllerConfig
 from controller.errors import ErrorCode, FleetError, invalid, not_found
 from controller.fleet_classes import DeviceClassRegistry
+from controller.integrity import BlobIntegrity, StoredBlob
 from controller.notify import AssignmentNotifier
 from controller.onnx_inspect import inspect_onnx
 from controller.paging import PageToken, cut_page, within_bytes
@@ -51,11 +52,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AddedModel:
     """What AddModel did: the version, whether it is new (False: these bytes already
-    were the latest), and how its interface differs from the version before ("" same)."""
+    were the latest), how its interface differs from the version before ("" same), and
+    whether these bytes replaced a corrupt stored copy (a ``blob.repaired`` event says so;
+    the Model reply has no field for it)."""
 
     record: ModelRecord
     created: bool
     interface_change: str
+    repaired: bool = False
 
 
 def _specs(specs: Sequence[TensorSpec]) -> str:
@@ -170,6 +174,7 @@ class AdminHandlers:
     ) -> None:
         self._store = store
         self._blobs = blobs
+        self._integrity = BlobIntegrity(store, blobs)
         self._key = key
         self._config = config
         self._notifier = notifier
@@ -241,10 +246,14 @@ class AdminHandlers:
             "added" if created else "unchanged",
             record.sha256[:12],
         )
+        if blob.repaired:  # the documented fix for a corrupt model: its file added again
+            await self._integrity.repaired(
+                StoredBlob.of_model(record), f"adding model {record.name}'s file (AddModel)"
+            )
         change = interface_change(previous, record) if created and previous else ""
         if change:
             log.warning("model %s v%d: %s", record.name, record.version, change)
-        return AddedModel(record, created, change)
+        return AddedModel(record, created, change, blob.repaired)
 
     async def list_models(self, page_size: int = 0, page_token: str = "") -> ModelPage:
         """One page of model versions in (name, version) order, and the next token."""
@@ -265,6 +274,13 @@ class AdminHandlers:
             validate.int_range(request.model_version, "model_version", 1, 2**31 - 1)
         model = await stored_model(
             self._store, self._blobs, request.model_name, request.model_version
+        )
+        # The artifact is the model's bytes: signing a digest the blob no longer has
+        # would hand devices a manifest whose download can only fail.
+        await self._integrity.require_sound(
+            StoredBlob.of_model(model),
+            "creating an artifact",
+            f"no artifact of it is made for {request.device_class}",
         )
         return await self._insert_next_version(
             model.name,
@@ -407,6 +423,10 @@ class AdminHandlers:
             if blob.created:
                 self._blobs.delete(blob.sha256)
             raise
+        if blob.repaired:
+            await self._integrity.repaired(
+                StoredBlob.of_model(record), f"registering workload {name}'s source model"
+            )
         return record
 
     async def publish_compressed(
@@ -423,7 +443,7 @@ class AdminHandlers:
         info = await in_thread(inspect_onnx, path)
         blob = await in_thread(self._commit_file, path)
         try:
-            return await self._insert_next_version(
+            record = await self._insert_next_version(
                 model.name,
                 device_class,
                 lambda version: self._sign(
@@ -443,6 +463,12 @@ class AdminHandlers:
             if blob.created:
                 self._blobs.delete(blob.sha256)
             raise
+        if blob.repaired:  # an earlier artifact (or model) with the very same bytes
+            await self._integrity.repaired(
+                StoredBlob.of_artifact(record, ""),
+                f"compressing {model.name} (artifact {record.id})",
+            )
+        return record
 
     def _commit_file(self, path: Path) -> BlobRef:
         """Copy a local file into the blob store (blocking: run in a thread)."""

@@ -3,14 +3,22 @@
 Start checks everything before it records anything: the source (a registered model or
 a known workload), the device class, the budget overrides, the calibration data and
 whether a job for the same (model, class) is already active. A refusal leaves no row,
-no event and no file behind. When the class already has a static int8 artifact of the
-model, the job is given its blob, so a re-release first tries reusing its quantization
-parameters (a small delta for the devices that hold it; see compression/requantize.py).
+no event and no file behind (but for a ``blob.corrupt`` event: see below). When the class
+already has a static int8 artifact of the model, the job is given its bytes, so a
+re-release first tries reusing its quantization parameters (a small delta for the devices
+that hold it; see compression/requantize.py).
+
+The stored blobs a job reads (the model, that artifact) are copied into its directory
+through a digest-checked read before the job is recorded (``integrity.py``). A corrupt
+model refuses the job with DATA_LOSS naming it and the fix; a corrupt previous artifact is
+only not reused, since the job makes the artifact that replaces it. Either is recorded
+once as a ``blob.corrupt`` event and refused by downloads from then on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -24,6 +32,7 @@ from controller.compression.recipe import made_static_int8
 from controller.config import ControllerConfig
 from controller.device_classes import DeviceClass
 from controller.errors import ErrorCode, FleetError, invalid, not_found
+from controller.integrity import BlobIntegrity, StoredBlob
 from controller.jobs.request import (
     apply_overrides,
     check_calibration_file,
@@ -33,6 +42,7 @@ from controller.jobs.request import (
 from controller.jobs.runner import JobPlan, JobRunner
 from controller.jobs.watchers import JobWatchers
 from controller.records import (
+    ArtifactRecord,
     CompressionInputs,
     CompressionJobRecord,
     CompressionStart,
@@ -41,6 +51,8 @@ from controller.records import (
 from controller.store import Store, all_artifacts
 from controller.workloads.names import UNLABELLED_WORKLOADS, WORKLOAD_NAMES
 
+log = logging.getLogger(__name__)
+
 DEFAULT_JOB_LIMIT = 100
 MAX_JOB_LIMIT = 1000
 # Watchers re-read the job this often even without a wake-up (a job on another replica).
@@ -48,19 +60,27 @@ WATCH_REREAD_SECONDS = 2.0
 COPY_CHUNK_BYTES = 1024 * 1024
 
 
-def previous_static_int8(
+def previous_static_int8_artifact(
     store: Store, blobs: BlobStore, model_name: str, device_class: str
-) -> Path | None:
-    """The blob of the class's latest artifact of the model made by static int8
-    quantization, if the store still holds it (blocking: run in a thread)."""
+) -> ArtifactRecord | None:
+    """The class's latest artifact of the model made by static int8 quantization, if the
+    store still holds its bytes (blocking: run in a thread)."""
     for artifact in all_artifacts(store, model_name, device_class, newest_first=True):
         try:
             recipe = Manifest.from_json_bytes(artifact.manifest_json).recipe
         except InvalidManifestError:
             continue
         if made_static_int8(recipe) and blobs.exists(artifact.sha256):
-            return blobs.path_for(artifact.sha256)
+            return artifact
     return None
+
+
+def previous_static_int8(
+    store: Store, blobs: BlobStore, model_name: str, device_class: str
+) -> Path | None:
+    """The blob of ``previous_static_int8_artifact`` (blocking: run in a thread)."""
+    artifact = previous_static_int8_artifact(store, blobs, model_name, device_class)
+    return None if artifact is None else blobs.path_for(artifact.sha256)
 
 
 class CompressionHandlers:
@@ -74,6 +94,7 @@ class CompressionHandlers:
     ) -> None:
         self._store = store
         self._blobs = blobs
+        self._integrity = BlobIntegrity(store, blobs)
         self._config = config
         self._runner = runner
         self._watchers = watchers
@@ -102,12 +123,20 @@ class CompressionHandlers:
         incoming = await in_thread(self._runner.incoming_dir)
         calibration_sha256 = ""
         try:
-            if plan.model is not None and plan.source_path is not None:
+            plan = await self._copy_inputs(plan, incoming)
+            if plan.model is not None:
                 target = JobRunner.calibration_path(incoming)
                 await self._receive(calibration, target, request.calibration_bytes)
-                await in_thread(check_calibration_file, target, plan.source_path)
+                source = JobRunner.source_path(incoming)
+                await in_thread(check_calibration_file, target, source)
                 # kept (content-addressed) so the budget loop can recompress without it
-                calibration_sha256 = (await in_thread(self._blobs.put, _chunks(target))).sha256
+                kept = await in_thread(self._blobs.put, _chunks(target))
+                calibration_sha256 = kept.sha256
+                if kept.repaired:  # the fix the budget loop names for corrupt calibration
+                    await self._integrity.repaired(
+                        StoredBlob.of_calibration(kept.sha256, name, plan.device_class.name),
+                        f"starting a compression of {name} for {plan.device_class.name}",
+                    )
             else:
                 async for _ in calibration:
                     raise invalid(
@@ -164,14 +193,13 @@ class CompressionHandlers:
                 source=f"workload {request.workload}",
             )
             previous = await in_thread(
-                previous_static_int8,
+                previous_static_int8_artifact,
                 self._store,
                 self._blobs,
                 request.workload,
                 budgeted.device_class.name,
             )
             return JobPlan(
-                None,
                 None,
                 request.workload,
                 budgeted.device_class,
@@ -193,16 +221,66 @@ class CompressionHandlers:
             self._store, self._blobs, request.model_name, request.model_version
         )
         previous = await in_thread(
-            previous_static_int8, self._store, self._blobs, model.name, budgeted.device_class.name
+            previous_static_int8_artifact,
+            self._store,
+            self._blobs,
+            model.name,
+            budgeted.device_class.name,
         )
         return JobPlan(
             model,
-            self._blobs.path_for(model.sha256),
             "",
             budgeted.device_class,
             budgeted.max_size_ratio,
             previous,
         )
+
+    async def _copy_inputs(self, plan: JobPlan, incoming: Path) -> JobPlan:
+        """Copy the stored blobs the job reads into ``incoming``, checking their digests.
+
+        A corrupt model refuses the job (DATA_LOSS); a corrupt previous artifact is not
+        reused (the plan comes back without it): refusing would block the very
+        compression that makes the artifact to replace it.
+        """
+        device_class = plan.device_class.name
+        if plan.model is not None:
+            model = plan.model
+            try:
+                await self._integrity.copy_sound(
+                    StoredBlob.of_model(model),
+                    JobRunner.source_path(incoming),
+                    "starting a compression job",
+                    f"no compression job of it is started for {device_class}",
+                )
+            except FileNotFoundError as exc:  # deleted since _plan looked
+                raise FleetError(
+                    ErrorCode.FAILED_PRECONDITION,
+                    f"the bytes of model {model.name} v{model.version} ({model.sha256}) are "
+                    "missing from the blob store; add the model again",
+                ) from exc
+        if plan.previous is None:
+            return plan
+        blob = StoredBlob.of_artifact(
+            plan.previous,
+            f"assign the artifact this compression makes for {device_class} in its place",
+        )
+        try:
+            error = await in_thread(
+                self._integrity.copy_checked, blob, JobRunner.previous_path(incoming)
+            )
+        except FileNotFoundError:
+            return dataclasses.replace(plan, previous=None)  # gone meanwhile: nothing to reuse
+        if error is None:
+            return plan
+        message = await self._integrity.found_corrupt(
+            blob,
+            error,
+            f"starting a compression of {plan.previous.model_name} for {device_class}",
+            "compression does not reuse its quantization parameters (it starts from the "
+            "model alone)",
+        )
+        log.warning("%s", message)
+        return dataclasses.replace(plan, previous=None)
 
     async def _receive(self, chunks: AsyncIterator[bytes], target: Path, expected: int) -> None:
         """Write the calibration bytes to ``target``: exactly as many as announced."""

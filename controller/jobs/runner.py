@@ -55,6 +55,10 @@ STALE_INCOMING_SECONDS = 3600.0
 INCOMING_PREFIX = ".incoming-"
 WORKER_PREFIX = ".worker-"
 CALIBRATION_FILE = "calibration.npz"
+# Stored blobs a job reads are copied (digest checked) into its directory before it is
+# recorded: the worker reads bytes known sound, whatever happens to the store meanwhile.
+SOURCE_FILE = "source-model.onnx"
+PREVIOUS_FILE = "previous-artifact.onnx"
 
 RESTARTED = (
     "controller restarted: the job was queued or running when the controller stopped; "
@@ -92,14 +96,17 @@ class Publisher(Protocol):
 
 @dataclass(frozen=True)
 class JobPlan:
-    """What a checked request asks for: the source, the class with its budgets."""
+    """What a checked request asks for: the source, the class with its budgets.
+
+    The job reads the model's and the previous artifact's bytes from the copies in its
+    directory (``JobRunner.source_path`` / ``previous_path``), made before it is queued.
+    """
 
     model: ModelRecord | None  # a registered model, or None for a workload
-    source_path: Path | None  # that model's blob
     workload: str
     device_class: DeviceClass
     max_size_ratio: float | None
-    previous: Path | None = None  # the class's latest static int8 artifact of the model
+    previous: ArtifactRecord | None = None  # the class's latest static int8 artifact of it
 
 
 class _Verdict(BaseModel):
@@ -260,6 +267,16 @@ class JobRunner:
     def calibration_path(incoming: Path) -> Path:
         return incoming / CALIBRATION_FILE
 
+    @staticmethod
+    def source_path(incoming: Path) -> Path:
+        """Where the model's bytes go, checked, for the worker to read."""
+        return incoming / SOURCE_FILE
+
+    @staticmethod
+    def previous_path(incoming: Path) -> Path:
+        """Where the previous static int8 artifact's bytes go, checked."""
+        return incoming / PREVIOUS_FILE
+
     async def submit(self, record: CompressionJobRecord, plan: JobPlan, incoming: Path) -> None:
         """Move the received files to the job's directory and queue it in the pool."""
         directory = self.jobs_dir / str(record.id)
@@ -279,10 +296,10 @@ class JobRunner:
             out_dir=directory / "out",
             progress_path=directory / "progress.jsonl",
             cancel_path=directory / "cancel",
-            source_onnx=plan.source_path,
+            source_onnx=self.source_path(directory) if plan.model is not None else None,
             calibration=directory / CALIBRATION_FILE if plan.model is not None else None,
             workload=plan.workload,
-            previous=plan.previous,
+            previous=self.previous_path(directory) if plan.previous is not None else None,
         )
         job = _Job(record, plan, spec, directory, ProgressReader(spec.progress_path))
         self._jobs[record.id] = job

@@ -38,10 +38,10 @@ class WorkerSpec:
     out_dir: Path  # must not exist yet; job.py writes it atomically
     progress_path: Path
     cancel_path: Path  # its existence asks the worker to stop after the current trial
-    source_onnx: Path | None = None  # a registered model's blob
+    source_onnx: Path | None = None  # a checked copy of a registered model's blob
     calibration: Path | None = None  # its .npz
     workload: str = ""  # or a reference workload
-    previous: Path | None = None  # the class's static int8 artifact of the model, to reuse
+    previous: Path | None = None  # a checked copy of the class's static int8 artifact
 
 
 @dataclass(frozen=True)

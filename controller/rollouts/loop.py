@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from artifact.manifest import Manifest
 from controller.admin import AdminHandlers, in_thread
@@ -49,6 +49,7 @@ from controller.config import BudgetPolicy
 from controller.device_classes import Budgets, DeviceClass
 from controller.errors import FleetError
 from controller.fleet_classes import DeviceClassRegistry
+from controller.integrity import BlobIntegrity, StoredBlob
 from controller.jobs.handlers import CompressionHandlers
 from controller.jobs.request import device_class_yaml, parse_device_class
 from controller.notify import AssignmentNotifier
@@ -104,6 +105,7 @@ class RolloutLoop:
         self._store = store
         self._rollouts = rollouts
         self._blobs = blobs
+        self._integrity = BlobIntegrity(store, blobs)
         self._admin = admin
         self._compression = compression
         self._notifier = notifier
@@ -375,14 +377,24 @@ class RolloutLoop:
         if inputs is not None and inputs.device_class_yaml:
             declared = parse_device_class(inputs.device_class_yaml)
         recalibrated = declared.model_copy(update={"relative_speed": speed})
-        calibration: Path | None = None
+        calibration: StoredBlob | None = None
+        size = 0
+        doing = "recompressing for the budget loop"
+        refused = f"the budget loop cannot recompress {job.model_name} for {declared.name}"
         if not job.workload:
             if inputs is None or not inputs.calibration_sha256:
                 raise ValueError(
                     f"job {job.id} kept no calibration data (it predates the budget loop); "
                     "start a compression with `homefleet compress --controller` once"
                 )
-            calibration = self._blobs.path_for(inputs.calibration_sha256)
+            calibration = StoredBlob.of_calibration(
+                inputs.calibration_sha256, job.model_name, declared.name, job.id
+            )
+            # Checked before it is sent on: corrupt calibration data would judge every
+            # candidate on inputs nobody chose. (The model and the previous artifact are
+            # checked by the job's start, as for any other.)
+            await self._integrity.require_sound(calibration, doing, refused)
+            size = await in_thread(self._blobs.size, calibration.sha256)
         request = CompressionStart(
             model_name="" if job.workload else job.model_name,
             model_version=None if job.workload else job.model_version,
@@ -392,9 +404,14 @@ class RolloutLoop:
                 p95_ms=p95_target_ms,
                 max_size_ratio=inputs.max_size_ratio if inputs is not None else None,
             ),
-            calibration_bytes=calibration.stat().st_size if calibration is not None else 0,
+            calibration_bytes=size,
         )
-        return await self._compression.start(request, _read_chunks(calibration))
+        chunks = (
+            self._integrity.chunks(dataclasses.replace(calibration, size=size), doing, refused)
+            if calibration is not None
+            else _no_chunks()
+        )
+        return await self._compression.start(request, chunks)
 
     # ---------------------------------------------------------------- 2.-4. advance
     async def _advance(self, rollout: RolloutRecord, now: int) -> None:
@@ -822,14 +839,8 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
-async def _read_chunks(path: Path | None, size: int = 1 << 20) -> AsyncIterator[bytes]:
-    if path is None:
-        return
-    for chunk in _file_chunks(path, size):
+async def _no_chunks() -> AsyncIterator[bytes]:
+    """A workload's start sends no calibration bytes."""
+    empty: tuple[bytes, ...] = ()
+    for chunk in empty:
         yield chunk
-
-
-def _file_chunks(path: Path, size: int) -> Iterator[bytes]:
-    with path.open("rb") as f:
-        while chunk := f.read(size):
-            yield chunk
