@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 class AddedModel:
     """What AddModel did: the version, whether it is new (False: these bytes already
     were the latest), how its interface differs from the version before ("" same), and
-    whether these bytes replaced a corrupt stored copy (a ``blob.repaired`` event says so;
-    the Model reply has no field for it)."""
+    whether these bytes replaced a corrupt stored copy (Model.repaired, and a
+    ``blob.repaired`` event)."""
 
     record: ModelRecord
     created: bool

@@ -151,6 +151,7 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
         reply = convert.model_to_proto(added.record)
         reply.unchanged = not added.created
         reply.interface_change = added.interface_change
+        reply.repaired = added.repaired
         return reply
 
     @rpc

@@ -287,7 +287,7 @@ class AddModelChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[AddModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "version", "sha256", "size_bytes", "inputs", "outputs", "description", "created_unix_ms", "unchanged", "interface_change")
+    __slots__ = ("name", "version", "sha256", "size_bytes", "inputs", "outputs", "description", "created_unix_ms", "unchanged", "interface_change", "repaired")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +298,7 @@ class Model(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     UNCHANGED_FIELD_NUMBER: _ClassVar[int]
     INTERFACE_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    REPAIRED_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     sha256: str
@@ -308,7 +309,8 @@ class Model(_message.Message):
     created_unix_ms: int
     unchanged: bool
     interface_change: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., description: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., unchanged: _Optional[bool] = ..., interface_change: _Optional[str] = ...) -> None: ...
+    repaired: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., description: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., unchanged: _Optional[bool] = ..., interface_change: _Optional[str] = ..., repaired: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")

@@ -90,6 +90,11 @@ def add(
     model = views.model_from_proto(reply)
     if reply.interface_change:
         output.note(f"{model.name} v{model.version}: {reply.interface_change}")
+    if reply.repaired:
+        output.note(
+            f"{model.name} v{model.version}: these bytes replaced a corrupt stored copy "
+            "(kept under the controller's blobs/corrupt/; `homefleet events` has blob.repaired)"
+        )
     if as_json:
         output.print_json(model)
     elif reply.unchanged:

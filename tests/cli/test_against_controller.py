@@ -238,6 +238,28 @@ def test_model_add_says_when_nothing_changed_and_warns_of_a_new_interface(
     ) in changed.stderr
 
 
+def test_model_add_of_the_same_file_says_it_repaired_a_corrupt_copy(
+    runner: CliRunner, live: ControllerThread, tmp_path: Path
+) -> None:
+    path = onnx_file(tmp_path / "m.onnx")
+    assert cli(runner, live.address, "model", "add", "motions", str(path)).exit_code == 0
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    stored = live.data_dir / "blobs" / "sha256" / digest[:2] / digest
+    stored.chmod(0o644)
+    with stored.open("r+b") as f:  # a byte rots on the controller's disk
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x40]))
+    again = cli(runner, live.address, "model", "add", "motions", str(path))
+    assert again.exit_code == 0, again.output
+    assert "unchanged: these bytes already are model motions v1" in again.stdout
+    assert "motions v1: these bytes replaced a corrupt stored copy" in again.stderr
+    assert stored.read_bytes() == path.read_bytes()
+    once_more = cli(runner, live.address, "model", "add", "motions", str(path))
+    assert "corrupt" not in once_more.output
+
+
 def test_an_artifact_too_large_for_its_class_is_created_with_a_warning(
     runner: CliRunner, start_controller: StartController, tmp_path: Path
 ) -> None:

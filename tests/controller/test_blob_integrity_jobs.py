@@ -141,7 +141,7 @@ def test_a_corrupt_model_makes_no_artifact_until_its_file_is_added_again(tmp_pat
             # the documented fix: the same file added again replaces the corrupt copy and
             # says so, so blob.corrupt is not the last word
             again = await c.add_model("motions", data)
-            assert (again.version, again.unchanged) == (1, True)
+            assert (again.version, again.unchanged, again.repaired) == (1, True, True)
             (repaired,) = await c.events("blob.repaired")
             assert repaired.subject == "motions" and "blobs/corrupt/" in repaired.message
             assert "model motions v1 (also the bytes of artifact motions/home-hub/v1)" in (
@@ -162,7 +162,7 @@ def test_a_corrupt_model_makes_no_artifact_until_its_file_is_added_again(tmp_pat
             chunks = await collect(c.agent.FetchArtifact(fetch_request(art), timeout=10))
             assert b"".join(ch.data for ch in chunks) == data
             # adding the sound file once more is no repair
-            await c.add_model("motions", data)
+            assert not (await c.add_model("motions", data)).repaired
             assert len(await c.events("blob.repaired")) == 1
 
     run(body())
