@@ -380,6 +380,9 @@ class JobResult:
     verdicts: tuple[BudgetVerdictRecord, ...] = ()
 
 
+JOB_WARNING_EVENT = "compression.warning"  # a job's warning, kept as an event (jobs/runner.py)
+
+
 @dataclass(frozen=True)
 class CompressionJobRecord:
     id: int
@@ -401,6 +404,8 @@ class CompressionJobRecord:
     # What a running job is doing now, e.g. "trial 3: building distill(...)": kept in the
     # memory of the controller running it, not stored ("" from any other replica).
     activity: str = ""
+    # What the compression warned of (kept as compression.warning events), oldest first.
+    warnings: tuple[str, ...] = ()
 
 
 # -------------------------------------------------------------------- telemetry aggregates

@@ -56,6 +56,7 @@ from controller.db import (
 )
 from controller.errors import ErrorCode, FleetError, invalid, not_found
 from controller.records import (
+    JOB_WARNING_EVENT,
     REFUSED_BOUNDS,
     REFUSED_OVERLAP,
     REFUSED_UNKNOWN_MODEL,
@@ -1020,6 +1021,23 @@ class SqlStore(Store):
             ]
 
         return self._read(work)
+
+    def job_warnings(self, job: CompressionJobRecord) -> list[str]:
+        query = (
+            select(EventRow)
+            .where(
+                EventRow.kind == JOB_WARNING_EVENT,
+                EventRow.subject == f"{job.model_name}/{job.device_class}",
+            )
+            .order_by(EventRow.id)
+        )
+        return self._read(
+            lambda s: [
+                str(e.detail.get("text", ""))
+                for e in s.scalars(query)
+                if isinstance(e.detail, dict) and e.detail.get("job_id") == job.id
+            ]
+        )
 
     def record_telemetry_refusal(self, refusal: TelemetryRefusal, event: NewEvent | None) -> None:
         def work(session: Session) -> None:

@@ -233,6 +233,10 @@ class Store(abc.ABC):
         ask for at most MAX_SERIES_BUCKETS buckets, so the answer is bounded.
         """
 
+    @abc.abstractmethod
+    def job_warnings(self, job: CompressionJobRecord) -> list[str]:
+        """The warnings a compression job's worker reported (compression.warning events)."""
+
     # ---------------------------------------------------------------- downloads
     @abc.abstractmethod
     def record_fetch(self, event: NewEvent, outcome: FetchOutcome) -> None:

@@ -641,7 +641,7 @@ class BudgetVerdict(_message.Message):
     def __init__(self, budget: _Optional[str] = ..., limit: _Optional[float] = ..., observed: _Optional[float] = ..., met: _Optional[bool] = ..., gap: _Optional[float] = ...) -> None: ...
 
 class CompressionJob(_message.Message):
-    __slots__ = ("id", "model_name", "model_version", "workload", "device_class", "state", "error", "created_unix_ms", "started_unix_ms", "finished_unix_ms", "trials_done", "trials", "artifact_id", "recipe", "verdicts", "activity")
+    __slots__ = ("id", "model_name", "model_version", "workload", "device_class", "state", "error", "created_unix_ms", "started_unix_ms", "finished_unix_ms", "trials_done", "trials", "artifact_id", "recipe", "verdicts", "activity", "warnings")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -658,6 +658,7 @@ class CompressionJob(_message.Message):
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     id: int
     model_name: str
     model_version: int
@@ -674,7 +675,8 @@ class CompressionJob(_message.Message):
     recipe: str
     verdicts: _containers.RepeatedCompositeFieldContainer[BudgetVerdict]
     activity: str
-    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., workload: _Optional[str] = ..., device_class: _Optional[str] = ..., state: _Optional[_Union[CompressionJobState, str]] = ..., error: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., trials_done: _Optional[int] = ..., trials: _Optional[_Iterable[_Union[CompressionTrial, _Mapping]]] = ..., artifact_id: _Optional[str] = ..., recipe: _Optional[str] = ..., verdicts: _Optional[_Iterable[_Union[BudgetVerdict, _Mapping]]] = ..., activity: _Optional[str] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., workload: _Optional[str] = ..., device_class: _Optional[str] = ..., state: _Optional[_Union[CompressionJobState, str]] = ..., error: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., trials_done: _Optional[int] = ..., trials: _Optional[_Iterable[_Union[CompressionTrial, _Mapping]]] = ..., artifact_id: _Optional[str] = ..., recipe: _Optional[str] = ..., verdicts: _Optional[_Iterable[_Union[BudgetVerdict, _Mapping]]] = ..., activity: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CompressionJobRef(_message.Message):
     __slots__ = ("id",)

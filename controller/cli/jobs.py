@@ -111,6 +111,7 @@ class JobView(View):
     recipe: str
     verdicts: list[VerdictView]
     activity: str = ""  # a running job: what it works on now
+    warnings: tuple[str, ...] = ()  # what the compression warned of
 
 
 class JobList(View):
@@ -131,6 +132,7 @@ def job_from_proto(job: pb.CompressionJob) -> JobView:
         finished_unix_ms=job.finished_unix_ms,
         trials_done=job.trials_done,
         activity=job.activity,
+        warnings=tuple(job.warnings),
         trials=[
             TrialView(
                 index=t.index,
@@ -314,7 +316,7 @@ def _follow(
     ``seen`` is the job as already shown (by StartCompression); without it the first
     message gets the headline.
     """
-    job, shown, doing = seen, 0, ""
+    job, shown, doing, warned = seen, 0, "", 0
     for message in stub.WatchCompressionJob(
         pb.CompressionJobRef(id=job_id), timeout=wait_timeout_s
     ):
@@ -327,6 +329,9 @@ def _follow(
         for trial in job.trials[shown:]:
             _note(f"  {trial.summary}")
         shown = max(shown, len(job.trials))
+        for warning in job.warnings[warned:]:
+            _note(f"  warning: {warning}")
+        warned = max(warned, len(job.warnings))
         if job.activity and job.activity != doing:
             _note(f"  … {job.activity}")
         doing = job.activity

@@ -306,9 +306,12 @@ class CompressionHandlers:
         job = await in_thread(self._store.get_compression_job, job_id)
         if job is None:
             raise not_found(f"compression job {job_id} does not exist; list them: `homefleet jobs`")
+        warnings = tuple(await in_thread(self._store.job_warnings, job))
         if job.state.active:
-            return dataclasses.replace(job, activity=self._runner.activity(job_id))
-        return job
+            return dataclasses.replace(
+                job, activity=self._runner.activity(job_id), warnings=warnings
+            )
+        return dataclasses.replace(job, warnings=warnings)
 
     async def watch(
         self, job_id: int, send: Callable[[CompressionJobRecord], Awaitable[None]]

@@ -32,6 +32,14 @@ class Activity(_Line):
     text: str
 
 
+class Warned(_Line):
+    """A warning the compression code logged (too few calibration samples, say): the
+    operator watching the job must hear it, not only the controller's log."""
+
+    kind: Literal["warning"] = "warning"
+    text: str
+
+
 class TrialDone(_Line):
     kind: Literal["trial"] = "trial"
     index: int
@@ -54,8 +62,9 @@ class TrialDone(_Line):
         return cls(**trial.__dict__)
 
 
-ProgressLine = Annotated[Started | Activity | TrialDone, Field(discriminator="kind")]
-_LINE: TypeAdapter[Started | Activity | TrialDone] = TypeAdapter(ProgressLine)
+Line = Started | Activity | Warned | TrialDone
+ProgressLine = Annotated[Line, Field(discriminator="kind")]
+_LINE: TypeAdapter[Line] = TypeAdapter(ProgressLine)
 
 
 class ProgressWriter:
@@ -64,7 +73,7 @@ class ProgressWriter:
     def __init__(self, path: Path) -> None:
         self._path = path
 
-    def write(self, line: Started | Activity | TrialDone) -> None:
+    def write(self, line: Line) -> None:
         with self._path.open("a", encoding="utf-8") as f:
             f.write(line.model_dump_json() + "\n")
             f.flush()
@@ -77,7 +86,7 @@ class ProgressReader:
         self._path = path
         self._offset = 0
 
-    def read_new(self) -> list[Started | Activity | TrialDone]:
+    def read_new(self) -> list[Line]:
         try:
             with self._path.open("rb") as f:
                 f.seek(self._offset)

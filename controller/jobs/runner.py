@@ -33,16 +33,18 @@ from artifact.manifest import RecipeStep
 from controller.config import ControllerConfig
 from controller.device_classes import DeviceClass
 from controller.errors import FleetError
-from controller.jobs.progress import Activity, ProgressReader, Started
+from controller.jobs.progress import Activity, ProgressReader, Started, Warned
 from controller.jobs.watchers import JobWatchers
 from controller.jobs.worker import WorkerResult, WorkerSpec, init_worker, run_job
 from controller.records import (
+    JOB_WARNING_EVENT,
     ArtifactRecord,
     BudgetVerdictRecord,
     CompressionJobRecord,
     JobResult,
     JobState,
     ModelRecord,
+    NewEvent,
 )
 from controller.store import JOB_LEASE_MS, Store
 
@@ -408,6 +410,8 @@ class JobRunner:
                 await asyncio.to_thread(self._store.start_compression_job, job.record.id)
             elif isinstance(line, Activity):
                 job.activity = line.text
+            elif isinstance(line, Warned):
+                await asyncio.to_thread(self._store.add_event, _warning_event(job, line.text))
             else:
                 await asyncio.to_thread(
                     self._store.add_compression_trial, job.record.id, line.record()
@@ -445,6 +449,18 @@ class JobRunner:
             recipe=manifest.recipe_text,
             verdicts=manifest.verdicts(),
         )
+
+
+def _warning_event(job: _Job, text: str) -> NewEvent:
+    """A job's warning, kept in the event log: `homefleet jobs watch` and `compress
+    --controller` print it (CompressionJob.warnings), and `homefleet events` lists it."""
+    r = job.record
+    return NewEvent(
+        JOB_WARNING_EVENT,
+        f"{r.model_name}/{r.device_class}",
+        f"compression job {r.id} ({r.model_name}/{r.device_class}): {text}",
+        {"job_id": r.id, "model_name": r.model_name, "device_class": r.device_class, "text": text},
+    )
 
 
 def _remove(path: Path) -> None:

@@ -96,4 +96,5 @@ def job_to_proto(job: CompressionJobRecord) -> pb.CompressionJob:
         recipe=job.recipe,
         verdicts=[verdict_to_proto(v) for v in job.verdicts],
         activity=job.activity,
+        warnings=list(job.warnings),
     )

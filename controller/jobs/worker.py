@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controller.jobs.progress import Activity, ProgressWriter, Started, TrialDone
+from controller.jobs.progress import Activity, ProgressWriter, Started, TrialDone, Warned
 from controller.records import TrialRecord
 
 if TYPE_CHECKING:
@@ -116,10 +116,39 @@ def summarize(trial: Trial) -> TrialRecord:
     )
 
 
+# Loggers whose warnings are about the job's own inputs and choices (too few calibration
+# samples, none to hold out, a budget flag that loosens a class): passed on to the operator.
+WARNING_LOGGERS = ("controller.compression", "controller.workloads")
+MAX_WARNINGS = 20  # per job: a warning logged per trial is said once, and a flood is cut
+
+
+class _WarningsToProgress(logging.Handler):
+    """Writes each distinct warning of the job's loggers to the progress file, once."""
+
+    def __init__(self, progress: ProgressWriter) -> None:
+        super().__init__(logging.WARNING)
+        self._progress = progress
+        self._seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:  # a bad format string must not fail the job
+            return
+        if text in self._seen or len(self._seen) >= MAX_WARNINGS:
+            return
+        self._seen.add(text)
+        self._progress.write(Warned(text=text))
+
+
 def run_job(spec: WorkerSpec) -> WorkerResult:
-    """Run one job to its end; report each trial through the progress file."""
+    """Run one job to its end; report each trial, and the warnings the compression code
+    logs, through the progress file."""
     progress = ProgressWriter(spec.progress_path)
     progress.write(Started(pid=os.getpid()))
+    handler = _WarningsToProgress(progress)
+    for name in WARNING_LOGGERS:
+        logging.getLogger(name).addHandler(handler)
     try:
         return _run(spec, progress)
     except JobCancelledError:
@@ -132,6 +161,9 @@ def run_job(spec: WorkerSpec) -> WorkerResult:
             error=f"compression failed unexpectedly ({type(exc).__name__}: {exc}); "
             "the controller log has the detail"
         )
+    finally:
+        for name in WARNING_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
 
 
 def _run(spec: WorkerSpec, progress: ProgressWriter) -> WorkerResult:

@@ -30,7 +30,14 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from homefleet.cli import app
-from tests.controller.test_compression_jobs import CALIBRATION, HOME_HUB, POOL, classifier
+from tests.controller.test_compression_jobs import (
+    CALIBRATION,
+    HOME_HUB,
+    POOL,
+    classifier,
+    inputs,
+    npz,
+)
 from tests.support.controller import ControllerThread
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -240,6 +247,26 @@ def test_watch_follows_a_job_and_shows_an_ended_one_with_its_exit_code(
     assert "no recipe met every budget" in ended.stderr and ended.stdout.strip()
     assert ": misses max_artifact_bytes" in ended.stderr  # each trial names what it missed
     assert "none is within size and quality, so it is the one that misses" in ended.stderr
+
+
+def test_what_the_compression_warns_of_reaches_the_operator(
+    runner: CliRunner, live: ControllerThread, files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A remote job's warnings (here: too few calibration samples to hold any out) were
+    only in the controller's log; the person who started the job sees them too."""
+    few = tmp_path / "few.npz"
+    few.write_bytes(npz(**inputs(samples=30)))
+    device_class, _ = files
+    started = runner.invoke(app, [*compress_args(live, (device_class, few), *EASY)])
+    assert started.exit_code == 0, started.output
+    expected = "warning: the calibration file holds 30 sample(s), too few to hold any out"
+    assert sum(expected in line for line in started.stderr.splitlines()) == 1
+    job_id = int(re.search(r"compression job (\d+)", started.stderr).group(1))  # type: ignore[union-attr]
+    again = jobs(runner, live, "watch", str(job_id))  # an ended job: from the event log
+    assert expected in again.stderr
+    as_json = jobs(runner, live, "watch", str(job_id), "--json")
+    (warning,) = json.loads(as_json.stdout)["warnings"]
+    assert warning.startswith("the calibration file holds 30 sample(s)")
 
 
 def test_the_listing_options_belong_before_no_subcommand(runner: CliRunner) -> None:
