@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
 
 from artifact import energy_sources, histogram
 from artifact.delta import DeltaError
@@ -84,6 +86,18 @@ CHECK_DISK = (
     "check the controller's disk: it lost bytes (bit rot, a failing disk, or a file "
     "edited under the blob store)"
 )
+# A blob gone from the store, or one the file system would not read (an I/O error): each
+# fetch ends DATA_LOSS at once (nothing streams), so one event per blob an hour and
+# controller process says it, not one per fetch.
+MISSING_EVENT = "blob.missing"
+UNREADABLE_EVENT = "blob.unreadable"
+BLOB_EVENT_INTERVAL_S = 3600.0
+MAX_BLOB_EVENT_KEYS = 10_000
+# Blob reads and hashing run on threads of their own, never queued before the database
+# calls every other RPC waits for (a blob hashed whole reads ~1 GB/s of disk and CPU).
+BLOB_READ_THREADS = 4
+# Devices x payloads whose download progress is remembered (see _UpdateProgress).
+MAX_PROGRESS_KEYS = 100_000
 # A window is the device's own account, so it is held to what a real one can say: it
 # cannot end in the future (beyond a device clock's drift), and it cannot count more
 # inferences than its length allows, or other than its histogram holds. One device could
@@ -104,6 +118,65 @@ FIRST_INFERENCE_MS = 100_000  # artifact.histogram's last bucket bound (100 s)
 
 SendSet = Callable[[DesiredSet], Awaitable[None]]
 SendChunk = Callable[[Chunk], Awaitable[None]]
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _Unreadable(Exception):
+    """An OSError of the blob store's file system while a blob was read: the disk's
+    fault (or the operator's), not a bug, so it never becomes INTERNAL."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _UpdateProgress:
+    """How far each device got through each payload since its last completed update, as
+    far as this controller's calls sent it (in memory, bounded: the least recently moved
+    go first). A call that sends the last byte completes an update only when the bytes
+    before its offset went out too (it started at 0, or the device's earlier calls
+    reached its offset), so calls resumed near the end count no update they did not send.
+    """
+
+    def __init__(self, max_keys: int = MAX_PROGRESS_KEYS) -> None:
+        self._max = max_keys
+        self._reached: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
+
+    def ended(self, device_id: str, payload_sha256: str, offset: int, sent: int, end: bool) -> bool:
+        """Count a call that sent ``sent`` bytes from ``offset`` (``end``: the payload's
+        last byte among them); True when it completed an update."""
+        key = (device_id, payload_sha256)
+        before = self._reached.pop(key, 0)
+        covered = offset <= before
+        if covered and end:
+            return True  # the next update of this payload starts from byte 0 again
+        reached = max(before, offset + sent) if covered else before
+        if reached:
+            self._reached[key] = reached
+            while len(self._reached) > self._max:
+                self._reached.popitem(last=False)
+        return False
+
+
+class _Quiet:
+    """Keys whose event was recorded lately: one event per key per interval (bounded)."""
+
+    def __init__(self, interval_s: float, max_keys: int) -> None:
+        self._interval = interval_s
+        self._max = max_keys
+        self._last: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
+
+    def due(self, key: tuple[str, str]) -> bool:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            return False
+        self._last[key] = now
+        self._last.move_to_end(key)
+        while len(self._last) > self._max:
+            self._last.popitem(last=False)
+        return True
 
 
 class _WatchStream:
@@ -163,6 +236,9 @@ class AgentHandlers:
             config.fetch_write_timeout_seconds,
         )
         self._bookkeeping: set[asyncio.Task[None]] = set()  # held: the loop keeps weak refs
+        self._blob_reads = ThreadPoolExecutor(BLOB_READ_THREADS, thread_name_prefix="blob-read")
+        self._progress = _UpdateProgress()
+        self._blob_events = _Quiet(BLOB_EVENT_INTERVAL_S, MAX_BLOB_EVENT_KEYS)
         self._telemetry = TelemetryIngest(store)  # group commit: many calls, one transaction
         # (device, reason) -> when its last telemetry.refused event was recorded
         self._refusal_events: collections.OrderedDict[tuple[str, str], float] = (
@@ -358,16 +434,19 @@ class AgentHandlers:
         The base must be an artifact of the same model: a delta from any other blob would
         cost CPU for nothing and, by its answer, tell a device which digests exist. A base
         whose stored bytes are corrupt is no base (the device gets the full artifact);
-        CorruptBlobError when the target's are."""
+        CorruptBlobError when the target's are. The full artifact is announced with the
+        artifact's recorded size, whatever its file holds (the stream finds it corrupt),
+        and a delta the disk will not give (an OSError) falls back to it."""
         target, base = request.target_sha256, request.base_sha256
+        full = self._deltas.full(target, artifact.size_bytes)
         if request.encoding is Encoding.FULL or not base or base == target:
-            return self._deltas.full(target)
+            return full
         held = await in_thread(self._store.find_artifact_by_sha256, base)
         usable = (
             held is not None
             and held.model_name == artifact.model_name
             and await in_thread(self._blobs.exists, base)
-            and await in_thread(self._blobs.known_corrupt, base) is None
+            and await self._sound(base)
         )
         if held is None or not usable:
             if request.encoding is Encoding.DELTA:
@@ -376,7 +455,7 @@ class AgentHandlers:
                     f"this controller no longer holds base {base}, so the delta cannot be "
                     "resumed; fetch the full artifact (encoding FULL) from offset 0",
                 )
-            return self._deltas.full(target)
+            return full
 
         def dropped(d: DroppedDelta) -> None:
             self._delta_dropped(request, artifact, d)
@@ -385,13 +464,19 @@ class AgentHandlers:
             payload = await self._deltas.payload(base, target, dropped)
         except DeltaError as exc:
             log.warning("no delta %s -> %s (%s); sending the full artifact", base, target, exc)
-            payload = self._deltas.full(target)
+            payload = full
         except CorruptBlobError as exc:
             if exc.sha256 != base:
                 raise  # the target's own bytes: nothing can be sent (_fetch says so)
             refused = await self._corrupt_artifact(request, held, exc, "computing a delta")
             log.error("%s (device %s gets the full artifact)", refused.message, request.device_id)
-            payload = self._deltas.full(target)
+            payload = full
+        except OSError as exc:  # reading base or target, or writing the delta: the stream
+            # of the full artifact says so if its own bytes are the ones the disk lost
+            log.error("no delta %s -> %s (%s); sending the full artifact", base, target, exc)
+            payload = full
+        if payload.encoding is Encoding.FULL:
+            payload = full  # a cached "full" record names the file's size, not the artifact's
         if request.encoding is Encoding.DELTA and payload.encoding is not Encoding.DELTA:
             raise FleetError(
                 ErrorCode.FAILED_PRECONDITION,
@@ -416,13 +501,36 @@ class AgentHandlers:
 
             await self._fetch(request, chunk_bytes, send_within)
 
+    async def _sound(self, sha256: str) -> bool:
+        """Whether a blob is not known corrupt (nor unreadable): a base a delta may use."""
+        try:
+            return await self._blob_io(self._blobs.known_corrupt, sha256) is None
+        except _Unreadable as exc:
+            log.error("blob %s cannot be read (%s): not used as a delta base", sha256, exc)
+            return False
+
+    async def _blob_io(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Blocking blob work on the blob-read threads (BLOB_READ_THREADS); an OSError
+        of the file system comes out as _Unreadable."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._blob_reads, functools.partial(fn, *args, **kwargs)
+            )
+        except OSError as exc:
+            raise _Unreadable(exc) from exc
+
     async def _fetch(self, request: FetchRequest, chunk_bytes: int, send: SendChunk) -> None:
         target = request.target_sha256
         await self._device(request.device_id)
         desired = await in_thread(self._store.desired_set, request.device_id)
+        # The artifact the device was told to fetch, by id: two artifacts can hold the same
+        # bytes (one model built alike for two classes, a re-release), and events,
+        # messages and download sums are about the device's own.
+        assigned = next((a for a in desired.assignments if a.sha256 == target), None)
         artifact = None
-        if any(a.sha256 == target for a in desired.assignments):
-            artifact = await in_thread(self._store.find_artifact_by_sha256, target)
+        if assigned is not None:
+            artifact = await in_thread(self._store.get_artifact, assigned.artifact_id)
         if artifact is None:  # one answer for "no such artifact" and "not yours"
             raise not_found(
                 f"no artifact with sha256 {target} is assigned to device {request.device_id}; "
@@ -430,11 +538,6 @@ class AgentHandlers:
             )
         try:
             payload = await self._payload(request, artifact)
-        except FileNotFoundError as exc:  # not NOT_FOUND: that says "not assigned to you"
-            raise FleetError(
-                ErrorCode.DATA_LOSS,
-                f"the bytes of artifact {artifact.id} ({target}) are missing from the blob store",
-            ) from exc
         except CorruptBlobError as exc:  # found hashing the target to encode a delta
             raise await self._corrupt_artifact(request, artifact, exc, "computing a delta") from exc
         total = payload.size
@@ -445,7 +548,10 @@ class AgentHandlers:
                 f"so resume from an offset in 0..{total}",
             )
         if payload.encoding is Encoding.FULL:
-            known = await in_thread(self._blobs.known_corrupt, payload.sha256)
+            try:
+                known = await self._blob_io(self._blobs.known_corrupt, payload.sha256, total)
+            except _Unreadable as exc:
+                raise await self._unreadable(request, artifact, payload, exc.error) from exc
             if known is not None:  # said once (its event); not streamed again to fail again
                 raise FleetError(ErrorCode.DATA_LOSS, await self._corrupt_message(artifact, known))
 
@@ -455,28 +561,34 @@ class AgentHandlers:
             )
 
         sent = 0
-        completed = False
+        reached_end = False
         try:
-            # Hashed from byte 0 (the prefix of a resumed fetch is read, not sent); the
-            # read that reaches the end checks the digest, so a corrupt blob's last chunk
-            # is never sent and no device is handed all of its bytes.
-            with await in_thread(self._blobs.open_verified, payload.sha256, total) as reader:
-                await in_thread(reader.skip_to, request.offset)
+            # Hashed from byte 0 (the prefix of a resumed fetch is read, not sent, unless
+            # the same file was hashed whole lately: BlobStore.verified); the read that
+            # reaches the end checks the digest, so a corrupt blob's last chunk is never
+            # sent and no device is handed all of its bytes.
+            with await self._blob_io(self._blobs.open_verified, payload.sha256, total) as reader:
+                await self._blob_io(reader.skip_to, request.offset)
                 position = request.offset
                 while position < total:
-                    data = await in_thread(reader.read, chunk_bytes)
+                    data = await self._blob_io(reader.read, chunk_bytes)
                     await send(chunk(position, data))
                     position += len(data)
                     sent += len(data)
                 if sent == 0:
                     # Nothing left to send: one empty chunk still tells size and digest.
                     await send(chunk(position, b""))
-            completed = position == total
+            reached_end = position == total
         except CorruptBlobError as exc:
             if payload.encoding is Encoding.DELTA:
                 raise await self._corrupt_delta(request, artifact, payload, exc) from exc
             raise await self._corrupt_artifact(request, artifact, exc, "sending it") from exc
+        except _Unreadable as exc:
+            raise await self._unreadable(request, artifact, payload, exc.error) from exc
         finally:
+            completed = self._progress.ended(
+                request.device_id, payload.sha256, request.offset, sent, reached_end
+            )
             outcome = FetchOutcome(
                 request.device_id,
                 artifact.model_name,
@@ -498,7 +610,7 @@ class AgentHandlers:
                         else ""
                     )
                     + f"from offset {request.offset}: {sent} of {total} bytes sent"
-                    + ("" if completed else " (interrupted)"),
+                    + ("" if reached_end else " (interrupted)"),
                     {
                         "device_id": request.device_id,
                         "target_sha256": target,
@@ -510,7 +622,7 @@ class AgentHandlers:
                         "offset": request.offset,
                         "bytes_sent": sent,
                         "total_bytes": total,
-                        "completed": completed,
+                        "completed": reached_end,  # this call's; the sums count updates
                     },
                 ),
                 outcome,
@@ -531,7 +643,12 @@ class AgentHandlers:
         end; storing the same bytes again replaces it (BlobStore.commit).
         """
         message = await self._corrupt_message(artifact, error)
-        if await in_thread(self._blobs.mark_corrupt, error):
+        try:
+            new = await in_thread(self._blobs.mark_corrupt, error)
+        except OSError as exc:  # the disk will not take the record either: say it anyway
+            log.error("could not record blob %s as corrupt: %s", error.sha256, exc)
+            new = True
+        if new:
             detail = self._corrupt_detail(request, artifact, error, "artifact")
             detail.update(found_while=doing, action="refused until the blob is replaced")
             await self._quietly(
@@ -540,23 +657,76 @@ class AgentHandlers:
         return FleetError(ErrorCode.DATA_LOSS, message)
 
     async def _corrupt_message(self, artifact: ArtifactRecord, error: CorruptBlobError) -> str:
-        model = await in_thread(self._store.get_model, artifact.model_name, artifact.model_version)
-        if model is not None and model.sha256 == artifact.sha256:
-            fix = (
-                f"add model {model.name} v{model.version}'s file again (`homefleet model add "
-                f"{model.name} FILE`; the same bytes replace the corrupt copy, which is kept "
-                "under blobs/corrupt/)"
-            )
-        else:
-            fix = (
-                f"make a new artifact for {artifact.device_class} (run the compression again, "
-                "`homefleet compress`, or `homefleet artifact create`) and assign it"
-            )
+        fix = await self._fix(artifact, "the corrupt copy, which is kept under blobs/corrupt/")
         return (
             f"artifact {artifact.id}: its stored bytes are corrupt on the controller "
             f"({_found(error)}), so it cannot be sent; no device gets its last chunk, and "
             f"the controller refuses it until the blob is replaced: {fix}; and {CHECK_DISK}"
         )
+
+    async def _fix(self, artifact: ArtifactRecord, replaces: str) -> str:
+        """How the operator puts an artifact's bytes back: the model's file when the
+        artifact is the model itself, else a new artifact (compression output is gone)."""
+        model = await in_thread(self._store.get_model, artifact.model_name, artifact.model_version)
+        if model is not None and model.sha256 == artifact.sha256:
+            return (
+                f"add model {model.name} v{model.version}'s file again (`homefleet model add "
+                f"{model.name} FILE`; the same bytes replace {replaces})"
+            )
+        return (
+            f"make a new artifact for {artifact.device_class} (run the compression again, "
+            "`homefleet compress`, or `homefleet artifact create`) and assign it"
+        )
+
+    async def _unreadable(
+        self, request: FetchRequest, artifact: ArtifactRecord, payload: Payload, error: OSError
+    ) -> FleetError:
+        """The file system would not give a payload's bytes: DATA_LOSS with the fix, and
+        one event per blob an hour (every fetch fails the same way, at once). A cached
+        delta is the controller's own: it is dropped, and the device starts over."""
+        missing = isinstance(error, FileNotFoundError)
+        if payload.encoding is Encoding.DELTA:
+            if missing:  # removed from the cache meanwhile: nothing lost, start over
+                await in_thread(
+                    self._deltas.drop, payload.base_sha256, artifact.sha256, payload.sha256
+                )
+                return FleetError(
+                    ErrorCode.FAILED_PRECONDITION,
+                    f"artifact {artifact.id}: the cached delta from base {payload.base_sha256} "
+                    "went away; fetch again from offset 0 (a fresh one is computed)",
+                )
+            found = f"reading it failed: {_os_error(error)}"
+            return await self._dropped_mid_stream(request, artifact, payload, found, {})
+        if missing:
+            kind = MISSING_EVENT
+            fix = await self._fix(artifact, "the missing file")
+            message = (
+                f"artifact {artifact.id}: its bytes (blob {payload.sha256}) are missing from "
+                "the controller's blob store (deleted, or the blob volume is not mounted), "
+                f"so it cannot be sent: {fix}"
+            )
+        else:
+            kind = UNREADABLE_EVENT
+            fix = await self._fix(artifact, "the unreadable file")
+            message = (
+                f"artifact {artifact.id}: the controller could not read its stored bytes "
+                f"(blob {payload.sha256}: {_os_error(error)}), so it cannot be sent; check "
+                "the controller's disk (its kernel log, SMART: a failing disk?); if the "
+                f"blob stays unreadable, {fix}"
+            )
+        if self._blob_events.due((kind, payload.sha256)):
+            detail = {
+                "artifact_id": artifact.id,
+                "blob": "artifact",
+                "expected_sha256": payload.sha256,
+                "error": _os_error(error),
+                "errno": error.errno,
+                "device_id": request.device_id,
+                "offset": request.offset,
+                "quiet_seconds": BLOB_EVENT_INTERVAL_S,
+            }
+            await self._quietly(self._store.add_event, NewEvent(kind, artifact.id, message, detail))
+        return FleetError(ErrorCode.DATA_LOSS, message)
 
     async def _corrupt_delta(
         self,
@@ -567,18 +737,42 @@ class AgentHandlers:
     ) -> FleetError:
         """A cached delta went corrupt while it was sent: drop it; the next fetch gets a
         fresh one (the bytes already sent cannot be taken back, so this call fails)."""
+        detail = self._corrupt_detail(request, artifact, error, "delta")
+        return await self._dropped_mid_stream(request, artifact, payload, _found(error), detail)
+
+    async def _dropped_mid_stream(
+        self,
+        request: FetchRequest,
+        artifact: ArtifactRecord,
+        payload: Payload,
+        found: str,
+        detail: dict[str, Any],
+    ) -> FleetError:
+        """Drop a cached delta that failed while it was sent, record one blob.corrupt
+        event, and end the call FAILED_PRECONDITION: the agent then starts over from
+        byte 0 at once (edge_agent.fetch), and gets a freshly computed delta. Not
+        DATA_LOSS: nothing of the operator's is lost, and the device need not wait."""
         await in_thread(self._deltas.drop, payload.base_sha256, artifact.sha256, payload.sha256)
         message = (
             f"artifact {artifact.id}: the cached delta from base {payload.base_sha256} is "
-            f"corrupt on the controller ({_found(error)}); it was removed from the cache and "
+            f"corrupt on the controller ({found}); it was removed from the cache and "
             f"the next fetch computes it again: fetch again from offset 0; {CHECK_DISK}"
         )
-        detail = self._corrupt_detail(request, artifact, error, "delta")
-        detail.update(action="removed from the delta cache; the next fetch computes it again")
+        log.error("%s (device %s, offset %d)", message, request.device_id, request.offset)
+        detail = {
+            "artifact_id": artifact.id,
+            "blob": "delta",
+            "expected_sha256": payload.sha256,
+            "base_sha256": payload.base_sha256,
+            "device_id": request.device_id,
+            "offset": request.offset,
+            **detail,
+            "action": "removed from the delta cache; the next fetch computes it again",
+        }
         await self._quietly(
             self._store.add_event, NewEvent(CORRUPT_EVENT, artifact.id, message, detail)
         )
-        return FleetError(ErrorCode.DATA_LOSS, message)
+        return FleetError(ErrorCode.FAILED_PRECONDITION, message)
 
     def _delta_dropped(
         self, request: FetchRequest, artifact: ArtifactRecord, dropped: DroppedDelta
@@ -667,6 +861,7 @@ class AgentHandlers:
     async def close(self) -> None:
         """Finish the telemetry commit in progress (after the server's calls ended)."""
         await self._telemetry.close()
+        self._blob_reads.shutdown(wait=False)
 
     async def _quietly(self, fn: Callable[..., object], *args: object) -> None:
         """Bookkeeping after a stream ends must not hide the stream's own outcome.
@@ -689,10 +884,20 @@ class AgentHandlers:
 
 
 def _found(error: CorruptBlobError) -> str:
+    if error.wrong_size:
+        how = "cut short" if error.size < (error.expected_size or 0) else "lengthened"
+        return (
+            f"blob {error.sha256} was {how}: its file holds {error.size} bytes where it must "
+            f"hold {error.expected_size}"
+        )
     return (
         f"sha256 mismatch: the {error.size} bytes of blob {error.sha256} hash to "
         f"{error.actual_sha256}"
     )
+
+
+def _os_error(error: OSError) -> str:
+    return f"{error.strerror or error} (errno {error.errno})"
 
 
 def _check_window(w: TelemetryWindow, at: str, now_unix_ms: int) -> None:

@@ -12,13 +12,19 @@ the cache; two computing the same pair at once write identical bytes.
 
 A cached payload is the controller's own work, not the operator's data, so a corrupt one
 is never worth an error: taking a delta from the cache hashes its blob (a delta is small
-beside its artifact, and reading it costs far less than sending it), and a corrupt one
-is dropped (blob and record) and computed again, in the same call, before any byte of it
+beside its artifact, and reading it costs far less than sending it; a file found sound
+within ``blobstore.VERIFIED_TTL_SECONDS`` is not hashed again), and a corrupt one is
+dropped (blob and record) and computed again, in the same call, before any byte of it
 is sent; the drop is reported (``on_dropped``) so the operator still hears that the
 disk lost bytes. A payload that rots after that check is caught while it is streamed
-(``BlobStore.open_verified``): the fetch then ends DATA_LOSS, and the caller drops it
-(``drop``) so the next fetch gets a fresh one. Before encoding, the base and the target
-are hashed as well: a delta made from corrupt bytes would rebuild corrupt bytes.
+(``BlobStore.open_verified``): the caller drops it (``drop``) and ends the fetch
+FAILED_PRECONDITION, which an agent answers by starting over from byte 0 at once, and
+gets a fresh one. Before encoding, the base and the target are hashed as well: a delta
+made from corrupt bytes would rebuild corrupt bytes.
+
+The full artifact's payload is sized by the artifact's record (``full``), never by the
+file: a blob cut short or lengthened is then read to the size it must have, and found
+corrupt, rather than announced with a size its manifest contradicts.
 """
 
 from __future__ import annotations
@@ -74,8 +80,10 @@ class DeltaCache:
     def _record_path(self, base: str, target: str) -> Path:
         return self._index / check_sha256(base) / f"{check_sha256(target)}.json"
 
-    def full(self, target: str) -> Payload:
-        return Payload(Encoding.FULL, target, self._blobs.size(target))
+    @staticmethod
+    def full(target: str, size: int) -> Payload:
+        """The artifact itself; ``size`` is its recorded size (the file may have lost bytes)."""
+        return Payload(Encoding.FULL, target, size)
 
     def drop(self, base: str, target: str, payload_sha256: str) -> None:
         """Forget a cached delta (its record, then its blob): the next fetch computes it."""

@@ -461,7 +461,15 @@ class RefusalTotals:
 
 @dataclass(frozen=True)
 class FetchOutcome:
-    """One FetchArtifact call as it ended, added to the download sums (DownloadTotals)."""
+    """One FetchArtifact call as it ended, added to the download sums (DownloadTotals).
+
+    ``completed`` says the call completed an update: it sent the payload's last byte, and
+    the device got every byte before its offset from this controller (the call started
+    at 0, or resumed where the device's calls since its last completed update stopped;
+    remembered in memory, so a resume after a restart or on another replica counts no
+    update). One-byte calls at the end of a payload therefore never count one, however
+    many a device makes; what a call sent is counted in ``bytes_sent`` either way.
+    """
 
     device_id: str
     model_name: str
@@ -469,7 +477,7 @@ class FetchOutcome:
     artifact_bytes: int  # the artifact's size: what a full download sends
     encoding: Encoding
     bytes_sent: int
-    completed: bool  # the payload's last byte was sent
+    completed: bool  # the call completed an update (see above), not merely sent the end
 
 
 @dataclass(frozen=True)
@@ -492,9 +500,12 @@ class AppliedUpdateTotals:
 @dataclass(frozen=True)
 class DownloadTotals:
     """Every FetchArtifact call of one (device class, model, artifact, encoding) summed:
-    what updates cost on the wire, exported by /metrics. ``full_bytes`` is the artifact's
-    size for each completed call: what those updates would have cost sent in full, so
-    full_bytes - bytes_sent over the delta rows is what deltas saved."""
+    what updates cost on the wire, exported by /metrics. ``completed`` counts the calls
+    that completed an update (FetchOutcome.completed: the last byte sent, and every byte
+    before the call's offset sent to that device by its earlier calls), and
+    ``full_bytes`` is the artifact's size for each: what those updates would have cost
+    sent in full, so full_bytes - bytes_sent over the delta rows is what deltas saved
+    (understated, never overstated, by updates resumed across a controller restart)."""
 
     device_class: str
     model_name: str

@@ -139,7 +139,9 @@ class DownloadCollector(Collector):
             ),
             (
                 "updates_completed",
-                "FetchArtifact calls that sent the payload's last byte.",
+                "Downloads completed: calls that sent the last byte to a device this "
+                "controller sent every earlier byte of the payload (in memory: a resume "
+                "after a restart counts none).",
                 lambda t: t.completed,
             ),
             (

@@ -458,8 +458,10 @@ async def _fetch(stub: Any, download: _Download, backoff: Backoff) -> Payload:
             offset = download.offset()
             code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.ABORTED
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-            if code is grpc.StatusCode.FAILED_PRECONDITION and download.payload is not None:
-                # e.g. the delta being resumed no longer exists: start over, full or delta
+            if code is grpc.StatusCode.FAILED_PRECONDITION:
+                # the payload being sent or resumed is gone (a delta no longer held, or one
+                # the controller found corrupt and dropped, even before its first chunk
+                # came): start over at once, full or delta; nothing of it is kept
                 log.warning("artifact %s: %s; starting over", plan.sha256, detail)
                 download.restart()
                 offset = 0
@@ -467,9 +469,9 @@ async def _fetch(stub: Any, download: _Download, backoff: Backoff) -> Payload:
                 if failures < plan.attempts:
                     continue
             if code is grpc.StatusCode.DATA_LOSS:
-                # the controller's stored bytes are corrupt (or gone): those received may
-                # be the corrupt ones, so the next attempt (a deployment retry, after its
-                # backoff) starts from byte 0; the controller refuses at once until fixed
+                # the artifact's stored bytes are corrupt, gone or unreadable: those
+                # received may be the corrupt ones, so the next attempt (a deployment retry,
+                # after its backoff) starts from byte 0; the controller refuses until fixed
                 download.restart()
             if code is grpc.StatusCode.NOT_FOUND:
                 # a device may fetch only what is assigned to it: the assignment changed
