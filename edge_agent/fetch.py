@@ -416,7 +416,7 @@ async def fetch_artifact(
                 failed.code,
                 f"{failed.message} (fetching the full artifact: {discarded.describe()})",
             ) from failed
-    if start:
+    if start and discarded is None:  # after a discard, start was the delta's, not this one's
         log.info("artifact %s: resumed at byte %d, received %d bytes", plan.sha256, start, received)
     return FetchResult(
         path=path,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import stat
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from controller.cli import output
@@ -95,9 +97,10 @@ async def half_a_rotten_delta(controller: Controller, state: Path, old_data: byt
 
 
 def test_a_discarded_delta_is_named_in_the_report_and_its_bytes_are_counted(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     old_data = large_add_model(1.0)
+    caplog.set_level(logging.INFO, logger="edge_agent")
 
     async def body(controller: Controller, state: Path) -> None:
         update = await half_a_rotten_delta(controller, state, old_data)
@@ -135,6 +138,10 @@ def test_a_discarded_delta_is_named_in_the_report_and_its_bytes_are_counted(
         assert downloading[0]["bytes_received"] == update.delta_bytes
 
     scenario(tmp_path, body)
+    # the log tells the same story: the delta's resume point is not the full download's
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("edge_agent")]
+    assert not [m for m in said if "resumed at byte" in m], said
+    assert any("a discarded delta's included" in m for m in said)
 
 
 def test_when_the_full_artifact_fails_too_the_failure_names_the_discarded_delta(
