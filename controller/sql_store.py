@@ -40,6 +40,7 @@ from controller.db import (
     AppliedUpdateRow,
     ArtifactRow,
     AssignmentRow,
+    Base,
     CompressionInputRow,
     CompressionJobLeaseRow,
     CompressionJobRow,
@@ -943,39 +944,20 @@ class SqlStore(Store):
             )
             if device_class is None:  # a device is registered before it may fetch
                 return
-            r = DownloadRollupRow
-            key = and_(
-                r.device_class == device_class,
-                r.model_name == outcome.model_name,
-                r.artifact_id == outcome.artifact_id,
-                r.encoding == outcome.encoding.value,
-            )
             completed = 1 if outcome.completed else 0
-            full = outcome.artifact_bytes * completed
-            # an increment in SQL: two replicas' calls for one key never lose a sum
-            added = session.execute(
-                update(r)
-                .where(key)
-                .values(
-                    calls=r.calls + 1,
-                    completed=r.completed + completed,
-                    bytes_sent=r.bytes_sent + outcome.bytes_sent,
-                    full_bytes=r.full_bytes + full,
-                )
-            )
-            if getattr(added, "rowcount", 0) == 0:  # the key's first call (a race: retried)
-                session.add(
-                    DownloadRollupRow(
-                        device_class=device_class,
-                        model_name=outcome.model_name,
-                        artifact_id=outcome.artifact_id,
-                        encoding=outcome.encoding.value,
-                        calls=1,
-                        completed=completed,
-                        bytes_sent=outcome.bytes_sent,
-                        full_bytes=full,
-                    )
-                )
+            key = {
+                "device_class": device_class,
+                "model_name": outcome.model_name,
+                "artifact_id": outcome.artifact_id,
+                "encoding": outcome.encoding.value,
+            }
+            amounts = {
+                "calls": 1,
+                "completed": completed,
+                "bytes_sent": outcome.bytes_sent,
+                "full_bytes": outcome.artifact_bytes * completed,
+            }
+            _add_to_sums(session, DownloadRollupRow, key, amounts)
 
         self._retry(work)
 
@@ -1048,18 +1030,8 @@ class SqlStore(Store):
                 return
             if event is not None:
                 self._event(session, event)
-            r = TelemetryRefusalRow
-            now = self._now()
-            key = and_(r.device_class == device_class, r.reason == refusal.reason)
-            counted = session.execute(
-                update(r).where(key).values(calls=r.calls + 1, last_unix_ms=now)
-            )
-            if getattr(counted, "rowcount", 0) == 0:  # the first of its kind (a race: retried)
-                session.add(
-                    TelemetryRefusalRow(
-                        device_class=device_class, reason=refusal.reason, calls=1, last_unix_ms=now
-                    )
-                )
+            key = {"device_class": device_class, "reason": refusal.reason}
+            _add_to_sums(session, TelemetryRefusalRow, key, {"calls": 1}, last_unix_ms=self._now())
 
         self._retry(work)
 
@@ -1604,34 +1576,38 @@ def _add_applied_update(session: Session, device_class: str, status: StatusUpdat
         return
     artifact = (own or candidates)[0]
     encoding = status.encoding.value if status.encoding else Encoding.FULL.value
-    r = AppliedUpdateRow
-    key = and_(
-        r.device_class == device_class,
-        r.model_name == status.model_name,
-        r.artifact_id == artifact.id,
-        r.encoding == encoding,
-    )
-    added = session.execute(
-        update(r)
-        .where(key)
-        .values(
-            updates=r.updates + 1,
-            bytes_received=r.bytes_received + status.bytes_received,
-            full_bytes=r.full_bytes + artifact.size_bytes,
-        )
-    )
-    if getattr(added, "rowcount", 0) == 0:  # the key's first update (a race: retried)
-        session.add(
-            AppliedUpdateRow(
-                device_class=device_class,
-                model_name=status.model_name,
-                artifact_id=artifact.id,
-                encoding=encoding,
-                updates=1,
-                bytes_received=status.bytes_received,
-                full_bytes=artifact.size_bytes,
-            )
-        )
+    key = {
+        "device_class": device_class,
+        "model_name": status.model_name,
+        "artifact_id": artifact.id,
+        "encoding": encoding,
+    }
+    amounts = {
+        "updates": 1,
+        "bytes_received": status.bytes_received,
+        "full_bytes": artifact.size_bytes,
+    }
+    _add_to_sums(session, AppliedUpdateRow, key, amounts)
+
+
+def _add_to_sums(
+    session: Session,
+    table: type[Base],
+    key: Mapping[str, object],
+    amounts: Mapping[str, int],
+    **latest: object,
+) -> None:
+    """Add ``amounts`` to the running sums of ``table``'s row whose columns equal ``key``
+    (and set ``latest``), creating the row with them when the key is new.
+
+    An increment in SQL, not a read-modify-write: two replicas adding to one key never
+    lose a sum. Two first adds of one key race on its unique constraint; the loser's
+    transaction fails with IntegrityError and ``SqlStore._retry`` runs it again."""
+    where = and_(*(getattr(table, column) == value for column, value in key.items()))
+    sums = {column: getattr(table, column) + n for column, n in amounts.items()}
+    added = session.execute(update(table).where(where).values({**sums, **latest}))
+    if getattr(added, "rowcount", 0) == 0:
+        session.add(table(**key, **amounts, **latest))
 
 
 def _with_known_artifacts(

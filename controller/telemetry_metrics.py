@@ -20,7 +20,8 @@ The HTTP port serving it (with the dashboard) is ``controller.dashboard.http``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -156,12 +157,7 @@ class DownloadCollector(Collector):
                 lambda t: t.full_bytes,
             ),
         ]
-        for name, documentation, value in measures:
-            family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=DOWNLOAD_LABELS)
-            for t in totals:
-                labels = [t.device_class, t.model_name, t.artifact_id, t.encoding.value]
-                family.add_metric(labels, float(value(t)))
-            yield family
+        yield from _update_counters(measures, totals)
         applied = self._store.applied_update_totals()
         by_devices: list[tuple[str, str, Callable[[AppliedUpdateTotals], int]]] = [
             (
@@ -183,12 +179,23 @@ class DownloadCollector(Collector):
                 lambda t: t.full_bytes,
             ),
         ]
-        for name, documentation, amount in by_devices:
-            family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=DOWNLOAD_LABELS)
-            for u in applied:
-                labels = [u.device_class, u.model_name, u.artifact_id, u.encoding.value]
-                family.add_metric(labels, float(amount(u)))
-            yield family
+        yield from _update_counters(by_devices, applied)
+
+
+_Sums = TypeVar("_Sums", DownloadTotals, AppliedUpdateTotals)
+
+
+def _update_counters(
+    measures: Iterable[tuple[str, str, Callable[[_Sums], int]]], rows: Iterable[_Sums]
+) -> Iterator[Metric]:
+    """One counter family per measure, a sample per (class, model, artifact, encoding)."""
+    rows = list(rows)
+    for name, documentation, value in measures:
+        family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=DOWNLOAD_LABELS)
+        for r in rows:
+            labels = [r.device_class, r.model_name, r.artifact_id, r.encoding.value]
+            family.add_metric(labels, float(value(r)))
+        yield family
 
 
 class BudgetCollector(Collector):
