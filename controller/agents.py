@@ -26,6 +26,7 @@ from controller.config import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, ControllerConfig
 from controller.deltas import DeltaCache, DroppedDelta, Payload
 from controller.errors import ErrorCode, FleetError, invalid, not_found
 from controller.fleet_classes import DeviceClassRegistry
+from controller.integrity import CHECK_DISK, CORRUPT_EVENT
 from controller.limits import DownloadPool
 from controller.notify import AssignmentNotifier
 from controller.records import (
@@ -79,16 +80,11 @@ CONFLICT_EVENT_INTERVAL_S = 600.0
 REFUSAL_EVENT = "telemetry.refused"
 REFUSAL_EVENT_INTERVAL_S = 3600.0
 MAX_REFUSAL_KEYS = 100_000
-# Stored bytes that no longer hash to their digest (agents.AgentHandlers._fetch): one
-# event when a blob is found corrupt, none for each fetch refused while it stays so.
-CORRUPT_EVENT = "blob.corrupt"
-CHECK_DISK = (
-    "check the controller's disk: it lost bytes (bit rot, a failing disk, or a file "
-    "edited under the blob store)"
-)
-# A blob gone from the store, or one the file system would not read (an I/O error): each
-# fetch ends DATA_LOSS at once (nothing streams), so one event per blob an hour and
-# controller process says it, not one per fetch.
+# A corrupt blob: one CORRUPT_EVENT (controller/integrity.py) when it is found, none for
+# each fetch refused while it stays so. A blob gone from the store, or one the file
+# system would not read (an I/O error): each fetch ends DATA_LOSS at once (nothing
+# streams), so one event per blob an hour and controller process says it, not one per
+# fetch.
 MISSING_EVENT = "blob.missing"
 UNREADABLE_EVENT = "blob.unreadable"
 BLOB_EVENT_INTERVAL_S = 3600.0

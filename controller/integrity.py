@@ -30,8 +30,8 @@ from controller.store import Store
 
 log = logging.getLogger(__name__)
 
-# The kind agents.py records when a download finds a blob corrupt (agents.CORRUPT_EVENT);
-# agents.py imports controller.admin, which imports this module, so it is not imported.
+# Stored bytes that no longer hash to their digest: one event when a builder here or a
+# download (agents.AgentHandlers._fetch) finds a blob corrupt, none for each refusal after.
 CORRUPT_EVENT = "blob.corrupt"
 REPAIRED_EVENT = "blob.repaired"
 CHECK_DISK = (
