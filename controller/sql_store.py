@@ -125,6 +125,7 @@ class SqlStore(Store):
         self._engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._now = clock
+        self._known = _KnownArtifacts()  # telemetry's model and artifact check, cached
 
     def _retry(self, work: Callable[[Session], T]) -> T:
         """Run ``work`` in one transaction, again when a concurrent writer won a unique key."""
@@ -636,7 +637,7 @@ class SqlStore(Store):
                 for device_id in known
                 for w in {w.seq: w for w in batches[device_id]}.values()
             ]
-            windows = _with_known_artifacts(session, windows)
+            windows = _with_known_artifacts(session, windows, self._known)
             # read after the devices update: on PostgreSQL that row lock orders two
             # transactions of one device, so the second sees what the first stored
             before = _stored_state(session, known, {(d, w.model_name) for d, w in windows})
@@ -1610,8 +1611,28 @@ def _add_to_sums(
         session.add(table(**key, **amounts, **latest))
 
 
+class _KnownArtifacts:
+    """Models and (model, artifact digest) pairs known to exist. Never stale: models and
+    artifacts are never deleted, so ingest asks the database only about names it has not
+    seen yet. Bounded: past MAX_KNOWN entries it starts afresh."""
+
+    MAX_KNOWN = 100_000
+
+    def __init__(self) -> None:
+        self.models: set[str] = set()
+        self.artifacts: set[tuple[str, str]] = set()
+
+    def learn(self, models: Iterable[str], artifacts: Iterable[tuple[str, str]]) -> None:
+        if len(self.models) + len(self.artifacts) > self.MAX_KNOWN:
+            self.models, self.artifacts = set(), set()
+        self.models.update(models)
+        self.artifacts.update(artifacts)
+
+
 def _with_known_artifacts(
-    session: Session, windows: Sequence[tuple[str, TelemetryWindow]]
+    session: Session,
+    windows: Sequence[tuple[str, TelemetryWindow]],
+    cache: _KnownArtifacts,
 ) -> list[tuple[str, TelemetryWindow]]:
     """Refuse windows of a model this controller never registered; a window naming bytes
     that are none of that model's artifacts is kept with no artifact (``""``, shown as
@@ -1623,14 +1644,16 @@ def _with_known_artifacts(
     bytes this controller never built — it was pointed at a fresh or restored
     controller — and its windows still count for the model once the model is added; a
     model the controller does not know has no budget or series to count them under."""
-    models = {w.model_name for _, w in windows}
-    digests = {(w.model_name, w.artifact_sha256) for _, w in windows if w.artifact_sha256}
-    known_models: set[str] = set()
-    known: set[tuple[str, str]] = set()
+    models = {w.model_name for _, w in windows} - cache.models
+    digests = {
+        (w.model_name, w.artifact_sha256) for _, w in windows if w.artifact_sha256
+    } - cache.artifacts
+    found_models: set[str] = set()
+    found: set[tuple[str, str]] = set()
     for chunk in _chunks(sorted(models)):
-        known_models.update(session.scalars(select(ModelRow.name).where(ModelRow.name.in_(chunk))))
+        found_models.update(session.scalars(select(ModelRow.name).where(ModelRow.name.in_(chunk))))
     for chunk in _chunks(sorted({sha for _, sha in digests})):
-        known.update(
+        found.update(
             (model, sha)
             for model, sha in session.execute(
                 select(ArtifactRow.model_name, ArtifactRow.sha256)
@@ -1638,6 +1661,8 @@ def _with_known_artifacts(
                 .distinct()
             )
         )
+    cache.learn(found_models, found)  # after which the cache holds every known name here
+    known_models, known = cache.models, cache.artifacts
     kept = []
     for device_id, w in windows:
         if w.model_name not in known_models:
