@@ -963,47 +963,10 @@ class SqlStore(Store):
         self._retry(work)
 
     def applied_update_totals(self) -> list[AppliedUpdateTotals]:
-        def work(session: Session) -> list[AppliedUpdateTotals]:
-            r = AppliedUpdateRow
-            rows = session.scalars(
-                select(r).order_by(r.device_class, r.model_name, r.artifact_id, r.encoding)
-            )
-            return [
-                AppliedUpdateTotals(
-                    device_class=row.device_class,
-                    model_name=row.model_name,
-                    artifact_id=row.artifact_id,
-                    encoding=Encoding(row.encoding),
-                    updates=row.updates,
-                    bytes_received=row.bytes_received,
-                    full_bytes=row.full_bytes,
-                )
-                for row in rows
-            ]
-
-        return self._read(work)
+        return self._read(lambda s: _update_sums(s, AppliedUpdateRow, AppliedUpdateTotals))
 
     def download_totals(self) -> list[DownloadTotals]:
-        def work(session: Session) -> list[DownloadTotals]:
-            r = DownloadRollupRow
-            rows = session.scalars(
-                select(r).order_by(r.device_class, r.model_name, r.artifact_id, r.encoding)
-            )
-            return [
-                DownloadTotals(
-                    device_class=row.device_class,
-                    model_name=row.model_name,
-                    artifact_id=row.artifact_id,
-                    encoding=Encoding(row.encoding),
-                    calls=row.calls,
-                    completed=row.completed,
-                    bytes_sent=row.bytes_sent,
-                    full_bytes=row.full_bytes,
-                )
-                for row in rows
-            ]
-
-        return self._read(work)
+        return self._read(lambda s: _update_sums(s, DownloadRollupRow, DownloadTotals))
 
     def job_warnings(self, job: CompressionJobRecord) -> list[str]:
         query = (
@@ -1589,6 +1552,28 @@ def _add_applied_update(session: Session, device_class: str, status: StatusUpdat
         "full_bytes": artifact.size_bytes,
     }
     _add_to_sums(session, AppliedUpdateRow, key, amounts)
+
+
+_UpdateSums = TypeVar("_UpdateSums", AppliedUpdateTotals, DownloadTotals)
+
+
+def _update_sums(
+    session: Session, table: type[AppliedUpdateRow | DownloadRollupRow], record: type[_UpdateSums]
+) -> list[_UpdateSums]:
+    """Every row of an update-sums table, in key order, as ``record`` (its fields are the
+    table's columns of the same names; the encoding becomes an Encoding)."""
+    rows = session.scalars(
+        select(table).order_by(
+            table.device_class, table.model_name, table.artifact_id, table.encoding
+        )
+    )
+    names = [f.name for f in dataclasses.fields(record)]
+    found = []
+    for row in rows:
+        values: dict[str, Any] = {n: getattr(row, n) for n in names}
+        values["encoding"] = Encoding(values["encoding"])
+        found.append(record(**values))
+    return found
 
 
 def _add_to_sums(
