@@ -247,13 +247,19 @@ class AdminHandlers:
             record.sha256[:12],
         )
         if blob.repaired:  # the documented fix for a corrupt model: its file added again
-            await self._integrity.repaired(
+            await self._repaired(
                 StoredBlob.of_model(record), f"adding model {record.name}'s file (AddModel)"
             )
         change = interface_change(previous, record) if created and previous else ""
         if change:
             log.warning("model %s v%d: %s", record.name, record.version, change)
         return AddedModel(record, created, change, blob.repaired)
+
+    async def _repaired(self, blob: StoredBlob, by: str) -> None:
+        """Record the repair, and wake every watch stream: its assignments now carry the
+        repair time, so agents whose download of these bytes failed retry at once."""
+        await self._integrity.repaired(blob, by)
+        self._notifier.notify_all()
 
     async def list_models(self, page_size: int = 0, page_token: str = "") -> ModelPage:
         """One page of model versions in (name, version) order, and the next token."""
@@ -424,7 +430,7 @@ class AdminHandlers:
                 self._blobs.delete(blob.sha256)
             raise
         if blob.repaired:
-            await self._integrity.repaired(
+            await self._repaired(
                 StoredBlob.of_model(record), f"registering workload {name}'s source model"
             )
         return record
@@ -464,7 +470,7 @@ class AdminHandlers:
                 self._blobs.delete(blob.sha256)
             raise
         if blob.repaired:  # an earlier artifact (or model) with the very same bytes
-            await self._integrity.repaired(
+            await self._repaired(
                 StoredBlob.of_artifact(record, ""),
                 f"compressing {model.name} (artifact {record.id})",
             )

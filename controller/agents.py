@@ -384,7 +384,7 @@ class AgentHandlers:
         with self._notifier.subscribe(device.device_id, device.device_class) as sub:
             self._open_watches[device_id] = self._open_watches.get(device_id, 0) + 1
             try:
-                last_revision = -1
+                last_sent: DesiredSet | None = None
                 next_beat = loop.time()
                 while not sub.closed:
                     heartbeat = loop.time() >= next_beat
@@ -392,9 +392,11 @@ class AgentHandlers:
                         next_beat = loop.time() + beat
                         await in_thread(self._store.touch_watch, device_id, unix_ms() + lease_ms)
                     desired = await in_thread(self._store.desired_set, device_id)
-                    if heartbeat or desired.revision != last_revision:
+                    # any change, not only the revision's: a repaired blob changes no
+                    # assignment but its repair time, which makes failed agents retry
+                    if heartbeat or desired != last_sent:
                         await send(desired)
-                        last_revision = desired.revision
+                        last_sent = desired
                     await sub.wait(max(0.0, next_beat - loop.time()))
             finally:
                 left = self._open_watches[device_id] - 1

@@ -261,6 +261,7 @@ def assignment_to_proto(a: DesiredAssignment, key_chain: Sequence[bytes] = ()) -
         artifact_sha256=a.sha256,
         size_bytes=a.size_bytes,
         manifest=signed_manifest_to_proto(a.manifest_json, a.signature, a.key_id, key_chain),
+        repaired_unix_ms=a.repaired_unix_ms,
     )
 
 

@@ -270,6 +270,17 @@ class TelemetryRefusalRow(Base):
     last_unix_ms: Mapped[int] = mapped_column(BigInteger)
 
 
+class BlobRepairRow(Base):
+    """When sound bytes last replaced a corrupt stored copy of a blob: sent with each
+    assignment of those bytes, so agents whose download failed retry at once instead
+    of waiting out their backoff (up to 15 minutes)."""
+
+    __tablename__ = "blob_repairs"
+
+    sha256: Mapped[str] = mapped_column(String(DIGEST), primary_key=True)
+    repaired_unix_ms: Mapped[int] = mapped_column(BigInteger)
+
+
 class TelemetryReportingRow(Base):
     """When each device last sent windows of a (model, artifact): "devices reporting"
     counts these rows (one per device and artifact), not the windows.

@@ -229,7 +229,8 @@ class BlobIntegrity:
 
     async def repaired(self, blob: StoredBlob, by: str) -> None:
         """The same bytes were stored again over a corrupt copy: say so in an event and
-        the log (the ``blob.corrupt`` event would otherwise be the last word). A model's
+        the log (the ``blob.corrupt`` event would otherwise be the last word), and record
+        the repair time, which assignments of these bytes carry from now on. A model's
         bytes may be an artifact's too (an identity artifact): the event names one, as
         a download's ``blob.corrupt`` event names the artifact."""
         artifact_id = blob.artifact_id
@@ -253,7 +254,11 @@ class BlobIntegrity:
         log.warning("%s", message)
         detail = _blob_detail(blob)
         detail.update(artifact_id=artifact_id, sha256=blob.sha256, repaired_by=by)
-        await self._event(NewEvent(REPAIRED_EVENT, blob.subject, message, detail))
+        event = NewEvent(REPAIRED_EVENT, blob.subject, message, detail)
+        try:
+            await asyncio.to_thread(self._store.record_blob_repair, blob.sha256, event)
+        except Exception:  # the repair is done; agents then find it at their next retry
+            log.exception("could not record the repair of blob %s", blob.sha256)
 
     async def _event(self, event: NewEvent) -> None:
         """Record an event; a database hiccup must not turn the answer into INTERNAL."""

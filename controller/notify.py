@@ -59,6 +59,13 @@ class AssignmentNotifier:
                 woken += 1
         return woken
 
+    def notify_all(self) -> int:
+        """Wake every watcher (a change that is not an assignment's, such as a repaired
+        blob, may concern any of them); returns how many were woken."""
+        for sub in self._subscriptions:
+            sub.wake()
+        return len(self._subscriptions)
+
     def close(self) -> None:
         """Shutting down: every watcher ends its stream (agents reconnect elsewhere)."""
         self._closed = True

@@ -160,6 +160,7 @@ class DesiredAssignment:
     manifest_json: bytes
     signature: bytes
     key_id: str
+    repaired_unix_ms: int = 0  # when sound bytes last replaced a corrupt stored copy
 
 
 @dataclass(frozen=True)

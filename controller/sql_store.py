@@ -41,6 +41,7 @@ from controller.db import (
     ArtifactRow,
     AssignmentRow,
     Base,
+    BlobRepairRow,
     CompressionInputRow,
     CompressionJobLeaseRow,
     CompressionJobRow,
@@ -475,8 +476,9 @@ class SqlStore(Store):
         def work(session: Session) -> DesiredSet:
             device = _require_device(session, device_id)
             rows = session.execute(
-                select(AssignmentRow, ArtifactRow)
+                select(AssignmentRow, ArtifactRow, BlobRepairRow.repaired_unix_ms)
                 .join(ArtifactRow, AssignmentRow.artifact_id == ArtifactRow.id)
+                .outerjoin(BlobRepairRow, BlobRepairRow.sha256 == ArtifactRow.sha256)
                 .where(
                     or_(
                         and_(
@@ -490,9 +492,16 @@ class SqlStore(Store):
                     )
                 )
             )
-            chosen = _choose(rows)
+            repaired: dict[str, int] = {}
+            pairs = []
+            for assignment, artifact, repaired_ms in rows:
+                repaired[artifact.sha256] = repaired_ms or 0
+                pairs.append((assignment, artifact))
+            chosen = _choose(pairs)
             return DesiredSet(
-                assignments=tuple(_desired(a) for _, (_, a) in sorted(chosen.items())),
+                assignments=tuple(
+                    _desired(a, repaired[a.sha256]) for _, (_, a) in sorted(chosen.items())
+                ),
                 revision=max((r.revision for r, _ in chosen.values()), default=0),
             )
 
@@ -984,6 +993,17 @@ class SqlStore(Store):
                 if isinstance(e.detail, dict) and e.detail.get("job_id") == job.id
             ]
         )
+
+    def record_blob_repair(self, sha256: str, event: NewEvent) -> None:
+        def work(session: Session) -> None:
+            self._event(session, event)
+            row = session.get(BlobRepairRow, sha256)
+            if row is None:  # two replicas' first repairs race: _retry runs the loser again
+                session.add(BlobRepairRow(sha256=sha256, repaired_unix_ms=self._now()))
+            else:
+                row.repaired_unix_ms = max(row.repaired_unix_ms + 1, self._now())
+
+        self._retry(work)
 
     def record_telemetry_refusal(self, refusal: TelemetryRefusal, event: NewEvent | None) -> None:
         def work(session: Session) -> None:
@@ -2058,7 +2078,7 @@ def _artifact_or_none(row: ArtifactRow | None) -> ArtifactRecord | None:
     return _artifact(row) if row is not None else None
 
 
-def _desired(row: ArtifactRow) -> DesiredAssignment:
+def _desired(row: ArtifactRow, repaired_unix_ms: int = 0) -> DesiredAssignment:
     return DesiredAssignment(
         model_name=row.model_name,
         artifact_id=row.id,
@@ -2067,6 +2087,7 @@ def _desired(row: ArtifactRow) -> DesiredAssignment:
         manifest_json=bytes(row.manifest_json),
         signature=bytes(row.signature),
         key_id=row.key_id,
+        repaired_unix_ms=repaired_unix_ms,
     )
 
 

@@ -251,6 +251,13 @@ class Store(abc.ABC):
     def download_totals(self) -> list[DownloadTotals]:
         """The download sums per (class, model, artifact, encoding), for /metrics."""
 
+    # ---------------------------------------------------------------- repaired blobs
+    @abc.abstractmethod
+    def record_blob_repair(self, sha256: str, event: NewEvent) -> None:
+        """Sound bytes replaced a corrupt stored copy of blob ``sha256`` now: record the
+        time (each assignment of these bytes carries it, so agents whose download failed
+        retry at once) and ``event``, in one transaction."""
+
     # ---------------------------------------------------------------- refused telemetry
     @abc.abstractmethod
     def record_telemetry_refusal(self, refusal: TelemetryRefusal, event: NewEvent | None) -> None:

@@ -7,7 +7,9 @@ and the old model keeps serving. A failure that may pass by itself (a refused or
 fetch, a state directory that refused a write) is tried again with a capped exponential
 backoff per (model, artifact), checked each time the desired set arrives (every
 heartbeat); one that retrying the same manifest would only repeat (errors.SETTLED) waits
-for another manifest. A reconnect forgets every failure. When the controller is away the
+for another manifest. Either is tried at once when the controller has repaired its
+stored copy of the bytes since (``Assignment.repaired_unix_ms``). A reconnect forgets
+every failure. When the controller is away the
 loop reconnects with exponential backoff and full jitter, and the local API keeps
 serving meanwhile. A session whose stream worked starts the backoff over, unless another
 agent with the same device id took the stream over: the two would otherwise take turns
@@ -91,6 +93,7 @@ class Failure:
     manifest: bytes  # digest of the signed manifest it failed with: another one is news
     failures: int  # in a row, with that manifest
     retry_at: float | None  # event-loop time; None: not until another manifest comes
+    repaired_unix_ms: int = 0  # the controller's repair time of the bytes when it failed
 
     def due(self, now: float) -> bool:
         return self.retry_at is not None and now >= self.retry_at
@@ -463,6 +466,15 @@ class SyncLoop:
                 sha,
             )
             return True
+        if assignment.repaired_unix_ms > failed.repaired_unix_ms:
+            log.info(
+                "model %s: the controller has repaired its stored copy of %s since the "
+                "deployment failed (%s); trying it now",
+                model,
+                sha,
+                failed.reason,
+            )
+            return True
         if not failed.due(self._now()):
             log.debug("not retrying %s=%s yet: %s", model, sha, failed.reason)
             return False
@@ -503,7 +515,9 @@ class SyncLoop:
                 f"next retry in {delay:.3g} s, at "
                 f"{time.strftime('%H:%M:%S', time.localtime(time.time() + delay))}"
             )
-        self._failed[(model, sha)] = Failure(reason, digest, failures, retry_at)
+        self._failed[(model, sha)] = Failure(
+            reason, digest, failures, retry_at, assignment.repaired_unix_ms
+        )
         serving = self._serving(model)
         log.error(
             "deployment of %s=%s FAILED: %s; %s; %s",

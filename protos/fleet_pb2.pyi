@@ -149,16 +149,18 @@ class WatchAssignmentsRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("model_name", "artifact_sha256", "size_bytes", "manifest")
+    __slots__ = ("model_name", "artifact_sha256", "size_bytes", "manifest", "repaired_unix_ms")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    REPAIRED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     artifact_sha256: str
     size_bytes: int
     manifest: SignedManifest
-    def __init__(self, model_name: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., manifest: _Optional[_Union[SignedManifest, _Mapping]] = ...) -> None: ...
+    repaired_unix_ms: int
+    def __init__(self, model_name: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., manifest: _Optional[_Union[SignedManifest, _Mapping]] = ..., repaired_unix_ms: _Optional[int] = ...) -> None: ...
 
 class AssignmentSet(_message.Message):
     __slots__ = ("assignments", "revision")

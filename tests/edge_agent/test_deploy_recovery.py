@@ -138,3 +138,41 @@ def test_a_read_only_state_directory_fails_a_deployment_that_is_retried_once_wri
         assert any("retrying the deployment" in r.getMessage() for r in caplog.records)
 
     scenario(tmp_path, body)
+
+
+def test_a_deployment_that_failed_on_a_corrupt_blob_is_tried_at_once_when_it_is_repaired(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """v2's bytes rot on the controller: the download ends DATA_LOSS and the agent's next
+    retry is an hour away. The operator adds the model's file again (the documented fix):
+    the controller records the repair and wakes the watch streams, whose assignment of v2
+    now carries the repair time, and the agent tries v2 at once, on the same stream."""
+    caplog.set_level(logging.INFO, logger="edge_agent.sync")
+
+    async def body(controller: Controller, state: Path) -> None:
+        async with running_agent(
+            state, controller.address, deploy_retry_initial_s=3600.0, deploy_retry_max_s=3600.0
+        ) as agent:
+            old = (await deploy(controller, agent, add_model(1.0))).sha256
+            data = add_model(2.0)
+            model = await controller.add_model("motions", data)
+            v2 = await controller.create_artifact("motions", "home-hub", model.version)
+            assert v2.sha256 == model.sha256  # an identity artifact: the model's own bytes
+            blob = controller.blob_path(v2.sha256)
+            blob.chmod(0o644)
+            blob.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # bit rot, same size
+            blob.chmod(0o444)
+            await controller.assign(v2.id, device_class="home-hub")
+            report = await wait_final(controller, v2.sha256)
+            assert report["outcome"] == "failed" and "DATA_LOSS" in report["reason"], report
+            assert agent.runtime.get("motions").sha256 == old
+
+            repaired = await controller.add_model("motions", data)
+            assert repaired.repaired
+
+            await wait_active(controller, v2.sha256)
+            assert agent.runtime.get("motions").sha256 == v2.sha256
+            assert len(await registrations(controller)) == 1  # no reconnect needed
+        assert "has repaired its stored copy" in caplog.text
+
+    scenario(tmp_path, body)
