@@ -89,11 +89,14 @@ MISSING_EVENT = "blob.missing"
 UNREADABLE_EVENT = "blob.unreadable"
 BLOB_EVENT_INTERVAL_S = 3600.0
 MAX_BLOB_EVENT_KEYS = 10_000
-# Blob reads and hashing run on threads of their own, never queued before the database
-# calls every other RPC waits for (a blob hashed whole reads ~1 GB/s of disk and CPU).
-BLOB_READ_THREADS = 4
-# Devices x payloads whose download progress is remembered (see _UpdateProgress).
+# Blob reads and hashing run on threads of their own (ControllerConfig.blob_read_threads),
+# never queued before the database calls every other RPC waits for (a blob hashed whole
+# reads ~1 GB/s of disk and CPU); so do delta encodes (ControllerConfig.delta_threads).
+# Devices x payloads whose download progress is remembered (see _UpdateProgress), and
+# whose artifact.fetch events are summarised (see _FetchEvents).
 MAX_PROGRESS_KEYS = 100_000
+FETCH_EVENT = "artifact.fetch"
+FETCH_EVENT_INTERVAL_S = 600.0
 # A window is the device's own account, so it is held to what a real one can say: it
 # cannot end in the future (beyond a device clock's drift), and it cannot count more
 # inferences than its length allows, or other than its histogram holds. One device could
@@ -153,6 +156,84 @@ class _UpdateProgress:
             while len(self._reached) > self._max:
                 self._reached.popitem(last=False)
         return False
+
+
+@dataclasses.dataclass
+class _Unrecorded:
+    """FetchArtifact calls of one (device, payload) counted since its last event, none of
+    them with an event of its own: the next event of that device and payload says them."""
+
+    calls: int = 0
+    bytes_sent: int = 0
+    updates: int = 0  # calls among them that completed an update
+
+
+@dataclasses.dataclass
+class _FetchKey:
+    completion_at: float | None = None  # time.monotonic() of its last completion's event
+    other_at: float | None = None  # ... and of its last other call's event
+    unrecorded: _Unrecorded = dataclasses.field(default_factory=_Unrecorded)
+
+
+class _FetchEvents:
+    """Which FetchArtifact calls get an ``artifact.fetch`` event of their own.
+
+    Every call is counted, byte for byte, in the download sums (``Store.record_fetch``,
+    the ``homefleet_update_*`` counters); an event per call, though, let one device add
+    rows as fast as it could open calls (a resumed 1-byte fetch costs it nothing: ~130
+    rows a second). What an operator reads the events for is an update arriving, and a
+    transfer that starts, breaks or keeps breaking. So, per (device, payload), within
+    ``interval_s``:
+
+    - the first call that completes an update gets its event. Each new update is a new
+      payload, so every update's completion is recorded; only a device downloading the
+      same payload whole again and again (an agent in a loop) has the repeats summed up;
+    - the first other call gets its event (a transfer started, or broke);
+    - every further call is summed up in the next event of the same device and payload
+      (``calls_summarised``, ``bytes_summarised``, ``updates_summarised``): a hundred
+      retries of a broken download are one row that says so, not a hundred rows.
+
+    A device thus adds at most two events per payload it may fetch (its assigned
+    artifacts, in full or as a delta from one of the model's own) per interval, whatever
+    it does. Kept in memory and bounded (the least recently moved keys go first): calls
+    summed after a key's last event, by a device that never calls again, or before a
+    controller restart, are in the sums only.
+    """
+
+    def __init__(
+        self,
+        interval_s: float = FETCH_EVENT_INTERVAL_S,
+        max_keys: int = MAX_PROGRESS_KEYS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._interval = interval_s
+        self._max = max_keys
+        self._clock = clock
+        self._keys: collections.OrderedDict[tuple[str, str], _FetchKey] = collections.OrderedDict()
+
+    def ended(
+        self, device_id: str, payload_sha256: str, sent: int, completed: bool
+    ) -> _Unrecorded | None:
+        """Count a call; the earlier calls it sums up when it gets an event, else None."""
+        key = (device_id, payload_sha256)
+        state = self._keys.pop(key, None) or _FetchKey()
+        now = self._clock()
+        last = state.completion_at if completed else state.other_at
+        summed = None
+        if last is None or now - last >= self._interval:
+            summed, state.unrecorded = state.unrecorded, _Unrecorded()
+            if completed:
+                state.completion_at = now
+            else:
+                state.other_at = now
+        else:
+            state.unrecorded.calls += 1
+            state.unrecorded.bytes_sent += sent
+            state.unrecorded.updates += completed
+        self._keys[key] = state
+        while len(self._keys) > self._max:
+            self._keys.popitem(last=False)
+        return summed
 
 
 class _Quiet:
@@ -222,7 +303,6 @@ class AgentHandlers:
         self._blobs = blobs
         self._config = config
         self._notifier = notifier
-        self._deltas = DeltaCache(blobs)
         self._open_watches: dict[str, int] = {}
         self._watch_streams: dict[str, _WatchStream] = {}  # the one current stream per device
         self._handovers: dict[str, _Handovers] = {}  # devices whose stream was ever replaced
@@ -232,8 +312,15 @@ class AgentHandlers:
             config.fetch_write_timeout_seconds,
         )
         self._bookkeeping: set[asyncio.Task[None]] = set()  # held: the loop keeps weak refs
-        self._blob_reads = ThreadPoolExecutor(BLOB_READ_THREADS, thread_name_prefix="blob-read")
+        self._blob_reads = ThreadPoolExecutor(
+            config.blob_read_threads, thread_name_prefix="blob-read"
+        )
+        self._delta_encodes = ThreadPoolExecutor(
+            config.delta_threads, thread_name_prefix="delta-encode"
+        )
+        self._deltas = DeltaCache(blobs, encodes=self._delta_encodes, reads=self._blob_reads)
         self._progress = _UpdateProgress()
+        self._fetch_events = _FetchEvents()
         self._blob_events = _Quiet(BLOB_EVENT_INTERVAL_S, MAX_BLOB_EVENT_KEYS)
         self._telemetry = TelemetryIngest(store)  # group commit: many calls, one transaction
         # (device, reason) -> when its last telemetry.refused event was recorded
@@ -439,10 +526,10 @@ class AgentHandlers:
         full = self._deltas.full(target, artifact.size_bytes)
         if request.encoding is Encoding.FULL or not base or base == target:
             return full
-        held = await in_thread(self._store.find_artifact_by_sha256, base)
+        # the model's own artifact with those bytes: another model's may hold them too
+        held = await in_thread(self._store.find_model_artifact, artifact.model_name, base)
         usable = (
             held is not None
-            and held.model_name == artifact.model_name
             and await in_thread(self._blobs.exists, base)
             and await self._sound(base)
         )
@@ -508,7 +595,7 @@ class AgentHandlers:
             return False
 
     async def _blob_io(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Blocking blob work on the blob-read threads (BLOB_READ_THREADS); an OSError
+        """Blocking blob work on the blob-read threads (blob_read_threads); an OSError
         of the file system comes out as _Unreadable."""
         loop = asyncio.get_running_loop()
         try:
@@ -596,35 +683,11 @@ class AgentHandlers:
                 sent,
                 completed,
             )
-            await self._quietly(
-                self._store.record_fetch,
-                NewEvent(
-                    "artifact.fetch",
-                    request.device_id,
-                    f"device {request.device_id} fetched {artifact.id} "
-                    + (
-                        f"as a delta from {payload.base_sha256[:12]} "
-                        if payload.encoding is Encoding.DELTA
-                        else ""
-                    )
-                    + f"from offset {request.offset}: {sent} of {total} bytes sent"
-                    + ("" if reached_end else " (interrupted)"),
-                    {
-                        "device_id": request.device_id,
-                        "target_sha256": target,
-                        "artifact_id": artifact.id,
-                        "encoding": payload.encoding.value,
-                        "base_sha256": payload.base_sha256,
-                        "payload_sha256": payload.sha256,
-                        "artifact_bytes": artifact.size_bytes,
-                        "offset": request.offset,
-                        "bytes_sent": sent,
-                        "total_bytes": total,
-                        "completed": reached_end,  # this call's; the sums count updates
-                    },
-                ),
-                outcome,
-            )
+            summed = self._fetch_events.ended(request.device_id, payload.sha256, sent, completed)
+            event = None
+            if summed is not None:
+                event = _fetch_event(request, artifact, payload, outcome, reached_end, summed)
+            await self._quietly(self._store.record_fetch, event, outcome)
 
     # ---------------------------------------------------------------- corrupt blobs
     async def _corrupt_artifact(
@@ -857,9 +920,11 @@ class AgentHandlers:
         await self._quietly(self._store.record_telemetry_refusal, refusal, event)
 
     async def close(self) -> None:
-        """Finish the telemetry commit in progress (after the server's calls ended)."""
+        """Finish the telemetry commit in progress (after the server's calls ended), and
+        end the blob-read and delta pools (an encode still queued has nobody waiting)."""
         await self._telemetry.close()
         self._blob_reads.shutdown(wait=False)
+        self._delta_encodes.shutdown(wait=False, cancel_futures=True)
 
     async def _quietly(self, fn: Callable[..., object], *args: object) -> None:
         """Bookkeeping after a stream ends must not hide the stream's own outcome.
@@ -879,6 +944,53 @@ class AgentHandlers:
         self._bookkeeping.add(task)
         task.add_done_callback(self._bookkeeping.discard)
         await asyncio.shield(task)
+
+
+def _fetch_event(
+    request: FetchRequest,
+    artifact: ArtifactRecord,
+    payload: Payload,
+    outcome: FetchOutcome,
+    reached_end: bool,
+    summed: _Unrecorded,
+) -> NewEvent:
+    """The ``artifact.fetch`` event of one call, and of the calls it sums up (_FetchEvents)."""
+    sent, total = outcome.bytes_sent, payload.size
+    delta = (
+        f"as a delta from {payload.base_sha256[:12]} " if payload.encoding is Encoding.DELTA else ""
+    )
+    message = (
+        f"device {request.device_id} fetched {artifact.id} {delta}from offset "
+        f"{request.offset}: {sent} of {total} bytes sent"
+        + ("" if reached_end else " (interrupted)")
+        + ("; the update is complete" if outcome.completed else "")
+    )
+    if summed.calls:
+        message += (
+            f"; {summed.calls} earlier call(s) of this payload since its last event, "
+            f"{summed.bytes_sent} bytes, {summed.updates} update(s) completed, are summed "
+            f"up here (at most one event per device and payload every "
+            f"{FETCH_EVENT_INTERVAL_S / 60:g} minutes for completed updates and one for other "
+            "calls; every call is counted in homefleet_update_fetches_total)"
+        )
+    detail = {
+        "device_id": request.device_id,
+        "target_sha256": request.target_sha256,
+        "artifact_id": artifact.id,
+        "encoding": payload.encoding.value,
+        "base_sha256": payload.base_sha256,
+        "payload_sha256": payload.sha256,
+        "artifact_bytes": artifact.size_bytes,
+        "offset": request.offset,
+        "bytes_sent": sent,
+        "total_bytes": total,
+        "completed": reached_end,  # this call sent the last byte
+        "update_completed": outcome.completed,  # ...and the update is complete (the sums)
+        "calls_summarised": summed.calls,  # earlier calls without an event of their own
+        "bytes_summarised": summed.bytes_sent,
+        "updates_summarised": summed.updates,
+    }
+    return NewEvent(FETCH_EVENT, request.device_id, message, detail)
 
 
 def _found(error: CorruptBlobError) -> str:

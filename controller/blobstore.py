@@ -11,11 +11,14 @@ recorded in ``blobs/corrupt/<digest>.json`` (``mark_corrupt``, naming the very f
 was read, by its open descriptor; ``known_corrupt`` answers from it at once while that
 file is still the blob's), and storing the same bytes again repairs it: ``commit`` checks
 the copy it would keep, replaces a corrupt one, which it moves to ``blobs/corrupt/`` as
-evidence, and clears the record whenever the copy it keeps is sound.
+evidence (one copy per digest: a later repair's replaces an earlier one's, so repairs
+repeated by a failing disk cannot fill the volume with copies), and clears the record
+whenever the copy it keeps is sound.
 
 Hashing a whole blob to resume a download at its end costs as much as sending it, so a
 blob hashed whole lately is remembered (``RecentlyVerified``, by the identity of the file
-hashed, for ``VERIFIED_TTL_SECONDS``): a resumed read of the same file skips its prefix
+hashed, for ``VERIFIED_TTL_SECONDS`` unless configured otherwise: the controller config's
+``verified_blob_trust_seconds``): a resumed read of the same file skips its prefix
 instead of hashing it. Bit rot in place changes no identity, so it is caught by the
 first full hash after that time (and, on a device, by its own digest check).
 """
@@ -139,7 +142,8 @@ class RecentlyVerified:
             entry = self._entries.get(sha256)
             if entry is None:
                 return False
-            if entry[0] == size and entry[1] == file and self._clock() - entry[2] < self._ttl:
+            fresh = self._clock() - entry[2] < self._ttl
+            if entry[0] == size and entry[1] == file and fresh:
                 return True
             del self._entries[sha256]  # another file, or too long ago: hash it again
             return False
@@ -455,16 +459,22 @@ class BlobStore:
 
         A second name (a hard link; a copy where links are refused), so the blob's own
         path never goes missing for a reader while the replacement is renamed over it.
+        One copy per digest is kept: this one replaces any earlier repair's (removed once
+        this one is in place, and logged), so a disk that keeps rotting the same blob
+        cannot fill the volume with full copies of it.
         """
         source = self.path_for(sha256)
-        kept = self.corrupt_dir / f"{sha256}.{int(time.time() * 1000)}.blob"
         self.corrupt_dir.mkdir(parents=True, exist_ok=True)
+        found_ms = int(time.time() * 1000)
+        while (kept := self.corrupt_dir / f"{sha256}.{found_ms}.blob").exists():
+            found_ms += 1  # an earlier repair within this millisecond: this one is newer
         try:
             os.link(source, kept)
         except FileNotFoundError:
             return None
         except OSError:  # a file system without hard links
             shutil.copyfile(source, kept)
+        self._drop_older_evidence(sha256, found_ms)
         log.warning(
             "blob %s was corrupt; the same bytes were stored again and replace it. The "
             "corrupt copy is kept at %s: compare it, check the disk, then delete it",
@@ -472,6 +482,30 @@ class BlobStore:
             kept,
         )
         return kept
+
+    def evidence(self, sha256: str) -> list[Path]:
+        """The corrupt copies of a blob kept under ``corrupt/`` (at most one, but for two
+        replicas repairing it in the same moment)."""
+        return sorted(self.corrupt_dir.glob(f"{check_sha256(sha256)}.*.blob"))
+
+    def _drop_older_evidence(self, sha256: str, newest_ms: int) -> None:
+        """Remove the copies kept by earlier repairs of ``sha256``; one kept since by
+        another replica (a later time in its name) stays."""
+        for older in self.evidence(sha256):
+            try:
+                kept_ms = int(older.name.split(".")[1])
+            except (IndexError, ValueError):
+                continue  # not a name this store gives: someone else's file
+            if kept_ms >= newest_ms:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                older.unlink()
+                log.warning(
+                    "blob %s: removed the corrupt copy an earlier repair kept (%s); the one "
+                    "from this repair replaces it (one copy per digest is kept)",
+                    sha256,
+                    older,
+                )
 
     def delete(self, sha256: str) -> None:
         """Remove a blob (used to undo a commit whose metadata row could not be written)."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifact.tls import is_loopback
+from controller.blobstore import VERIFIED_TTL_SECONDS
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -16,6 +17,7 @@ MAX_CHUNK_BYTES = 1 * MIB
 MAX_MESSAGE_BYTES = 8 * MIB
 # protobuf cannot parse a message of 2 GiB or more, and an ONNX file is one message.
 MAX_MODEL_BYTES_LIMIT = 2 * GIB - 1
+MAX_TRUST_SECONDS = 86_400.0  # a day: bit rot in place must be looked for at least daily
 
 
 class ConfigError(ValueError):
@@ -90,6 +92,17 @@ class ControllerConfig:
     # A chunk the client does not take within this long ends its download
     # (DEADLINE_EXCEEDED): a reader that stopped cannot hold a download slot for good.
     fetch_write_timeout_seconds: float = 60.0
+    # Downloads read and hash blobs on a pool of this many threads, never queued behind
+    # the database calls every other RPC waits for (a blob hashed whole reads ~1 GB/s).
+    blob_read_threads: int = 4
+    # Delta payloads are computed (base and target hashed, encoded, stored) on a pool of
+    # this many threads: a burst of new (base, target) pairs runs at most this many
+    # encodes at once and never queues ahead of the database calls.
+    delta_threads: int = 2
+    # A blob hashed whole is trusted this long while its file stays the same (inode,
+    # size, mtime): a resumed download skips its prefix instead of hashing it again. The
+    # longest that bit rot in place goes unseen by resumed downloads.
+    verified_blob_trust_seconds: float = VERIFIED_TTL_SECONDS
     # Client-streamed uploads (AddModel, StartCompression) have a pool of their own too
     # (they last as long as their client sends), with a cap per client: its certificate
     # under mutual TLS, else its IP address (so on a plaintext loopback controller every
@@ -150,6 +163,11 @@ class ControllerConfig:
         _check_range("max_fetch_streams", self.max_fetch_streams, 1, 100_000)
         _check_range("max_fetches_per_device", self.max_fetches_per_device, 1, 64)
         _check_seconds("fetch_write_timeout_seconds", self.fetch_write_timeout_seconds)
+        _check_range("blob_read_threads", self.blob_read_threads, 1, 256)
+        _check_range("delta_threads", self.delta_threads, 1, 64)
+        _check_seconds(
+            "verified_blob_trust_seconds", self.verified_blob_trust_seconds, MAX_TRUST_SECONDS
+        )
         _check_range("max_upload_streams", self.max_upload_streams, 1, 10_000)
         _check_range("max_uploads_per_peer", self.max_uploads_per_peer, 1, 10_000)
         _check_seconds("upload_idle_timeout_seconds", self.upload_idle_timeout_seconds)
@@ -220,6 +238,7 @@ def _check_range(field: str, value: int, low: int, high: int) -> None:
 
 
 def _check_seconds(field: str, value: float, high: float = 3600.0) -> None:
-    """A timeout: a positive number of seconds (0 would end every stream at once)."""
+    """A timeout or a trust window: a positive number of seconds (a 0 timeout would end
+    every stream at once)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= high:
         raise ConfigError(f"{field} must be a number of seconds in (0, {high:g}], got {value!r}")

@@ -13,14 +13,21 @@ the cache; two computing the same pair at once write identical bytes.
 A cached payload is the controller's own work, not the operator's data, so a corrupt one
 is never worth an error: taking a delta from the cache hashes its blob (a delta is small
 beside its artifact, and reading it costs far less than sending it; a file found sound
-within ``blobstore.VERIFIED_TTL_SECONDS`` is not hashed again), and a corrupt one is
-dropped (blob and record) and computed again, in the same call, before any byte of it
-is sent; the drop is reported (``on_dropped``) so the operator still hears that the
-disk lost bytes. A payload that rots after that check is caught while it is streamed
+within the trust window, ``verified_blob_trust_seconds``, is not hashed again), and a
+corrupt one is dropped (blob and record) and computed again, in the same call, before
+any byte of it is sent; the drop is reported (``on_dropped``) so the operator still
+hears that the disk lost bytes. A payload that rots after that check is caught while it is streamed
 (``BlobStore.open_verified``): the caller drops it (``drop``) and ends the fetch
 FAILED_PRECONDITION, which an agent answers by starting over from byte 0 at once, and
 gets a fresh one. Before encoding, the base and the target are hashed as well: a delta
 made from corrupt bytes would rebuild corrupt bytes.
+
+Computing a delta (hashing base and target, encoding, storing) runs on the ``encodes``
+executor the cache is given (``AgentHandlers`` gives it a bounded pool of its own,
+``delta_threads`` in the controller config), and checking a cached one on ``reads`` (the
+blob-read pool downloads use): never on asyncio's default executor, which runs the
+database calls every RPC waits for, and a resumed download of a cached delta never
+waits behind another pair's encode.
 
 The full artifact's payload is sized by the artifact's record (``full``), never by the
 file: a blob cut short or lengthened is then read to the size it must have, and found
@@ -35,8 +42,10 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from artifact.delta import write_delta
 from artifact.delta.format import FORMAT_VERSION
@@ -69,11 +78,14 @@ class DroppedDelta:
 
 
 OnDropped = Callable[[DroppedDelta], None]
+_T = TypeVar("_T")
 
 
 class DeltaCache:
-    def __init__(self, blobs: BlobStore) -> None:
+    def __init__(self, blobs: BlobStore, *, encodes: Executor, reads: Executor) -> None:
         self._blobs = blobs
+        self._encodes = encodes  # see the module docstring
+        self._reads = reads
         self._index = blobs.root / "deltas" / f"v{FORMAT_VERSION}"
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
@@ -113,7 +125,7 @@ class DeltaCache:
     async def _take_reporting(
         self, base: str, target: str, on_dropped: OnDropped | None
     ) -> Payload | None:
-        cached, dropped = await asyncio.to_thread(self._take, base, target)
+        cached, dropped = await self._run(self._reads, self._take, base, target)
         if dropped is not None and on_dropped is not None:
             on_dropped(dropped)
         return cached
@@ -151,8 +163,12 @@ class DeltaCache:
         async with lock:
             cached = await self._take_reporting(base, target, on_dropped)
             if cached is None:
-                cached = await asyncio.to_thread(self._compute, base, target)
+                cached = await self._run(self._encodes, self._compute, base, target)
             return cached
+
+    @staticmethod
+    async def _run(executor: Executor, fn: Callable[[str, str], _T], base: str, target: str) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, base, target)
 
     def _compute(self, base: str, target: str) -> Payload:
         for sha in (base, target):  # raises CorruptBlobError: no delta of rotten bytes

@@ -93,6 +93,18 @@ def serve(
     max_active_jobs: int = typer.Option(
         16, "--max-active-jobs", help="Compression jobs queued or running at once (1..10000)."
     ),
+    blob_read_threads: int = typer.Option(
+        4, "--blob-read-threads", help="Threads reading and hashing blobs for downloads (1..256)."
+    ),
+    delta_threads: int = typer.Option(
+        2, "--delta-threads", help="Threads computing delta payloads, one pair each (1..64)."
+    ),
+    verified_blob_trust_seconds: float = typer.Option(
+        600.0,
+        "--verified-blob-trust-seconds",
+        help="How long a blob hashed whole is trusted by resumed downloads while its file is "
+        "unchanged (0 < s <= 86400): the longest bit rot in place goes unseen by them.",
+    ),
     tls: Path | None = typer.Option(
         None,
         "--tls",
@@ -129,6 +141,9 @@ def serve(
             compression_workers=compression_workers,
             compression_threads=compression_threads,
             max_active_jobs=max_active_jobs,
+            blob_read_threads=blob_read_threads,
+            delta_threads=delta_threads,
+            verified_blob_trust_seconds=verified_blob_trust_seconds,
             tls_dir=tls,
             insecure=insecure,
             budget_policy=BudgetPolicy(

@@ -149,7 +149,9 @@ class ControllerServer:
             fresh = _database_is_new(config)
             self._engine = make_engine(config.database_url)
             await asyncio.to_thread(create_schema, self._engine)
-            blobs = BlobStore(config.blob_dir)
+            blobs = BlobStore(
+                config.blob_dir, verified_ttl_seconds=config.verified_blob_trust_seconds
+            )
             stored = len(blobs.digests()) if fresh else 0
             if stored:
                 log.warning(

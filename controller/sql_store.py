@@ -294,6 +294,17 @@ class SqlStore(Store):
         )
         return self._read(lambda s: _artifact_or_none(s.scalars(query).first()))
 
+    def find_model_artifact(self, model_name: str, sha256: str) -> ArtifactRecord | None:
+        # ix_artifacts_sha256 finds the few artifacts holding these bytes (the models and
+        # classes built alike); the model is checked on those rows only
+        query = (
+            select(ArtifactRow)
+            .where(ArtifactRow.sha256 == sha256, ArtifactRow.model_name == model_name)
+            .order_by(ArtifactRow.created_unix_ms.desc())
+            .limit(1)
+        )
+        return self._read(lambda s: _artifact_or_none(s.scalars(query).first()))
+
     def list_artifacts(
         self,
         model_name: str | None = None,
@@ -946,9 +957,10 @@ class SqlStore(Store):
         return self._read(work)
 
     # ---------------------------------------------------------------- events
-    def record_fetch(self, event: NewEvent, outcome: FetchOutcome) -> None:
+    def record_fetch(self, event: NewEvent | None, outcome: FetchOutcome) -> None:
         def work(session: Session) -> None:
-            self._event(session, event)
+            if event is not None:
+                self._event(session, event)
             device_class = session.scalar(
                 select(DeviceRow.device_class).where(DeviceRow.device_id == outcome.device_id)
             )

@@ -138,6 +138,13 @@ class Store(abc.ABC):
     def find_artifact_by_sha256(self, sha256: str) -> ArtifactRecord | None: ...
 
     @abc.abstractmethod
+    def find_model_artifact(self, model_name: str, sha256: str) -> ArtifactRecord | None:
+        """The newest artifact of ``model_name`` holding the bytes ``sha256`` (None: the
+        model has none), such as a delta base of the model's own. Not
+        ``find_artifact_by_sha256``, which finds one artifact of any model: two models can
+        share identical bytes, and it may well be the other model's."""
+
+    @abc.abstractmethod
     def list_artifacts(
         self,
         model_name: str | None = None,
@@ -239,9 +246,10 @@ class Store(abc.ABC):
 
     # ---------------------------------------------------------------- downloads
     @abc.abstractmethod
-    def record_fetch(self, event: NewEvent, outcome: FetchOutcome) -> None:
-        """Record a finished FetchArtifact call: its event, and its bytes added to the
-        download sums, in one transaction (so the two never disagree)."""
+    def record_fetch(self, event: NewEvent | None, outcome: FetchOutcome) -> None:
+        """Record a finished FetchArtifact call: its bytes added to the download sums
+        (every call), and ``event`` when given (AgentHandlers summarises most calls into
+        the event of a later one), in one transaction."""
 
     @abc.abstractmethod
     def applied_update_totals(self) -> list[AppliedUpdateTotals]:

@@ -53,7 +53,12 @@ from tests.controller.helpers import (
     sha256,
 )
 from tests.controller.test_agent_rpc import CHUNK, deployed, fetch_request, finetuned
-from tests.controller.test_stream_limits import big_model, stalled_fetch, stalling_channel
+from tests.controller.test_stream_limits import (
+    big_model,
+    download_calls,
+    stalled_fetch,
+    stalling_channel,
+)
 from tests.controller.test_stream_limits import deployed as deployed_big
 from tests.controller.test_telemetry_metrics import scrape_controller, values
 
@@ -296,10 +301,10 @@ async def stall_until_timed_out_then_leave(
     timeout has ended each, the client cancels them or just closes its channel."""
     channel = stalling_channel(c)
     calls = [await stalled_fetch(channel, art, device) for _ in range(per_device)]
-    before = len(await c.events("artifact.fetch"))
+    before, _ = await download_calls(c)
 
     async def timed_out() -> bool:
-        return len(await c.events("artifact.fetch")) == before + per_device
+        return (await download_calls(c))[0] == before + per_device
 
     await eventually(timed_out)
     if leave == "cancel":

@@ -181,6 +181,13 @@ def test_serve_command_refuses_bad_flags(tmp_path: Path) -> None:
         ("--max-active-jobs", "0", b"max_active_jobs must be an integer in 1..10000"),
         ("--canary-share", "1.5", b"canary_share must be in (0, 1]"),
         ("--budget-windows", "0", b"budget_windows_in_a_row must be an integer in 1..1000"),
+        ("--delta-threads", "0", b"delta_threads must be an integer in 1..64"),
+        ("--blob-read-threads", "300", b"blob_read_threads must be an integer in 1..256"),
+        (
+            "--verified-blob-trust-seconds",
+            "0",
+            b"verified_blob_trust_seconds must be a number of seconds in (0, 86400]",
+        ),
     ):
         done = subprocess.run(
             serve_command(tmp_path, flag, value), cwd=ROOT, capture_output=True, timeout=60

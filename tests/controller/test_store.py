@@ -19,6 +19,7 @@ from controller.records import (
     ClassCount,
     DeviceRegistration,
     Encoding,
+    FetchOutcome,
     Hardware,
     HeldArtifact,
     NewEvent,
@@ -111,6 +112,36 @@ class StoreContract:
         assert store.find_artifact_by_sha256(sha256(b"v1")) == got
         assert store.find_artifact_by_sha256(sha256(b"nothing")) is None
         assert store.list_artifacts(device_class="speaker") == []
+
+    def test_a_model_artifact_is_found_by_the_model_and_its_bytes(self, store: Store) -> None:
+        """Two models with identical bytes: each one's own artifact, never the other's."""
+        store.add_model(new_model("motions"))
+        store.add_model(new_model("twin"))  # the same file under another name
+        mine = store.insert_artifact(make_artifact("motions", "home-hub", 1))
+        newer = dataclasses.replace(make_artifact("motions", "speaker", 1), created_unix_ms=3)
+        mine_newer = store.insert_artifact(newer)
+        twin = dataclasses.replace(make_artifact("twin", "home-hub", 1), created_unix_ms=5)
+        theirs = store.insert_artifact(twin)
+        digest = sha256(b"v1")
+        assert store.find_artifact_by_sha256(digest) == theirs  # any model's: the newest
+        assert store.find_model_artifact("motions", digest) == mine_newer != mine
+        assert store.find_model_artifact("twin", digest) == theirs
+        assert store.find_model_artifact("nobody", digest) is None
+        assert store.find_model_artifact("motions", sha256(b"nothing")) is None
+
+    def test_a_fetch_without_an_event_still_adds_to_the_download_sums(self, store: Store) -> None:
+        store.add_model(new_model())
+        art = store.insert_artifact(make_artifact("motions", "home-hub", 1))
+        store.register_device(registration())
+        events_before = len(store.list_events(0, 1000))
+        for sent, completed in ((1, False), (2, True)):
+            outcome = FetchOutcome(
+                "hub-1", "motions", art.id, art.size_bytes, Encoding.FULL, sent, completed
+            )
+            store.record_fetch(None, outcome)
+        (totals,) = store.download_totals()
+        assert (totals.calls, totals.completed, totals.bytes_sent) == (2, 1, 3)
+        assert len(store.list_events(0, 1000)) == events_before
 
     def test_register_then_reregister_or_conflict(self, store: Store) -> None:
         first = store.register_device(registration())
@@ -278,7 +309,7 @@ class StoreContract:
             "motions", "home-hub", after=("motions", "home-hub", 2), newest_first=True
         )
         assert ids(rest) == ["motions/home-hub/v1"]
-        assert ids(all_artifacts(store, device_class="home-hub", newest_first=True)) == [
+        assert ids(list(all_artifacts(store, device_class="home-hub", newest_first=True))) == [
             "motions/home-hub/v10", "motions/home-hub/v2", "motions/home-hub/v1",
             "intents/home-hub/v1",
         ]  # fmt: skip
