@@ -8,10 +8,12 @@ reflection, over a SQL store, a blob directory and a signing key.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,8 +144,21 @@ class ControllerServer:
         return client_address(self.config.host, self.port)
 
     async def start(self) -> ControllerInfo:
-        """Open the store, bind, start serving, then write controller.json atomically."""
+        """Open the store, bind, start serving, then write controller.json atomically.
+
+        What the operator configured (TLS directory, device classes) is checked first: a
+        start refused for a typo there writes nothing into the data directory (no empty
+        database, no fresh signing key)."""
         config = self.config
+        tls, revoked = _load_tls(config)
+        try:
+            classes = (
+                DeviceClassRegistry.load(config.device_classes_dir)
+                if config.device_classes_dir is not None
+                else DeviceClassRegistry()
+            )
+        except DeviceClassError as exc:
+            raise ControllerStartError(str(exc), configuration=True) from exc
         try:
             config.data_dir.mkdir(parents=True, exist_ok=True)
             fresh = _database_is_new(config)
@@ -188,18 +203,9 @@ class ControllerServer:
                 "re-signed %d artifact manifest(s) with the current key %s", resigned, key.key_id
             )
         limits = RpcLimits.from_config(config)
-        tls, revoked = _load_tls(config)
         access = Access(mtls=tls is not None, revoked=revoked)
 
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        try:
-            classes = (
-                DeviceClassRegistry.load(config.device_classes_dir)
-                if config.device_classes_dir is not None
-                else DeviceClassRegistry()
-            )
-        except DeviceClassError as exc:
-            raise ControllerStartError(str(exc), configuration=True) from exc
         self._agents = AgentHandlers(store, blobs, config, self._notifier, classes)
         fleet_pb2_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
             AgentServicer(
@@ -231,7 +237,13 @@ class ControllerServer:
             config.budget_policy,
         )
         fleet_pb2_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            AdminServicer(admin, compression, RolloutHandlers(rollout_store), limits, access),
+            AdminServicer(
+                admin,
+                compression,
+                RolloutHandlers(rollout_store, self.budget_loop),
+                limits,
+                access,
+            ),
             server,
         )
         self._health = GuardedHealthServicer(limits, access)
@@ -248,7 +260,9 @@ class ControllerServer:
                 else server.add_insecure_port(where)
             )
         except RuntimeError as exc:
-            raise ControllerStartError(f"cannot listen on {where}: {exc}") from exc
+            raise ControllerStartError(
+                f"cannot listen on {where}: {_bind_failure(config.host, config.port, exc)}"
+            ) from exc
         if self.port == 0:
             raise ControllerStartError(
                 f"cannot listen on {where}: the address is in use or invalid"
@@ -345,6 +359,27 @@ def _load_tls(config: ControllerConfig) -> tuple[TlsBundle | None, RevocationLis
         return bundle, RevocationList(config.tls_dir / CRL_FILE, ca)
     except TlsError as exc:
         raise ControllerStartError(f"cannot serve with TLS: {exc}", configuration=True) from exc
+
+
+def _bind_failure(host: str, port: int, error: RuntimeError) -> str:
+    """Why gRPC could not bind, in the operator's terms: its own message only says
+    "Failed to bind" and to set GRPC_VERBOSITY. A plain socket bound to the same address
+    tells the errno."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            probe.bind((host.strip("[]"), port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return (
+                f"port {port} is already in use (another controller, or another program): "
+                "stop it or choose another --port"
+            )
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return f"{host} is not an address of this machine: choose another --host"
+        return f"{exc.strerror or exc} (choose another --host or --port)"
+    return str(error)
 
 
 def _database_is_new(config: ControllerConfig) -> bool:

@@ -36,6 +36,7 @@ from controller.cli.upload import CHUNK_BYTES
 from homefleet.cli import app
 from protos import fleet_pb2, fleet_pb2_grpc
 from tests.cli.conftest import StartController
+from tests.controller.test_onnx_inspect import custom_op_model
 from tests.support.controller import ControllerThread
 from tests.support.proxy import FaultProxy
 
@@ -377,10 +378,10 @@ class Refusal:
 
 
 REFUSALS = {
-    "bad-name": Refusal(
+    "not-loadable": Refusal(  # (a bad name is refused before any call: test_offline)
         grpc.StatusCode.INVALID_ARGUMENT,
-        lambda d: ["model", "add", "Bad[x]", str(d / "tiny.onnx")],
-        lambda admin, d: upload(admin, "Bad[x]", d / "tiny.onnx"),
+        lambda d: ["model", "add", "custom", str(d / "custom.onnx")],
+        lambda admin, d: upload(admin, "custom", d / "custom.onnx"),
     ),
     "not-onnx": Refusal(
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -425,6 +426,7 @@ def test_refusals_exit_1_with_the_controllers_message(
     live = start_controller(max_model_bytes=4096)
     onnx_file(tmp_path / "tiny.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"these bytes are not an ONNX model")
+    (tmp_path / "custom.onnx").write_bytes(custom_op_model())
     (tmp_path / "big.onnx").write_bytes(bytes(5000))
     live.add_model("motions", (tmp_path / "tiny.onnx").read_bytes())
     live.create_artifact("motions", "home-hub")

@@ -23,6 +23,7 @@ from tests.controller.helpers import (
     running_controller,
     sha256,
 )
+from tests.controller.test_onnx_inspect import custom_op_model
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -126,6 +127,9 @@ def test_add_model_bad_input_changes_nothing(tmp_path: Path) -> None:
                 c.add_model("garbage", b"definitely not onnx" * 100),
                 INVALID,
                 "model is not a valid ONNX file",
+            )
+            await refused(
+                c.add_model("custom", custom_op_model()), INVALID, "onnxruntime", "cannot load it"
             )
             await refused(c.add_model("m", good, description="x" * 5000), INVALID, "description")
             assert await c.events() == []

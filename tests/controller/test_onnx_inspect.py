@@ -75,3 +75,32 @@ def test_external_data_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(FleetError, match="external files"):
         inspect_onnx(tmp_path / "model.onnx")
+
+
+def custom_op_model() -> bytes:
+    """A graph the ONNX checker accepts (ops of unknown domains are not checked) and
+    onnxruntime cannot load: no kernel for com.example:Bar."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    node = onnx.helper.make_node("Bar", ["x"], ["y"], domain="com.example")
+    graph = onnx.helper.make_graph([node], "g", [x], [y])
+    model = onnx.helper.make_model(
+        graph,
+        opset_imports=[
+            onnx.helper.make_opsetid("", 17),
+            onnx.helper.make_opsetid("com.example", 1),
+        ],
+    )
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def test_a_model_onnxruntime_cannot_load_is_invalid_argument(tmp_path: Path) -> None:
+    path = write(tmp_path, custom_op_model())
+    onnx.checker.check_model(str(path))  # the checker alone lets it through
+    with pytest.raises(FleetError) as caught:
+        inspect_onnx(path)
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    message = caught.value.message
+    assert message.startswith("model is not a valid ONNX file: onnxruntime ")
+    assert "cannot load it" in message and "com.example" in message and "Bar" in message

@@ -218,6 +218,8 @@ def test_start_errors_an_operator_must_fix_exit_2_and_transient_ones_exit_1(
         )
         assert done.returncode == 2, done.stderr
         assert message in done.stderr, done.stderr
+        # refused before the data directory was touched: no empty database, no new key
+        assert not (tmp_path / "data").exists()
     done = subprocess.run(
         serve_command(a_file, "--port", "0"), cwd=ROOT, capture_output=True, timeout=60
     )
@@ -243,7 +245,8 @@ def test_start_errors_an_operator_must_fix_exit_2_and_transient_ones_exit_1(
             timeout=60,
         )
     assert done.returncode == 1, done.stderr
-    assert b"cannot listen on" in done.stderr
+    assert f"port {port} is already in use".encode() in done.stderr, done.stderr
+    assert b"choose another --port" in done.stderr
 
 
 def test_a_second_controller_on_one_data_dir_gives_controller_json_back_when_it_stops(
