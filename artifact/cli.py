@@ -11,6 +11,9 @@ Exit codes:
   1  the patch does not apply: damaged, made against another base, or a newer format
      (the message says which); nothing is written to -o
   2  usage error, or a file that cannot be read or written
+  130  interrupted (Ctrl-C); nothing is written to -o
+
+On a terminal `diff` shows its progress (coding a 90 MB encoder takes ~20 s) on stderr.
 """
 
 from __future__ import annotations
@@ -19,12 +22,17 @@ import dataclasses
 import enum
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from artifact.delta import DeltaError, EncodeOptions, apply_delta, write_delta
+from artifact.delta.encode import EncodeProgress
 from artifact.digest import InvalidDigestError
 
 app = typer.Typer(no_args_is_help=True)
@@ -34,6 +42,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     REFUSED = 1
     USAGE = 2
+    INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 def _fail(message: str, code: ExitCode) -> typer.Exit:
@@ -41,8 +50,15 @@ def _fail(message: str, code: ExitCode) -> typer.Exit:
     return typer.Exit(int(code))
 
 
-def _check_out(out: Path) -> None:
-    """-o names a file in a directory that exists: a typo must not create directories."""
+def _check_out(out: Path, *inputs: Path) -> None:
+    """-o names a file in a directory that exists (a typo must not create directories)
+    and is none of the inputs (which it would replace)."""
+    for given in inputs:
+        if out.exists() and out.samefile(given):
+            raise _fail(
+                f"-o {out} is the input {given}, which it would replace; choose another -o",
+                ExitCode.USAGE,
+            )
     if out.is_dir():
         raise _fail(f"{out} is a directory; give -o a file name", ExitCode.USAGE)
     if not out.parent.is_dir():
@@ -75,6 +91,28 @@ def _human(size: int) -> str:
     return f"{size} B"  # unreachable
 
 
+@contextmanager
+def _encode_progress() -> Iterator[EncodeProgress | None]:
+    """A bar on stderr while the delta is coded, on a terminal only (gone when done)."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("reading the models", total=None)
+
+        def report(phase: str, done: int, total: int) -> None:
+            bar.update(task, description=phase, completed=done, total=max(total, 1))
+
+        yield report
+
+
 @app.command("diff")
 def diff(
     old: Annotated[Path, typer.Argument(metavar="OLD.onnx", exists=True, dir_okay=False)],
@@ -84,12 +122,15 @@ def diff(
     as_json: Annotated[bool, typer.Option("--json", help="Print the stats as JSON.")] = False,
 ) -> None:
     """Write the delta that turns OLD.onnx into NEW.onnx (any two files work; ONNX best)."""
-    _check_out(out)
+    _check_out(out, old, new)
     try:
-        stats = write_delta(old, new, out, EncodeOptions(level=level))
+        with _encode_progress() as progress:
+            stats = write_delta(old, new, out, EncodeOptions(level=level), progress)
         _share(out)
     except OSError as exc:
         raise _fail(f"cannot read the models or write {out}: {exc}", ExitCode.USAGE) from None
+    except KeyboardInterrupt:  # the patch is written atomically: nothing is left at -o
+        raise _fail(f"interrupted: nothing written to {out}", ExitCode.INTERRUPTED) from None
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(stats), indent=2))
         return
@@ -113,10 +154,12 @@ def patch(
     ] = None,
 ) -> None:
     """Rebuild the new model from OLD.onnx and PATCH, bit for bit, verified by sha256."""
-    _check_out(out)
+    _check_out(out, old, patch_file)
     try:
         result = apply_delta(old, patch_file, out, expected_sha256=sha256)
         _share(out)
+    except KeyboardInterrupt:  # the model is written atomically: nothing is left at -o
+        raise _fail(f"interrupted: nothing written to {out}", ExitCode.INTERRUPTED) from None
     except InvalidDigestError as exc:
         raise _fail(str(exc), ExitCode.USAGE) from None
     except DeltaError as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,6 +53,13 @@ log = logging.getLogger(__name__)
 PROBE_LEVEL = 3
 PROBE_MARGIN = 1.3
 CHUNK_BYTES = 1 << 20
+
+
+EncodeProgress = Callable[[str, int, int], None]
+"""Called with (phase, done, total): one of the PHASE_* names, in its own units."""
+PHASE_TENSORS = "coding tensors"  # bytes of the new model's tensors
+PHASE_VERIFY = "checking the delta"  # 0 of 1: the delta is decoded once
+PHASE_WHOLE = "trying whole-file zstd"  # fallbacks computed, of those to try
 
 
 @dataclass(frozen=True)
@@ -151,8 +159,16 @@ def _uint(value: int) -> bytes:
     return writer.getvalue()
 
 
-def _records_delta(old: bytes, new: bytes, options: EncodeOptions) -> tuple[bytes, DeltaStats]:
-    plan = plan_tensors(old, new, level=options.level, min_tensor_bytes=options.min_tensor_bytes)
+def _records_delta(
+    old: bytes, new: bytes, options: EncodeOptions, progress: EncodeProgress | None
+) -> tuple[bytes, DeltaStats]:
+    def tensors(done: int, total: int) -> None:
+        if progress is not None:
+            progress(PHASE_TENSORS, done, total)
+
+    plan = plan_tensors(
+        old, new, level=options.level, min_tensor_bytes=options.min_tensor_bytes, progress=tensors
+    )
     covered = sorted((b.out_offset, b.out_nbytes) for b in (*plan.params, *plan.blocks))
     skeleton = cut(new, covered)
     old_skeleton = cut(old, sorted(plan.old_cuts))
@@ -219,7 +235,11 @@ def _whole(old: bytes, new: bytes, method: WholeMethod, level: int) -> bytes:
 
 
 def _fallbacks(
-    old: bytes, new: bytes, options: EncodeOptions, to_beat: int | None
+    old: bytes,
+    new: bytes,
+    options: EncodeOptions,
+    to_beat: int | None,
+    progress: EncodeProgress | None = None,
 ) -> list[tuple[str, bytes]]:
     """The whole-file payloads worth computing.
 
@@ -230,7 +250,9 @@ def _fallbacks(
     found = [("whole-stored", _whole(old, new, WholeMethod.STORED, 0))]
     methods = [WholeMethod.ZSTD] + ([WholeMethod.ZSTD_DICT] if old else [])
     names = {WholeMethod.ZSTD: "whole-zstd", WholeMethod.ZSTD_DICT: "whole-zstd-dict"}
-    for method in methods:
+    for i, method in enumerate(methods):
+        if progress is not None:
+            progress(PHASE_WHOLE, i, len(methods))
         if to_beat is not None and len(new) > options.probe_above:
             probe = _whole(old, new, method, PROBE_LEVEL)
             if len(probe) > to_beat * PROBE_MARGIN:
@@ -241,19 +263,24 @@ def _fallbacks(
 
 
 def encode(
-    old: bytes | Path, new: bytes | Path, options: EncodeOptions | None = None
+    old: bytes | Path,
+    new: bytes | Path,
+    options: EncodeOptions | None = None,
+    progress: EncodeProgress | None = None,
 ) -> EncodedDelta:
     """The smallest payload that turns ``old`` into ``new``, with how it was made.
 
     The model-aware delta is decoded once here before it is offered (``verify``): a
     codec bug then costs bytes on the wire (the whole-file fallback is sent), never a
-    device an update.
+    device an update. ``progress`` hears each phase (a 90 MB encoder takes ~20 s).
     """
     options = options or EncodeOptions()
     started = time.perf_counter()
     old_bytes, new_bytes = _read(old), _read(new)
-    payload, stats = _records_delta(old_bytes, new_bytes, options)
+    payload, stats = _records_delta(old_bytes, new_bytes, options, progress)
     candidates: list[tuple[str, bytes]] = []
+    if options.verify and progress is not None:
+        progress(PHASE_VERIFY, 0, 1)
     delta_error = _verify(old_bytes, new_bytes, payload) if options.verify else None
     if delta_error is None:
         candidates.append(("delta", payload))
@@ -261,7 +288,7 @@ def encode(
         log.error("model-aware delta failed its own check, sending the whole file: %s", delta_error)
     if options.whole_file_fallback or delta_error is not None:
         to_beat = len(payload) if delta_error is None else None
-        candidates += _fallbacks(old_bytes, new_bytes, options, to_beat)
+        candidates += _fallbacks(old_bytes, new_bytes, options, to_beat, progress)
     mode, best = min(candidates, key=lambda c: len(c[1]))
     stats = replace(
         stats,
@@ -291,9 +318,13 @@ def encode_delta(
 
 
 def write_delta(
-    old: bytes | Path, new: bytes | Path, out: Path, options: EncodeOptions | None = None
+    old: bytes | Path,
+    new: bytes | Path,
+    out: Path,
+    options: EncodeOptions | None = None,
+    progress: EncodeProgress | None = None,
 ) -> DeltaStats:
     """Encode and write the payload to ``out`` atomically."""
-    encoded = encode(old, new, options)
+    encoded = encode(old, new, options, progress)
     atomic_write_bytes(Path(out), encoded.payload)
     return encoded.stats

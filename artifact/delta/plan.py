@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -510,8 +510,16 @@ class _Coded:
     stats: list[TensorStat]
 
 
-def _code_tensors(plan: _Plan, spans: list[TensorSpan]) -> _Coded:
+TensorProgress = Callable[[int, int], None]
+"""Called with (bytes of the new model's tensors coded so far, bytes in all)."""
+
+
+def _code_tensors(
+    plan: _Plan, spans: list[TensorSpan], progress: TensorProgress | None = None
+) -> _Coded:
     out = _Coded([], [], [])
+    total = sum(s.nbytes for s in spans)
+    done = 0
     # Plan quantized predictions first: they make scales and zero points parameters,
     # which are coded once, ahead of the blocks, wherever they sit in the file.
     quants: dict[int, Quant] = {}  # by the span's offset: names need not be unique
@@ -523,6 +531,9 @@ def _code_tensors(plan: _Plan, spans: list[TensorSpan]) -> _Coded:
         if quant is not None:
             quants[span.offset] = quant
     for span in spans:
+        if progress is not None:
+            progress(done, total)
+        done += span.nbytes
         if span.offset in plan.param_index:
             continue
         same = plan.old_by_digest.get(digests[span.offset])
@@ -545,6 +556,8 @@ def _code_tensors(plan: _Plan, spans: list[TensorSpan]) -> _Coded:
             coded += len(payload)
         label = max(labels, key=lambda k: labels[k]) if labels else "empty"
         out.stats.append(TensorStat(span.name, span.etype.name, span.nbytes, label, coded))
+    if progress is not None:
+        progress(total, total)
     return out
 
 
@@ -559,7 +572,14 @@ class TensorPlan:
     stats: tuple[TensorStat, ...]
 
 
-def plan_tensors(old: bytes, new: bytes, *, level: int, min_tensor_bytes: int) -> TensorPlan:
+def plan_tensors(
+    old: bytes,
+    new: bytes,
+    *,
+    level: int,
+    min_tensor_bytes: int,
+    progress: TensorProgress | None = None,
+) -> TensorPlan:
     """Find both models' tensors and code every new one of at least ``min_tensor_bytes``."""
     old_spans = _usable(old, find_tensors(old), exact=False)
     new_spans = _usable(new, find_tensors(new), exact=True)
@@ -574,7 +594,7 @@ def plan_tensors(old: bytes, new: bytes, *, level: int, min_tensor_bytes: int) -
         {_digest(old_view[s.offset : s.end]): s for s in old_spans},
         scales=[s for s in new_spans if _is_scale(s)],
     )
-    coded = _code_tensors(plan, [s for s in new_spans if s.nbytes >= min_tensor_bytes])
+    coded = _code_tensors(plan, [s for s in new_spans if s.nbytes >= min_tensor_bytes], progress)
     return TensorPlan(
         params=tuple(plan.params),
         blocks=tuple(coded.blocks),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +132,10 @@ def test_outputs_go_only_into_existing_directories_with_the_usual_permissions(
     assert not (tmp_path / "no").exists()
     done = homefleet("artifact", "diff", old, new, "-o", tmp_path)
     assert done.returncode == 2 and "is a directory" in done.stderr
+    before = new.read_bytes()
+    done = homefleet("artifact", "diff", old, new, "-o", new)  # would replace an input
+    assert done.returncode == 2 and "which it would replace" in done.stderr
+    assert new.read_bytes() == before
 
     umask = os.umask(0o022)
     try:
@@ -165,3 +171,42 @@ def test_the_codec_imports_neither_torch_nor_onnx() -> None:
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert json.loads(done.stdout) == []
+
+
+def test_on_a_terminal_diff_shows_its_progress_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+    """Coding a large model takes a while: a terminal shows the phase and how far it is.
+    Ctrl-C then ends it with exit 130 and nothing at -o (the patch is written whole or
+    not at all)."""
+    rng = np.random.default_rng(5)
+    weights = [Init(f"w{i}", random_array(rng, np.float32, (512, 512))) for i in range(40)]
+    old, new = tmp_path / "old.onnx", tmp_path / "new.onnx"
+    old.write_bytes(build(weights))
+    new.write_bytes(build([Init(w.name, tweak(rng, w.array)) for w in weights]))
+    patch = tmp_path / "update.hfd"
+    leader, follower = pty.openpty()
+    command: list[str | Path] = [sys.executable, "-m", "homefleet", "artifact", "diff", old, new]
+    command += ["-o", patch]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower
+    )
+    os.close(follower)
+    screen = bytearray()
+    interrupted = False
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+        if not interrupted and b"coding tensors" in screen:
+            process.send_signal(signal.SIGINT)  # as Ctrl-C would
+            interrupted = True
+    os.close(leader)
+    text = screen.decode(errors="replace")
+    assert process.wait(timeout=120) == 130, text
+    assert interrupted, text
+    assert f"interrupted: nothing written to {patch}" in " ".join(text.split()), text
+    assert "Traceback" not in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.onnx", "old.onnx"]
