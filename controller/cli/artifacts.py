@@ -41,7 +41,11 @@ def create(
     expires_in_days: Annotated[
         int,
         typer.Option(
-            "--expires-in-days", min=0, metavar="DAYS", help="Manifest lifetime; 0 = default (365)."
+            "--expires-in-days",
+            min=0,
+            max=3650,
+            metavar="DAYS",
+            help="Manifest lifetime, at most 3650; 0 = default (365).",
         ),
     ] = 0,
     as_json: JsonOption = False,
@@ -125,4 +129,7 @@ def list_artifacts(
             output.local_time(a.created_unix_ms),
             _expires(a),
         )
-    output.print_table(table)
+    which = (f" of model {model}" if model else "") + (
+        f" for class {device_class}" if device_class else ""
+    )
+    output.print_table(table, empty=f"no artifacts{which}")

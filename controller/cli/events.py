@@ -64,7 +64,9 @@ def events(
     table = output.table("id", "time", "kind", "subject", "message")
     for e in listed.events:
         output.add_row(table, str(e.id), output.local_time(e.unix_ms), e.kind, e.subject, e.message)
-    output.print_table(table)
+    which = f" of a kind starting with {kind!r}" if kind else ""
+    since = f" after event {after}" if after is not None else ""
+    output.print_table(table, empty=f"no events{which}{since}")
     if reply.more and listed.events:
         if newest:
             output.note(

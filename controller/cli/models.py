@@ -8,6 +8,7 @@ from typing import Annotated
 import grpc
 import typer
 
+from artifact.names import InvalidNameError, check_name
 from controller.cli import output, pages, views
 from controller.cli.client import (
     DEFAULT_ADDRESS,
@@ -45,10 +46,23 @@ def _describe(model: views.ModelView) -> str:
     )
 
 
+def _valid_name(value: str) -> str:
+    """Checked here too, so a typo is a usage error (exit 2) even with no controller."""
+    try:
+        return check_name(value, field="model name")
+    except InvalidNameError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 @app.command("add")
 def add(
     name: Annotated[
-        str, typer.Argument(metavar="NAME", help="Model name: lowercase letters, digits, . _ -")
+        str,
+        typer.Argument(
+            metavar="NAME",
+            help="Model name: lowercase letters, digits, . _ -",
+            callback=_valid_name,
+        ),
     ],
     file: Annotated[
         Path,
@@ -152,4 +166,4 @@ def list_models(
             output.local_time(m.created_unix_ms),
             m.description,
         )
-    output.print_table(table)
+    output.print_table(table, empty="no models registered (homefleet model add NAME FILE)")

@@ -54,14 +54,22 @@ def print_json(view: BaseModel) -> None:
     sys.stdout.write(view.model_dump_json(indent=2) + "\n")
 
 
-def print_table(table: Table) -> None:
+def print_table(table: Table, empty: str | None = None) -> None:
+    """The table; with no rows and ``empty`` given, that note instead (an empty frame
+    looks like a failure, and says nothing of why)."""
+    if empty is not None and table.row_count == 0:
+        note(empty)
+        return
     stdout().print(table)
 
 
 def table(*columns: str, title: str | None = None) -> Table:
+    """Long cells fold onto more lines; headers keep their width (at 80 columns rich
+    would otherwise split 'serving' into 'servin g')."""
     t = Table(*columns, title=title, title_justify="left", header_style="bold")
-    for column in t.columns:
+    for column, header in zip(t.columns, columns, strict=True):
         column.overflow = "fold"
+        column.min_width = len(header)
     return t
 
 

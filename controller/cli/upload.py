@@ -99,7 +99,7 @@ def progress_bar(file: ModelFile) -> Progress:
     return Progress(
         TextColumn("uploading {task.description}"),
         BarColumn(),
-        DownloadColumn(binary_units=True),
+        DownloadColumn(),  # decimal units, as TransferSpeedColumn shows MB/s
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         console=console,

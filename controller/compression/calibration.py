@@ -74,8 +74,10 @@ def check_calibration(
     expected = ", ".join(f"{n}: {s.describe()}" for n, s in specs.items())
     missing = [n for n in specs if n not in calibration]
     if missing:
+        found = sorted(calibration) or "none"
         raise CalibrationMismatchError(
-            f"{label} has no array for model input(s) {missing}; the model expects {expected}"
+            f"{label} has no array for model input(s) {missing} (arrays found: {found}); the "
+            f"model expects {expected}"
         )
     unknown = [n for n in calibration if n not in specs]
     if unknown:

@@ -139,6 +139,8 @@ def test_an_empty_model_file_is_a_usage_error_before_any_call(
         ["events", "--limit", "0"],
         ["events", "--limit", "1001"],
         ["artifact", "create", "m"],
+        ["artifact", "create", "m", "--class", "c", "--expires-in-days", "100000"],
+        ["model", "add", "Bad Name", __file__],  # checked before the upload starts
         ["devices", "--controller", ""],
         ["devices", "--timeout", "0"],
     ],

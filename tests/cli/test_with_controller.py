@@ -194,14 +194,14 @@ def test_unknown_names_are_refused(runner: CliRunner, controller: str) -> None:
     assert err.startswith("error: ")
 
 
-def test_bad_model_name_is_refused_by_the_controller(
+def test_bad_model_name_is_a_usage_error_and_nothing_is_uploaded(
     runner: CliRunner, controller: str, tmp_path: Path
 ) -> None:
     code, _, err = cli(
         runner, controller, "model", "add", "Bad Name", str(make_onnx(tmp_path / "m.onnx"))
     )
-    assert code == 1
-    assert "Bad Name" in err
+    assert code == 2
+    assert "Bad Name" in err and "lowercase letters" in err
 
 
 def test_the_installed_entry_point_runs_as_a_process(controller: str) -> None:

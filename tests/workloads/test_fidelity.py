@@ -157,7 +157,8 @@ def test_unreadable_calibration_files_are_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [
-        ({"z": np.zeros((4, FEATURES), np.float32)}, "'x'"),  # missing input, unknown array
+        # missing input, unknown array: both named
+        ({"z": np.zeros((4, FEATURES), np.float32)}, r"\['x'\] \(arrays found: \['z'\]\)"),
         ({"x": np.zeros((4, FEATURES), np.float64)}, "'x' expects dtype float32"),
         ({"x": np.zeros((4, FEATURES + 1), np.float32)}, "'x' expects 4 on axis 1"),
         ({"x": np.zeros((FEATURES,), np.float32)}, "'x' expects rank 2"),
