@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -47,6 +47,10 @@ from controller.store import (
 )
 
 log = logging.getLogger(__name__)
+
+# (model, device class, sha256 of a compression's bytes) -> an earlier artifact to use
+# instead of publishing them as a new version, or None (``add_publish_check``)
+PublishCheck = Callable[[str, str, str], Awaitable["ArtifactRecord | None"]]
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,13 @@ class AdminHandlers:
         # Writers in this process take turns per (model, class); the unique constraint
         # and the retry below only have to settle races with other controller replicas.
         self._version_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._publish_checks: list[PublishCheck] = []
+
+    def add_publish_check(self, check: PublishCheck) -> None:
+        """Ask ``check`` before a compression job's bytes become a new artifact version:
+        an artifact it returns is the job's result instead (the budget loop's: bytes it
+        already judged for the pair are not published again)."""
+        self._publish_checks.append(check)
 
     # ---------------------------------------------------------------- models
     def check_upload(self, upload: ModelUpload) -> ModelUpload:
@@ -299,14 +310,13 @@ class AdminHandlers:
         controller declares no classes): CreateArtifact signs the model as it is,
         uncompressed, for whichever class an operator names (a typo included)."""
         device_class, size_bytes = artifact.device_class, artifact.size_bytes
-        known = self._classes.get(device_class)
-        declared = self._classes.names()
-        if known is None and declared:
+        undeclared = self._undeclared(device_class)
+        if undeclared:
             return (
-                f"no device-class file on this controller declares class {device_class!r} "
-                f"(it has {', '.join(declared)}): a typo? Only devices registered with "
-                "exactly this class can receive the artifact"
+                f"{undeclared}: a typo? Only devices registered with exactly this class "
+                "can receive the artifact"
             )
+        known = self._classes.get(device_class)
         if known is None:
             return ""
         fix = (
@@ -326,6 +336,34 @@ class AdminHandlers:
                 f"({limit:,}); {fix}"
             )
         return ""
+
+    async def assign_warning(self, target: AssignTarget) -> str:
+        """Why an assignment to ``target`` may reach no device ("" when it may): a class
+        that no device-class file declares and no registered device has is likely a
+        typo, as CreateArtifact says of such a class. A warning, not a refusal: devices
+        of a new class may register later."""
+        if target.kind is not TargetKind.CLASS:
+            return ""
+        undeclared = self._undeclared(target.name)
+        if not undeclared:
+            return ""
+        if await in_thread(self._store.list_devices, target.name, limit=1):
+            return ""
+        return (
+            f"{undeclared}, and no registered device is of that class: a typo? The "
+            "assignment reaches only devices that register with exactly this class"
+        )
+
+    def _undeclared(self, device_class: str) -> str:
+        """Says that no device-class file declares ``device_class`` ("" when one does, or
+        when this controller declares no classes at all)."""
+        declared = self._classes.names()
+        if not declared or self._classes.get(device_class) is not None:
+            return ""
+        return (
+            f"no device-class file on this controller declares class {device_class!r} "
+            f"(it has {', '.join(declared)})"
+        )
 
     async def _insert_next_version(
         self, model_name: str, device_class: str, build: Callable[[int], ArtifactRecord]
@@ -444,12 +482,17 @@ class AdminHandlers:
         metrics: dict[str, float],
     ) -> ArtifactRecord:
         """Store a compression job's model and sign its artifact: the job's recipe and
-        metrics, the source model's name and version, the next version for the class."""
+        metrics, the source model's name and version, the next version for the class.
+        A publish check (``add_publish_check``) may hand back an earlier artifact with
+        the same bytes instead: then no new version is made."""
         validate.name(device_class, "device_class")
         info = await in_thread(inspect_onnx, path)
         blob = await in_thread(self._commit_file, path)
         try:
-            record = await self._insert_next_version(
+            earlier = None
+            for check in self._publish_checks:
+                earlier = earlier or await check(model.name, device_class, blob.sha256)
+            record = earlier or await self._insert_next_version(
                 model.name,
                 device_class,
                 lambda version: self._sign(
@@ -538,19 +581,53 @@ class AdminHandlers:
                     f"{artifact.id} was built for {artifact.device_class!r}; assign an artifact "
                     f"built for {device.device_class!r}",
                 )
+        asked = artifact
         artifact = await self._current_version_of(artifact)
         result = await in_thread(self._store.assign, artifact, target)
         if result.changed:
             self._notifier.notify(target)
-        return result
+        return dataclasses.replace(
+            result,
+            rereleased_from=asked.id if artifact.id != asked.id else "",
+            warning=await self.assign_warning(target),
+        )
 
     async def unassign(self, model_name: str, device_id: str) -> AssignResult:
-        """The device's own assignment of ``model_name`` goes: it follows its class again."""
+        """The device's own assignment of ``model_name`` goes: it follows its class again.
+
+        When the class's artifact is older than a version in use (the device's own
+        assignment, or what a device of the class serves), the class gets it re-released
+        first, as `assign` does for a rollback: the agent refuses a manifest older than
+        one it ran, and would stay where it is. The re-release is a new version for every
+        device following the class, with the same bytes: those already serving them
+        download nothing. The result's ``artifact_id`` names what the device follows.
+        """
         validate.name(model_name, "model_name")
         validate.name(device_id, "device_id")
         device = await in_thread(self._store.get_device, device_id)
         if device is None:
             raise not_found(f"device {device_id!r} is not registered")
+        if await in_thread(self._store.get_model, model_name) is None:
+            raise not_found(
+                f"model {model_name!r} is not registered on this controller; "
+                "`homefleet model list` lists the models"
+            )
+        own = AssignTarget(TargetKind.DEVICE, device_id)
+        if await in_thread(self._store.assigned, own, model_name) is None:
+            raise not_found(
+                f"device {device_id} has no assignment of its own for model {model_name!r}: "
+                f"it already follows class {device.device_class}"
+            )
+        of_class = AssignTarget(TargetKind.CLASS, device.device_class)
+        follows = await in_thread(self._store.assigned, of_class, model_name)
+        rereleased_from = ""
+        if follows is not None:
+            current = await self._current_version_of(follows)
+            if current.id != follows.id:
+                moved = await in_thread(self._store.assign, current, of_class)
+                if moved.changed:
+                    self._notifier.notify(of_class)
+                rereleased_from = follows.id
         result = await in_thread(self._store.unassign, model_name, device_id)
         if result is None:
             raise not_found(
@@ -558,7 +635,7 @@ class AdminHandlers:
                 f"it already follows class {device.device_class}"
             )
         self._notifier.notify(AssignTarget(TargetKind.DEVICE, device_id))
-        return result
+        return dataclasses.replace(result, rereleased_from=rereleased_from)
 
     async def _current_version_of(self, artifact: ArtifactRecord) -> ArtifactRecord:
         """``artifact`` itself, or a re-release of it when a newer version is in use.

@@ -209,6 +209,8 @@ def assign_result_to_proto(result: AssignResult) -> pb.AssignResponse:
         artifact_id=result.artifact_id,
         devices_keeping_own_ids=list(result.keeping_own),
         devices_keeping_own=result.keeping_own_count,
+        rereleased_from=result.rereleased_from,
+        warning=result.warning,
     )
 
 

@@ -437,6 +437,22 @@ class RolloutRow(Base):
     finished_unix_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
+class RolloutPauseRow(Base):
+    """An operator's pause of the budget loop for one (model, device class): while the
+    row exists the loop takes no action for the pair (it still judges its telemetry, and
+    keeps the latest verdict here for the operator to see)."""
+
+    __tablename__ = "rollout_pauses"
+
+    model_name: Mapped[str] = mapped_column(String(NAME), primary_key=True)
+    device_class: Mapped[str] = mapped_column(String(NAME), primary_key=True)
+    paused_by: Mapped[str] = mapped_column(String(4 * NAME))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    paused_unix_ms: Mapped[int] = mapped_column(BigInteger)
+    verdict: Mapped[str] = mapped_column(Text, default="")
+    verdict_unix_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class CompressionJobLeaseRow(Base):
     """How long an active job's controller vouches for it. The owner renews the lease
     while it runs the job; any replica fails an active job whose lease ran out (its

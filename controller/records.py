@@ -112,6 +112,8 @@ class AssignResult:
     artifact_id: str = ""  # what is assigned now ("" after an unassign)
     keeping_own: tuple[str, ...] = ()  # class targets: devices with their own (some named)
     keeping_own_count: int = 0
+    rereleased_from: str = ""  # this call re-released that artifact as ``artifact_id``
+    warning: str = ""  # for the operator: why it may reach no device
 
 
 @dataclass(frozen=True)

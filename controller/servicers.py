@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from artifact.tls import peer_identity
 from controller import convert
 from controller.access import OPEN, Access
 from controller.admin import AdminHandlers
@@ -24,7 +25,12 @@ from controller.jobs import wire
 from controller.jobs.handlers import CompressionHandlers
 from controller.limits import RpcLimits, UploadLease, peer_key
 from controller.records import Chunk, CompressionJobRecord, DesiredSet
-from controller.rollouts.handlers import RolloutHandlers, rollout_to_proto
+from controller.rollouts.handlers import (
+    RolloutHandlers,
+    listing_to_proto,
+    pause_to_proto,
+    rollout_to_proto,
+)
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc
 
@@ -269,10 +275,45 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
     async def ListRollouts(
         self, request: pb.ListRolloutsRequest, context: Context
     ) -> pb.ListRolloutsResponse:
-        rollouts = await self._rollouts.list(
+        listing = await self._rollouts.list(
             request.model_name, request.device_class, request.active_only, request.limit
         )
-        return pb.ListRolloutsResponse(rollouts=[rollout_to_proto(r) for r in rollouts])
+        return listing_to_proto(listing)
+
+    @rpc
+    async def PauseRollouts(
+        self, request: pb.PauseRolloutsRequest, context: Context
+    ) -> pb.RolloutPause:
+        pause = await self._rollouts.pause(
+            request.model_name, request.device_class, request.reason, self._operator(context)
+        )
+        return pause_to_proto(pause)
+
+    @rpc
+    async def ResumeRollouts(
+        self, request: pb.ResumeRolloutsRequest, context: Context
+    ) -> pb.RolloutPause:
+        ended = await self._rollouts.resume(
+            request.model_name, request.device_class, self._operator(context)
+        )
+        return pause_to_proto(ended)
+
+    @rpc
+    async def AbortRollout(self, request: pb.AbortRolloutRequest, context: Context) -> pb.Rollout:
+        rollout = await self._rollouts.abort(
+            request.rollout_id, request.reason, self._operator(context)
+        )
+        return rollout_to_proto(rollout)
+
+    def _operator(self, context: Context) -> str:
+        """Who acts, for the events that record an operator's decision: the admin
+        certificate's name under mutual TLS (authorize() already checked it), else the
+        client's address (a plaintext controller has no identities)."""
+        if self._access.mtls:
+            identity = peer_identity(context.auth_context())
+            if identity is not None:
+                return f"{identity.name} (admin certificate)"
+        return f"{peer_key(context, self._access)} (no client certificate)"
 
 
 UNSENT_WAIT_SECONDS = 10.0

@@ -119,6 +119,8 @@ RETRIES = 10
 RETRY_PAUSE_S = 0.02  # upper bound of the jittered pause after losing a race
 MAX_LIST = 10_000  # every list the store returns is bounded
 DEVICE_CONFLICT = "device.conflict"  # controller.agents.CONFLICT_EVENT
+# A device's own assignment removed: the event's id is a floor of its desired-set revision.
+ASSIGNMENT_REMOVED = "assignment.removed"
 
 
 class SqlStore(Store):
@@ -374,9 +376,22 @@ class SqlStore(Store):
 
         return self._retry(work)
 
+    def assigned(self, target: AssignTarget, model_name: str) -> ArtifactRecord | None:
+        query = (
+            select(ArtifactRow)
+            .join(AssignmentRow, AssignmentRow.artifact_id == ArtifactRow.id)
+            .where(
+                AssignmentRow.target_kind == target.kind.value,
+                AssignmentRow.target == target.name,
+                AssignmentRow.model_name == model_name,
+            )
+        )
+        return self._read(lambda s: _artifact_or_none(s.scalars(query).one_or_none()))
+
     def unassign(self, model_name: str, device_id: str) -> AssignResult | None:
         """Remove the device's own assignment of ``model_name`` (it follows its class
-        again); None when it has none."""
+        again); None when it has none. The ``assignment.removed`` event's id is what
+        keeps the device's revision growing (see ``desired_set``)."""
 
         def work(session: Session) -> AssignResult | None:
             row = session.scalars(
@@ -400,7 +415,7 @@ class SqlStore(Store):
             event = self._event(
                 session,
                 NewEvent(
-                    "assignment.removed",
+                    ASSIGNMENT_REMOVED,
                     device_id,
                     f"device {device_id}: model {model_name} follows class "
                     f"{device.device_class} again (was {row.artifact_id}; {then})",
@@ -509,11 +524,12 @@ class SqlStore(Store):
                 repaired[artifact.sha256] = repaired_ms or 0
                 pairs.append((assignment, artifact))
             chosen = _choose(pairs)
+            revision = max((r.revision for r, _ in chosen.values()), default=0)
             return DesiredSet(
                 assignments=tuple(
                     _desired(a, repaired[a.sha256]) for _, (_, a) in sorted(chosen.items())
                 ),
-                revision=max((r.revision for r, _ in chosen.values()), default=0),
+                revision=max(revision, _removed_since(session, device_id, revision)),
             )
 
         return self._read(work)
@@ -734,7 +750,7 @@ class SqlStore(Store):
             serving.discard("")
             by_sha: dict[str, list[ArtifactRow]] = {}
             if serving:
-                for art in session.scalars(  # oldest first: see _serving_id
+                for art in session.scalars(  # oldest first (see _serving_id)
                     select(ArtifactRow)
                     .where(ArtifactRow.sha256.in_(serving))
                     .order_by(ArtifactRow.created_unix_ms, ArtifactRow.id)
@@ -1989,6 +2005,22 @@ def _devices_with_own(
     return tuple(names), count
 
 
+def _removed_since(session: Session, device_id: str, revision: int) -> int:
+    """The id of the latest removal of one of the device's own assignments after
+    ``revision`` (0: none). A removal can make the device fall back to a class
+    assignment recorded long before (a lower revision) or to none: its event id keeps
+    the desired set's revision growing, as event ids do whichever replica writes.
+
+    Removals are operator actions, so few; on SQLite ``ix_events_kind`` (kind, rowid)
+    makes this a range scan over those newer than what the assignments already say."""
+    latest = select(func.max(EventRow.id)).where(
+        EventRow.kind == ASSIGNMENT_REMOVED,
+        EventRow.id > revision,
+        EventRow.subject == device_id,
+    )
+    return int(session.scalar(latest) or 0)
+
+
 def _choose(
     rows: Iterable[tuple[AssignmentRow, ArtifactRow]],
 ) -> dict[str, tuple[AssignmentRow, ArtifactRow]]:
@@ -2039,18 +2071,20 @@ def _serving_id(
     desired: ArtifactRow | None,
     by_sha: dict[str, list[ArtifactRow]],
 ) -> str:
-    """Several artifacts can share bytes (re-releases); prefer the desired one, then the
-    device's class, and of those the first release: a later re-release may never have
-    been sent to this device (it was offline), the first one is where the bytes began."""
+    """Which artifact the device serves, when several share its bytes (re-releases):
+    the desired one when it holds them (what the device was sent), else the newest
+    version of its class holding them (a re-release reaches the devices that run the
+    bytes, so the first release is the least likely to be the manifest it runs), else
+    the newest of the model. ``by_sha`` lists each digest's artifacts oldest first."""
     if not sha:
         return ""
     if desired is not None and desired.sha256 == sha:
         return desired.id
     candidates = [a for a in by_sha.get(sha, []) if a.model_name == model_name]
-    for art in candidates:
-        if art.device_class == device.device_class:
-            return art.id
-    return candidates[0].id if candidates else ""
+    own_class = [a for a in candidates if a.device_class == device.device_class]
+    if own_class:
+        return max(own_class, key=lambda a: a.version).id
+    return candidates[-1].id if candidates else ""
 
 
 def _specs(raw: list[Any]) -> tuple[TensorSpec, ...]:

@@ -164,8 +164,15 @@ class Store(abc.ABC):
         """Point ``target``'s copy of the artifact's model at the artifact."""
 
     @abc.abstractmethod
+    def assigned(self, target: AssignTarget, model_name: str) -> ArtifactRecord | None:
+        """The artifact assigned to ``target`` itself for the model (None: none), not what
+        a device inherits from its class."""
+
+    @abc.abstractmethod
     def unassign(self, model_name: str, device_id: str) -> AssignResult | None:
-        """Remove the device's own assignment of the model; None when it has none."""
+        """Remove the device's own assignment of the model; None when it has none. The
+        removal's event id becomes a floor of the device's desired-set revision, so the
+        revision still grows when the device falls back to an older class assignment."""
 
     # ---------------------------------------------------------------- devices
     @abc.abstractmethod
@@ -177,7 +184,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def desired_set(self, device_id: str) -> DesiredSet:
-        """Per model: the device's own assignment if any, else its class's."""
+        """Per model: the device's own assignment if any, else its class's. The revision
+        is the id of the latest event that changed this set (an assignment, or the
+        removal of one of the device's own): it never goes down."""
 
     @abc.abstractmethod
     def touch_watch(self, device_id: str, lease_until_ms: int) -> None:

@@ -22,7 +22,7 @@ from artifact import histogram
 from demo.operator import Operator, OperatorError
 
 DECISION_KINDS = ("budget.", "rollout.")
-ENDINGS = ("rollout.promote", "rollout.rollback", "rollout.failed")
+ENDINGS = ("rollout.promote", "rollout.rollback", "rollout.failed", "rollout.aborted")
 SCRAPE_TIMEOUT = 10.0
 _POLL_SECONDS = 1.0
 

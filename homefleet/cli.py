@@ -97,7 +97,8 @@ app.command("assign", rich_help_panel=OPERATE)(assign.assign)
 app.command("unassign", rich_help_panel=OPERATE)(assign.unassign)
 app.command("devices", rich_help_panel=OPERATE)(devices.devices)
 app.command("events", rich_help_panel=OPERATE)(events.events)
-app.command("rollouts", rich_help_panel=OPERATE)(rollouts.rollouts)
+# `homefleet rollouts [--model ...]` lists; `rollouts pause|resume|abort` steer the budget loop.
+app.add_typer(rollouts.app, name="rollouts", rich_help_panel=OPERATE)
 app.command("compress", rich_help_panel=COMPRESS)(compress.compress)
 app.command("evaluate", rich_help_panel=COMPRESS)(compress.evaluate)
 # `homefleet jobs [--model ...]` lists; `homefleet jobs watch|cancel ID` follow or stop one.

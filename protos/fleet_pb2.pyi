@@ -45,6 +45,7 @@ class RolloutState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLLOUT_STATE_PROMOTED: _ClassVar[RolloutState]
     ROLLOUT_STATE_ROLLED_BACK: _ClassVar[RolloutState]
     ROLLOUT_STATE_FAILED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_ABORTED: _ClassVar[RolloutState]
 PAYLOAD_ENCODING_UNSPECIFIED: PayloadEncoding
 PAYLOAD_ENCODING_FULL: PayloadEncoding
 PAYLOAD_ENCODING_DELTA: PayloadEncoding
@@ -69,6 +70,7 @@ ROLLOUT_STATE_CANARY: RolloutState
 ROLLOUT_STATE_PROMOTED: RolloutState
 ROLLOUT_STATE_ROLLED_BACK: RolloutState
 ROLLOUT_STATE_FAILED: RolloutState
+ROLLOUT_STATE_ABORTED: RolloutState
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -395,16 +397,20 @@ class AssignRequest(_message.Message):
     def __init__(self, artifact_id: _Optional[str] = ..., device_class: _Optional[str] = ..., device_id: _Optional[str] = ...) -> None: ...
 
 class AssignResponse(_message.Message):
-    __slots__ = ("devices_affected", "artifact_id", "devices_keeping_own_ids", "devices_keeping_own")
+    __slots__ = ("devices_affected", "artifact_id", "devices_keeping_own_ids", "devices_keeping_own", "rereleased_from", "warning")
     DEVICES_AFFECTED_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICES_KEEPING_OWN_IDS_FIELD_NUMBER: _ClassVar[int]
     DEVICES_KEEPING_OWN_FIELD_NUMBER: _ClassVar[int]
+    RERELEASED_FROM_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     devices_affected: int
     artifact_id: str
     devices_keeping_own_ids: _containers.RepeatedScalarFieldContainer[str]
     devices_keeping_own: int
-    def __init__(self, devices_affected: _Optional[int] = ..., artifact_id: _Optional[str] = ..., devices_keeping_own_ids: _Optional[_Iterable[str]] = ..., devices_keeping_own: _Optional[int] = ...) -> None: ...
+    rereleased_from: str
+    warning: str
+    def __init__(self, devices_affected: _Optional[int] = ..., artifact_id: _Optional[str] = ..., devices_keeping_own_ids: _Optional[_Iterable[str]] = ..., devices_keeping_own: _Optional[int] = ..., rereleased_from: _Optional[str] = ..., warning: _Optional[str] = ...) -> None: ...
 
 class UnassignRequest(_message.Message):
     __slots__ = ("model_name", "device_id")
@@ -553,7 +559,7 @@ class StartCompressionChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[StartCompressionHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("id", "model_name", "device_class", "state", "baseline_artifact_id", "candidate_artifact_id", "job_id", "canary_devices", "relative_speed", "p95_target_ms", "reason", "created_unix_ms", "updated_unix_ms", "finished_unix_ms")
+    __slots__ = ("id", "model_name", "device_class", "state", "baseline_artifact_id", "candidate_artifact_id", "job_id", "canary_devices", "relative_speed", "p95_target_ms", "reason", "created_unix_ms", "updated_unix_ms", "finished_unix_ms", "paused")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
@@ -568,6 +574,7 @@ class Rollout(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
     id: int
     model_name: str
     device_class: str
@@ -582,7 +589,52 @@ class Rollout(_message.Message):
     created_unix_ms: int
     updated_unix_ms: int
     finished_unix_ms: int
-    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., device_class: _Optional[str] = ..., state: _Optional[_Union[RolloutState, str]] = ..., baseline_artifact_id: _Optional[str] = ..., candidate_artifact_id: _Optional[str] = ..., job_id: _Optional[int] = ..., canary_devices: _Optional[_Iterable[str]] = ..., relative_speed: _Optional[float] = ..., p95_target_ms: _Optional[float] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ...) -> None: ...
+    paused: bool
+    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., device_class: _Optional[str] = ..., state: _Optional[_Union[RolloutState, str]] = ..., baseline_artifact_id: _Optional[str] = ..., candidate_artifact_id: _Optional[str] = ..., job_id: _Optional[int] = ..., canary_devices: _Optional[_Iterable[str]] = ..., relative_speed: _Optional[float] = ..., p95_target_ms: _Optional[float] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., paused: _Optional[bool] = ...) -> None: ...
+
+class RolloutPause(_message.Message):
+    __slots__ = ("model_name", "device_class", "paused_by", "reason", "paused_unix_ms", "verdict", "verdict_unix_ms")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_BY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    device_class: str
+    paused_by: str
+    reason: str
+    paused_unix_ms: int
+    verdict: str
+    verdict_unix_ms: int
+    def __init__(self, model_name: _Optional[str] = ..., device_class: _Optional[str] = ..., paused_by: _Optional[str] = ..., reason: _Optional[str] = ..., paused_unix_ms: _Optional[int] = ..., verdict: _Optional[str] = ..., verdict_unix_ms: _Optional[int] = ...) -> None: ...
+
+class PauseRolloutsRequest(_message.Message):
+    __slots__ = ("model_name", "device_class", "reason")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    device_class: str
+    reason: str
+    def __init__(self, model_name: _Optional[str] = ..., device_class: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ResumeRolloutsRequest(_message.Message):
+    __slots__ = ("model_name", "device_class")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    device_class: str
+    def __init__(self, model_name: _Optional[str] = ..., device_class: _Optional[str] = ...) -> None: ...
+
+class AbortRolloutRequest(_message.Message):
+    __slots__ = ("rollout_id", "reason")
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    rollout_id: int
+    reason: str
+    def __init__(self, rollout_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ListRolloutsRequest(_message.Message):
     __slots__ = ("model_name", "device_class", "active_only", "limit")
@@ -597,10 +649,12 @@ class ListRolloutsRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., device_class: _Optional[str] = ..., active_only: _Optional[bool] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListRolloutsResponse(_message.Message):
-    __slots__ = ("rollouts",)
+    __slots__ = ("rollouts", "pauses")
     ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    PAUSES_FIELD_NUMBER: _ClassVar[int]
     rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
-    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...
+    pauses: _containers.RepeatedCompositeFieldContainer[RolloutPause]
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., pauses: _Optional[_Iterable[_Union[RolloutPause, _Mapping]]] = ...) -> None: ...
 
 class CompressionTrial(_message.Message):
     __slots__ = ("index", "summary", "recipe", "met", "artifact_bytes", "quality_metric", "quality_value", "p95_ms", "energy_mj", "seconds", "error")

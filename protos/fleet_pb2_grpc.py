@@ -359,6 +359,21 @@ class AdminServiceStub:
                 request_serializer=protos_dot_fleet__pb2.ListRolloutsRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet__pb2.ListRolloutsResponse.FromString,
                 _registered_method=True)
+        self.PauseRollouts = channel.unary_unary(
+                '/homefleet.v1.AdminService/PauseRollouts',
+                request_serializer=protos_dot_fleet__pb2.PauseRolloutsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.RolloutPause.FromString,
+                _registered_method=True)
+        self.ResumeRollouts = channel.unary_unary(
+                '/homefleet.v1.AdminService/ResumeRollouts',
+                request_serializer=protos_dot_fleet__pb2.ResumeRolloutsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.RolloutPause.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/homefleet.v1.AdminService/AbortRollout',
+                request_serializer=protos_dot_fleet__pb2.AbortRolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.Rollout.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -455,7 +470,35 @@ class AdminServiceServicer:
 
     def ListRollouts(self, request, context):
         """The budget loop's rollouts (a class missed its budget: recompression, canary,
-        promotion or rollback), newest first.
+        promotion or rollback), newest first, and the (class, model) pairs paused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRollouts(self, request, context):
+        """Stops the budget loop acting for one (device class, model) until ResumeRollouts: no
+        new recompression, and an active rollout holds where it is (a canary keeps its
+        devices, is neither promoted nor rolled back, and its timeout does not run). The
+        pair's telemetry is still judged (RolloutPause.verdict). Kept in the database.
+        NOT_FOUND: an unknown model or class; FAILED_PRECONDITION: already paused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollouts(self, request, context):
+        """The loop acts for the pair again; returns the pause that ended.
+        FAILED_PRECONDITION: the pair is not paused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """Ends an active rollout now: cancels its compression job if it still runs, returns
+        canary devices to the baseline (re-released, as a rollback), and starts the
+        cool-down. NOT_FOUND: no such rollout; FAILED_PRECONDITION: it has already ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -533,6 +576,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListRollouts,
                     request_deserializer=protos_dot_fleet__pb2.ListRolloutsRequest.FromString,
                     response_serializer=protos_dot_fleet__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'PauseRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollouts,
+                    request_deserializer=protos_dot_fleet__pb2.PauseRolloutsRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.RolloutPause.SerializeToString,
+            ),
+            'ResumeRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollouts,
+                    request_deserializer=protos_dot_fleet__pb2.ResumeRolloutsRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.RolloutPause.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=protos_dot_fleet__pb2.AbortRolloutRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.Rollout.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -915,6 +973,87 @@ class AdminService:
             '/homefleet.v1.AdminService/ListRollouts',
             protos_dot_fleet__pb2.ListRolloutsRequest.SerializeToString,
             protos_dot_fleet__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/homefleet.v1.AdminService/PauseRollouts',
+            protos_dot_fleet__pb2.PauseRolloutsRequest.SerializeToString,
+            protos_dot_fleet__pb2.RolloutPause.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/homefleet.v1.AdminService/ResumeRollouts',
+            protos_dot_fleet__pb2.ResumeRolloutsRequest.SerializeToString,
+            protos_dot_fleet__pb2.RolloutPause.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/homefleet.v1.AdminService/AbortRollout',
+            protos_dot_fleet__pb2.AbortRolloutRequest.SerializeToString,
+            protos_dot_fleet__pb2.Rollout.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,8 @@ def assign(
         devices_affected=reply.devices_affected,
         devices_keeping_own=reply.devices_keeping_own,
         devices_keeping_own_ids=list(reply.devices_keeping_own_ids),
+        rereleases=reply.rereleased_from,
+        warning=reply.warning,
     )
     if as_json:
         output.print_json(result)
@@ -78,6 +80,8 @@ def assign(
             f"{named}{f' and {more} more' if more > 0 else ''} "
             "(`homefleet unassign MODEL --device ID` makes one follow its class)"
         )
+    if result.warning:
+        output.note(result.warning)
 
 
 def unassign(
@@ -90,7 +94,10 @@ def unassign(
     controller: ControllerOption = DEFAULT_ADDRESS,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
 ) -> None:
-    """Remove a device's own assignment of MODEL: it follows its class's assignment again."""
+    """Remove a device's own assignment of MODEL: it follows its class's assignment again.
+
+    If the device ran a newer version, the class's artifact is re-released first (printed).
+    """
     request = fleet_pb2.UnassignRequest(model_name=model, device_id=device_id)
     with session(controller, timeout) as client:
         reply = client.unassign(request)
@@ -102,6 +109,7 @@ def unassign(
         devices_affected=reply.devices_affected,
         devices_keeping_own=0,
         devices_keeping_own_ids=[],
+        rereleases=reply.rereleased_from,
     )
     if as_json:
         output.print_json(result)
@@ -112,3 +120,9 @@ def unassign(
         else "its class has no assignment for it, so it keeps what it runs"
     )
     output.say(f"device {device_id} follows its class for {model} again: {follows}")
+    if result.rereleases:
+        output.say(
+            f"  {result.rereleases} was re-released as {result.artifact_id} for the class "
+            "(the same bytes under a new version): a device that ran a newer version refuses "
+            "an older manifest; devices already serving these bytes download nothing"
+        )

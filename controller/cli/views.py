@@ -99,6 +99,8 @@ class AssignmentView(View):
     devices_affected: int
     devices_keeping_own: int  # class targets: devices with an assignment of their own
     devices_keeping_own_ids: list[str]  # the first few of them
+    rereleases: str = ""  # the artifact whose bytes artifact_id re-releases, if it does
+    warning: str = ""  # the controller's, e.g. a class no file declares and no device has
 
 
 class ModelList(View):

@@ -43,6 +43,7 @@ ROLLOUT_STATES = {
     "rollout.promote": "promoted",
     "rollout.rollback": "rolled back",
     "rollout.failed": "failed",
+    "rollout.aborted": "aborted",
 }
 
 Query = Mapping[str, list[str]]

@@ -317,7 +317,12 @@ class JobRunner:
             if job.task is not None:  # dropped from the queue: it ends at once
                 await asyncio.shield(job.task)
             return True
-        await asyncio.to_thread(job.spec.cancel_path.touch)
+        try:
+            await asyncio.to_thread(job.spec.cancel_path.touch)
+        except FileNotFoundError:
+            # its directory is gone: the job ended meanwhile and is being cleaned up (its
+            # follower sees cancel_requested); not the caller's error, never INTERNAL
+            log.info("compression job %d ended while it was being cancelled", job_id)
         return True
 
     def _executor(self) -> ProcessPoolExecutor:

@@ -4,7 +4,9 @@ A cool-down follows every rollout. When rollouts keep ending rolled back or fail
 next one would most likely end the same way (the same source, the same observations),
 so each one in a row doubles the cool-down, up to ``MAX_FACTOR`` times. A promotion, or
 the class meeting its budget again (recorded on the last rollout as ``BUDGET_MET``),
-ends the streak.
+ends the streak. An aborted rollout neither adds to the streak nor ends it: an operator
+stopped it, which says nothing about whether recompressing helps; it is followed by the
+cool-down the streak before it calls for.
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ class Backoff:
 
     @classmethod
     def of(cls, history: Sequence[RolloutRecord], base_seconds: int) -> Backoff:
-        """``history``: the pair's rollouts, newest first (active ones are skipped)."""
+        """``history``: the pair's rollouts, newest first (active and aborted ones are
+        skipped)."""
         misses = 0
         for rollout in history:
             if rollout.state.active:
                 continue
             if rollout.state is RolloutState.PROMOTED or BUDGET_MET in rollout.detail:
                 break
-            misses += 1
+            if rollout.state is not RolloutState.ABORTED:
+                misses += 1
         return cls(misses, base_seconds)
 
     def after_one_more(self) -> Backoff:

@@ -15,8 +15,11 @@ Each ``tick`` looks at every (device class, model) assigned to a whole class:
    target tightened by the policy's margin (``rollout.recompress``).
 3. **Canary**: the candidate goes to a share of the class's devices (per-device
    assignments; ``rollout.canary``). Bytes the loop already judged for the pair (the
-   baseline's, a candidate rolled back, a baseline that missed) are not canaried again:
-   the rollout fails saying which rollout judged them.
+   baseline's, a candidate rolled back or failed on, a baseline that missed) are not
+   canaried again: the rollout fails saying which rollout judged them. Nor are they
+   published again: a job that makes them gets the earlier artifact back instead of a
+   new version with the same bytes (``vet_publication``, which the admin handlers ask
+   before they sign a compression job's artifact).
 4. **Promote** when the canary meets the budgets K slices in a row, or when it is
    still over budget but clearly better than the rest of the class on the same slices
    (p95 at least 10 % lower, energy no higher: an improvement is kept and the next miss
@@ -27,8 +30,16 @@ Each ``tick`` looks at every (device class, model) assigned to a whole class:
    rollback re-assigns the baseline to the class, which re-releases it under a new
    signed version (agents refuse older versions). Both are recorded with the numbers.
 
+Operators steer it (``RolloutHandlers``): a **pause** of a (class, model) stops every
+action for the pair — no new rollout, and an active one holds where it is (a
+recompression's candidate waits, a canary keeps its devices and is neither promoted nor
+rolled back); its telemetry is still judged and the verdict kept on the pause. A
+canary's timeout does not run while paused: the paused time is credited to it on
+resume. An **abort** ends an active rollout now: its job is cancelled, canaries go back
+to the baseline as in a rollback, and the cool-down follows.
+
 All state lives in the database (``RolloutStore``): a restarted controller, or another
-replica, carries a rollout on from where it stands.
+replica, carries a rollout on from where it stands, and a pause holds on all of them.
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ from controller.clock import unix_ms
 from controller.compression.budgets import MEASURED_ON_DEVICE
 from controller.config import BudgetPolicy
 from controller.device_classes import Budgets, DeviceClass
-from controller.errors import FleetError
+from controller.errors import ErrorCode, FleetError, not_found
 from controller.fleet_classes import DeviceClassRegistry
 from controller.integrity import BlobIntegrity, StoredBlob
 from controller.jobs.handlers import CompressionHandlers
@@ -65,8 +76,20 @@ from controller.records import (
 )
 from controller.rollouts.backoff import BUDGET_MET, HISTORY, Backoff
 from controller.rollouts.check import BudgetCheck, SliceVerdict, check, slice_bounds
-from controller.rollouts.records import NewRollout, RolloutChange, RolloutRecord, RolloutState
-from controller.rollouts.store import ClassAssignment, RolloutStore
+from controller.rollouts.records import (
+    NewRollout,
+    PauseRecord,
+    RolloutChange,
+    RolloutRecord,
+    RolloutState,
+)
+from controller.rollouts.store import (
+    ABORTED_KEY,
+    CANDIDATE_JUDGED,
+    PAUSED_MS,
+    ClassAssignment,
+    RolloutStore,
+)
 from controller.store import Store, all_devices
 
 log = logging.getLogger(__name__)
@@ -113,7 +136,24 @@ class RolloutLoop:
         self._policy = policy
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()  # one tick at a time in this process
+        # one tick (or abort) at a time in this process: an abort never lands between a
+        # tick's canary assignments and the transition that records them
+        self._lock = asyncio.Lock()
+        # what a compression job makes is checked before it is published (see
+        # ``vet_publication``): every job, the loop's own and an operator's
+        admin.add_publish_check(self.vet_publication)
+
+    @contextlib.asynccontextmanager
+    async def between_ticks(self) -> AsyncIterator[None]:
+        """Hold this process's ticks off: an operator's change (a pause) lands between two
+        ticks, so once it is made no tick here still acts on what it saw before."""
+        async with self._lock:
+            yield
+
+    @property
+    def classes(self) -> DeviceClassRegistry:
+        """The device classes the loop watches (declared with --device-classes)."""
+        return self._classes
 
     # ---------------------------------------------------------------- running
     def start(self) -> None:
@@ -140,23 +180,30 @@ class RolloutLoop:
         """Carry every active rollout on, then judge every class assignment once."""
         async with self._lock:
             now = self._clock() if now_unix_ms is None else now_unix_ms
+            paused = {p.key: p for p in await in_thread(self._rollouts.pauses)}
             # one (model, class) that fails must not hold the others up: each is logged
             # and tried again next tick
             for rollout in await in_thread(self._rollouts.active):
                 try:
-                    await self._advance(rollout, now)
+                    if (rollout.model_name, rollout.device_class) in paused:
+                        await self._hold(rollout, now)
+                    else:
+                        await self._advance(rollout, now)
                 except Exception:
                     log.exception("rollout %d could not be carried on", rollout.id)
             for assignment in await in_thread(self._rollouts.class_assignments):
+                key = (assignment.model_name, assignment.device_class)
                 try:
-                    await self._judge(assignment, now)
+                    await self._judge(assignment, now, paused.get(key))
                 except Exception:
                     log.exception(
                         "judging %s on %s failed", assignment.model_name, assignment.device_class
                     )
 
     # ---------------------------------------------------------------- 1. judge
-    async def _judge(self, assignment: ClassAssignment, now: int) -> None:
+    async def _judge(
+        self, assignment: ClassAssignment, now: int, pause: PauseRecord | None = None
+    ) -> None:
         device_class = self._classes.get(assignment.device_class)
         if device_class is None or not _watched(device_class.budgets):
             return
@@ -167,6 +214,9 @@ class RolloutLoop:
         )
         latest = history[0] if history else None
         if latest is not None and latest.state.active:
+            return
+        if pause is not None:
+            await self._judge_paused(assignment, device_class, now)
             return
         fresh_from = assignment.updated_unix_ms
         if (
@@ -208,6 +258,77 @@ class RolloutLoop:
             )
         elif verdict.missed and (waited_ms is None or waited_ms >= backoff.seconds * 1000):
             await self._start_rollout(device_class, artifact, verdict)
+
+    async def _judge_paused(
+        self, assignment: ClassAssignment, device_class: DeviceClass, now: int
+    ) -> None:
+        """Judge a paused pair's last K slices as usual, but only keep the verdict on the
+        pause (for `homefleet rollouts`): no rollout starts, the back-off is left alone."""
+        artifact = await in_thread(self._store.get_artifact, assignment.artifact_id)
+        if artifact is None:
+            return
+        bounds = slice_bounds(now, self._policy.window_ms, self._policy.windows_in_a_row)
+        verdict = check(
+            device_class.budgets,
+            await in_thread(
+                self._rollouts.slices,
+                assignment.device_class,
+                assignment.model_name,
+                artifact.sha256,
+                bounds,
+            ),
+            self._policy.min_samples,
+        )
+        if verdict.missed:
+            said = f"misses its budget ({'; '.join(verdict.reasons) or over_budget(verdict)})"
+            said += ": a rollout would start, but the pair is paused"
+        elif verdict.met:
+            said = "within budget"
+        else:
+            said = "no verdict"
+        await in_thread(
+            self._rollouts.note_verdict,
+            assignment.model_name,
+            assignment.device_class,
+            f"{artifact.id} {said}: {verdict.summary()}",
+            now,
+        )
+
+    async def _hold(self, rollout: RolloutRecord, now: int) -> None:
+        """A paused pair's active rollout stays where it is; what it would be judged on is
+        kept on the pause (the canary's slices since it started, or the job's state)."""
+        if rollout.state is RolloutState.CANARY:
+            device_class = self._classes.get(rollout.device_class)
+            candidate = await in_thread(self._store.get_artifact, rollout.candidate_artifact_id)
+            if device_class is None or candidate is None:
+                return
+            since = rollout.canary_since_unix_ms or rollout.updated_unix_ms
+            bounds = slice_bounds(now, self._policy.window_ms, self._policy.windows_in_a_row)
+            after = [(max(start, since), max(start, since, end)) for start, end in bounds]
+            canary = check(
+                device_class.budgets,
+                await in_thread(
+                    self._rollouts.slices,
+                    rollout.device_class,
+                    rollout.model_name,
+                    candidate.sha256,
+                    after,
+                ),
+                self._policy.min_samples,
+            )
+            said = (
+                f"rollout {rollout.id} holds its canary {candidate.id} on "
+                f"{', '.join(rollout.canary_devices)}: canary {canary.summary()}"
+            )
+        else:
+            job = None
+            if rollout.job_id is not None:
+                job = await in_thread(self._store.get_compression_job, rollout.job_id)
+            doing = f"compression job {job.id} is {job.state.value}" if job else "no job yet"
+            said = f"rollout {rollout.id} holds before its canary ({doing})"
+        await in_thread(
+            self._rollouts.note_verdict, rollout.model_name, rollout.device_class, said, now
+        )
 
     async def _start_rollout(
         self, device_class: DeviceClass, artifact: ArtifactRecord, verdict: BudgetCheck
@@ -442,6 +563,8 @@ class RolloutLoop:
             await self._fail(
                 rollout,
                 f"compression job {job.id} found no candidate within {', '.join(missed)}",
+                candidate=job.artifact_id,
+                judged=True,
             )
             return
         candidate = await in_thread(self._store.get_artifact, job.artifact_id)
@@ -452,14 +575,17 @@ class RolloutLoop:
         # Bytes the loop has already judged are not canaried again: the same verdict would
         # follow, and the loop would flip between two artifacts forever. The cause may pass
         # (later observations recalibrate further), so a later miss may try again, after
-        # a cool-down that grows with every such failure.
+        # a cool-down that grows with every such failure. (Such bytes were not published
+        # as a new version either: ``vet_publication`` gave the job the earlier artifact.)
         if candidate.sha256 == baseline.sha256:
             await self._fail(
                 rollout,
-                f"compression job {job.id} produced {candidate.id} ({candidate.sha256[:12]}), "
-                f"the same bytes as the baseline {baseline.id}: nothing different under the "
+                f"compression job {job.id} produced {_made(candidate, job)}, the same "
+                f"bytes as the baseline {baseline.id}: nothing different under the "
                 "recalibrated latency model, not canaried",
                 retry=True,
+                candidate=candidate.id,
+                judged=True,
             )
             return
         known = await in_thread(
@@ -472,14 +598,20 @@ class RolloutLoop:
         if known is not None:
             await self._fail(
                 rollout,
-                f"compression job {job.id} produced {candidate.id} ({candidate.sha256[:12]}), "
-                f"the same bytes as {known.describe()}: not canaried again",
+                f"compression job {job.id} produced {_made(candidate, job)}, the same bytes as "
+                f"{known.describe()}: not canaried again",
                 retry=True,
+                candidate=candidate.id,
+                judged=True,
             )
             return
         devices = await self._pick_canary(rollout)
         if not devices:
-            await self._fail(rollout, f"no device of class {rollout.device_class} to canary on")
+            await self._fail(
+                rollout,
+                f"no device of class {rollout.device_class} to canary on",
+                candidate=candidate.id,
+            )
             return
         assigned = []
         try:
@@ -491,7 +623,11 @@ class RolloutLoop:
                 log.debug("canary %s on %s (revision %d)", candidate.id, device_id, result.revision)
         except FleetError as exc:
             await self._fail(
-                rollout, f"the canary could not be assigned: {exc}", assigned, retry=True
+                rollout,
+                f"the canary could not be assigned: {exc}",
+                assigned,
+                retry=True,
+                candidate=candidate.id,
             )
             return
         note = (
@@ -545,7 +681,9 @@ class RolloutLoop:
             return
         since = rollout.canary_since_unix_ms or rollout.updated_unix_ms
         bounds = slice_bounds(now, self._policy.window_ms, self._policy.windows_in_a_row)
-        timed_out = now - since > self._policy.canary_timeout_seconds * 1000
+        # time the pair spent paused does not count (credited on resume)
+        held_ms = int(rollout.detail.get(PAUSED_MS, 0))
+        timed_out = now - since - held_ms > self._policy.canary_timeout_seconds * 1000
         if bounds[0][0] < since and not timed_out:
             return  # not K whole slices since the canary started
         # only what was sent after the canary started counts (a timed-out canary is
@@ -612,7 +750,7 @@ class RolloutLoop:
     ) -> None:
         keep = rollout.candidate_artifact_id if promote else rollout.baseline_artifact_id
         try:
-            await self._admin.assign(keep, AssignTarget(TargetKind.CLASS, rollout.device_class))
+            class_artifact = await self._assign_class(rollout, keep)
         except FleetError as exc:
             log.warning("rollout %d: cannot assign %s to the class: %s", rollout.id, keep, exc)
             return  # the next tick tries again
@@ -626,10 +764,8 @@ class RolloutLoop:
             f"{verb} {rollout.candidate_artifact_id} on {rollout.device_class} ({why}): canary "
             f"{canary.summary()}; {reference.summary()}" + (f". {wait}" if wait else "")
         )
-        done = await in_thread(
-            self._rollouts.advance,
-            rollout.id,
-            RolloutState.CANARY,
+        done = await self._end_canary(
+            rollout,
             RolloutChange(state, reason),
             [
                 NewEvent(
@@ -641,9 +777,7 @@ class RolloutLoop:
                         "model": rollout.model_name,
                         "artifact_id": rollout.candidate_artifact_id,
                         "baseline_artifact_id": rollout.baseline_artifact_id,
-                        "class_artifact_id": await in_thread(
-                            self._rollouts.class_artifact, rollout.model_name, rollout.device_class
-                        ),
+                        "class_artifact_id": class_artifact,
                         # what the canary was compared with: the rest of the class, or
                         # the miss that started the rollout ("baseline_from")
                         "baseline_p95_ms": reference.p95_ms,
@@ -656,11 +790,37 @@ class RolloutLoop:
                     },
                 )
             ],
+        )
+        if done is not None:
+            log.info("rollout %d %s: %s", rollout.id, verb, message)
+
+    async def _assign_class(self, rollout: RolloutRecord, keep: str) -> str:
+        """Assign ``keep`` (the candidate, or the baseline) to the whole class and return
+        the class's artifact id now: going back to the baseline re-releases it under a new
+        signed version, since the canaries ran a newer one (agents refuse older versions).
+        FleetError when it cannot be assigned (the canary stays as it is)."""
+        await self._admin.assign(keep, AssignTarget(TargetKind.CLASS, rollout.device_class))
+        return await in_thread(
+            self._rollouts.class_artifact, rollout.model_name, rollout.device_class
+        )
+
+    async def _end_canary(
+        self, rollout: RolloutRecord, change: RolloutChange, events: list[NewEvent]
+    ) -> RolloutRecord | None:
+        """After ``_assign_class``: end the canary with ``change`` and drop its devices'
+        own assignments in one transaction (they follow the class again), then wake them.
+        None when the rollout had moved on."""
+        done = await in_thread(
+            self._rollouts.advance,
+            rollout.id,
+            RolloutState.CANARY,
+            change,
+            events,
             drop_device_assignments=True,
         )
         if done is not None:
             self._notify_devices(rollout.canary_devices)
-            log.info("rollout %d %s: %s", rollout.id, verb, message)
+        return done
 
     async def _fail(
         self,
@@ -670,13 +830,17 @@ class RolloutLoop:
         *,
         canary: bool = False,
         retry: bool = False,
+        candidate: str = "",
+        judged: bool = False,
     ) -> None:
         """End ``rollout`` as failed; the class keeps its artifact, canaries go back to it.
 
         ``retry``: the cause may pass (a job cancelled or lost with its controller, a
         candidate the loop already judged), so a sustained miss after the cool-down (longer
         with every rollout in a row that fixed nothing) starts a new rollout; otherwise the
-        same artifact is not tried again until the operator changes something."""
+        same artifact is not tried again until the operator changes something.
+        ``candidate``: what the job made, kept on the rollout; ``judged``: the rollout
+        failed on those bytes themselves, so they are not published or tried again."""
         wait = await self._backoff_after(rollout) if retry else ""
         if wait:
             reason = f"{reason}; {wait}"
@@ -687,9 +851,10 @@ class RolloutLoop:
             RolloutChange(
                 RolloutState.FAILED,
                 reason,
+                candidate_artifact_id=candidate or None,
                 # a half-assigned canary: those devices go back to the class artifact
                 canary_devices=tuple(assigned) if assigned else None,
-                detail={"retry": retry},
+                detail={"retry": retry, CANDIDATE_JUDGED: judged},
             ),
             [
                 NewEvent(
@@ -710,17 +875,114 @@ class RolloutLoop:
             self._notify_devices(done.canary_devices)
             log.warning("rollout %d failed: %s", rollout.id, reason)
 
-    async def _backoff_after(self, rollout: RolloutRecord) -> str:
-        """How long the pair waits once ``rollout`` ends rolled back or failed, said for
-        the decision that ends it ("" without a cool-down)."""
+    async def _backoff_after(self, rollout: RolloutRecord, *, counts: bool = True) -> str:
+        """How long the pair waits once ``rollout`` ends rolled back or failed (or, with
+        ``counts`` False, aborted), said for the decision that ends it ("" without a
+        cool-down)."""
         history = await in_thread(
             lambda: self._rollouts.list(
                 HISTORY, model_name=rollout.model_name, device_class=rollout.device_class
             )
         )
         earlier = [r for r in history if r.id != rollout.id]
-        backoff = Backoff.of(earlier, self._policy.cooldown_seconds).after_one_more()
+        backoff = Backoff.of(earlier, self._policy.cooldown_seconds)
+        if counts:
+            backoff = backoff.after_one_more()
         return backoff.describe(rollout.model_name, rollout.device_class)
+
+    # ---------------------------------------------------------------- operators
+    async def abort(self, rollout_id: int, by: str, reason: str) -> RolloutRecord:
+        """End an active rollout now (``rollout.aborted``): its compression job is
+        cancelled if it still runs, a canary's devices go back to the baseline as in a
+        rollback (re-released), and the cool-down follows. NOT_FOUND for an unknown id,
+        FAILED_PRECONDITION for a rollout that has already ended."""
+        async with self._lock:
+            rollout = await in_thread(self._rollouts.get, rollout_id)
+            if rollout is None:
+                raise not_found(
+                    f"rollout {rollout_id} does not exist; `homefleet rollouts` lists them"
+                )
+            if not rollout.state.active:
+                raise _ended(rollout, "abort")
+            subject = f"{rollout.device_class}/{rollout.model_name}"
+            steps = []
+            if rollout.state is RolloutState.RECOMPRESSING and rollout.job_id is not None:
+                steps.append(await self._cancel_job(rollout.job_id))
+            if rollout.state is RolloutState.CANARY:
+                class_artifact = await self._assign_class(rollout, rollout.baseline_artifact_id)
+                steps.append(
+                    f"canary {', '.join(rollout.canary_devices) or '-'} back on the baseline "
+                    f"{rollout.baseline_artifact_id} (as {class_artifact})"
+                )
+            wait = await self._backoff_after(rollout, counts=False)
+            why = reason or "no reason given"
+            said = f"aborted by {by}: {why}" + "".join(f"; {step}" for step in steps)
+            message = (
+                f"rollout {rollout.id} for {rollout.model_name} on {rollout.device_class} {said}"
+                + (f". {wait}" if wait else "")
+            )
+            change = RolloutChange(
+                RolloutState.ABORTED,
+                said + (f"; {wait}" if wait else ""),
+                detail={ABORTED_KEY: {"by": by, "reason": reason, "from": rollout.state.value}},
+            )
+            event = NewEvent(
+                "rollout.aborted",
+                subject,
+                message,
+                {
+                    "device_class": rollout.device_class,
+                    "model": rollout.model_name,
+                    "artifact_id": rollout.candidate_artifact_id,
+                    "baseline_artifact_id": rollout.baseline_artifact_id,
+                    "from_state": rollout.state.value,
+                    "job_id": rollout.job_id,
+                    "canary_devices": list(rollout.canary_devices),
+                    "by": by,
+                    "reason": reason,
+                },
+            )
+            if rollout.state is RolloutState.CANARY:
+                done = await self._end_canary(rollout, change, [event])
+            else:
+                done = await in_thread(
+                    self._rollouts.advance, rollout.id, rollout.state, change, [event]
+                )
+            if done is None:  # another replica moved it on in the meantime
+                now = await in_thread(self._rollouts.get, rollout_id)
+                raise _ended(now or rollout, "abort")
+            log.warning("%s", message)
+            return done
+
+    async def _cancel_job(self, job_id: int) -> str:
+        """Cancel a rollout's recompression; what happened, for the abort's message."""
+        try:
+            job = await self._compression.cancel(job_id)
+        except FleetError as exc:  # it ended meanwhile, or runs on another replica
+            return f"compression job {job_id} not cancelled ({exc.message}); its result is unused"
+        if job.state.active:
+            return f"compression job {job_id} stops after its current trial"
+        return f"compression job {job_id} cancelled"
+
+    async def vet_publication(
+        self, model_name: str, device_class: str, sha256: str
+    ) -> ArtifactRecord | None:
+        """The artifact to give a compression job instead of publishing its bytes as a new
+        version: the earlier artifact holding them when the loop already judged those
+        bytes for the pair (a candidate rolled back or failed on, a baseline that missed,
+        the active rollout's included). None: publish as usual."""
+        known = await in_thread(self._rollouts.known_bytes, model_name, device_class, sha256)
+        if known is None:
+            return None
+        earlier = await in_thread(self._store.get_artifact, known.artifact_id)
+        if earlier is not None:
+            log.info(
+                "%s/%s: a compression made the bytes of %s again: not published as a new version",
+                model_name,
+                device_class,
+                known.describe(),
+            )
+        return earlier
 
     def _notify_devices(self, devices: tuple[str, ...]) -> None:
         for device_id in devices:
@@ -739,6 +1001,23 @@ def recalibrated_speed(
     if not predicted_ms or not observed_ms or predicted_ms <= 0 or observed_ms <= predicted_ms:
         return speed
     return min(max(speed * predicted_ms / observed_ms, MIN_SPEED), MAX_SPEED)
+
+
+def _ended(rollout: RolloutRecord, doing: str) -> FleetError:
+    """FAILED_PRECONDITION for an operator action on a rollout that is over."""
+    return FleetError(
+        ErrorCode.FAILED_PRECONDITION,
+        f"rollout {rollout.id} ({rollout.model_name} on {rollout.device_class}) has already "
+        f"ended {rollout.state.value} ({rollout.reason}): nothing to {doing}",
+    )
+
+
+def _made(candidate: ArtifactRecord, job: CompressionJobRecord) -> str:
+    """What a job made, for a message: its artifact, or only the digest when the job was
+    handed an earlier artifact with those bytes (``vet_publication``: not published)."""
+    if candidate.created_unix_ms < job.created_unix_ms:
+        return f"{candidate.sha256[:12]} (not published again)"
+    return f"{candidate.id} ({candidate.sha256[:12]})"
 
 
 def _watched(budgets: Budgets) -> bool:

@@ -4,6 +4,13 @@ Every transition is one transaction with the event that records it, and only app
 when the rollout is still in the state the caller saw: two replicas acting on the same
 rollout cannot both promote it, and a miss noticed twice starts one rollout (the
 partial unique index on active rollouts).
+
+An aborted rollout is stored as ``failed`` with ``ABORTED_KEY`` in its detail and read
+back as ``RolloutState.ABORTED``: databases made before that state existed have a CHECK
+constraint naming five states, which SQLite cannot widen without rebuilding the table.
+
+Pauses (``rollout_pauses``) are an operator's "hands off this (model, class)": the loop
+reads them every tick, so a pause holds on every replica and across restarts.
 """
 
 from __future__ import annotations
@@ -22,14 +29,18 @@ from controller.db import (
     AssignmentRow,
     DeviceRow,
     EventRow,
+    ModelRow,
+    RolloutPauseRow,
     RolloutRow,
     TelemetryWindowRow,
 )
 from controller.records import NewEvent, TargetKind
 from controller.rollouts.check import SliceStats
 from controller.rollouts.records import (
+    Judged,
     KnownBytes,
     NewRollout,
+    PauseRecord,
     RolloutChange,
     RolloutRecord,
     RolloutState,
@@ -37,6 +48,12 @@ from controller.rollouts.records import (
 from controller.sql_store import _window_sums, _WindowSums
 
 MAX_LIST = 1000
+# Detail keys: who aborted a rollout and why (its presence makes a stored "failed" an
+# aborted rollout); how long a canary was held by pauses (its timeout does not run then);
+# whether a failed rollout's candidate was judged (its bytes are not tried again).
+ABORTED_KEY = "aborted"
+PAUSED_MS = "paused_ms"
+CANDIDATE_JUDGED = "candidate_judged"
 
 
 @dataclass(frozen=True)
@@ -134,6 +151,121 @@ class RolloutStore:
                 )
         return out
 
+    # ---------------------------------------------------------------- pauses
+    def pause(
+        self,
+        model_name: str,
+        device_class: str,
+        paused_by: str,
+        reason: str,
+        event: NewEvent,
+    ) -> tuple[PauseRecord, bool]:
+        """Pause the pair and record ``event``; (the pause in place, False) when it
+        already was paused (nothing is written then)."""
+        try:
+            with self._sessions.begin() as session:
+                row = session.get(RolloutPauseRow, (model_name, device_class))
+                if row is not None:
+                    return _pause(row), False
+                row = RolloutPauseRow(
+                    model_name=model_name,
+                    device_class=device_class,
+                    paused_by=paused_by,
+                    reason=reason,
+                    paused_unix_ms=self._now(),
+                    verdict="",
+                    verdict_unix_ms=0,
+                )
+                session.add(row)
+                session.flush()
+                self._event(session, event, self._active_id(session, model_name, device_class))
+                return _pause(row), True
+        except IntegrityError:  # another replica paused it in the meantime
+            existing = self.pause_of(model_name, device_class)
+            if existing is None:
+                raise
+            return existing, False
+
+    def resume(
+        self, model_name: str, device_class: str, event: Callable[[PauseRecord, int], NewEvent]
+    ) -> PauseRecord | None:
+        """End the pair's pause (None: it was not paused) and record ``event(pause,
+        now)``; an active canary is credited the paused time, so its timeout only counts
+        the time the loop could act on it."""
+        with self._sessions.begin() as session:
+            row = session.get(RolloutPauseRow, (model_name, device_class), with_for_update=True)
+            if row is None:
+                return None
+            pause, now = _pause(row), self._now()
+            session.delete(row)
+            active = session.scalars(
+                select(RolloutRow).where(
+                    RolloutRow.model_name == model_name,
+                    RolloutRow.device_class == device_class,
+                    RolloutRow.state == RolloutState.CANARY.value,
+                )
+            ).first()
+            if active is not None:
+                since = max(pause.paused_unix_ms, active.canary_since_unix_ms or 0)
+                held = int(active.detail.get(PAUSED_MS, 0)) + max(0, now - since)
+                active.detail = {**active.detail, PAUSED_MS: held}
+            self._event(session, event(pause, now), active.id if active is not None else None)
+            return pause
+
+    def pause_of(self, model_name: str, device_class: str) -> PauseRecord | None:
+        with self._sessions() as session:
+            row = session.get(RolloutPauseRow, (model_name, device_class))
+            return _pause(row) if row is not None else None
+
+    def pauses(
+        self, *, model_name: str | None = None, device_class: str | None = None
+    ) -> list[PauseRecord]:
+        """The paused pairs (optionally one model, one class), by class then model."""
+        p = RolloutPauseRow
+        query = select(p).order_by(p.device_class, p.model_name).limit(MAX_LIST)
+        if model_name:
+            query = query.where(p.model_name == model_name)
+        if device_class:
+            query = query.where(p.device_class == device_class)
+        with self._sessions() as session:
+            return [_pause(r) for r in session.scalars(query)]
+
+    def note_verdict(self, model_name: str, device_class: str, verdict: str, unix_ms: int) -> None:
+        """Keep the loop's latest judgement of a paused pair (nothing when not paused)."""
+        with self._sessions.begin() as session:
+            row = session.get(RolloutPauseRow, (model_name, device_class))
+            if row is not None and (row.verdict, row.verdict_unix_ms) != (verdict, unix_ms):
+                row.verdict, row.verdict_unix_ms = verdict, unix_ms
+
+    def known_pair(self, model_name: str, device_class: str) -> bool:
+        """Whether the loop has anything of the pair: a class assignment or a rollout."""
+        assigned = select(AssignmentRow.artifact_id).where(
+            AssignmentRow.target_kind == TargetKind.CLASS.value,
+            AssignmentRow.target == device_class,
+            AssignmentRow.model_name == model_name,
+        )
+        rolled = select(RolloutRow.id).where(
+            RolloutRow.model_name == model_name, RolloutRow.device_class == device_class
+        )
+        with self._sessions() as session:
+            return any(session.execute(q.limit(1)).first() is not None for q in (assigned, rolled))
+
+    def model_exists(self, model_name: str) -> bool:
+        with self._sessions() as session:
+            found = session.scalar(select(ModelRow.id).where(ModelRow.name == model_name).limit(1))
+            return found is not None
+
+    @staticmethod
+    def _active_id(session: Session, model_name: str, device_class: str) -> int | None:
+        states = [s.value for s in RolloutState if s.active]
+        return session.scalar(
+            select(RolloutRow.id).where(
+                RolloutRow.model_name == model_name,
+                RolloutRow.device_class == device_class,
+                RolloutRow.state.in_(states),
+            )
+        )
+
     # ---------------------------------------------------------------- rollouts
     def start(self, new: NewRollout, event: NewEvent) -> RolloutRecord | None:
         """Record a new rollout and its decision; None when one is already active."""
@@ -178,7 +310,7 @@ class RolloutStore:
         """
         with self._sessions.begin() as session:
             row = session.get(RolloutRow, rollout_id, with_for_update=True)
-            if row is None or row.state != expected.value:
+            if row is None or _state(row) is not expected:
                 return None
             now = self._now()
             if change.canary_devices is not None:
@@ -191,7 +323,7 @@ class RolloutStore:
                         AssignmentRow.target.in_(list(row.canary_devices)),
                     )
                 )
-            row.state = change.state.value
+            row.state = _stored(change.state)
             row.reason = change.reason
             row.updated_unix_ms = now
             if change.candidate_artifact_id is not None:
@@ -202,6 +334,8 @@ class RolloutStore:
                 row.canary_since_unix_ms = now
             if change.detail is not None:
                 row.detail = {**row.detail, **change.detail}
+            if change.state is RolloutState.ABORTED and ABORTED_KEY not in row.detail:
+                row.detail = {**row.detail, ABORTED_KEY: {"reason": change.reason}}
             if not change.state.active:
                 row.finished_unix_ms = now
             for event in events:
@@ -231,10 +365,13 @@ class RolloutStore:
             return _record(row) if row is not None else None
 
     def known_bytes(
-        self, model_name: str, device_class: str, sha256: str, other_than: int
+        self, model_name: str, device_class: str, sha256: str, other_than: int = 0
     ) -> KnownBytes | None:
-        """Whether another rollout of (model, class) already tried these bytes: as a
-        candidate it rolled back (checked first), or as the baseline that missed."""
+        """Whether a rollout of (model, class) other than ``other_than`` already tried
+        these bytes: as a candidate it rolled back (checked first), as a candidate it
+        failed on (judged: over size, or bytes already known; not one it never got to
+        try, e.g. for want of devices, nor an aborted one's), or as the baseline that
+        missed (the active rollout's included)."""
         r, a = RolloutRow, ArtifactRow
         pair = (r.model_name == model_name, r.device_class == device_class, r.id != other_than)
         rolled_back = (
@@ -244,6 +381,13 @@ class RolloutStore:
             .order_by(r.id.desc())
             .limit(1)
         )
+        failed = (
+            select(r.id, a.id, r.detail)
+            .join(a, a.id == r.candidate_artifact_id)
+            .where(*pair, r.state == RolloutState.FAILED.value, a.sha256 == sha256)
+            .order_by(r.id.desc())
+            .limit(MAX_LIST)
+        )
         missed = (
             select(r.id, a.id)
             .join(a, a.id == r.baseline_artifact_id)
@@ -252,10 +396,16 @@ class RolloutStore:
             .limit(1)
         )
         with self._sessions() as session:
-            for query, was_rolled_back in ((rolled_back, True), (missed, False)):
-                found = session.execute(query).first()
-                if found is not None:
-                    return KnownBytes(int(found[0]), str(found[1]), was_rolled_back)
+            found = session.execute(rolled_back).first()
+            if found is not None:
+                return KnownBytes(int(found[0]), str(found[1]), Judged.ROLLED_BACK)
+            # the flag is in the JSON detail: checked here, the rows are few
+            for rollout_id, artifact_id, detail in session.execute(failed):
+                if detail.get(CANDIDATE_JUDGED) and ABORTED_KEY not in detail:
+                    return KnownBytes(int(rollout_id), str(artifact_id), Judged.FAILED)
+            found = session.execute(missed).first()
+            if found is not None:
+                return KnownBytes(int(found[0]), str(found[1]), Judged.MISSED)
         return None
 
     def note(self, rollout_id: int, detail: dict[str, Any]) -> RolloutRecord | None:
@@ -300,8 +450,10 @@ class RolloutStore:
         with self._sessions() as session:
             return [_record(r) for r in session.scalars(query)]
 
-    def _event(self, session: Session, new: NewEvent, rollout_id: int) -> None:
-        detail: dict[str, Any] = {**new.detail, "rollout_id": rollout_id}
+    def _event(self, session: Session, new: NewEvent, rollout_id: int | None) -> None:
+        detail: dict[str, Any] = dict(new.detail)
+        if rollout_id is not None:
+            detail["rollout_id"] = rollout_id
         session.add(
             EventRow(
                 unix_ms=self._now(),
@@ -314,12 +466,36 @@ class RolloutStore:
         session.flush()
 
 
+def _stored(state: RolloutState) -> str:
+    """The ``state`` column's value (see the module docstring for aborted)."""
+    return RolloutState.FAILED.value if state is RolloutState.ABORTED else state.value
+
+
+def _state(row: RolloutRow) -> RolloutState:
+    state = RolloutState(row.state)
+    if state is RolloutState.FAILED and ABORTED_KEY in row.detail:
+        return RolloutState.ABORTED
+    return state
+
+
+def _pause(row: RolloutPauseRow) -> PauseRecord:
+    return PauseRecord(
+        model_name=row.model_name,
+        device_class=row.device_class,
+        paused_by=row.paused_by,
+        reason=row.reason,
+        paused_unix_ms=row.paused_unix_ms,
+        verdict=row.verdict,
+        verdict_unix_ms=row.verdict_unix_ms,
+    )
+
+
 def _record(row: RolloutRow) -> RolloutRecord:
     return RolloutRecord(
         id=row.id,
         model_name=row.model_name,
         device_class=row.device_class,
-        state=RolloutState(row.state),
+        state=_state(row),
         baseline_artifact_id=row.baseline_artifact_id,
         candidate_artifact_id=row.candidate_artifact_id,
         job_id=row.job_id,
