@@ -929,9 +929,10 @@ class AgentHandlers:
     async def _quietly(self, fn: Callable[..., object], *args: object) -> None:
         """Bookkeeping after a stream ends must not hide the stream's own outcome.
 
-        Shielded: the stream often ends because the client cancelled it (an agent cancels
-        a download once it has every byte), and that cancellation must not cancel the
-        record of the stream before its thread has even started.
+        Shielded: a stream often ends because the client cancelled it (a resumed or
+        broken download, an agent stopping; one that has every byte reads the stream to
+        its end first, so its last chunk counts), and that cancellation must not cancel
+        the record of the stream before its thread has even started.
         """
 
         async def work() -> None:

@@ -4,7 +4,9 @@ On start it serves the models it had before (re-verified on disk) at once, even 
 the controller is away; agent.json appears only once the local API listens, and goes
 away on a graceful stop, so a reader never finds a stale address. Every Predict is
 measured (telemetry), its windows are queued on disk and sent by the sync loop; a
-graceful stop persists the window still open.
+graceful stop persists the window still open. What can be checked without the state
+directory (the pinned key, a unix --listen path) is checked before anything is written
+there, so an agent refused for its configuration leaves a fresh directory as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from artifact.signing import SignatureError, TrustedKey
 from edge_agent import hardware
 from edge_agent.config import AgentConfig
 from edge_agent.errors import AgentError, ErrorCode
-from edge_agent.local_api import LocalApi, start_local_api
+from edge_agent.local_api import LocalApi, check_unix_listen, start_local_api
 from edge_agent.meters import choose_meter
 from edge_agent.metrics import AgentMetrics, serve_metrics
 from edge_agent.runtime import ModelRuntime, ModelSlot
@@ -88,12 +90,32 @@ def restore_slots(store: StateStore, runtime: ModelRuntime) -> None:
         store.save_slots(runtime.snapshot())
 
 
+def preflight(config: AgentConfig) -> TrustedKey | None:
+    """Every check of the configuration that needs no state directory, made before
+    anything is written there: a configuration error leaves a fresh --state-dir as it
+    was (absent or empty), not holding agent.lock, artifacts/ or telemetry.db.
+    Returns the pinned key."""
+    trusted = load_trust_key(config.trust_key)
+    if config.listen.is_unix:
+        check_unix_listen(config.listen)
+    return trusted
+
+
+def warn_unverified() -> None:
+    """Said at start: an agent that pins no key deploys whatever the controller sends."""
+    log.warning(
+        "manifests are NOT verified: no controller key is pinned (--trust-key), so this "
+        "agent deploys any manifest the controller (or whoever answers at its address) "
+        "sends; for tests and demos only (--allow-unsigned-manifests)"
+    )
+
+
 async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set; setup problems raise AgentError before anything listens."""
+    trusted = preflight(config)
     store = StateStore(config.state_dir)
     with store.locked():
         store.remove_agent_info()
-        trusted = load_trust_key(config.trust_key)
         runtime = ModelRuntime(config.threads)
         await asyncio.to_thread(restore_slots, store, runtime)
         async with contextlib.AsyncExitStack() as telemetry_stack:
@@ -102,6 +124,8 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
             metrics = AgentMetrics(runtime, queue)
             meter = choose_meter(config.sysfs_root, config.power_model)
             telemetry = Telemetry(meter, observer=metrics, slowdown=config.emulate_slowdown)
+            if trusted is None:
+                warn_unverified()
             if config.emulate_slowdown != 1.0:
                 log.warning(
                     "emulating a device %gx slower: telemetry reports latency, CPU time and "

@@ -3,9 +3,12 @@
 Exit codes: 0 stopped cleanly (SIGTERM/SIGINT), 1 could not start for a reason that may
 pass (state directory in use by another agent or out of space, --listen or
 --metrics-listen address in use by another process), 2 usage or configuration error that
-retrying cannot fix (bad option, trust key, TLS directory, a --listen path that is not a
-socket, a state directory the agent cannot write: read-only or not its user's). The
-systemd unit retries 1, not 2.
+retrying cannot fix (bad option, trust key, neither --trust-key nor
+--allow-unsigned-manifests, TLS directory, a --listen path that is not a socket or whose
+directory is missing, a state directory the agent cannot write: read-only or not its
+user's, a registration the controller refuses for good: the device id is taken with
+another class or hardware, or the request is invalid). The systemd unit retries 1, not 2.
+Configuration errors are found before anything is written to the state directory.
 """
 
 from __future__ import annotations
@@ -27,6 +30,28 @@ app = typer.Typer(
 )
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ALLOW_UNSIGNED = "--allow-unsigned-manifests"
+
+
+def trust_choice_error(trust_key: Path | None, allow_unsigned: bool) -> str | None:
+    """Why the manifest-trust options do not make sense together, or None when they do.
+
+    Verifying manifests is the default: running without a pinned key must be asked for
+    by name, so it is never the result of a forgotten flag.
+    """
+    if trust_key is None and not allow_unsigned:
+        return (
+            "--trust-key: no controller key is pinned, so manifests could not be verified: "
+            "pass --trust-key PEM (the controller's DATA_DIR/keys/signing.pub.pem, "
+            f"`homefleet controller keys show`), or {ALLOW_UNSIGNED} to deploy whatever "
+            "the controller sends unverified (tests and demos only)"
+        )
+    if trust_key is not None and allow_unsigned:
+        return (
+            f"{ALLOW_UNSIGNED} contradicts --trust-key {trust_key}: give one of them "
+            "(--trust-key to verify manifests)"
+        )
+    return None
 
 
 @app.callback()
@@ -56,9 +81,20 @@ def run(
     trust_key: Annotated[
         Path | None,
         typer.Option(
-            "--trust-key", help="Pinned ed25519 public key (PEM): refuse unsigned manifests."
+            "--trust-key",
+            help="The controller's ed25519 public key (PEM) to pin: unsigned, tampered, "
+            "expired or older manifests are refused. Required unless "
+            f"{ALLOW_UNSIGNED} is given.",
         ),
     ] = None,
+    allow_unsigned_manifests: Annotated[
+        bool,
+        typer.Option(
+            ALLOW_UNSIGNED,
+            help="Tests and demos only: run without --trust-key and deploy any manifest "
+            "without checking its signature (warned at start and at every deployment).",
+        ),
+    ] = False,
     insecure_listen: Annotated[
         bool,
         typer.Option(
@@ -158,6 +194,10 @@ def run(
     except AgentError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None
+    trust_error = trust_choice_error(trust_key, allow_unsigned_manifests)
+    if trust_error is not None:
+        typer.echo(f"error: {trust_error}", err=True)
+        raise typer.Exit(2)
     try:
         asyncio.run(serve(config))
     except AgentError as exc:

@@ -76,6 +76,8 @@ class AgentConfig:
     listen: ListenAddress = ListenAddress("127.0.0.1:0")
     # The local inference API has no client identities: beyond loopback, only when asked.
     insecure_listen: bool = False
+    # None: manifests are deployed unverified (warned); `agent run` allows that only
+    # with --allow-unsigned-manifests (cli.trust_choice_error)
     trust_key: Path | None = None
     tls_dir: Path | None = None  # mutual TLS: this device's certificate (artifact.tls)
     threads: int = 1

@@ -55,6 +55,9 @@ RETRYABLE = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
+# How long a download whose last byte arrived waits for the controller to end its stream
+# (it does at once, once it has recorded the call) before cancelling it: _await_end.
+END_OF_STREAM_WAIT_S = 5.0
 # Codes that mean the controller itself is away: give up the session and reconnect.
 CONNECTION_LOST = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -291,8 +294,7 @@ class _Download:
         call = stub.FetchArtifact(self._request(offset), timeout=self.plan.timeout_s)
         out: BinaryIO | None = None
         try:
-            chunk: fleet_pb2.ArtifactChunk
-            async for chunk in call:
+            while isinstance(chunk := await call.read(), fleet_pb2.ArtifactChunk):  # else EOF
                 self.check_chunk(chunk, offset)
                 if out is None:
                     self.part().parent.mkdir(parents=True, exist_ok=True)
@@ -304,6 +306,7 @@ class _Download:
                 offset += len(chunk.data)
                 self.received += len(chunk.data)
                 if self.done(offset):
+                    await self._await_end(call)
                     break
         finally:
             if not call.done():
@@ -311,6 +314,42 @@ class _Download:
             if out is not None:
                 self._close(out)
         return offset
+
+    async def _await_end(self, call: Any) -> None:
+        """Every byte is here: let the controller end the stream, which it does right
+        after the last chunk, instead of cancelling it at once.
+
+        The controller counts a chunk as sent only once its write returned; a cancel
+        that lands in between loses the last chunk's count, and the download is recorded
+        "interrupted" with no completed update although the device has every byte. The
+        wait is bounded (END_OF_STREAM_WAIT_S): a stream that does not end is cancelled.
+        Nothing that comes after the last byte can spoil the payload, which ``finish``
+        verifies, so an error or a stray message here is logged, never raised.
+        """
+        try:
+            async with asyncio.timeout(min(END_OF_STREAM_WAIT_S, self.plan.timeout_s)):
+                extra = await call.read()
+        except TimeoutError:
+            log.debug(
+                "artifact %s: the stream did not end after the last byte; cancelling it",
+                self.plan.sha256,
+            )
+            return
+        except grpc.aio.AioRpcError as exc:
+            log.debug(
+                "artifact %s: every byte arrived, then the stream ended %s: %s",
+                self.plan.sha256,
+                exc.code().name,
+                exc.details(),
+            )
+            return
+        if isinstance(extra, fleet_pb2.ArtifactChunk):
+            log.warning(
+                "artifact %s: the controller sent a chunk past the payload's %d bytes; "
+                "ignoring it (the payload is verified against its digest)",
+                self.plan.sha256,
+                self.payload.total if self.payload is not None else 0,
+            )
 
     def _close(self, out: BinaryIO) -> None:
         """Flush and fsync the part file; a failure names it (a write error has no path)."""

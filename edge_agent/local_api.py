@@ -29,7 +29,7 @@ import grpc.aio
 
 from edge_agent.config import BIND_PREFIX, MAX_MESSAGE_BYTES, UNIX_PREFIX, ListenAddress
 from edge_agent.convert import check_inputs, spec_to_proto, tensor_to_proto
-from edge_agent.errors import AgentError, ErrorCode, guarded
+from edge_agent.errors import AgentError, ErrorCode, describe_os_error, guarded
 from edge_agent.runtime import ModelRuntime
 from edge_agent.telemetry import Telemetry
 from protos import fleet_pb2, fleet_pb2_grpc
@@ -163,6 +163,57 @@ def _serves(path: Path) -> bool:
     return True
 
 
+def _not_a_socket(path: Path) -> AgentError:
+    return AgentError(
+        ErrorCode.INVALID_CONFIG,
+        f"--listen: {path} exists and is not a socket: choose another --listen path",
+    )
+
+
+def check_unix_listen(listen: ListenAddress) -> None:
+    """Refuse a unix socket path that cannot work, changing nothing: its directory is
+    missing or no directory, or a file there is not a socket (INVALID_CONFIG: exit 2).
+
+    The agent never creates the directory: a mistyped path made directories (as root,
+    anywhere) instead of being refused. A service manager makes it
+    (systemd: RuntimeDirectory=), or a person does.
+    """
+    path = listen.unix_path
+    directory = path.parent
+    try:
+        is_directory = stat.S_ISDIR(directory.stat().st_mode)
+    except FileNotFoundError:
+        raise AgentError(
+            ErrorCode.INVALID_CONFIG,
+            f"--listen: the socket's directory {directory} does not exist: create it, "
+            f"writable by the agent's user (systemd: RuntimeDirectory=), or choose another "
+            "--listen path",
+        ) from None
+    except OSError as exc:
+        raise AgentError(
+            ErrorCode.INVALID_CONFIG,
+            f"--listen: cannot reach the socket's directory {directory} "
+            f"({describe_os_error(exc)}): choose another --listen path",
+        ) from None
+    if not is_directory:
+        raise AgentError(
+            ErrorCode.INVALID_CONFIG,
+            f"--listen: {directory} is not a directory: choose another --listen path",
+        )
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise AgentError(
+            ErrorCode.INVALID_CONFIG,
+            f"--listen: cannot reach {path} ({describe_os_error(exc)}): choose another "
+            "--listen path",
+        ) from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise _not_a_socket(path)
+
+
 def _clear_stale_socket(listen: ListenAddress) -> None:
     """Refuse a path another process serves or a file that is not a socket; a socket file
     nobody listens on (left by an agent that crashed) is removed."""
@@ -172,10 +223,7 @@ def _clear_stale_socket(listen: ListenAddress) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise AgentError(
-            ErrorCode.INVALID_CONFIG,
-            f"--listen: {path} exists and is not a socket: choose another --listen path",
-        )
+        raise _not_a_socket(path)
     if _serves(path):
         raise _listen_failed(
             f"another process serves {listen.text} (another agent? `ss -lxp | grep "
@@ -207,7 +255,7 @@ def _bind_unix(server: grpc.aio.Server, listen: ListenAddress) -> FileIdentity:
     The temporary name is removed at once, but `ss -lx` still lists the socket by it.
     """
     path = listen.unix_path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_unix_listen(listen)
     _clear_stale_socket(listen)
     temporary = path.parent / f"{BIND_PREFIX}{secrets.token_hex(4)}"
     try:

@@ -13,7 +13,11 @@ every failure. When the controller is away the
 loop reconnects with exponential backoff and full jitter, and the local API keeps
 serving meanwhile. A session whose stream worked starts the backoff over, unless another
 agent with the same device id took the stream over: the two would otherwise take turns
-several times a second.
+several times a second. A registration the controller refuses for good (the device id
+taken with another class or hardware, an invalid request: REFUSAL_FIX) is no network
+problem: it is logged as an ERROR naming the fix and ends the loop (the agent exits 2).
+Without a pinned key (--allow-unsigned-manifests) every deployment warns that its
+manifest was not verified.
 """
 
 from __future__ import annotations
@@ -63,6 +67,19 @@ MAX_REASON = 2000  # a reason is for people; the controller bounds it too
 CERT_RENEW_WARNING = datetime.timedelta(days=30)  # warn at each connection from then on
 TAKEOVER_LOG_INTERVAL_S = 600.0  # "another agent took over" is logged at most this often
 Outcome = int  # fleet_pb2.DeploymentOutcome
+# Register refusals that asking again cannot fix, and what the operator does instead:
+# the agent stops (exit 2) rather than retrying forever as if the network were at fault.
+REFUSAL_FIX: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.ALREADY_EXISTS: (
+        "another machine, or this one with another --device-class, registered under this "
+        "--device-id; start this agent with its own --device-id, or with the class and "
+        "machine it registered with (`homefleet devices` lists them)"
+    ),
+    grpc.StatusCode.INVALID_ARGUMENT: (
+        "the controller does not accept what this agent sends: check --device-id and "
+        "--device-class, or install an agent version this controller supports"
+    ),
+}
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -73,6 +90,11 @@ def channel_options() -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+class RegistrationRefused(AgentError):
+    """The controller refused Register for a reason asking again cannot fix (REFUSAL_FIX):
+    the sync loop ends with it, and the agent exits 2 (a configuration error)."""
 
 
 class WatchEnded(Exception):
@@ -211,6 +233,7 @@ class SyncLoop:
         self._registered = False  # in the current session
         self._watched = False  # the current session's stream delivered a desired set
         self._takeover_logged_at: float | None = None  # time.monotonic()
+        self._refusal_logged = False  # this attempt's Register refusal was logged as an ERROR
 
     # -- connection -------------------------------------------------------------------
 
@@ -221,10 +244,11 @@ class SyncLoop:
         while True:
             hint = ""
             replaced = False
+            self._refusal_logged = False
             try:
                 await self._session()
                 reason = "session ended"
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, RegistrationRefused):
                 raise
             except Exception as exc:
                 reason = describe_error(exc)
@@ -245,14 +269,18 @@ class SyncLoop:
             elif self._watched:
                 backoff.reset()  # the link worked: the next outage starts the backoff over
             delay = backoff.next_delay()
-            log.warning(
-                "controller %s unreachable or stream broken (%s); reconnect attempt %d in %.2f s%s",
-                self.config.controller,
-                reason,
-                backoff.attempt,
-                delay,
-                hint,
-            )
+            if self._refusal_logged:  # an ERROR above said why and what to fix
+                log.warning("registering again: attempt %d in %.2f s", backoff.attempt, delay)
+            else:
+                log.warning(
+                    "controller %s unreachable or stream broken (%s); reconnect attempt %d "
+                    "in %.2f s%s",
+                    self.config.controller,
+                    reason,
+                    backoff.attempt,
+                    delay,
+                    hint,
+                )
             await asyncio.sleep(delay)
 
     def _log_takeover(self) -> None:
@@ -293,9 +321,13 @@ class SyncLoop:
         async with self._channel() as channel:
             stub: Any = fleet_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
             register = self.register_request()
-            response: fleet_pb2.RegisterResponse = await stub.Register(
-                register, timeout=self.config.rpc_timeout_s
-            )
+            try:
+                response: fleet_pb2.RegisterResponse = await stub.Register(
+                    register, timeout=self.config.rpc_timeout_s
+                )
+            except grpc.aio.AioRpcError as exc:
+                self._on_register_refused(exc)
+                raise
             self._registered = True  # the controller answered: it speaks this transport
             if response.warning:
                 log.warning("controller: %s", response.warning)
@@ -317,6 +349,46 @@ class SyncLoop:
                 self._apply_forever(stub, desired),
                 self._send_telemetry(stub),
             )
+
+    def _on_register_refused(self, exc: grpc.aio.AioRpcError) -> None:
+        """Raise INVALID_CONFIG (exit 2) when the controller refused to register this
+        device for a reason that asking again cannot change; log it as an ERROR that says
+        what to fix. Anything else (the controller away, overloaded) is retried.
+
+        PERMISSION_DENIED is retried (logged as an ERROR each time): under mutual TLS it
+        means this device's certificate was revoked, and the agent reads its --tls
+        directory afresh at every attempt, so a certificate renewed in place fixes it
+        without a restart.
+        """
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            where = (
+                f"into {self.config.tls_dir}; it is read again at the next attempt"
+                if self.config.tls_dir is not None
+                else "and start this agent with --tls DIR"
+            )
+            log.error(
+                "controller %s refused to register device %r (%s: %s): issue it a new "
+                "certificate (`homefleet certs device %s`) %s",
+                self.config.controller,
+                self.config.device_id,
+                code.name,
+                details,
+                self.config.device_id,
+                where,
+            )
+            self._refusal_logged = True
+            return
+        fix = REFUSAL_FIX.get(code)
+        if fix is None:
+            return
+        message = (
+            f"controller {self.config.controller} refused to register device "
+            f"{self.config.device_id!r} (class {self.config.device_class!r}) with "
+            f"{code.name}: {details}; retrying cannot change that: {fix}"
+        )
+        log.error("%s", message)
+        raise RegistrationRefused(ErrorCode.INVALID_CONFIG, message) from exc
 
     def _pick_chunk_bytes(self, controller_max: int) -> int:
         chunk = self.config.chunk_bytes
@@ -627,6 +699,13 @@ class SyncLoop:
     async def _deploy(self, stub: Any, assignment: fleet_pb2.Assignment) -> fleet_pb2.StatusReport:
         manifest = self.check_manifest(assignment)
         model, sha = assignment.model_name, assignment.artifact_sha256
+        if self.trust is None:
+            log.warning(
+                "model %s: deploying %s with its manifest NOT verified: no controller key "
+                "is pinned (--trust-key); tests and demos only (--allow-unsigned-manifests)",
+                model,
+                manifest.artifact_id,
+            )
         active = fleet_pb2.DEPLOYMENT_OUTCOME_ACTIVE
         previous = self.runtime.previous(model)
         if previous is not None and previous.sha256 == sha:

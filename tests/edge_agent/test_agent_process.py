@@ -32,14 +32,25 @@ ROOT = Path(__file__).resolve().parents[2]
 SAFETY_LIMIT_S = 60.0  # for a hung process, never a timing assertion
 
 
+def trust_args(trust_key: Path | None) -> list[str]:
+    """The controller's key pinned, or (no controller to pin) verification waived by name."""
+    return ["--trust-key", str(trust_key)] if trust_key else ["--allow-unsigned-manifests"]
+
+
 async def start_agent(
-    state: Path, controller: str, listen: str, log: Path, device_id: str = "hub-1"
+    state: Path,
+    controller: str,
+    listen: str,
+    log: Path,
+    device_id: str = "hub-1",
+    trust_key: Path | None = None,
 ) -> asyncio.subprocess.Process:
     with log.open("ab") as out:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "edge_agent", "run",
             "--controller", controller, "--device-id", device_id, "--device-class", "home-hub",
             "--state-dir", str(state), "--listen", listen, "--log-level", "DEBUG",
+            *trust_args(trust_key),
             cwd=ROOT,
             stderr=out,
         )  # fmt: skip
@@ -118,7 +129,8 @@ def test_agent_process_deploys_stops_cleanly_and_restarts_without_downloading(
             address = controller.address
             sha = (await controller.release("motions", data)).sha256
 
-            agent = await start_agent(state, address, "127.0.0.1:0", first_log)
+            key = controller.public_key_path
+            agent = await start_agent(state, address, "127.0.0.1:0", first_log, trust_key=key)
             info = await agent_info(state, agent)
             assert info["pid"] == agent.pid and info["device_id"] == "hub-1"
             assert info["local_api"].startswith("127.0.0.1:")
@@ -131,6 +143,7 @@ def test_agent_process_deploys_stops_cleanly_and_restarts_without_downloading(
             np.testing.assert_array_equal(tensor_from_proto(response.outputs[0]), np.ones((1, 4)))
             code, log = await stop(agent, first_log)
             assert code == 0, log
+            assert "NOT verified" not in log  # the pinned key verified the manifest
             assert not (state / "agent.json").exists()
             # recorded when the call ends, which can be just after the agent's report
             fetched = await eventually("the download to be recorded", lambda: recorded(controller))
@@ -138,7 +151,7 @@ def test_agent_process_deploys_stops_cleanly_and_restarts_without_downloading(
         # the controller is gone: nothing listens on its port any more
 
         socket = f"unix:{short_dir}/agent.sock"
-        agent = await start_agent(state, address, socket, second_log)
+        agent = await start_agent(state, address, socket, second_log, trust_key=key)
         info = await agent_info(state, agent)
         assert info["local_api"] == socket
         response = await predict(socket)  # served from disk, controller unreachable
@@ -266,7 +279,7 @@ def test_a_read_only_state_directory_is_a_one_line_configuration_error(tmp_path:
         agent = await asyncio.create_subprocess_exec(
             *prefix, sys.executable, "-m", "edge_agent", "run",
             "--controller", "127.0.0.1:1", "--device-id", "hub-1", "--device-class", "home-hub",
-            "--state-dir", str(state),
+            "--state-dir", str(state), "--allow-unsigned-manifests",
             cwd=ROOT,
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip

@@ -75,6 +75,7 @@ def test_an_agent_run_with_slowdown_2_5_has_its_telemetry_stored(tmp_path: Path)
                     "--device-class", "home-hub", "--state-dir", str(state),
                     "--sysfs-root", str(no_meters), "--emulate-slowdown", "2.5",
                     "--telemetry-window-seconds", "0.2",
+                    "--trust-key", str(controller.public_key_path),
                     cwd=ROOT,
                     stderr=out,
                 )  # fmt: skip
