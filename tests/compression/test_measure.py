@@ -5,7 +5,10 @@ No timing thresholds: only signs, orderings and the exact scaling relations.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +16,14 @@ import pytest
 
 from controller.compression.errors import CalibrationMismatchError, CompressionError
 from controller.compression.macs import count_macs
-from controller.compression.measure import Measurement, class_threads, measure_onnx
+from controller.compression.measure import BUSY_RATIO, Measurement, class_threads, measure_onnx
 from controller.compression.quantize import quantize_onnx
 from controller.compression.recipe import Quantize
 from controller.device_classes import DeviceClass, load_device_class
 from tests.compression.test_quantize import cnn_inputs, cnn_model, mlp_inputs, mlp_model
 
-CLASSES = Path(__file__).resolve().parents[2] / "deploy" / "device-classes"
+ROOT = Path(__file__).resolve().parents[2]
+CLASSES = ROOT / "deploy" / "device-classes"
 
 
 def device(cores: int, speed: float) -> DeviceClass:
@@ -139,3 +143,53 @@ def test_quantization_keeps_the_mac_count(tmp_path: Path) -> None:
     cost = count_macs(out)
     assert cost.macs == count_macs(source).macs
     assert dict(cost.macs_by_op) == {"MatMulInteger": 64 * 64 + 64 * 32}
+
+
+BUSY_PROBE = """
+import json, logging, os, subprocess, sys
+from pathlib import Path
+from controller.compression.measure import measure_onnx
+from tests.compression.test_measure import device
+from tests.compression.test_quantize import cnn_inputs, cnn_model
+
+os.sched_setaffinity(0, {0})
+spin = "import os\\nos.sched_setaffinity(0, {0})\\nprint('spinning', flush=True)\\nwhile True: pass"
+hog = subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True)
+assert hog.stdout.readline() == "spinning\\n"  # it holds the core from now on
+warnings = []
+handler = logging.Handler()
+handler.emit = lambda record: warnings.append(record.getMessage())
+logging.getLogger("controller.compression.measure").addHandler(handler)
+try:
+    path = cnn_model(Path(sys.argv[1]) / "cnn.onnx")
+    # a few thousand calls: many of the scheduler's time slices, shared with the spinner
+    m = measure_onnx(path, device(cores=1, speed=1.0), cnn_inputs(4), runs=3000, warmup=5)
+finally:
+    hog.kill()
+print(json.dumps({"busy": m.single_thread.busy_ratio, "warnings": warnings}))
+"""
+
+
+def test_timing_on_a_core_another_process_holds_is_repeated_then_warned_about(
+    tmp_path: Path,
+) -> None:
+    """A process spinning on the same core takes about half its time: the single-thread
+    calls' wall time is about twice their CPU time, which the planner must notice (it
+    feeds the budget loop's recalibration) and say, rather than report slow predictions
+    as the model's."""
+    done = subprocess.run(
+        [sys.executable, "-c", BUSY_PROBE, str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["busy"] > BUSY_RATIO, report
+    (warning,) = report["warnings"]
+    assert "this machine was busy while cnn.onnx was timed for class test-class" in warning
+    assert "may be too high" in warning
+
+
+def test_single_thread_timings_say_how_busy_the_machine_was(tmp_path: Path) -> None:
+    m = measure_onnx(mlp_model(tmp_path / "mlp.onnx"), device(2, 1.0), mlp_inputs(3), runs=20)
+    assert m.single_thread.busy_ratio is not None and m.single_thread.busy_ratio > 0.5
+    assert m.threads == 1 or m.measured.busy_ratio is None  # multi-thread: not measured
