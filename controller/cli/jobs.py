@@ -38,6 +38,7 @@ from controller.cli.client import (
     upload_timeout,
 )
 from controller.cli.errors import ExitCode, Failure, explain, fail, rpc_errors
+from controller.cli.groups import refuse_listing_options
 from controller.cli.output import JsonOption
 from controller.cli.upload import CHUNK_BYTES
 from controller.cli.views import View, enum_label
@@ -420,7 +421,7 @@ def jobs(
 ) -> None:
     """List compression jobs, newest first (no subcommand); follow or cancel one by id."""
     if ctx.invoked_subcommand is not None:
-        _refuse_listing_options(ctx)
+        refuse_listing_options(ctx, f"homefleet jobs {ctx.invoked_subcommand} ID")
         return
     request = pb.ListCompressionJobsRequest(
         model_name=model, device_class=device_class, limit=limit
@@ -447,26 +448,6 @@ def jobs(
             j.error or j.recipe,
         )
     output.print_table(table)
-
-
-def _refuse_listing_options(ctx: typer.Context) -> None:
-    """`homefleet jobs --controller X watch 3` would silently drop X: the listing's options
-    belong to the listing, a subcommand takes its own after its name."""
-    # ParameterSource.COMMANDLINE by name: typer vendors click and does not export the enum
-    given = [
-        param.opts[0]
-        for param in ctx.command.params
-        if param.name is not None
-        and (source := ctx.get_parameter_source(param.name)) is not None
-        and source.name == "COMMANDLINE"
-    ]
-    if given:
-        sub = ctx.invoked_subcommand
-        raise typer.BadParameter(
-            ctx=ctx,
-            message=f"{', '.join(given)} before `{sub}` would be ignored: give the options "
-            f"after the subcommand, e.g. `homefleet jobs {sub} ID {given[0]} ...`",
-        )
 
 
 @app.command("watch")

@@ -37,6 +37,7 @@ from controller.cli.client import (
     create_channel,
 )
 from controller.cli.errors import rpc_errors
+from controller.cli.groups import refuse_listing_options
 from controller.cli.output import JsonOption
 from controller.cli.views import View, enum_label
 from protos import fleet_pb2 as pb
@@ -160,7 +161,7 @@ def rollouts(
     on a canary share, then promoted or rolled it back.
     """
     if ctx.invoked_subcommand is not None:
-        _refuse_listing_options(ctx)
+        refuse_listing_options(ctx, f"homefleet rollouts {ctx.invoked_subcommand}")
         return
     request = pb.ListRolloutsRequest(
         model_name=model, device_class=device_class, active_only=active, limit=limit
@@ -313,24 +314,4 @@ def _check_reason(reason: str) -> None:
         raise typer.BadParameter(
             f"is {len(reason)} characters long; at most {MAX_REASON} are accepted",
             param_hint="--reason",
-        )
-
-
-def _refuse_listing_options(ctx: typer.Context) -> None:
-    """`homefleet rollouts --class X pause ...` would drop X: the listing's options belong
-    to the listing; a subcommand takes its own after its name."""
-    # ParameterSource.COMMANDLINE by name: typer vendors click and does not export the enum
-    given = [
-        param.opts[0]
-        for param in ctx.command.params
-        if param.name is not None
-        and (source := ctx.get_parameter_source(param.name)) is not None
-        and source.name == "COMMANDLINE"
-    ]
-    if given:
-        sub = ctx.invoked_subcommand
-        raise typer.BadParameter(
-            ctx=ctx,
-            message=f"{', '.join(given)} before `{sub}` would be ignored: give the options "
-            f"after the subcommand, e.g. `homefleet rollouts {sub} {given[0]} ...`",
         )
