@@ -31,7 +31,8 @@ bench: setup system-tools
 # dashboard test drives through Playwright (chromium is /usr/bin/chromium), and the
 # PostgreSQL server the store's tests start a private cluster of, and systemd-analyze for
 # the units in deploy/systemd (Debian packages).
-# Each entry is COMMAND:PACKAGE (the command proves the package is there).
+# Each entry is COMMAND:PACKAGE (the command proves the package is there). Another
+# apt-get holding the lock (a boot-time apt-daily, a second make) is waited for.
 SYSTEM_TOOLS := zstd:zstd xdelta3:xdelta3 bsdiff:bsdiff chromium:chromium psql:postgresql \
 	systemd-analyze:systemd
 system-tools:
@@ -41,7 +42,12 @@ system-tools:
 	if [ -n "$$missing" ]; then \
 		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
 		echo "installing$$missing (apt-get)"; \
-		{ $$sudo apt-get update && $$sudo apt-get install -y$$missing; } || { \
+		apt() { for try in $$(seq 60); do \
+			out=$$($$sudo apt-get -o DPkg::Lock::Timeout=600 "$$@" 2>&1) && return 0; \
+			echo "$$out" | grep -q "Could not get lock" || { echo "$$out" >&2; return 1; }; \
+			echo "apt-get $$1: another apt-get holds the lock; waiting"; sleep 10; \
+		done; return 1; }; \
+		{ apt update && apt install -y$$missing; } || { \
 			echo "error: cannot install$$missing; install them (Debian packages:$$missing) and rerun" >&2; \
 			exit 1; }; \
 	fi
