@@ -1,0 +1,10 @@
+"""Suite-wide set-up, before any test module is imported."""
+
+import signal
+
+# A script's background job starts with SIGINT ignored, and an ignored signal stays
+# ignored across exec: the command-line tools these tests interrupt as Ctrl-C would then
+# never see it (ci-local started from a script failed so). A handled SIGINT is reset to
+# the default in a child, as a terminal's foreground process has it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
