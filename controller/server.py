@@ -146,9 +146,9 @@ class ControllerServer:
     async def start(self) -> ControllerInfo:
         """Open the store, bind, start serving, then write controller.json atomically.
 
-        What the operator configured (TLS directory, device classes) is checked first: a
-        start refused for a typo there writes nothing into the data directory (no empty
-        database, no fresh signing key)."""
+        What the operator configured (TLS directory, device classes) and the port are
+        checked first: a start refused for a typo there or a busy port writes nothing into
+        the data directory (no empty database, no fresh signing key)."""
         config = self.config
         tls, revoked = _load_tls(config)
         try:
@@ -159,6 +159,10 @@ class ControllerServer:
             )
         except DeviceClassError as exc:
             raise ControllerStartError(str(exc), configuration=True) from exc
+        busy = _bind_problem(config.host, config.port) if config.port else None
+        if busy is not None:
+            where = bind_address(config.host, config.port)
+            raise ControllerStartError(f"cannot listen on {where}: {busy}")
         try:
             config.data_dir.mkdir(parents=True, exist_ok=True)
             fresh = _database_is_new(config)
@@ -363,8 +367,14 @@ def _load_tls(config: ControllerConfig) -> tuple[TlsBundle | None, RevocationLis
 
 def _bind_failure(host: str, port: int, error: RuntimeError) -> str:
     """Why gRPC could not bind, in the operator's terms: its own message only says
-    "Failed to bind" and to set GRPC_VERBOSITY. A plain socket bound to the same address
-    tells the errno."""
+    "Failed to bind" and to set GRPC_VERBOSITY."""
+    return _bind_problem(host, port) or str(error)
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """What stops a listener on (host, port), or None: a plain socket bound to the same
+    address tells the errno. Asked before the data directory is touched, so a start
+    refused for a busy port writes nothing (the bind itself can still lose a race)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -379,7 +389,7 @@ def _bind_failure(host: str, port: int, error: RuntimeError) -> str:
         if exc.errno == errno.EADDRNOTAVAIL:
             return f"{host} is not an address of this machine: choose another --host"
         return f"{exc.strerror or exc} (choose another --host or --port)"
-    return str(error)
+    return None
 
 
 def _database_is_new(config: ControllerConfig) -> bool:

@@ -247,6 +247,7 @@ def test_start_errors_an_operator_must_fix_exit_2_and_transient_ones_exit_1(
     assert done.returncode == 1, done.stderr
     assert f"port {port} is already in use".encode() in done.stderr, done.stderr
     assert b"choose another --port" in done.stderr
+    assert not (tmp_path / "data").exists()  # no database, no signing key for a busy port
 
 
 def test_a_second_controller_on_one_data_dir_gives_controller_json_back_when_it_stops(
