@@ -21,6 +21,19 @@ def _key_dir(data_dir: Path) -> Path:
     return data_dir / "keys"
 
 
+def _existing(data_dir: Path) -> Path:
+    """show and rotate read a controller's data directory: a mistyped one is a usage
+    error (exit 2), not a key that is missing."""
+    if not data_dir.is_dir():
+        typer.echo(
+            f"error: {data_dir} is not a controller data directory (it does not exist or is "
+            "not a directory): check --data-dir",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return data_dir
+
+
 @app.command("create")
 def create(data_dir: Path = DATA_DIR) -> None:
     """Create the signing key if there is none; print the public key file agents pin."""
@@ -44,9 +57,12 @@ def show(data_dir: Path = DATA_DIR) -> None:
         public_key_path,
     )
 
-    key_dir = _key_dir(data_dir)
+    key_dir = _key_dir(_existing(data_dir))
     if not (key_dir / PRIVATE_NAME).exists():
-        typer.echo(f"error: no signing key in {key_dir}; run `homefleet controller keys create`")
+        typer.echo(
+            f"error: no signing key in {key_dir}; run `homefleet controller keys create`",
+            err=True,
+        )
         raise typer.Exit(1)
     try:
         chain = load_key_chain(key_dir)
@@ -64,7 +80,7 @@ def rotate(data_dir: Path = DATA_DIR) -> None:
     """Retire the current key; the old key endorses a new one (stop the controller first)."""
     from controller.keys import KeyStoreError, rotate_signing_key
 
-    running = live_info(data_dir / "controller.json")
+    running = live_info(_existing(data_dir) / "controller.json")
     if running is not None:
         pid = running.get("pid")
         typer.echo(

@@ -66,3 +66,15 @@ def test_a_corrupt_chain_file_is_reported_and_rotation_changes_nothing(tmp_path:
     code, out = keys("rotate", "--data-dir", str(tmp_path))
     assert code == 1 and "chain.json is not a readable key chain" in out
     assert (tmp_path / "keys" / "signing.pem").read_bytes() == before
+
+
+def test_show_and_rotate_name_a_mistyped_data_directory(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir"
+    for command in ("show", "rotate"):
+        code, out = keys(command, "--data-dir", str(missing))
+        assert code == 2, out
+        assert f"{missing} is not a controller data directory" in out
+        assert "check --data-dir" in out
+    assert not missing.exists()
+    code, out = keys("show", "--data-dir", str(tmp_path))
+    assert code == 1 and "no signing key" in out and "keys create" in out
