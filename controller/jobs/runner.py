@@ -62,11 +62,13 @@ CALIBRATION_FILE = "calibration.npz"
 SOURCE_FILE = "source-model.onnx"
 PREVIOUS_FILE = "previous-artifact.onnx"
 
+# The operator's remedy, at the end of a failure that says it: the budget loop, which
+# starts jobs of its own, drops it (it tries again by itself).
+START_AGAIN = "; start it again"
 RESTARTED = (
-    "controller restarted: the job was queued or running when the controller stopped; "
-    "start it again"
+    "controller restarted: the job was queued or running when the controller stopped" + START_AGAIN
 )
-STOPPED = "controller stopped before the job finished; start it again"
+STOPPED = "controller stopped before the job finished" + START_AGAIN
 DIED = (
     "the compression process exited unexpectedly (out of memory, or killed); "
     "the controller log may say more"
@@ -74,7 +76,7 @@ DIED = (
 FINISHING_FAILED = "internal controller error while finishing the job; the controller log has it"
 LOST = (
     "its controller stopped renewing the job's lease (the replica died and did not come "
-    "back); start it again"
+    "back)" + START_AGAIN
 )
 # Leases (JOB_LEASE_MS in the store: 2 minutes) are renewed this often by their owner,
 # and expired ones are failed by whichever replica looks first.

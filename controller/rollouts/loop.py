@@ -63,6 +63,7 @@ from controller.fleet_classes import DeviceClassRegistry
 from controller.integrity import BlobIntegrity, StoredBlob
 from controller.jobs.handlers import CompressionHandlers
 from controller.jobs.request import device_class_yaml, parse_device_class
+from controller.jobs.runner import START_AGAIN
 from controller.notify import AssignmentNotifier
 from controller.records import (
     ArtifactRecord,
@@ -552,9 +553,12 @@ class RolloutLoop:
             return
         if job.state not in (JobState.SUCCEEDED, JobState.NOT_MET) or not job.artifact_id:
             # cancelled, or the controller running it stopped: the next miss tries again
+            why = job.error.removesuffix(START_AGAIN)
             await self._fail(
                 rollout,
-                f"compression job {job.id} ended {job.state.value}: {job.error}",
+                f"compression job {job.id} ended {job.state.value}"
+                + (f": {why}" if why else "")
+                + "; the budget loop tries again at the class's next miss",
                 retry=True,
             )
             return

@@ -347,6 +347,9 @@ def test_a_recompression_lost_to_a_cancel_is_tried_again_on_the_next_miss(
             await loop_of(c).tick(t + 3 * WINDOW_MS)
             (failed,) = await c.events("rollout.failed")
             assert json.loads(failed.detail_json)["retry"] is True and "cancelled" in failed.message
+            # the loop's own remedy, not the one an operator's job failure gives
+            assert "the budget loop tries again at the class's next miss" in failed.message
+            assert "start it again" not in failed.message
 
             # the class still misses on fresh telemetry: a new rollout, a new job
             u = max(next_slice_start(now_ms()), t + 3 * WINDOW_MS)
