@@ -28,6 +28,28 @@ def _expires(artifact: views.ArtifactView) -> str:
     return output.local_datetime(artifact.manifest.expires_at if artifact.manifest else None)
 
 
+def _param(value: object) -> str:
+    text = str(value)
+    return text[:12] + "…" if len(text) > 16 else text  # a digest: its first 12, as sha256
+
+
+def describe_recipe(artifact: views.ArtifactView) -> str:
+    """How the bytes were made, from the signed manifest: the steps with their parameters,
+    "source" for the model as uploaded, or what a rollback re-releases."""
+    manifest = artifact.manifest
+    if manifest is None:
+        return "-"
+    if manifest.rereleases:
+        return f"re-release of {manifest.rereleases}"
+    if not manifest.recipe:
+        return "source"
+    steps = []
+    for step in manifest.recipe:
+        params = ", ".join(f"{k}={_param(v)}" for k, v in step.params.items())
+        steps.append(f"{step.kind}({params})" if params else step.kind)
+    return " → ".join(steps)
+
+
 @app.command("create")
 def create(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Name of a registered model.")],
@@ -119,11 +141,13 @@ def list_artifacts(
     if as_json:
         output.print_json(artifacts)
         return
-    table = output.table("artifact", "sha256", "size", "created", "expires")
+    table = output.table("artifact", "model", "recipe", "sha256", "size", "created", "expires")
     for a in artifacts.artifacts:
         output.add_row(
             table,
             a.id,
+            f"{a.model_name} v{a.manifest.model_version}" if a.manifest else a.model_name,
+            describe_recipe(a),
             output.short_sha(a.sha256),
             output.human_size(a.size_bytes),
             output.local_time(a.created_unix_ms),

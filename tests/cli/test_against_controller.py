@@ -26,7 +26,7 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from artifact.manifest import Manifest
+from artifact.manifest import Manifest, RecipeStep
 from controller.cli import artifacts as artifacts_command
 from controller.cli import devices as devices_command
 from controller.cli import models as models_command
@@ -703,6 +703,22 @@ def test_artifact_list_parses_the_signed_manifest(
     assert artifact.sha256[:12] in table.stdout and artifact.sha256[:13] not in table.stdout
     assert "3.0 MiB" in table.stdout
     assert signed.expires_at.astimezone().strftime("%Y-%m-%d") in table.stdout
+    assert "motions v1" in table.stdout  # the model version it was made from
+    assert "identity" in table.stdout  # its recipe (no compression: the class's budget held)
+
+    # a compressed artifact shows its steps (a digest shortened as sha256 is), a rollback
+    # what it re-releases
+    [view] = views.ArtifactList.model_validate(json.loads(result.stdout)).artifacts
+    step = RecipeStep(kind="requantize_like", params={"previous_sha256": "ab" * 32, "bits": 8})
+    compressed = view.model_copy(update={"manifest": signed.model_copy(update={"recipe": (step,)})})
+    assert (
+        artifacts_command.describe_recipe(compressed)
+        == f"requantize_like(previous_sha256={'ab' * 6}…, bits=8)"
+    )
+    rollback = signed.model_copy(update={"rereleases": "motions/home-hub/v1"})
+    assert artifacts_command.describe_recipe(view.model_copy(update={"manifest": rollback})) == (
+        "re-release of motions/home-hub/v1"
+    )
 
 
 def test_what_no_controller_sends_still_renders() -> None:
