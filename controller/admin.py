@@ -19,6 +19,7 @@ from artifact.manifest import Manifest, RecipeStep, TensorSpec, artifact_id, utc
 from artifact.signing import SigningKey
 from controller import validate
 from controller.blobstore import BlobRef, BlobSizeError, BlobStore
+from controller.clock import unix_ms
 from controller.config import ControllerConfig
 from controller.errors import ErrorCode, FleetError, invalid, not_found
 from controller.fleet_classes import DeviceClassRegistry
@@ -36,6 +37,7 @@ from controller.records import (
     ModelRecord,
     ModelUpload,
     NewModel,
+    RemovedDevice,
     TargetKind,
 )
 from controller.store import (
@@ -692,6 +694,31 @@ class AdminHandlers:
         # one more than asked: whether another page exists, without an empty last page
         views = await in_thread(self._store.list_devices, cls, after=after, limit=size + 1)
         return DevicePage(*cut_page(views, size, cls or "", lambda v: (v.device.device_id,)))
+
+    async def remove_device(self, device_id: str, *, force: bool = False) -> RemovedDevice:
+        """Forget a device that left the fleet (sold, broken, replaced), or one to register
+        again afresh (under another class). One that is online is refused unless
+        ``force``: its agent would register again at its next connection."""
+        validate.name(device_id, "device_id")
+        device = await in_thread(self._store.get_device, device_id)
+        if device is None:
+            raise not_found(
+                f"device {device_id!r} is not registered; `homefleet devices` lists the fleet"
+            )
+        lease = device.watch_lease_until_ms or 0
+        if lease > unix_ms() and not force:
+            raise FleetError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"device {device_id} is online (its agent is connected): stop its agent first, "
+                "or remove it anyway with force (it registers again when it next connects)",
+            )
+        removed = await in_thread(self._store.remove_device, device_id)
+        if removed is None:  # removed by another call meanwhile
+            raise not_found(f"device {device_id!r} is not registered")
+        # an open watch stream of the device ends (its desired set is NOT_FOUND now)
+        self._notifier.notify(AssignTarget(TargetKind.DEVICE, device_id))
+        log.info("device %s removed (%d telemetry windows)", device_id, removed.telemetry_windows)
+        return removed
 
     async def list_events(
         self, after_id: int, limit: int, kind_prefix: str, *, newest: bool = False

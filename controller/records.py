@@ -144,6 +144,17 @@ class DeviceRecord:
 
 
 @dataclass(frozen=True)
+class RemovedDevice:
+    """A device the fleet forgot: what went with it. The per-class counters (telemetry and
+    download rollups, /metrics) keep what it contributed; events keep its history."""
+
+    device: DeviceRecord
+    own_assignments: tuple[str, ...]  # models it had an assignment of its own for
+    telemetry_windows: int  # its stored windows, deleted
+    event_id: int
+
+
+@dataclass(frozen=True)
 class RegisterResult:
     device: DeviceRecord
     re_registered: bool

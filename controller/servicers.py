@@ -216,6 +216,19 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
         )
 
     @rpc
+    async def RemoveDevice(
+        self, request: pb.RemoveDeviceRequest, context: Context
+    ) -> pb.RemoveDeviceResponse:
+        removed = await self._h.remove_device(request.device_id, force=request.force)
+        return pb.RemoveDeviceResponse(
+            device_id=removed.device.device_id,
+            device_class=removed.device.device_class,
+            own_assignments=removed.own_assignments,
+            telemetry_windows=removed.telemetry_windows,
+            event_id=removed.event_id,
+        )
+
+    @rpc
     async def ListEvents(
         self, request: pb.ListEventsRequest, context: Context
     ) -> pb.ListEventsResponse:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     and_,
     case,
     cast,
+    delete,
     func,
     literal_column,
     or_,
@@ -90,6 +91,7 @@ from controller.records import (
     Outcome,
     RefusalTotals,
     RegisterResult,
+    RemovedDevice,
     StatusUpdate,
     TargetKind,
     TelemetryRefusal,
@@ -497,6 +499,52 @@ class SqlStore(Store):
 
     def get_device(self, device_id: str) -> DeviceRecord | None:
         return self._read(lambda s: _device_or_none(s.get(DeviceRow, device_id)))
+
+    def remove_device(self, device_id: str) -> RemovedDevice | None:
+        def work(session: Session) -> RemovedDevice | None:
+            row = session.get(DeviceRow, device_id)
+            if row is None:
+                return None
+            device = _device(row)
+            own = (
+                AssignmentRow.target_kind == TargetKind.DEVICE.value,
+                AssignmentRow.target == device_id,
+            )
+            models = tuple(
+                session.scalars(
+                    select(AssignmentRow.model_name).where(*own).order_by(AssignmentRow.model_name)
+                )
+            )
+            session.execute(delete(AssignmentRow).where(*own))
+            mine = TelemetryWindowRow.device_id == device_id
+            windows = session.scalar(
+                select(func.count()).select_from(TelemetryWindowRow).where(mine)
+            )
+            session.execute(delete(TelemetryWindowRow).where(mine))
+            for table in (TelemetryReportingRow, DeviceModelRow):
+                session.execute(delete(table).where(table.device_id == device_id))
+            session.delete(row)
+            assignments = f"; its own assignment(s) of {', '.join(models)} went" if models else ""
+            event = self._event(
+                session,
+                NewEvent(
+                    "device.removed",
+                    device_id,
+                    f"device {device_id} ({device.device_class}) removed from the fleet, with "
+                    f"{windows} telemetry window(s){assignments}",
+                    {
+                        "device_id": device_id,
+                        "device_class": device.device_class,
+                        "own_assignments": list(models),
+                        "telemetry_windows": windows,
+                        "registered_unix_ms": device.registered_unix_ms,
+                        "last_seen_unix_ms": device.last_seen_unix_ms,
+                    },
+                ),
+            )
+            return RemovedDevice(device, models, windows or 0, event.id)
+
+        return self._retry(work)
 
     def desired_set(self, device_id: str) -> DesiredSet:
         def work(session: Session) -> DesiredSet:

@@ -33,6 +33,7 @@ from controller.records import (
     NewModel,
     RefusalTotals,
     RegisterResult,
+    RemovedDevice,
     StatusUpdate,
     TelemetryRefusal,
     TelemetrySummary,
@@ -181,6 +182,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def get_device(self, device_id: str) -> DeviceRecord | None: ...
+
+    @abc.abstractmethod
+    def remove_device(self, device_id: str) -> RemovedDevice | None:
+        """Forget a device: its row, what it reported per model, its own assignments and
+        its telemetry windows, with one ``device.removed`` event; None when unknown. An
+        agent that still runs registers again at its next connection, as a new device."""
 
     @abc.abstractmethod
     def desired_set(self, device_id: str) -> DesiredSet:

@@ -73,7 +73,9 @@ REFUSAL_FIX: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.ALREADY_EXISTS: (
         "another machine, or this one with another --device-class, registered under this "
         "--device-id; start this agent with its own --device-id, or with the class and "
-        "machine it registered with (`homefleet devices` lists them)"
+        "machine it registered with (`homefleet devices` lists them); to move this machine "
+        "to another class, an operator removes the old registration first (`homefleet "
+        "devices remove ID`)"
     ),
     grpc.StatusCode.INVALID_ARGUMENT: (
         "the controller does not accept what this agent sends: check --device-id and "

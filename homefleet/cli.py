@@ -95,7 +95,8 @@ app.add_typer(artifact_app, name="artifact", rich_help_panel=OPERATE)
 app.add_typer(certs.app, name="certs", rich_help_panel=PROCESSES)
 app.command("assign", rich_help_panel=OPERATE)(assign.assign)
 app.command("unassign", rich_help_panel=OPERATE)(assign.unassign)
-app.command("devices", rich_help_panel=OPERATE)(devices.devices)
+# `homefleet devices [--class ...]` lists; `homefleet devices remove ID` forgets one.
+app.add_typer(devices.app, name="devices", rich_help_panel=OPERATE)
 app.command("events", rich_help_panel=OPERATE)(events.events)
 # `homefleet rollouts [--model ...]` lists; `rollouts pause|resume|abort` steer the budget loop.
 app.add_typer(rollouts.app, name="rollouts", rich_help_panel=OPERATE)

@@ -460,6 +460,28 @@ class DeviceModelState(_message.Message):
     own_assignment: bool
     def __init__(self, model_name: _Optional[str] = ..., desired_sha256: _Optional[str] = ..., desired_artifact_id: _Optional[str] = ..., serving_sha256: _Optional[str] = ..., serving_artifact_id: _Optional[str] = ..., last_outcome: _Optional[_Union[DeploymentOutcome, str]] = ..., last_reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., encoding: _Optional[_Union[PayloadEncoding, str]] = ..., own_assignment: _Optional[bool] = ...) -> None: ...
 
+class RemoveDeviceRequest(_message.Message):
+    __slots__ = ("device_id", "force")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    force: bool
+    def __init__(self, device_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class RemoveDeviceResponse(_message.Message):
+    __slots__ = ("device_id", "device_class", "own_assignments", "telemetry_windows", "event_id")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    OWN_ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    device_class: str
+    own_assignments: _containers.RepeatedScalarFieldContainer[str]
+    telemetry_windows: int
+    event_id: int
+    def __init__(self, device_id: _Optional[str] = ..., device_class: _Optional[str] = ..., own_assignments: _Optional[_Iterable[str]] = ..., telemetry_windows: _Optional[int] = ..., event_id: _Optional[int] = ...) -> None: ...
+
 class ListDevicesRequest(_message.Message):
     __slots__ = ("device_class", "page_size", "page_token")
     DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]

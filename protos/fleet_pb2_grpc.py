@@ -324,6 +324,11 @@ class AdminServiceStub:
                 request_serializer=protos_dot_fleet__pb2.ListDevicesRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet__pb2.ListDevicesResponse.FromString,
                 _registered_method=True)
+        self.RemoveDevice = channel.unary_unary(
+                '/homefleet.v1.AdminService/RemoveDevice',
+                request_serializer=protos_dot_fleet__pb2.RemoveDeviceRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.RemoveDeviceResponse.FromString,
+                _registered_method=True)
         self.ListEvents = channel.unary_unary(
                 '/homefleet.v1.AdminService/ListEvents',
                 request_serializer=protos_dot_fleet__pb2.ListEventsRequest.SerializeToString,
@@ -421,6 +426,16 @@ class AdminServiceServicer:
 
     def ListDevices(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveDevice(self, request, context):
+        """Forgets a device: its row, what it reported, its own assignments and its telemetry
+        windows (the per-class counters keep what it contributed; a device.removed event
+        records it). An agent that still runs registers again, as a new device, when it next
+        connects. NOT_FOUND: not registered; FAILED_PRECONDITION: online and not force.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -541,6 +556,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListDevices,
                     request_deserializer=protos_dot_fleet__pb2.ListDevicesRequest.FromString,
                     response_serializer=protos_dot_fleet__pb2.ListDevicesResponse.SerializeToString,
+            ),
+            'RemoveDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveDevice,
+                    request_deserializer=protos_dot_fleet__pb2.RemoveDeviceRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.RemoveDeviceResponse.SerializeToString,
             ),
             'ListEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEvents,
@@ -784,6 +804,33 @@ class AdminService:
             '/homefleet.v1.AdminService/ListDevices',
             protos_dot_fleet__pb2.ListDevicesRequest.SerializeToString,
             protos_dot_fleet__pb2.ListDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/homefleet.v1.AdminService/RemoveDevice',
+            protos_dot_fleet__pb2.RemoveDeviceRequest.SerializeToString,
+            protos_dot_fleet__pb2.RemoveDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,6 +80,9 @@ class _AdminStub(Protocol):
     ]
     Assign: grpc.UnaryUnaryMultiCallable[fleet_pb2.AssignRequest, fleet_pb2.AssignResponse]
     Unassign: grpc.UnaryUnaryMultiCallable[fleet_pb2.UnassignRequest, fleet_pb2.AssignResponse]
+    RemoveDevice: grpc.UnaryUnaryMultiCallable[
+        fleet_pb2.RemoveDeviceRequest, fleet_pb2.RemoveDeviceResponse
+    ]
     ListDevices: grpc.UnaryUnaryMultiCallable[
         fleet_pb2.ListDevicesRequest, fleet_pb2.ListDevicesResponse
     ]
@@ -150,6 +153,11 @@ class AdminClient:
 
     def list_devices(self, request: fleet_pb2.ListDevicesRequest) -> fleet_pb2.ListDevicesResponse:
         return self._stub.ListDevices(request, timeout=self.timeout_s)
+
+    def remove_device(
+        self, request: fleet_pb2.RemoveDeviceRequest
+    ) -> fleet_pb2.RemoveDeviceResponse:
+        return self._stub.RemoveDevice(request, timeout=self.timeout_s)
 
     def list_events(self, request: fleet_pb2.ListEventsRequest) -> fleet_pb2.ListEventsResponse:
         return self._stub.ListEvents(request, timeout=self.timeout_s)

@@ -14,6 +14,7 @@ from controller.cli.client import (
     TimeoutOption,
     session,
 )
+from controller.cli.groups import refuse_listing_options
 from controller.cli.output import JsonOption
 from protos import fleet_pb2
 
@@ -76,7 +77,12 @@ def _rows(device: views.DeviceView, now_ms: int) -> list[tuple[str, ...]]:
 PAGE_SIZE = pages.PAGE_SIZE  # devices asked for per ListDevices call
 
 
+app = typer.Typer(name="devices", no_args_is_help=False)
+
+
+@app.callback(invoke_without_command=True)
 def devices(
+    ctx: typer.Context,
     device_class: Annotated[
         str, typer.Option("--class", metavar="CLASS", help="Only devices of this class.")
     ] = "",
@@ -93,7 +99,12 @@ def devices(
     """List devices: status, last contact, and per model what is served and what is desired.
 
     The controller sends the fleet in pages; this fetches as many as needed.
+
+    `homefleet devices remove ID` forgets a device.
     """
+    if ctx.invoked_subcommand is not None:
+        refuse_listing_options(ctx, f"homefleet devices {ctx.invoked_subcommand} ID")
+        return
     with session(controller, timeout) as client:
 
         def page(size: int, token: str) -> tuple[list[fleet_pb2.Device], str]:
@@ -118,3 +129,39 @@ def devices(
         for row in _rows(device, now_ms):
             output.add_row(table, *row)
     output.print_table(table)
+
+
+@app.command("remove")
+def remove(
+    device_id: Annotated[
+        str, typer.Argument(metavar="ID", help="The device's id (the first column of `devices`).")
+    ],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Remove it even while its agent is connected (it registers again, as a new "
+            "device, when it next connects).",
+        ),
+    ] = False,
+    controller: ControllerOption = DEFAULT_ADDRESS,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Forget a device that left the fleet, or one to register afresh.
+
+    Its status, its own assignments and its telemetry windows go; the per-class counters
+    and the event log keep its history. To move a device to another class, stop its
+    agent, remove it, and start the agent with the new --device-class."""
+    with session(controller, timeout) as client:
+        removed = client.remove_device(
+            fleet_pb2.RemoveDeviceRequest(device_id=device_id, force=force)
+        )
+    own = (
+        f"; its own assignment(s) of {', '.join(removed.own_assignments)} went"
+        if removed.own_assignments
+        else ""
+    )
+    typer.echo(
+        f"removed device {removed.device_id} ({removed.device_class}) with "
+        f"{removed.telemetry_windows} telemetry window(s){own}"
+    )

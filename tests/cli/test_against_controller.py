@@ -728,6 +728,29 @@ def test_what_no_controller_sends_still_renders() -> None:
     assert views.event_from_proto(fleet_pb2.Event(id=2, detail_json="[1]")).detail == {"raw": "[1]"}
 
 
+def test_devices_remove_forgets_a_device_and_names_what_to_fix(
+    runner: CliRunner, live: ControllerThread
+) -> None:
+    with stubs(live.address) as (_, agent):
+        register(agent, "cam-1", "camera")
+        register(agent, "cam-2", "camera")
+    result = cli(runner, live.address, "devices", "remove", "cam-1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "removed device cam-1 (camera) with 0 telemetry window(s)"
+    listed = cli(runner, live.address, "devices", "--json")
+    assert [d["device_id"] for d in json.loads(listed.stdout)["devices"]] == ["cam-2"]
+
+    again = cli(runner, live.address, "devices", "remove", "cam-1")
+    assert again.exit_code == ExitCode.REFUSED, again.output
+    assert "device 'cam-1' is not registered; `homefleet devices` lists the fleet" in again.stderr
+    # the listing's options before the subcommand would be dropped: refused, not ignored
+    misplaced = runner.invoke(app, ["devices", "--class", "camera", "remove", "cam-2"])
+    assert misplaced.exit_code == ExitCode.USAGE, misplaced.output
+    assert "--class before `remove` would be ignored" in misplaced.output
+    listed = cli(runner, live.address, "devices", "--json")
+    assert [d["device_id"] for d in json.loads(listed.stdout)["devices"]] == ["cam-2"]
+
+
 def test_devices_walks_every_page_and_limit_stops_early(
     runner: CliRunner, live: ControllerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -78,6 +78,13 @@ def test_ingest_stores_each_window_once_and_keeps_the_rollup(engine: Engine) -> 
     selection = store.telemetry_series(0, 40_000, 10_000)
     (series,) = selection.series
     assert sum(p.count for p in series.points) == 20 and selection.omitted == 0
+    # a removed device takes its windows along; the rollup keeps what it reported
+    removed = store.remove_device("a")
+    assert removed is not None and removed.telemetry_windows == 3
+    assert store.get_device("a") is None and store.remove_device("a") is None
+    (totals,) = store.telemetry_totals(0)
+    assert totals.windows == 4
+    assert store.store_telemetry_batches({"b": [window(2)]}) == {"b": 2}
 
 
 def test_one_active_rollout_per_pair_and_conditional_transitions(engine: Engine) -> None:
