@@ -68,6 +68,25 @@ def _check_out(out: Path, *inputs: Path) -> None:
         )
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _interrupted(out: Path, before: tuple[int, int] | None) -> typer.Exit:
+    """Ctrl-C. The result is renamed over -o only once whole (a patch's result verified
+    too), so -o is either as it was or complete: a rename before the interrupt arrived
+    (a new file at -o) means the work is done, and saying "nothing written" would lie."""
+    if _identity(out) in (None, before):
+        return _fail(f"interrupted: nothing written to {out}", ExitCode.INTERRUPTED)
+    _share(out)
+    typer.echo(f"interrupted after {out} was written in full: it is complete", err=True)
+    return typer.Exit(int(ExitCode.OK))
+
+
 def _share(out: Path) -> None:
     """Written files start private (0600, as for keys); a model or patch a person asked
     for gets the usual permissions, as `cp` would give it (0666 less the umask)."""
@@ -123,22 +142,23 @@ def diff(
 ) -> None:
     """Write the delta that turns OLD.onnx into NEW.onnx (any two files work; ONNX best)."""
     _check_out(out, old, new)
+    before = _identity(out)
     try:
         with _encode_progress() as progress:
             stats = write_delta(old, new, out, EncodeOptions(level=level), progress)
         _share(out)
+        if as_json:
+            typer.echo(json.dumps(dataclasses.asdict(stats), indent=2))
+            return
+        what = "model" if stats.tensors else "file (no ONNX tensors in it: coded as plain bytes)"
+        typer.echo(
+            f"wrote {out}: {_human(stats.payload_size)} for a {_human(stats.target_size)} "
+            f"{what} ({_ratio(stats.payload_size, stats.target_size)}, {stats.mode})"
+        )
     except OSError as exc:
         raise _fail(f"cannot read the models or write {out}: {exc}", ExitCode.USAGE) from None
-    except KeyboardInterrupt:  # the patch is written atomically: nothing is left at -o
-        raise _fail(f"interrupted: nothing written to {out}", ExitCode.INTERRUPTED) from None
-    if as_json:
-        typer.echo(json.dumps(dataclasses.asdict(stats), indent=2))
-        return
-    what = "model" if stats.tensors else "file (no ONNX tensors in it: coded as plain bytes)"
-    typer.echo(
-        f"wrote {out}: {_human(stats.payload_size)} for a {_human(stats.target_size)} {what} "
-        f"({_ratio(stats.payload_size, stats.target_size)}, {stats.mode})"
-    )
+    except KeyboardInterrupt:
+        raise _interrupted(out, before) from None
 
 
 @app.command("patch")
@@ -155,15 +175,16 @@ def patch(
 ) -> None:
     """Rebuild the new model from OLD.onnx and PATCH, bit for bit, verified by sha256."""
     _check_out(out, old, patch_file)
+    before = _identity(out)
     try:
         result = apply_delta(old, patch_file, out, expected_sha256=sha256)
         _share(out)
-    except KeyboardInterrupt:  # the model is written atomically: nothing is left at -o
-        raise _fail(f"interrupted: nothing written to {out}", ExitCode.INTERRUPTED) from None
+        typer.echo(f"wrote {out}: {_human(result.size)}, sha256 {result.sha256} ({result.mode})")
+    except KeyboardInterrupt:
+        raise _interrupted(out, before) from None
     except InvalidDigestError as exc:
         raise _fail(str(exc), ExitCode.USAGE) from None
     except DeltaError as exc:
         raise _fail(f"{patch_file} does not apply to {old}: {exc}", ExitCode.REFUSED) from None
     except OSError as exc:
         raise _fail(f"cannot read the inputs or write {out}: {exc}", ExitCode.USAGE) from None
-    typer.echo(f"wrote {out}: {_human(result.size)}, sha256 {result.sha256} ({result.mode})")

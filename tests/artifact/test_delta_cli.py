@@ -16,7 +16,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+from typer.testing import CliRunner
 
+from artifact import cli as artifact_cli
+from artifact import files
 from tests.artifact.delta_models import Init, build, random_array, tweak
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,3 +214,58 @@ def test_on_a_terminal_diff_shows_its_progress_and_ctrl_c_leaves_nothing(tmp_pat
     assert f"interrupted: nothing written to {patch}" in " ".join(text.split()), text
     assert "Traceback" not in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.onnx", "old.onnx"]
+
+
+def test_ctrl_c_after_the_rename_reports_the_complete_file_not_nothing_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The result is renamed over -o only when whole; a Ctrl-C that lands after the rename
+    (here: while the directory is synced) must not say "nothing written" about a file
+    that was replaced (QA saw exit 130 and the new model at -o)."""
+    rng = np.random.default_rng(9)
+    weights = [Init(f"w{i}", random_array(rng, np.float32, (64, 64))) for i in range(3)]
+    old, new = tmp_path / "old.onnx", tmp_path / "new.onnx"
+    old.write_bytes(build(weights))
+    new.write_bytes(build([Init(w.name, tweak(rng, w.array)) for w in weights]))
+    patch, out = tmp_path / "update.hfd", tmp_path / "out.onnx"
+    runner = CliRunner()
+    assert (
+        runner.invoke(artifact_cli.app, ["diff", str(old), str(new), "-o", str(patch)]).exit_code
+        == 0
+    )
+    out.write_bytes(b"the model that was here")
+
+    def interrupted(directory: Path) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files, "fsync_dir", interrupted)
+    done = runner.invoke(artifact_cli.app, ["patch", str(old), str(patch), "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    assert f"interrupted after {out} was written in full: it is complete" in done.stderr
+    assert "nothing written" not in done.output
+    assert out.read_bytes() == new.read_bytes()
+    assert out.stat().st_mode & 0o044 == 0o044 & ~_umask()  # shared as a finished file is
+
+    # an interrupt before the rename leaves -o as it was, and says so
+    out.write_bytes(b"the model that was here")
+
+    def interrupted_replace(src: object, dst: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", interrupted_replace)
+    done = runner.invoke(artifact_cli.app, ["patch", str(old), str(patch), "-o", str(out)])
+    assert done.exit_code == 130, done.output
+    assert f"interrupted: nothing written to {out}" in done.stderr
+    assert out.read_bytes() == b"the model that was here"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "new.onnx",
+        "old.onnx",
+        "out.onnx",
+        "update.hfd",
+    ]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
