@@ -103,8 +103,11 @@ class RolloutHandlers:
 
     async def resume(self, model_name: str, device_class: str, by: str) -> PauseRecord:
         """End the pair's pause (``rollout.resumed``); FAILED_PRECONDITION when it is not
-        paused."""
-        model, cls = await self._pair(model_name, device_class)
+        paused. Any stored pause can be ended, even one whose class is no longer declared
+        (the controller restarted without its file): only without one are the names
+        checked, so that a typo is NOT_FOUND."""
+        model = validate.name(model_name, "model_name")
+        cls = validate.name(device_class, "device_class")
 
         def event(pause: PauseRecord, now: int) -> NewEvent:
             seconds = max(0, now - pause.paused_unix_ms) // 1000
@@ -125,6 +128,7 @@ class RolloutHandlers:
 
         ended = await in_thread(self._rollouts.resume, model, cls, event)
         if ended is None:
+            await self._pair(model, cls)  # NOT_FOUND for an unknown model or class
             raise FleetError(
                 ErrorCode.FAILED_PRECONDITION,
                 f"the budget loop is not paused for {model} on {cls}: nothing to resume",

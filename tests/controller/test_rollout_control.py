@@ -38,6 +38,7 @@ from tests.controller.helpers import (
     Harness,
     catalogue,
     expect_status,
+    onnx_model,
     run,
     running_controller,
 )
@@ -488,3 +489,30 @@ def test_the_store_credits_paused_time_and_keeps_aborted_and_judged_apart(
         assert baseline is not None and baseline.judged is Judged.MISSED
     finally:
         engine.dispose()
+
+
+def test_a_pause_can_be_resumed_after_its_class_file_is_gone(tmp_path: Path) -> None:
+    """A controller restarted without --device-classes still lists a stored pause: the
+    operator must be able to end it (QA: resume was NOT_FOUND for the undeclared class)."""
+
+    async def declared() -> None:
+        async with running_controller(tmp_path, device_classes_dir=CLASSES_DIR) as c:
+            await c.add_model("clf", onnx_model())
+            paused = await cli(c, "rollouts", "pause", *PAIR)
+            assert paused.exit_code == 0, paused.output
+
+    async def undeclared() -> None:
+        async with running_controller(tmp_path) as c:
+            assert [(p.model_name, p.device_class) for p in (await listing(c)).pauses] == [
+                ("clf", "home-hub")
+            ]
+            resumed = await cli(c, "rollouts", "resume", *PAIR)
+            assert resumed.exit_code == 0, resumed.output
+            assert list((await listing(c)).pauses) == []
+            # with no pause left, the unknown pair is NOT_FOUND again, naming the class
+            again = await cli(c, "rollouts", "resume", *PAIR)
+            assert again.exit_code == 1, again.output
+            assert "device class 'home-hub' is not declared" in again.stderr
+
+    run(declared())
+    run(undeclared())
