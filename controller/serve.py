@@ -157,7 +157,7 @@ def serve(
             ),
         )
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_in_flags(str(exc))}", err=True)
         raise typer.Exit(2) from exc
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -177,3 +177,35 @@ def serve(
     except ControllerStartError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2 if exc.configuration else 1) from exc
+
+
+# ControllerConfig names its fields in its errors; an operator typed flags.
+_FLAGS = {
+    "port": "--port",
+    "host": "--host",
+    "db_url": "--db-url",
+    "heartbeat_seconds": "--heartbeat-seconds",
+    "max_model_bytes": "--max-model-bytes",
+    "metrics_port": "--metrics-port",
+    "metrics_host": "--metrics-host",
+    "compression_workers": "--compression-workers",
+    "compression_threads": "--compression-threads",
+    "max_active_jobs": "--max-active-jobs",
+    "blob_read_threads": "--blob-read-threads",
+    "delta_threads": "--delta-threads",
+    "verified_blob_trust_seconds": "--verified-blob-trust-seconds",
+    "budget_window_seconds": "--budget-window-seconds",
+    "budget_windows_in_a_row": "--budget-windows",
+    "budget_min_samples": "--budget-min-samples",
+    "canary_share": "--canary-share",
+    "canary_timeout_seconds": "--canary-timeout-seconds",
+    "cooldown_seconds": "--budget-cooldown-seconds",
+    "budget_check_seconds": "--budget-check-seconds",
+}
+
+
+def _in_flags(message: str) -> str:
+    """The flag in place of the config field an error begins with (delta_threads ->
+    --delta-threads)."""
+    field, space, rest = message.partition(" ")
+    return _FLAGS[field] + space + rest if field in _FLAGS else message

@@ -159,10 +159,16 @@ class ControllerServer:
             )
         except DeviceClassError as exc:
             raise ControllerStartError(str(exc), configuration=True) from exc
-        busy = _bind_problem(config.host, config.port) if config.port else None
-        if busy is not None:
-            where = bind_address(config.host, config.port)
-            raise ControllerStartError(f"cannot listen on {where}: {busy}")
+        listeners = (
+            (config.host, config.port, "--port", "--host"),
+            (config.http_host, config.metrics_port, "--metrics-port", "--metrics-host"),
+        )
+        for host, port, port_flag, host_flag in listeners:
+            if not port:  # 0: any free port; None: no dashboard
+                continue
+            busy = _bind_problem(host, port, port_flag, host_flag)
+            if busy is not None:
+                raise ControllerStartError(f"cannot listen on {bind_address(host, port)}: {busy}")
         try:
             config.data_dir.mkdir(parents=True, exist_ok=True)
             fresh = _database_is_new(config)
@@ -371,7 +377,9 @@ def _bind_failure(host: str, port: int, error: RuntimeError) -> str:
     return _bind_problem(host, port) or str(error)
 
 
-def _bind_problem(host: str, port: int) -> str | None:
+def _bind_problem(
+    host: str, port: int, port_flag: str = "--port", host_flag: str = "--host"
+) -> str | None:
     """What stops a listener on (host, port), or None: a plain socket bound to the same
     address tells the errno. Asked before the data directory is touched, so a start
     refused for a busy port writes nothing (the bind itself can still lose a race)."""
@@ -384,11 +392,11 @@ def _bind_problem(host: str, port: int) -> str | None:
         if exc.errno == errno.EADDRINUSE:
             return (
                 f"port {port} is already in use (another controller, or another program): "
-                "stop it or choose another --port"
+                f"stop it or choose another {port_flag}"
             )
         if exc.errno == errno.EADDRNOTAVAIL:
-            return f"{host} is not an address of this machine: choose another --host"
-        return f"{exc.strerror or exc} (choose another --host or --port)"
+            return f"{host} is not an address of this machine: choose another {host_flag}"
+        return f"{exc.strerror or exc} (choose another {host_flag} or {port_flag})"
     return None
 
 
@@ -424,11 +432,13 @@ def _remove_info(path: Path, pid: int, previous: dict[str, object] | None) -> No
 
 async def run_until_signalled(config: ControllerConfig) -> None:
     server = ControllerServer(config)
-    await server.start()
+    # handlers first: a signal that arrives while the server starts (it is already
+    # findable in controller.json) stops it gracefully once started, not by default death
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await server.start()
     try:
         await stop.wait()
         log.info("signal received: stopping")

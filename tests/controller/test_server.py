@@ -171,22 +171,22 @@ def test_serve_command_refuses_bad_flags(tmp_path: Path) -> None:
         serve_command(tmp_path, "--port", "70000"), cwd=ROOT, capture_output=True, timeout=60
     )
     assert done.returncode == 2
-    assert b"port must be an integer in 0..65535" in done.stderr
+    assert b"--port must be an integer in 0..65535" in done.stderr
     done = subprocess.run(
         serve_command(tmp_path, "--log-level", "loud"), cwd=ROOT, capture_output=True, timeout=60
     )
     assert done.returncode == 2
     for flag, value, message in (
-        ("--compression-workers", "0", b"compression_workers must be an integer in 1..64"),
-        ("--max-active-jobs", "0", b"max_active_jobs must be an integer in 1..10000"),
-        ("--canary-share", "1.5", b"canary_share must be in (0, 1]"),
-        ("--budget-windows", "0", b"budget_windows_in_a_row must be an integer in 1..1000"),
-        ("--delta-threads", "0", b"delta_threads must be an integer in 1..64"),
-        ("--blob-read-threads", "300", b"blob_read_threads must be an integer in 1..256"),
+        ("--compression-workers", "0", b"--compression-workers must be an integer in 1..64"),
+        ("--max-active-jobs", "0", b"--max-active-jobs must be an integer in 1..10000"),
+        ("--canary-share", "1.5", b"--canary-share must be in (0, 1]"),
+        ("--budget-windows", "0", b"--budget-windows must be an integer in 1..1000"),
+        ("--delta-threads", "0", b"--delta-threads must be an integer in 1..64"),
+        ("--blob-read-threads", "300", b"--blob-read-threads must be an integer in 1..256"),
         (
             "--verified-blob-trust-seconds",
             "0",
-            b"verified_blob_trust_seconds must be a number of seconds in (0, 86400]",
+            b"--verified-blob-trust-seconds must be a number of seconds in (0, 86400]",
         ),
     ):
         done = subprocess.run(
@@ -238,16 +238,21 @@ def test_start_errors_an_operator_must_fix_exit_2_and_transient_ones_exit_1(
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = str(busy.getsockname()[1])
-        done = subprocess.run(
-            serve_command(tmp_path / "data", "--port", port),
-            cwd=ROOT,
-            capture_output=True,
-            timeout=60,
-        )
-    assert done.returncode == 1, done.stderr
-    assert f"port {port} is already in use".encode() in done.stderr, done.stderr
-    assert b"choose another --port" in done.stderr
-    assert not (tmp_path / "data").exists()  # no database, no signing key for a busy port
+        for flags, flag in (
+            (("--port", port), "--port"),
+            (("--metrics-port", port), "--metrics-port"),
+        ):
+            done = subprocess.run(
+                serve_command(tmp_path / "data", "--port", "0", *flags),
+                cwd=ROOT,
+                capture_output=True,
+                timeout=60,
+            )
+            assert done.returncode == 1, done.stderr
+            assert f"port {port} is already in use".encode() in done.stderr, done.stderr
+            assert f"choose another {flag}".encode() in done.stderr
+            # no database, no signing key for a busy port
+            assert not (tmp_path / "data").exists()
 
 
 def test_a_second_controller_on_one_data_dir_gives_controller_json_back_when_it_stops(
