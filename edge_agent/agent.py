@@ -5,8 +5,9 @@ the controller is away; agent.json appears only once the local API listens, and 
 away on a graceful stop, so a reader never finds a stale address. Every Predict is
 measured (telemetry), its windows are queued on disk and sent by the sync loop; a
 graceful stop persists the window still open. What can be checked without the state
-directory (the pinned key, a unix --listen path) is checked before anything is written
-there, so an agent refused for its configuration leaves a fresh directory as it was.
+directory (the pinned key, the --listen address: a path that cannot work, a port or
+socket another process serves) is checked before anything is written there, so an agent
+refused for its configuration leaves a fresh directory as it was.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from artifact.signing import SignatureError, TrustedKey
 from edge_agent import hardware
 from edge_agent.config import AgentConfig
 from edge_agent.errors import AgentError, ErrorCode
-from edge_agent.local_api import LocalApi, check_unix_listen, start_local_api
+from edge_agent.local_api import LocalApi, listen_problem, start_local_api
 from edge_agent.meters import choose_meter
 from edge_agent.metrics import AgentMetrics, serve_metrics
 from edge_agent.runtime import ModelRuntime, ModelSlot
@@ -96,8 +97,9 @@ def preflight(config: AgentConfig) -> TrustedKey | None:
     was (absent or empty), not holding agent.lock, artifacts/ or telemetry.db.
     Returns the pinned key."""
     trusted = load_trust_key(config.trust_key)
-    if config.listen.is_unix:
-        check_unix_listen(config.listen)
+    problem = listen_problem(config.listen)
+    if problem is not None:
+        raise problem
     return trusted
 
 

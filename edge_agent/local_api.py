@@ -120,8 +120,29 @@ def _listen_failed(message: str) -> AgentError:
     return AgentError(ErrorCode.LISTEN_FAILED, f"--listen: {message}")
 
 
+def listen_problem(listen: ListenAddress) -> AgentError | None:
+    """What stops the local API at ``listen`` now, or None: a port or socket another
+    process serves, a host that does not resolve, a socket path that cannot work. Asked
+    before the state directory is touched (agent.preflight), so a refused start leaves a
+    fresh one as it was; the bind itself can still lose a race, and says so then."""
+    if not listen.is_unix:
+        return _tcp_problem(listen)
+    check_unix_listen(listen)
+    path = listen.unix_path
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(path.lstat().st_mode) and _serves(path):
+            return _served_by_another(listen)
+    return None
+
+
 def _tcp_failure(listen: ListenAddress) -> AgentError:
     """Why gRPC could not bind ``listen``: a plain socket repeats the bind to learn the errno."""
+    return _tcp_problem(listen) or _listen_failed(
+        f"cannot listen on {listen.text} (GRPC_VERBOSITY=debug shows gRPC's reason)"
+    )
+
+
+def _tcp_problem(listen: ListenAddress) -> AgentError | None:
     host, _, port_text = listen.text.rpartition(":")
     port = int(port_text)
     try:
@@ -141,9 +162,7 @@ def _tcp_failure(listen: ListenAddress) -> AgentError:
                         "--listen port (port 0 picks a free one)"
                     )
                 return _listen_failed(f"cannot listen on {listen.text}: {exc.strerror}")
-    return _listen_failed(
-        f"cannot listen on {listen.text} (GRPC_VERBOSITY=debug shows gRPC's reason)"
-    )
+    return None
 
 
 def _serves(path: Path) -> bool:
@@ -225,13 +244,17 @@ def _clear_stale_socket(listen: ListenAddress) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise _not_a_socket(path)
     if _serves(path):
-        raise _listen_failed(
-            f"another process serves {listen.text} (another agent? `ss -lxp | grep "
-            f"{path.parent}/` names the processes serving sockets there): stop it or choose "
-            "another --listen path"
-        )
+        raise _served_by_another(listen)
     if _remove_if_ours(path, FileIdentity(st.st_dev, st.st_ino)):
         log.info("removed %s: a socket file nobody serves (left by a crashed agent?)", path)
+
+
+def _served_by_another(listen: ListenAddress) -> AgentError:
+    return _listen_failed(
+        f"another process serves {listen.text} (another agent? `ss -lxp | grep "
+        f"{listen.unix_path.parent}/` names the processes serving sockets there): stop it or "
+        "choose another --listen path"
+    )
 
 
 def _remove_if_ours(path: Path, ours: FileIdentity) -> bool:

@@ -15,6 +15,7 @@ processes (`python -m edge_agent run`), against the real controller where one is
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -224,3 +225,28 @@ def test_no_directory_of_a_socket_path_is_created(short_dir: Path) -> None:
     assert f"{short_dir}/run/homefleet does not exist: create it" in line, line
     assert "RuntimeDirectory=" in line and "choose another --listen path" in line, line
     assert list(short_dir.iterdir()) == []  # neither run/ nor the state directory
+
+
+def test_a_listen_address_another_process_serves_leaves_a_fresh_state_directory(
+    short_dir: Path,
+) -> None:
+    """QA: an agent refused for a busy --listen port or a socket another process serves
+    left agent.lock, artifacts/, partial/ and telemetry.db behind (and gRPC's own C-core
+    line on stderr). Both are found before the state directory is touched."""
+    with socket.socket() as busy, socket.socket(socket.AF_UNIX) as served:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = short_dir / "agent.sock"
+        served.bind(str(path))
+        served.listen()
+        for listen, expected in (
+            (f"127.0.0.1:{port}", f"127.0.0.1:{port} is already in use by another process"),
+            (f"unix:{path}", f"another process serves unix:{path}"),
+        ):
+            state = short_dir / "state"
+            result = agent_run(state, "--allow-unsigned-manifests", "--listen", listen)
+            assert result.returncode == 1, result.stderr
+            assert expected in only_line(result.stderr), result.stderr
+            assert not state.exists()
+        assert path.is_socket()  # the other process's socket stays
