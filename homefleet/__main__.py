@@ -1,6 +1,6 @@
 """`python -m homefleet`: the same as the `homefleet` command."""
 
-from homefleet.cli import main
+from homefleet.entry import main
 
 if __name__ == "__main__":
     main()
