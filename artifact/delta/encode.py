@@ -37,6 +37,7 @@ from artifact.delta.skeleton import (
     MAX_QDQ_BASE,
     QdqPrediction,
     SkeletonMethod,
+    compress_in_pieces,
     compress_with_dict,
     cut,
     encode_skeleton,
@@ -215,7 +216,7 @@ def _whole(old: bytes, new: bytes, method: WholeMethod, level: int) -> bytes:
     if method is WholeMethod.STORED:
         data = new
     elif method is WholeMethod.ZSTD:
-        data = zstandard.ZstdCompressor(level=level).compress(new)
+        data = compress_in_pieces(zstandard.ZstdCompressor(level=level), new)
     else:
         window_log = window_log_for(len(old) + len(new))
         data = compress_with_dict(new, old, level)

@@ -10,10 +10,11 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
+import zstandard
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from artifact.delta import UnsupportedPatchError, apply_delta_bytes, encode
+from artifact.delta import UnsupportedPatchError, apply_delta_bytes, encode, skeleton
 from artifact.delta.errors import CorruptPatchError
 from artifact.delta.format import FORMAT_VERSION, read_header
 from artifact.delta.skeleton import (
@@ -175,3 +176,23 @@ def test_the_synthetic_dictionary_is_bounded_and_deterministic() -> None:
     assert first == second
     assert b"/layers.2/Relu_output_0_QuantizeLinear_Output" in first
     assert len(synthetic_dictionary(b"\x10" + b"a" * 16 * 100_000)) <= 8 << 20
+
+
+def test_compressing_in_pieces_makes_one_frame_that_records_its_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """zstd is fed a piece at a time (so a Ctrl-C is heard between pieces); the result is
+    one frame, with its content size, that a one-shot decompress reads back whole."""
+    monkeypatch.setattr(skeleton, "COMPRESS_PIECE", 1000)
+    data = bytes(range(256)) * 40 + np.random.default_rng(3).bytes(5000)  # 15 pieces
+    for dictionary in (b"", data[:3000]):
+        frame = skeleton.compress_with_dict(data, dictionary, 19)
+        params = zstandard.get_frame_parameters(frame)
+        assert params.content_size == len(data)
+        zdict = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        reader = (
+            zstandard.ZstdDecompressor(dict_data=zdict)
+            if dictionary
+            else zstandard.ZstdDecompressor()
+        )
+        assert reader.decompress(frame) == data
