@@ -387,7 +387,9 @@ class RolloutLoop:
             RolloutState.RECOMPRESSING,
             RolloutChange(
                 RolloutState.RECOMPRESSING,
-                f"compression job {started.id} is running",
+                # true for as long as it is shown (a pause can hold it past the job's end)
+                f"compression job {started.id} started; `homefleet jobs watch {started.id}` "
+                "follows it",
                 job_id=started.id,
             ),
             [
