@@ -710,7 +710,8 @@ class AdminHandlers:
             raise FleetError(
                 ErrorCode.FAILED_PRECONDITION,
                 f"device {device_id} is online (its agent is connected): stop its agent first, "
-                "or remove it anyway with force (it registers again when it next connects)",
+                "or remove it anyway (`homefleet devices remove --force`): it registers again "
+                "when it next connects",
             )
         removed = await in_thread(self._store.remove_device, device_id)
         if removed is None:  # removed by another call meanwhile

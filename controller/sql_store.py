@@ -517,8 +517,9 @@ class SqlStore(Store):
             )
             session.execute(delete(AssignmentRow).where(*own))
             mine = TelemetryWindowRow.device_id == device_id
-            windows = session.scalar(
-                select(func.count()).select_from(TelemetryWindowRow).where(mine)
+            windows = (
+                session.scalar(select(func.count()).select_from(TelemetryWindowRow).where(mine))
+                or 0
             )
             session.execute(delete(TelemetryWindowRow).where(mine))
             for table in (TelemetryReportingRow, DeviceModelRow):
@@ -542,7 +543,7 @@ class SqlStore(Store):
                     },
                 ),
             )
-            return RemovedDevice(device, models, windows or 0, event.id)
+            return RemovedDevice(device, models, windows, event.id)
 
         return self._retry(work)
 
