@@ -713,9 +713,27 @@ class AdminHandlers:
                 "or remove it anyway (`homefleet devices remove --force`): it registers again "
                 "when it next connects",
             )
+        # its own assignments go as `unassign` takes them: a class behind a version the
+        # device ran is re-released first, or the device (back, or another in the class)
+        # would refuse the class's older manifest (QA: stuck on its pinned version)
+        own = AssignTarget(TargetKind.DEVICE, device_id)
+        desired = await in_thread(self._store.desired_set, device_id)
+        models, rereleased = [], []
+        for assignment in desired.assignments:
+            if await in_thread(self._store.assigned, own, assignment.model_name) is None:
+                continue
+            taken = await self.unassign(assignment.model_name, device_id)
+            models.append(assignment.model_name)
+            if taken.rereleased_from:
+                rereleased.append(f"{taken.rereleased_from} as {taken.artifact_id}")
         removed = await in_thread(self._store.remove_device, device_id)
         if removed is None:  # removed by another call meanwhile
             raise not_found(f"device {device_id!r} is not registered")
+        removed = dataclasses.replace(
+            removed,
+            own_assignments=tuple(sorted({*models, *removed.own_assignments})),
+            rereleased=tuple(rereleased),
+        )
         # an open watch stream of the device ends (its desired set is NOT_FOUND now)
         self._notifier.notify(AssignTarget(TargetKind.DEVICE, device_id))
         log.info("device %s removed (%d telemetry windows)", device_id, removed.telemetry_windows)

@@ -152,6 +152,7 @@ class RemovedDevice:
     own_assignments: tuple[str, ...]  # models it had an assignment of its own for
     telemetry_windows: int  # its stored windows, deleted
     event_id: int
+    rereleased: tuple[str, ...] = ()  # "<artifact> as <re-release>": classes kept ahead
 
 
 @dataclass(frozen=True)

@@ -226,6 +226,7 @@ class AdminServicer(fleet_pb2_grpc.AdminServiceServicer):
             own_assignments=removed.own_assignments,
             telemetry_windows=removed.telemetry_windows,
             event_id=removed.event_id,
+            rereleased=removed.rereleased,
         )
 
     @rpc

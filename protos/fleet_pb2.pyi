@@ -469,18 +469,20 @@ class RemoveDeviceRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class RemoveDeviceResponse(_message.Message):
-    __slots__ = ("device_id", "device_class", "own_assignments", "telemetry_windows", "event_id")
+    __slots__ = ("device_id", "device_class", "own_assignments", "telemetry_windows", "event_id", "rereleased")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
     OWN_ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    RERELEASED_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     device_class: str
     own_assignments: _containers.RepeatedScalarFieldContainer[str]
     telemetry_windows: int
     event_id: int
-    def __init__(self, device_id: _Optional[str] = ..., device_class: _Optional[str] = ..., own_assignments: _Optional[_Iterable[str]] = ..., telemetry_windows: _Optional[int] = ..., event_id: _Optional[int] = ...) -> None: ...
+    rereleased: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device_id: _Optional[str] = ..., device_class: _Optional[str] = ..., own_assignments: _Optional[_Iterable[str]] = ..., telemetry_windows: _Optional[int] = ..., event_id: _Optional[int] = ..., rereleased: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
     __slots__ = ("device_class", "page_size", "page_token")

@@ -165,3 +165,8 @@ def remove(
         f"removed device {removed.device_id} ({removed.device_class}) with "
         f"{removed.telemetry_windows} telemetry window(s){own}"
     )
+    for rerelease in removed.rereleased:
+        output.note(
+            f"re-released {rerelease} for class {removed.device_class}: the device ran a "
+            "newer version of its own, and would refuse the class's older one"
+        )

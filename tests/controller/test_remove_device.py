@@ -18,7 +18,15 @@ import pytest
 from artifact.histogram import BUCKET_COUNT
 from protos import fleet_pb2 as pb
 from tests.edge_agent.models import add_model
-from tests.edge_agent.test_sync import DEVICE, deploy, register_other, running_agent, scenario
+from tests.edge_agent.test_sync import (
+    DEVICE,
+    deploy,
+    register_other,
+    reports,
+    running_agent,
+    scenario,
+    wait_active,
+)
 from tests.support.controller import CALL_TIMEOUT_S, Controller, eventually
 
 
@@ -102,7 +110,10 @@ def test_an_offline_device_goes_with_its_assignments_and_windows_and_the_counter
         await register_other(controller, "hub-1")
         again = await controller.device("hub-1")
         assert again is not None
-        assert [m.desired_artifact_id for m in again.models] == [v2.id]
+        # it follows its class; its own older pin (v1 re-released as v3) went as
+        # `unassign` takes it, so the class's v2 came back above it, as v4
+        assert list(reply.rereleased) == [f"{v2.id} as motions/home-hub/v4"]
+        assert [m.desired_artifact_id for m in again.models] == ["motions/home-hub/v4"]
 
         # an unknown device is NOT_FOUND and changes nothing
         events = len(await controller.events())
@@ -144,5 +155,53 @@ def test_an_online_device_is_refused_unless_forced_and_its_agent_registers_again
             (latest,) = (await controller.events("device.registered"))[-1:]
             assert "re-registered" not in latest.message, latest.message
             assert agent.runtime.get("motions").sha256 == served.sha256  # it kept serving
+
+    scenario(tmp_path, body)
+
+
+def test_a_device_that_ran_its_own_newer_version_follows_its_class_after_coming_back(
+    tmp_path: Path,
+) -> None:
+    """QA: removed while pinned to a re-release newer than its class's artifact, a device
+    that came back refused the class's older manifest for good. Removal takes its own
+    assignments as `unassign` does: the class's artifact is re-released above them."""
+
+    async def body(controller: Controller, state: Path) -> None:
+        async with running_agent(state, controller.address) as agent:
+            v1 = await deploy(controller, agent, add_model(1.0))
+            v2 = await controller.release("motions", add_model(2.0))  # the class's now
+            await wait_active(controller, v2.sha256)
+            pinned = await controller.assign(v1.id, device_id=DEVICE)  # a rollback: v3
+            assert pinned.artifact_id == "motions/home-hub/v3", pinned
+            await wait_active(controller, v1.sha256)  # the agent ran v3: its floor
+
+        async def offline() -> bool:  # the controller saw its watch end
+            device = await controller.device(DEVICE)
+            return device is not None and device.status == pb.DEVICE_STATUS_OFFLINE
+
+        await eventually("the stopped agent's device to be offline", offline)
+        reply = await _remove(controller, DEVICE)
+        assert list(reply.own_assignments) == ["motions"]
+        assert list(reply.rereleased) == [f"{v2.id} as motions/home-hub/v4"]
+
+        before = len(await reports(controller, v2.sha256))
+        async with running_agent(state, controller.address) as agent:
+
+            async def back_on_v2() -> dict[str, object] | None:
+                done = [
+                    r
+                    for r in (await reports(controller, v2.sha256))[before:]
+                    if r["outcome"] in ("active", "failed")
+                ]
+                return done[-1] if done else None
+
+            report = await eventually("the agent's report on v2's bytes", back_on_v2)
+            assert report["outcome"] == "active", report
+            assert agent.runtime.get("motions").sha256 == v2.sha256
+            held = agent.store.load_slots().models["motions"]
+            assert held.active is not None
+            manifest = held.active.manifest()
+            assert manifest is not None
+            assert (manifest.version, manifest.rereleases) == (4, v2.id)
 
     scenario(tmp_path, body)
