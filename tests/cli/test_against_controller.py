@@ -746,7 +746,13 @@ def test_devices_remove_forgets_a_device_and_names_what_to_fix(
     # the listing's options before the subcommand would be dropped: refused, not ignored
     misplaced = runner.invoke(app, ["devices", "--class", "camera", "remove", "cam-2"])
     assert misplaced.exit_code == ExitCode.USAGE, misplaced.output
-    assert "--class before `remove` would be ignored" in misplaced.output
+    text = " ".join(misplaced.output.replace("│", " ").split())
+    assert "--class before `remove` would be ignored" in text, text
+    # the advice moves only what `remove` takes (QA: it suggested `remove ID --class ...`)
+    assert "--class only narrows the listing: `remove` does not take it" in text, text
+    misplaced = runner.invoke(app, ["devices", "--timeout", "5", "remove", "cam-2"])
+    text = " ".join(misplaced.output.replace("│", " ").split())
+    assert "give --timeout after the subcommand, e.g. `homefleet devices remove ID" in text
     listed = cli(runner, live.address, "devices", "--json")
     assert [d["device_id"] for d in json.loads(listed.stdout)["devices"]] == ["cam-2"]
 
