@@ -22,6 +22,7 @@ import dataclasses
 import enum
 import json
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,7 +85,15 @@ def _interrupted(out: Path, before: tuple[int, int] | None) -> typer.Exit:
         return _fail(f"interrupted: nothing written to {out}", ExitCode.INTERRUPTED)
     _share(out)
     typer.echo(f"interrupted after {out} was written in full: it is complete", err=True)
+    _done()
     return typer.Exit(int(ExitCode.OK))
+
+
+def _done() -> None:
+    """The result is in place and said: a Ctrl-C from here on (the interpreter still has
+    to shut down) must not make a finished command look failed (QA: exit by SIGINT and
+    an "Exception ignored in threading._shutdown" after the "wrote" line)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _share(out: Path) -> None:
@@ -149,12 +158,15 @@ def diff(
         _share(out)
         if as_json:
             typer.echo(json.dumps(dataclasses.asdict(stats), indent=2))
-            return
-        what = "model" if stats.tensors else "file (no ONNX tensors in it: coded as plain bytes)"
-        typer.echo(
-            f"wrote {out}: {_human(stats.payload_size)} for a {_human(stats.target_size)} "
-            f"{what} ({_ratio(stats.payload_size, stats.target_size)}, {stats.mode})"
-        )
+        else:
+            what = (
+                "model" if stats.tensors else "file (no ONNX tensors in it: coded as plain bytes)"
+            )
+            typer.echo(
+                f"wrote {out}: {_human(stats.payload_size)} for a {_human(stats.target_size)} "
+                f"{what} ({_ratio(stats.payload_size, stats.target_size)}, {stats.mode})"
+            )
+        _done()
     except OSError as exc:
         raise _fail(f"cannot read the models or write {out}: {exc}", ExitCode.USAGE) from None
     except KeyboardInterrupt:
@@ -180,6 +192,7 @@ def patch(
         result = apply_delta(old, patch_file, out, expected_sha256=sha256)
         _share(out)
         typer.echo(f"wrote {out}: {_human(result.size)}, sha256 {result.sha256} ({result.mode})")
+        _done()
     except KeyboardInterrupt:
         raise _interrupted(out, before) from None
     except InvalidDigestError as exc:

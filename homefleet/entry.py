@@ -13,9 +13,12 @@ INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 def main() -> None:
+    """Commands handle their own Ctrl-C (a job keeps running, a patch is written whole or
+    not at all); one that reaches here came while typer was still building the command."""
     try:
         from homefleet.cli import main as run
+
+        run()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
-    run()
