@@ -34,20 +34,30 @@ def _param(value: object) -> str:
 
 
 def describe_recipe(artifact: views.ArtifactView) -> str:
-    """How the bytes were made, from the signed manifest: the steps with their parameters,
-    "source" for the model as uploaded, or what a rollback re-releases."""
+    """How the bytes were made, from the signed manifest, in the words `jobs` and
+    `compress` use (parameters that differ from their defaults); "source" for the model
+    as uploaded; what a rollback re-releases. A step this build does not know is shown
+    with every parameter the manifest has."""
+    from pydantic import ValidationError
+
+    from controller.compression.recipe import STEP_ADAPTER, Recipe
+
     manifest = artifact.manifest
     if manifest is None:
         return "-"
     if manifest.rereleases:
         return f"re-release of {manifest.rereleases}"
-    if not manifest.recipe:
-        return "source"
-    steps = []
-    for step in manifest.recipe:
-        params = ", ".join(f"{k}={_param(v)}" for k, v in step.params.items())
-        steps.append(f"{step.kind}({params})" if params else step.kind)
-    return " → ".join(steps)
+    steps = [step for step in manifest.recipe if step.kind != "identity"]
+    try:
+        parsed = [STEP_ADAPTER.validate_python({"kind": s.kind, **s.params}) for s in steps]
+        return Recipe(steps=tuple(parsed)).describe()
+    except ValidationError:
+        return " → ".join(
+            f"{s.kind}({', '.join(f'{k}={_param(v)}' for k, v in s.params.items())})"
+            if s.params
+            else s.kind
+            for s in steps
+        )
 
 
 @app.command("create")

@@ -704,21 +704,23 @@ def test_artifact_list_parses_the_signed_manifest(
     assert "3.0 MiB" in table.stdout
     assert signed.expires_at.astimezone().strftime("%Y-%m-%d") in table.stdout
     assert "motions v1" in table.stdout  # the model version it was made from
-    assert "identity" in table.stdout  # its recipe (no compression: the class's budget held)
+    assert "source" in table.stdout  # its recipe (no compression: the class's budget held)
 
-    # a compressed artifact shows its steps (a digest shortened as sha256 is), a rollback
-    # what it re-releases
+    # a compressed artifact shows its recipe as `jobs` and `compress` do (what differs
+    # from the defaults); a step this build does not know, every parameter (a digest
+    # shortened as sha256 is); a rollback, what it re-releases
     [view] = views.ArtifactList.model_validate(json.loads(result.stdout)).artifacts
-    step = RecipeStep(kind="requantize_like", params={"previous_sha256": "ab" * 32, "bits": 8})
-    compressed = view.model_copy(update={"manifest": signed.model_copy(update={"recipe": (step,)})})
-    assert (
-        artifacts_command.describe_recipe(compressed)
-        == f"requantize_like(previous_sha256={'ab' * 6}…, bits=8)"
-    )
-    rollback = signed.model_copy(update={"rereleases": "motions/home-hub/v1"})
-    assert artifacts_command.describe_recipe(view.model_copy(update={"manifest": rollback})) == (
-        "re-release of motions/home-hub/v1"
-    )
+
+    def shown(*steps: RecipeStep, rereleases: str | None = None) -> str:
+        manifest = signed.model_copy(update={"recipe": steps, "rereleases": rereleases})
+        return artifacts_command.describe_recipe(view.model_copy(update={"manifest": manifest}))
+
+    fp16 = {"mode": "fp16", "per_channel": True, "calibration": "minmax", "exclude_nodes": []}
+    assert shown(RecipeStep(kind="quantize", params=fp16)) == "quantize(mode=fp16)"
+    assert shown(RecipeStep(kind="identity")) == "source"
+    future = RecipeStep(kind="future.step", params={"previous_sha256": "ab" * 32, "bits": 8})
+    assert shown(future) == f"future.step(previous_sha256={'ab' * 6}…, bits=8)"
+    assert shown(rereleases="motions/home-hub/v1") == "re-release of motions/home-hub/v1"
 
 
 def test_what_no_controller_sends_still_renders() -> None:
