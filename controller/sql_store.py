@@ -1032,10 +1032,14 @@ class SqlStore(Store):
             if device_class is None:  # a device is registered before it may fetch
                 return
             completed = 1 if outcome.completed else 0
+            fetched = session.get(ArtifactRow, outcome.artifact_id)
+            labelled = fetched and _labelled_artifact(
+                session, device_class, outcome.model_name, fetched.sha256
+            )
             key = {
                 "device_class": device_class,
                 "model_name": outcome.model_name,
-                "artifact_id": outcome.artifact_id,
+                "artifact_id": labelled.id if labelled else outcome.artifact_id,
                 "encoding": outcome.encoding.value,
             }
             amounts = {
@@ -1617,25 +1621,32 @@ def _stored_state(
     return _StoredState(highest, max_end)
 
 
+def _labelled_artifact(
+    session: Session, device_class: str, model_name: str, sha256: str
+) -> ArtifactRow | None:
+    """The artifact sums of these bytes are labelled with, as `_artifact_ids` labels
+    telemetry: the class's first artifact with them, else the model's first. Downloads
+    and applied updates of a re-release thus count where its telemetry does."""
+    candidates = list(
+        session.scalars(
+            select(ArtifactRow)
+            .where(ArtifactRow.sha256 == sha256, ArtifactRow.model_name == model_name)
+            .order_by(ArtifactRow.created_unix_ms, ArtifactRow.id)
+        )
+    )
+    own = [a for a in candidates if a.device_class == device_class]
+    chosen = own or candidates
+    return chosen[0] if chosen else None
+
+
 def _add_applied_update(session: Session, device_class: str, status: StatusUpdate) -> None:
     """Add an update a device applied (its first ACTIVE report of those bytes after a
     download) to the sums per (class, model, artifact, encoding): what it cost the device
     on the wire, as the device counted it (a discarded delta's bytes included), against
     the artifact's size. Bytes this controller did not build are not counted."""
-    candidates = list(
-        session.scalars(
-            select(ArtifactRow)
-            .where(
-                ArtifactRow.sha256 == status.artifact_sha256,
-                ArtifactRow.model_name == status.model_name,
-            )
-            .order_by(ArtifactRow.created_unix_ms, ArtifactRow.id)
-        )
-    )
-    own = [a for a in candidates if a.device_class == device_class]
-    if not (own or candidates):
+    artifact = _labelled_artifact(session, device_class, status.model_name, status.artifact_sha256)
+    if artifact is None:
         return
-    artifact = (own or candidates)[0]
     encoding = status.encoding.value if status.encoding else Encoding.FULL.value
     key = {
         "device_class": device_class,

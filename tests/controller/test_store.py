@@ -273,6 +273,28 @@ class StoreContract:
         )  # fmt: skip
         assert (applied.bytes_received, applied.full_bytes) == (700, artifact.size_bytes)
 
+    def test_a_re_release_counts_downloads_and_updates_where_its_telemetry_does(
+        self, store: Store
+    ) -> None:
+        """QA: a re-release's downloads were labelled with it, its applied updates and
+        telemetry with the first artifact of those bytes; all now use the first."""
+        store.register_device(registration())
+        store.add_model(new_model())
+        first = store.insert_artifact(make_artifact("motions", "home-hub", 1, b"v1"))
+        store.insert_artifact(make_artifact("motions", "home-hub", 2, b"v2"))
+        again = store.insert_artifact(make_artifact("motions", "home-hub", 3, b"v1"))
+        store.record_fetch(
+            None,
+            FetchOutcome("hub-1", "motions", again.id, again.size_bytes, Encoding.FULL, 2, True),
+        )
+        sha = again.sha256
+        store.report_status(
+            StatusUpdate("hub-1", "motions", sha, Outcome.ACTIVE, "", 2, Encoding.FULL, sha)
+        )
+        (fetched,) = store.download_totals()
+        (applied,) = store.applied_update_totals()
+        assert fetched.artifact_id == applied.artifact_id == first.id  # as `_artifact_ids`
+
     def test_events_page_and_filter_by_literal_prefix(self, store: Store) -> None:
         for kind in ("a.one", "a.two", "b.one", "a%x", "a_y"):
             store.add_event(NewEvent(kind, "s", f"{kind} happened", {"k": kind}))
