@@ -20,7 +20,9 @@ from protos import fleet_pb2 as pb
 from tests.edge_agent.models import add_model
 from tests.edge_agent.test_sync import (
     DEVICE,
+    active_manifest,
     deploy,
+    final_report_since,
     register_other,
     reports,
     running_agent,
@@ -186,22 +188,10 @@ def test_a_device_that_ran_its_own_newer_version_follows_its_class_after_coming_
 
         before = len(await reports(controller, v2.sha256))
         async with running_agent(state, controller.address) as agent:
-
-            async def back_on_v2() -> dict[str, object] | None:
-                done = [
-                    r
-                    for r in (await reports(controller, v2.sha256))[before:]
-                    if r["outcome"] in ("active", "failed")
-                ]
-                return done[-1] if done else None
-
-            report = await eventually("the agent's report on v2's bytes", back_on_v2)
+            report = await final_report_since(controller, v2.sha256, before)
             assert report["outcome"] == "active", report
             assert agent.runtime.get("motions").sha256 == v2.sha256
-            held = agent.store.load_slots().models["motions"]
-            assert held.active is not None
-            manifest = held.active.manifest()
-            assert manifest is not None
+            manifest = active_manifest(agent)
             assert (manifest.version, manifest.rereleases) == (4, v2.id)
 
     scenario(tmp_path, body)

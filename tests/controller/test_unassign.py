@@ -18,14 +18,16 @@ from protos import fleet_pb2 as pb
 from tests.edge_agent.models import add_model
 from tests.edge_agent.test_sync import (
     DEVICE,
+    active_manifest,
     deploy,
+    final_report_since,
     register_other,
     reports,
     running_agent,
     scenario,
     wait_active,
 )
-from tests.support.controller import CALL_TIMEOUT_S, Controller, eventually
+from tests.support.controller import CALL_TIMEOUT_S, Controller
 
 
 def test_a_device_that_ran_a_newer_version_serves_its_class_bytes_after_unassign(
@@ -50,21 +52,10 @@ def test_a_device_that_ran_a_newer_version_serves_its_class_bytes_after_unassign
             )
             assert reply.artifact_id == "motions/home-hub/v3", reply
 
-            async def back_on_v1() -> dict[str, object] | None:
-                done = [
-                    r
-                    for r in (await reports(controller, v1.sha256))[before:]
-                    if r["outcome"] in ("active", "failed")
-                ]
-                return done[-1] if done else None
-
-            report = await eventually("the agent's report on v1's bytes", back_on_v1)
+            report = await final_report_since(controller, v1.sha256, before)
             assert report["outcome"] == "active", report
             assert agent.runtime.get("motions").sha256 == v1.sha256
-            held = agent.store.load_slots().models["motions"]
-            assert held.active is not None
-            manifest = held.active.manifest()
-            assert manifest is not None
+            manifest = active_manifest(agent)
             assert (manifest.version, manifest.rereleases) == (3, v1.id)
 
         listed = await controller.admin.ListArtifacts(

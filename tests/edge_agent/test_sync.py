@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from artifact.digest import sha256_bytes
+from artifact.manifest import Manifest
 from artifact.signing import SigningKey, TrustedKey
 from controller.keys import rotate_signing_key
 from edge_agent.agent import restore_slots
@@ -112,6 +113,30 @@ async def reports(controller: Controller, sha: str) -> list[Report]:
 async def final_report(controller: Controller, sha: str) -> Report | None:
     done = [r for r in await reports(controller, sha) if r["outcome"] in ("active", "failed")]
     return done[-1] if done else None
+
+
+async def final_report_since(controller: Controller, sha: str, before: int) -> Report:
+    """The agent's next ACTIVE or FAILED report on ``sha`` after the first ``before``
+    reports on it (`len(await reports(...))` taken before the change)."""
+
+    async def done() -> Report | None:
+        later = [
+            r
+            for r in (await reports(controller, sha))[before:]
+            if r["outcome"] in ("active", "failed")
+        ]
+        return later[-1] if later else None
+
+    return await eventually(f"the agent's report on {sha[:12]}", done)
+
+
+def active_manifest(agent: Agent, model: str = "motions") -> Manifest:
+    """The signed manifest the agent serves ``model`` under, from its slots."""
+    held = agent.store.load_slots().models[model]
+    assert held.active is not None
+    manifest = held.active.manifest()
+    assert manifest is not None
+    return manifest
 
 
 async def wait_final(controller: Controller, sha: str) -> Report:
