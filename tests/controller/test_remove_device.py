@@ -173,9 +173,12 @@ def test_a_device_that_ran_its_own_newer_version_follows_its_class_after_coming_
             v1 = await deploy(controller, agent, add_model(1.0))
             v2 = await controller.release("motions", add_model(2.0))  # the class's now
             await wait_active(controller, v2.sha256)
+            before = len(await reports(controller, v1.sha256))  # v1 was active once already
             pinned = await controller.assign(v1.id, device_id=DEVICE)  # a rollback: v3
             assert pinned.artifact_id == "motions/home-hub/v3", pinned
-            await wait_active(controller, v1.sha256)  # the agent ran v3: its floor
+            report = await final_report_since(controller, v1.sha256, before)
+            assert report["outcome"] == "active", report
+            assert active_manifest(agent).version == 3  # the agent ran v3: its floor
 
         async def offline() -> bool:  # the controller saw its watch end
             device = await controller.device(DEVICE)
