@@ -312,16 +312,22 @@ def compress(
     if previous is not None and not previous.is_file():
         raise _fail(f"--previous {previous} does not exist or is not a file")
 
+    # Every flag is checked with light imports (the compression stack takes seconds to
+    # load), so bad input is refused at once.
     from pydantic import ValidationError
 
-    from controller.compression.errors import CompressionError
-    from controller.compression.job import check_out_dir, compress_onnx, compress_workload
+    from controller.compression.budgets import quality_budget_problem
+    from controller.compression.errors import CompressionError, check_out_dir
     from controller.device_classes import (
         DeviceClassError,
         load_device_class,
         validation_problems,
     )
-    from controller.workloads.registry import UnknownWorkloadError, get_workload
+    from controller.workloads.names import (
+        UNLABELLED_WORKLOADS,
+        UnknownWorkloadError,
+        check_workload_name,
+    )
 
     flags = {
         "max_artifact_bytes": max_bytes,
@@ -340,17 +346,14 @@ def compress(
     except (DeviceClassError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     try:
-        chosen = get_workload(workload) if workload is not None else None
+        workload = check_workload_name(workload) if workload is not None else None
     except UnknownWorkloadError as exc:
         raise _fail(str(exc)) from exc
     if onnx_model is not None and not onnx_model.is_file():
         raise _fail(f"--onnx {onnx_model} does not exist")
-    from controller.compression.budgets import quality_budget_problem
-    from controller.workloads.base import TaskKind
-
-    labelled = chosen is not None and chosen.kind is TaskKind.CLASSIFICATION
+    labelled = workload is not None and workload not in UNLABELLED_WORKLOADS
     _check_quality_flags(labelled, min_fidelity, max_accuracy_drop)
-    source = f"workload {chosen.name}" if chosen is not None else f"the ONNX model {onnx_model}"
+    source = f"workload {workload}" if workload is not None else f"the ONNX model {onnx_model}"
     problem = quality_budget_problem(dc.budgets, labelled=labelled, source=source)
     if problem is not None:
         raise _fail(f"{problem} (device class {dc.name})")
@@ -358,6 +361,11 @@ def compress(
         check_out_dir(out_dir)
     except CompressionError as exc:
         raise _fail(str(exc)) from exc
+
+    from controller.compression.job import compress_onnx, compress_workload
+    from controller.workloads.registry import get_workload
+
+    chosen = get_workload(workload) if workload is not None else None
     out.print(f"compressing for [bold]{dc.name}[/] into {out_dir}")
     try:
         with _activity() as spinner, _Interrupts() as interrupts:

@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 from artifact.digest import sha256_file
 from controller.compression import candidates
 from controller.compression.budgets import quality_budget_problem
-from controller.compression.errors import CompressionError
+from controller.compression.errors import CompressionError, check_out_dir
 from controller.compression.executor import OnnxSource, TorchSource
 from controller.compression.measure import measure_onnx
 from controller.compression.planner import CandidateBuilder, Plan, Timing, Trial, plan
@@ -64,12 +64,6 @@ class Outcome:
     chosen: Trial
     met: bool
     manifest: dict[str, object]
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """--out must be new or an empty directory: a result never mixes with older files."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise CompressionError(f"--out {out_dir} exists and is not empty; name a new directory")
 
 
 def _prepare_out(out_dir: Path) -> Path:

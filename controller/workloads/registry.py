@@ -14,7 +14,7 @@ from controller.workloads.base import Workload
 from controller.workloads.basic_motions import BasicMotionsWorkload, WideBasicMotionsWorkload
 from controller.workloads.italy_power import ItalyPowerWorkload
 from controller.workloads.minilm import MiniLMWorkload
-from controller.workloads.names import WORKLOAD_NAMES
+from controller.workloads.names import WORKLOAD_NAMES, UnknownWorkloadError
 from controller.workloads.plaid import PlaidWorkload
 
 WorkloadFactory = Callable[[], Workload]
@@ -35,16 +35,6 @@ if tuple(sorted(WORKLOADS)) != WORKLOAD_NAMES:  # pragma: no cover - a coding er
     )
 
 
-class UnknownWorkloadError(ValueError):
-    """A workload name that is not in ``WORKLOADS``; the message lists the known ones."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(
-            f"unknown workload {name!r}; known workloads: {', '.join(sorted(WORKLOADS))}"
-        )
-
-
 def get_workload(name: str) -> Workload:
     """A new instance of the named workload."""
     factory = WORKLOADS.get(name)
@@ -55,3 +45,6 @@ def get_workload(name: str) -> Workload:
 
 def workload_names() -> tuple[str, ...]:
     return tuple(sorted(WORKLOADS))
+
+
+__all__ = ["WORKLOADS", "UnknownWorkloadError", "get_workload", "workload_names"]
