@@ -1314,6 +1314,12 @@ class SqlStore(Store):
                 self._event(session, _finish_event(row))
             return [row.id for row in rows]
 
+    def active_compression_job_owners(self) -> dict[int, str]:
+        query = select(CompressionJobRow.id, CompressionJobRow.owner).where(
+            CompressionJobRow.state.in_(_ACTIVE)
+        )
+        return self._read(lambda s: {int(i): str(o) for i, o in s.execute(query)})
+
     def fail_active_compression_jobs(self, owner: str, reason: str) -> list[int]:
         with self._sessions.begin() as session:
             rows = list(

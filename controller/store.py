@@ -356,6 +356,10 @@ class Store(abc.ABC):
     def fail_active_compression_jobs(self, owner: str, reason: str) -> list[int]:
         """Fail every active job ``owner`` runs (it restarted, so nothing runs them now)."""
 
+    @abc.abstractmethod
+    def active_compression_job_owners(self) -> dict[int, str]:
+        """The queued and running jobs: id → the controller run that owns it."""
+
 
 def all_devices(store: Store, device_class: str | None = None) -> Iterator[DeviceView]:
     """Every device of ``device_class`` (None: of the fleet), page by page in id order.

@@ -7,6 +7,12 @@ wakes watchers. A job that ends with a model (every budget met, or the best tria
 none met them) is published through the admin handlers, so its artifact is versioned
 and signed like any other. Job directories live under ``DATA_DIR/jobs`` and are removed
 when the job ends; a controller that restarts fails the jobs it was running.
+
+A job waits for a free worker here, not in the pool's queue (which marks a job running
+the moment it is handed over), so a queued job is cancelled at once. Each controller
+run owns its jobs under its own name (host, data directory, pid and start time): a
+second controller started on the same data directory fails only the jobs of a run
+whose process is gone, and leaves a live one's jobs, directories and workers alone.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,10 +30,11 @@ import tempfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import psutil
 from pydantic import BaseModel, ConfigDict
 
 from artifact.manifest import RecipeStep
@@ -154,6 +162,7 @@ class _Job:
     pid: int | None = None
     cancel_requested: bool = False
     activity: str = ""
+    stop: asyncio.Event = field(default_factory=asyncio.Event)  # ends a wait for a worker
 
 
 class JobRunner:
@@ -172,9 +181,12 @@ class JobRunner:
         self._jobs: dict[int, _Job] = {}
         self._closing = False
         self._leases: asyncio.Task[None] | None = None
-        # Who runs a job: a restarted controller (same host, same data directory)
-        # recognises the jobs its previous run left behind.
-        self.owner = f"{socket.gethostname()}:{config.data_dir}"
+        # Who runs a job: this run of the controller. A restarted controller (same host,
+        # same data directory) recognises the jobs its previous run left behind, and
+        # tells them from those of another controller running there now.
+        self._place = f"{socket.gethostname()}:{config.data_dir}"
+        self.owner = f"{self._place} {_run_name(psutil.Process())}"
+        self._workers = asyncio.Semaphore(config.compression_workers)
 
     @property
     def jobs_dir(self) -> Path:
@@ -183,14 +195,26 @@ class JobRunner:
     # ---------------------------------------------------------------- lifecycle
     def recover(self) -> list[int]:
         """At start: fail the jobs a previous run of this controller left active, and
-        remove their directories and the pool's scratch space (blocking: run in a thread)."""
-        failed = self._store.fail_active_compression_jobs(self.owner, RESTARTED)
+        remove what is left of them and of its workers (blocking: run in a thread).
+
+        Another controller running on this data directory now keeps its jobs, their
+        directories and its workers' scratch space; jobs of other hosts end by their
+        leases (`keep_leases_once`).
+        """
+        active = self._store.active_compression_job_owners()
+        gone = {o for o in set(active.values()) if _run_ended(o, self._place)}
+        failed: list[int] = []
+        for owner in sorted(gone):
+            failed += self._store.fail_active_compression_jobs(owner, RESTARTED)
         for job_id in failed:
             log.warning("compression job %d failed: %s", job_id, RESTARTED)
+        kept = {str(job_id) for job_id, owner in active.items() if owner not in gone}
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         cutoff = time.time() - STALE_INCOMING_SECONDS
         for entry in self.jobs_dir.iterdir():
             with contextlib.suppress(FileNotFoundError):
+                if entry.name in kept or _live_workers(entry.name):
+                    continue
                 if entry.name.startswith(INCOMING_PREFIX) and entry.stat().st_mtime > cutoff:
                     continue  # an upload another replica on this directory is receiving
                 _remove(entry)
@@ -232,8 +256,7 @@ class JobRunner:
             self._leases = None
         loop = asyncio.get_running_loop()
         for job in self._jobs.values():
-            if job.future is not None:
-                job.future.cancel()  # succeeds only while queued
+            job.stop.set()  # a job waiting for a worker ends
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -249,13 +272,18 @@ class JobRunner:
                 await asyncio.wait(tasks, timeout=TAIL_SECONDS)
         self._watchers.close()
         if self.jobs_dir.is_dir():
-            for entry in self.jobs_dir.glob(f"{WORKER_PREFIX}*"):
+            for entry in self.jobs_dir.glob(f"{self._worker_prefix}*"):
                 await asyncio.to_thread(_remove, entry)
 
     # ---------------------------------------------------------------- submitting
     @property
     def active(self) -> int:
         return len(self._jobs)
+
+    @property
+    def _worker_prefix(self) -> str:
+        """This run's workers' scratch directories: ``.worker-<controller pid>-<pid>``."""
+        return f"{WORKER_PREFIX}{os.getpid()}-"
 
     def activity(self, job_id: int) -> str:
         """What job ``job_id`` works on now, if this runner runs it ("" otherwise)."""
@@ -315,8 +343,9 @@ class JobRunner:
         if job is None:
             return False
         job.cancel_requested = True
-        if job.future is not None and job.future.cancel():
-            if job.task is not None:  # dropped from the queue: it ends at once
+        if job.future is None:  # still waiting for a worker: it ends at once
+            job.stop.set()
+            if job.task is not None:
                 await asyncio.shield(job.task)
             return True
         try:
@@ -333,7 +362,7 @@ class JobRunner:
                 max_workers=self._config.compression_workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=init_worker,
-                initargs=(self._config.compression_threads, self.jobs_dir / WORKER_PREFIX),
+                initargs=(self._config.compression_threads, self.jobs_dir / self._worker_prefix),
             )
         return self._pool
 
@@ -371,6 +400,38 @@ class JobRunner:
         self._watchers.notify(job_id)
 
     async def _run(self, job: _Job) -> JobResult:
+        if not await self._worker_free(job):
+            if job.cancel_requested:
+                return JobResult(JobState.CANCELLED)
+            return JobResult(JobState.FAILED, error=STOPPED)
+        try:
+            result = await self._compute(job)
+        finally:
+            self._workers.release()
+        return await self._publish(job) if result is None else result
+
+    async def _worker_free(self, job: _Job) -> bool:
+        """Wait for a worker of our own pool (held until `_compute` returns); False when
+        the job is cancelled, or the controller stops, while it waits."""
+        if job.cancel_requested or self._closing:
+            return False
+        acquire = asyncio.ensure_future(self._workers.acquire())
+        stopped = asyncio.ensure_future(job.stop.wait())
+        await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not acquire.done():
+            acquire.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await acquire
+        if acquire.cancelled():
+            return False
+        if job.cancel_requested or self._closing:
+            self._workers.release()
+            return False
+        return True
+
+    async def _compute(self, job: _Job) -> JobResult | None:
+        """Run the job in a worker: its result, or None when there is a model to publish."""
         for attempt in range(1, START_ATTEMPTS + 1):
             if self._closing:
                 return JobResult(JobState.FAILED, error=STOPPED)
@@ -403,7 +464,7 @@ class JobRunner:
                 return JobResult(JobState.CANCELLED)
             if outcome.error:
                 return JobResult(JobState.FAILED, error=outcome.error)
-            return await self._publish(job)
+            return None
         raise AssertionError("unreachable: the last attempt returns")  # pragma: no cover
 
     async def _drain(self, job: _Job) -> None:
@@ -475,3 +536,39 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _run_name(process: psutil.Process) -> str:
+    """A controller run: its pid and start time (a pid alone may be reused)."""
+    return f"(pid {process.pid}, started {process.create_time():.2f})"
+
+
+_RUN_NAME = re.compile(r" \(pid (\d+), started (\d+\.\d+)\)$")
+
+
+def _running(pid: int, started: float) -> bool:
+    """Is process ``pid``, started at ``started`` (epoch seconds), still there?"""
+    try:
+        return bool(abs(psutil.Process(pid).create_time() - started) < 0.02)
+    except psutil.Error:
+        return False
+
+
+def _run_ended(owner: str, place: str) -> bool:
+    """Is ``owner`` a run of the controller at ``place`` (host and data directory) whose
+    process has ended? A name without a run (from before runs were named) has."""
+    if owner == place:
+        return True
+    run = _RUN_NAME.fullmatch(owner[len(place) :]) if owner.startswith(place) else None
+    if run is None:
+        return False  # another host or data directory: its lease decides
+    return not _running(int(run[1]), float(run[2]))
+
+
+def _live_workers(name: str) -> bool:
+    """A scratch directory ``.worker-<controller pid>-<pid>`` of a controller still running
+    (another one on this data directory)."""
+    if not name.startswith(WORKER_PREFIX):
+        return False
+    controller_pid = name[len(WORKER_PREFIX) :].split("-")[0]
+    return controller_pid.isdigit() and bool(psutil.pid_exists(int(controller_pid)))

@@ -164,6 +164,7 @@ def job_dirs(c: Harness) -> list[str]:
 
 
 SUCCEEDED = pb.COMPRESSION_JOB_STATE_SUCCEEDED
+ACTIVE_STATES = (pb.COMPRESSION_JOB_STATE_QUEUED, pb.COMPRESSION_JOB_STATE_RUNNING)
 
 
 # -------------------------------------------------------------------- a job end to end
@@ -181,12 +182,13 @@ def test_a_job_publishes_a_signed_smaller_artifact_with_its_recipe(tmp_path: Pat
             await expect_status(
                 start(c), grpc.StatusCode.ALREADY_EXISTS, f"compression job {job.id}"
             )
-            # a job for another class queues behind it; cancelled before its turn
+            # a job for another class queues behind it; cancelled before its turn, at once
             other = await start(c, device_class=CAMERA)
             cancelled = await c.admin.CancelCompressionJob(
                 pb.CompressionJobRef(id=other.id), timeout=10
             )
             assert cancelled.id == other.id
+            assert cancelled.state == pb.COMPRESSION_JOB_STATE_CANCELLED
 
             updates = await follow(c, job.id)
             final = updates[-1]
@@ -277,7 +279,9 @@ def test_the_store_keeps_one_active_job_per_pair_and_fails_only_its_owners(
     store.add_compression_trial(ours.id, trial)
     store.add_compression_trial(ours.id, trial)  # reported twice, stored once
 
+    assert store.active_compression_job_owners() == {ours.id: "host:a", theirs.id: "host:b"}
     assert store.fail_active_compression_jobs("host:a", "controller restarted") == [ours.id]
+    assert store.active_compression_job_owners() == {theirs.id: "host:b"}
     failed = store.get_compression_job(ours.id)
     assert failed is not None and failed.state is JobState.FAILED
     assert failed.trials == (trial,) and failed.trials_done == 1
@@ -453,6 +457,44 @@ def test_a_restarted_controller_fails_the_jobs_it_left_behind(
             assert job_dirs(c) == []
 
     run(body())
+
+
+def test_a_second_controller_on_the_data_dir_leaves_a_running_ones_jobs_alone(
+    tmp_path: Path, controller_process: tuple[Path, subprocess.Popen[bytes]]
+) -> None:
+    """Replicas may share a data directory: one starting (or stopping) there fails only
+    the jobs of a run whose process is gone, never a live one's, nor removes their
+    directories or its workers' scratch space."""
+    data_dir, proc = controller_process
+    address = json.loads((data_dir / "controller.json").read_text())["address"]
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        admin = fleet_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
+        source = classifier()
+        header = pb.AddModelHeader(name="clf", size_bytes=len(source))
+        admin.AddModel(
+            iter([pb.AddModelChunk(header=header), pb.AddModelChunk(data=source)]), timeout=30
+        )
+        running = admin.StartCompression(iter(start_messages()), timeout=30)
+        queued = admin.StartCompression(iter(start_messages(device_class=CAMERA)), timeout=30)
+
+        async def body() -> None:
+            async with running_controller(tmp_path / "second", data_dir=data_dir, **POOL) as c:
+                for job in (running, queued):
+                    now = await c.admin.GetCompressionJob(
+                        pb.CompressionJobRef(id=job.id), timeout=10
+                    )
+                    assert now.state in ACTIVE_STATES, now.error
+                assert {str(running.id), str(queued.id)} <= set(job_dirs(c))
+                assert await c.events("compression.failed") == []
+
+        run(body())  # the second controller started and stopped
+        assert proc.poll() is None
+        for job in (running, queued):
+            stream = admin.WatchCompressionJob(
+                pb.CompressionJobRef(id=job.id), timeout=WATCH_TIMEOUT_S
+            )
+            final = list(stream)[-1]
+            assert final.state == SUCCEEDED, final.error
 
 
 # -------------------------------------------------------------------- the CLI
