@@ -54,6 +54,15 @@ def trust_choice_error(trust_key: Path | None, allow_unsigned: bool) -> str | No
     return None
 
 
+def _state_dir(value: str) -> Path:
+    """An empty --state-dir (an unset variable in a unit file) is refused, not read as the
+    working directory."""
+    if not value.strip():
+        typer.echo("error: --state-dir is empty: name the agent's state directory", err=True)
+        raise typer.Exit(2)
+    return Path(value)
+
+
 @app.callback()
 def agent() -> None:
     """The HomeFleet edge agent."""
@@ -66,7 +75,7 @@ def run(
         str, typer.Option("--device-class", help="The device class it belongs to, e.g. home-hub.")
     ],
     state_dir: Annotated[
-        Path, typer.Option("--state-dir", help="Where artifacts, slots.json and agent.json live.")
+        str, typer.Option("--state-dir", help="Where artifacts, slots.json and agent.json live.")
     ],
     controller: Annotated[
         str,
@@ -178,7 +187,7 @@ def run(
             controller=controller,
             device_id=device_id,
             device_class=device_class,
-            state_dir=state_dir,
+            state_dir=_state_dir(state_dir),
             listen=ListenAddress(listen),
             insecure_listen=insecure_listen,
             trust_key=trust_key,

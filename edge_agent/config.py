@@ -19,6 +19,7 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MIN_CHUNK_BYTES = 64 * 1024
 MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_CHUNK_BYTES = 256 * 1024
+MAX_TELEMETRY_WINDOW_S = 3600.0  # an hour: longer windows would keep budgets blind
 UNIX_PREFIX = "unix:"
 # The local API's socket is bound at a temporary name beside its path (BIND_PREFIX and 8
 # hex digits), then linked into place; sockaddr_un holds at most 107 characters on Linux,
@@ -206,8 +207,12 @@ class AgentConfig:
             ("--telemetry-window-seconds", self.telemetry_window_s),
             ("telemetry_poll_s", self.telemetry_poll_s),
         ):
-            if not seconds > 0:
-                raise _invalid(field, f"expected a positive number of seconds, got {seconds}")
+            if not 0 < seconds <= MAX_TELEMETRY_WINDOW_S:
+                raise _invalid(
+                    field,
+                    f"expected a positive number of seconds, at most {MAX_TELEMETRY_WINDOW_S:g} "
+                    f"(telemetry is sent as windows close), got {seconds}",
+                )
         if self.telemetry_max_windows < 2:
             raise _invalid(
                 "telemetry_max_windows", f"expected at least 2, got {self.telemetry_max_windows}"

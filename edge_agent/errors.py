@@ -101,13 +101,26 @@ async def guarded(context: grpc.aio.ServicerContext[Any, Any], rpc: str, call: A
     try:
         return await call
     except AgentError as exc:
-        log.info("%s refused: %s (%s)", rpc, exc.message, exc.status.name)
-        await _abort(context, exc.status, exc.message)
+        message = _fits_a_status(exc.message)
+        log.info("%s refused: %s (%s)", rpc, message, exc.status.name)
+        await _abort(context, exc.status, message)
     except Exception:
         log.exception("%s failed unexpectedly", rpc)
         await _abort(
             context, grpc.StatusCode.INTERNAL, f"{rpc} failed inside the agent; see its log"
         )
+
+
+# gRPC sends a status message in the trailers, which clients cap at 8 KiB: longer ones
+# (a refused shape of thousands of dimensions, quoted back) would arrive as
+# RESOURCE_EXHAUSTED "received metadata size exceeds soft limit" instead of the reason.
+MAX_STATUS_TEXT = 2000
+
+
+def _fits_a_status(message: str) -> str:
+    if len(message) <= MAX_STATUS_TEXT:
+        return message
+    return message[: MAX_STATUS_TEXT - 25] + "... (message shortened)"
 
 
 async def _abort(

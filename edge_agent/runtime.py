@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
 from artifact import runtime_hints
@@ -53,10 +54,15 @@ class ModelSlot:
         return self.record.sha256
 
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
-        """One inference; onnxruntime's own refusals become INVALID_INPUT errors."""
+        """One inference; onnxruntime's own refusals become INVALID_INPUT errors.
+
+        The feeds match the model's declared names, types and ranks (checked before), so
+        a run that fails (FAIL: e.g. two inputs whose lengths the graph needs equal, or an
+        empty sequence) failed on these inputs, not inside the agent.
+        """
         try:
             results = self.session.run(None, dict(feeds))
-        except OrtInvalidArgument as exc:
+        except (OrtInvalidArgument, OrtFail) as exc:
             raise AgentError(
                 ErrorCode.INVALID_INPUT,
                 f"model {self.model_name!r} refused the inputs: {_short(exc)}",

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from artifact.names import InvalidNameError, check_name
 from controller.cli import output, pages, views
 from controller.cli.client import (
     DEFAULT_ADDRESS,
@@ -60,11 +61,35 @@ def describe_recipe(artifact: views.ArtifactView) -> str:
         )
 
 
+def _valid_model(value: str) -> str:
+    """Names are checked here too, so a typo is a usage error (exit 2) naming the flag."""
+    try:
+        return check_name(value, field="model name")
+    except InvalidNameError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _valid_class(value: str) -> str:
+    try:
+        return check_name(value, field="device class")
+    except InvalidNameError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 @app.command("create")
 def create(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Name of a registered model.")],
+    model: Annotated[
+        str,
+        typer.Argument(metavar="MODEL", callback=_valid_model, help="Name of a registered model."),
+    ],
     device_class: Annotated[
-        str, typer.Option("--class", metavar="CLASS", help="Device class the artifact is for.")
+        str,
+        typer.Option(
+            "--class",
+            metavar="CLASS",
+            callback=_valid_class,
+            help="Device class the artifact is for.",
+        ),
     ],
     model_version: Annotated[
         int,

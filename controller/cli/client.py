@@ -40,6 +40,10 @@ def _check_address(value: str) -> str:
         raise typer.BadParameter(
             f"{value!r} is not an address: use HOST:PORT, e.g. {DEFAULT_ADDRESS}"
         )
+    _, colon, port = address.rpartition(":")
+    if colon and port.isdigit() and not 1 <= int(port) <= 65535:
+        # gRPC would dial the port modulo 65536: another controller, perhaps
+        raise typer.BadParameter(f"port {port} of {address!r} is not between 1 and 65535")
     return address
 
 

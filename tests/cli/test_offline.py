@@ -142,6 +142,8 @@ def test_an_empty_model_file_is_a_usage_error_before_any_call(
         ["artifact", "create", "m", "--class", "c", "--expires-in-days", "100000"],
         ["model", "add", "Bad Name", __file__],  # checked before the upload starts
         ["devices", "--controller", ""],
+        ["devices", "--controller", "127.0.0.1:121537"],  # gRPC would dial port 56001
+        ["artifact", "create", "m", "--class", "Bad Class"],
         ["devices", "--timeout", "0"],
     ],
     ids=lambda a: " ".join(a),

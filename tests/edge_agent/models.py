@@ -49,6 +49,19 @@ def two_input_model(scale: float = 2.0) -> bytes:
     )
 
 
+def paired_inputs_model() -> bytes:
+    """a, b: float32 [n] -> y = a + b: the graph needs the two lengths equal, which their
+    declared shapes (both [n], n free) do not say; onnxruntime fails the run otherwise."""
+    return _model(
+        [helper.make_node("Add", ["a", "b"], ["y"])],
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n"]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["m"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+    )
+
+
 def add_model(offset: float) -> bytes:
     """x: float32 [batch, 4] -> y = x + offset (offset NaN makes a model that fails self-test)."""
     return _model(

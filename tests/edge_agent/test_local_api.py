@@ -19,6 +19,7 @@ from edge_agent.local_api import start_local_api
 from edge_agent.runtime import ModelRuntime
 from protos import fleet_pb2, fleet_pb2_grpc
 from tests.edge_agent.conftest import load
+from tests.edge_agent.models import paired_inputs_model
 
 T = TypeVar("T")
 MODEL = "demo"
@@ -161,6 +162,46 @@ def test_bad_inputs_are_invalid_argument_naming_the_input_expected_and_sent(
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     for text in expected:
         assert text in (error.details() or ""), f"{text!r} not in {error.details()!r}"
+
+
+def test_inputs_the_graph_cannot_combine_are_invalid_argument_not_internal(
+    tmp_path: Path,
+) -> None:
+    """Declared shapes allow a: [2] with b: [3]; onnxruntime then fails the run (FAIL):
+    the inputs were wrong, not the agent (QA: INTERNAL and a traceback per call)."""
+
+    async def body(stub: Any) -> grpc.aio.AioRpcError:
+        inputs = [x_tensor(np.ones(2, np.float32), "a"), x_tensor(np.ones(3, np.float32), "b")]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Predict(
+                fleet_pb2.PredictRequest(model_name=MODEL, inputs=inputs), timeout=10
+            )
+        return err.value
+
+    error, _ = with_api("127.0.0.1:0", tmp_path, paired_inputs_model(), body)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert f"model '{MODEL}' refused the inputs" in (error.details() or "")
+
+
+def test_a_refusal_too_long_for_a_status_arrives_shortened(
+    tmp_path: Path, two_input_bytes: bytes
+) -> None:
+    """A shape of 5,000 dimensions, quoted back, would pass gRPC's 8 KiB trailer limit and
+    reach the client as RESOURCE_EXHAUSTED without its reason."""
+    many = fleet_pb2.Tensor(name="x", dtype="float32", shape=[1] * 5000, data=b"\0" * 4)
+
+    async def body(stub: Any) -> grpc.aio.AioRpcError:
+        inputs = [many, x_tensor(GOOD_IDS, "ids")]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Predict(
+                fleet_pb2.PredictRequest(model_name=MODEL, inputs=inputs), timeout=10
+            )
+        return err.value
+
+    error, _ = with_api("127.0.0.1:0", tmp_path, two_input_bytes, body)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    details = error.details() or ""
+    assert "'x'" in details and details.endswith("(message shortened)")
 
 
 def test_unknown_model_is_not_found_and_lists_served_models(
