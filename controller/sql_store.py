@@ -163,9 +163,15 @@ class SqlStore(Store):
     # ---------------------------------------------------------------- models
     def add_model(self, new: NewModel) -> tuple[ModelRecord, bool]:
         def work(session: Session) -> tuple[ModelRecord, bool]:
+            same = session.scalars(
+                select(ModelRow)
+                .where(ModelRow.name == new.name, ModelRow.sha256 == new.sha256)
+                .order_by(ModelRow.version.desc())
+                .limit(1)
+            ).first()
+            if same is not None:  # any version, not only the latest: no duplicate versions
+                return _model(same), False
             latest = _latest_model(session, new.name)
-            if latest is not None and latest.sha256 == new.sha256:
-                return _model(latest), False
             row = ModelRow(
                 name=new.name,
                 version=latest.version + 1 if latest else 1,

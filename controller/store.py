@@ -96,7 +96,8 @@ class Store(abc.ABC):
     def add_model(self, new: NewModel) -> tuple[ModelRecord, bool]:
         """Add the next version of ``new.name``; (record, created).
 
-        When the latest version already has the same sha256, return it with created=False.
+        When a version of the model already has the same sha256, return it (the newest such)
+        with created=False: the same bytes never become two versions.
         """
 
     @abc.abstractmethod

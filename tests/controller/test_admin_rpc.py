@@ -53,6 +53,9 @@ def test_add_model_stores_blob_row_and_event(tmp_path: Path) -> None:
             assert again.version == 1 and again.created_unix_ms == model.created_unix_ms
             second = await c.add_model("motions", onnx_model(width=6, seed=1))
             assert second.version == 2
+            # v1's bytes again (say, to repair a corrupt stored copy): still v1, no v3
+            earlier = await c.add_model("motions", data)
+            assert earlier.version == 1 and earlier.created_unix_ms == model.created_unix_ms
             listed = await c.admin.ListModels(pb.ListModelsRequest(), timeout=10)
             assert [(m.name, m.version) for m in listed.models] == [("motions", 1), ("motions", 2)]
             assert listed.next_page_token == ""
