@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 METERS = ("estimate", "hwmon", "none", "rapl")
+NO_METER = "none"  # no meter and no power model: the window's joules are 0, not a reading
 MAX_EMULATED_SLOWDOWN = 100.0
 FACTOR_RULE = (
     f"a factor above 1, at most {MAX_EMULATED_SLOWDOWN:g}, with at most one decimal place "

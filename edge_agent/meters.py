@@ -171,7 +171,7 @@ class EstimateMeter(EnergyMeter):
 
 
 class NoMeter(EnergyMeter):
-    source = "none"
+    source = NO_METER
 
     def read(self) -> float:
         return 0.0

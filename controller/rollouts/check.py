@@ -35,10 +35,18 @@ class SliceStats:
     latency_bucket_counts: tuple[int, ...]
     joules: float
     devices: int
+    # Inferences with an energy reading (None: all of them). A device with no meter and
+    # no power model reports 0 J (source "none"): its inferences count for latency, but
+    # they would make any energy budget look met.
+    metered: int | None = None
 
     @classmethod
     def empty(cls, start_unix_ms: int, end_unix_ms: int) -> SliceStats:
-        return cls(start_unix_ms, end_unix_ms, 0, 0, tuple(histogram.empty()), 0.0, 0)
+        return cls(start_unix_ms, end_unix_ms, 0, 0, tuple(histogram.empty()), 0.0, 0, 0)
+
+    @property
+    def metered_count(self) -> int:
+        return self.count if self.metered is None else self.metered
 
     @property
     def p95_ms(self) -> float | None:
@@ -47,8 +55,9 @@ class SliceStats:
 
     @property
     def energy_mj(self) -> float | None:
-        """Millijoules per inference."""
-        return self.joules * 1000 / self.count if self.count else None
+        """Millijoules per metered inference (None: none was metered)."""
+        metered = self.metered_count
+        return self.joules * 1000 / metered if metered else None
 
     def merged_with(self, other: SliceStats) -> SliceStats:
         return SliceStats(
@@ -59,6 +68,7 @@ class SliceStats:
             tuple(histogram.merge(self.latency_bucket_counts, other.latency_bucket_counts)),
             self.joules + other.joules,
             max(self.devices, other.devices),
+            self.metered_count + other.metered_count,
         )
 
 
@@ -106,8 +116,9 @@ class BudgetCheck:
 
     def summary(self) -> str:
         p95, energy = self.merged.p95_ms, self.merged.energy_mj
+        energy_text = "no energy reading" if energy is None else f"{energy:.2f} mJ/inference"
         return (
-            f"p95 {_fmt(p95, 'ms')}, {_fmt(energy, 'mJ')}/inference over "
+            f"p95 {_fmt(p95, 'ms')}, {energy_text} over "
             f"{self.merged.count} inferences on {self.merged.devices} device(s), "
             f"{self.slice_counts()}"
         )

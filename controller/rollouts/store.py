@@ -19,10 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, case, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from artifact.energy_sources import NO_METER
 from controller.clock import unix_ms
 from controller.db import (
     ArtifactRow,
@@ -123,8 +124,13 @@ class RolloutStore:
         out = []
         with self._sessions() as session:
             for start, end in bounds:
+                metered = case((w.energy_source.not_like(f"{NO_METER}%"), w.count), else_=0)
                 query = (
-                    select(func.count(func.distinct(w.device_id)), *_window_sums())
+                    select(
+                        func.count(func.distinct(w.device_id)),
+                        func.coalesce(func.sum(metered), 0),
+                        *_window_sums(),
+                    )
                     .join(DeviceRow, DeviceRow.device_id == w.device_id)
                     .where(
                         DeviceRow.device_class == device_class,
@@ -137,7 +143,7 @@ class RolloutStore:
                 if excluding:
                     query = query.where(w.device_id.not_in(list(excluding)))
                 row = session.execute(query).one()
-                sums = _WindowSums.of(row[1:])
+                sums = _WindowSums.of(row[2:])
                 out.append(
                     SliceStats(
                         start_unix_ms=start,
@@ -147,6 +153,7 @@ class RolloutStore:
                         latency_bucket_counts=tuple(sums.buckets),
                         joules=sums.joules,
                         devices=int(row[0]),
+                        metered=int(row[1]),
                     )
                 )
         return out

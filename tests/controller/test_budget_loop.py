@@ -27,7 +27,13 @@ from controller.config import BudgetPolicy, ConfigError
 from controller.dashboard.api import decisions
 from controller.db import make_engine
 from controller.device_classes import Budgets
-from controller.rollouts.check import SliceStats, SliceVerdict, check, slice_bounds
+from controller.rollouts.check import (
+    SliceStats,
+    SliceVerdict,
+    check,
+    slice_bounds,
+    slice_misses,
+)
 from controller.rollouts.loop import (
     CanaryReference,
     RolloutLoop,
@@ -35,6 +41,7 @@ from controller.rollouts.loop import (
     recalibrated_speed,
 )
 from controller.rollouts.records import RolloutRecord, RolloutState
+from controller.rollouts.store import RolloutStore
 from controller.sql_store import SqlStore
 from homefleet.cli import app
 from protos import fleet_pb2 as pb
@@ -66,7 +73,15 @@ class Fleet:
         self.seqs: dict[str, itertools.count[int]] = defaultdict(lambda: itertools.count(1))
 
     async def report(
-        self, device_id: str, sha: str, end_ms: int, latency_s: float, count: int = 30
+        self,
+        device_id: str,
+        sha: str,
+        end_ms: int,
+        latency_s: float,
+        count: int = 30,
+        *,
+        joules_each: float = 0.01,  # 10 mJ per inference: within budget
+        energy_source: str = "estimate",
     ) -> None:
         window = pb.TelemetryWindow(
             seq=next(self.seqs[device_id]),
@@ -78,8 +93,8 @@ class Fleet:
             errors=0,
             latency_bucket_counts=histogram.histogram([latency_s] * count),
             cpu_seconds=latency_s * count,
-            joules=0.01 * count,  # 10 mJ per inference: within budget
-            energy_source="estimate",
+            joules=joules_each * count,
+            energy_source=energy_source,
         )
         await self.c.agent.ReportTelemetry(
             pb.TelemetryBatch(device_id=device_id, windows=[window]), timeout=10
@@ -359,6 +374,47 @@ def test_a_recompression_lost_to_a_cancel_is_tried_again_on_the_next_miss(
             assert await kinds(c, "budget.miss") == ["budget.miss"] * 2
             again = json.loads((await c.events("rollout.recompress"))[-1].detail_json)["job_id"]
             assert again != job
+
+    run(body())
+
+
+def test_inferences_with_no_energy_reading_count_for_latency_but_not_for_energy(
+    tmp_path: Path,
+) -> None:
+    """A device with no meter and no power model reports 0 J (source "none"). QA: the
+    loop judged a canary on such a device at "0.00 mJ/inference ... within budget"."""
+
+    async def body() -> None:
+        async with running_controller(tmp_path, device_classes_dir=CLASSES_DIR) as c:
+            await c.add_model("clf", classifier())
+            model = await c.admin.CreateArtifact(  # telemetry names bytes the fleet was sent
+                pb.CreateArtifactRequest(model_name="clf", device_class="home-hub"), timeout=10
+            )
+            for device in ("hub-1", "hub-2"):
+                await c.register(device)
+            fleet, end = Fleet(c), next_slice_start(now_ms()) + WINDOW_MS // 2
+            await fleet.report("hub-1", model.sha256, end, FAST, 30, joules_each=0.05)
+            await fleet.report("hub-2", model.sha256, end, FAST, 90, joules_each=0.0,
+                               energy_source="none")  # fmt: skip
+            await fleet.report("hub-2", model.sha256, end + WINDOW_MS, FAST, 90,
+                               joules_each=0.0, energy_source="none")  # fmt: skip
+            store = RolloutStore(make_engine(c.config.database_url))
+            start = end - WINDOW_MS // 2
+            both, unmetered = store.slices(
+                "home-hub",
+                "clf",
+                model.sha256,
+                [(start, start + WINDOW_MS), (start + WINDOW_MS, start + 2 * WINDOW_MS)],
+            )
+            assert both.count == 120 and both.devices == 2  # latency: every inference
+            assert both.energy_mj == pytest.approx(50.0)  # hub-1's, not diluted to 12.5
+            assert unmetered.count == 90 and unmetered.energy_mj is None
+            assert slice_misses(Budgets(energy_per_inference_mj=20), both) == [
+                "energy 50.00 mJ/inference > budget 20 mJ"
+            ]
+            assert slice_misses(Budgets(energy_per_inference_mj=20), unmetered) == []
+            merged = both.merged_with(unmetered)
+            assert merged.count == 210 and merged.energy_mj == pytest.approx(50.0)
 
     run(body())
 
