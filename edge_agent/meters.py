@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from artifact.energy_sources import NO_METER
+
 log = logging.getLogger(__name__)
 
 MICRO = 1e-6
