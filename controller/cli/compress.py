@@ -56,6 +56,16 @@ err = Console(stderr=True)
 out = rich.get_console()
 
 
+def _written_verdict(out_dir: Path) -> bool | None:
+    """Whether the run in ``out_dir`` met its budgets, if its results were published there
+    (moved into place in one rename, manifest.json included); None if not."""
+    try:
+        met = json.loads((out_dir / "manifest.json").read_text())["met"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return bool(met)
+
+
 def _fail(message: str) -> typer.Exit:
     """One unwrapped line (paths and messages are never read as markup), exit 2."""
     typer.echo(f"error: {message}", err=True)
@@ -398,12 +408,21 @@ def compress(
     except (CompressionError, UnknownWorkloadError) as exc:
         raise _fail(str(exc)) from exc
     except KeyboardInterrupt:
+        written = _written_verdict(out_dir)
+        if written is not None:  # landed after the results were moved into place
+            typer.echo(f"interrupted after the results were written to {out_dir} in full",
+                       err=True)  # fmt: skip
+            raise typer.Exit(EXIT_MET if written else EXIT_NOT_MET) from None
         typer.echo(
             f"interrupted: nothing was written to {out_dir} (a source model that finished "
             "training stays cached for the next run)",
             err=True,
         )
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    # The results are in place: a Ctrl-C from here on (printing them, the interpreter
+    # shutting down) must not make a finished run look failed and tempt a rerun into
+    # an --out that is no longer empty (QA).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     table = Table(title=f"budgets for {dc.name}: {outcome.chosen.recipe.describe()}")
     for column in ("budget", "limit", "observed", "verdict"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -93,6 +94,15 @@ def add(
         )
         try:
             reply = client.add_model(iter(stream), size_bytes=model_file.size_bytes)
+            # registered: a Ctrl-C from here on must not make it look failed (exit 130)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except KeyboardInterrupt:
+            typer.echo(
+                f"interrupted: the upload of {file} was cancelled; had the controller "
+                f"stored it already, `homefleet model list` shows {name}'s new version",
+                err=True,
+            )
+            raise typer.Exit(130) from None
         except grpc.RpcError:
             if stream.read_error is not None:
                 raise typer.BadParameter(
