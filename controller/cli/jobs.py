@@ -267,7 +267,7 @@ def compress_on_controller(
                 output.say(f"job {view.id}")
             return
         with _job_errors(address, wait_timeout_s), _keeps_running(view.id, address):
-            final = _follow(stub, view.id, wait_timeout_s, view)
+            final = _follow(stub, view.id, wait_timeout_s, address, view)
     _finish(final, as_json, address)
 
 
@@ -310,14 +310,42 @@ def _keeps_running(job_id: int, address: str) -> Iterator[None]:
 
 
 def _follow(
-    stub: _JobsStub, job_id: int, wait_timeout_s: float, seen: JobView | None = None
+    stub: _JobsStub,
+    job_id: int,
+    wait_timeout_s: float,
+    address: str,
+    seen: JobView | None = None,
 ) -> JobView:
     """Print each trial and state change as the controller reports it; the final job.
 
     ``seen`` is the job as already shown (by StartCompression); without it the first
-    message gets the headline.
+    message gets the headline. A job still running at --wait-timeout is no unreachable
+    controller: exit 1, saying how to follow or stop it.
     """
-    job, shown, doing, warned = seen, 0, "", 0
+    state = {"job": seen}
+    try:
+        return _follow_stream(stub, job_id, wait_timeout_s, state)
+    except grpc.RpcError as error:
+        job = state["job"]
+        if job is None or not isinstance(error, grpc.Call):
+            raise
+        if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+        watch_cmd, cancel_cmd = _job_commands(job_id, address)
+        raise fail(
+            Failure(
+                ExitCode.REFUSED,
+                f"compression job {job_id} did not end within --wait-timeout "
+                f"{wait_timeout_s:g} s (it is {job.state}); it keeps running on the "
+                f"controller: follow it with `{watch_cmd}` or stop it with `{cancel_cmd}`",
+            )
+        ) from None
+
+
+def _follow_stream(
+    stub: _JobsStub, job_id: int, wait_timeout_s: float, state: dict[str, JobView | None]
+) -> JobView:
+    job, shown, doing, warned = state["job"], 0, "", 0
     for message in stub.WatchCompressionJob(
         pb.CompressionJobRef(id=job_id), timeout=wait_timeout_s
     ):
@@ -326,7 +354,7 @@ def _follow(
             _note(_headline(current))
         elif current.state != job.state:
             _note(f"  {current.state}")
-        job = current
+        job = state["job"] = current
         for trial in job.trials[shown:]:
             _note(f"  {trial.summary}")
         shown = max(shown, len(job.trials))
@@ -472,7 +500,7 @@ def watch(
     with create_channel(controller) as channel:
         stub: _JobsStub = fleet_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
         with _job_errors(controller, wait_timeout), _keeps_running(job_id, controller):
-            final = _follow(stub, job_id, wait_timeout)
+            final = _follow(stub, job_id, wait_timeout, controller)
     _finish(final, as_json, controller)
 
 

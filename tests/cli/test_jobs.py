@@ -192,6 +192,14 @@ def test_ctrl_c_leaves_the_job_running_and_cancel_ends_it(
         assert f"homefleet jobs watch {job_id}" in again.stderr
         assert f"homefleet jobs cancel {job_id}" in again.stderr
 
+        # following it for a while: the job outlasts --wait-timeout (its worker is
+        # stopped), which is no unreachable controller (QA: exit 4, "retry --timeout")
+        waited = jobs(runner, live, "watch", str(job_id), "--wait-timeout", "1")
+        assert waited.exit_code == EXIT_REFUSED, waited.output
+        assert f"compression job {job_id} did not end within --wait-timeout 1 s" in waited.stderr
+        assert "(it is running); it keeps running on the controller" in waited.stderr
+        assert "did not answer" not in waited.stderr
+
         cancelled = jobs(runner, live, "cancel", str(job_id))
         assert cancelled.exit_code == 0, cancelled.output
         assert f"compression job {job_id} is running" in cancelled.stdout
