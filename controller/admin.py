@@ -710,8 +710,8 @@ class AdminHandlers:
             raise FleetError(
                 ErrorCode.FAILED_PRECONDITION,
                 f"device {device_id} is online (its agent is connected): stop its agent first, "
-                "or remove it anyway (`homefleet devices remove --force`): it registers again "
-                "when it next connects",
+                f"or remove it anyway (`homefleet devices remove {device_id} --force`): it "
+                "registers again when it next connects",
             )
         # its own assignments go as `unassign` takes them: a class behind a version the
         # device ran is re-released first, or the device (back, or another in the class)
