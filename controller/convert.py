@@ -246,6 +246,7 @@ def register_to_proto(
         heartbeat_seconds=heartbeat_seconds,
         max_chunk_bytes=max_chunk_bytes,
         warning=result.warning,
+        new_device=not result.re_registered,
     )
 
 

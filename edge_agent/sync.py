@@ -343,6 +343,8 @@ class SyncLoop:
                 len(register.held),
             )
             self._failed.clear()  # a new session may succeed where the last one failed
+            if response.new_device:
+                self._report_served()
             await self._flush_reports(stub)
             self.connected.set()
             desired = _Latest()
@@ -838,6 +840,17 @@ class SyncLoop:
         """Send a status report; if the controller is away it is resent after reconnecting."""
         self._pending[report.model_name] = report
         await self._send(stub, report)
+
+    def _report_served(self) -> None:
+        """Queue an ACTIVE report of every model served, for a controller that has just
+        met this device (QA: removed with `--force`, a device came back with its last
+        outcome unknown for good). A report still pending for a model is newer news."""
+        for model in self.runtime.model_names():
+            slot = self.runtime.active(model)
+            if slot is not None and model not in self._pending:
+                self._pending[model] = self._status(
+                    model, slot.sha256, fleet_pb2.DEPLOYMENT_OUTCOME_ACTIVE
+                )
 
     async def _flush_reports(self, stub: Any) -> None:
         for report in list(self._pending.values()):

@@ -133,16 +133,18 @@ class RegisterRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., device_class: _Optional[str] = ..., hardware: _Optional[_Union[HardwareInfo, _Mapping]] = ..., held: _Optional[_Iterable[_Union[HeldArtifact, _Mapping]]] = ..., agent_version: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("device_id", "heartbeat_seconds", "max_chunk_bytes", "warning")
+    __slots__ = ("device_id", "heartbeat_seconds", "max_chunk_bytes", "warning", "new_device")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     WARNING_FIELD_NUMBER: _ClassVar[int]
+    NEW_DEVICE_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     heartbeat_seconds: int
     max_chunk_bytes: int
     warning: str
-    def __init__(self, device_id: _Optional[str] = ..., heartbeat_seconds: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., warning: _Optional[str] = ...) -> None: ...
+    new_device: bool
+    def __init__(self, device_id: _Optional[str] = ..., heartbeat_seconds: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., warning: _Optional[str] = ..., new_device: _Optional[bool] = ...) -> None: ...
 
 class WatchAssignmentsRequest(_message.Message):
     __slots__ = ("device_id",)

@@ -147,14 +147,21 @@ def test_an_online_device_is_refused_unless_forced_and_its_agent_registers_again
             registered = len(await controller.events("device.registered"))
             await _remove(controller, DEVICE, force=True)
 
-            # its watch ends; the agent connects again and registers as a new device
+            # its watch ends; the agent connects again, registers as a new device and
+            # reports what it serves (not an outcome unknown for good)
             async def back() -> pb.Device | None:
                 if len(await controller.events("device.registered")) == registered:
                     return None
-                return await controller.device(DEVICE)
+                device = await controller.device(DEVICE)
+                if device is None or not device.models or not device.models[0].last_outcome:
+                    return None
+                return device
 
-            device = await eventually("the agent to register again", back)
+            device = await eventually("the agent to register again and report", back)
             assert [m.desired_artifact_id for m in device.models] == [served.id]
+            (model,) = device.models
+            assert model.last_outcome == pb.DEPLOYMENT_OUTCOME_ACTIVE
+            assert model.serving_sha256 == served.sha256
             (latest,) = (await controller.events("device.registered"))[-1:]
             assert "re-registered" not in latest.message, latest.message
             assert agent.runtime.get("motions").sha256 == served.sha256  # it kept serving
