@@ -168,6 +168,10 @@ class StateStore:
         self.artifacts_dir = root / "artifacts"
         self.partial_dir = root / "partial"
         self.slots_path = root / "slots.json"
+        # The same table, written just before slots.json at every save: the version floors
+        # (and what is served) survive a slots.json that rots or is damaged (QA: a corrupt
+        # slots.json reset the floors, and an older manifest was accepted).
+        self.slots_backup_path = root / "slots.backup.json"
         self.agent_info_path = root / "agent.json"
         self.lock_path = root / "agent.lock"
         try:
@@ -281,19 +285,37 @@ class StateStore:
     # -- slot table -------------------------------------------------------------------
 
     def load_slots(self) -> SlotsFile:
-        if not self.slots_path.exists():
+        """The slot table; an unreadable slots.json is moved aside for its backup copy when
+        that one reads (STATE_CORRUPT, naming the problem, when neither does)."""
+        try:
+            return self._read_slots(self.slots_path)
+        except AgentError as exc:
+            try:
+                backup = self._read_slots(self.slots_backup_path, missing_ok=False)
+            except AgentError:
+                raise exc from None
+            aside = self.quarantine_slots()
+            log.error("%s; moved it to %s and using %s, written with it at its last save",
+                      exc.message, aside, self.slots_backup_path)  # fmt: skip
+            return backup
+
+    def _read_slots(self, path: Path, *, missing_ok: bool = True) -> SlotsFile:
+        if missing_ok and not path.exists():
             return SlotsFile()
-        raw = self.slots_path.read_bytes()
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise AgentError(ErrorCode.STATE_CORRUPT, f"{path} cannot be read: {exc}") from exc
         try:
             slots = SlotsFile.model_validate_json(raw)
         except ValidationError as exc:
             raise AgentError(
-                ErrorCode.STATE_CORRUPT, f"{self.slots_path} is not valid: {exc}"
+                ErrorCode.STATE_CORRUPT, f"{path} is not valid ({_problems(exc)})"
             ) from exc
         if slots.schema_version != SLOTS_SCHEMA_VERSION:
             raise AgentError(
                 ErrorCode.STATE_CORRUPT,
-                f"{self.slots_path} has schema_version {slots.schema_version}; "
+                f"{path} has schema_version {slots.schema_version}; "
                 f"this agent reads {SLOTS_SCHEMA_VERSION}",
             )
         return slots
@@ -306,6 +328,7 @@ class StateStore:
 
     def save_slots(self, slots: SlotsFile) -> None:
         data = json.dumps(slots.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+        atomic_write_bytes(self.slots_backup_path, data + b"\n")
         atomic_write_bytes(self.slots_path, data + b"\n")
 
     # -- agent.json -------------------------------------------------------------------
@@ -316,3 +339,13 @@ class StateStore:
 
     def remove_agent_info(self) -> None:
         self.agent_info_path.unlink(missing_ok=True)
+
+
+def _problems(exc: ValidationError) -> str:
+    """pydantic's errors in one line: where and what, without its input dump and links."""
+    parts = []
+    for error in exc.errors()[:3]:
+        where = ".".join(str(part) for part in error["loc"])
+        parts.append(f"{where}: {error['msg']}" if where else str(error["msg"]))
+    more = len(exc.errors()) - 3
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

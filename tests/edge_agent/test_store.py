@@ -78,6 +78,36 @@ def test_a_corrupt_slots_file_is_reported_and_can_be_moved_aside(tmp_path: Path)
     assert store.load_slots() == SlotsFile()
 
 
+@pytest.mark.parametrize("damage", [b"garbage\n", b"", b'{"models": {"m": {"active": 1}}}'])
+def test_a_damaged_slots_file_gives_way_to_its_backup_floors_included(
+    tmp_path: Path, damage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """QA: a corrupt slots.json reset the version floors, and the agent then accepted an
+    older manifest than one it had run. Every save writes a backup first."""
+    saved = slots_with(A, B)
+    saved.models["motions"].version_floor["home-hub"] = 4
+    StateStore(tmp_path).save_slots(saved)
+    store = StateStore(tmp_path)
+    store.slots_path.write_bytes(damage)
+    loaded = store.load_slots()
+    assert loaded == saved and loaded.models["motions"].version_floor == {"home-hub": 4}
+    (aside,) = tmp_path.glob("slots.json.corrupt-*")
+    assert aside.read_bytes() == damage
+    (line,) = [r.getMessage() for r in caplog.records if "slots.backup.json" in r.getMessage()]
+    assert "slots.json is not valid (" in line and "errors.pydantic.dev" not in line
+    # the next save writes both again
+    store.save_slots(loaded)
+    assert store.load_slots() == saved and store.slots_path.read_bytes() == (
+        store.slots_backup_path.read_bytes()
+    )
+    # with the backup damaged too, the agent is told (and starts with no models)
+    store.slots_path.write_bytes(damage)
+    store.slots_backup_path.write_bytes(b"also garbage")
+    with pytest.raises(AgentError) as err:
+        store.load_slots()
+    assert err.value.code is ErrorCode.STATE_CORRUPT
+
+
 def test_promote_moves_a_matching_part_file_into_artifacts(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     data = b"model bytes" * 100
