@@ -8,6 +8,7 @@ from pathlib import Path
 from artifact.tls import is_loopback
 from controller.blobstore import VERIFIED_TTL_SECONDS
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # controller and workers
 KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB

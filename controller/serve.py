@@ -120,7 +120,7 @@ def serve(
     ),
 ) -> None:
     """Run the controller until SIGTERM or SIGINT (then stop gracefully, exit 0)."""
-    from controller.config import BudgetPolicy, ConfigError, ControllerConfig
+    from controller.config import LOG_FORMAT, BudgetPolicy, ConfigError, ControllerConfig
 
     level = log_level.lower()
     if level not in LOG_LEVELS:
@@ -159,9 +159,7 @@ def serve(
     except ConfigError as exc:
         typer.echo(f"error: {_in_flags(str(exc))}", err=True)
         raise typer.Exit(2) from exc
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
     try:
         from controller.server import ControllerStartError, serve_forever
     except ImportError as exc:  # the `controller` extra is not installed here

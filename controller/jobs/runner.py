@@ -362,7 +362,11 @@ class JobRunner:
                 max_workers=self._config.compression_workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=init_worker,
-                initargs=(self._config.compression_threads, self.jobs_dir / self._worker_prefix),
+                initargs=(
+                    self._config.compression_threads,
+                    self.jobs_dir / self._worker_prefix,
+                    logging.getLogger().getEffectiveLevel(),
+                ),
             )
         return self._pool
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from controller.config import LOG_FORMAT
 from controller.jobs.progress import Activity, ProgressWriter, Started, TrialDone, Warned
 from controller.records import TrialRecord
 
@@ -55,10 +56,12 @@ class JobCancelledError(Exception):
     """The controller asked this job to stop (raised between trials)."""
 
 
-def init_worker(threads: int, scratch_prefix: Path) -> None:
+def init_worker(threads: int, scratch_prefix: Path, log_level: int = logging.INFO) -> None:
     """Pool initializer: cap the numeric libraries' threads before any of them loads, and
     work in a scratch directory of the controller's, where stray temporary files (ORT's
-    shape inference leaves some in the working directory) are cleaned up."""
+    shape inference leaves some in the working directory) are cleaned up. Its log lines
+    join the controller's in the controller's format (a spawned process starts bare)."""
+    logging.basicConfig(level=log_level, format=LOG_FORMAT, force=True)
     if threads > 0:
         for name in THREAD_VARIABLES:
             os.environ[name] = str(threads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -495,6 +496,11 @@ def test_a_second_controller_on_the_data_dir_leaves_a_running_ones_jobs_alone(
             )
             final = list(stream)[-1]
             assert final.state == SUCCEEDED, final.error
+    # the workers' log lines join the controller's, in its format (QA: bare "INFO:name:")
+    log = (tmp_path / "controller.log").read_text()
+    worker_line = re.search(r"^(\S+ \S+) INFO controller\.compression\.quantize: ", log, re.M)
+    assert worker_line is not None, log
+    assert not re.search(r"^(DEBUG|INFO|WARNING|ERROR):", log, re.M), log
 
 
 # -------------------------------------------------------------------- the CLI
