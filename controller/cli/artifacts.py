@@ -172,7 +172,9 @@ def list_artifacts(
     found = fetched.items
     if fetched.more:
         output.note(f"showing the first {len(found)} artifacts; more exist (--limit 0 shows all)")
-    artifacts = views.ArtifactList(artifacts=[views.artifact_from_proto(a) for a in found])
+    artifacts = views.ArtifactList(
+        artifacts=[views.artifact_from_proto(a) for a in found], more=fetched.more
+    )
     if as_json:
         output.print_json(artifacts)
         return

@@ -117,7 +117,7 @@ def devices(
 
         fetched = pages.fetch_pages(page, limit, PAGE_SIZE)
     found, more = fetched.items, fetched.more
-    fleet = views.DeviceList(devices=[views.device_from_proto(d) for d in found])
+    fleet = views.DeviceList(devices=[views.device_from_proto(d) for d in found], more=more)
     if more:
         output.note(f"showing the first {len(found)} devices; more exist (--limit 0 shows all)")
     if as_json:
@@ -128,7 +128,8 @@ def devices(
     for device in fleet.devices:
         for row in _rows(device, now_ms):
             output.add_row(table, *row)
-    output.print_table(table)
+    which = f" of class {device_class}" if device_class else ""
+    output.print_table(table, empty=f"no devices{which} are registered")
 
 
 @app.command("remove")

@@ -157,7 +157,9 @@ def list_models(
             f"showing the first {len(fetched.items)} model versions; more exist "
             "(--limit 0 shows all)"
         )
-    models = views.ModelList(models=[views.model_from_proto(m) for m in fetched.items])
+    models = views.ModelList(
+        models=[views.model_from_proto(m) for m in fetched.items], more=fetched.more
+    )
     if as_json:
         output.print_json(models)
         return

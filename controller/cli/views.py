@@ -105,14 +105,17 @@ class AssignmentView(View):
 
 class ModelList(View):
     models: list[ModelView]
+    more: bool = False  # more versions exist than --limit listed
 
 
 class ArtifactList(View):
     artifacts: list[ArtifactView]
+    more: bool = False  # more artifacts match than --limit listed
 
 
 class DeviceList(View):
     devices: list[DeviceView]
+    more: bool = False  # more devices match than --limit listed
 
 
 class EventList(View):

@@ -774,8 +774,14 @@ def test_devices_walks_every_page_and_limit_stops_early(
 
     result = cli(runner, live.address, "devices", "--json", "--limit", "3")
     assert result.exit_code == 0, result.output
-    assert [d["device_id"] for d in json.loads(result.stdout)["devices"]] == ids[:3]
+    listed = json.loads(result.stdout)
+    assert [d["device_id"] for d in listed["devices"]] == ids[:3] and listed["more"] is True
     assert "showing the first 3 devices; more exist (--limit 0 shows all)" in result.stderr
+
+    # a class with no device: said, not an empty frame
+    result = cli(runner, live.address, "devices", "--class", "no-such-class")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert "no devices of class no-such-class are registered" in result.stderr
 
     result = cli(runner, live.address, "devices", "--limit", "5")
     assert result.exit_code == 0 and "note:" not in result.stderr
@@ -795,7 +801,8 @@ def test_artifact_list_walks_every_page_and_limit_stops_early(
 
     result = cli(runner, live.address, "artifact", "list", "--json", "--limit", "3")
     assert result.exit_code == 0, result.output
-    assert [a["id"] for a in json.loads(result.stdout)["artifacts"]] == made[:3]
+    listed = json.loads(result.stdout)
+    assert [a["id"] for a in listed["artifacts"]] == made[:3] and listed["more"] is True
     assert "showing the first 3 artifacts; more exist (--limit 0 shows all)" in result.stderr
 
 
@@ -809,5 +816,6 @@ def test_model_list_walks_every_page_and_limit_stops_early(
     assert result.exit_code == 0, result.output
     assert [m["version"] for m in json.loads(result.stdout)["models"]] == [1, 2, 3]
     result = cli(runner, live.address, "model", "list", "--json", "--limit", "2")
-    assert [m["version"] for m in json.loads(result.stdout)["models"]] == [1, 2]
+    listed = json.loads(result.stdout)
+    assert [m["version"] for m in listed["models"]] == [1, 2] and listed["more"] is True
     assert "showing the first 2 model versions; more exist" in result.stderr
