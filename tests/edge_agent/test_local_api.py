@@ -16,7 +16,7 @@ from edge_agent.config import AgentConfig, ListenAddress
 from edge_agent.convert import tensor_from_proto, tensor_to_proto
 from edge_agent.errors import AgentError, ErrorCode
 from edge_agent.local_api import start_local_api
-from edge_agent.runtime import ModelRuntime
+from edge_agent.runtime import SHRINK_ARENA_ABOVE_BYTES, ModelRuntime
 from protos import fleet_pb2, fleet_pb2_grpc
 from tests.edge_agent.conftest import load
 from tests.edge_agent.models import paired_inputs_model
@@ -76,6 +76,26 @@ def test_predict_answers_with_outputs_and_the_artifact_sha(
     assert outputs["y"].dtype == "float32" and list(outputs["y"].shape) == [2, 3]
     np.testing.assert_array_equal(tensor_from_proto(outputs["y"]), GOOD_X * 2)
     np.testing.assert_array_equal(tensor_from_proto(outputs["ids_out"]), GOOD_IDS)
+
+
+def test_a_batch_large_enough_to_give_the_memory_arena_back_is_answered_alike(
+    tmp_path: Path, two_input_bytes: bytes
+) -> None:
+    """Over SHRINK_ARENA_ABOVE_BYTES of inputs the run gives onnxruntime's arena back as
+    it ends (the agent's memory stays bounded; RSS is measured outside the suite)."""
+    big = np.random.default_rng(0).standard_normal((SHRINK_ARENA_ABOVE_BYTES // 12 + 1, 3))
+    x = big.astype(np.float32)
+
+    async def body(stub: Any) -> list[fleet_pb2.PredictResponse]:
+        request = fleet_pb2.PredictRequest(
+            model_name=MODEL, inputs=[x_tensor(x), x_tensor(GOOD_IDS, "ids")]
+        )
+        return [await stub.Predict(request, timeout=30) for _ in range(2)]
+
+    responses, _ = with_api("127.0.0.1:0", tmp_path, two_input_bytes, body)
+    for response in responses:
+        (y,) = [t for t in response.outputs if t.name == "y"]
+        np.testing.assert_array_equal(tensor_from_proto(y), x * 2)
 
 
 def test_list_models_shows_the_served_artifact_and_its_specs(
