@@ -584,13 +584,13 @@ class AdminHandlers:
                     f"built for {device.device_class!r}",
                 )
         asked = artifact
-        artifact = await self._current_version_of(artifact)
+        artifact, made = await self._current_version_of(artifact)
         result = await in_thread(self._store.assign, artifact, target)
         if result.changed:
             self._notifier.notify(target)
         return dataclasses.replace(
             result,
-            rereleased_from=asked.id if artifact.id != asked.id else "",
+            rereleased_from=asked.id if made else "",
             warning=await self.assign_warning(target),
         )
 
@@ -624,7 +624,7 @@ class AdminHandlers:
         follows = await in_thread(self._store.assigned, of_class, model_name)
         rereleased_from = ""
         if follows is not None:
-            current = await self._current_version_of(follows)
+            current, _ = await self._current_version_of(follows)
             if current.id != follows.id:
                 moved = await in_thread(self._store.assign, current, of_class)
                 if moved.changed:
@@ -639,8 +639,9 @@ class AdminHandlers:
         self._notifier.notify(AssignTarget(TargetKind.DEVICE, device_id))
         return dataclasses.replace(result, rereleased_from=rereleased_from)
 
-    async def _current_version_of(self, artifact: ArtifactRecord) -> ArtifactRecord:
-        """``artifact`` itself, or a re-release of it when a newer version is in use.
+    async def _current_version_of(self, artifact: ArtifactRecord) -> tuple[ArtifactRecord, bool]:
+        """``artifact`` itself, or a re-release of it when a newer version is in use; and
+        whether this call made that re-release.
 
         Agents refuse a manifest older than one they already ran (a replayed old manifest
         is a rollback attack), so going back to older bytes than a version assigned or
@@ -650,11 +651,11 @@ class AdminHandlers:
         key = (artifact.model_name, artifact.device_class)
         in_use = await in_thread(self._store.highest_version_in_use, *key)
         if artifact.version >= in_use:
-            return artifact
+            return artifact, False
         newest = await in_thread(self._store.next_artifact_version, *key) - 1
         latest = await in_thread(self._store.get_artifact, artifact_id(*key, newest))
         if latest is not None and latest.sha256 == artifact.sha256:
-            return latest  # already re-released: the newest version holds these bytes
+            return latest, False  # already re-released: the newest version holds these bytes
         old = Manifest.from_json_bytes(artifact.manifest_json)
 
         def rerelease(version: int) -> ArtifactRecord:
@@ -680,7 +681,7 @@ class AdminHandlers:
 
         record = await self._insert_next_version(*key, rerelease)
         log.info("re-released %s as %s (a rollback)", artifact.id, record.id)
-        return record
+        return record, True
 
     # ---------------------------------------------------------------- fleet
     async def list_devices(

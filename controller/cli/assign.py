@@ -67,10 +67,15 @@ def assign(
         f"assigned {result.artifact_id} to {target}: "
         f"{affected} device{'' if affected == 1 else 's'} affected"
     )
-    if result.artifact_id != artifact_id:
+    if result.rereleases:
         output.say(
             f"  {result.artifact_id} re-releases {artifact_id}'s bytes under a new version: "
             "agents refuse a manifest older than one they ran (a rollback needs a newer one)"
+        )
+    elif result.artifact_id != artifact_id:  # an earlier call made that re-release
+        output.say(
+            f"  {result.artifact_id}, already assigned, re-releases {artifact_id}'s bytes: "
+            "nothing new was released"
         )
     if result.devices_keeping_own:
         named = ", ".join(result.devices_keeping_own_ids)

@@ -315,6 +315,12 @@ def test_going_back_to_an_older_artifact_names_the_re_release(
     assert back.exit_code == 0, back.output
     assert "assigned motions/home-hub/v4 to class home-hub: 1 device affected" in back.stdout
     assert "motions/home-hub/v4 re-releases motions/home-hub/v1's bytes" in back.stdout
+    # asked again: v4 stays, and nothing new was released (QA: it said so again)
+    again = cli(runner, live.address, "assign", "motions/home-hub/v1", "--class", "home-hub")
+    assert again.exit_code == 0, again.output
+    said = "motions/home-hub/v4, already assigned, re-releases motions/home-hub/v1's bytes"
+    assert f"{said}: nothing new was released" in again.stdout
+    assert "under a new version" not in again.stdout
     as_json = cli(
         runner, live.address, "assign", "motions/home-hub/v1", "--class", "home-hub", "--json"
     )
