@@ -463,7 +463,12 @@ def jobs(
         return
     table = output.table("id", "model", "class", "state", "trials", "artifact", "created", "note")
     for j in listed.jobs:
-        model_label = f"{j.model_name} v{j.model_version}" if j.model_version else j.model_name
+        if j.model_version:
+            model_label = f"{j.model_name} v{j.model_version}"
+        elif j.workload:  # its source model is registered (and versioned) when it ends
+            model_label = f"{j.model_name} (workload)"
+        else:
+            model_label = j.model_name
         output.add_row(
             table,
             str(j.id),
