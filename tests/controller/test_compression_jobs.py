@@ -424,6 +424,15 @@ def controller_process(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[
         log.close()
 
 
+def add_classifier(admin: Any) -> None:
+    """Register the classifier as "clf" through a sync AdminService stub."""
+    source = classifier()
+    header = pb.AddModelHeader(name="clf", size_bytes=len(source))
+    admin.AddModel(
+        iter([pb.AddModelChunk(header=header), pb.AddModelChunk(data=source)]), timeout=30
+    )
+
+
 def test_a_restarted_controller_fails_the_jobs_it_left_behind(
     tmp_path: Path, controller_process: tuple[Path, subprocess.Popen[bytes]]
 ) -> None:
@@ -431,11 +440,7 @@ def test_a_restarted_controller_fails_the_jobs_it_left_behind(
     address = json.loads((data_dir / "controller.json").read_text())["address"]
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         admin = fleet_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
-        source = classifier()
-        header = pb.AddModelHeader(name="clf", size_bytes=len(source))
-        admin.AddModel(
-            iter([pb.AddModelChunk(header=header), pb.AddModelChunk(data=source)]), timeout=30
-        )
+        add_classifier(admin)
         job = admin.StartCompression(iter(start_messages()), timeout=30)
     # the controller dies with its pool: no graceful stop, the job stays active in the database
     os.killpg(proc.pid, signal.SIGKILL)
@@ -470,11 +475,7 @@ def test_a_second_controller_on_the_data_dir_leaves_a_running_ones_jobs_alone(
     address = json.loads((data_dir / "controller.json").read_text())["address"]
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         admin = fleet_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
-        source = classifier()
-        header = pb.AddModelHeader(name="clf", size_bytes=len(source))
-        admin.AddModel(
-            iter([pb.AddModelChunk(header=header), pb.AddModelChunk(data=source)]), timeout=30
-        )
+        add_classifier(admin)
         running = admin.StartCompression(iter(start_messages()), timeout=30)
         queued = admin.StartCompression(iter(start_messages(device_class=CAMERA)), timeout=30)
 
