@@ -198,21 +198,33 @@ def revoke(
     """Revoke a certificate (a lost or stolen device): the controller refuses it once the
     list is in its TLS directory as crl.pem (read again within seconds, no restart)."""
     from controller.certs import CertificateAuthority
+    from controller.revocation import load_crl
 
     path = crl or Path(ca_dir).expanduser() / CRL_FILE
+    master = Path(ca_dir).expanduser() / CRL_FILE
     try:
         serial = _serial_of(target)
-        revoked = CertificateAuthority.load(ca_dir).revoke(serial, path)
+        ca = CertificateAuthority.load(ca_dir)
+        already = any(
+            serial in load_crl(p.read_bytes(), ca.cert, p).serials
+            for p in {path, master}
+            if p.is_file()
+        )
+        revoked = ca.revoke(serial, path)
     except TlsError as exc:
         raise _usage_error(exc) from None
-    master = Path(ca_dir).expanduser() / CRL_FILE
     also = "" if path.resolve() == master.resolve() else f" (and the CA's own {master})"
     copy = (
         ""
         if path.name == CRL_FILE and path.resolve() != master.resolve()
         else f": copy it to the controller's TLS directory as {CRL_FILE}"
     )
-    typer.echo(f"revoked serial {serial:x}; {path}{also} lists {len(revoked)} certificate(s){copy}")
+    said = (
+        f"serial {serial:x} was already revoked (the list is signed again, valid for longer)"
+        if already
+        else f"revoked serial {serial:x}"
+    )
+    typer.echo(f"{said}; {path}{also} lists {len(revoked)} certificate(s){copy}")
 
 
 def _hosts(cert_pem: bytes) -> list[str]:

@@ -272,7 +272,15 @@ def test_a_revoked_device_is_refused_without_a_controller_restart(
         "certs", "revoke", str(pki.device("hub-1")), "--ca", str(pki.ca_dir), "--crl", str(crl)
     )
     assert revoked.returncode == 0, revoked.stderr
-    assert "lists 1 certificate(s)" in revoked.stdout
+    assert revoked.stdout.startswith("revoked serial ") and "lists 1 certificate(s)" in (
+        revoked.stdout
+    )
+    again = homefleet(
+        "certs", "revoke", str(pki.device("hub-1")), "--ca", str(pki.ca_dir), "--crl", str(crl)
+    )
+    assert again.returncode == 0, again.stderr
+    assert "was already revoked (the list is signed again" in again.stdout  # not news
+    assert "lists 1 certificate(s)" in again.stdout
 
     def refused() -> str | None:
         try:
