@@ -144,7 +144,8 @@ class SlotsFile(BaseModel):
 
 
 # errnos that say the directory is not the agent's to write: fixing it takes a person
-_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+# (ENOENT although parents are made: a path on /proc or a like file system)
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
 
 
 def unwritable(root: Path, exc: OSError) -> AgentError:
@@ -152,6 +153,8 @@ def unwritable(root: Path, exc: OSError) -> AgentError:
     person can fix it (exit 2), else one that may pass (a full disk: exit 1)."""
     if exc.errno == errno.EROFS:
         fix = "mount it read-write, or choose another --state-dir"
+    elif exc.errno == errno.ENOENT:
+        fix = "this file system makes no directories there: choose another --state-dir"
     elif exc.errno in _NOT_WRITABLE:
         fix = "give the agent's user write access to it, or choose another --state-dir"
     else:

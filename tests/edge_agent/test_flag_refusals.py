@@ -44,3 +44,12 @@ def test_a_telemetry_window_that_would_never_close_is_refused(tmp_path: Path, se
     assert line.startswith("error: --telemetry-window-seconds: expected a positive number")
     assert "at most 3600" in line
     assert not state.exists()
+
+
+def test_a_state_dir_the_file_system_cannot_hold_is_a_configuration_error() -> None:
+    """Exit 2 (systemd does not restart it), not 1 with advice to free space (QA)."""
+    code, output = run_agent(
+        "--state-dir", "/proc/self/homefleet-state", "--allow-unsigned-manifests"
+    )
+    assert code == 2, output
+    assert "choose another --state-dir" in output and "free space" not in output
