@@ -191,7 +191,8 @@ def patch(
     try:
         result = apply_delta(old, patch_file, out, expected_sha256=sha256)
         _share(out)
-        typer.echo(f"wrote {out}: {_human(result.size)}, sha256 {result.sha256} ({result.mode})")
+        how = result.mode + (", compiled decoder" if result.decoder == "native" else "")
+        typer.echo(f"wrote {out}: {_human(result.size)}, sha256 {result.sha256} ({how})")
         _done()
     except KeyboardInterrupt:
         raise _interrupted(out, before) from None

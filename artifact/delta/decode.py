@@ -8,6 +8,12 @@ with ZSTD_QDQ, also a model rebuilt from the base (at most MAX_QDQ_BASE bytes of
 The output goes to a temporary file renamed over ``out`` only when the rebuilt bytes
 hash to the target digest: a wrong base, a damaged payload or a bug yields an error and
 leaves nothing.
+
+Targets of at most `native.MAX_TARGET` bytes go to the compiled decoder first (native.py):
+it reads the payload records ahead and builds the whole file in memory, then this module
+checks it. Anything the compiled decoder declines, and any output that does not hash to
+the target, is decoded again here from the same records, so the result never depends
+on which decoder ran.
 """
 
 from __future__ import annotations
@@ -15,15 +21,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import mmap
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
-from artifact.delta import varint
+from artifact.delta import native, varint
 from artifact.delta.codecs import (
     BLOCK_WORDS,
     Block,
@@ -44,6 +51,7 @@ from artifact.delta.format import (
     Header,
     Kind,
     Mode,
+    Record,
     expect_end,
     read_header,
     read_record,
@@ -70,6 +78,7 @@ from artifact.digest import check_sha256
 from artifact.files import atomic_writer
 
 MAX_TABLE = 64 << 20
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ class ApplyResult:
     sha256: str
     size: int
     mode: str  # "delta" | "whole"
+    decoder: str = "python"  # "native": the compiled decoder built it (native.py)
 
 
 class _HashingSink:
@@ -97,6 +107,13 @@ class _HashingSink:
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+    def reset(self) -> None:
+        """Forget what was written (the output is a temporary file or a buffer)."""
+        self._out.seek(0)
+        self._out.truncate()
+        self._hash = hashlib.sha256()
+        self.size = 0
 
 
 def _max_data(header: Header) -> int:
@@ -134,15 +151,44 @@ def _check_base(header: Header, old: memoryview) -> None:
 
 
 class _Payloads:
-    """Hands out the blocks' payloads in order from the CHUNK records."""
+    """Hands out the blocks' payloads in order from the CHUNK records.
+
+    Records are read as the blocks need them, or all at once by `read_ahead` (for the
+    compiled decoder); either way a damaged record is reported when a block first
+    needs it, so both decoders fail alike.
+    """
 
     def __init__(self, stream: BinaryIO, first: int, count: int, max_data: int) -> None:
         self._stream = stream
+        self._first = first
         self._next = first
         self._end = count
         self._max = max_data
         self._chunk = memoryview(b"")
         self._pos = 0
+        self._ahead: list[Record] = []
+        self._ahead_error: DeltaError | None = None
+
+    def read_ahead(self) -> tuple[bytes, ...] | None:
+        """Every CHUNK record's data, or None when one is missing or damaged."""
+        for index in range(self._first, self._end):
+            try:
+                record = read_record(self._stream, index, self._max)
+            except DeltaError as exc:
+                self._ahead_error = exc
+                return None
+            self._ahead.append(record)
+            if record.kind is not Kind.CHUNK:
+                return None
+        return tuple(r.data for r in self._ahead)
+
+    def _record(self, index: int) -> Record:
+        ahead = index - self._first
+        if ahead < len(self._ahead):
+            return self._ahead[ahead]
+        if ahead == len(self._ahead) and self._ahead_error is not None:
+            raise self._ahead_error
+        return read_record(self._stream, index, self._max)
 
     def take(self, n: int) -> memoryview:
         if n == 0:
@@ -150,7 +196,7 @@ class _Payloads:
         if self._pos == len(self._chunk):
             if self._next >= self._end:
                 raise CorruptPatchError("the delta has fewer payload records than its table says")
-            record = read_record(self._stream, self._next, self._max)
+            record = self._record(self._next)
             if record.kind is not Kind.CHUNK:
                 raise CorruptPatchError(f"record {self._next} should be a payload chunk")
             self._next += 1
@@ -226,12 +272,7 @@ def _old_skeleton(old: memoryview, cuts: tuple[tuple[int, int], ...]) -> bytes:
     return b"".join(parts)
 
 
-def _decode_records(
-    header: Header, stream: BinaryIO, old_view: memoryview, sink: _HashingSink
-) -> None:
-    max_data = _max_data(header)
-    if header.record_count < 2:
-        raise CorruptPatchError("a delta needs at least a table and a skeleton record")
+def _read_table(stream: BinaryIO, max_data: int) -> bytes:
     first = read_record(stream, 0, max_data)
     if first.kind is not Kind.TABLE:
         raise CorruptPatchError("the delta does not start with its table")
@@ -244,8 +285,17 @@ def _decode_records(
         raise CorruptPatchError("the delta's table size has trailing bytes")
     if table_len > MAX_TABLE:
         raise CorruptPatchError("the delta's table is impossibly large")
-    table = unpack_table(decompress_exact(first.data, table_len), old_tensors(old_view))
-    covered = _check_layout(table, header)
+    return decompress_exact(first.data, table_len)
+
+
+def _read_skeleton(
+    stream: BinaryIO,
+    old_view: memoryview,
+    header: Header,
+    max_data: int,
+    cuts: Sequence[tuple[int, int]],
+    covered: Sequence[tuple[int, int]],
+) -> bytes:
     second = read_record(stream, 1, max_data)
     if second.kind is not Kind.SKELETON:
         raise CorruptPatchError("the delta's second record is not its skeleton")
@@ -253,11 +303,67 @@ def _decode_records(
     predicted = None
     if method == SkeletonMethod.ZSTD_QDQ:
         predicted = predicted_skeleton(old_view, decisions, covered, header.target_size)
-    old_skeleton = _old_skeleton(old_view, table.old_cuts)
-    skeleton = decode_skeleton(second.data, method, table.skeleton_len, old_skeleton, predicted)
-    del second, predicted, old_skeleton
-    old = OldModel(old_view)
+    old_skeleton = _old_skeleton(old_view, tuple(cuts))
+    skeleton_len = header.target_size - sum(length for _, length in covered)
+    return decode_skeleton(second.data, method, skeleton_len, old_skeleton, predicted)
+
+
+def _decode_records(
+    header: Header, stream: BinaryIO, old_view: memoryview, sink: _HashingSink
+) -> str:
+    """Rebuild the file into ``sink``; which decoder built it ("native" or "python")."""
+    max_data = _max_data(header)
+    if header.record_count < 2:
+        raise CorruptPatchError("a delta needs at least a table and a skeleton record")
+    table_bytes = _read_table(stream, max_data)
+    found = None
+    if native.usable(header.target_size):
+        found = native.ranges(old_view, table_bytes, header.target_size)
+    table = None
+    cuts: Sequence[tuple[int, int]]
+    if found is None:
+        table = unpack_table(table_bytes, old_tensors(old_view))
+        cuts, covered = table.old_cuts, _check_layout(table, header)
+    else:
+        cuts, covered = found
+    skeleton = _read_skeleton(stream, old_view, header, max_data, cuts, covered)
     payloads = _Payloads(stream, 2, header.record_count, max_data)
+    if found is not None:
+        chunks = payloads.read_ahead()
+        built = None
+        if chunks is not None:
+            built = native.decode(old_view, table_bytes, skeleton, chunks, header.target_size)
+        if built is None:
+            _log.debug(
+                "the compiled delta decoder declined %s: decoding in Python", native.last_decline()
+            )
+        else:
+            sink.write(built)
+            if sink.hexdigest() == header.target_sha256 and sink.size == header.target_size:
+                return "native"
+            _log.warning(
+                "the compiled delta decoder rebuilt a file that does not match its target "
+                "(sha256 %s…): decoding it again in Python",
+                header.target_sha256[:12],
+            )
+            sink.reset()
+        # the records read ahead are handed out again (a damaged one: its error, in turn)
+    if table is None:
+        table = unpack_table(table_bytes, old_tensors(old_view))
+        _check_layout(table, header)
+    _decode_blocks(table, payloads, old_view, skeleton, sink)
+    return "python"
+
+
+def _decode_blocks(
+    table: Table,
+    payloads: _Payloads,
+    old_view: memoryview,
+    skeleton: bytes,
+    sink: _HashingSink,
+) -> None:
+    """The Python decoder: parameters first, then the blocks, written front to back."""
+    old = OldModel(old_view)
     params: list[Param] = []
     placed: dict[int, bytes | memoryview] = {}
     for block in table.params:
@@ -319,8 +425,9 @@ def _decode(
         )
     _check_base(header, old_view)
     sink = _HashingSink(out, header.target_size)
+    decoder = "python"
     if header.mode is Mode.RECORDS:
-        _decode_records(header, stream, old_view, sink)
+        decoder = _decode_records(header, stream, old_view, sink)
         mode = "delta"
     else:
         if header.record_count != 1:
@@ -339,7 +446,7 @@ def _decode(
             f"{sink.size} bytes; expected {header.target_sha256[:12]}…, "
             f"{header.target_size} bytes): the delta is damaged"
         )
-    return ApplyResult(digest, sink.size, mode)
+    return ApplyResult(digest, sink.size, mode, decoder)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,8 @@ def test_a_pair_is_measured_with_every_tool_and_rendered(tmp_path: Path) -> None
     assert row.best_generic == min(sizes)
     assert 0 < row.homefleet < row.best_generic and row.met
     assert row.decode_mbps > 0 and row.decode_peak_heap > 0 and row.decode_max_rss > 0
+    assert row.python_decode_mbps > 0 and row.apply_ms > 0
+    assert row.decoder == "native"  # the compiled decoder, where the agent would use it
     lines = render_delta([row])
     assert lines[0].startswith("| pair |") and "(a) tiny fine-tune" in lines[2]
     assert any(line.startswith("- (a) synthetic:") for line in lines)
