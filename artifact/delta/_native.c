@@ -1410,13 +1410,24 @@ static void scale_prediction(Ctx *c, const Block *b, const Old *old, uint64_t *o
     uint64_t count = b->channels.count;
     float *rmin = take_mem(c, count, sizeof(float)), *rmax = take_mem(c, count, sizeof(float));
     for (uint64_t ch = 0; ch < count; ch++) rmin[ch] = INFINITY, rmax[ch] = -INFINITY;
-    for (uint64_t i = 0; i < total; i++) {
-        float v = word_as_f32(load_word(p + 4 * i, 4));
-        if (isnan(v)) fail(c, FAIL_UNSUPPORTED);
-        uint64_t ch = channel_of(&b->channels, i);
-        if (v < rmin[ch]) rmin[ch] = v;
-        if (v > rmax[ch]) rmax[ch] = v;
+    int nan = 0;
+    Walk at = walk_from(&b->channels, 0);
+    for (uint64_t i = 0; i < total;) { /* by runs of one channel: loops that vectorize */
+        uint64_t run = at.left < total - i ? at.left : total - i;
+        float lo = rmin[at.ch], hi = rmax[at.ch];
+        for (uint64_t j = i; j < i + run; j++) {
+            float v = word_as_f32(load_word(p + 4 * j, 4));
+            nan |= v != v;
+            lo = v < lo ? v : lo;
+            hi = v > hi ? v : hi;
+        }
+        rmin[at.ch] = lo;
+        rmax[at.ch] = hi;
+        i += run;
+        at.left -= run - 1;
+        walk_next(&at);
     }
+    if (nan) fail(c, FAIL_UNSUPPORTED); /* numpy's min and max propagate NaN: Python's */
     for (uint64_t i = 0; i < b->word_count; i++) {
         uint64_t ch = b->word_start + i;
         float lo = rmin[ch] < 0.0f ? rmin[ch] : 0.0f, hi = rmax[ch] > 0.0f ? rmax[ch] : 0.0f;
