@@ -21,6 +21,7 @@ from pathlib import Path
 import zstandard
 
 from artifact.delta import varint
+from artifact.delta.codecs import Block, Predictor
 from artifact.delta.decode import apply_delta_bytes
 from artifact.delta.errors import DeltaError
 from artifact.delta.format import (
@@ -32,7 +33,7 @@ from artifact.delta.format import (
     Mode,
     pack_record,
 )
-from artifact.delta.plan import TensorStat, plan_tensors
+from artifact.delta.plan import TensorPlan, TensorStat, plan_tensors
 from artifact.delta.skeleton import (
     MAX_QDQ_BASE,
     QdqPrediction,
@@ -160,6 +161,37 @@ def _uint(value: int) -> bytes:
     return writer.getvalue()
 
 
+FOLD_COPIES_MAX = 4 << 20  # bytes of unchanged tensors worth trying in the skeleton
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Which tensors the table lists and which old ones are cut from the old skeleton."""
+
+    params: tuple[Block, ...]
+    blocks: tuple[Block, ...]
+    old_cuts: tuple[tuple[int, int], ...]
+
+
+def _layouts(old: bytes, new: bytes, plan: TensorPlan) -> list[_Layout]:
+    """The plan as it is, and with its copied tensors left in both skeletons.
+
+    A table entry for an unchanged tensor costs a few bytes; left in the new skeleton,
+    and in the old one every old tensor holding the same bytes (zero points repeat), zstd
+    matches a run of unchanged tensors for a few bytes in all. A re-release that moved a
+    few weights (c+) is then mostly one long match. Parameters stay listed: predictions
+    read their values.
+    """
+    listed = _Layout(plan.params, plan.blocks, plan.old_cuts)
+    copies = [b for b in plan.blocks if b.predictor is Predictor.COPY]
+    if not copies or sum(b.out_nbytes for b in copies) > FOLD_COPIES_MAX:
+        return [listed]
+    folded = {new[b.out_offset : b.out_offset + b.out_nbytes] for b in copies}
+    kept_cuts = tuple(c for c in plan.old_cuts if old[c[0] : c[0] + c[1]] not in folded)
+    blocks = tuple(b for b in plan.blocks if b.predictor is not Predictor.COPY)
+    return [listed, _Layout(plan.params, blocks, kept_cuts)]
+
+
 def _records_delta(
     old: bytes, new: bytes, options: EncodeOptions, progress: EncodeProgress | None
 ) -> tuple[bytes, DeltaStats]:
@@ -170,16 +202,33 @@ def _records_delta(
     plan = plan_tensors(
         old, new, level=options.level, min_tensor_bytes=options.min_tensor_bytes, progress=tensors
     )
-    covered = sorted((b.out_offset, b.out_nbytes) for b in (*plan.params, *plan.blocks))
+    chunks = _chunks(list(plan.payloads))  # copies have no payload: the same either way
+    best: tuple[bytes, DeltaStats] | None = None
+    for layout in _layouts(old, new, plan):
+        found = _records_payload(old, new, layout, plan, chunks, options)
+        if best is None or len(found[0]) < len(best[0]):
+            best = found
+    assert best is not None
+    return best
+
+
+def _records_payload(
+    old: bytes,
+    new: bytes,
+    layout: _Layout,
+    plan: TensorPlan,
+    chunks: list[bytes],
+    options: EncodeOptions,
+) -> tuple[bytes, DeltaStats]:
+    covered = sorted((b.out_offset, b.out_nbytes) for b in (*layout.params, *layout.blocks))
     skeleton = cut(new, covered)
-    old_skeleton = cut(old, sorted(plan.old_cuts))
-    table = Table(len(skeleton), plan.old_cuts, plan.params, plan.blocks)
+    old_skeleton = cut(old, sorted(layout.old_cuts))
+    table = Table(len(skeleton), layout.old_cuts, layout.params, layout.blocks)
     table_raw = pack_table(table, old_tensors(old))
     table_packed = zstandard.ZstdCompressor(level=options.level).compress(table_raw)
     qdq = _qdq_prediction(old, new, covered) if options.qdq_skeleton else None
     method, skeleton_data = encode_skeleton(skeleton, old_skeleton, options.level, qdq)
     skeleton_meta = pack_meta(method, qdq)
-    chunks = _chunks(list(plan.payloads))
     records = [
         pack_record(Kind.TABLE, _uint(len(table_raw)), table_packed),
         pack_record(Kind.SKELETON, skeleton_meta, skeleton_data),

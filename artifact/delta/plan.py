@@ -153,6 +153,20 @@ class _Candidate:
 
 _NO_PREDICTION = _Candidate(Predictor.NONE)
 
+# About what a block's table entry costs beyond the varints every block has, in bytes
+# before the table's zstd: a requantization names three old tensors and a dozen numbers,
+# a copy of the old values one. Residuals that code the same size (a re-release keeping
+# its scales predicts the same integers both ways) then go to the cheaper entry.
+TABLE_BYTES = {
+    Predictor.NONE: 0,
+    Predictor.COPY: 1,
+    Predictor.VALUES: 1,
+    Predictor.PRODUCT: 2,
+    Predictor.SCALE: 4,
+    Predictor.DECAY: 6,
+    Predictor.QUANT: 16,
+}
+
 
 def _code_block(
     plan: _Plan, span: TensorSpan, start: int, count: int, candidates: list[_Candidate]
@@ -168,7 +182,8 @@ def _code_block(
         out_offset, out_nbytes, span.etype.code, span.storage, start, count, Predictor.NONE
     )
     best: tuple[Trial, Block, str, Grouping | None] | None = None
-    for candidate in candidates:
+    best_cost = 0
+    for index, candidate in enumerate(candidates):
         block = replace(
             base,
             predictor=candidate.predictor,
@@ -181,10 +196,15 @@ def _code_block(
         predicted = predict(block, plan.old_model, plan.param_values)
         grouping = exponent_grouping(block, predicted)
         trial = best_residual(new_words, predicted, grouping, plan.level)
-        if best is None or trial.size < best[0].size:
+        cost = trial.size + TABLE_BYTES[candidate.predictor]
+        if best is None or cost < best_cost:
             best = (trial, block, candidate.predictor.name.lower(), grouping)
-        if trial.size <= len(_planes_of(trial)):  # an all-zero residual: nothing beats it
-            break
+            best_cost = cost
+        cheapest_left = min(
+            (TABLE_BYTES[c.predictor] for c in candidates[index + 1 :]), default=best_cost
+        )
+        if trial.size <= len(_planes_of(trial)) and best_cost <= cheapest_left:
+            break  # an all-zero residual with the cheapest entry left: nothing beats it
     if best is None:
         raise AssertionError("no candidates")
     trial, block, label, grouping = best
@@ -595,10 +615,60 @@ def plan_tensors(
         scales=[s for s in new_spans if _is_scale(s)],
     )
     coded = _code_tensors(plan, [s for s in new_spans if s.nbytes >= min_tensor_bytes], progress)
+    params, blocks, payloads, param_stats = _without_unused_params(plan, coded)
     return TensorPlan(
-        params=tuple(plan.params),
-        blocks=tuple(coded.blocks),
-        payloads=(*plan.param_payloads, *coded.payloads),
+        params=params,
+        blocks=blocks,
+        payloads=payloads,
         old_cuts=tuple((s.offset, s.nbytes) for s in old_spans if s.nbytes >= min_tensor_bytes),
-        stats=(*plan.param_stats, *coded.stats),
+        stats=(*param_stats, *coded.stats),
     )
+
+
+def _param_refs(block: Block) -> tuple[int, ...]:
+    if block.quant is not None:
+        q = block.quant
+        return (q.scale,) if q.zero_point is None else (q.scale, q.zero_point)
+    if block.product is not None:
+        return (block.product.left, block.product.right)
+    return ()
+
+
+def _renumbered(block: Block, index: dict[int, int]) -> Block:
+    if block.quant is not None:
+        q = block.quant
+        zp = None if q.zero_point is None else index[q.zero_point]
+        return replace(block, quant=replace(q, scale=index[q.scale], zero_point=zp))
+    if block.product is not None:
+        p = block.product
+        return replace(block, product=Product(index[p.left], index[p.right]))
+    return block
+
+
+def _without_unused_params(
+    plan: _Plan, coded: _Coded
+) -> tuple[tuple[Block, ...], tuple[Block, ...], tuple[bytes, ...], list[TensorStat]]:
+    """Parameters no chosen prediction reads become ordinary blocks.
+
+    Planning makes a tensor's scale and zero point parameters before it knows whether
+    the quantized prediction wins; where another one won (the old integers, when a
+    re-release kept its scales), they need no place ahead of the blocks, and a copied
+    one can then live in the skeleton (encode._layouts).
+    """
+    used = {i for b in (*plan.params, *coded.blocks) for i in _param_refs(b)}
+    keep = [i for i in range(len(plan.params)) if i in used]
+    index = {old: new for new, old in enumerate(keep)}
+    params = tuple(_renumbered(plan.params[i], index) for i in keep)
+    moved = [
+        (_renumbered(plan.params[i], index), plan.param_payloads[i])
+        for i in range(len(plan.params))
+        if i not in used
+    ]
+    pairs = [(_renumbered(b, index), p) for b, p in zip(coded.blocks, coded.payloads, strict=True)]
+    pairs = sorted([*pairs, *moved], key=lambda pair: pair[0].out_offset)
+    payloads = (*(plan.param_payloads[i] for i in keep), *(p for _, p in pairs))
+    stats = [
+        stat if i in used else replace(stat, encoding=stat.encoding.removeprefix("param/"))
+        for i, stat in enumerate(plan.param_stats)
+    ]
+    return params, tuple(b for b, _ in pairs), payloads, stats
