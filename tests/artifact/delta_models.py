@@ -8,6 +8,7 @@ onnxruntime's QuantizeLinear for the synthetic quantized tensors.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import cast
 
@@ -15,6 +16,11 @@ import numpy as np
 import onnx
 from numpy.typing import NDArray
 from onnx import helper, numpy_helper
+
+from artifact.delta.format import read_header, read_record
+from artifact.delta.frames import decompress_exact
+from artifact.delta.table import Table, old_tensors, unpack_table
+from artifact.delta.varint import Reader
 
 OPSET = 17
 DTYPES: tuple[type[np.generic], ...] = (
@@ -116,3 +122,12 @@ def quantize_like_ort(
     if axis is None:
         return q, scale.reshape(()), zero_point.reshape(())
     return q, scale, zero_point
+
+
+def table_of(old: bytes, payload: bytes) -> Table:
+    """The table of a RECORDS delta: which blocks and parameters it lists."""
+    stream = io.BytesIO(payload)
+    read_header(stream)
+    record = read_record(stream, 0, 1 << 30)
+    raw = decompress_exact(record.data, Reader(record.meta).uint())
+    return unpack_table(raw, old_tensors(old))

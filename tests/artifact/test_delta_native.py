@@ -8,7 +8,6 @@ own reach the output.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -21,11 +20,8 @@ from hypothesis import strategies as st
 from artifact.delta import EncodeOptions, apply_delta, encode_delta, native
 from artifact.delta.codecs import Predictor
 from artifact.delta.errors import DeltaError
-from artifact.delta.format import read_header, read_record
 from artifact.delta.frames import Layout, group_by, pack_frames, unpack_frames
-from artifact.delta.table import old_tensors, unpack_table
-from artifact.delta.varint import Reader
-from tests.artifact.delta_models import Init, build, random_array
+from tests.artifact.delta_models import Init, build, random_array, table_of
 from tests.artifact.test_delta_quantized import _models
 from tests.artifact.test_delta_roundtrip import _fine_tune_pair
 
@@ -130,14 +126,7 @@ def _apply(old: bytes, payload: bytes, work: Path) -> tuple[str, bytes]:
 
 
 def _table(old: bytes, payload: bytes) -> list[tuple[Predictor, Layout]]:
-    from artifact.delta.frames import decompress_exact
-
-    stream = io.BytesIO(payload)
-    read_header(stream)
-    record = read_record(stream, 0, 1 << 30)
-    table = unpack_table(
-        decompress_exact(record.data, Reader(record.meta).uint()), old_tensors(old)
-    )
+    table = table_of(old, payload)
     return [(b.predictor, b.layout) for b in (*table.params, *table.blocks)]
 
 

@@ -24,6 +24,8 @@ from onnxruntime.quantization import (
 )
 
 from artifact.delta import apply_delta_bytes, encode
+from artifact.delta.codecs import Predictor
+from tests.artifact.delta_models import table_of
 
 CHANNELS, STEPS, FILTERS, HIDDEN, OUT = 4, 16, 16, 192, 48
 WIDTH = FILTERS * STEPS
@@ -193,6 +195,9 @@ def test_a_re_release_keeping_its_scales_codes_only_the_moved_weights(
     assert coded["fc1.weight_scale"].encoding == "copy", coded["fc1.weight_scale"]
     weight = coded["fc1.weight_quantized"]
     assert weight.encoding.startswith("values/") and weight.encoding.endswith("/sparse"), weight
+    # the unchanged tensors stay in the skeleton: the table lists the moved weight alone
+    table = table_of(old, encoded.payload)
+    assert not table.params and [b.predictor for b in table.blocks] == [Predictor.VALUES]
     moved = weight.nbytes // 97
     assert weight.coded_bytes < moved * 1.4, (weight, moved)  # ~8.5 bits a gap, 1.5 a value
     assert encoded.stats.mode == "delta"
