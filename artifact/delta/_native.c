@@ -239,6 +239,17 @@ static uint64_t f32_as_word(float f) {
     return bits;
 }
 
+/* The float32 at index ``i`` of little-endian bytes ``p``. */
+static inline float f32_at(const uint8_t *p, uint64_t i) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    float v;
+    memcpy(&v, p + 4 * i, 4);
+    return v;
+#else
+    return word_as_f32(load_word(p + 4 * i, 4));
+#endif
+}
+
 static double word_as_f64(uint64_t w) {
     double d;
     memcpy(&d, &w, 8);
@@ -1181,6 +1192,23 @@ static int quant_run_f32(const float *xf, uint64_t *out, uint64_t n, float sv, f
     return !exact;
 }
 
+/* quant_run_f32 over a row of consecutive channels, each word its own scale */
+static int quant_row_f32(const float *xf, uint64_t *out, uint64_t n, const float *sv,
+                         const float *zv, float lo, float hi, uint64_t mask) {
+    const float magic = 12582912.0f, small = 4194304.0f;
+    int exact = 1;
+    for (uint64_t j = 0; j < n; j++) {
+        float v = xf[j] / sv[j];
+        exact &= fabsf(v) < small;
+        v = (v + magic) - magic;
+        v = v + zv[j];
+        v = v < lo ? lo : v;
+        v = v > hi ? hi : v;
+        out[j] = (uint64_t)(int64_t)(int32_t)v & mask;
+    }
+    return !exact;
+}
+
 static void quant_run_scalar(const float *xf, uint64_t *out, uint64_t n, float sv, float zv,
                              int has_zp, float lo, float hi, uint64_t mask) {
     for (uint64_t j = 0; j < n; j++) {
@@ -1213,6 +1241,7 @@ static int quant_fast(Ctx *c, const Block *b, const Old *old, EType src_type, co
         b->source.nbytes / width - start < n)
         fail(c, FAIL_CORRUPT);
     const uint8_t *raw = old_span(c, old, b->source.offset + start * width, n * width);
+    if (b->has_dequant && b->dq_channels.count > 1 && b->dq_channels.inner == 1) return 0;
     float *xf = (float *)scratch(c, S_VALUES_X, n);
     if (b->has_dequant) {
         Walk at = walk_from(&b->dq_channels, start);
@@ -1231,6 +1260,25 @@ static int quant_fast(Ctx *c, const Block *b, const Old *old, EType src_type, co
         memcpy(xf, raw, n * 4);
     }
     uint64_t mask = b->storage == STORAGE_VARINT ? UINT64_MAX : width_mask(target.width);
+    if (b->channels.count > 1 && b->channels.inner == 1) {
+        /* a new channel every word (the last axis): by rows of every channel in turn */
+        uint64_t count = b->channels.count;
+        float *sv = (float *)take_mem(c, count, sizeof(float));
+        float *zv = (float *)take_mem(c, count, sizeof(float));
+        for (uint64_t ch = 0; ch < count; ch++) {
+            sv[ch] = (float)scales[ch];
+            zv[ch] = has_zp ? (float)zps[ch] : 0.0f;
+        }
+        for (uint64_t i = 0, ch = start % count; i < n; ch = 0) {
+            uint64_t len = count - ch < n - i ? count - ch : n - i;
+            if (quant_row_f32(xf + i, out + i, len, sv + ch, zv + ch, lo, hi, mask))
+                for (uint64_t k = 0; k < len; k++)
+                    quant_run_scalar(xf + i + k, out + i + k, 1, sv[ch + k], zv[ch + k], has_zp, lo,
+                                     hi, mask);
+            i += len;
+        }
+        return 1;
+    }
     Walk at = walk_from(&b->channels, start);
     for (uint64_t i = 0; i < n;) {
         uint64_t run = at.left < n - i ? at.left : n - i;
@@ -1411,21 +1459,48 @@ static void scale_prediction(Ctx *c, const Block *b, const Old *old, uint64_t *o
     float *rmin = take_mem(c, count, sizeof(float)), *rmax = take_mem(c, count, sizeof(float));
     for (uint64_t ch = 0; ch < count; ch++) rmin[ch] = INFINITY, rmax[ch] = -INFINITY;
     int nan = 0;
-    Walk at = walk_from(&b->channels, 0);
-    for (uint64_t i = 0; i < total;) { /* by runs of one channel: loops that vectorize */
-        uint64_t run = at.left < total - i ? at.left : total - i;
-        float lo = rmin[at.ch], hi = rmax[at.ch];
-        for (uint64_t j = i; j < i + run; j++) {
-            float v = word_as_f32(load_word(p + 4 * j, 4));
-            nan |= v != v;
-            lo = v < lo ? v : lo;
-            hi = v > hi ? v : hi;
+    if (b->channels.count > 1 && b->channels.inner == 1) { /* rows of every channel in turn */
+        for (uint64_t i = 0; i < total; i += count) {
+            uint64_t len = count < total - i ? count : total - i;
+            for (uint64_t k = 0; k < len; k++) {
+                float v = f32_at(p, i + k);
+                nan |= v != v;
+                rmin[k] = v < rmin[k] ? v : rmin[k];
+                rmax[k] = v > rmax[k] ? v : rmax[k];
+            }
         }
-        rmin[at.ch] = lo;
-        rmax[at.ch] = hi;
-        i += run;
-        at.left -= run - 1;
-        walk_next(&at);
+    } else {
+        Walk at = walk_from(&b->channels, 0);
+        for (uint64_t i = 0; i < total;) { /* by runs of one channel: loops that vectorize */
+            uint64_t run = at.left < total - i ? at.left : total - i;
+            /* eight lanes, then folded: min and max do not care about order (NaN aside,
+             * which declines; a zero's sign is dropped below) */
+            float lo[8], hi[8];
+            for (int k = 0; k < 8; k++) lo[k] = rmin[at.ch], hi[k] = rmax[at.ch];
+            uint64_t j = i;
+            for (; j + 8 <= i + run; j += 8)
+                for (int k = 0; k < 8; k++) {
+                    float v = f32_at(p, j + (uint64_t)k);
+                    nan |= v != v;
+                    lo[k] = v < lo[k] ? v : lo[k];
+                    hi[k] = v > hi[k] ? v : hi[k];
+                }
+            for (; j < i + run; j++) {
+                float v = f32_at(p, j);
+                nan |= v != v;
+                lo[0] = v < lo[0] ? v : lo[0];
+                hi[0] = v > hi[0] ? v : hi[0];
+            }
+            for (int k = 1; k < 8; k++) {
+                lo[0] = lo[k] < lo[0] ? lo[k] : lo[0];
+                hi[0] = hi[k] > hi[0] ? hi[k] : hi[0];
+            }
+            rmin[at.ch] = lo[0];
+            rmax[at.ch] = hi[0];
+            i += run;
+            at.left -= run - 1;
+            walk_next(&at);
+        }
     }
     if (nan) fail(c, FAIL_UNSUPPORTED); /* numpy's min and max propagate NaN: Python's */
     for (uint64_t i = 0; i < b->word_count; i++) {
