@@ -21,7 +21,7 @@ from artifact.delta import EncodeOptions, apply_delta, encode_delta, native
 from artifact.delta.codecs import Predictor
 from artifact.delta.errors import DeltaError
 from artifact.delta.frames import Layout, group_by, pack_frames, unpack_frames
-from tests.artifact.delta_models import Init, build, random_array, table_of
+from tests.artifact.delta_models import Init, build, quantize_like_ort, random_array, table_of
 from tests.artifact.test_delta_quantized import _models
 from tests.artifact.test_delta_roundtrip import _fine_tune_pair
 
@@ -106,10 +106,24 @@ def _decay_pair() -> tuple[bytes, bytes]:
     return build([Init("embedding.weight", table)]), build([Init("embedding.weight", decayed)])
 
 
+def _last_axis_pair() -> tuple[bytes, bytes]:
+    """FP32 to int8 per channel along the last axis (a new scale every word), as dynamic
+    int8 quantizes MatMul weights, and the int8 requantized after a fine-tune."""
+    rng = np.random.default_rng(6)
+    w = random_array(rng, np.float32, (96, 40))
+    q, scale, zero = quantize_like_ort(w, dtype=np.uint8, axis=1)
+    derived = [Init("w_quantized", q), Init("w_scale", scale), Init("w_zero_point", zero)]
+    return build([Init("w", w)]), build(derived)
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[bytes, bytes]]:
     """Updates of every kind the compiled decoder takes, with onnxruntime's own int8."""
-    found = {"fine-tune": _fine_tune_pair(np.random.default_rng(3)), "weight decay": _decay_pair()}
+    found = {
+        "fine-tune": _fine_tune_pair(np.random.default_rng(3)),
+        "weight decay": _decay_pair(),
+        "int8 along the last axis": _last_axis_pair(),
+    }
     for per_channel in (False, True):
         work = tmp_path_factory.mktemp(f"quantized-{per_channel}")
         models = _models(work, per_channel)
