@@ -162,6 +162,7 @@ def _uint(value: int) -> bytes:
 
 
 FOLD_COPIES_MAX = 4 << 20  # bytes of unchanged tensors worth trying in the skeleton
+FOLD_ZEROS_MAX = 1 << 16  # and all-zero blocks up to this size (a QDQ prediction has them)
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ class _Layout:
 
 
 def _layouts(old: bytes, new: bytes, plan: TensorPlan) -> list[_Layout]:
-    """The plan as it is, and with its copied tensors left in both skeletons.
+    """The plan as it is, and with its copied (and all-zero) tensors left in the skeletons.
 
     A table entry for an unchanged tensor costs a few bytes; left in the new skeleton,
     and in the old one every old tensor holding the same bytes (zero points repeat), zstd
@@ -182,14 +183,23 @@ def _layouts(old: bytes, new: bytes, plan: TensorPlan) -> list[_Layout]:
     few weights (c+) is then mostly one long match. Parameters stay listed: predictions
     read their values.
     """
-    listed = _Layout(plan.params, plan.blocks, plan.old_cuts)
+    layouts = [_Layout(plan.params, plan.blocks, plan.old_cuts)]
     copies = [b for b in plan.blocks if b.predictor is Predictor.COPY]
-    if not copies or sum(b.out_nbytes for b in copies) > FOLD_COPIES_MAX:
-        return [listed]
-    folded = {new[b.out_offset : b.out_offset + b.out_nbytes] for b in copies}
-    kept_cuts = tuple(c for c in plan.old_cuts if old[c[0] : c[0] + c[1]] not in folded)
-    blocks = tuple(b for b in plan.blocks if b.predictor is not Predictor.COPY)
-    return [listed, _Layout(plan.params, blocks, kept_cuts)]
+    zeros = [  # no prediction and a one-byte payload (a ZERO frame): all-zero zero points
+        b
+        for b in plan.blocks
+        if b.predictor is Predictor.NONE and b.payload_len == 1 and b.out_nbytes <= FOLD_ZEROS_MAX
+    ]
+    for fold in (copies, [*copies, *zeros]):
+        if not fold or sum(b.out_nbytes for b in fold) > FOLD_COPIES_MAX:
+            continue
+        folded = {new[b.out_offset : b.out_offset + b.out_nbytes] for b in fold}
+        kept_cuts = tuple(c for c in plan.old_cuts if old[c[0] : c[0] + c[1]] not in folded)
+        blocks = tuple(b for b in plan.blocks if b not in fold)
+        layout = _Layout(plan.params, blocks, kept_cuts)
+        if layout not in layouts:
+            layouts.append(layout)
+    return layouts
 
 
 def _records_delta(
@@ -202,10 +212,12 @@ def _records_delta(
     plan = plan_tensors(
         old, new, level=options.level, min_tensor_bytes=options.min_tensor_bytes, progress=tensors
     )
-    chunks = _chunks(list(plan.payloads))  # copies have no payload: the same either way
+    n_params = len(plan.params)
+    by_block = dict(zip(plan.blocks, plan.payloads[n_params:], strict=True))
     best: tuple[bytes, DeltaStats] | None = None
     for layout in _layouts(old, new, plan):
-        found = _records_payload(old, new, layout, plan, chunks, options)
+        kept = [*plan.payloads[:n_params], *(by_block[b] for b in layout.blocks)]
+        found = _records_payload(old, new, layout, plan, _chunks(kept), options)
         if best is None or len(found[0]) < len(best[0]):
             best = found
     assert best is not None

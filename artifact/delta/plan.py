@@ -475,7 +475,10 @@ def _quant_candidate(plan: _Plan, span: TensorSpan) -> Quant | None:
     smallest, largest = etype.int_range
     lo, hi = max(lo, smallest), min(hi, largest)
     scale_index = _param(plan, scale_span)
-    zp_index = None if zp_span is None else _param(plan, zp_span)
+    # an all-zero zero point predicts as no zero point: no parameter, and its bytes can
+    # stay in the skeleton (where the QDQ prediction already holds them as zeros)
+    zero = zp_span is None or not plan.words(zp_span).any()
+    zp_index = None if zero or zp_span is None else _param(plan, zp_span)
     sample = min(span.count, BLOCK_WORDS)
     target = typed[:sample].astype(etype.numpy)
     best: tuple[int, Quant] | None = None
