@@ -521,6 +521,8 @@ def measure(pair: Pair, scratch: Path, progress: Progress) -> DeltaRow:
     groups: dict[str, tuple[int, int]] = {}
     for t in stats.tensors:
         kind = t.encoding.split("/")[0] if not t.encoding.startswith("param") else "param"
+        if t.encoding.endswith("/skeleton"):  # left in the skeleton: coded there
+            kind = "in the skeleton"
         count, size = groups.get(kind, (0, 0))
         groups[kind] = (count + 1, size + t.coded_bytes)
     groups["skeleton"] = (1, stats.skeleton_coded)

@@ -257,6 +257,13 @@ def _records_payload(
         FORMAT_VERSION if method is SkeletonMethod.ZSTD_QDQ else WITHOUT_QDQ_VERSION,
     )
     payload = header.pack() + b"".join(records)
+    listed = {b.out_offset for b in (*layout.params, *layout.blocks)}
+    tensors = tuple(  # a tensor left in the skeleton is coded there
+        t
+        if t.offset in listed or t.offset < 0
+        else replace(t, encoding=f"{t.encoding.split('/')[0]}/skeleton", coded_bytes=0)
+        for t in plan.stats
+    )
     stats = DeltaStats(
         "delta",
         len(old),
@@ -267,7 +274,7 @@ def _records_payload(
         skeleton_coded=len(skeleton_meta) - 1 + len(skeleton_data),
         skeleton_method=method.name,
         table_coded=len(table_packed),
-        tensors=plan.stats,
+        tensors=tensors,
     )
     return payload, stats
 

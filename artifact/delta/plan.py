@@ -66,6 +66,7 @@ class TensorStat:
     nbytes: int
     encoding: str  # e.g. "copy", "values/sub/planes", "quant/xor", "param/scale/xor"
     coded_bytes: int
+    offset: int = -1  # where the tensor's payload starts in the new file
 
 
 def _ref(span: TensorSpan) -> OldRef:
@@ -405,7 +406,9 @@ def _param(plan: _Plan, span: TensorSpan) -> int:
     plan.param_values.append(Param(span.etype, span.storage, plan.words(span)))
     plan.param_index[span.offset] = index
     plan.param_stats.append(
-        TensorStat(span.name, span.etype.name, span.nbytes, f"param/{label}", len(payload))
+        TensorStat(
+            span.name, span.etype.name, span.nbytes, f"param/{label}", len(payload), span.offset
+        )
     )
     plan.param_payloads.append(payload)
     return index
@@ -563,7 +566,9 @@ def _code_tensors(
         if same is not None:
             out.blocks.extend(_copy_blocks(span, same))
             out.payloads.extend(b"" for _ in range(math.ceil(span.nbytes / COPY_BYTES)))
-            out.stats.append(TensorStat(span.name, span.etype.name, span.nbytes, "copy", 0))
+            out.stats.append(
+                TensorStat(span.name, span.etype.name, span.nbytes, "copy", 0, span.offset)
+            )
             continue
         candidates = _candidates(plan, span)
         quant = quants.get(span.offset)
@@ -578,7 +583,9 @@ def _code_tensors(
             labels[label] = labels.get(label, 0) + len(payload)
             coded += len(payload)
         label = max(labels, key=lambda k: labels[k]) if labels else "empty"
-        out.stats.append(TensorStat(span.name, span.etype.name, span.nbytes, label, coded))
+        out.stats.append(
+            TensorStat(span.name, span.etype.name, span.nbytes, label, coded, span.offset)
+        )
     if progress is not None:
         progress(total, total)
     return out

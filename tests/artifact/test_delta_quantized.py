@@ -198,7 +198,7 @@ def test_a_re_release_keeping_its_scales_codes_only_the_moved_weights(
     encoded = encode(old, new)
     assert apply_delta_bytes(old, encoded.payload) == new
     coded = {t.name: t for t in encoded.stats.tensors}
-    assert coded["fc1.weight_scale"].encoding == "copy", coded["fc1.weight_scale"]
+    assert coded["fc1.weight_scale"].encoding.startswith("copy"), coded["fc1.weight_scale"]
     weight = coded["fc1.weight_quantized"]
     assert weight.encoding.startswith("values/") and weight.encoding.endswith("/sparse"), weight
     # the unchanged tensors stay in the skeleton: the table lists the moved weight alone

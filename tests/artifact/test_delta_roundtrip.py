@@ -152,7 +152,7 @@ def test_each_model_tensor_is_coded_with_a_prediction_and_the_file_api_matches(
     encoded = encode(old, new)
     assert encoded.stats.mode == "delta"
     coded = {t.name: t.encoding for t in encoded.stats.tensors}
-    assert coded["steps"] == "copy"
+    assert coded["steps"].startswith("copy")  # listed, or left in the skeleton
     assert all(coded[n].startswith("values/") for n in ("conv.weight", "fc.weight", "fc.bias"))
     (tmp_path / "old.onnx").write_bytes(old)
     (tmp_path / "patch").write_bytes(encoded.payload)
