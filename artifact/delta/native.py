@@ -55,7 +55,10 @@ def ranges(old: bytes | memoryview, table: bytes, target_size: int) -> tuple[Ran
     leave the table to the Python decoder."""
     if _MODULE is None:
         return None
-    found: tuple[Ranges, Ranges] | None = _MODULE.ranges(old, table, target_size)
+    try:
+        found: tuple[Ranges, Ranges] | None = _MODULE.ranges(old, table, target_size)
+    except MemoryError:  # the Python decoder streams: it may still fit
+        return None
     return found
 
 
@@ -69,9 +72,12 @@ def decode(
     """The new file, not yet verified; None: leave it to the Python decoder."""
     if _MODULE is None:
         return None
-    built: bytes | None = _MODULE.decode(
-        old, table, skeleton, chunks, target_size, decompress_exact
-    )
+    try:
+        built: bytes | None = _MODULE.decode(
+            old, table, skeleton, chunks, target_size, decompress_exact
+        )
+    except MemoryError:  # the whole target at once did not fit; streaming may
+        return None
     return built
 
 
