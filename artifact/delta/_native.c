@@ -2,9 +2,9 @@
  *
  * It mirrors the Python decoder (decode.py, table.py, codecs.py, frames.py,
  * onnx_wire.py) bit for bit on the cases it knows, and answers None on everything
- * else: a feature it does not implement (varint storage, casts between element
- * types, float16 or bfloat16 arithmetic), a damaged or crafted delta, or memory it
- * cannot get. The caller then runs the Python decoder, which is the reference: it
+ * else: a feature it does not implement (casts between element types, float16 or
+ * bfloat16 arithmetic, int64 quantization), a damaged or crafted delta, or memory it
+ * cannot get (last_decline() says which, and where). The caller then runs the Python decoder, which is the reference: it
  * decodes what this one does not and says precisely what is wrong with a bad delta.
  * The caller also checks the rebuilt bytes against the target sha256 before using
  * them, so a mistake here costs speed, never a wrong model.
@@ -14,8 +14,13 @@
  * (built with -ffp-contract=off), integer wrap-around done on unsigned types.
  *
  * Python API (artifact.delta.native wraps it):
- *   ranges(old, table) -> (old_cuts, covered) | None
+ *   ranges(old, table, target_size) -> (old_cuts, covered) | None
  *   decode(old, table, skeleton, chunks, target_size, decompress) -> bytes | None
+ *   unpack_words(payload, count, dtype, layout, predicted, decompress) -> bytes | None
+ *   last_decline() -> (reason, line) | None
+ *
+ * Layout: errors and memory; element types; the old file's tensors (onnx_wire); the
+ * table; frames; predictions (codecs); blocks (decode); the Python interface.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1736,7 +1741,7 @@ static PyObject *ranges_list(const Range *ranges, size_t n) {
 }
 
 PyDoc_STRVAR(ranges_doc,
-             "ranges(old, table) -> (old_cuts, covered) | None\n\n"
+             "ranges(old, table, target_size) -> (old_cuts, covered) | None\n\n"
              "The table's cuts of the old file and the new file's ranges that blocks cover,\n"
              "each a sorted list of (offset, length); None where the Python decoder must decide.");
 
