@@ -10,7 +10,9 @@ from __future__ import annotations
 import enum
 import errno
 import logging
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -96,13 +98,51 @@ class AgentError(Exception):
         return STATUS_OF[self.code]
 
 
-async def guarded(context: grpc.aio.ServicerContext[Any, Any], rpc: str, call: Awaitable[T]) -> T:
+REFUSAL_LOG_WINDOW_S = 60.0
+
+
+@dataclass
+class RefusalLog:
+    """Logs a refused call once per RPC and status a minute, then how many followed.
+
+    A local client retrying a bad request in a loop would otherwise write a line per
+    call into the device's journal (QA: thousands a minute). The caller is told why on
+    every call; the log keeps the first reason and a count.
+    """
+
+    window_s: float = REFUSAL_LOG_WINDOW_S
+    clock: Callable[[], float] = time.monotonic
+    _logged_at: dict[tuple[str, str], float] = field(default_factory=dict)
+    _unlogged: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def refused(self, rpc: str, status: grpc.StatusCode, message: str) -> None:
+        key = (rpc, status.name)
+        now = self.clock()
+        last = self._logged_at.get(key)
+        if last is not None and now - last < self.window_s:
+            self._unlogged[key] = self._unlogged.get(key, 0) + 1
+            return
+        more = self._unlogged.pop(key, 0)
+        since = f"; {more} more {rpc} refusals ({status.name}) since the last line" if more else ""
+        log.info("%s refused: %s (%s)%s", rpc, message, status.name, since)
+        self._logged_at[key] = now
+
+
+async def guarded(
+    context: grpc.aio.ServicerContext[Any, Any],
+    rpc: str,
+    call: Awaitable[T],
+    refusals: RefusalLog | None = None,
+) -> T:
     """Run one RPC handler; expected errors become their status, anything else INTERNAL."""
     try:
         return await call
     except AgentError as exc:
         message = _fits_a_status(exc.message)
-        log.info("%s refused: %s (%s)", rpc, message, exc.status.name)
+        if refusals is None:
+            log.info("%s refused: %s (%s)", rpc, message, exc.status.name)
+        else:
+            refusals.refused(rpc, exc.status, message)
         await _abort(context, exc.status, message)
     except Exception:
         log.exception("%s failed unexpectedly", rpc)

@@ -29,7 +29,7 @@ import grpc.aio
 
 from edge_agent.config import BIND_PREFIX, MAX_MESSAGE_BYTES, UNIX_PREFIX, ListenAddress
 from edge_agent.convert import check_inputs, spec_to_proto, tensor_to_proto
-from edge_agent.errors import AgentError, ErrorCode, describe_os_error, guarded
+from edge_agent.errors import AgentError, ErrorCode, RefusalLog, describe_os_error, guarded
 from edge_agent.runtime import ModelRuntime
 from edge_agent.telemetry import Telemetry
 from protos import fleet_pb2, fleet_pb2_grpc
@@ -47,16 +47,17 @@ class InferenceServicer(fleet_pb2_grpc.InferenceServiceServicer):
         self._runtime = runtime
         self._slots = asyncio.Semaphore(max_concurrent)
         self._telemetry = telemetry
+        self._refusals = RefusalLog()
 
     async def Predict(
         self, request: fleet_pb2.PredictRequest, context: Context
     ) -> fleet_pb2.PredictResponse:
-        return await guarded(context, "Predict", self.predict(request))
+        return await guarded(context, "Predict", self.predict(request), self._refusals)
 
     async def ListModels(
         self, request: fleet_pb2.LocalModelsRequest, context: Context
     ) -> fleet_pb2.LocalModelsResponse:
-        return await guarded(context, "ListModels", self.list_models())
+        return await guarded(context, "ListModels", self.list_models(), self._refusals)
 
     async def predict(self, request: fleet_pb2.PredictRequest) -> fleet_pb2.PredictResponse:
         slot = self._runtime.get(request.model_name)  # one reference: a switch cannot split a call

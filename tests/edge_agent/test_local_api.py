@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,7 +15,7 @@ import pytest
 
 from edge_agent.config import AgentConfig, ListenAddress
 from edge_agent.convert import tensor_from_proto, tensor_to_proto
-from edge_agent.errors import AgentError, ErrorCode
+from edge_agent.errors import AgentError, ErrorCode, RefusalLog
 from edge_agent.local_api import start_local_api
 from edge_agent.runtime import SHRINK_ARENA_ABOVE_BYTES, ModelRuntime
 from protos import fleet_pb2, fleet_pb2_grpc
@@ -299,3 +300,43 @@ def test_the_api_beyond_loopback_must_be_asked_for(tmp_path: Path, listen: str) 
     assert AgentConfig(**fields, insecure_listen=True).insecure_listen
     for local in ("127.0.0.1:0", "[::1]:0", "localhost:0", "unix:/run/agent.sock"):
         AgentConfig(**(fields | {"listen": ListenAddress(local)}))
+
+
+def test_a_client_retrying_a_bad_request_is_told_every_time_but_logged_once(
+    tmp_path: Path, two_input_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Thirty refused Predicts: thirty INVALID_ARGUMENTs with the reason, one log line."""
+    bad = fleet_pb2.PredictRequest(model_name=MODEL, inputs=[x_tensor(GOOD_X)])  # no "ids"
+
+    async def body(stub: Any) -> list[grpc.StatusCode]:
+        codes = []
+        for _ in range(30):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Predict(bad, timeout=10)
+            codes.append(err.value.code())
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # another status: its own line
+            await stub.Predict(fleet_pb2.PredictRequest(model_name="nope"), timeout=10)
+        return [*codes, err.value.code()]
+
+    with caplog.at_level(logging.INFO, logger="edge_agent.errors"):
+        codes, _ = with_api("127.0.0.1:0", tmp_path, two_input_bytes, body)
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 30 + [grpc.StatusCode.NOT_FOUND]
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "INVALID_ARGUMENT" in lines[0] and "NOT_FOUND" in lines[1]
+
+
+def test_the_refusals_not_logged_are_counted_on_the_next_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    refusals = RefusalLog(window_s=60.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="edge_agent.errors"):
+        for second in range(5):  # within a minute of the first: counted, not logged
+            now[0] = float(second)
+            refusals.refused("Predict", grpc.StatusCode.INVALID_ARGUMENT, "no input 'ids'")
+        now[0] = 61.0
+        refusals.refused("Predict", grpc.StatusCode.INVALID_ARGUMENT, "no input 'ids'")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[1].endswith("; 4 more Predict refusals (INVALID_ARGUMENT) since the last line")
