@@ -6,6 +6,7 @@ seconds: most of it is the pool process importing the compression stack once.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -424,6 +425,17 @@ def controller_process(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[
         log.close()
 
 
+@contextlib.contextmanager
+def admin_with_classifier(data_dir: Path) -> Iterator[Any]:
+    """A sync AdminService stub to the controller process serving ``data_dir``, the
+    classifier registered as "clf"."""
+    address = json.loads((data_dir / "controller.json").read_text())["address"]
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        admin = fleet_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
+        add_classifier(admin)
+        yield admin
+
+
 def add_classifier(admin: Any) -> None:
     """Register the classifier as "clf" through a sync AdminService stub."""
     source = classifier()
@@ -437,10 +449,7 @@ def test_a_restarted_controller_fails_the_jobs_it_left_behind(
     tmp_path: Path, controller_process: tuple[Path, subprocess.Popen[bytes]]
 ) -> None:
     data_dir, proc = controller_process
-    address = json.loads((data_dir / "controller.json").read_text())["address"]
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        admin = fleet_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
-        add_classifier(admin)
+    with admin_with_classifier(data_dir) as admin:
         job = admin.StartCompression(iter(start_messages()), timeout=30)
     # the controller dies with its pool: no graceful stop, the job stays active in the database
     os.killpg(proc.pid, signal.SIGKILL)
@@ -472,10 +481,7 @@ def test_a_second_controller_on_the_data_dir_leaves_a_running_ones_jobs_alone(
     the jobs of a run whose process is gone, never a live one's, nor removes their
     directories or its workers' scratch space."""
     data_dir, proc = controller_process
-    address = json.loads((data_dir / "controller.json").read_text())["address"]
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        admin = fleet_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
-        add_classifier(admin)
+    with admin_with_classifier(data_dir) as admin:
         running = admin.StartCompression(iter(start_messages()), timeout=30)
         queued = admin.StartCompression(iter(start_messages(device_class=CAMERA)), timeout=30)
 
