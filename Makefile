@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.homefleet-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml artifact/delta/_native.c
+$(STAMP): pyproject.toml artifact/delta/_native.c artifact/delta/qdq/_wire.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0

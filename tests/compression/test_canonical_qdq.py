@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from artifact.delta.qdq.analyse import analyse
-from artifact.delta.qdq.build import build
+from artifact.delta.qdq.build import build, parse
 from controller.compression.calibration import DictCalibrationReader
 from controller.compression.canonical_qdq import canonicalize
 from controller.compression.cpu_features import host_reduce_range
@@ -91,7 +91,9 @@ def onnxruntime_int8(source: Path, out: Path, calibration: Arrays) -> Path:
 def rebuilt(fp32: Path, int8: Path) -> bytes:
     """What a device holding ``fp32`` rebuilds from the decisions for ``int8``."""
     analysis = analyse(onnx.load(str(int8)), onnx.load(str(fp32)))
-    return build(fp32.read_bytes(), analysis.decisions, analysis.values)
+    built = build(fp32.read_bytes(), analysis.decisions, analysis.values)
+    assert parse(built).SerializeToString() == built  # fields in protobuf's own order
+    return built
 
 
 def test_the_canonical_form_runs_bit_identically_and_is_what_quantize_onnx_ships(

@@ -10,5 +10,6 @@ packed decisions instead of the graph (skeleton method ZSTD_QDQ, which the agent
 decodes with `build.predict`).
 
 Modules: decisions (the dataclass and its bytes), build (FP32 + decisions → model),
-analyse (onnxruntime's model → decisions; imports onnx, so never import it on the agent).
+wire (the bytes of the fields build lists, in C by ``_wire.c`` or in Python), analyse
+(onnxruntime's model → decisions; imports onnx, so never import it on the agent).
 """

@@ -4,7 +4,9 @@ One function for both sides: the controller calls `build` with the real tensor v
 to make the artifact it ships; the edge agent calls `predict` (``values=None``: every
 payload zero-filled) to get a file that matches the shipped one byte for byte
 everywhere except inside tensor payloads. Uses protobuf and a vendored compiled copy
-of onnx.proto (package ``hfonnx``, so it never collides with onnx's own descriptors).
+of onnx.proto (package ``hfonnx``, so it never collides with onnx's own descriptors)
+to read the FP32 model, and writes the new one as a list of fields (`wire`: one C
+call, where building protobuf messages cost the agent a Python call per field).
 
 Canonical form (what `build` writes):
 - model: FP32's ir_version, domain, model_version, doc_string, opset imports, graph
@@ -27,12 +29,13 @@ be float raw_data, so their derived tensors are bounded by the bytes already hel
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from google.protobuf.message import DecodeError
 
 from artifact.delta.qdq import hf_onnx_pb2 as pb
 from artifact.delta.qdq.decisions import Decisions, InitKind, unpack
+from artifact.delta.qdq.wire import BYTES, MESSAGE, NODE_TAIL, STRINGS, VARINT, ZEROS, Field, write
 
 FLOAT, INT32 = 1, 6
 # TensorProto data type → bytes an element (the fixed-width types a QDQ model uses)
@@ -43,12 +46,6 @@ ORT_PRE_PROCESS = ("onnx.quant.pre_process", "onnxruntime.quant")
 ORT_METADATA = (ORT_INFER, ORT_PRE_PROCESS)
 _WEIGHT_SUFFIXES = ("_quantized", "_scale", "_zero_point")
 _BIAS_SUFFIXES = ("_quantized", "_quantized_scale", "_quantized_zero_point")
-
-if TYPE_CHECKING:  # the containers messages are added to (``graph.node`` and friends)
-    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
-
-    _Nodes = RepeatedCompositeFieldContainer[pb.NodeProto]
-    _Tensors = RepeatedCompositeFieldContainer[pb.TensorProto]
 
 
 def derived_names(name: str, kind: InitKind) -> tuple[str, str, str]:
@@ -88,15 +85,38 @@ def _width(dtype: int) -> int:
     return width
 
 
+# Field keys (number << 3 | wire type) of the messages the builder lists.
+_NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP, _NODE_ATTRIBUTE = 0x0A, 0x12, 0x1A, 0x22, 0x2A
+_ATTR_NAME, _ATTR_I, _ATTR_TYPE = 0x0A, 0x18, 0xA0
+_TENSOR_DIM, _TENSOR_TYPE, _TENSOR_NAME, _TENSOR_RAW = 0x08, 0x10, 0x42, 0x4A
+_GRAPH_NODE, _GRAPH_NAME, _GRAPH_INIT = 0x0A, 0x12, 0x2A
+_GRAPH_DOC, _GRAPH_INPUT, _GRAPH_OUTPUT = 0x52, 0x5A, 0x62
+_MODEL_IR, _MODEL_PRODUCER, _MODEL_PRODUCER_VERSION = 0x08, 0x12, 0x1A
+_MODEL_DOMAIN, _MODEL_VERSION, _MODEL_DOC, _MODEL_GRAPH = 0x22, 0x28, 0x32, 0x3A
+_MODEL_OPSET, _MODEL_METADATA, _MODEL_FUNCTION = 0x42, 0x72, 0xCA
+_ENTRY_KEY, _ENTRY_VALUE = 0x0A, 0x12
+_AXIS_NAME = (BYTES, _ATTR_NAME, "axis")
+_INT_TYPE = (VARINT, _ATTR_TYPE, pb.AttributeProto.INT)
+
+
 class _Builder:
+    """Lists the canonical model's fields for `wire.write`, in the order upb serializes
+    them (field number order); messages it copies (FP32 nodes, float initializers,
+    graph inputs) are serialized by upb itself. Tests check every built model
+    round-trips through protobuf unchanged."""
+
     def __init__(
-        self, fp32: pb.ModelProto, d: Decisions, values: Mapping[str, bytes] | None
+        self,
+        fp32: pb.ModelProto,
+        d: Decisions,
+        values: Mapping[str, bytes] | None,
+        names: list[str] | None = None,
     ) -> None:
         self.fp32 = fp32
         self.d = d
         self.values = values
         g = fp32.graph
-        self.names = value_names(fp32)
+        self.names = value_names(fp32) if names is None else names
         if len(d.qdq) != len(self.names) or len(d.inits) != len(g.initializer):
             raise ValueError("the decisions do not fit this FP32 model")
         self.qdq = {n for n, q in zip(self.names, d.qdq, strict=True) if q}
@@ -129,26 +149,24 @@ class _Builder:
         return shared
 
     # ---------------------------------------------------------------- tensors
-    # Every message is made in place in its container (``add()``): building it apart and
-    # extending the graph with it would copy it again (upb copies on extend).
+    # Each method appends GraphProto.initializer fields to ``into``.
 
-    def _tensor(self, into: _Tensors, name: str, dtype: int, dims: list[int]) -> None:
+    def _tensor(self, into: list[Field], name: str, dtype: int, dims: list[int]) -> None:
         nbytes = _count(dims) * _width(dtype)
+        raw: Field
         if self.values is None:
-            raw = bytes(nbytes)
+            raw = (ZEROS, _TENSOR_RAW, nbytes)
         else:
             given = self.values.get(name)
             if given is None or len(given) != nbytes:
                 got = "nothing" if given is None else f"{len(given)} bytes"
                 raise ValueError(f"tensor {name}: {got} given, {nbytes} bytes expected")
-            raw = given
-        t = into.add()
-        t.dims.extend(dims)
-        t.data_type = dtype
-        t.name = name
-        t.raw_data = raw
+            raw = (BYTES, _TENSOR_RAW, given)
+        fields: list[Field] = [(VARINT, _TENSOR_DIM, d) for d in dims] if dims else []
+        fields += ((VARINT, _TENSOR_TYPE, dtype), (BYTES, _TENSOR_NAME, name), raw)
+        into.append((MESSAGE, _GRAPH_INIT, fields))
 
-    def _derived(self, into: _Tensors, w: pb.TensorProto) -> None:
+    def _derived(self, into: list[Field], w: pb.TensorProto) -> None:
         choice = self.choices[w.name]
         dims = list(w.dims)
         if w.data_type != FLOAT or len(w.raw_data) != _count(dims) * 4:
@@ -162,10 +180,10 @@ class _Builder:
         self._tensor(into, scale, FLOAT, scale_dims)
         self._tensor(into, zp, dtype, zp_dims)
 
-    def initializers(self, into: _Tensors) -> None:
+    def initializers(self, into: list[Field]) -> None:
         for w in self.fp32.graph.initializer:
             if self.choices[w.name].kind is InitKind.FLOAT:
-                into.add().CopyFrom(w)
+                into.append((BYTES, _GRAPH_INIT, w.SerializeToString()))
             else:
                 self._derived(into, w)
         for name in self.names:
@@ -174,23 +192,29 @@ class _Builder:
                 self._tensor(into, name + "_zero_point", self.d.activation_type, [])
 
     # ---------------------------------------------------------------- nodes
+    # Each method appends GraphProto.node fields to ``into``.
 
     @staticmethod
     def _node(
-        into: _Nodes, op: str, inputs: list[str], output: str, name: str, axis: int | None = None
+        into: list[Field],
+        op: str,
+        inputs: list[str],
+        output: str,
+        name: str,
+        axis: int | None = None,
     ) -> None:
-        n = into.add()
-        n.input.extend(inputs)
-        n.output.append(output)
-        n.name = name
-        n.op_type = op
+        fields: list[Field] = [
+            (STRINGS, _NODE_INPUT, inputs),
+            (BYTES, _NODE_OUTPUT, output),
+            (BYTES, _NODE_NAME, name),
+            (BYTES, _NODE_OP, op),
+        ]
         if axis is not None:
-            a = n.attribute.add()
-            a.name = "axis"
-            a.i = axis
-            a.type = pb.AttributeProto.INT
+            attribute: list[Field] = [_AXIS_NAME, (VARINT, _ATTR_I, axis), _INT_TYPE]
+            fields.append((MESSAGE, _NODE_ATTRIBUTE, attribute))
+        into.append((MESSAGE, _GRAPH_NODE, fields))
 
-    def _qdq(self, into: _Nodes, t: str) -> None:
+    def _qdq(self, into: list[Field], t: str) -> None:
         graph_out = t in self.outputs
         q_in = t + "_QuantizeLinear_Input" if graph_out else t
         q_out = t + "_QuantizeLinear_Output"
@@ -200,13 +224,13 @@ class _Builder:
         self._node(into, "QuantizeLinear", [q_in, scale, zp], q_out, t + "_QuantizeLinear")
         self._node(into, "DequantizeLinear", [q_out, scale, zp], dq_out, t + "_DequantizeLinear")
 
-    def _weight_dq(self, into: _Nodes, w: str) -> None:
+    def _weight_dq(self, into: list[Field], w: str) -> None:
         choice = self.choices[w]
         out = w + "_DequantizeLinear_Output" if choice.kind is InitKind.WEIGHT else w
         inputs = list(derived_names(w, choice.kind))
         self._node(into, "DequantizeLinear", inputs, out, w + "_DequantizeLinear", choice.axis)
 
-    def _kept(self, into: _Nodes, index: int, node: pb.NodeProto, emitted: set[str]) -> None:
+    def _kept(self, into: list[Field], index: int, node: pb.NodeProto, emitted: set[str]) -> None:
         """An FP32 node rewired to the dequantized tensors, with the Q/DQ nodes around it:
         its weights' DequantizeLinear nodes first (not yet emitted), then the node, then a
         QuantizeLinear + DequantizeLinear pair for each of its outputs that has one."""
@@ -232,16 +256,17 @@ class _Builder:
                 if name in self.outputs:
                     name += "_QuantizeLinear_Input"
             outputs.append(name)
-        new = into.add()
-        new.CopyFrom(node)
-        del new.input[:]
-        del new.output[:]
-        new.input.extend(inputs)
-        new.output.extend(outputs)
+        # inputs and outputs are a NodeProto's first fields (upb writes unknown ones last)
+        rewired: list[Field] = [
+            (STRINGS, _NODE_INPUT, inputs),
+            (STRINGS, _NODE_OUTPUT, outputs),
+            (NODE_TAIL, 0, node.SerializeToString()),
+        ]
+        into.append((MESSAGE, _GRAPH_NODE, rewired))
         for name in produced:
             self._qdq(into, name)
 
-    def nodes(self, into: _Nodes) -> None:
+    def nodes(self, into: list[Field]) -> None:
         inits = {t.name for t in self.fp32.graph.initializer}
         for i in self.fp32.graph.input:
             if i.name not in inits and i.name in self.qdq:
@@ -251,39 +276,47 @@ class _Builder:
             if index not in self.dropped:
                 self._kept(into, index, node, emitted)
 
-    def model(self) -> pb.ModelProto:
-        src = self.fp32
-        m = pb.ModelProto()
-        m.ir_version = src.ir_version
-        if self.d.ort_metadata:
-            m.producer_name, m.producer_version = ORT_PRODUCER
-        else:
-            m.producer_name, m.producer_version = src.producer_name, src.producer_version
-        if src.HasField("domain"):
-            m.domain = src.domain
-        if src.HasField("model_version"):
-            m.model_version = src.model_version
+    def graph(self) -> list[Field]:
+        """The GraphProto: nodes, name, initializers, doc string, inputs, outputs."""
+        src = self.fp32.graph
+        fields: list[Field] = []
+        self.nodes(fields)
+        fields.append((BYTES, _GRAPH_NAME, src.name))
+        self.initializers(fields)
         if src.HasField("doc_string"):
-            m.doc_string = src.doc_string
-        g = m.graph
-        g.name = src.graph.name
-        if src.graph.HasField("doc_string"):
-            g.doc_string = src.graph.doc_string
-        self.nodes(g.node)
-        self.initializers(g.initializer)
-        g.input.extend(src.graph.input)
-        g.output.extend(src.graph.output)
-        m.opset_import.extend(src.opset_import)
+            fields.append((BYTES, _GRAPH_DOC, src.doc_string))
+        fields += ((BYTES, _GRAPH_INPUT, i.SerializeToString()) for i in src.input)
+        fields += ((BYTES, _GRAPH_OUTPUT, o.SerializeToString()) for o in src.output)
+        return fields
+
+    def model(self) -> bytes:
+        src = self.fp32
+        producer = (
+            ORT_PRODUCER if self.d.ort_metadata else (src.producer_name, src.producer_version)
+        )
+        fields: list[Field] = [
+            (VARINT, _MODEL_IR, src.ir_version),
+            (BYTES, _MODEL_PRODUCER, producer[0]),
+            (BYTES, _MODEL_PRODUCER_VERSION, producer[1]),
+        ]
+        if src.HasField("domain"):
+            fields.append((BYTES, _MODEL_DOMAIN, src.domain))
+        if src.HasField("model_version"):
+            fields.append((VARINT, _MODEL_VERSION, src.model_version))
+        if src.HasField("doc_string"):
+            fields.append((BYTES, _MODEL_DOC, src.doc_string))
+        fields.append((MESSAGE, _MODEL_GRAPH, self.graph()))
+        fields += ((BYTES, _MODEL_OPSET, o.SerializeToString()) for o in src.opset_import)
         meta = {e.key: e.value for e in src.metadata_props}
         if self.d.ort_metadata:
             meta.update([ORT_INFER])
         if self.d.pre_processed:
             meta.update([ORT_PRE_PROCESS])
         for key in sorted(meta):
-            e = m.metadata_props.add()
-            e.key, e.value = key, meta[key]
-        m.functions.extend(src.functions)
-        return m
+            entry: list[Field] = [(BYTES, _ENTRY_KEY, key), (BYTES, _ENTRY_VALUE, meta[key])]
+            fields.append((MESSAGE, _MODEL_METADATA, entry))
+        fields += ((BYTES, _MODEL_FUNCTION, f.SerializeToString()) for f in src.functions)
+        return write(fields)
 
 
 def parse(fp32: bytes | memoryview) -> pb.ModelProto:
@@ -298,7 +331,7 @@ def parse(fp32: bytes | memoryview) -> pb.ModelProto:
 
 def build(fp32: bytes, d: Decisions, values: Mapping[str, bytes] | None = None) -> bytes:
     """The canonical model's bytes (``values=None``: every derived tensor zero-filled)."""
-    return _Builder(parse(fp32), d, values).model().SerializeToString()
+    return _Builder(parse(fp32), d, values).model()
 
 
 def predict(fp32: bytes | memoryview, packed: bytes) -> bytes:
@@ -307,10 +340,9 @@ def predict(fp32: bytes | memoryview, packed: bytes) -> bytes:
     What the edge agent runs: ValueError when ``packed`` does not fit ``fp32``.
     """
     model = parse(fp32)
-    d = unpack(packed, len(value_names(model)), len(model.graph.initializer))
-    predicted = _Builder(model, d, None).model()
-    del model  # before serializing: the peak is then the new model and its bytes
-    return predicted.SerializeToString()
+    names = value_names(model)
+    d = unpack(packed, len(names), len(model.graph.initializer))
+    return _Builder(model, d, None, names).model()
 
 
 def counts(fp32: bytes) -> tuple[int, int]:
